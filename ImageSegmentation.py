@@ -1,0 +1,1174 @@
+#!/usr/bin/env python3
+"""Segment images with a Gaussian mixture fitted by Expectation-Maximization.
+
+    python ImageSegmentation.py [IMAGE_OR_FOLDER ...] [options]
+
+Each image's pixel intensities (gray) or RGB vectors (colour) are modelled as a
+mixture of K Gaussians, fitted by a hand-written EM loop; every pixel is then
+recoloured by its most likely component, and the log-likelihood of every
+iteration is plotted.
+
+The file reads top to bottom in the order the data flows:
+
+    1. settings
+    2. reading an image          -> integer codes, one per pixel
+    3. distinct values           -> the points EM sees, with their counts as weights
+    4. the Gaussian mixture      -> pure NumPy EM, exact and cheap per iteration
+    5. labels                    -> components numbered by luminance, pixels by lookup
+    6. outputs and plots         -> PNG, JSON and figures, written atomically
+    7. the command line
+
+Why distinct values: an 8-bit gray image has at most 256 of them, a photo a few
+hundred thousand colours among millions of pixels.  EM on the distinct values,
+each weighted by how many pixels carry it, has exactly the same likelihood and
+the same updates as EM on every pixel, at a cost per iteration set by the
+number of distinct values instead of the number of pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import linalg
+from PIL import Image, ImageOps
+
+__version__ = "1.0.0"
+
+# ----------------------------------------------------------------------------
+# 1. Settings
+# ----------------------------------------------------------------------------
+
+DEFAULTS = dict(
+    gray_components=3,        # K for gray images, as the original script used
+    color_components=5,       # K for colour images
+    mode="auto",
+    covariance="full",
+    max_iter=100,
+    tol=1e-3,                 # on the mean log-likelihood per pixel
+    n_init=1,
+    init="kmeans++",
+    seed=0,
+    reg_covar=1e-6,
+    out="output",
+    max_pixels=200_000_000,   # refuse larger images (decompression bombs)
+)
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+INIT_METHODS = ("kmeans++", "random")
+MODES = ("auto", "gray", "color")
+SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
+LLOYD_STEPS = 10              # weighted k-means refinement after k-means++ seeding
+CHUNK_ROWS = 1 << 15          # points per block in every pass: temporaries stay in cache
+PIXEL_CHUNK = 1 << 22         # pixels per block when counting and labelling
+EMPTY_COMPONENT = 1e-8        # a component holding less than this many pixels is frozen
+LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as Pillow's convert("L")
+
+# ----------------------------------------------------------------------------
+# 2. Reading an image
+# ----------------------------------------------------------------------------
+# The reader turns any image into integer codes, one per pixel, with the smallest
+# memory footprint: 8/16-bit gray levels as they are, RGB as R | G << 8 | B << 16
+# in one uint32 (read straight from Pillow's 4-byte pixels, no H x W x 3 copy),
+# anything else (32-bit integer, float) as an index into a table of its values.
+
+
+class ImageError(Exception):
+    """Something is wrong with one input image; the batch goes on without it."""
+
+
+@dataclass
+class Picture:
+    codes: np.ndarray          # (H, W) integer code of every pixel
+    kind: str                  # "gray": code = level; "rgb": packed; "table": index into `table`
+    n_codes: int               # every code is below this (size of a lookup table)
+    scale: float               # level / scale = intensity on the 0..1 scale
+    table: np.ndarray | None = None   # "table": (M,) or (M, 3) values of each code, already 0..1
+    notes: list = field(default_factory=list)
+
+    @property
+    def height(self):
+        return self.codes.shape[0]
+
+    @property
+    def width(self):
+        return self.codes.shape[1]
+
+    @property
+    def bits(self):
+        """Bits per channel of the recoloured output: 8 unless the source had more."""
+        return 8 if self.kind == "rgb" or self.scale == 255 else 16
+
+
+def pack_rgb(rgb):
+    """(..., 3) uint8 -> (...) uint32 codes R | G << 8 | B << 16."""
+    rgb = np.asarray(rgb, dtype=np.uint32)
+    return rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
+
+
+def unpack_rgb(codes):
+    """uint32 codes -> (..., 3) uint8 channels."""
+    codes = np.asarray(codes, dtype=np.uint32)
+    return np.stack([codes & 255, (codes >> 8) & 255, codes >> 16], axis=-1).astype(np.uint8)
+
+
+def _table_picture(values, scale_by_range):
+    """Codes for images whose values are not small integers: index into the sorted distinct values."""
+    values = np.asarray(values, dtype=np.float64)
+    notes = []
+    if not np.isfinite(values).all():
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        bad = int(np.size(values) - finite.size)
+        notes.append(f"{bad} NaN or infinite values: NaN and -inf taken as the lowest value, +inf as the highest")
+        values = np.nan_to_num(values, nan=low, neginf=low, posinf=high)
+    if scale_by_range:
+        low, high = values.min(), values.max()
+        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    shape = values.shape[:2]
+    flat = values.reshape(shape[0] * shape[1], -1)
+    table, inverse = np.unique(flat if flat.shape[1] > 1 else flat[:, 0], axis=0, return_inverse=True)
+    return Picture(codes=inverse.reshape(shape), kind="table", n_codes=len(table), scale=1.0,
+                   table=table, notes=notes)
+
+
+def picture_from_array(array):
+    """An in-memory image (H x W gray, H x W x 3|4 colour) as a Picture.
+
+    uint8 and uint16 arrays are divided by their type's maximum (255, 65535); every other
+    array (float, signed, wider integers) is used on its own scale, as given.
+    """
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]   # alpha dropped
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise ValueError(f"expected an H x W or H x W x 3 image, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype == np.uint8 and array.ndim == 2:
+        return Picture(codes=array, kind="gray", n_codes=256, scale=255.0)
+    if array.dtype == np.uint16 and array.ndim == 2:
+        return Picture(codes=array, kind="gray", n_codes=65536, scale=65535.0)
+    if array.dtype == np.uint8:
+        return Picture(codes=pack_rgb(array), kind="rgb", n_codes=1 << 24, scale=255.0)
+    return _table_picture(array, scale_by_range=False)
+
+
+def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
+    """Decode an image file into a Picture, refusing anything we cannot trust.
+
+    The pixel limit is checked on the header, before any pixel memory is allocated.
+    EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageError("is a folder")
+    if not path.exists():
+        raise ImageError("no such file")
+    if path.stat().st_size == 0:
+        raise ImageError("empty file")
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None        # our own limit below, checked before decoding
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"{width}x{height} is {width * height:,} pixels, above the limit of "
+                                 f"{max_pixels:,} (raise it with --max-pixels)")
+            if width * height == 0:
+                raise ImageError("image has no pixels")
+            notes = []
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                notes.append(f"{frames} frames: segmenting the first")
+            img.load()
+            if img.getexif().get(0x0112, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            picture = _picture_from_pil(img)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(str(error)) from None
+    except (OSError, SyntaxError, EOFError, ValueError, struct.error) as error:
+        raise ImageError(f"truncated or corrupt image ({error})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+    picture.notes[:0] = notes
+    return picture
+
+
+def _picture_from_pil(img):
+    mode = img.mode
+    if mode in ("1", "L", "LA", "La"):
+        return Picture(codes=np.asarray(img.convert("L") if mode != "L" else img), kind="gray",
+                       n_codes=256, scale=255.0)
+    if mode.startswith("I;16"):
+        return Picture(codes=np.asarray(img).astype(np.uint16), kind="gray", n_codes=65536, scale=65535.0)
+    if mode in ("I", "F"):
+        return _table_picture(np.asarray(img), scale_by_range=True)
+    if mode == "P" and "transparency" in img.info or mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")        # P, RGBA, CMYK, YCbCr, LAB, HSV, ...: alpha dropped
+    raw = img.tobytes("raw", "RGBX")    # 4 bytes a pixel, the layout of one uint32
+    codes = np.frombuffer(raw, dtype="<u4").reshape(img.size[1], img.size[0]).copy()
+    del raw
+    codes &= 0x00FFFFFF
+    return Picture(codes=codes, kind="rgb", n_codes=1 << 24, scale=255.0)
+
+
+# ----------------------------------------------------------------------------
+# 3. Distinct values
+# ----------------------------------------------------------------------------
+# The histogram of codes is all EM needs.  `Points` are the values EM fits (one
+# row per distinct value, with its pixel count as weight) and, for every distinct
+# code, which point it became, so labels go back to pixels by table lookup.
+
+
+@dataclass
+class Points:
+    values: np.ndarray       # (M, D) raw values (uint8, uint16 or float): value / scale is on 0..1
+    weights: np.ndarray      # (M,) pixel counts, float64
+    scale: float
+    keys: np.ndarray         # (C,) the distinct codes present in the picture
+    point_of_key: np.ndarray # (C,) index into values of each key's point
+    mode: str                # "gray" or "color"
+
+    @property
+    def n_features(self):
+        return self.values.shape[1]
+
+
+def count_codes(codes, n_codes):
+    """Pixel count of every code: bincount in blocks, so no int64 copy of the image is made."""
+    flat = codes.reshape(-1)
+    if flat.size <= PIXEL_CHUNK:
+        return np.bincount(flat, minlength=n_codes)
+    counts = np.zeros(n_codes, dtype=np.int64)
+    for start in range(0, flat.size, PIXEL_CHUNK):
+        counts += np.bincount(flat[start:start + PIXEL_CHUNK], minlength=n_codes)
+    return counts
+
+
+def _is_gray(picture, keys):
+    if picture.kind == "gray":
+        return True
+    if picture.kind == "rgb":
+        return bool(np.all(keys == (keys & 255) * 0x010101))
+    return picture.table.ndim == 1 or bool(np.all(picture.table == picture.table[:, :1]))
+
+
+def distinct_values(picture, mode="auto"):
+    """The weighted points EM fits, in the requested mode ("auto", "gray" or "color")."""
+    counts = count_codes(picture.codes, picture.n_codes)
+    keys = np.flatnonzero(counts)
+    counts = counts[keys]
+    if mode == "auto":
+        mode = "gray" if _is_gray(picture, keys) else "color"
+    identity = np.arange(len(keys))
+
+    def points(values, scale, weights=counts, point_of_key=identity):
+        return Points(values=values, weights=np.asarray(weights, dtype=np.float64), scale=scale,
+                      keys=keys, point_of_key=point_of_key, mode=mode)
+
+    if picture.kind == "gray":
+        levels = keys.astype(np.uint8 if picture.n_codes == 256 else np.uint16)[:, None]
+        return points(np.repeat(levels, 3 if mode == "color" else 1, axis=1), picture.scale)
+    if picture.kind == "table":
+        table = picture.table[keys]
+        if mode == "color":
+            return points(table if table.ndim == 2 else np.repeat(table[:, None], 3, axis=1), 1.0)
+        if table.ndim == 1 or np.all(table == table[:, :1]):
+            return points(table.reshape(len(keys), -1)[:, :1], 1.0)
+        gray, point_of_key = np.unique(table @ LUMA, return_inverse=True)
+        return points(gray[:, None], 1.0, np.bincount(point_of_key, weights=counts), point_of_key)
+    rgb = unpack_rgb(keys)
+    if mode == "color":
+        return points(rgb, 255.0)
+    # Gray from colour: the BT.601 luma of each colour, rounded to 8 bits, colours merged by level.
+    luma = np.rint(rgb @ LUMA).astype(np.int64)
+    level_counts = np.bincount(luma, weights=counts, minlength=256)
+    levels = np.flatnonzero(level_counts)
+    point_of_level = np.zeros(256, dtype=np.int64)
+    point_of_level[levels] = np.arange(len(levels))
+    return points(levels.astype(np.uint8)[:, None], 255.0, level_counts[levels], point_of_level[luma])
+
+
+# ----------------------------------------------------------------------------
+# 4. The Gaussian mixture
+# ----------------------------------------------------------------------------
+# Everything EM needs of a point x is its feature row phi(x) = [1, x, x_i x_j (i <= j)]:
+# log(w_k N(x | mu_k, Sigma_k)) is linear in phi(x) (a Gaussian is an exponential
+# family), and the M-step needs only sum_i r_ik phi(x_i).  So one EM iteration is
+# a pass over the points with two small matrix products per block,
+#     log-densities = Phi @ A,    statistics += (responsibilities * weights).T @ Phi,
+# plus one exp per point and component; no N x K array outlives its block.
+# The numerics follow scikit-learn: covariances through their Cholesky factors,
+# reg_covar added to the diagonal, 10 * eps added to every component's mass, so
+# that from the same start both give the same model to round-off.
+
+
+@dataclass
+class _Data:
+    """Weighted points, centred on their mean (centring keeps the moment sums well conditioned)."""
+    values: np.ndarray
+    weights: np.ndarray
+    scale: float
+    center: np.ndarray
+
+    @classmethod
+    def build(cls, values, weights, scale=1.0):
+        values = np.asarray(values)
+        if values.ndim == 1:
+            values = values[:, None]
+        weights = np.asarray(weights, dtype=np.float64)
+        total = weights.sum()
+        center = np.zeros(values.shape[1])
+        for start in range(0, len(values), CHUNK_ROWS):
+            block = values[start:start + CHUNK_ROWS] / scale
+            center += weights[start:start + CHUNK_ROWS] @ block
+        return cls(values, weights, float(scale), center / total)
+
+    @property
+    def n_features(self):
+        return self.values.shape[1]
+
+    @property
+    def total_weight(self):
+        return float(self.weights.sum())
+
+    def x(self, start, stop):
+        return self.values[start:stop] / self.scale - self.center
+
+    def blocks(self):
+        """(phi, weights) block by block."""
+        rows, cols = np.triu_indices(self.n_features)
+        for start in range(0, len(self.values), CHUNK_ROWS):
+            x = self.x(start, start + CHUNK_ROWS)
+            phi = np.empty((len(x), 1 + x.shape[1] + len(rows)))
+            phi[:, 0] = 1.0
+            phi[:, 1:1 + x.shape[1]] = x
+            np.multiply(x[:, rows], x[:, cols], out=phi[:, 1 + x.shape[1]:])
+            yield start, phi, self.weights[start:start + CHUNK_ROWS]
+
+
+# --- per covariance type: covariances from moments, and precision Cholesky factors
+
+
+def _covariances_full(scatter, resp_mass, reg_covar):
+    n_features = scatter.shape[-1]
+    return scatter + reg_covar * np.eye(n_features)
+
+
+def _covariances_diag(scatter, resp_mass, reg_covar):
+    return np.diagonal(scatter, axis1=1, axis2=2) + reg_covar
+
+
+def _covariances_spherical(scatter, resp_mass, reg_covar):
+    return _covariances_diag(scatter, resp_mass, reg_covar).mean(axis=1)
+
+
+def _covariances_tied(scatter, resp_mass, reg_covar):
+    tied = np.tensordot(resp_mass, scatter, axes=1) / resp_mass.sum()
+    return tied + reg_covar * np.eye(scatter.shape[-1])
+
+
+COVARIANCE_FROM_SCATTER = dict(full=_covariances_full, diag=_covariances_diag,
+                               spherical=_covariances_spherical, tied=_covariances_tied)
+
+
+def _cholesky_precision(covariance):
+    """Upper factor U with precision = U U^T, from the Cholesky factor of one covariance."""
+    try:
+        lower = linalg.cholesky(covariance, lower=True)
+    except linalg.LinAlgError:
+        raise FloatingPointError("a covariance became singular; increase reg_covar") from None
+    return linalg.solve_triangular(lower, np.eye(len(covariance)), lower=True).T
+
+
+def precision_matrices(covariances, covariance_type, n_components, n_features):
+    """Full precision matrices (K, D, D) and half their log-determinants (K,)."""
+    if covariance_type in ("full", "tied"):
+        stack = covariances if covariance_type == "full" else covariances[None]
+        factors = np.array([_cholesky_precision(c) for c in stack])
+        if covariance_type == "tied":
+            factors = np.repeat(factors, n_components, axis=0)
+        precisions = factors @ np.swapaxes(factors, 1, 2)
+        half_log_det = np.log(np.diagonal(factors, axis1=1, axis2=2)).sum(axis=1)
+        return precisions, half_log_det
+    variances = covariances if covariance_type == "diag" else np.repeat(covariances[:, None], n_features, 1)
+    if np.any(variances <= 0) or not np.all(np.isfinite(variances)):
+        raise FloatingPointError("a covariance became singular; increase reg_covar")
+    precisions = np.zeros((n_components, n_features, n_features))
+    idx = np.arange(n_features)
+    precisions[:, idx, idx] = 1.0 / variances
+    return precisions, -0.5 * np.log(variances).sum(axis=1)
+
+
+def log_density_coefficients(weights, means, covariances, covariance_type):
+    """Matrix A with phi(x) @ A = log(w_k) + log N(x | mu_k, Sigma_k) for x centred like the data."""
+    n_components, n_features = means.shape
+    precisions, half_log_det = precision_matrices(covariances, covariance_type, n_components, n_features)
+    rows, cols = np.triu_indices(n_features)
+    lin = np.einsum("kij,kj->ki", precisions, means)                      # Lambda mu
+    const = (np.log(weights) - 0.5 * n_features * np.log(2 * np.pi) + half_log_det
+             - 0.5 * np.einsum("ki,ki->k", lin, means))
+    quad = -precisions[:, rows, cols] * np.where(rows == cols, 0.5, 1.0)    # -x^T Lambda x / 2
+    return np.concatenate([const[:, None], lin, quad], axis=1).T
+
+
+def _e_step_statistics(data, coefficients):
+    """One pass: mean log-likelihood of the current model and the moment sums of its responsibilities."""
+    n_components = coefficients.shape[1]
+    stats = np.zeros((n_components, coefficients.shape[0]))
+    total = 0.0
+    for _, phi, w in data.blocks():
+        logp = phi @ coefficients
+        top = logp.max(axis=1, keepdims=True)
+        logp -= top
+        np.exp(logp, out=logp)
+        norm = logp.sum(axis=1)
+        total += w @ (np.log(norm) + top[:, 0])
+        logp *= (w / norm)[:, None]
+        stats += logp.T @ phi
+    return stats, total / data.total_weight
+
+
+def _unpack_moments(stats, n_features):
+    rows, cols = np.triu_indices(n_features)
+    second = np.zeros((len(stats), n_features, n_features))
+    second[:, rows, cols] = stats[:, 1 + n_features:]
+    second[:, cols, rows] = stats[:, 1 + n_features:]
+    return stats[:, 0], stats[:, 1:1 + n_features], second
+
+
+def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covariances):
+    """Weights, means and covariances from the moment sums, as scikit-learn's M-step.
+
+    A component whose responsibilities have vanished (less than EMPTY_COMPONENT pixels)
+    keeps its previous mean and covariance: any value maximises EM's objective for it,
+    and keeping them avoids dividing zero by zero.  Its weight goes to ~0.
+    """
+    n_features = previous_means.shape[1]
+    mass, first, second = _unpack_moments(stats, n_features)
+    resp_mass = mass + 10 * np.finfo(np.float64).eps
+    means = first / resp_mass[:, None]
+    scatter = second / resp_mass[:, None, None] - means[:, :, None] * means[:, None, :]
+    covariances = COVARIANCE_FROM_SCATTER[covariance_type](scatter, resp_mass, reg_covar)
+    empty = mass < EMPTY_COMPONENT
+    if empty.any():
+        means[empty] = previous_means[empty]
+        if covariance_type != "tied":
+            covariances[empty] = previous_covariances[empty]
+    weights = resp_mass / resp_mass.sum()
+    return weights, means, covariances
+
+
+def _hard_statistics(data, centers):
+    """Weighted k-means pass: moment sums of each point's nearest centre."""
+    n_components = len(centers)
+    coefficients = np.zeros((1 + data.n_features + data.n_features * (data.n_features + 1) // 2,
+                             n_components))
+    coefficients[0] = -(centers ** 2).sum(axis=1)
+    coefficients[1:1 + data.n_features] = 2 * centers.T          # argmax = nearest centre
+    stats = np.zeros((n_components, coefficients.shape[0]))
+    for _, phi, w in data.blocks():
+        nearest = np.argmax(phi @ coefficients, axis=1)
+        onehot = np.zeros((len(phi), n_components))
+        onehot[np.arange(len(phi)), nearest] = w
+        stats += onehot.T @ phi
+    return stats
+
+
+def _kmeans_plus_plus(data, n_components, rng):
+    """Weighted k-means++ seeding: each new centre drawn with probability ~ weight x squared distance."""
+    p = data.weights / data.total_weight
+    centers = [data.x(i, i + 1)[0] for i in [rng.choice(len(p), p=p)]]
+    nearest = np.full(len(p), np.inf)
+    for _ in range(1, n_components):
+        for start in range(0, len(p), CHUNK_ROWS):
+            d2 = ((data.x(start, start + CHUNK_ROWS) - centers[-1]) ** 2).sum(axis=1)
+            np.minimum(nearest[start:start + CHUNK_ROWS], d2, out=nearest[start:start + CHUNK_ROWS])
+        scores = data.weights * nearest
+        index = rng.choice(len(p), p=scores / scores.sum())
+        centers.append(data.x(index, index + 1)[0])
+    return np.array(centers)
+
+
+def _initial_statistics(data, n_components, init, rng):
+    if init == "random":
+        # Random responsibilities, as scikit-learn's init_params="random".
+        stats = 0.0
+        for _, phi, w in data.blocks():
+            resp = rng.uniform(size=(len(phi), n_components))
+            resp *= (w / resp.sum(axis=1))[:, None]
+            stats = stats + resp.T @ phi
+        return stats
+    centers = _kmeans_plus_plus(data, n_components, rng)
+    for _ in range(LLOYD_STEPS):
+        stats = _hard_statistics(data, centers)
+        mass = stats[:, 0]
+        moved = np.where(mass[:, None] > 0, stats[:, 1:1 + data.n_features] / np.maximum(mass, 1e-300)[:, None],
+                         centers)
+        if np.array_equal(moved, centers):
+            break
+        centers = moved
+    return _hard_statistics(data, centers)
+
+
+@dataclass
+class GaussianMixtureFit:
+    """A fitted mixture, with scikit-learn's attribute names and shapes."""
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    covariance_type: str
+    log_likelihood: list        # mean log-likelihood per sample after each iteration
+    n_iter: int
+    converged: bool
+
+    @property
+    def n_components(self):
+        return len(self.weights)
+
+    def _log_weighted_densities(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        X = X[:, None] if X.ndim == 1 else X
+        data = _Data(X, np.ones(len(X)), 1.0, np.zeros(X.shape[1]))
+        coefficients = log_density_coefficients(self.weights, self.means, self.covariances,
+                                                self.covariance_type)
+        return np.concatenate([phi @ coefficients for _, phi, _ in data.blocks()]) if len(X) else \
+            np.zeros((0, self.n_components))
+
+    def score_samples(self, X):
+        """Log-likelihood of each sample."""
+        logp = self._log_weighted_densities(X)
+        top = logp.max(axis=1, keepdims=True)
+        return (np.log(np.exp(logp - top).sum(axis=1)) + top[:, 0]) if len(logp) else logp[:, 0]
+
+    def score(self, X, sample_weight=None):
+        """Mean log-likelihood per sample (weighted by sample_weight)."""
+        return float(np.average(self.score_samples(X), weights=sample_weight))
+
+    def predict(self, X):
+        return np.argmax(self._log_weighted_densities(X), axis=1)
+
+    def predict_proba(self, X):
+        logp = self._log_weighted_densities(X)
+        logp -= logp.max(axis=1, keepdims=True)
+        prob = np.exp(logp)
+        return prob / prob.sum(axis=1, keepdims=True)
+
+    def reordered(self, order):
+        """The same model with its components in the given order."""
+        covariances = self.covariances if self.covariance_type == "tied" else self.covariances[order]
+        return GaussianMixtureFit(self.weights[order], self.means[order], covariances,
+                                  self.covariance_type, self.log_likelihood, self.n_iter, self.converged)
+
+
+def _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init):
+    if not isinstance(n_components, (int, np.integer)) or n_components < 1:
+        raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type must be one of {', '.join(COVARIANCE_TYPES)}, got {covariance_type!r}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
+    if max_iter < 1 or n_init < 1:
+        raise ValueError("max_iter and n_init must be >= 1")
+    if not tol >= 0 or not reg_covar >= 0:
+        raise ValueError("tol and reg_covar must be >= 0")
+
+
+def _fit_data(data, n_components, *, covariance_type="full", max_iter=100, tol=1e-3, reg_covar=1e-6,
+              n_init=1, init="kmeans++", random_state=0, weights_init=None, means_init=None,
+              covariances_init=None, on_iteration=None):
+    """EM on prepared points; the engine behind fit_gmm and the image pipeline."""
+    _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init)
+    n_points = int(np.count_nonzero(data.weights > 0))
+    if n_points < n_components:
+        raise ValueError(f"{n_points} distinct points with positive weight cannot make {n_components} components")
+    given = [weights_init, means_init, covariances_init]
+    rng = np.random.default_rng(random_state)
+    best = None
+    for _ in range(1 if all(v is not None for v in given) else n_init):
+        if all(v is not None for v in given):
+            stats = None
+        else:
+            stats = _initial_statistics(data, n_components, init, rng)
+        fit = _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration)
+        if best is None or fit.log_likelihood[-1] > best.log_likelihood[-1]:
+            best = fit
+    return best
+
+
+def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given):
+    """theta_0: the M-step of the initial responsibilities, overridden by whatever the caller gave."""
+    weights_init, means_init, covariances_init = given
+    if stats is not None:
+        # An empty initial cluster starts at the data's own mean and covariance.
+        overall = _m_step(stats.sum(axis=0, keepdims=True), "full", reg_covar,
+                          np.zeros((1, data.n_features)), None)
+        fallback_cov = COVARIANCE_FROM_SCATTER[covariance_type](
+            np.repeat(overall[2] - reg_covar * np.eye(data.n_features), n_components, 0),
+            np.ones(n_components), reg_covar)
+        weights, means, covariances = _m_step(stats, covariance_type, reg_covar,
+                                              np.zeros((n_components, data.n_features)), fallback_cov)
+    if weights_init is not None:
+        weights = np.asarray(weights_init, dtype=np.float64).reshape(n_components)
+    if means_init is not None:
+        means = np.asarray(means_init, dtype=np.float64).reshape(n_components, data.n_features) - data.center
+    if covariances_init is not None:
+        covariances = np.array(covariances_init, dtype=np.float64)
+    return weights, means, covariances
+
+
+def _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration):
+    """EM from the initial statistics (or given parameters) until tol or max_iter.
+
+    Each pass computes the log-likelihood of the current model and, in the same sweep,
+    the statistics of its responsibilities; the M-step turns them into the next model.
+    """
+    weights, means, covariances = _starting_parameters(data, n_components, covariance_type, reg_covar,
+                                                       stats, given)
+    stats, previous = _e_step_statistics(
+        data, log_density_coefficients(weights, means, covariances, covariance_type))
+    history = []
+    converged = False
+    for n_iter in range(1, max_iter + 1):
+        weights, means, covariances = _m_step(stats, covariance_type, reg_covar, means, covariances)
+        stats, current = _e_step_statistics(
+            data, log_density_coefficients(weights, means, covariances, covariance_type))
+        history.append(current)
+        if on_iteration is not None:
+            on_iteration(n_iter, current)
+        if abs(current - previous) < tol:
+            converged = True
+            break
+        previous = current
+    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type,
+                              history, n_iter, converged)
+
+
+def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_iter=100, tol=1e-3,
+            reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, weights_init=None,
+            means_init=None, covariances_init=None, on_iteration=None):
+    """Fit a Gaussian mixture to the rows of X (or to a 1-D X) by EM.
+
+    sample_weight multiplies each row's contribution, so distinct values weighted by their
+    counts give the same fit as every repeated row.  One iteration is one E-step followed by
+    one M-step; log_likelihood[i] is the mean log-likelihood of the model after iteration
+    i + 1, and EM stops when it improves by less than tol (tol=0: exactly max_iter iterations).
+    When weights_init, means_init and covariances_init are all given they are the start.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, None]
+    if X.ndim != 2 or len(X) == 0:
+        raise ValueError(f"X must be a non-empty (n_samples, n_features) array, got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X contains NaN or infinite values")
+    weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if weights.shape != (len(X),) or np.any(weights < 0) or not np.all(np.isfinite(weights)) or weights.sum() <= 0:
+        raise ValueError("sample_weight must be finite, non-negative, positive in sum, one per sample")
+    return _fit_data(_Data.build(X, weights), n_components, covariance_type=covariance_type,
+                     max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, init=init,
+                     random_state=random_state, weights_init=weights_init, means_init=means_init,
+                     covariances_init=covariances_init, on_iteration=on_iteration)
+
+
+# ----------------------------------------------------------------------------
+# 5. Labels
+# ----------------------------------------------------------------------------
+# Components are numbered by the luminance of their means, darkest = 0, so the
+# numbering does not depend on the order EM happened to find them in.  Each
+# distinct value gets its most likely component, and pixels get theirs by lookup.
+
+
+@dataclass
+class Segmentation:
+    picture: Picture
+    points: Points
+    model: GaussianMixtureFit   # components ordered by luminance
+    labels: np.ndarray          # (H, W) component index of every pixel
+    requested_k: int
+
+
+def luminance(means):
+    """BT.601 luma of colour means; the mean itself for gray."""
+    means = np.asarray(means)
+    return means @ LUMA if means.shape[1] == 3 else means[:, 0]
+
+
+def order_by_luminance(model):
+    return model.reordered(np.argsort(luminance(model.means), kind="stable"))
+
+
+def _most_likely(data, model):
+    """Index of the most likely component of every point, block by block."""
+    coefficients = log_density_coefficients(model.weights, model.means - data.center,
+                                            model.covariances, model.covariance_type)
+    labels = np.empty(len(data.values), dtype=np.int64)
+    for start, phi, _ in data.blocks():
+        labels[start:start + len(phi)] = np.argmax(phi @ coefficients, axis=1)
+    return labels
+
+
+def label_pixels(picture, points, label_of_point, n_components):
+    """Label map (H, W): a lookup table over codes, applied block by block (no int64 copy)."""
+    dtype = np.uint8 if n_components <= 256 else np.uint16
+    lut = np.zeros(picture.n_codes, dtype=dtype)
+    lut[points.keys] = label_of_point[points.point_of_key]
+    codes = picture.codes.reshape(-1)
+    labels = np.empty(codes.size, dtype=dtype)
+    for start in range(0, codes.size, PIXEL_CHUNK):
+        np.take(lut, codes[start:start + PIXEL_CHUNK], out=labels[start:start + PIXEL_CHUNK])
+    return labels.reshape(picture.codes.shape)
+
+
+def fit_options_from(settings):
+    return dict(covariance_type=settings["covariance"], max_iter=settings["max_iter"], tol=settings["tol"],
+                reg_covar=settings["reg_covar"], n_init=settings["n_init"], init=settings["init"],
+                random_state=settings["seed"])
+
+
+def segment_points(picture, points, n_components, on_iteration=None, **fit_options):
+    """Fit on the distinct values, order components by luminance, label every pixel."""
+    data = _Data.build(points.values, points.weights, points.scale)
+    k = min(n_components, len(points.values))
+    model = order_by_luminance(_fit_data(data, k, on_iteration=on_iteration, **fit_options))
+    labels = label_pixels(picture, points, _most_likely(data, model), k)
+    return Segmentation(picture, points, model, labels, n_components)
+
+
+def palette(segmentation):
+    """Component means in the output's own units: uint8 (or uint16 for deep gray), (K,) or (K, 3)."""
+    picture, model = segmentation.picture, segmentation.model
+    top = 255 if picture.bits == 8 else 65535
+    values = np.clip(np.rint(model.means * top), 0, top).astype(np.uint8 if top == 255 else np.uint16)
+    return values[:, 0] if values.shape[1] == 1 else values
+
+
+def segment_image(array, n_components, *, mode="auto", **fit_options):
+    """Segment an in-memory image; returns (labels, recoloured image, fitted model).
+
+    array: H x W (gray) or H x W x 3|4 (colour; alpha dropped).  uint8/uint16 arrays are divided
+    by their type's maximum, any other array is used on its own scale.  The recoloured image is
+    uint8/uint16 like the input, or float64 means otherwise.  fit_options go to fit_gmm.
+    """
+    picture = picture_from_array(array)
+    points = distinct_values(picture, mode)
+    segmentation = segment_points(picture, points, n_components, **fit_options)
+    if picture.kind == "table":
+        means = segmentation.model.means
+        colours = means[:, 0] if means.shape[1] == 1 else means
+    else:
+        colours = palette(segmentation)
+    return segmentation.labels, colours[segmentation.labels], segmentation.model
+
+
+# ----------------------------------------------------------------------------
+# 6. Outputs and plots
+# ----------------------------------------------------------------------------
+# Every file is written under a temporary name in its final folder, then renamed,
+# so an interrupted run never leaves a truncated PNG or JSON behind.
+
+OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
+DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
+PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
+
+
+def output_paths(out_dir, stem):
+    return {suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}" for suffix in OUTPUT_SUFFIXES}
+
+
+def write_atomically(path, write):
+    """Call write(temporary_path), then rename onto path; the temporary never survives a failure."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _save_png(image, path):
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
+
+
+def segmented_image(segmentation):
+    """The recoloured picture as a Pillow image: gray levels, or a palette image for colour."""
+    colours, labels = palette(segmentation), segmentation.labels
+    if colours.ndim == 1:
+        return Image.fromarray(colours[labels])            # L, or I;16 for deep gray
+    if len(colours) <= 256:
+        image = Image.frombuffer("P", (labels.shape[1], labels.shape[0]),
+                                 labels.astype(np.uint8, copy=False), "raw", "P", 0, 1)
+        image.putpalette(colours.reshape(-1).tolist())
+        return image
+    return Image.fromarray(colours[labels])
+
+
+def label_image(labels):
+    return Image.fromarray(labels)    # uint8 -> L, uint16 -> I;16
+
+
+def model_record(segmentation, source, settings, seconds):
+    """The JSON contract: the model on the 0..1 intensity scale, its history and the run's settings."""
+    model, picture = segmentation.model, segmentation.picture
+    record = {
+        "image": str(source),
+        "width": picture.width,
+        "height": picture.height,
+        "mode": segmentation.points.mode,
+        "k": model.n_components,
+        "requested_k": segmentation.requested_k,
+        "covariance_type": model.covariance_type,
+        "distinct_values": int(len(segmentation.points.values)),
+        "weights": model.weights.tolist(),
+        "means": model.means.tolist(),
+        "covariances": model.covariances.tolist(),
+        "log_likelihood": [float(v) for v in model.log_likelihood],
+        "n_iter": model.n_iter,
+        "converged": model.converged,
+        "seed": settings["seed"],
+        "settings": settings,
+        "notes": picture.notes,
+        "seconds": {name: round(value, 4) for name, value in seconds.items()},
+    }
+    return record
+
+
+def _write_json(record, path):
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _pyplot():
+    import matplotlib
+    if not _pyplot.interactive:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+_pyplot.interactive = False
+
+
+def _save_figure(figure, path):
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    if not _pyplot.interactive:
+        _pyplot().close(figure)
+
+
+def plot_log_likelihood(model, title, path):
+    """Log-likelihood and negative log-likelihood per iteration, the stopping point marked."""
+    plt = _pyplot()
+    history = np.asarray(model.log_likelihood)
+    iterations = np.arange(1, len(history) + 1)
+    stop = "converged" if model.converged else "stopped at max_iter"
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, values, name in ((axes[0], history, "log-likelihood"),
+                             (axes[1], -history, "negative log-likelihood")):
+        ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
+        ax.plot(iterations[-1], values[-1], marker="o", markersize=9, markerfacecolor="none",
+                color="tab:red", label=f"{stop} at iteration {model.n_iter}")
+        ax.set_xlabel("EM iteration")
+        ax.set_ylabel(f"{name} per pixel")
+        ax.set_title(name.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    figure.suptitle(title)
+    _save_figure(figure, path)
+
+
+def _display_copy(picture):
+    """A strided copy of the picture small enough to draw: RGB uint8 or gray 0..1."""
+    step = max(1, math.ceil(max(picture.height, picture.width) / DISPLAY_PIXELS))
+    codes = picture.codes[::step, ::step]
+    if picture.kind == "rgb":
+        return unpack_rgb(codes), step
+    if picture.kind == "gray":
+        return codes / picture.scale, step
+    return picture.table[codes], step
+
+
+def plot_comparison(segmentation, title, path):
+    """Original | segmented | label map, side by side, drawn from downsampled copies."""
+    plt = _pyplot()
+    original, step = _display_copy(segmentation.picture)
+    labels = segmentation.labels[::step, ::step]
+    colours = palette(segmentation)
+    k = segmentation.model.n_components
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
+    gray = dict(cmap="gray", vmin=0, vmax=1)
+    axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
+    recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
+    axes[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), interpolation="nearest")
+    shown = axes[2].imshow(labels, cmap="viridis", vmin=0, vmax=max(k - 1, 1), interpolation="nearest")
+    figure.colorbar(shown, ax=axes[2], shrink=0.8, label="component (0 = darkest)")
+    for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
+        ax.set_title(name)
+        ax.axis("off")
+    figure.suptitle(title)
+    _save_figure(figure, path)
+
+
+def write_outputs(segmentation, paths, title):
+    _save_png(segmented_image(segmentation), paths["segmented"])
+    _save_png(label_image(segmentation.labels), paths["labels"])
+    plot_log_likelihood(segmentation.model, title, paths["loglik"])
+    plot_comparison(segmentation, title, paths["comparison"])
+
+
+# ----------------------------------------------------------------------------
+# 7. The command line
+# ----------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Bad arguments or an unusable output folder: exit status 2."""
+
+
+def _integer_at_least(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float_at_least(minimum):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: usage: {message} (see --help)\n")
+
+
+def build_parser():
+    d = DEFAULTS
+    parser = _Parser(
+        prog="ImageSegmentation.py",
+        description="Segment images with a Gaussian mixture fitted by EM; save the segmented image, "
+                    "the label map, the convergence plot, a side-by-side comparison and the model.",
+        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 interrupted.")
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER",
+                        help="image files, or folders whose image files (directly inside) are all "
+                             "segmented; default: the bundled images/ folder")
+    parser.add_argument("-k", "--components", type=_integer_at_least(1), default=None, metavar="K",
+                        help=f"number of Gaussians (default {d['gray_components']} for gray images, "
+                             f"{d['color_components']} for colour)")
+    parser.add_argument("--mode", choices=MODES, default=d["mode"],
+                        help="auto: gray when the image has one channel or all channels are equal; "
+                             "gray: fit luminance; color: fit RGB vectors (default auto)")
+    parser.add_argument("--covariance", choices=COVARIANCE_TYPES, default=d["covariance"],
+                        help="covariance type of each component, as scikit-learn (default full)")
+    parser.add_argument("--max-iter", type=_integer_at_least(1), default=d["max_iter"], metavar="N",
+                        help="at most N EM iterations (default %(default)s)")
+    parser.add_argument("--tol", type=_float_at_least(0), default=d["tol"], metavar="T",
+                        help="stop when the mean log-likelihood per pixel improves by less than T "
+                             "(default %(default)s; 0 runs all --max-iter iterations)")
+    parser.add_argument("--n-init", type=_integer_at_least(1), default=d["n_init"], metavar="N",
+                        help="run EM from N starts and keep the best log-likelihood (default %(default)s)")
+    parser.add_argument("--init", choices=INIT_METHODS, default=d["init"],
+                        help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
+                             "responsibilities (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"], metavar="S",
+                        help="random seed: the same command writes the same images (default %(default)s)")
+    parser.add_argument("--reg-covar", type=_float_at_least(0), default=d["reg_covar"], metavar="R",
+                        help="added to every covariance's diagonal, as scikit-learn (default %(default)s)")
+    parser.add_argument("--out", default=d["out"], metavar="DIR",
+                        help="output folder, created if needed (default %(default)s)")
+    parser.add_argument("--max-pixels", type=_integer_at_least(1), default=d["max_pixels"], metavar="N",
+                        help="refuse images with more pixels than this (default %(default)s)")
+    parser.add_argument("--show", action="store_true",
+                        help="also open the figures in windows (by default they are only saved)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the log-likelihood of every iteration on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _image_extensions():
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect_inputs(arguments):
+    """Expand folders into their image files; returns (files, errors) in argument order."""
+    extensions = _image_extensions()
+    files, errors = [], []
+    for argument in arguments or [str(SAMPLE_FOLDER)]:
+        path = Path(argument)
+        if path.is_dir():
+            try:
+                found = sorted(p for p in path.iterdir()
+                               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+            except OSError as error:
+                errors.append((argument, f"cannot list folder ({error.strerror})"))
+                continue
+            if not found:
+                errors.append((argument, "folder has no image files"))
+            files.extend(found)
+        else:
+            files.append(path)
+    return files, errors
+
+
+def unique_stems(files):
+    """Output stem of each input: its file stem, with -2, -3, ... for later inputs that repeat one."""
+    taken, stems = set(), []
+    for path in files:
+        candidate, count = path.stem, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{path.stem}-{count}"
+        taken.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def prepare_output_folder(out):
+    """Create the output folder and prove it is writable, before any work is done."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{out}: cannot write output folder ({error.strerror or error})") from None
+    return folder
+
+
+def _settings(args):
+    return dict(components=args.components, mode=args.mode, covariance=args.covariance,
+                max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, init=args.init, seed=args.seed,
+                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels)
+
+
+def _say(stream, *parts):
+    print(*parts, file=stream, flush=True)
+
+
+def process_image(path, stem, args, settings, inputs):
+    """Segment one file and write its outputs; returns the summary line."""
+    clock = time.perf_counter()
+    picture = read_image(path, args.max_pixels)
+    loaded = time.perf_counter()
+    paths = output_paths(args.out, stem)
+    for target in paths.values():
+        if target.exists() and target.resolve() in inputs:
+            raise ImageError(f"output {target} would overwrite an input file; choose another --out")
+    points = distinct_values(picture, args.mode)
+    k = args.components or DEFAULTS[f"{points.mode}_components"]
+    if len(points.values) < k:
+        _say(sys.stderr, f"warning: {path}: only {len(points.values)} distinct values; "
+                         f"fitting {len(points.values)} components instead of {k}")
+        picture.notes.append(f"fitted {len(points.values)} components instead of {k}: "
+                             f"only {len(points.values)} distinct values")
+    on_iteration = None
+    if args.verbose:
+        def on_iteration(n_iter, log_likelihood):
+            _say(sys.stderr, f"{path}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
+    try:
+        segmentation = segment_points(picture, points, k, on_iteration=on_iteration,
+                                      **fit_options_from(settings))
+    except FloatingPointError as error:
+        raise ImageError(str(error)) from None
+    fitted = time.perf_counter()
+    title = f"{path.name}: {segmentation.points.mode}, K = {segmentation.model.n_components}, " \
+            f"{settings['covariance']} covariance"
+    write_outputs(segmentation, paths, title)
+    done = time.perf_counter()
+    seconds = dict(load=loaded - clock, fit=fitted - loaded, write=done - fitted, total=done - clock)
+    _write_json(model_record(segmentation, path, settings, seconds), paths["model"])
+    if not args.quiet:
+        for note in picture.notes:
+            _say(sys.stderr, f"note: {path}: {note}")
+    model = segmentation.model
+    return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
+            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} "
+            f"{'converged' if model.converged else 'not-converged'} "
+            f"loglik={model.log_likelihood[-1]:.6f} {seconds['total']:.2f}s")
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prepare_output_folder(args.out)
+    except UsageError as error:
+        _say(sys.stderr, f"error: {error}")
+        return 2
+    _pyplot.interactive = args.show
+    settings = _settings(args)
+    files, errors = collect_inputs(args.inputs)
+    for argument, message in errors:
+        _say(sys.stderr, f"error: {argument}: {message}")
+    failures = len(errors)
+    inputs = {p.resolve() for p in files if p.exists()}
+    started = time.perf_counter()
+    try:
+        for path, stem in zip(files, unique_stems(files)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    line = process_image(path, stem, args, settings, inputs)
+            except ImageError as error:
+                failures += 1
+                _say(sys.stderr, f"error: {path}: {error}")
+                continue
+            except MemoryError:
+                failures += 1
+                _say(sys.stderr, f"error: {path}: not enough memory")
+                continue
+            except OSError as error:
+                failures += 1
+                _say(sys.stderr, f"error: {path}: {error.strerror or error}")
+                continue
+            if not args.quiet:
+                _say(sys.stdout, line)
+    except KeyboardInterrupt:
+        _say(sys.stderr, "error: interrupted")
+        return 130
+    if not args.quiet:
+        done = len(files) - (failures - len(errors))
+        _say(sys.stderr, f"{done} of {len(files)} images segmented in {time.perf_counter() - started:.1f}s, "
+                         f"{failures} failed; outputs in {args.out}")
+    if args.show:
+        _pyplot().show()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
