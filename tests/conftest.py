@@ -1,0 +1,58 @@
+"""Shared helpers: the program is imported from the repository root; images are made here."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ImageSegmentation as seg  # noqa: E402
+
+
+def block_labels(height, width, n_components, rng):
+    """A piecewise-constant label map: a grid of rectangles, each a random component."""
+    rows = np.sort(rng.choice(np.arange(1, height), size=3, replace=False))
+    cols = np.sort(rng.choice(np.arange(1, width), size=3, replace=False))
+    cells = rng.permutation(np.resize(np.arange(n_components), 16)).reshape(4, 4)
+    row_cell = np.searchsorted(rows, np.arange(height), side="right")
+    col_cell = np.searchsorted(cols, np.arange(width), side="right")
+    return cells[row_cell[:, None], col_cell[None, :]]
+
+
+def mixture_image(labels, means, covariances, rng):
+    """uint8 pixels drawn from N(means[label], covariances[label]) on the 0..1 scale, rounded and clipped.
+
+    means: (K, D), covariances: (K, D, D); D = 1 gives an H x W gray image, D = 3 an RGB one.
+    """
+    means, covariances = np.asarray(means, float), np.asarray(covariances, float)
+    values = np.empty(labels.shape + (means.shape[1],))
+    for k in range(len(means)):
+        mask = labels == k
+        values[mask] = rng.multivariate_normal(means[k], covariances[k], size=int(mask.sum()))
+    image = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+    return image[..., 0] if means.shape[1] == 1 else image
+
+
+def bayes_labels(image, weights, means, covariances):
+    """Per-pixel Bayes-optimal labels from the true parameters (on the same 0..1 scale)."""
+    truth = seg.GaussianMixtureFit(np.asarray(weights, float), np.asarray(means, float),
+                                   np.asarray(covariances, float), "full", [], 0, True)
+    pixels = image.reshape(-1, 1 if image.ndim == 2 else 3) / 255.0
+    return truth.predict(pixels).reshape(image.shape[:2])
+
+
+def matched_accuracy(found, truth, n_components):
+    """Accuracy after the best one-to-one matching of found labels to true labels."""
+    from scipy.optimize import linear_sum_assignment
+    confusion = np.zeros((n_components, n_components))
+    np.add.at(confusion, (found.ravel(), truth.ravel()), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    return confusion[rows, cols].sum() / truth.size
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
