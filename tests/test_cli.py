@@ -1,0 +1,147 @@
+"""The command line end to end: the output contract, determinism, the default run."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, seg
+
+JSON_KEYS = {"image", "width", "height", "mode", "k", "covariance_type", "distinct_values", "weights", "means",
+             "covariances", "log_likelihood", "n_iter", "converged", "seed", "settings", "seconds"}
+SETTINGS_KEYS = {"components", "mode", "covariance", "max_iter", "tol", "n_init", "init", "seed", "reg_covar",
+                 "out", "max_pixels"}
+
+
+def run(argv, capsys):
+    status = seg.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def two_tone(path, rng, size=(40, 60), color=False):
+    """A small image: dark left half, bright right half, with noise."""
+    levels = np.where(np.arange(size[1]) < size[1] // 2, 60, 190)[None, :].repeat(size[0], 0)
+    noisy = np.clip(levels + rng.normal(0, 12, size), 0, 255).astype(np.uint8)
+    array = np.stack([noisy, 255 - noisy, noisy // 2], axis=-1) if color else noisy
+    Image.fromarray(array).save(path)
+    return array
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["gray", "color"])
+def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsys, color):
+    image = two_tone(tmp_path / "scan.png", rng, color=color)
+    status, out, err = run([tmp_path / "scan.png", "-k", "2", "--out", tmp_path / "out"], capsys)
+    assert status == 0, err
+    out_dir = tmp_path / "out"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"scan_{s}" for s in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json"))
+    record = json.loads((out_dir / "scan_model.json").read_text())
+    assert JSON_KEYS <= set(record) and SETTINGS_KEYS <= set(record["settings"])
+    assert set(record["seconds"]) == {"load", "fit", "write", "total"}
+    assert record["mode"] == ("color" if color else "gray") and record["k"] == 2
+    assert (record["width"], record["height"]) == (60, 40)
+    d = 3 if color else 1
+    assert np.shape(record["means"]) == (2, d) and np.shape(record["covariances"]) == (2, d, d)
+    assert len(record["log_likelihood"]) == record["n_iter"]
+    labels = np.asarray(Image.open(out_dir / "scan_labels.png"))
+    assert labels.shape == (40, 60) and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1}
+    # Components numbered by luminance: the dark half is 0 in the gray image.
+    luma = np.asarray(record["means"]) @ ([0.299, 0.587, 0.114] if color else [1.0])
+    assert luma[0] < luma[1]
+    segmented = Image.open(out_dir / "scan_segmented.png")
+    assert segmented.size == (60, 40)
+    recoloured = np.asarray(segmented.convert("RGB" if color else "L"))
+    expected = np.rint(np.asarray(record["means"]) * 255).astype(np.uint8)
+    assert np.array_equal(recoloured, expected[labels] if color else expected[labels, 0])
+    for name in ("loglik", "comparison"):
+        assert Image.open(out_dir / f"scan_{name}.png").size[0] > 500
+    assert f"scan.png: 60x40 {'color' if color else 'gray'} K=2 distinct=" in out
+    assert "iterations=" in out and "loglik=" in out
+
+
+def test_same_command_writes_the_same_images(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng, color=True)
+    for out in ("one", "two"):
+        assert run([tmp_path / "a.png", "--out", tmp_path / out, "--n-init", "2"], capsys)[0] == 0
+    for name in ("labels", "segmented", "loglik", "comparison"):
+        assert (tmp_path / "one" / f"a_{name}.png").read_bytes() == (tmp_path / "two" / f"a_{name}.png").read_bytes()
+    one, two = (json.loads((tmp_path / d / "a_model.json").read_text()) for d in ("one", "two"))
+    one.pop("seconds"), two.pop("seconds")
+    one["settings"].pop("out"), two["settings"].pop("out")
+    assert one == two
+
+
+def test_default_components_three_gray_five_color(tmp_path, rng, capsys):
+    rng_image = rng.integers(0, 256, size=(30, 30, 3), dtype=np.uint8)
+    Image.fromarray(rng_image).save(tmp_path / "c.png")
+    Image.fromarray(rng_image[..., 0]).save(tmp_path / "g.png")
+    assert run([tmp_path, "--out", tmp_path / "out", "--max-iter", "3"], capsys)[0] == 0
+    assert json.loads((tmp_path / "out" / "c_model.json").read_text())["k"] == 5
+    assert json.loads((tmp_path / "out" / "g_model.json").read_text())["k"] == 3
+
+
+def test_mode_switches(tmp_path, rng, capsys):
+    two_tone(tmp_path / "c.png", rng, color=True)
+    assert run([tmp_path / "c.png", "--mode", "gray", "-k", "2", "--out", tmp_path / "g"], capsys)[0] == 0
+    record = json.loads((tmp_path / "g" / "c_model.json").read_text())
+    assert record["mode"] == "gray" and np.shape(record["means"]) == (2, 1)
+    assert Image.open(tmp_path / "g" / "c_segmented.png").mode == "L"
+    # An RGB file whose channels are all equal is gray in auto mode.
+    gray = np.repeat(rng.integers(0, 256, (20, 20), dtype=np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(gray).save(tmp_path / "equal.png")
+    assert run([tmp_path / "equal.png", "--out", tmp_path / "e", "-k", "2"], capsys)[0] == 0
+    assert json.loads((tmp_path / "e" / "equal_model.json").read_text())["mode"] == "gray"
+    assert run([tmp_path / "equal.png", "--mode", "color", "--out", tmp_path / "f", "-k", "2"], capsys)[0] == 0
+    assert json.loads((tmp_path / "f" / "equal_model.json").read_text())["mode"] == "color"
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag", "spherical", "tied"])
+def test_covariance_shapes_in_json(tmp_path, rng, capsys, covariance):
+    two_tone(tmp_path / "c.png", rng, color=True)
+    assert run([tmp_path / "c.png", "--covariance", covariance, "-k", "2", "--out", tmp_path], capsys)[0] == 0
+    record = json.loads((tmp_path / "c_model.json").read_text())
+    expected = {"full": (2, 3, 3), "diag": (2, 3), "spherical": (2,), "tied": (3, 3)}[covariance]
+    assert np.shape(record["covariances"]) == expected
+
+
+def test_verbose_prints_every_iteration_and_quiet_prints_nothing(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    status, out, err = run([tmp_path / "a.png", "-v", "--tol", "0", "--max-iter", "4", "--out", tmp_path], capsys)
+    assert status == 0 and [f"iteration {i}:" in err for i in range(1, 5)] == [True] * 4
+    status, out, err = run([tmp_path / "a.png", "-q", "--out", tmp_path], capsys)
+    assert status == 0 and out == "" and err == ""
+
+
+def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
+    image = two_tone(tmp_path / "a.png", rng, color=True)
+    run([tmp_path / "a.png", "-k", "3", "--out", tmp_path], capsys)
+    record = json.loads((tmp_path / "a_model.json").read_text())
+    model = seg.GaussianMixtureFit(np.array(record["weights"]), np.array(record["means"]),
+                                   np.array(record["covariances"]), "full", [], 0, True)
+    labels = np.asarray(Image.open(tmp_path / "a_labels.png"))
+    assert np.array_equal(model.predict(image.reshape(-1, 3) / 255.0).reshape(labels.shape), labels)
+    assert model.score(image.reshape(-1, 3) / 255.0) == pytest.approx(record["log_likelihood"][-1], abs=1e-9)
+
+
+def test_default_run_from_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(ROOT / "ImageSegmentation.py", clone)
+    shutil.copytree(ROOT / "images", clone / "images")
+    result = subprocess.run([sys.executable, "ImageSegmentation.py"], cwd=clone, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    samples = [p for p in (clone / "images").iterdir() if p.suffix in (".png", ".jpg")]
+    assert len(samples) >= 2
+    for sample in samples:
+        for suffix in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json"):
+            assert (clone / "output" / f"{sample.stem}_{suffix}").stat().st_size > 0
+    assert len(result.stdout.splitlines()) == len(samples)
+    modes = {json.loads((clone / "output" / f"{p.stem}_model.json").read_text())["mode"] for p in samples}
+    assert modes == {"gray", "color"}
