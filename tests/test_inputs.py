@@ -1,0 +1,297 @@
+"""Every input a user can throw at it: image kinds, degenerate content, errors, nothing lost."""
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import seg
+from test_cli import run, two_tone
+
+
+def outputs_of(out_dir, stem):
+    return {suffix: out_dir / f"{stem}_{suffix}" for suffix in
+            ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")}
+
+
+def assert_segmented(out_dir, stem, shape, mode=None):
+    paths = outputs_of(out_dir, stem)
+    assert all(p.exists() for p in paths.values())
+    labels = np.asarray(Image.open(paths["labels.png"]))
+    record = json.loads(paths["model.json"].read_text())
+    assert labels.shape == shape
+    assert labels.max() < record["k"]
+    assert mode is None or record["mode"] == mode
+    assert all(np.all(np.isfinite(np.asarray(record[key], dtype=float)))
+               for key in ("weights", "means", "covariances", "log_likelihood"))
+    return record
+
+
+# --- usage errors: status 2, one line, no traceback ---------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["-k", "0"], ["-k", "two"], ["-k", "2.5"], ["--tol", "-1"], ["--tol", "nan"],
+                                  ["--max-iter", "0"], ["--n-init", "0"], ["--reg-covar", "-1e-6"],
+                                  ["--no-such-option"], ["--covariance", "round"], ["--mode", "sepia"],
+                                  ["--max-pixels", "0"]])
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        seg.main(argv + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unwritable_output_folder_is_reported_before_any_work(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    status, out, err = run([tmp_path / "a.png", "--out", blocker / "sub"], capsys)
+    assert status == 2 and err.startswith("error: ") and "cannot write output folder" in err
+    assert len(err.strip().splitlines()) == 1 and out == ""
+
+
+# --- bad files: one-line error, status 1, the rest of the batch still done --------------------------------
+
+def bad_files(folder):
+    """name -> (maker, expected words in the error)."""
+    def truncated(path):
+        two_tone(path, np.random.default_rng(0), size=(64, 64))
+        path.write_bytes(path.read_bytes()[:200])
+
+    def corrupt(path):
+        two_tone(path, np.random.default_rng(0), size=(64, 64))
+        data = bytearray(path.read_bytes())
+        data[60:120] = b"\x00" * 60
+        path.write_bytes(bytes(data))
+
+    return {
+        "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
+        "text.png": (lambda p: p.write_text("hello, not an image"), "not an image"),
+        "truncated.png": (truncated, "truncated or corrupt"),
+        "corrupt.png": (corrupt, "truncated or corrupt"),
+    }
+
+
+@pytest.mark.parametrize("name", ["empty.png", "text.png", "truncated.png", "corrupt.png"])
+def test_bad_file_is_one_line_error_and_the_batch_goes_on(tmp_path, rng, capsys, name):
+    maker, words = bad_files(tmp_path)[name]
+    maker(tmp_path / name)
+    two_tone(tmp_path / "good.png", rng)
+    status, out, err = run([tmp_path / name, tmp_path / "good.png", "--out", tmp_path / "out"], capsys)
+    assert status == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and name in errors[0] and words in errors[0]
+    assert "Traceback" not in err
+    assert_segmented(tmp_path / "out", "good", (40, 60))
+    assert not any(p.exists() for p in outputs_of(tmp_path / "out", name[:-4]).values())
+    assert "1 failed" in err
+
+
+def test_missing_file_and_folder_without_images(tmp_path, rng, capsys):
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no images here")
+    two_tone(tmp_path / "good.png", rng)
+    status, out, err = run([tmp_path / "nope.png", tmp_path / "empty_folder", tmp_path / "docs",
+                            tmp_path / "good.png", "--out", tmp_path / "out"], capsys)
+    assert status == 1
+    assert f"error: {tmp_path / 'nope.png'}: no such file" in err
+    assert f"error: {tmp_path / 'empty_folder'}: folder has no image files" in err
+    assert f"error: {tmp_path / 'docs'}: folder has no image files" in err
+    assert "3 failed" in err and len(out.splitlines()) == 1
+    assert_segmented(tmp_path / "out", "good", (40, 60))
+
+
+def test_unreadable_file(tmp_path, rng, capsys, monkeypatch):
+    two_tone(tmp_path / "locked.png", rng)
+    if os.geteuid() != 0:
+        os.chmod(tmp_path / "locked.png", 0)
+    else:   # root reads everything: make the open fail as it would for anyone else
+        real_open = Image.open
+
+        def refuse(path, *args, **kwargs):
+            if str(path).endswith("locked.png"):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+        monkeypatch.setattr(Image, "open", refuse)
+    status, out, err = run([tmp_path / "locked.png", "--out", tmp_path / "out"], capsys)
+    assert status == 1 and f"error: {tmp_path / 'locked.png'}: permission denied" in err
+
+
+def png_declaring(width, height):
+    """A tiny PNG file whose header declares a huge size (a decompression bomb's shape)."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_allocating(tmp_path, capsys, rng):
+    (tmp_path / "bomb.png").write_bytes(png_declaring(200_000, 200_000))   # 40 gigapixels, 150 bytes
+    status, out, err = run([tmp_path / "bomb.png", "--out", tmp_path], capsys)
+    assert status == 1 and "above the limit of 200,000,000" in err and "--max-pixels" in err
+    two_tone(tmp_path / "small.png", rng)     # 2400 pixels
+    status, out, err = run([tmp_path / "small.png", "--max-pixels", "1000", "--out", tmp_path], capsys)
+    assert status == 1 and "above the limit of 1,000" in err
+    assert run([tmp_path / "small.png", "--max-pixels", "2400", "--out", tmp_path], capsys)[0] == 0
+
+
+# --- every kind of image Pillow opens ---------------------------------------------------------------------
+
+def gradient(height=24, width=32):
+    return (np.arange(height * width).reshape(height, width) * 255 // (height * width - 1)).astype(np.uint8)
+
+
+def make(kind, path):
+    g = gradient()
+    rgb = np.stack([g, g[::-1], 255 - g], axis=-1)
+    if kind == "1":
+        Image.fromarray(g > 128).save(path)
+    elif kind in ("L", "RGB"):
+        Image.fromarray(g if kind == "L" else rgb).save(path)
+    elif kind == "LA":
+        Image.fromarray(np.stack([g, 255 - g], axis=-1), mode="LA").save(path)
+    elif kind == "RGBA":
+        Image.fromarray(np.concatenate([rgb, g[..., None]], axis=-1), mode="RGBA").save(path)
+    elif kind == "P":
+        Image.fromarray(rgb).quantize(8).save(path)
+    elif kind == "P-transparent":
+        image = Image.fromarray(rgb).quantize(8)
+        image.info["transparency"] = 0
+        image.save(path, transparency=0)
+    elif kind == "CMYK":
+        Image.fromarray(rgb).convert("CMYK").save(path, format="TIFF")
+    elif kind == "I;16":
+        Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)).save(path)
+    elif kind == "I":
+        Image.fromarray((np.arange(24 * 32).reshape(24, 32).astype(np.int32) - 300) * 100000).save(path, format="TIFF")
+    elif kind == "F":
+        values = np.linspace(-2.0, 5.0, 24 * 32).reshape(24, 32).astype(np.float32)
+        values[0, 0], values[1, 1], values[2, 2] = np.nan, np.inf, -np.inf
+        Image.fromarray(values).save(path, format="TIFF")
+
+
+KINDS = {"1": ("bilevel.png", "gray"), "L": ("gray.png", "gray"), "LA": ("gray_alpha.png", "gray"),
+         "P": ("palette.png", "color"), "P-transparent": ("palette_t.png", "color"), "RGB": ("rgb.png", "color"),
+         "RGBA": ("rgba.png", "color"), "CMYK": ("cmyk.tif", "color"), "I;16": ("deep.png", "gray"),
+         "I": ("int32.tif", "gray"), "F": ("float.tif", "gray")}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_pillow_mode_is_segmented(tmp_path, capsys, kind):
+    name, mode = KINDS[kind]
+    make(kind, tmp_path / name)
+    status, out, err = run([tmp_path / name, "-k", "2", "--out", tmp_path / "out"], capsys)
+    assert status == 0, err
+    record = assert_segmented(tmp_path / "out", name.split(".")[0], (24, 32), mode)
+    if kind == "I;16":
+        assert record["distinct_values"] == 24 * 32            # all 65536 levels kept, not cut to 8 bits
+        assert Image.open(tmp_path / "out" / "deep_segmented.png").mode.startswith("I")
+    if kind == "F":
+        assert "NaN or infinite" in err and any("NaN" in note for note in record["notes"])
+    if kind in ("I", "F"):
+        assert 0 <= np.min(record["means"]) and np.max(record["means"]) <= 1
+
+
+def test_multi_frame_files_use_the_first_frame(tmp_path, capsys):
+    frames = [Image.fromarray(gradient()), Image.fromarray(255 - gradient())]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    status, out, err = run([tmp_path / "anim.gif", tmp_path / "stack.tif", "-k", "2", "--out", tmp_path / "o"],
+                           capsys)
+    assert status == 0, err
+    for stem in ("anim", "stack"):
+        assert f"note: {tmp_path / (stem + ('.gif' if stem == 'anim' else '.tif'))}: 2 frames: segmenting the first" in err
+        labels = np.asarray(Image.open(tmp_path / "o" / f"{stem}_labels.png"))
+        assert labels[0, 0] == 0 and labels[-1, -1] == 1       # the first frame: dark at the top left
+
+
+def test_exif_orientation_is_applied(tmp_path, capsys):
+    stored = np.zeros((20, 40), dtype=np.uint8)
+    stored[:, 20:] = 200                                       # stored: dark left, bright right
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # viewer rotates 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    assert run([tmp_path / "photo.png", "-k", "2", "--out", tmp_path], capsys)[0] == 0
+    labels = np.asarray(Image.open(tmp_path / "photo_labels.png"))
+    assert labels.shape == (40, 20)                            # as a viewer shows it: portrait
+    assert labels[:20].max() == 0 and labels[20:].min() == 1    # dark on top after the rotation
+
+
+# --- degenerate content ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("array, distinct", [(np.full((1, 1), 7, np.uint8), 1), (np.full((9, 9), 100, np.uint8), 1),
+                                             (np.array([[0, 255] * 4] * 3, np.uint8), 2)])
+def test_fewer_distinct_values_than_k(tmp_path, capsys, array, distinct):
+    Image.fromarray(array).save(tmp_path / "flat.png")
+    status, out, err = run([tmp_path / "flat.png", "-k", "4", "--out", tmp_path], capsys)
+    assert status == 0, err
+    assert f"warning: {tmp_path / 'flat.png'}: only {distinct} distinct values; fitting {distinct} components " \
+           f"instead of 4" in err
+    record = assert_segmented(tmp_path, "flat", array.shape)
+    assert record["k"] == distinct and record["requested_k"] == 4 and record["distinct_values"] == distinct
+
+
+def test_constant_colour_image(tmp_path, capsys):
+    Image.fromarray(np.full((5, 6, 3), (10, 200, 30), np.uint8)).save(tmp_path / "flat.png")
+    assert run([tmp_path / "flat.png", "--mode", "color", "--out", tmp_path], capsys)[0] == 0
+    record = assert_segmented(tmp_path, "flat", (5, 6), "color")
+    assert record["k"] == 1 and np.allclose(record["means"], [[10 / 255, 200 / 255, 30 / 255]])
+
+
+# --- nothing lost ------------------------------------------------------------------------------------------
+
+def test_an_output_never_overwrites_an_input(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    two_tone(tmp_path / "a_segmented.png", rng, color=True)
+    before = (tmp_path / "a_segmented.png").read_bytes()
+    status, out, err = run([tmp_path, "--out", tmp_path], capsys)
+    assert status == 1 and "would overwrite an input file" in err
+    assert (tmp_path / "a_segmented.png").read_bytes() == before
+    assert (tmp_path / "a_segmented_labels.png").exists()   # the other input is still done
+
+
+def test_same_names_from_different_folders_do_not_collide(tmp_path, rng, capsys):
+    for folder, color in (("x", False), ("y", True)):
+        (tmp_path / folder).mkdir()
+        two_tone(tmp_path / folder / "scan.png", rng, color=color)
+    two_tone(tmp_path / "x" / "scan.jpg", rng)
+    status, out, err = run([tmp_path / "x", tmp_path / "y", "--out", tmp_path / "out"], capsys)
+    assert status == 0, err
+    source = {p.name: json.loads(p.read_text())["image"] for p in (tmp_path / "out").glob("*_model.json")}
+    assert source == {"scan_model.json": str(tmp_path / "x" / "scan.jpg"),      # input order: x sorted, then y
+                      "scan-2_model.json": str(tmp_path / "x" / "scan.png"),
+                      "scan-3_model.json": str(tmp_path / "y" / "scan.png")}
+
+
+def test_outputs_are_written_atomically(tmp_path, rng, capsys, monkeypatch):
+    two_tone(tmp_path / "a.png", rng)
+    out_dir = tmp_path / "out"
+    assert run([tmp_path / "a.png", "--out", out_dir], capsys)[0] == 0
+    previous = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+    def disk_full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half a file")
+        raise OSError(28, "No space left on device")
+    from pathlib import Path
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    status, out, err = run([tmp_path / "a.png", "--out", out_dir, "-k", "2"], capsys)
+    assert status == 1 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == previous    # old files whole, no temporaries
+
+
+def test_interrupt_exits_130_and_leaves_no_temporary(tmp_path, rng, capsys, monkeypatch):
+    two_tone(tmp_path / "a.png", rng)
+
+    def interrupted(figure, path):
+        seg.write_atomically(path, lambda tmp: (open(tmp, "wb").write(b"partial"), (_ for _ in ()).throw(
+            KeyboardInterrupt()))[0])
+    monkeypatch.setattr(seg, "_save_figure", interrupted)
+    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "out"], capsys)
+    assert status == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
