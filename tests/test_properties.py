@@ -1,0 +1,83 @@
+"""Property-based: small images of random kinds, sizes and K never break the API or the command line."""
+
+import json
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from conftest import seg
+
+KINDS = ["uint8-gray", "uint8-rgb", "uint16-gray", "float32-gray"]
+
+
+@st.composite
+def small_images(draw):
+    kind = draw(st.sampled_from(KINDS))
+    height, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    levels = draw(st.integers(1, 300))              # how many different values the image may take
+    rng = np.random.default_rng(seed)
+    shape = (height, width, 3) if kind == "uint8-rgb" else (height, width)
+    if kind.startswith("uint8"):
+        array = (rng.integers(0, 256, size=shape) // max(1, 256 // levels)).astype(np.uint8)
+    elif kind == "uint16-gray":
+        array = (rng.integers(0, levels, size=shape) * (65535 // levels)).astype(np.uint16)
+    else:
+        array = (rng.integers(0, levels, size=shape) * 0.37 - 4.0).astype(np.float32)
+        if draw(st.booleans()):
+            array.flat[rng.integers(0, array.size)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return kind, array
+
+
+def smallest_variance(covariances, covariance_type):
+    covariances = np.asarray(covariances, dtype=float)
+    if covariance_type in ("full", "tied"):
+        return np.linalg.eigvalsh(covariances.reshape(-1, *covariances.shape[-2:])).min()
+    return covariances.min()
+
+
+def assert_never_decreasing(history, covariances, covariance_type, reg_covar=1e-6):
+    """EM's guarantee, where it holds: reg_covar (added as scikit-learn does) is no longer an exact
+    EM step once a component has collapsed onto a single value (variance ~ reg_covar)."""
+    if smallest_variance(covariances, covariance_type) > 100 * reg_covar:
+        assert np.all(np.diff(history) >= -1e-9)
+
+
+def check_model(model, k):
+    assert model.n_components <= k
+    for values in (model.weights, model.means, model.covariances, model.log_likelihood):
+        assert np.all(np.isfinite(values))
+    assert_never_decreasing(model.log_likelihood, model.covariances, model.covariance_type)
+    assert np.all(np.diff(seg.luminance(model.means)) >= 0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES),
+       init=st.sampled_from(seg.INIT_METHODS))
+def test_api_on_any_small_image(image, k, covariance, init):
+    kind, array = image
+    labels, recoloured, model = seg.segment_image(array, k, covariance_type=covariance, init=init, max_iter=30)
+    check_model(model, k)
+    assert labels.shape == array.shape[:2]
+    assert labels.min() >= 0 and labels.max() < model.n_components
+    assert recoloured.shape[:2] == array.shape[:2]
+    assert np.all(np.isfinite(recoloured.astype(float)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES))
+def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance):
+    kind, array = image
+    folder = tmp_path_factory.mktemp("prop")
+    path = folder / ("in.tif" if kind == "float32-gray" else "in.png")
+    Image.fromarray(array).save(path)
+    status = seg.main([str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")])
+    assert status == 0
+    record = json.loads((folder / "out" / "in_model.json").read_text())
+    labels = np.asarray(Image.open(folder / "out" / "in_labels.png"))
+    assert labels.shape == array.shape[:2] and labels.max() < record["k"] <= k
+    assert record["k"] == min(k, record["distinct_values"])
+    for key in ("weights", "means", "covariances", "log_likelihood"):
+        assert np.all(np.isfinite(np.asarray(record[key], dtype=float)))
+    assert_never_decreasing(record["log_likelihood"], record["covariances"], covariance)
