@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg
 from PIL import Image, ImageOps
 
 __version__ = "1.0.0"
@@ -67,8 +66,10 @@ INIT_METHODS = ("kmeans++", "random")
 MODES = ("auto", "gray", "color")
 SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
 LLOYD_STEPS = 10              # weighted k-means refinement after k-means++ seeding
-CHUNK_ROWS = 1 << 15          # points per block in every pass: temporaries stay in cache
+BLOCK_POINTS = 1 << 14        # points per block in every pass: temporaries stay in cache
+FEATURE_CACHE_BYTES = 1 << 28 # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22         # pixels per block when counting and labelling
+EXP_FLOOR = 300.0             # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 EMPTY_COMPONENT = 1e-8        # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as Pillow's convert("L")
 
@@ -251,15 +252,21 @@ class Points:
         return self.values.shape[1]
 
 
-def count_codes(codes, n_codes):
-    """Pixel count of every code: bincount in blocks, so no int64 copy of the image is made."""
+def code_histogram(codes, n_codes):
+    """The distinct codes and their pixel counts.
+
+    Large images: bincount in blocks (no int64 copy of the image is made), the fastest way
+    from about 4 megapixels up (tests/benchmark.py); smaller ones: a sort (np.unique), which
+    does not pay for zeroing and scanning a 2**24-entry table.
+    """
     flat = codes.reshape(-1)
-    if flat.size <= PIXEL_CHUNK:
-        return np.bincount(flat, minlength=n_codes)
+    if flat.size * 4 < n_codes:
+        return np.unique(flat, return_counts=True)
     counts = np.zeros(n_codes, dtype=np.int64)
     for start in range(0, flat.size, PIXEL_CHUNK):
         counts += np.bincount(flat[start:start + PIXEL_CHUNK], minlength=n_codes)
-    return counts
+    keys = np.flatnonzero(counts)
+    return keys, counts[keys]
 
 
 def _is_gray(picture, keys):
@@ -272,9 +279,7 @@ def _is_gray(picture, keys):
 
 def distinct_values(picture, mode="auto"):
     """The weighted points EM fits, in the requested mode ("auto", "gray" or "color")."""
-    counts = count_codes(picture.codes, picture.n_codes)
-    keys = np.flatnonzero(counts)
-    counts = counts[keys]
+    keys, counts = code_histogram(picture.codes, picture.n_codes)
     if mode == "auto":
         mode = "gray" if _is_gray(picture, keys) else "color"
     identity = np.arange(len(keys))
@@ -320,48 +325,59 @@ def distinct_values(picture, mode="auto"):
 # that from the same start both give the same model to round-off.
 
 
-@dataclass
 class _Data:
-    """Weighted points, centred on their mean (centring keeps the moment sums well conditioned)."""
-    values: np.ndarray
-    weights: np.ndarray
-    scale: float
-    center: np.ndarray
+    """Weighted points and their feature rows, stored transposed: phi is (P, M).
 
-    @classmethod
-    def build(cls, values, weights, scale=1.0):
+    Transposed, every per-point reduction over the K components (max, sum, argmax) runs
+    over K contiguous rows, which NumPy vectorises, instead of over K-long rows, which it
+    does not.  The features are computed once and kept when they fit in FEATURE_CACHE_BYTES,
+    otherwise block by block in every pass.  Values are centred on their weighted mean,
+    which keeps the moment sums well conditioned.
+    """
+
+    def __init__(self, values, weights, scale=1.0):
         values = np.asarray(values)
-        if values.ndim == 1:
-            values = values[:, None]
-        weights = np.asarray(weights, dtype=np.float64)
-        total = weights.sum()
-        center = np.zeros(values.shape[1])
-        for start in range(0, len(values), CHUNK_ROWS):
-            block = values[start:start + CHUNK_ROWS] / scale
-            center += weights[start:start + CHUNK_ROWS] @ block
-        return cls(values, weights, float(scale), center / total)
+        self.values = values[:, None] if values.ndim == 1 else values
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.scale = float(scale)
+        self.total_weight = float(self.weights.sum())
+        self.n_features = self.values.shape[1]
+        self.n_params = 1 + self.n_features + self.n_features * (self.n_features + 1) // 2
+        self.center = np.zeros(self.n_features)
+        center = sum(self.weights[start:stop] @ (self.values[start:stop] / self.scale)
+                     for start, stop in self._spans())
+        self.center = center / self.total_weight if self.total_weight > 0 else self.center
+        self._phi = None
+        if len(self.values) * self.n_params * 8 <= FEATURE_CACHE_BYTES:
+            self._phi = np.empty((self.n_params, len(self.values)))
+            for start, stop in self._spans():
+                self._features(start, stop, out=self._phi[:, start:stop])
 
-    @property
-    def n_features(self):
-        return self.values.shape[1]
+    def __len__(self):
+        return len(self.values)
 
-    @property
-    def total_weight(self):
-        return float(self.weights.sum())
+    def _spans(self):
+        return [(start, min(start + BLOCK_POINTS, len(self.values)))
+                for start in range(0, len(self.values), BLOCK_POINTS)]
 
     def x(self, start, stop):
+        """Centred values of points start..stop, (m, D)."""
         return self.values[start:stop] / self.scale - self.center
 
-    def blocks(self):
-        """(phi, weights) block by block."""
+    def _features(self, start, stop, out=None):
+        x = self.x(start, stop).T
         rows, cols = np.triu_indices(self.n_features)
-        for start in range(0, len(self.values), CHUNK_ROWS):
-            x = self.x(start, start + CHUNK_ROWS)
-            phi = np.empty((len(x), 1 + x.shape[1] + len(rows)))
-            phi[:, 0] = 1.0
-            phi[:, 1:1 + x.shape[1]] = x
-            np.multiply(x[:, rows], x[:, cols], out=phi[:, 1 + x.shape[1]:])
-            yield start, phi, self.weights[start:start + CHUNK_ROWS]
+        phi = np.empty((self.n_params, stop - start)) if out is None else out
+        phi[0] = 1.0
+        phi[1:1 + self.n_features] = x
+        np.multiply(x[rows], x[cols], out=phi[1 + self.n_features:])
+        return phi
+
+    def blocks(self):
+        """(start, phi (P, m), weights (m,)) block by block."""
+        for start, stop in self._spans():
+            phi = self._phi[:, start:stop] if self._phi is not None else self._features(start, stop)
+            yield start, phi, self.weights[start:stop]
 
 
 # --- per covariance type: covariances from moments, and precision Cholesky factors
@@ -389,20 +405,29 @@ COVARIANCE_FROM_SCATTER = dict(full=_covariances_full, diag=_covariances_diag,
                                spherical=_covariances_spherical, tied=_covariances_tied)
 
 
-def _cholesky_precision(covariance):
-    """Upper factor U with precision = U U^T, from the Cholesky factor of one covariance."""
+def cholesky_precisions(covariances):
+    """Upper factors U_k with precision_k = U_k U_k^T, for a stack of covariances (K, D, D).
+
+    U_k = L_k^-T, where L_k is the Cholesky factor of covariance k (as scikit-learn), by
+    forward substitution vectorised over the components: D is 1 or 3, K is small, and a
+    per-matrix library call would cost more than the arithmetic.
+    """
     try:
-        lower = linalg.cholesky(covariance, lower=True)
-    except linalg.LinAlgError:
+        lower = np.linalg.cholesky(covariances)
+    except np.linalg.LinAlgError:
         raise FloatingPointError("a covariance became singular; increase reg_covar") from None
-    return linalg.solve_triangular(lower, np.eye(len(covariance)), lower=True).T
+    inverse = np.zeros_like(lower)
+    for i in range(lower.shape[-1]):
+        inverse[:, i, i] = 1.0 / lower[:, i, i]
+        for j in range(i):
+            inverse[:, i, j] = -np.einsum("kl,kl->k", lower[:, i, j:i], inverse[:, j:i, j]) / lower[:, i, i]
+    return np.swapaxes(inverse, 1, 2)
 
 
 def precision_matrices(covariances, covariance_type, n_components, n_features):
     """Full precision matrices (K, D, D) and half their log-determinants (K,)."""
     if covariance_type in ("full", "tied"):
-        stack = covariances if covariance_type == "full" else covariances[None]
-        factors = np.array([_cholesky_precision(c) for c in stack])
+        factors = cholesky_precisions(covariances if covariance_type == "full" else covariances[None])
         if covariance_type == "tied":
             factors = np.repeat(factors, n_components, axis=0)
         precisions = factors @ np.swapaxes(factors, 1, 2)
@@ -431,18 +456,18 @@ def log_density_coefficients(weights, means, covariances, covariance_type):
 
 def _e_step_statistics(data, coefficients):
     """One pass: mean log-likelihood of the current model and the moment sums of its responsibilities."""
-    n_components = coefficients.shape[1]
-    stats = np.zeros((n_components, coefficients.shape[0]))
+    stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
     total = 0.0
     for _, phi, w in data.blocks():
-        logp = phi @ coefficients
-        top = logp.max(axis=1, keepdims=True)
+        logp = coefficients.T @ phi                    # (K, m) log(w_k N(x | k))
+        top = logp.max(axis=0)
         logp -= top
+        np.maximum(logp, -EXP_FLOOR, out=logp)         # e^-300 is 0 to every sum here, and not subnormal
         np.exp(logp, out=logp)
-        norm = logp.sum(axis=1)
-        total += w @ (np.log(norm) + top[:, 0])
-        logp *= (w / norm)[:, None]
-        stats += logp.T @ phi
+        norm = logp.sum(axis=0)
+        total += w @ (np.log(norm) + top)
+        logp *= w / norm                               # weighted responsibilities
+        stats += logp @ phi.T
     return stats, total / data.total_weight
 
 
@@ -478,31 +503,29 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
 
 def _hard_statistics(data, centers):
     """Weighted k-means pass: moment sums of each point's nearest centre."""
-    n_components = len(centers)
-    coefficients = np.zeros((1 + data.n_features + data.n_features * (data.n_features + 1) // 2,
-                             n_components))
+    coefficients = np.zeros((data.n_params, len(centers)))
     coefficients[0] = -(centers ** 2).sum(axis=1)
     coefficients[1:1 + data.n_features] = 2 * centers.T          # argmax = nearest centre
-    stats = np.zeros((n_components, coefficients.shape[0]))
+    stats = np.zeros((len(centers), data.n_params))
     for _, phi, w in data.blocks():
-        nearest = np.argmax(phi @ coefficients, axis=1)
-        onehot = np.zeros((len(phi), n_components))
-        onehot[np.arange(len(phi)), nearest] = w
-        stats += onehot.T @ phi
+        nearest = np.argmax(coefficients.T @ phi, axis=0)
+        onehot = np.zeros((len(centers), phi.shape[1]))
+        onehot[nearest, np.arange(phi.shape[1])] = w
+        stats += onehot @ phi.T
     return stats
 
 
 def _kmeans_plus_plus(data, n_components, rng):
     """Weighted k-means++ seeding: each new centre drawn with probability ~ weight x squared distance."""
-    p = data.weights / data.total_weight
-    centers = [data.x(i, i + 1)[0] for i in [rng.choice(len(p), p=p)]]
-    nearest = np.full(len(p), np.inf)
+    first = rng.choice(len(data), p=data.weights / data.total_weight)
+    centers = [data.x(first, first + 1)[0]]
+    nearest = np.full(len(data), np.inf)
     for _ in range(1, n_components):
-        for start in range(0, len(p), CHUNK_ROWS):
-            d2 = ((data.x(start, start + CHUNK_ROWS) - centers[-1]) ** 2).sum(axis=1)
-            np.minimum(nearest[start:start + CHUNK_ROWS], d2, out=nearest[start:start + CHUNK_ROWS])
+        for start, stop in data._spans():
+            d2 = ((data.x(start, stop) - centers[-1]) ** 2).sum(axis=1)
+            np.minimum(nearest[start:stop], d2, out=nearest[start:stop])
         scores = data.weights * nearest
-        index = rng.choice(len(p), p=scores / scores.sum())
+        index = rng.choice(len(data), p=scores / scores.sum())
         centers.append(data.x(index, index + 1)[0])
     return np.array(centers)
 
@@ -512,9 +535,9 @@ def _initial_statistics(data, n_components, init, rng):
         # Random responsibilities, as scikit-learn's init_params="random".
         stats = 0.0
         for _, phi, w in data.blocks():
-            resp = rng.uniform(size=(len(phi), n_components))
-            resp *= (w / resp.sum(axis=1))[:, None]
-            stats = stats + resp.T @ phi
+            resp = rng.uniform(size=(phi.shape[1], n_components)).T
+            resp *= w / resp.sum(axis=0)
+            stats = stats + resp @ phi.T
         return stats
     centers = _kmeans_plus_plus(data, n_components, rng)
     for _ in range(LLOYD_STEPS):
@@ -544,13 +567,15 @@ class GaussianMixtureFit:
         return len(self.weights)
 
     def _log_weighted_densities(self, X):
+        """(n, K) log(w_k N(x | k)) of every row of X."""
         X = np.asarray(X, dtype=np.float64)
-        X = X[:, None] if X.ndim == 1 else X
-        data = _Data(X, np.ones(len(X)), 1.0, np.zeros(X.shape[1]))
-        coefficients = log_density_coefficients(self.weights, self.means, self.covariances,
+        data = _Data(X, np.ones(len(X)))
+        coefficients = log_density_coefficients(self.weights, self.means - data.center, self.covariances,
                                                 self.covariance_type)
-        return np.concatenate([phi @ coefficients for _, phi, _ in data.blocks()]) if len(X) else \
-            np.zeros((0, self.n_components))
+        logp = np.empty((len(X), self.n_components))
+        for start, phi, _ in data.blocks():
+            logp[start:start + phi.shape[1]] = (coefficients.T @ phi).T
+        return logp
 
     def score_samples(self, X):
         """Log-likelihood of each sample."""
@@ -682,7 +707,7 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
     weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if weights.shape != (len(X),) or np.any(weights < 0) or not np.all(np.isfinite(weights)) or weights.sum() <= 0:
         raise ValueError("sample_weight must be finite, non-negative, positive in sum, one per sample")
-    return _fit_data(_Data.build(X, weights), n_components, covariance_type=covariance_type,
+    return _fit_data(_Data(X, weights), n_components, covariance_type=covariance_type,
                      max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, init=init,
                      random_state=random_state, weights_init=weights_init, means_init=means_init,
                      covariances_init=covariances_init, on_iteration=on_iteration)
@@ -721,7 +746,7 @@ def _most_likely(data, model):
                                             model.covariances, model.covariance_type)
     labels = np.empty(len(data.values), dtype=np.int64)
     for start, phi, _ in data.blocks():
-        labels[start:start + len(phi)] = np.argmax(phi @ coefficients, axis=1)
+        labels[start:start + phi.shape[1]] = np.argmax(coefficients.T @ phi, axis=0)
     return labels
 
 
@@ -745,7 +770,7 @@ def fit_options_from(settings):
 
 def segment_points(picture, points, n_components, on_iteration=None, **fit_options):
     """Fit on the distinct values, order components by luminance, label every pixel."""
-    data = _Data.build(points.values, points.weights, points.scale)
+    data = _Data(points.values, points.weights, points.scale)
     k = min(n_components, len(points.values))
     model = order_by_luminance(_fit_data(data, k, on_iteration=on_iteration, **fit_options))
     labels = label_pixels(picture, points, _most_likely(data, model), k)

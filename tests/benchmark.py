@@ -1,0 +1,178 @@
+"""Speed and memory benchmark: python tests/benchmark.py [--quick] [--workdir DIR]
+
+Not collected by pytest.  Every input is made here from scikit-image's sample images
+(nothing large is committed).  Each comparison runs in this one invocation and the
+script prints one table (Markdown), the numbers the README quotes:
+
+  fit        this program's fit (distinct values + initialisation + EM) against
+             scikit-learn's GaussianMixture (K=5, full, tol 1e-3, max_iter 100,
+             n_init 1, k-means init) on the same pixels / 255, with both mean
+             log-likelihoods per pixel;
+  end to end `python ImageSegmentation.py IMAGE` (every output written) in a fresh
+             process, its peak memory, and the I/O floor: Pillow decoding the image
+             and writing one RGB and one 8-bit PNG of its size (default settings);
+  counting   the ways to count distinct colours at 50 megapixels.
+
+--quick runs a subset (astronaut against scikit-learn, end to end at 4 megapixels)
+in under a minute.
+"""
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage import data as samples
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import ImageSegmentation as seg  # noqa: E402
+
+Image.MAX_IMAGE_PIXELS = None
+
+
+def our_fit(array, k):
+    """Seconds and mean log-likelihood per pixel of the program's own path: codes -> counts -> EM."""
+    start = time.perf_counter()
+    picture = seg.picture_from_array(array)
+    points = seg.distinct_values(picture, "color")
+    data = seg._Data(points.values, points.weights, points.scale)
+    model = seg._fit_data(data, k)
+    return time.perf_counter() - start, model.log_likelihood[-1], len(points.values)
+
+
+def sklearn_fit(array, k):
+    from sklearn.mixture import GaussianMixture
+    X = array.reshape(-1, 3) / 255.0
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GaussianMixture(k, covariance_type="full", tol=1e-3, max_iter=100, n_init=1,
+                                random_state=0).fit(X)
+    seconds = time.perf_counter() - start
+    return seconds, model.score(X)
+
+
+def measured(command):
+    """Wall seconds and peak resident memory (MB) of a command in a fresh process."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+    out = subprocess.run([sys.executable, "-c", probe, *map(str, command)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out[2] != "0":
+        raise RuntimeError(f"{command} failed")
+    return float(out[0]), int(out[1]) / 1024
+
+
+FLOOR = """
+import sys, time
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = None
+image = Image.open(sys.argv[1]); image.load()
+image.convert("RGB").save(sys.argv[2] + "_rgb.png")
+image.convert("L").save(sys.argv[2] + "_gray.png")
+"""
+
+
+def io_floor(path, workdir):
+    return measured([sys.executable, "-c", FLOOR, path, workdir / "floor"])
+
+
+def end_to_end(path, workdir):
+    return measured([sys.executable, ROOT / "ImageSegmentation.py", path, "-q", "--out", workdir / "out"])
+
+
+def big_image(source, megapixels, path, noise=0.0):
+    """A large image made from a sample: resized (bicubic, so colours vary smoothly), optionally noisy."""
+    width = int(round((megapixels * 1e6 * 1.5) ** 0.5))
+    height = int(round(megapixels * 1e6 / width))
+    image = Image.fromarray(source).resize((width, height), Image.BICUBIC)
+    if noise:
+        array = np.asarray(image).astype(np.int16)
+        array += np.random.default_rng(0).normal(0, noise, array.shape).astype(np.int16)
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    image.save(path, compress_level=1)
+    return image.size
+
+
+def noisy(array, sigma):
+    rng = np.random.default_rng(0)
+    return np.clip(array + rng.normal(0, sigma, array.shape), 0, 255).astype(np.uint8)
+
+
+def counting_options(megapixels=50):
+    """Seconds to count distinct 24-bit colours at the given size, each way we considered."""
+    side = int((megapixels * 1e6) ** 0.5)
+    source = np.asarray(Image.fromarray(samples.retina()).resize((side, side), Image.BICUBIC))
+    codes = seg.pack_rgb(source).reshape(-1)
+    rows = []
+    for name, count in (("bincount over packed 24-bit codes, in blocks (used)",
+                         lambda: seg.code_histogram(codes, 1 << 24)),
+                        ("np.unique (sort-based)", lambda: np.unique(codes, return_counts=True)),
+                        ("np.unique on rows of the H x W x 3 array", None)):
+        if count is None:
+            rows.append((name, "not run: slower than np.unique on codes by construction (lexicographic sort)"))
+            continue
+        start = time.perf_counter()
+        count()
+        rows.append((name, f"{time.perf_counter() - start:.2f} s"))
+    return side * side, rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to put the generated images")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gmm-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"NumPy {np.__version__}")
+    fits = [("astronaut.png", samples.astronaut())]
+    if not args.quick:
+        fits = [("retina.jpg", samples.retina())] + fits + \
+               [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
+    print("\n| image | megapixels | distinct colours | K | ours fit s | scikit-learn fit s | ratio "
+          "| ours loglik/px | scikit-learn loglik/px |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, array in fits:
+        ours_s, ours_ll, distinct = our_fit(array, 5)
+        ref_s, ref_ll = sklearn_fit(array, 5)
+        print(f"| {name} | {array.shape[0] * array.shape[1] / 1e6:.2f} | {distinct:,} | 5 | {ours_s:.3f} | "
+              f"{ref_s:.2f} | {ref_s / ours_s:.0f}x | {ours_ll:.4f} | {ref_ll:.4f} |", flush=True)
+
+    ends = [("colour, from astronaut", samples.astronaut(), 4, 0)]
+    if not args.quick:
+        ends = [("gray, from camera", samples.camera(), 24, 0), ("colour, from retina", samples.retina(), 24, 0),
+                ("colour, from retina", samples.retina(), 50, 0)]
+    print("\n| end to end | size | ours s | I/O floor s | ratio | ours peak MB | bytes/pixel |")
+    print("|---|---|---|---|---|---|---|")
+    for name, source, megapixels, sigma in ends:
+        path = workdir / f"{name.split(',')[0]}_{megapixels}mp.png"
+        width, height = big_image(source, megapixels, path, sigma)
+        ours_s, ours_mb = end_to_end(path, workdir)
+        floor_s, _ = io_floor(path, workdir)
+        print(f"| {name} | {width}x{height} ({width * height / 1e6:.0f} MP) | {ours_s:.2f} | {floor_s:.2f} | "
+              f"{ours_s / floor_s:.2f}x | {ours_mb:.0f} | {ours_mb * 2 ** 20 / (width * height):.1f} |", flush=True)
+        path.unlink()
+
+    if not args.quick:
+        pixels, rows = counting_options()
+        print(f"\n| counting distinct colours, {pixels / 1e6:.0f} MP | seconds |")
+        print("|---|---|")
+        for name, seconds in rows:
+            print(f"| {name} | {seconds} |")
+
+
+if __name__ == "__main__":
+    main()
