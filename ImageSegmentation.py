@@ -60,12 +60,13 @@ DEFAULTS = dict(
     reg_covar=1e-6,
     out="output",
     max_pixels=200_000_000,   # refuse larger images (decompression bombs)
+    k_max=10,                 # -k auto tries K = 1..k_max
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
 MODES = ("auto", "gray", "color")
 SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
-LLOYD_STEPS = 10              # weighted k-means refinement after k-means++ seeding
+LLOYD_STEPS = 5               # weighted k-means refinement after k-means++ seeding
 BLOCK_POINTS = 1 << 14        # points per block in every pass: temporaries stay in cache
 FEATURE_CACHE_BYTES = 1 << 28 # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22         # pixels per block when counting and labelling
@@ -713,6 +714,21 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
                      covariances_init=covariances_init, on_iteration=on_iteration)
 
 
+def n_parameters(n_components, n_features, covariance_type):
+    """Free parameters of a mixture: weights (K - 1), means (K D) and covariances."""
+    covariance = {"full": n_components * n_features * (n_features + 1) // 2,
+                  "diag": n_components * n_features, "spherical": n_components,
+                  "tied": n_features * (n_features + 1) // 2}[covariance_type]
+    return covariance + n_components * n_features + n_components - 1
+
+
+def bic(model, n_samples):
+    """Bayesian information criterion of a fitted model on n_samples pixels (lower is better)."""
+    n_features = model.means.shape[1]
+    return (-2.0 * model.log_likelihood[-1] * n_samples
+            + n_parameters(model.n_components, n_features, model.covariance_type) * math.log(n_samples))
+
+
 # ----------------------------------------------------------------------------
 # 5. Labels
 # ----------------------------------------------------------------------------
@@ -727,7 +743,9 @@ class Segmentation:
     points: Points
     model: GaussianMixtureFit   # components ordered by luminance
     labels: np.ndarray          # (H, W) component index of every pixel
-    requested_k: int
+    requested_k: object         # an int, or "auto"
+    bic_table: list | None = None    # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
+    shared: bool = False        # the model was fitted to a whole batch
 
 
 def luminance(means):
@@ -762,19 +780,37 @@ def label_pixels(picture, points, label_of_point, n_components):
     return labels.reshape(picture.codes.shape)
 
 
-def fit_options_from(settings):
-    return dict(covariance_type=settings["covariance"], max_iter=settings["max_iter"], tol=settings["tol"],
-                reg_covar=settings["reg_covar"], n_init=settings["n_init"], init=settings["init"],
-                random_state=settings["seed"])
+def fit_components(data, n_components, on_iteration=None, **fit_options):
+    """K components (at most one per distinct value), numbered by luminance."""
+    k = min(n_components, int(np.count_nonzero(data.weights > 0)))
+    return order_by_luminance(_fit_data(data, k, on_iteration=on_iteration, **fit_options))
 
 
-def segment_points(picture, points, n_components, on_iteration=None, **fit_options):
-    """Fit on the distinct values, order components by luminance, label every pixel."""
+def select_components(data, k_max, on_iteration=None, **fit_options):
+    """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
+    best, table = None, []
+    for k in range(1, min(k_max, int(np.count_nonzero(data.weights > 0))) + 1):
+        model = fit_components(data, k, on_iteration, **fit_options)
+        score = bic(model, data.total_weight)
+        table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
+        if best is None or score < min(row["bic"] for row in table[:-1]):
+            best = model
+    return best, table
+
+
+def segment_points(picture, points, n_components, *, k_max=10, model=None, on_iteration=None, **fit_options):
+    """Fit on the distinct values (or take a given model), then label every pixel.
+
+    n_components: an int, or "auto" to choose K in 1..k_max by BIC.
+    """
     data = _Data(points.values, points.weights, points.scale)
-    k = min(n_components, len(points.values))
-    model = order_by_luminance(_fit_data(data, k, on_iteration=on_iteration, **fit_options))
-    labels = label_pixels(picture, points, _most_likely(data, model), k)
-    return Segmentation(picture, points, model, labels, n_components)
+    shared, table = model is not None, None
+    if model is None and n_components == "auto":
+        model, table = select_components(data, k_max, on_iteration, **fit_options)
+    elif model is None:
+        model = fit_components(data, n_components, on_iteration, **fit_options)
+    labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
+    return Segmentation(picture, points, model, labels, n_components, table, shared)
 
 
 def palette(segmentation):
@@ -809,7 +845,7 @@ def segment_image(array, n_components, *, mode="auto", **fit_options):
 # Every file is written under a temporary name in its final folder, then renamed,
 # so an interrupted run never leaves a truncated PNG or JSON behind.
 
-OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
+OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json", "bic.png")
 DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
 PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
 
@@ -851,7 +887,7 @@ def label_image(labels):
     return Image.fromarray(labels)    # uint8 -> L, uint16 -> I;16
 
 
-def model_record(segmentation, source, settings, seconds):
+def model_record(segmentation, source, settings, seconds, shared_images=None):
     """The JSON contract: the model on the 0..1 intensity scale, its history and the run's settings."""
     model, picture = segmentation.model, segmentation.picture
     record = {
@@ -874,6 +910,11 @@ def model_record(segmentation, source, settings, seconds):
         "notes": picture.notes,
         "seconds": {name: round(value, 4) for name, value in seconds.items()},
     }
+    if segmentation.bic_table is not None:
+        record["bic"] = segmentation.bic_table
+    record["shared"] = segmentation.shared
+    if shared_images is not None:
+        record["shared_images"] = [str(p) for p in shared_images]
     return record
 
 
@@ -914,6 +955,7 @@ def plot_log_likelihood(model, title, path):
         ax.set_xlabel("EM iteration")
         ax.set_ylabel(f"{name} per pixel")
         ax.set_title(name.capitalize())
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     figure.suptitle(title)
@@ -952,11 +994,31 @@ def plot_comparison(segmentation, title, path):
     _save_figure(figure, path)
 
 
+def plot_bic(table, chosen, title, path):
+    """BIC against K, the chosen K marked."""
+    plt = _pyplot()
+    ks = [row["k"] for row in table]
+    scores = [row["bic"] for row in table]
+    figure, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ax.plot(ks, scores, marker="o", color="tab:blue")
+    ax.plot(chosen, scores[ks.index(chosen)], marker="o", markersize=12, markerfacecolor="none",
+            color="tab:red", label=f"chosen: K = {chosen}")
+    ax.set_xlabel("number of components K")
+    ax.set_ylabel("BIC (lower is better)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title(title)
+    _save_figure(figure, path)
+
+
 def write_outputs(segmentation, paths, title):
     _save_png(segmented_image(segmentation), paths["segmented"])
     _save_png(label_image(segmentation.labels), paths["labels"])
     plot_log_likelihood(segmentation.model, title, paths["loglik"])
     plot_comparison(segmentation, title, paths["comparison"])
+    if segmentation.bic_table is not None:
+        plot_bic(segmentation.bic_table, segmentation.model.n_components, title, paths["bic"])
 
 
 # ----------------------------------------------------------------------------
@@ -992,6 +1054,10 @@ def _float_at_least(minimum):
     return parse
 
 
+def _components(text):
+    return "auto" if text == "auto" else _integer_at_least(1)(text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: usage: {message} (see --help)\n")
@@ -1007,9 +1073,12 @@ def build_parser():
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER",
                         help="image files, or folders whose image files (directly inside) are all "
                              "segmented; default: the bundled images/ folder")
-    parser.add_argument("-k", "--components", type=_integer_at_least(1), default=None, metavar="K",
+    parser.add_argument("-k", "--components", type=_components, default=None, metavar="K",
                         help=f"number of Gaussians (default {d['gray_components']} for gray images, "
-                             f"{d['color_components']} for colour)")
+                             f"{d['color_components']} for colour), or 'auto': the K in 1..--k-max with "
+                             f"the lowest BIC")
+    parser.add_argument("--k-max", type=_integer_at_least(1), default=d["k_max"], metavar="N",
+                        help="largest K tried by -k auto (default %(default)s)")
     parser.add_argument("--mode", choices=MODES, default=d["mode"],
                         help="auto: gray when the image has one channel or all channels are equal; "
                              "gray: fit luminance; color: fit RGB vectors (default auto)")
@@ -1033,6 +1102,12 @@ def build_parser():
                         help="output folder, created if needed (default %(default)s)")
     parser.add_argument("--max-pixels", type=_integer_at_least(1), default=d["max_pixels"], metavar="N",
                         help="refuse images with more pixels than this (default %(default)s)")
+    parser.add_argument("--shared", action="store_true",
+                        help="fit one model to all the images together (their distinct-value counts "
+                             "added up) and label every image with it, so a label means the same in all")
+    parser.add_argument("-j", "--jobs", type=_integer_at_least(1), default=None, metavar="N",
+                        help="segment a batch in N worker processes (default: the number of cores; "
+                             "1: in this process); outputs are the same bytes as with 1")
     parser.add_argument("--show", action="store_true",
                         help="also open the figures in windows (by default they are only saved)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
@@ -1095,16 +1170,65 @@ def prepare_output_folder(out):
 
 
 def _settings(args):
-    return dict(components=args.components, mode=args.mode, covariance=args.covariance,
+    return dict(components=args.components, k_max=args.k_max, mode=args.mode, covariance=args.covariance,
                 max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, init=args.init, seed=args.seed,
-                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels)
+                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels, shared=args.shared)
 
 
-def _say(stream, *parts):
-    print(*parts, file=stream, flush=True)
+def _say(stream, text):
+    print(text, file=stream, flush=True)
 
 
-def process_image(path, stem, args, settings, inputs):
+def fit_options_from(args):
+    return dict(covariance_type=args.covariance, max_iter=args.max_iter, tol=args.tol, reg_covar=args.reg_covar,
+                n_init=args.n_init, init=args.init, random_state=args.seed)
+
+
+class Progress:
+    """One self-rewriting status line on stderr: only on a terminal, never with --quiet."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.started = time.perf_counter()
+
+    def _draw(self, text):
+        if self.enabled:
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+
+    def image_done(self):
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done * (self.total - self.done)
+        self._draw(f"[{self.done}/{self.total}] {elapsed:.0f}s elapsed, about {left:.0f}s left")
+
+    def iteration(self, path, n_iter):
+        self._draw(f"[{self.done}/{self.total}] {path.name}: EM iteration {n_iter}")
+
+    def say(self, text, stream=None):
+        """Print a whole line above the status line."""
+        self._draw("")
+        print(text, file=stream or sys.stderr, flush=True)
+
+
+@dataclass
+class Outcome:
+    """What became of one input: its summary line or its error, and the stderr lines it produced."""
+    path: Path
+    line: str | None = None
+    error: str | None = None
+    messages: list = field(default_factory=list)
+
+
+@dataclass
+class SharedModel:
+    model: GaussianMixtureFit
+    mode: str
+    images: list
+    bic_table: list | None
+
+
+def _segment_file(path, stem, args, inputs, shared, say, progress):
     """Segment one file and write its outputs; returns the summary line."""
     clock = time.perf_counter()
     picture = read_image(path, args.max_pixels)
@@ -1113,86 +1237,182 @@ def process_image(path, stem, args, settings, inputs):
     for target in paths.values():
         if target.exists() and target.resolve() in inputs:
             raise ImageError(f"output {target} would overwrite an input file; choose another --out")
-    points = distinct_values(picture, args.mode)
+    points = distinct_values(picture, shared.mode if shared else args.mode)
     k = args.components or DEFAULTS[f"{points.mode}_components"]
-    if len(points.values) < k:
-        _say(sys.stderr, f"warning: {path}: only {len(points.values)} distinct values; "
-                         f"fitting {len(points.values)} components instead of {k}")
+    if shared is None and k != "auto" and len(points.values) < k:
+        say(f"warning: {path}: only {len(points.values)} distinct values; "
+            f"fitting {len(points.values)} components instead of {k}")
         picture.notes.append(f"fitted {len(points.values)} components instead of {k}: "
                              f"only {len(points.values)} distinct values")
-    on_iteration = None
-    if args.verbose:
-        def on_iteration(n_iter, log_likelihood):
-            _say(sys.stderr, f"{path}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
+
+    def on_iteration(n_iter, log_likelihood):
+        if args.verbose:
+            say(f"{path}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
+        elif progress is not None:
+            progress.iteration(path, n_iter)
     try:
-        segmentation = segment_points(picture, points, k, on_iteration=on_iteration,
-                                      **fit_options_from(settings))
+        segmentation = segment_points(picture, points, k, k_max=args.k_max, on_iteration=on_iteration,
+                                      model=shared.model if shared else None, **fit_options_from(args))
     except FloatingPointError as error:
         raise ImageError(str(error)) from None
+    if shared is not None:
+        segmentation.bic_table = shared.bic_table
     fitted = time.perf_counter()
-    title = f"{path.name}: {segmentation.points.mode}, K = {segmentation.model.n_components}, " \
-            f"{settings['covariance']} covariance"
+    model = segmentation.model
+    title = f"{path.name}: {segmentation.points.mode}, K = {model.n_components}, {args.covariance} covariance" \
+            + (", shared model" if shared else "")
     write_outputs(segmentation, paths, title)
     done = time.perf_counter()
     seconds = dict(load=loaded - clock, fit=fitted - loaded, write=done - fitted, total=done - clock)
-    _write_json(model_record(segmentation, path, settings, seconds), paths["model"])
+    _write_json(model_record(segmentation, path, _settings(args), seconds, shared and shared.images),
+                paths["model"])
     if not args.quiet:
         for note in picture.notes:
-            _say(sys.stderr, f"note: {path}: {note}")
-    model = segmentation.model
+            say(f"note: {path}: {note}")
     return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
             f"distinct={len(segmentation.points.values)} iterations={model.n_iter} "
             f"{'converged' if model.converged else 'not-converged'} "
             f"loglik={model.log_likelihood[-1]:.6f} {seconds['total']:.2f}s")
 
 
+def segment_file(path, stem, args, inputs, shared=None, progress=None):
+    """_segment_file with every failure of the input turned into an Outcome (the batch goes on)."""
+    outcome = Outcome(path)
+    say = outcome.messages.append if progress is None else progress.say
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outcome.line = _segment_file(path, stem, args, inputs, shared, say, progress)
+    except ImageError as error:
+        outcome.error = str(error)
+    except MemoryError:
+        outcome.error = "not enough memory"
+    except OSError as error:
+        outcome.error = error.strerror or str(error)
+    return outcome
+
+
+def _segment_in_worker(task):
+    return segment_file(*task)
+
+
+def pooled_points(files, args, report):
+    """The distinct values of all the images together, their counts added up (for --shared).
+
+    Returns (values on 0..1, weights, mode, the files that could be read).  A batch is colour
+    when any of its images is (gray images join it as R = G = B).
+    """
+    pooled, readable = [], []
+    for path in files:
+        try:
+            points = distinct_values(read_image(path, args.max_pixels), args.mode)
+        except ImageError as error:
+            report(path, str(error))
+            continue
+        pooled.append((points.mode, points.values / points.scale, points.weights))
+        readable.append(path)
+    if not pooled:
+        return None, None, None, readable
+    mode = "color" if any(m == "color" for m, _, _ in pooled) else "gray"
+    values = np.concatenate([np.repeat(v, 3, axis=1) if mode == "color" and m == "gray" else v
+                             for m, v, _ in pooled])
+    values, index = np.unique(values, axis=0, return_inverse=True)
+    weights = np.bincount(index.reshape(-1), weights=np.concatenate([w for _, _, w in pooled]))
+    return values, weights, mode, readable
+
+
+def fit_shared_model(files, args, report):
+    values, weights, mode, readable = pooled_points(files, args, report)
+    if values is None:
+        return None, readable
+    data = _Data(values, weights)
+    k = args.components or DEFAULTS[f"{mode}_components"]
+    try:
+        if k == "auto":
+            model, table = select_components(data, args.k_max, **fit_options_from(args))
+        else:
+            if len(values) < k:
+                report(None, f"warning: only {len(values)} distinct values in the batch; fitting {len(values)} "
+                             f"components instead of {k}")
+            model, table = fit_components(data, k, **fit_options_from(args)), None
+    except FloatingPointError as error:
+        for path in readable:
+            report(path, str(error))
+        return None, []
+    return SharedModel(model, mode, readable, table), readable
+
+
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         prepare_output_folder(args.out)
     except UsageError as error:
         _say(sys.stderr, f"error: {error}")
         return 2
     _pyplot.interactive = args.show
-    settings = _settings(args)
-    files, errors = collect_inputs(args.inputs)
-    for argument, message in errors:
-        _say(sys.stderr, f"error: {argument}: {message}")
-    failures = len(errors)
-    inputs = {p.resolve() for p in files if p.exists()}
+    jobs = 1 if args.show else (args.jobs or os.cpu_count() or 1)
     started = time.perf_counter()
+    files, errors = collect_inputs(args.inputs)
+    failures = 0
+
+    def report(path, message):
+        nonlocal failures
+        if path is None:
+            _say(sys.stderr, message)
+            return
+        failures += 1
+        _say(sys.stderr, f"error: {path}: {message}")
+
+    for argument, message in errors:
+        report(argument, message)
     try:
-        for path, stem in zip(files, unique_stems(files)):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    line = process_image(path, stem, args, settings, inputs)
-            except ImageError as error:
-                failures += 1
-                _say(sys.stderr, f"error: {path}: {error}")
-                continue
-            except MemoryError:
-                failures += 1
-                _say(sys.stderr, f"error: {path}: not enough memory")
-                continue
-            except OSError as error:
-                failures += 1
-                _say(sys.stderr, f"error: {path}: {error.strerror or error}")
-                continue
-            if not args.quiet:
-                _say(sys.stdout, line)
+        shared = None
+        if args.shared and files:
+            shared, files = fit_shared_model(files, args, report)
+        inputs = {p.resolve() for p in files if p.exists()}
+        tasks = [(path, stem, args, inputs, shared) for path, stem in zip(files, unique_stems(files))]
+        progress = Progress(len(tasks), sys.stderr.isatty() and not args.quiet)
+        if jobs > 1 and len(tasks) > 1:
+            with _process_pool(min(jobs, len(tasks))) as pool:
+                outcomes = pool.map(_segment_in_worker, tasks)
+                done = _report_outcomes(outcomes, args, progress, report)
+        else:
+            done = _report_outcomes((segment_file(*task, progress=progress) for task in tasks),
+                                    args, progress, report)
     except KeyboardInterrupt:
-        _say(sys.stderr, "error: interrupted")
+        _say(sys.stderr, "\nerror: interrupted")
         return 130
+    progress._draw("")
     if not args.quiet:
-        done = len(files) - (failures - len(errors))
-        _say(sys.stderr, f"{done} of {len(files)} images segmented in {time.perf_counter() - started:.1f}s, "
-                         f"{failures} failed; outputs in {args.out}")
+        _say(sys.stderr, f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
+                         f"outputs in {args.out}")
     if args.show:
         _pyplot().show()
     return 1 if failures else 0
+
+
+def _report_outcomes(outcomes, args, progress, report):
+    """Print each outcome in input order as it arrives; returns how many succeeded."""
+    done = 0
+    for outcome in outcomes:
+        for message in outcome.messages:
+            progress.say(message)
+        if outcome.error is not None:
+            report(outcome.path, outcome.error)
+        else:
+            done += 1
+            if not args.quiet:
+                progress.say(outcome.line, sys.stdout)
+        progress.image_done()
+    return done
+
+
+def _process_pool(workers):
+    import concurrent.futures
+    import multiprocessing
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
 
 
 if __name__ == "__main__":
