@@ -516,19 +516,34 @@ def _hard_statistics(data, centers):
     return stats
 
 
+def _squared_distances(data, centers):
+    """(len(centers), M) squared distances from every point to each centre, block by block."""
+    out = np.empty((len(centers), len(data)))
+    for start, stop in data._spans():
+        x = data.x(start, stop)
+        out[:, start:stop] = ((x[None, :, :] - centers[:, None, :]) ** 2).sum(axis=2)
+    return out
+
+
 def _kmeans_plus_plus(data, n_components, rng):
-    """Weighted k-means++ seeding: each new centre drawn with probability ~ weight x squared distance."""
+    """Greedy weighted k-means++ seeding (Arthur and Vassilvitskii 2007, as scikit-learn).
+
+    Each new centre: draw 2 + log(K) candidates with probability ~ weight x squared distance to
+    the nearest centre so far, keep the one that lowers the weighted potential most.  The greedy
+    trials make a merged pair of clusters much rarer than plain k-means++ does.
+    """
+    n_trials = 2 + int(math.log(n_components))
     first = rng.choice(len(data), p=data.weights / data.total_weight)
-    centers = [data.x(first, first + 1)[0]]
-    nearest = np.full(len(data), np.inf)
+    centers = data.x(first, first + 1)
+    nearest = _squared_distances(data, centers)[0]
     for _ in range(1, n_components):
-        for start, stop in data._spans():
-            d2 = ((data.x(start, stop) - centers[-1]) ** 2).sum(axis=1)
-            np.minimum(nearest[start:stop], d2, out=nearest[start:stop])
         scores = data.weights * nearest
-        index = rng.choice(len(data), p=scores / scores.sum())
-        centers.append(data.x(index, index + 1)[0])
-    return np.array(centers)
+        candidates = rng.choice(len(data), size=n_trials, p=scores / scores.sum())
+        trial = np.minimum(nearest, _squared_distances(data, np.array([data.x(i, i + 1)[0] for i in candidates])))
+        best = int(np.argmin(trial @ data.weights))
+        centers = np.vstack([centers, data.x(candidates[best], candidates[best] + 1)])
+        nearest = trial[best]
+    return centers
 
 
 def _initial_statistics(data, n_components, init, rng):

@@ -1,0 +1,152 @@
+"""Workflows beyond one image: K by BIC, one model for a batch, parallel batches, progress, summary."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import mixture_image, seg
+from test_cli import run, two_tone
+
+
+def separated_mixture(k, n_features, rng, size=(64, 80)):
+    """An image of k well-separated classes on a 4 x 4 grid (each class at least 2 cells, 12 %).
+
+    Means spread over 0.2..0.8 (colour: shuffled per channel), spreads small enough that no
+    class is clipped at 0 or 255.
+    """
+    cells = rng.permutation(np.resize(np.arange(k), 16)).reshape(4, 4)
+    labels = np.kron(cells, np.ones((size[0] // 4, size[1] // 4), dtype=int))
+    levels = np.linspace(0.2, 0.8, k)
+    if n_features == 1:
+        means, sd = levels[:, None], min(0.05, 0.6 / (k - 1) / 5)
+    else:
+        means = np.stack([levels, rng.permutation(levels), rng.permutation(levels)], axis=1)
+        sd = min(0.05, 0.6 / (k - 1) / 3)
+    covariances = np.array([np.eye(n_features) * sd ** 2 for _ in range(k)])
+    return mixture_image(labels, means, covariances, rng)
+
+
+@pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
+def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_features):
+    rng = np.random.default_rng(100 + k)
+    Image.fromarray(separated_mixture(k, n_features, rng)).save(tmp_path / "mix.png")
+    status, out, err = run([tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--n-init", "2",
+                            "--out", tmp_path], capsys)
+    assert status == 0, err
+    record = json.loads((tmp_path / "mix_model.json").read_text())
+    assert record["k"] == k and record["requested_k"] == "auto"
+    assert [row["k"] for row in record["bic"]] == list(range(1, 9))
+    best = min(record["bic"], key=lambda row: row["bic"])
+    assert best["k"] == k
+    assert Image.open(tmp_path / "mix_bic.png").size[0] > 300
+
+
+def test_bic_counts_parameters_as_scikit_learn(rng):
+    from sklearn.mixture import GaussianMixture
+    X = rng.normal(size=(500, 3)) * 0.1 + 0.5
+    for covariance_type in seg.COVARIANCE_TYPES:
+        reference = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(X)
+        ours = seg.fit_gmm(X, 3, covariance_type=covariance_type, weights_init=reference.weights_,
+                           means_init=reference.means_, covariances_init=reference.covariances_, max_iter=1)
+        ours.log_likelihood[-1] = reference.score(X)
+        assert seg.bic(ours, len(X)) == pytest.approx(reference.bic(X), rel=1e-12)
+
+
+def test_shared_model_labels_mean_the_same_in_every_image(tmp_path, rng, capsys):
+    dark = np.clip(rng.normal(50, 8, (30, 40)), 0, 255).astype(np.uint8)
+    mid = np.clip(rng.normal(128, 8, (30, 40)), 0, 255).astype(np.uint8)
+    bright = np.clip(rng.normal(210, 8, (30, 40)), 0, 255).astype(np.uint8)
+    Image.fromarray(np.hstack([dark, mid])).save(tmp_path / "a.png")
+    Image.fromarray(np.hstack([mid, bright])).save(tmp_path / "b.png")
+    status, out, err = run([tmp_path / "a.png", tmp_path / "b.png", "--shared", "-k", "3", "--out",
+                            tmp_path / "out"], capsys)
+    assert status == 0, err
+    a, b = (json.loads((tmp_path / "out" / f"{s}_model.json").read_text()) for s in "ab")
+    for key in ("weights", "means", "covariances", "log_likelihood", "k"):
+        assert a[key] == b[key]
+    assert a["shared"] and b["shared"] and a["shared_images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    labels_a = np.asarray(Image.open(tmp_path / "out" / "a_labels.png"))
+    labels_b = np.asarray(Image.open(tmp_path / "out" / "b_labels.png"))
+    # The middle gray is one component in both images, darkest/brightest are 0 and 2.
+    assert np.bincount(labels_a[:, :40].ravel()).argmax() == 0
+    assert np.bincount(labels_a[:, 40:].ravel()).argmax() == 1 == np.bincount(labels_b[:, :40].ravel()).argmax()
+    assert np.bincount(labels_b[:, 40:].ravel()).argmax() == 2
+    # Same pixel value, same label, whichever image it is in.
+    values = np.concatenate([np.asarray(Image.open(tmp_path / f"{s}.png")).ravel() for s in "ab"])
+    labels = np.concatenate([labels_a.ravel(), labels_b.ravel()])
+    for value in np.unique(values):
+        assert len(np.unique(labels[values == value])) == 1
+    # Unshared, each image gets its own model.
+    run([tmp_path / "a.png", tmp_path / "b.png", "-k", "3", "--out", tmp_path / "solo"], capsys)
+    solo_a = json.loads((tmp_path / "solo" / "a_model.json").read_text())
+    assert solo_a["shared"] is False and solo_a["means"] != a["means"]
+
+
+def test_shared_batch_of_gray_and_colour_is_colour(tmp_path, rng, capsys):
+    two_tone(tmp_path / "g.png", rng)
+    two_tone(tmp_path / "c.png", rng, color=True)
+    status, out, err = run([tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"], capsys)
+    assert status == 0, err
+    g, c = (json.loads((tmp_path / "o" / f"{s}_model.json").read_text()) for s in "gc")
+    assert g["mode"] == c["mode"] == "color" and g["means"] == c["means"] and g["bic"] == c["bic"]
+    assert (tmp_path / "o" / "g_bic.png").exists()
+
+
+def test_parallel_batch_writes_the_same_bytes_in_input_order(tmp_path, rng, capsys):
+    names = []
+    for i in range(5):
+        names.append(tmp_path / f"img{4 - i}.png")
+        two_tone(names[-1], rng, color=i % 2 == 0)
+    serial = run([*names, "--jobs", "1", "--out", tmp_path / "serial"], capsys)
+    parallel = run([*names, "--jobs", "3", "--out", tmp_path / "parallel"], capsys)
+    assert serial[0] == parallel[0] == 0
+    order = [line.split(":")[0] for line in parallel[1].splitlines()]
+    assert order == [str(p) for p in names]
+    assert [line.split(" ")[:6] for line in serial[1].splitlines()] == \
+        [line.split(" ")[:6] for line in parallel[1].splitlines()]
+    for path in (tmp_path / "serial").iterdir():
+        if path.suffix == ".png":
+            assert path.read_bytes() == (tmp_path / "parallel" / path.name).read_bytes(), path.name
+
+
+def test_parallel_batch_still_reports_bad_files(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    (tmp_path / "b.png").write_text("not an image")
+    two_tone(tmp_path / "c.png", rng)
+    status, out, err = run([tmp_path, "--jobs", "2", "--out", tmp_path / "out"], capsys)
+    assert status == 1 and f"error: {tmp_path / 'b.png'}: not an image" in err
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]
+    assert "2 images segmented, 1 failed" in err and f"outputs in {tmp_path / 'out'}" in err
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys, monkeypatch):
+    for name in ("a.png", "b.png"):
+        two_tone(tmp_path / name, rng)
+    status, out, err = run([tmp_path, "--jobs", "1", "--out", tmp_path / "out"], capsys)
+    assert "\r" not in err and "[1/2]" not in err            # stderr is not a terminal here
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert seg.main([str(tmp_path), "--jobs", "1", "--out", str(tmp_path / "out")]) == 0
+    shown = terminal.getvalue()
+    assert "\r\033[K[1/2]" in shown and "[2/2]" in shown and "left" in shown and "EM iteration" in shown
+    quiet = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert seg.main([str(tmp_path), "--jobs", "1", "-q", "--out", str(tmp_path / "out")]) == 0
+    assert quiet.getvalue() == ""
+
+
+def test_batch_summary(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    status, out, err = run([tmp_path / "a.png", tmp_path / "missing.png", "--out", tmp_path / "out"], capsys)
+    assert status == 1
+    assert err.strip().splitlines()[-1].startswith("1 images segmented, 1 failed, in ")
+    assert err.strip().endswith(f"outputs in {tmp_path / 'out'}")
