@@ -577,14 +577,17 @@ class GaussianMixtureFit:
     log_likelihood: list        # mean log-likelihood per sample after each iteration
     n_iter: int
     converged: bool
+    levels: int | None = None   # quantized model of gray levels 0..levels (see section 4b), else None
 
     @property
     def n_components(self):
         return len(self.weights)
 
     def _log_weighted_densities(self, X):
-        """(n, K) log(w_k N(x | k)) of every row of X."""
+        """(n, K) log(w_k p(x | k)): Gaussian densities, or bin probabilities for a quantized model."""
         X = np.asarray(X, dtype=np.float64)
+        if self.levels is not None:
+            return log_bin_probabilities(self, np.rint(X.reshape(-1) * self.levels), self.levels).T
         data = _Data(X, np.ones(len(X)))
         coefficients = log_density_coefficients(self.weights, self.means - data.center, self.covariances,
                                                 self.covariance_type)
@@ -615,8 +618,8 @@ class GaussianMixtureFit:
     def reordered(self, order):
         """The same model with its components in the given order."""
         covariances = self.covariances if self.covariance_type == "tied" else self.covariances[order]
-        return GaussianMixtureFit(self.weights[order], self.means[order], covariances,
-                                  self.covariance_type, self.log_likelihood, self.n_iter, self.converged)
+        return GaussianMixtureFit(self.weights[order], self.means[order], covariances, self.covariance_type,
+                                  self.log_likelihood, self.n_iter, self.converged, self.levels)
 
 
 def _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init):
@@ -729,6 +732,121 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
                      covariances_init=covariances_init, on_iteration=on_iteration)
 
 
+# --- 4b. Quantized gray levels ------------------------------------------------
+# Pixel values are bins, not points: level v stands for intensities in [v - 1/2, v + 1/2]
+# (divided by the top level), and the first and last bins are open to -inf and +inf,
+# because a camera clips what falls outside.  The exact likelihood of a pixel is a
+# Gaussian's probability of its bin (a difference of normal CDFs), which stays <= 1: no
+# component can collapse onto a run of identical values (a black background, blown
+# highlights) and grow without bound.  EM for binned, censored data replaces x and x^2 in
+# the M-step by their expectations under each component truncated to the bin.  At most
+# 256 (or 65536) bins, so it stays cheap.
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _standard_deviations(covariances, covariance_type, n_components):
+    return np.sqrt(np.broadcast_to(np.asarray(covariances, dtype=np.float64).reshape(-1), (n_components,)))
+
+
+def _bin_edges(levels, top):
+    """Standardisable edges of each level's bin on the 0..1 scale, the end bins open."""
+    lower, upper = (levels - 0.5) / top, (levels + 0.5) / top
+    return np.where(levels <= 0, -np.inf, lower), np.where(levels >= top, np.inf, upper)
+
+
+def _log_interval_probability(a, b):
+    """log(Phi(b) - Phi(a)) for a < b, accurate in both tails."""
+    from scipy.special import log_ndtr
+    flip = a > 0                       # upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+    high, low = np.where(flip, -a, b), np.where(flip, -b, a)
+    log_high, log_low = log_ndtr(high), log_ndtr(low)
+    with np.errstate(divide="ignore"):
+        return log_high + np.log(-np.expm1(log_low - log_high))
+
+
+def log_bin_probabilities(model, levels, top):
+    """(K, M) log(w_k P_k(bin of level)) for levels 0..top."""
+    sds = _standard_deviations(model.covariances, model.covariance_type, model.n_components)[:, None]
+    lower, upper = _bin_edges(np.asarray(levels, dtype=np.float64), top)
+    means = model.means[:, :1]
+    return np.log(model.weights)[:, None] + _log_interval_probability((lower - means) / sds, (upper - means) / sds)
+
+
+def _truncated_moments(model, levels, top, log_mass):
+    """E[x] and E[x^2] of each component truncated to each level's bin, (K, M) each."""
+    sds = _standard_deviations(model.covariances, model.covariance_type, model.n_components)[:, None]
+    means = model.means[:, :1]
+    lower, upper = _bin_edges(levels, top)
+    a, b = (lower - means) / sds, (upper - means) / sds
+    with np.errstate(over="ignore", invalid="ignore"):
+        pdf_a = np.exp(-0.5 * a * a - _LOG_SQRT_2PI - log_mass)        # phi(a) / Z, 0 at infinity
+        pdf_b = np.exp(-0.5 * b * b - _LOG_SQRT_2PI - log_mass)
+        first = pdf_a - pdf_b
+        second = np.where(np.isfinite(a), a * pdf_a, 0.0) - np.where(np.isfinite(b), b * pdf_b, 0.0)
+        mean = means + sds * first
+        variance = sds ** 2 * (1.0 + second - first ** 2)
+    # Where a bin lies far in a component's tail the formulas lose their digits; such bins carry
+    # no responsibility from it, and the truncated mean must lie in the bin anyway.
+    centre = np.broadcast_to(levels / top, mean.shape)
+    mean = np.clip(np.where(np.isfinite(mean), mean, centre), lower, upper)
+    variance = np.clip(np.where(np.isfinite(variance), variance, 0.0), 0.0, None)
+    return mean, variance + mean ** 2
+
+
+def _quantized_pass(model, levels, counts, top):
+    """Log-likelihood per pixel of the current model and the expected statistics of its M-step."""
+    logp = log_bin_probabilities(model, levels, top)
+    top_k = logp.max(axis=0)
+    norm = np.exp(logp - top_k).sum(axis=0)
+    log_total = top_k + np.log(norm)
+    resp = np.exp(logp - log_total) * counts                        # (K, M) pixels per component
+    first, second = _truncated_moments(model, levels, top, logp - np.log(model.weights)[:, None])
+    stats = np.stack([resp.sum(axis=1), (resp * first).sum(axis=1), (resp * second).sum(axis=1)], axis=1)
+    return stats, float(counts @ log_total / counts.sum())
+
+
+def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type="full", max_iter=100, tol=1e-3,
+                      reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, on_iteration=None):
+    """EM for gray levels 0..top as bins (the end bins open), weighted by their pixel counts.
+
+    Starts like fit_gmm (k-means++ on the levels, or random responsibilities); log_likelihood
+    holds the mean log-probability per pixel, which EM never lets decrease.  A bin's probability
+    is at most 1, so no regulariser is needed: reg_covar is only a floor on the variances, which
+    keeps a component that holds a single level finite, and leaves every other step exact EM.
+    """
+    _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init)
+    levels = np.asarray(levels, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    data = _Data(levels, counts, top)
+    if np.count_nonzero(counts > 0) < n_components:
+        raise ValueError(f"{np.count_nonzero(counts > 0)} levels cannot make {n_components} components")
+    rng = np.random.default_rng(random_state)
+    best = None
+    for _ in range(n_init):
+        weights, means, covariances = _starting_parameters(
+            data, n_components, covariance_type, reg_covar, _initial_statistics(data, n_components, init, rng),
+            [None] * 3)
+        model = GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, [], 0, False, top)
+        stats, previous = _quantized_pass(model, levels, counts, top)
+        for n_iter in range(1, max_iter + 1):
+            weights, means, covariances = _m_step(stats, covariance_type, 0.0, model.means, model.covariances)
+            covariances = np.maximum(covariances, reg_covar)
+            model = GaussianMixtureFit(weights, means, covariances, covariance_type, model.log_likelihood,
+                                       n_iter, False, top)
+            stats, current = _quantized_pass(model, levels, counts, top)
+            model.log_likelihood = model.log_likelihood + [current]
+            if on_iteration is not None:
+                on_iteration(n_iter, current)
+            if abs(current - previous) < tol:
+                model.converged = True
+                break
+            previous = current
+        if best is None or model.log_likelihood[-1] > best.log_likelihood[-1]:
+            best = model
+    return best
+
+
 def n_parameters(n_components, n_features, covariance_type):
     """Free parameters of a mixture: weights (K - 1), means (K D) and covariances."""
     covariance = {"full": n_components * n_features * (n_features + 1) // 2,
@@ -775,6 +893,8 @@ def order_by_luminance(model):
 
 def _most_likely(data, model):
     """Index of the most likely component of every point, block by block."""
+    if model.levels is not None:
+        return model.predict(data.values / data.scale)
     coefficients = log_density_coefficients(model.weights, model.means - data.center,
                                             model.covariances, model.covariance_type)
     labels = np.empty(len(data.values), dtype=np.int64)
@@ -795,17 +915,25 @@ def label_pixels(picture, points, label_of_point, n_components):
     return labels.reshape(picture.codes.shape)
 
 
-def fit_components(data, n_components, on_iteration=None, **fit_options):
-    """K components (at most one per distinct value), numbered by luminance."""
+def fit_components(data, n_components, on_iteration=None, levels=None, **fit_options):
+    """K components (at most one per distinct value), numbered by luminance.
+
+    levels: fit gray levels 0..levels as bins (fit_quantized_gmm) instead of points.
+    """
     k = min(n_components, int(np.count_nonzero(data.weights > 0)))
-    return order_by_luminance(_fit_data(data, k, on_iteration=on_iteration, **fit_options))
+    if levels is not None:
+        fit = fit_quantized_gmm(data.values[:, 0], data.weights, k, top=levels, on_iteration=on_iteration,
+                                **fit_options)
+    else:
+        fit = _fit_data(data, k, on_iteration=on_iteration, **fit_options)
+    return order_by_luminance(fit)
 
 
-def select_components(data, k_max, on_iteration=None, **fit_options):
+def select_components(data, k_max, on_iteration=None, levels=None, **fit_options):
     """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
     best, table = None, []
     for k in range(1, min(k_max, int(np.count_nonzero(data.weights > 0))) + 1):
-        model = fit_components(data, k, on_iteration, **fit_options)
+        model = fit_components(data, k, on_iteration, levels, **fit_options)
         score = bic(model, data.total_weight)
         table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
         if best is None or score < min(row["bic"] for row in table[:-1]):
@@ -813,17 +941,27 @@ def select_components(data, k_max, on_iteration=None, **fit_options):
     return best, table
 
 
-def segment_points(picture, points, n_components, *, k_max=10, model=None, on_iteration=None, **fit_options):
+def quantized_levels(picture, points):
+    """The top level when the fitted values are integer gray levels (8- or 16-bit), else None."""
+    if points.mode == "gray" and picture.kind in ("gray", "rgb"):
+        return int(points.scale)
+    return None
+
+
+def segment_points(picture, points, n_components, *, k_max=10, model=None, quantized=False, on_iteration=None,
+                   **fit_options):
     """Fit on the distinct values (or take a given model), then label every pixel.
 
-    n_components: an int, or "auto" to choose K in 1..k_max by BIC.
+    n_components: an int, or "auto" to choose K in 1..k_max by BIC.  quantized: fit gray levels
+    as bins (section 4b); ignored where the values are not integer gray levels.
     """
     data = _Data(points.values, points.weights, points.scale)
+    levels = quantized_levels(picture, points) if quantized else None
     shared, table = model is not None, None
     if model is None and n_components == "auto":
-        model, table = select_components(data, k_max, on_iteration, **fit_options)
+        model, table = select_components(data, k_max, on_iteration, levels, **fit_options)
     elif model is None:
-        model = fit_components(data, n_components, on_iteration, **fit_options)
+        model = fit_components(data, n_components, on_iteration, levels, **fit_options)
     labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
     return Segmentation(picture, points, model, labels, n_components, table, shared)
 
@@ -927,6 +1065,7 @@ def model_record(segmentation, source, settings, seconds, shared_images=None):
     }
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
+    record["quantized"] = model.levels is not None
     record["shared"] = segmentation.shared
     if shared_images is not None:
         record["shared_images"] = [str(p) for p in shared_images]
@@ -1117,6 +1256,9 @@ def build_parser():
                         help="output folder, created if needed (default %(default)s)")
     parser.add_argument("--max-pixels", type=_integer_at_least(1), default=d["max_pixels"], metavar="N",
                         help="refuse images with more pixels than this (default %(default)s)")
+    parser.add_argument("--quantized", action="store_true",
+                        help="gray images: fit the probability of each gray level's bin (the end bins open, "
+                             "as a camera clips) instead of a density at the level; ignored for colour")
     parser.add_argument("--shared", action="store_true",
                         help="fit one model to all the images together (their distinct-value counts "
                              "added up) and label every image with it, so a label means the same in all")
@@ -1187,7 +1329,8 @@ def prepare_output_folder(out):
 def _settings(args):
     return dict(components=args.components, k_max=args.k_max, mode=args.mode, covariance=args.covariance,
                 max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, init=args.init, seed=args.seed,
-                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels, shared=args.shared)
+                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels, shared=args.shared,
+                quantized=args.quantized)
 
 
 def _say(stream, text):
@@ -1265,9 +1408,13 @@ def _segment_file(path, stem, args, inputs, shared, say, progress):
             say(f"{path}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
         elif progress is not None:
             progress.iteration(path, n_iter)
+    if args.quantized and quantized_levels(picture, points) is None:
+        picture.notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
+                             f"{'colour' if points.mode == 'color' else 'floating-point'} image")
     try:
         segmentation = segment_points(picture, points, k, k_max=args.k_max, on_iteration=on_iteration,
-                                      model=shared.model if shared else None, **fit_options_from(args))
+                                      model=shared.model if shared else None, quantized=args.quantized,
+                                      **fit_options_from(args))
     except FloatingPointError as error:
         raise ImageError(str(error)) from None
     if shared is not None:
@@ -1275,7 +1422,7 @@ def _segment_file(path, stem, args, inputs, shared, say, progress):
     fitted = time.perf_counter()
     model = segmentation.model
     title = f"{path.name}: {segmentation.points.mode}, K = {model.n_components}, {args.covariance} covariance" \
-            + (", shared model" if shared else "")
+            + (", quantized" if model.levels else "") + (", shared model" if shared else "")
     write_outputs(segmentation, paths, title)
     done = time.perf_counter()
     seconds = dict(load=loaded - clock, fit=fitted - loaded, write=done - fitted, total=done - clock)
@@ -1314,42 +1461,49 @@ def _segment_in_worker(task):
 def pooled_points(files, args, report):
     """The distinct values of all the images together, their counts added up (for --shared).
 
-    Returns (values on 0..1, weights, mode, the files that could be read).  A batch is colour
-    when any of its images is (gray images join it as R = G = B).
+    Returns (values on 0..1, weights, mode, top gray level or None, the files that could be read).
+    A batch is colour when any of its images is (gray images join it as R = G = B); its values
+    are integer gray levels (for --quantized) when every image has the same number of levels.
     """
-    pooled, readable = [], []
+    pooled, readable, tops = [], [], set()
     for path in files:
         try:
-            points = distinct_values(read_image(path, args.max_pixels), args.mode)
+            picture = read_image(path, args.max_pixels)
         except ImageError as error:
             report(path, str(error))
             continue
+        points = distinct_values(picture, args.mode)
         pooled.append((points.mode, points.values / points.scale, points.weights))
+        tops.add(quantized_levels(picture, points))
         readable.append(path)
     if not pooled:
-        return None, None, None, readable
+        return None, None, None, None, readable
     mode = "color" if any(m == "color" for m, _, _ in pooled) else "gray"
     values = np.concatenate([np.repeat(v, 3, axis=1) if mode == "color" and m == "gray" else v
                              for m, v, _ in pooled])
     values, index = np.unique(values, axis=0, return_inverse=True)
     weights = np.bincount(index.reshape(-1), weights=np.concatenate([w for _, _, w in pooled]))
-    return values, weights, mode, readable
+    top = tops.pop() if len(tops) == 1 and mode == "gray" else None
+    return values, weights, mode, top, readable
 
 
 def fit_shared_model(files, args, report):
-    values, weights, mode, readable = pooled_points(files, args, report)
+    values, weights, mode, top, readable = pooled_points(files, args, report)
     if values is None:
         return None, readable
-    data = _Data(values, weights)
+    levels = top if args.quantized else None
+    if args.quantized and levels is None:
+        report(None, "note: --quantized ignored for this batch: its values are not gray levels of one bit depth")
+    data = _Data(np.rint(values * levels), weights, levels) if levels else _Data(values, weights)
     k = args.components or DEFAULTS[f"{mode}_components"]
     try:
         if k == "auto":
-            model, table = select_components(data, args.k_max, **fit_options_from(args))
+            model, table = select_components(data, args.k_max, levels=levels, **fit_options_from(args))
         else:
             if len(values) < k:
                 report(None, f"warning: only {len(values)} distinct values in the batch; fitting {len(values)} "
                              f"components instead of {k}")
-            model, table = fit_components(data, k, **fit_options_from(args)), None
+            model, table = fit_components(data, k, levels=levels, **fit_options_from(args)), None
     except FloatingPointError as error:
         for path in readable:
             report(path, str(error))
