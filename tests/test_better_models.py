@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
-from conftest import matched_accuracy, seg
+from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, seg
 from test_cli import run
 
 # --- --quantized --------------------------------------------------------------------------------------------
@@ -98,3 +98,71 @@ def test_quantized_on_the_command_line(tmp_path, rng, capsys):
     assert max(gray["log_likelihood"]) <= 0
     assert color["quantized"] is False and any("--quantized" in note for note in color["notes"])
     assert f"note: {tmp_path / 'color.png'}: --quantized applies to 8- and 16-bit gray levels" in err
+
+
+# --- --spatial ----------------------------------------------------------------------------------------------
+
+def noisy_scene(n_features, rng):
+    """A piecewise-constant scene of 3 classes with noise strong enough for a ~91-95 % per-pixel Bayes limit."""
+    labels = block_labels(96, 128, 3, rng)
+    if n_features == 1:
+        means, sd = np.array([[0.3], [0.5], [0.7]]), 0.06
+    else:
+        means, sd = np.array([[0.3, 0.4, 0.5], [0.5, 0.45, 0.4], [0.4, 0.6, 0.55]]), 0.07
+    covariances = np.array([np.eye(n_features) * sd ** 2] * 3)
+    image = mixture_image(labels, means, covariances, rng)
+    weights = np.bincount(labels.ravel(), minlength=3) / labels.size
+    return image, labels, matched_accuracy(bayes_labels(image, weights, means, covariances), labels, 3)
+
+
+@pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
+def test_spatial_prior_beats_the_per_pixel_bayes_limit(rng, n_features):
+    image, labels, bayes = noisy_scene(n_features, rng)
+    assert 0.90 <= bayes <= 0.95
+    smoothed, _, _ = seg.segment_image(image, 3, spatial=1.0)
+    assert matched_accuracy(smoothed, labels, 3) >= bayes + 0.02
+    plain, _, _ = seg.segment_image(image, 3)
+    assert matched_accuracy(plain, labels, 3) <= bayes + 0.001          # alone, no pixel can do better
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_spatial_objective_never_decreases(rng, quantized):
+    image, _, _ = noisy_scene(1, rng)
+    picture = seg.picture_from_array(image)
+    result = seg.segment_points(picture, seg.distinct_values(picture), 3, spatial=0.7, quantized=quantized,
+                                tol=0, max_iter=30)
+    objective = np.asarray(result.spatial["objective"])
+    assert len(objective) == 30 == result.spatial["n_iter"] and not result.spatial["converged"]
+    assert np.all(np.diff(objective) >= -1e-7)        # q is float32: round-off at that level
+    assert (result.model.levels is not None) == quantized
+    assert result.labels.shape == image.shape and result.labels.max() < 3
+    assert np.all(np.diff(seg.luminance(result.model.means)) >= 0)     # still numbered darkest first
+
+
+def test_spatial_on_the_command_line(tmp_path, rng, capsys):
+    image, labels, bayes = noisy_scene(3, rng)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    status, out, err = run([tmp_path / "scene.png", "-k", "3", "--spatial", "1", "--out", tmp_path], capsys)
+    assert status == 0, err
+    record = json.loads((tmp_path / "scene_model.json").read_text())
+    assert record["settings"]["spatial"] == 1.0 and record["spatial"]["beta"] == 1.0
+    assert len(record["spatial"]["objective"]) == record["spatial"]["n_iter"]
+    found = np.asarray(Image.open(tmp_path / "scene_labels.png"))
+    assert matched_accuracy(found, labels, 3) >= bayes + 0.02
+    assert Image.open(tmp_path / "scene_loglik.png").size[0] > 500
+    with pytest.raises(SystemExit):
+        seg.main([str(tmp_path / "scene.png"), "--spatial", "-1", "--out", str(tmp_path)])
+
+
+def test_spatial_with_a_shared_model_keeps_the_model(tmp_path, rng, capsys):
+    for name in ("a", "b"):
+        Image.fromarray(noisy_scene(1, rng)[0]).save(tmp_path / f"{name}.png")
+    run([tmp_path, "--shared", "-k", "3", "--out", tmp_path / "plain"], capsys)
+    status, out, err = run([tmp_path, "--shared", "-k", "3", "--spatial", "1", "--out", tmp_path / "smooth"], capsys)
+    assert status == 0, err
+    for name in ("a", "b"):
+        plain = json.loads((tmp_path / "plain" / f"{name}_model.json").read_text())
+        smooth = json.loads((tmp_path / "smooth" / f"{name}_model.json").read_text())
+        assert plain["means"] == smooth["means"] and smooth["shared"]
+        assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / f"{name}_labels.png")),
+                                  np.asarray(Image.open(tmp_path / "smooth" / f"{name}_labels.png")))
