@@ -1003,9 +1003,6 @@ def segment_points(picture, points, n_components, *, k_max=10, model=None, quant
 # decreases.  The M-step needs the responsibilities summed per distinct value (a bincount),
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
 
-NEIGHBOURS = np.array([[[0, 1, 0], [1, 0, 1], [0, 1, 0]]], dtype=np.float32)   # 4-neighbourhood
-
-
 def point_index(picture, points):
     """(H, W) index of every pixel's point, by lookup over the codes."""
     lut = np.zeros(picture.n_codes, dtype=np.int32)
@@ -1013,15 +1010,25 @@ def point_index(picture, points):
     return label_pixels_with(picture, lut)
 
 
-def _neighbour_sums(q):
-    """Sum of the 4 neighbours' responsibilities, (K, H, W); pixels outside the image count 0."""
-    from scipy import ndimage
-    return ndimage.correlate(q, NEIGHBOURS, mode="constant", cval=0.0)
+def _neighbour_sums(q, out):
+    """Sum of the 4 neighbours' responsibilities into out (K, H, W); outside the image counts 0.
+
+    Four shifted adds: ten times faster than a general 3 x 3 correlation (scipy.ndimage).
+    """
+    out[...] = 0.0
+    out[:, 1:] += q[:, :-1]
+    out[:, :-1] += q[:, 1:]
+    out[:, :, 1:] += q[:, :, :-1]
+    out[:, :, :-1] += q[:, :, 1:]
+    return out
 
 
-def _point_log_probabilities(model, data):
-    """(K, M) log(w_k p(x | k)) of every point, in float32 for the per-pixel work."""
-    return model._log_weighted_densities(data.values / data.scale).T.astype(np.float32)
+def _pixel_log_probabilities(model, data, index, out):
+    """log(w_k p(x_i | k)) of every pixel (K, H, W), float32, gathered from the points'."""
+    point_logp = model._log_weighted_densities(data.values / data.scale).T.astype(np.float32)
+    for k in range(len(point_logp)):
+        np.take(point_logp[k], index, out=out[k])
+    return out
 
 
 def _spatial_m_step(model, data, resp, reg_covar):
@@ -1037,37 +1044,53 @@ def _spatial_m_step(model, data, resp, reg_covar):
     return replace(model, weights=weights, means=means + data.center, covariances=covariances)
 
 
+def _softmax_over_components(logits):
+    """In place: exp(logits) / sum_k exp(logits), over axis 0."""
+    logits -= logits.max(axis=0)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0)
+    return logits
+
+
+def _mean_field_objective(q, pixel_logp, beta):
+    """L(q, theta): expected log-likelihood + entropy + BETA x expected agreeing neighbour pairs.
+
+    float32 terms summed in float64.
+    """
+    tiny = np.finfo(np.float32).tiny
+    total = 0.0
+    for qk, logp in zip(q, pixel_logp):
+        total += np.sum(qk * (logp - np.log(np.maximum(qk, tiny))), dtype=np.float64)
+        total += beta * (np.sum(qk[1:] * qk[:-1], dtype=np.float64) + np.sum(qk[:, 1:] * qk[:, :-1], dtype=np.float64))
+    return float(total)
+
+
 def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1e-6, update_parameters=True,
                 on_iteration=None):
     """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture.
 
-    index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the objective
-    per pixel after each iteration.  update_parameters=False keeps the model (a shared one) and
-    only lets the prior smooth the labels.
+    index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
+    record: beta, the objective per pixel after each iteration, n_iter, converged.
+    update_parameters=False keeps the model (a shared one) and only lets the prior smooth the labels.
     """
-    n_pixels = index.size
-    flat = index.reshape(-1)
-    checker = (np.add.outer(np.arange(index.shape[0]), np.arange(index.shape[1])) % 2).astype(bool)
-    point_logp = _point_log_probabilities(model, data)
-    q = point_logp[:, index]                                    # start: the plain mixture's posterior
-    q -= q.max(axis=0)
-    np.exp(q, out=q)
-    q /= q.sum(axis=0)
+    shape = (model.n_components,) + index.shape
+    pixel_logp = _pixel_log_probabilities(model, data, index, np.empty(shape, dtype=np.float32))
+    q = _softmax_over_components(pixel_logp.copy())            # start: the plain mixture's posterior
+    field = np.empty_like(q)
+    checkerboard = [(np.add.outer(np.arange(shape[1]), np.arange(shape[2])) % 2) == colour for colour in (0, 1)]
+    flat_index = index.reshape(-1).astype(np.intp)            # bincount would convert it every time
     history, converged, previous = [], False, None
     for n_iter in range(1, max_iter + 1):
-        for colour in (False, True):
-            field = _neighbour_sums(q)
+        for sites in checkerboard:                            # no two sites of one colour are neighbours
+            _neighbour_sums(q, field)
             field *= beta
-            field += point_logp[:, index]
-            field -= field.max(axis=0)
-            np.exp(field, out=field)
-            field /= field.sum(axis=0)
-            np.copyto(q, field, where=checker == colour)
+            field += pixel_logp
+            np.copyto(q, _softmax_over_components(field), where=sites)
         if update_parameters:
-            resp = np.stack([np.bincount(flat, weights=q[k].reshape(-1), minlength=len(data)) for k in range(len(q))])
+            resp = np.stack([np.bincount(flat_index, weights=qk.reshape(-1), minlength=len(data)) for qk in q])
             model = _spatial_m_step(model, data, resp, reg_covar)
-            point_logp = _point_log_probabilities(model, data)
-        current = _mean_field_objective(q, point_logp, index, beta) / n_pixels
+            _pixel_log_probabilities(model, data, index, pixel_logp)
+        current = _mean_field_objective(q, pixel_logp, beta) / index.size
         history.append(current)
         if on_iteration is not None:
             on_iteration(n_iter, current)
@@ -1075,20 +1098,19 @@ def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1
             converged = True
             break
         previous = current
-    labels = np.argmax(q, axis=0).astype(np.uint8 if len(q) <= 256 else np.uint16)
-    return model, labels, {"beta": beta, "objective": history, "n_iter": n_iter, "converged": converged}
+    return model, _argmax_over_components(q), {"beta": beta, "objective": history, "n_iter": n_iter,
+                                               "converged": converged}
 
 
-def _mean_field_objective(q, point_logp, index, beta):
-    """L(q, theta): expected log-likelihood, entropy, and BETA x expected agreeing neighbour pairs."""
-    total = 0.0
-    for k in range(len(q)):
-        qk = q[k].astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = np.where(qk > 0, qk * np.log(qk), 0.0)
-        total += float((qk * point_logp[k][index]).sum() - entropy.sum())
-        total += beta * float((qk[1:] * q[k][:-1]).sum() + (qk[:, 1:] * q[k][:, :-1]).sum())
-    return total
+def _argmax_over_components(q):
+    """argmax over axis 0 of (K, H, W), by K comparisons: NumPy's argmax over a leading axis is slow."""
+    best = q[0].copy()
+    labels = np.zeros(best.shape, dtype=np.uint8 if len(q) <= 256 else np.uint16)
+    for k in range(1, len(q)):
+        better = q[k] > best
+        labels[better] = k
+        np.maximum(best, q[k], out=best)
+    return labels
 
 
 def palette(segmentation):
@@ -1572,10 +1594,14 @@ def _segment_file(path, stem, args, inputs, shared, say, progress):
     if not args.quiet:
         for note in picture.notes:
             say(f"note: {path}: {note}")
+    prior = segmentation.spatial
+    spatial = "" if prior is None else (
+        f"spatial-iterations={prior['n_iter']} {'converged' if prior['converged'] else 'not-converged'} "
+        f"objective={prior['objective'][-1]:.6f} ")
     return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
             f"distinct={len(segmentation.points.values)} iterations={model.n_iter} "
             f"{'converged' if model.converged else 'not-converged'} "
-            f"loglik={model.log_likelihood[-1]:.6f} {seconds['total']:.2f}s")
+            f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds['total']:.2f}s")
 
 
 def segment_file(path, stem, args, inputs, shared=None, progress=None):
