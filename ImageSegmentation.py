@@ -14,7 +14,9 @@ The file reads top to bottom in the order the data flows:
     2. reading an image          -> integer codes, one per pixel
     3. distinct values           -> the points EM sees, with their counts as weights
     4. the Gaussian mixture      -> pure NumPy EM, exact and cheap per iteration
+       4b. quantized gray levels -> the exact likelihood of binned, clipped pixels
     5. labels                    -> components numbered by luminance, pixels by lookup
+       5b. a spatial prior       -> a Potts prior on the labels, mean-field EM
     6. outputs and plots         -> PNG, JSON and figures, written atomically
     7. the command line
 
@@ -61,6 +63,7 @@ DEFAULTS = dict(
     out="output",
     max_pixels=200_000_000,   # refuse larger images (decompression bombs)
     k_max=10,                 # -k auto tries K = 1..k_max
+    spatial=0.0,              # strength of the Potts prior; 0 = the plain mixture
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
@@ -171,15 +174,15 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
     EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageError("is a folder")
-    if not path.exists():
-        raise ImageError("no such file")
-    if path.stat().st_size == 0:
-        raise ImageError("empty file")
     saved_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None        # our own limit below, checked before decoding
     try:
+        if path.is_dir():
+            raise ImageError("is a folder")
+        if not path.exists():
+            raise ImageError("no such file")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file")
         with Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
@@ -645,16 +648,11 @@ def _fit_data(data, n_components, *, covariance_type="full", max_iter=100, tol=1
         raise ValueError(f"{n_points} distinct points with positive weight cannot make {n_components} components")
     given = [weights_init, means_init, covariances_init]
     rng = np.random.default_rng(random_state)
-    best = None
-    for _ in range(1 if all(v is not None for v in given) else n_init):
-        if all(v is not None for v in given):
-            stats = None
-        else:
-            stats = _initial_statistics(data, n_components, init, rng)
-        fit = _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration)
-        if best is None or fit.log_likelihood[-1] > best.log_likelihood[-1]:
-            best = fit
-    return best
+    if all(value is not None for value in given):
+        return _em(data, n_components, covariance_type, max_iter, tol, reg_covar, None, given, on_iteration)
+    return _best_of_starts(n_init, lambda: _em(data, n_components, covariance_type, max_iter, tol, reg_covar,
+                                               _initial_statistics(data, n_components, init, rng), given,
+                                               on_iteration))
 
 
 def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given):
@@ -678,22 +676,18 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
     return weights, means, covariances
 
 
-def _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration):
-    """EM from the initial statistics (or given parameters) until tol or max_iter.
+def _run_em(theta, e_step, m_step, max_iter, tol, on_iteration):
+    """The EM loop every model here shares.
 
-    Each pass computes the log-likelihood of the current model and, in the same sweep,
-    the statistics of its responsibilities; the M-step turns them into the next model.
+    e_step(theta) -> (statistics of theta's responsibilities, theta's mean log-likelihood), in one
+    pass; m_step(statistics, theta) -> the next theta.  Stops when the log-likelihood gains less
+    than tol, or after max_iter iterations.  Returns (theta, history, n_iter, converged).
     """
-    weights, means, covariances = _starting_parameters(data, n_components, covariance_type, reg_covar,
-                                                       stats, given)
-    stats, previous = _e_step_statistics(
-        data, log_density_coefficients(weights, means, covariances, covariance_type))
-    history = []
-    converged = False
+    stats, previous = e_step(theta)
+    history, converged = [], False
     for n_iter in range(1, max_iter + 1):
-        weights, means, covariances = _m_step(stats, covariance_type, reg_covar, means, covariances)
-        stats, current = _e_step_statistics(
-            data, log_density_coefficients(weights, means, covariances, covariance_type))
+        theta = m_step(stats, theta)
+        stats, current = e_step(theta)
         history.append(current)
         if on_iteration is not None:
             on_iteration(n_iter, current)
@@ -701,8 +695,29 @@ def _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, gi
             converged = True
             break
         previous = current
-    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type,
-                              history, n_iter, converged)
+    return theta, history, n_iter, converged
+
+
+def _best_of_starts(n_starts, fit_one):
+    """The fit with the highest final log-likelihood among n_starts calls of fit_one()."""
+    best = None
+    for _ in range(n_starts):
+        fit = fit_one()
+        if best is None or fit.log_likelihood[-1] > best.log_likelihood[-1]:
+            best = fit
+    return best
+
+
+def _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration):
+    """EM of the density model from the initial statistics (or given parameters), on centred points."""
+    theta = _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given)
+    (weights, means, covariances), history, n_iter, converged = _run_em(
+        theta,
+        lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
+        lambda stats, theta: _m_step(stats, covariance_type, reg_covar, theta[1], theta[2]),
+        max_iter, tol, on_iteration)
+    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, history, n_iter,
+                              converged)
 
 
 def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_iter=100, tol=1e-3,
@@ -745,7 +760,9 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _standard_deviations(covariances, covariance_type, n_components):
+def _standard_deviations(model):
+    """One standard deviation per component, whatever the covariance type (D = 1)."""
+    covariances, n_components = model.covariances, model.n_components
     return np.sqrt(np.broadcast_to(np.asarray(covariances, dtype=np.float64).reshape(-1), (n_components,)))
 
 
@@ -767,7 +784,7 @@ def _log_interval_probability(a, b):
 
 def log_bin_probabilities(model, levels, top):
     """(K, M) log(w_k P_k(bin of level)) for levels 0..top."""
-    sds = _standard_deviations(model.covariances, model.covariance_type, model.n_components)[:, None]
+    sds = _standard_deviations(model)[:, None]
     lower, upper = _bin_edges(np.asarray(levels, dtype=np.float64), top)
     means = model.means[:, :1]
     return np.log(model.weights)[:, None] + _log_interval_probability((lower - means) / sds, (upper - means) / sds)
@@ -775,7 +792,7 @@ def log_bin_probabilities(model, levels, top):
 
 def _truncated_moments(model, levels, top, log_mass):
     """E[x] and E[x^2] of each component truncated to each level's bin, (K, M) each."""
-    sds = _standard_deviations(model.covariances, model.covariance_type, model.n_components)[:, None]
+    sds = _standard_deviations(model)[:, None]
     means = model.means[:, :1]
     lower, upper = _bin_edges(levels, top)
     a, b = (lower - means) / sds, (upper - means) / sds
@@ -833,28 +850,20 @@ def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type=
     if np.count_nonzero(counts > 0) < n_components:
         raise ValueError(f"{np.count_nonzero(counts > 0)} levels cannot make {n_components} components")
     rng = np.random.default_rng(random_state)
-    best = None
-    for _ in range(n_init):
+
+    def fit_one():
         weights, means, covariances = _starting_parameters(
             data, n_components, covariance_type, reg_covar, _initial_statistics(data, n_components, init, rng),
             [None] * 3)
-        model = GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, [], 0, False, top)
-        stats, previous = _quantized_pass(model, levels, counts, top)
-        for n_iter in range(1, max_iter + 1):
-            weights, means, covariances = quantized_m_step(stats, covariance_type, reg_covar, model)
-            model = GaussianMixtureFit(weights, means, covariances, covariance_type, model.log_likelihood,
-                                       n_iter, False, top)
-            stats, current = _quantized_pass(model, levels, counts, top)
-            model.log_likelihood = model.log_likelihood + [current]
-            if on_iteration is not None:
-                on_iteration(n_iter, current)
-            if abs(current - previous) < tol:
-                model.converged = True
-                break
-            previous = current
-        if best is None or model.log_likelihood[-1] > best.log_likelihood[-1]:
-            best = model
-    return best
+        start = GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, [], 0, False, top)
+        model, history, n_iter, converged = _run_em(
+            start,
+            lambda model: _quantized_pass(model, levels, counts, top),
+            lambda stats, model: replace(model, **dict(zip(("weights", "means", "covariances"),
+                                                          quantized_m_step(stats, covariance_type, reg_covar, model)))),
+            max_iter, tol, on_iteration)
+        return replace(model, log_likelihood=history, n_iter=n_iter, converged=converged)
+    return _best_of_starts(n_init, fit_one)
 
 
 def n_parameters(n_components, n_features, covariance_type):
@@ -930,6 +939,13 @@ def label_pixels_with(picture, lut):
     return out.reshape(picture.codes.shape)
 
 
+def point_index(picture, points):
+    """(H, W) index of every pixel's point, by lookup over the codes."""
+    lut = np.zeros(picture.n_codes, dtype=np.int32)
+    lut[points.keys] = points.point_of_key
+    return label_pixels_with(picture, lut)
+
+
 def fit_components(data, n_components, on_iteration=None, levels=None, **fit_options):
     """K components (at most one per distinct value), numbered by luminance.
 
@@ -963,33 +979,6 @@ def quantized_levels(picture, points):
     return None
 
 
-def segment_points(picture, points, n_components, *, k_max=10, model=None, quantized=False, spatial=0.0,
-                   on_iteration=None, **fit_options):
-    """Fit on the distinct values (or take a given model), then label every pixel.
-
-    n_components: an int, or "auto" to choose K in 1..k_max by BIC.  quantized: fit gray levels
-    as bins (section 4b); ignored where the values are not integer gray levels.  spatial: the
-    strength BETA of a Potts prior on the labels (section 5b); 0 labels each pixel alone.
-    """
-    data = _Data(points.values, points.weights, points.scale)
-    levels = quantized_levels(picture, points) if quantized else None
-    shared, table = model is not None, None
-    if model is None and n_components == "auto":
-        model, table = select_components(data, k_max, on_iteration, levels, **fit_options)
-    elif model is None:
-        model = fit_components(data, n_components, on_iteration, levels, **fit_options)
-    if spatial > 0:
-        model, labels, prior = spatial_fit(
-            model, data, point_index(picture, points), spatial, max_iter=fit_options.get("max_iter", 100),
-            tol=fit_options.get("tol", 1e-3), reg_covar=fit_options.get("reg_covar", 1e-6),
-            update_parameters=not shared, on_iteration=on_iteration)
-        order = np.argsort(luminance(model.means), kind="stable")
-        model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
-        return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
-    labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
-    return Segmentation(picture, points, model, labels, n_components, table, shared)
-
-
 # --- 5b. A spatial prior (--spatial BETA) -------------------------------------
 # A per-pixel mixture labels each pixel alone, so on a noisy image it can never beat the
 # per-pixel Bayes limit.  Neighbouring pixels usually belong together: a Potts prior adds
@@ -1002,13 +991,6 @@ def segment_points(picture, points, n_components, *, k_max=10, model=None, quant
 # q_i = softmax_k(log w_k p(x_i | k) + BETA * sum of the neighbours' q_jk) exactly, and L never
 # decreases.  The M-step needs the responsibilities summed per distinct value (a bincount),
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
-
-def point_index(picture, points):
-    """(H, W) index of every pixel's point, by lookup over the codes."""
-    lut = np.zeros(picture.n_codes, dtype=np.int32)
-    lut[points.keys] = points.point_of_key
-    return label_pixels_with(picture, lut)
-
 
 def _neighbour_sums(q, out):
     """Sum of the 4 neighbours' responsibilities into out (K, H, W); outside the image counts 0.
@@ -1111,6 +1093,35 @@ def _argmax_over_components(q):
         labels[better] = k
         np.maximum(best, q[k], out=best)
     return labels
+
+
+# --- 5c. Putting it together ---------------------------------------------------
+
+
+def segment_points(picture, points, n_components, *, k_max=10, model=None, quantized=False, spatial=0.0,
+                   on_iteration=None, **fit_options):
+    """Fit on the distinct values (or take a given model), then label every pixel.
+
+    n_components: an int, or "auto" to choose K in 1..k_max by BIC.  quantized: fit gray levels
+    as bins (section 4b); ignored where the values are not integer gray levels.  spatial: the
+    strength BETA of a Potts prior on the labels (section 5b); 0 labels each pixel alone.
+    """
+    data = _Data(points.values, points.weights, points.scale)
+    levels = quantized_levels(picture, points) if quantized else None
+    shared, table = model is not None, None
+    if model is None and n_components == "auto":
+        model, table = select_components(data, k_max, on_iteration, levels, **fit_options)
+    elif model is None:
+        model = fit_components(data, n_components, on_iteration, levels, **fit_options)
+    if spatial > 0:
+        loop = {key: fit_options[key] for key in ("max_iter", "tol", "reg_covar") if key in fit_options}
+        model, labels, prior = spatial_fit(model, data, point_index(picture, points), spatial,
+                                           update_parameters=not shared, on_iteration=on_iteration, **loop)
+        order = np.argsort(luminance(model.means), kind="stable")
+        model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
+        return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
+    labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
+    return Segmentation(picture, points, model, labels, n_components, table, shared)
 
 
 def palette(segmentation):
@@ -1415,7 +1426,7 @@ def build_parser():
                         help="output folder, created if needed (default %(default)s)")
     parser.add_argument("--max-pixels", type=_integer_at_least(1), default=d["max_pixels"], metavar="N",
                         help="refuse images with more pixels than this (default %(default)s)")
-    parser.add_argument("--spatial", type=_float_at_least(0), default=0.0, metavar="BETA",
+    parser.add_argument("--spatial", type=_float_at_least(0), default=d["spatial"], metavar="BETA",
                         help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
                              "mean-field EM from the plain mixture (0 = off, the default; 1 is strong)")
     parser.add_argument("--quantized", action="store_true",
