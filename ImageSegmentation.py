@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import struct
 import sys
 import time
@@ -1354,28 +1355,27 @@ class UsageError(Exception):
     """Bad arguments or an unusable output folder: exit status 2."""
 
 
-def _integer_at_least(minimum):
+def _number_at_least(kind, minimum):
+    """An argparse type: a finite int or float >= minimum, refused with a one-line reason."""
+    name = "an integer" if kind is int else "a number"
+
     def parse(text):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {name} >= {minimum}, got {text}")
         return value
     return parse
+
+
+def _integer_at_least(minimum):
+    return _number_at_least(int, minimum)
 
 
 def _float_at_least(minimum):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
-        return value
-    return parse
+    return _number_at_least(float, minimum)
 
 
 def _components(text):
@@ -1541,6 +1541,9 @@ class Progress:
         self._draw("")
         print(text, file=stream or sys.stderr, flush=True)
 
+    def finish(self):
+        self._draw("")
+
 
 @dataclass
 class Outcome:
@@ -1632,8 +1635,30 @@ def segment_file(path, stem, args, inputs, shared=None, progress=None):
     return outcome
 
 
+_WORKER_STATE = {"busy": False, "interrupted": False}   # of a worker process
+
+
+def _worker_started():
+    """Ctrl-C reaches the workers too: a busy one stops its image cleanly, and none starts another."""
+    signal.signal(signal.SIGINT, lambda signum, frame: _worker_interrupted())
+
+
+def _worker_interrupted():
+    _WORKER_STATE["interrupted"] = True
+    if _WORKER_STATE["busy"]:
+        raise KeyboardInterrupt
+
+
 def _segment_in_worker(task):
-    return segment_file(*task)
+    if _WORKER_STATE["interrupted"]:
+        return Outcome(task[0], error="interrupted")
+    _WORKER_STATE["busy"] = True
+    try:
+        return segment_file(*task)
+    except KeyboardInterrupt:            # its temporaries are already gone (write_atomically)
+        return Outcome(task[0], error="interrupted")
+    finally:
+        _WORKER_STATE["busy"] = False
 
 
 def pooled_points(files, args, report):
@@ -1713,24 +1738,27 @@ def main(argv=None):
 
     for argument, message in errors:
         report(argument, message)
+    inputs = {p.resolve() for p in files if p.exists()}     # never to be written over, readable or not
+    progress = Progress(len(files), sys.stderr.isatty() and not args.quiet)
     try:
         shared = None
         if args.shared and files:
             shared, files = fit_shared_model(files, args, report)
-        inputs = {p.resolve() for p in files if p.exists()}
         tasks = [(path, stem, args, inputs, shared) for path, stem in zip(files, unique_stems(files))]
-        progress = Progress(len(tasks), sys.stderr.isatty() and not args.quiet)
         if jobs > 1 and len(tasks) > 1:
             with _process_pool(min(jobs, len(tasks))) as pool:
-                outcomes = pool.map(_segment_in_worker, tasks)
-                done = _report_outcomes(outcomes, args, progress, report)
+                try:
+                    done = _report_outcomes(pool.map(_segment_in_worker, tasks), args, progress, report)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             done = _report_outcomes((segment_file(*task, progress=progress) for task in tasks),
                                     args, progress, report)
     except KeyboardInterrupt:
-        _say(sys.stderr, "\nerror: interrupted")
+        progress.say("error: interrupted")
         return 130
-    progress._draw("")
+    progress.finish()
     if not args.quiet:
         _say(sys.stderr, f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
                          f"outputs in {args.out}")
@@ -1759,7 +1787,8 @@ def _process_pool(workers):
     import concurrent.futures
     import multiprocessing
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                                  initializer=_worker_started)
 
 
 if __name__ == "__main__":

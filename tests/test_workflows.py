@@ -150,3 +150,28 @@ def test_batch_summary(tmp_path, rng, capsys):
     assert status == 1
     assert err.strip().splitlines()[-1].startswith("1 images segmented, 1 failed, in ")
     assert err.strip().endswith(f"outputs in {tmp_path / 'out'}")
+
+
+def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
+    """SIGINT to the whole process group (what Ctrl-C sends): status 130, one line, nothing half-written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    for i in range(4):
+        noise = rng.integers(0, 256, size=(900, 1200, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / f"n{i}.png", compress_level=0)
+    process = subprocess.Popen([sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path), "--jobs", "2",
+                                "-k", "6", "--tol", "0", "--max-iter", "400", "--out", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(2.5)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
+    leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    for model in (tmp_path / "out").glob("*_model.json"):     # whatever was finished is whole
+        json.loads(model.read_text())
