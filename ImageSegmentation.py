@@ -1305,13 +1305,16 @@ def plot_comparison(segmentation, title, path):
     labels = segmentation.labels[::step, ::step]
     colours = palette(segmentation)
     k = segmentation.model.n_components
-    figure, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
+    height = 4.5 * labels.shape[0] / labels.shape[1]              # panels 4.5 inches wide, true aspect
+    figure, axes = plt.subplots(1, 3, figsize=(15, height + 1.0), constrained_layout=True)
     gray = dict(cmap="gray", vmin=0, vmax=1)
     axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
     recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
     axes[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), interpolation="nearest")
-    shown = axes[2].imshow(labels, cmap="viridis", vmin=0, vmax=max(k - 1, 1), interpolation="nearest")
-    figure.colorbar(shown, ax=axes[2], shrink=0.8, label="component (0 = darkest)")
+    shown = axes[2].imshow(labels, cmap=plt.get_cmap("viridis", k), vmin=-0.5, vmax=k - 0.5,
+                           interpolation="nearest")
+    colorbar = figure.colorbar(shown, ax=axes[2], shrink=0.9, label="component (0 = darkest)")
+    colorbar.set_ticks(range(k) if k <= 16 else np.linspace(0, k - 1, 9).round())
     for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
         ax.set_title(name)
         ax.axis("off")

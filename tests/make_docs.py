@@ -1,0 +1,77 @@
+"""Make the README's pictures and accuracy table: python tests/make_docs.py
+
+Not collected by pytest.  Runs the program on the bundled samples, and on synthetic images
+made here (the same kinds the tests use), and writes docs/*.png.  Prints the Markdown table
+of accuracies that the README quotes.
+"""
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import ROOT, bayes_labels, matched_accuracy, seg  # noqa: E402
+from test_better_models import CLIPPED, bayes_of_levels, clipped_image, noisy_scene  # noqa: E402
+
+DOCS = ROOT / "docs"
+
+
+def sample_figures():
+    out = Path(tempfile.mkdtemp())
+    assert seg.main([str(ROOT / "images"), "--out", str(out), "-q"]) == 0
+    for name in ("coffee_comparison", "coffee_loglik", "camera_comparison"):
+        shutil.copy(out / f"{name}.png", DOCS / f"{name}.png")
+
+
+def before_after(title, image, rows, path):
+    """One figure: the input and one label map per row of (name, labels, accuracy)."""
+    plt = seg._pyplot()
+    figure, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), constrained_layout=True)
+    axes[0].imshow(image, **({"cmap": "gray", "vmin": 0, "vmax": 255} if image.ndim == 2 else {}))
+    axes[0].set_title("input")
+    for ax, (name, labels, accuracy) in zip(axes[1:], rows):
+        ax.imshow(labels, cmap="viridis", interpolation="nearest")
+        ax.set_title(name if accuracy is None else f"{name}\n{100 * accuracy:.1f} % correct")
+    for ax in axes:
+        ax.axis("off")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def main():
+    DOCS.mkdir(exist_ok=True)
+    sample_figures()
+    table = []
+    for n_features, name in ((1, "gray"), (3, "colour")):
+        image, truth, bayes = noisy_scene(n_features, np.random.default_rng(12345))
+        plain = matched_accuracy(seg.segment_image(image, 3)[0], truth, 3)
+        spatial_labels = seg.segment_image(image, 3, spatial=1.0)[0]
+        spatial = matched_accuracy(spatial_labels, truth, 3)
+        table.append((f"noisy 3-class scene, {name}", "--spatial 1", bayes, plain, spatial))
+        if n_features == 3:
+            before_after("--spatial 1 on a noisy colour scene", image,
+                         [("truth", truth, None), ("per-pixel mixture", seg.segment_image(image, 3)[0], plain),
+                          ("--spatial 1", spatial_labels, spatial)], DOCS / "spatial.png")
+    for case, (means, sds) in CLIPPED.items():
+        image, truth = clipped_image(means, sds, np.random.default_rng(12345))
+        bayes = matched_accuracy(bayes_of_levels(truth, means, sds)[image], truth, 3)
+        plain_labels = seg.segment_image(image, 3, tol=1e-6)[0]
+        quantized_labels = seg.segment_image(image, 3, quantized=True, tol=1e-6)[0]
+        plain, quantized = (matched_accuracy(labels, truth, 3) for labels in (plain_labels, quantized_labels))
+        table.append((f"gray, {case}", "--quantized", bayes, plain, quantized))
+        if "dark" in case:
+            before_after("--quantized on a gray image whose darkest class is clipped at 0", image,
+                         [("truth", truth, None), ("per-pixel mixture", plain_labels, plain),
+                          ("--quantized", quantized_labels, quantized)], DOCS / "quantized.png")
+    print("| image | option | per-pixel Bayes limit | plain mixture | with the option |")
+    print("|---|---|---|---|---|")
+    for name, option, bayes, plain, better in table:
+        print(f"| {name} | `{option}` | {100 * bayes:.1f} % | {100 * plain:.1f} % | {100 * better:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
