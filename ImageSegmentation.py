@@ -521,12 +521,18 @@ def _hard_statistics(data, centers):
 
 
 def _squared_distances(data, centers):
-    """(len(centers), M) squared distances from every point to each centre, block by block."""
+    """(len(centers), M) squared distances from every point to each centre, from the features:
+    |x|^2 - 2 c.x + |c|^2, one small matrix product per block (clipped at 0 against round-off)."""
+    n_features = data.n_features
+    rows, cols = np.triu_indices(n_features)
+    squares = 1 + n_features + np.flatnonzero(rows == cols)       # the x_i^2 rows of phi
     out = np.empty((len(centers), len(data)))
-    for start, stop in data._spans():
-        x = data.x(start, stop)
-        out[:, start:stop] = ((x[None, :, :] - centers[:, None, :]) ** 2).sum(axis=2)
-    return out
+    for start, phi, _ in data.blocks():
+        block = out[:, start:start + phi.shape[1]]
+        np.matmul(-2.0 * centers, phi[1:1 + n_features], out=block)
+        block += phi[squares].sum(axis=0)
+        block += (centers ** 2).sum(axis=1)[:, None]
+    return np.maximum(out, 0.0, out=out)
 
 
 def _kmeans_plus_plus(data, n_components, rng):
@@ -1766,8 +1772,19 @@ def main(argv=None):
         _say(sys.stderr, f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
                          f"outputs in {args.out}")
     if args.show:
-        _pyplot().show()
+        _show_figures()
     return 1 if failures else 0
+
+
+def _show_figures():
+    """--show: open the figures in windows, or say why there are none (no display, say)."""
+    plt = _pyplot()
+    import matplotlib
+    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
+        _say(sys.stderr, f"note: --show: matplotlib has no interactive backend here "
+                         f"({matplotlib.get_backend()}); the figures are only saved")
+        return
+    plt.show()
 
 
 def _report_outcomes(outcomes, args, progress, report):

@@ -145,3 +145,15 @@ def test_default_run_from_a_fresh_clone(tmp_path):
     assert len(result.stdout.splitlines()) == len(samples)
     modes = {json.loads((clone / "output" / f"{p.stem}_model.json").read_text())["mode"] for p in samples}
     assert modes == {"gray", "color"}
+
+
+def test_show_without_a_display_only_saves(tmp_path, rng):
+    two_tone(tmp_path / "a.png", rng)
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["MPLBACKEND"] = "Agg"
+    result = subprocess.run([sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path / "a.png"), "--show",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "note: --show: matplotlib has no interactive backend here (agg)" in result.stderr.lower()
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    assert (tmp_path / "out" / "a_comparison.png").exists()
