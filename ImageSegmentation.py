@@ -1461,11 +1461,19 @@ def _image_extensions():
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+def _sample_folder():
+    """images/ beside this file, as a relative path when it is below the current folder."""
+    try:
+        return str(SAMPLE_FOLDER.relative_to(Path.cwd()))
+    except ValueError:
+        return str(SAMPLE_FOLDER)
+
+
 def collect_inputs(arguments):
     """Expand folders into their image files; returns (files, errors) in argument order."""
     extensions = _image_extensions()
     files, errors = [], []
-    for argument in arguments or [str(SAMPLE_FOLDER)]:
+    for argument in arguments or [_sample_folder()]:
         path = Path(argument)
         if path.is_dir():
             try:
