@@ -54,11 +54,16 @@ def check_model(model, k):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES),
-       init=st.sampled_from(seg.INIT_METHODS))
-def test_api_on_any_small_image(image, k, covariance, init):
+       init=st.sampled_from(seg.INIT_METHODS), quantized=st.booleans(), spatial=st.sampled_from([0.0, 0.0, 0.8]))
+def test_api_on_any_small_image(image, k, covariance, init, quantized, spatial):
     kind, array = image
-    labels, recoloured, model = seg.segment_image(array, k, covariance_type=covariance, init=init, max_iter=30)
-    check_model(model, k)
+    labels, recoloured, model = seg.segment_image(array, k, covariance_type=covariance, init=init, max_iter=30,
+                                                  quantized=quantized, spatial=spatial)
+    if spatial == 0:
+        check_model(model, k)
+    else:      # the spatial fit moves the parameters on from the plain fit whose history is kept
+        assert all(np.all(np.isfinite(v)) for v in (model.weights, model.means, model.covariances))
+    assert (model.levels is not None) == (quantized and kind != "float32-gray" and model.means.shape[1] == 1)
     assert labels.shape == array.shape[:2]
     assert labels.min() >= 0 and labels.max() < model.n_components
     assert recoloured.shape[:2] == array.shape[:2]
