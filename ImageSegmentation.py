@@ -1649,6 +1649,8 @@ def segment_file(path, stem, args, inputs, shared=None, progress=None):
         outcome.error = "not enough memory"
     except OSError as error:
         outcome.error = error.strerror or str(error)
+    except Exception as error:           # a bug of ours: report it, and let the batch go on
+        outcome.error = f"internal error, please report: {type(error).__name__}: {error}"
     return outcome
 
 

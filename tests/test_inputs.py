@@ -295,3 +295,21 @@ def test_interrupt_exits_130_and_leaves_no_temporary(tmp_path, rng, capsys, monk
     status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "out"], capsys)
     assert status == 130 and err.strip().splitlines()[-1] == "error: interrupted"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_an_unexpected_failure_is_one_line_and_the_batch_goes_on(tmp_path, rng, capsys, monkeypatch):
+    two_tone(tmp_path / "a.png", rng)
+    two_tone(tmp_path / "b.png", rng)
+    real = seg.segment_points
+
+    def broken_for_a(picture, *args, **kwargs):
+        if picture.width == 60 and broken_for_a.calls == 0:
+            broken_for_a.calls += 1
+            raise RuntimeError("simulated bug")
+        return real(picture, *args, **kwargs)
+    broken_for_a.calls = 0
+    monkeypatch.setattr(seg, "segment_points", broken_for_a)
+    status, out, err = run([tmp_path / "a.png", tmp_path / "b.png", "--jobs", "1", "--out", tmp_path / "o"], capsys)
+    assert status == 1 and "Traceback" not in err
+    assert f"error: {tmp_path / 'a.png'}: internal error, please report: RuntimeError: simulated bug" in err
+    assert len(out.splitlines()) == 1 and "b.png" in out
