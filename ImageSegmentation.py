@@ -1625,14 +1625,19 @@ def _segment_file(path, stem, args, inputs, shared, say, progress):
     if not args.quiet:
         for note in picture.notes:
             say(f"note: {path}: {note}")
-    prior = segmentation.spatial
+    return summary_line(path, segmentation, seconds["total"])
+
+
+def summary_line(path, segmentation, seconds):
+    """The one line per image on stdout."""
+    model, picture, prior = segmentation.model, segmentation.picture, segmentation.spatial
     spatial = "" if prior is None else (
         f"spatial-iterations={prior['n_iter']} {'converged' if prior['converged'] else 'not-converged'} "
         f"objective={prior['objective'][-1]:.6f} ")
     return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
             f"distinct={len(segmentation.points.values)} iterations={model.n_iter} "
             f"{'converged' if model.converged else 'not-converged'} "
-            f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds['total']:.2f}s")
+            f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
 
 
 def segment_file(path, stem, args, inputs, shared=None, progress=None):
