@@ -157,3 +157,20 @@ def test_show_without_a_display_only_saves(tmp_path, rng):
     assert "note: --show: matplotlib has no interactive backend here (agg)" in result.stderr.lower()
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     assert (tmp_path / "out" / "a_comparison.png").exists()
+
+
+def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
+    levels = (np.arange(30 * 20) * 100).astype(np.uint16).reshape(30, 20)     # 600 distinct 16-bit levels
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    status, out, err = run([tmp_path / "deep.png", "-k", "300", "--max-iter", "2", "--out", tmp_path], capsys)
+    assert status == 0, err
+    labels = Image.open(tmp_path / "deep_labels.png")
+    assert labels.mode.startswith("I") and np.asarray(labels).max() > 255
+    record = json.loads((tmp_path / "deep_model.json").read_text())
+    assert record["k"] == 300 and len(np.unique(np.asarray(labels))) <= 300
+    colour = np.stack([levels % 256, levels // 256, (levels // 7) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "many.png")
+    status, out, err = run([tmp_path / "many.png", "-k", "260", "--max-iter", "2", "--out", tmp_path], capsys)
+    assert status == 0, err
+    assert Image.open(tmp_path / "many_segmented.png").mode == "RGB"          # no palette holds 260 colours
+    assert Image.open(tmp_path / "many_labels.png").mode.startswith("I")
