@@ -252,10 +252,6 @@ class Points:
     point_of_key: np.ndarray # (C,) index into values of each key's point
     mode: str                # "gray" or "color"
 
-    @property
-    def n_features(self):
-        return self.values.shape[1]
-
 
 def code_histogram(codes, n_codes):
     """The distinct codes and their pixel counts.

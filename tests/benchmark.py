@@ -21,7 +21,6 @@ in under a minute.
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile

@@ -51,9 +51,12 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
     labels = np.asarray(Image.open(out_dir / "scan_labels.png"))
     assert labels.shape == (40, 60) and labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, 1}
-    # Components numbered by luminance: the dark half is 0 in the gray image.
+    # Components numbered by luminance: the darker half of the image is component 0.
     luma = np.asarray(record["means"]) @ ([0.299, 0.587, 0.114] if color else [1.0])
     assert luma[0] < luma[1]
+    brightness = (image @ [0.299, 0.587, 0.114]) if color else image.astype(float)
+    darker = slice(0, 30) if brightness[:, :30].mean() < brightness[:, 30:].mean() else slice(30, 60)
+    assert np.mean(labels[:, darker] == 0) > 0.95
     segmented = Image.open(out_dir / "scan_segmented.png")
     assert segmented.size == (60, 40)
     recoloured = np.asarray(segmented.convert("RGB" if color else "L"))
