@@ -544,11 +544,14 @@ def _kmeans_plus_plus(data, n_components, rng):
     nearest = _squared_distances(data, centers)[0]
     for _ in range(1, n_components):
         scores = data.weights * nearest
-        candidates = rng.choice(len(data), size=n_trials, p=scores / scores.sum())
-        trial = np.minimum(nearest, _squared_distances(data, np.array([data.x(i, i + 1)[0] for i in candidates])))
-        best = int(np.argmin(trial @ data.weights))
-        centers = np.vstack([centers, data.x(candidates[best], candidates[best] + 1)])
-        nearest = trial[best]
+        best_potential, best = np.inf, None
+        for candidate in rng.choice(len(data), size=n_trials, p=scores / scores.sum()):
+            trial = np.minimum(nearest, _squared_distances(data, data.x(candidate, candidate + 1))[0])
+            potential = trial @ data.weights
+            if potential < best_potential:
+                best_potential, best, best_nearest = potential, candidate, trial
+        centers = np.vstack([centers, data.x(best, best + 1)])
+        nearest = best_nearest
     return centers
 
 
