@@ -683,7 +683,7 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
 
 
 def _run_em(theta, e_step, m_step, max_iter, tol, on_iteration):
-    """The EM loop every model here shares.
+    """The EM loop every model here shares (the density, quantized and spatial fits).
 
     e_step(theta) -> (statistics of theta's responsibilities, theta's mean log-likelihood), in one
     pass; m_step(statistics, theta) -> the next theta.  Stops when the log-likelihood gains less
@@ -933,11 +933,11 @@ def label_pixels(picture, points, label_of_point, n_components):
     """Label map (H, W): the label of every code, looked up pixel by pixel."""
     lut = np.zeros(picture.n_codes, dtype=np.uint8 if n_components <= 256 else np.uint16)
     lut[points.keys] = label_of_point[points.point_of_key]
-    return label_pixels_with(picture, lut)
+    return lookup_codes(picture, lut)
 
 
-def label_pixels_with(picture, lut):
-    """lut[codes], block by block, so no int64 copy of the codes is ever made."""
+def lookup_codes(picture, lut):
+    """lut[codes] for every pixel (H, W), block by block, so no int64 copy of the codes is ever made."""
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
     for start in range(0, codes.size, PIXEL_CHUNK):
@@ -949,7 +949,7 @@ def point_index(picture, points):
     """(H, W) index of every pixel's point, by lookup over the codes."""
     lut = np.zeros(picture.n_codes, dtype=np.int32)
     lut[points.keys] = points.point_of_key
-    return label_pixels_with(picture, lut)
+    return lookup_codes(picture, lut)
 
 
 def fit_components(data, n_components, on_iteration=None, levels=None, **fit_options):
@@ -968,13 +968,13 @@ def fit_components(data, n_components, on_iteration=None, levels=None, **fit_opt
 
 def select_components(data, k_max, on_iteration=None, levels=None, **fit_options):
     """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
-    best, table = None, []
+    best, best_score, table = None, math.inf, []
     for k in range(1, min(k_max, int(np.count_nonzero(data.weights > 0))) + 1):
         model = fit_components(data, k, on_iteration, levels, **fit_options)
         score = bic(model, data.total_weight)
         table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
-        if best is None or score < min(row["bic"] for row in table[:-1]):
-            best = model
+        if score < best_score:
+            best, best_score = model, score
     return best, table
 
 
@@ -1067,25 +1067,25 @@ def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1
     field = np.empty_like(q)
     checkerboard = [(np.add.outer(np.arange(shape[1]), np.arange(shape[2])) % 2) == colour for colour in (0, 1)]
     flat_index = index.reshape(-1).astype(np.intp)            # bincount would convert it every time
-    history, converged, previous = [], False, None
-    for n_iter in range(1, max_iter + 1):
+
+    def objective(state):                                     # the "E-step" of the EM driver: score only
+        return None, _mean_field_objective(state[1], pixel_logp, beta) / index.size
+
+    def sweep_and_refit(_, state):
+        model, q = state
         for sites in checkerboard:                            # no two sites of one colour are neighbours
             _neighbour_sums(q, field)
-            field *= beta
-            field += pixel_logp
+            np.multiply(field, beta, out=field)
+            np.add(field, pixel_logp, out=field)
             np.copyto(q, _softmax_over_components(field), where=sites)
         if update_parameters:
             resp = np.stack([np.bincount(flat_index, weights=qk.reshape(-1), minlength=len(data)) for qk in q])
             model = _spatial_m_step(model, data, resp, reg_covar)
             _pixel_log_probabilities(model, data, index, pixel_logp)
-        current = _mean_field_objective(q, pixel_logp, beta) / index.size
-        history.append(current)
-        if on_iteration is not None:
-            on_iteration(n_iter, current)
-        if previous is not None and abs(current - previous) < tol:
-            converged = True
-            break
-        previous = current
+        return model, q
+
+    (model, q), history, n_iter, converged = _run_em((model, q), objective, sweep_and_refit, max_iter, tol,
+                                                     on_iteration)
     return model, _argmax_over_components(q), {"beta": beta, "objective": history, "n_iter": n_iter,
                                                "converged": converged}
 
