@@ -995,27 +995,34 @@ def quantized_levels(picture, points):
 # the prior's partition function left out.  The E-step updates the two colours of a
 # checkerboard in turn: no two pixels of one colour are neighbours, so each half-sweep sets
 # q_i = softmax_k(log w_k p(x_i | k) + BETA * sum of the neighbours' q_jk) exactly, and L never
-# decreases.  The M-step needs the responsibilities summed per distinct value (a bincount),
+# decreases.  Each colour is two stride-2 sub-lattices, so a half-sweep touches only its own
+# pixels, through strided views (no masks, no Python loop over pixels).  The M-step needs the responsibilities summed per distinct value (a bincount),
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
 
-def _neighbour_sums(q, out):
-    """Sum of the 4 neighbours' responsibilities into out (K, H, W); outside the image counts 0.
+def _update_sites(padded, pixel_logp, beta, row, col):
+    """Mean-field update of the pixels (row + 2i, col + 2j): none of them neighbours another.
 
-    Four shifted adds: ten times faster than a general 3 x 3 correlation (scipy.ndimage).
+    padded is (K, H + 2, W + 2) with the responsibilities inside a border of zeros, so the four
+    neighbours of every site are four strided views (outside the image counts 0).
     """
-    out[...] = 0.0
-    out[:, 1:] += q[:, :-1]
-    out[:, :-1] += q[:, 1:]
-    out[:, :, 1:] += q[:, :, :-1]
-    out[:, :, :-1] += q[:, :, 1:]
-    return out
+    height, width = pixel_logp.shape[1:]
+    rows, cols = slice(1 + row, height + 1, 2), slice(1 + col, width + 1, 2)
+    field = padded[:, row:height:2, cols] + padded[:, 2 + row:height + 2:2, cols]
+    field += padded[:, rows, col:width:2]
+    field += padded[:, rows, 2 + col:width + 2:2]
+    field *= beta
+    field += pixel_logp[:, row::2, col::2]
+    padded[:, rows, cols] = _softmax_over_components(field)
 
 
-def _pixel_log_probabilities(model, data, index, out):
-    """log(w_k p(x_i | k)) of every pixel (K, H, W), float32, gathered from the points'."""
+def _pixel_log_probabilities(model, data, flat_index, out):
+    """log(w_k p(x_i | k)) of every pixel into out (K, H, W) float32, gathered from the points'.
+
+    flat_index: the point of every pixel as intp, which np.take would otherwise convert each time.
+    """
     point_logp = model._log_weighted_densities(data.values / data.scale).T.astype(np.float32)
     for k in range(len(point_logp)):
-        np.take(point_logp[k], index, out=out[k])
+        np.take(point_logp[k], flat_index, out=out[k].reshape(-1))
     return out
 
 
@@ -1062,26 +1069,23 @@ def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1
     update_parameters=False keeps the model (a shared one) and only lets the prior smooth the labels.
     """
     shape = (model.n_components,) + index.shape
-    pixel_logp = _pixel_log_probabilities(model, data, index, np.empty(shape, dtype=np.float32))
-    q = _softmax_over_components(pixel_logp.copy())            # start: the plain mixture's posterior
-    field = np.empty_like(q)
-    checkerboard = [(np.add.outer(np.arange(shape[1]), np.arange(shape[2])) % 2) == colour for colour in (0, 1)]
-    flat_index = index.reshape(-1).astype(np.intp)            # bincount would convert it every time
+    flat_index = index.reshape(-1).astype(np.intp)            # take and bincount would convert it every time
+    pixel_logp = _pixel_log_probabilities(model, data, flat_index, np.empty(shape, dtype=np.float32))
+    padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
+    q = padded[:, 1:-1, 1:-1]
+    q[...] = _softmax_over_components(pixel_logp.copy())     # start: the plain mixture's posterior
 
     def objective(state):                                     # the "E-step" of the EM driver: score only
         return None, _mean_field_objective(state[1], pixel_logp, beta) / index.size
 
     def sweep_and_refit(_, state):
         model, q = state
-        for sites in checkerboard:                            # no two sites of one colour are neighbours
-            _neighbour_sums(q, field)
-            np.multiply(field, beta, out=field)
-            np.add(field, pixel_logp, out=field)
-            np.copyto(q, _softmax_over_components(field), where=sites)
+        for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):    # a checkerboard's black sites, then its white
+            _update_sites(padded, pixel_logp, beta, row, col)
         if update_parameters:
             resp = np.stack([np.bincount(flat_index, weights=qk.reshape(-1), minlength=len(data)) for qk in q])
             model = _spatial_m_step(model, data, resp, reg_covar)
-            _pixel_log_probabilities(model, data, index, pixel_logp)
+            _pixel_log_probabilities(model, data, flat_index, pixel_logp)
         return model, q
 
     (model, q), history, n_iter, converged = _run_em((model, q), objective, sweep_and_refit, max_iter, tol,
