@@ -1248,11 +1248,18 @@ def _write_json(record, path):
 
 
 def _pyplot():
+    """matplotlib.pyplot, imported on first use (Agg unless --show), so the module imports fast."""
     import matplotlib
     if not _pyplot.interactive:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _integer_ticks(ax):
+    """Ticks on whole numbers only on the x axis (iterations, K)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 _pyplot.interactive = False
@@ -1287,9 +1294,10 @@ def plot_log_likelihood(segmentation, title, path):
         ax.plot(iterations[-1], values[-1], marker="o", markersize=9, markerfacecolor="none",
                 color="tab:red", label=f"{stop} at iteration {n_iter}")
         ax.set_xlabel("EM iteration")
+        ax.set_xlim(0.5, len(history) + 0.5)
         ax.set_ylabel(f"{label} per pixel")
         ax.set_title(label[0].upper() + label[1:])
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     figure.suptitle(title)
@@ -1342,7 +1350,7 @@ def plot_bic(table, chosen, title, path):
             color="tab:red", label=f"chosen: K = {chosen}")
     ax.set_xlabel("number of components K")
     ax.set_ylabel("BIC (lower is better)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(ax)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     ax.set_title(title)
