@@ -1696,14 +1696,26 @@ def _segment_in_worker(task):
         _WORKER_STATE["busy"] = False
 
 
+def merge_points(values_a, weights_a, values_b, weights_b):
+    """The union of two weighted point sets, the weights of equal points added.
+
+    8-bit colour rows are compared as packed 24-bit codes (a 1-D sort), anything else row by row.
+    """
+    both = np.concatenate([values_a, values_b])
+    keys = pack_rgb(both) if both.dtype == np.uint8 and both.shape[1] == 3 else both
+    _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return both[first], np.bincount(index.reshape(-1), weights=np.concatenate([weights_a, weights_b]))
+
+
 def pooled_points(files, args, report):
     """The distinct values of all the images together, their counts added up (for --shared).
 
+    Merged image by image, so memory holds the union of the distinct values, never all the images.
     Returns (values on 0..1, weights, mode, top gray level or None, the files that could be read).
     A batch is colour when any of its images is (gray images join it as R = G = B); its values
     are integer gray levels (for --quantized) when every image has the same number of levels.
     """
-    pooled, readable, tops = [], [], set()
+    groups, readable, tops = {}, [], set()          # (mode, scale) -> (raw values, weights)
     for path in files:
         try:
             picture = read_image(path, args.max_pixels)
@@ -1711,16 +1723,19 @@ def pooled_points(files, args, report):
             report(path, str(error))
             continue
         points = distinct_values(picture, args.mode)
-        pooled.append((points.mode, points.values / points.scale, points.weights))
+        key = (points.mode, points.scale)
+        groups[key] = merge_points(*groups[key], points.values, points.weights) if key in groups \
+            else (points.values, points.weights)
         tops.add(quantized_levels(picture, points))
         readable.append(path)
-    if not pooled:
+    if not groups:
         return None, None, None, None, readable
-    mode = "color" if any(m == "color" for m, _, _ in pooled) else "gray"
-    values = np.concatenate([np.repeat(v, 3, axis=1) if mode == "color" and m == "gray" else v
-                             for m, v, _ in pooled])
-    values, index = np.unique(values, axis=0, return_inverse=True)
-    weights = np.bincount(index.reshape(-1), weights=np.concatenate([w for _, _, w in pooled]))
+    mode = "color" if any(m == "color" for m, _ in groups) else "gray"
+    values, weights = None, None
+    for (group_mode, scale), (raw, counts) in groups.items():
+        raw = np.repeat(raw, 3, axis=1) if mode == "color" and group_mode == "gray" else raw
+        scaled = raw / scale
+        values, weights = (scaled, counts) if values is None else merge_points(values, weights, scaled, counts)
     top = tops.pop() if len(tops) == 1 and mode == "gray" else None
     return values, weights, mode, top, readable
 

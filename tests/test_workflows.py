@@ -175,3 +175,24 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
     assert leftovers == []
     for model in (tmp_path / "out").glob("*_model.json"):     # whatever was finished is whole
         json.loads(model.read_text())
+
+
+def test_pooled_points_are_the_histogram_of_all_images_together(tmp_path, rng):
+    """--shared merges image by image; the result is the distinct values of the images side by side."""
+    import argparse
+    a = rng.integers(0, 40, size=(20, 30, 3), dtype=np.uint8)
+    b = rng.integers(20, 60, size=(20, 25, 3), dtype=np.uint8)
+    g = rng.integers(0, 50, size=(20, 10), dtype=np.uint8)
+    for name, array in (("a", a), ("b", b), ("g", g)):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+    args = argparse.Namespace(max_pixels=10 ** 6, mode="auto")
+    values, weights, mode, top, readable = seg.pooled_points(
+        [tmp_path / f"{n}.png" for n in "abg"], args, lambda *a: None)
+    together = np.concatenate([a, b, np.repeat(g[..., None], 3, axis=2)], axis=1)
+    expected = seg.distinct_values(seg.picture_from_array(together), "color")
+    assert mode == "color" and top is None and len(readable) == 3
+    order = np.lexsort(values.T[::-1])
+    expected_order = np.lexsort(expected.values.T[::-1])
+    np.testing.assert_array_equal(values[order] * 255, expected.values[expected_order])
+    np.testing.assert_array_equal(weights[order], expected.weights[expected_order])
+    assert weights.sum() == together.shape[0] * together.shape[1]
