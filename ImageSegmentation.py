@@ -58,6 +58,7 @@ DEFAULTS = dict(
     max_iter=100,
     tol=1e-3,                 # on the mean log-likelihood per pixel
     n_init=1,
+    auto_n_init=2,            # starts per K when -k auto sweeps K
     init="kmeans++",
     seed=0,
     reg_covar=1e-6,
@@ -1433,8 +1434,10 @@ def build_parser():
     parser.add_argument("--tol", type=_float_at_least(0), default=d["tol"], metavar="T",
                         help="stop when the mean log-likelihood per pixel improves by less than T "
                              "(default %(default)s; 0 runs all --max-iter iterations)")
-    parser.add_argument("--n-init", type=_integer_at_least(1), default=d["n_init"], metavar="N",
-                        help="run EM from N starts and keep the best log-likelihood (default %(default)s)")
+    parser.add_argument("--n-init", type=_integer_at_least(1), default=None, metavar="N",
+                        help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
+                             f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
+                             f"pick the wrong K)")
     parser.add_argument("--init", choices=INIT_METHODS, default=d["init"],
                         help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
                              "responsibilities (default %(default)s)")
@@ -1767,6 +1770,8 @@ def fit_shared_model(files, args, report):
 def main(argv=None):
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.n_init is None:
+        args.n_init = DEFAULTS["auto_n_init" if args.components == "auto" else "n_init"]
     try:
         prepare_output_folder(args.out)
     except UsageError as error:

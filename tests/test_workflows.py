@@ -34,11 +34,11 @@ def separated_mixture(k, n_features, rng, size=(64, 80)):
 def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_features):
     rng = np.random.default_rng(100 + k)
     Image.fromarray(separated_mixture(k, n_features, rng)).save(tmp_path / "mix.png")
-    status, out, err = run([tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--n-init", "2",
-                            "--out", tmp_path], capsys)
+    status, out, err = run([tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--out", tmp_path], capsys)
     assert status == 0, err
     record = json.loads((tmp_path / "mix_model.json").read_text())
     assert record["k"] == k and record["requested_k"] == "auto"
+    assert record["settings"]["n_init"] == 2                 # two starts per K unless told otherwise
     assert [row["k"] for row in record["bic"]] == list(range(1, 9))
     best = min(record["bic"], key=lambda row: row["bic"])
     assert best["k"] == k
