@@ -154,10 +154,10 @@ def picture_from_array(array):
     array (float, signed, wider integers) is used on its own scale, as given.
     """
     array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+    if array.ndim not in (2, 3) or array.size == 0 or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"expected an H x W or H x W x 3|4 image, got shape {array.shape}")
+    if array.ndim == 3:
         array = array[..., 0] if array.shape[2] == 1 else array[..., :3]   # alpha dropped
-    if array.ndim not in (2, 3) or array.size == 0:
-        raise ValueError(f"expected an H x W or H x W x 3 image, got shape {array.shape}")
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     if array.dtype == np.uint8 and array.ndim == 2:

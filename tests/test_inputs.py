@@ -313,3 +313,47 @@ def test_an_unexpected_failure_is_one_line_and_the_batch_goes_on(tmp_path, rng, 
     assert status == 1 and "Traceback" not in err
     assert f"error: {tmp_path / 'a.png'}: internal error, please report: RuntimeError: simulated bug" in err
     assert len(out.splitlines()) == 1 and "b.png" in out
+
+
+def test_singular_covariance_without_regularisation(tmp_path, capsys):
+    """--reg-covar 0 on an image whose classes are single values: a one-line error, not a crash."""
+    Image.fromarray(np.array([[10, 200] * 8] * 6, dtype=np.uint8)).save(tmp_path / "two.png")
+    status, out, err = run([tmp_path / "two.png", "-k", "2", "--reg-covar", "0", "--out", tmp_path / "o"], capsys)
+    assert status == 1
+    assert f"error: {tmp_path / 'two.png'}: a covariance became singular; increase reg_covar" in err
+    with pytest.raises(FloatingPointError):
+        seg.fit_gmm(np.repeat([[0.1], [0.9]], 50, axis=0), 2, reg_covar=0)
+    assert run([tmp_path / "two.png", "-k", "2", "--out", tmp_path / "o"], capsys)[0] == 0   # the default is fine
+
+
+def test_shared_batch_messages(tmp_path, rng, capsys):
+    Image.fromarray(np.full((8, 8), 40, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "b.png")
+    status, out, err = run([tmp_path, "--shared", "-k", "4", "--out", tmp_path / "o"], capsys)
+    assert status == 0 and "warning: only 2 distinct values in the batch; fitting 2 components instead of 4" in err
+    Image.fromarray((np.arange(64).reshape(8, 8) * 900).astype(np.uint16)).save(tmp_path / "deep.png")
+    status, out, err = run([tmp_path, "--shared", "--quantized", "-k", "2", "--out", tmp_path / "q"], capsys)
+    assert status == 0 and "note: --quantized ignored for this batch" in err
+    assert json.loads((tmp_path / "q" / "deep_model.json").read_text())["quantized"] is False
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("not an image")
+    status, out, err = run([tmp_path / "bad", "--shared", "--out", tmp_path / "r"], capsys)
+    assert status == 1 and "not an image" in err and out == "" and "0 images segmented, 1 failed" in err
+
+
+def test_arrays_the_api_accepts_and_refuses():
+    labels, recoloured, model = seg.segment_image(np.eye(6, dtype=bool), 2)
+    assert labels.shape == (6, 6) and np.array_equal(labels, np.eye(6, dtype=np.uint8))
+    colour = np.random.default_rng(0).random((10, 12, 3))
+    labels, recoloured, model = seg.segment_image(colour, 3, mode="gray")      # float colour -> luma
+    assert model.means.shape == (3, 1) and recoloured.shape == (10, 12)
+    # EM keeps the mixture's mean equal to the data's: here the mean BT.601 luma of the float colours.
+    np.testing.assert_allclose(model.weights @ model.means.ravel(), (colour @ [0.299, 0.587, 0.114]).mean(),
+                               rtol=1e-9)
+    labels, recoloured, model = seg.segment_image(colour[..., 0], 2, mode="color")
+    assert model.means.shape == (2, 3)
+    for bad in (np.zeros((4,)), np.zeros((2, 2, 2)), np.zeros((0, 3))):
+        with pytest.raises(ValueError):
+            seg.segment_image(bad, 2)
+    with pytest.raises(ValueError):
+        seg.fit_gmm(np.zeros((0, 3)), 1)
