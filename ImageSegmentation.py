@@ -78,6 +78,8 @@ PIXEL_CHUNK = 1 << 22         # pixels per block when counting and labelling
 EXP_FLOOR = 300.0             # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 EMPTY_COMPONENT = 1e-8        # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as Pillow's convert("L")
+DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
+PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
 
 # ----------------------------------------------------------------------------
 # 2. Reading an image
@@ -1168,8 +1170,6 @@ def segment_image(array, n_components, *, mode="auto", **fit_options):
 # so an interrupted run never leaves a truncated PNG or JSON behind.
 
 OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json", "bic.png")
-DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
-PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
 
 
 def output_paths(out_dir, stem):
