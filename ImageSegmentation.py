@@ -1076,7 +1076,8 @@ def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1
     pixel_logp = _pixel_log_probabilities(model, data, flat_index, np.empty(shape, dtype=np.float32))
     padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
     q = padded[:, 1:-1, 1:-1]
-    q[...] = _softmax_over_components(pixel_logp.copy())     # start: the plain mixture's posterior
+    q[...] = pixel_logp
+    _softmax_over_components(q)                               # start: the plain mixture's posterior
 
     def objective(state):                                     # the "E-step" of the EM driver: score only
         return None, _mean_field_objective(state[1], pixel_logp, beta) / index.size
