@@ -598,14 +598,10 @@ class GaussianMixtureFit:
     def _log_weighted_densities(self, X):
         """(n, K) log(w_k p(x | k)): Gaussian densities, or bin probabilities for a quantized model."""
         X = np.asarray(X, dtype=np.float64)
-        if self.levels is not None:
-            return log_bin_probabilities(self, np.rint(X.reshape(-1) * self.levels), self.levels).T
         data = _Data(X, np.ones(len(X)))
-        coefficients = log_density_coefficients(self.weights, self.means - data.center, self.covariances,
-                                                self.covariance_type)
         logp = np.empty((len(X), self.n_components))
-        for start, phi, _ in data.blocks():
-            logp[start:start + phi.shape[1]] = (coefficients.T @ phi).T
+        for start, block in log_density_blocks(self, data):
+            logp[start:start + block.shape[1]] = block.T
         return logp
 
     def score_samples(self, X):
@@ -920,15 +916,27 @@ def order_by_luminance(model):
     return model.reordered(np.argsort(luminance(model.means), kind="stable"))
 
 
-def _most_likely(data, model):
-    """Index of the most likely component of every point, block by block."""
+def log_density_blocks(model, data):
+    """(start, (K, m) block of log(w_k p(x | k))) over the points of data, from its features.
+
+    Gaussian densities for the density model; bin probabilities for a quantized one (whose
+    points are gray levels, a few hundred or thousand, so one block).
+    """
     if model.levels is not None:
-        return model.predict(data.values / data.scale)
+        levels = np.rint(data.values[:, 0] / data.scale * model.levels)
+        yield 0, log_bin_probabilities(model, levels, model.levels)
+        return
     coefficients = log_density_coefficients(model.weights, model.means - data.center,
                                             model.covariances, model.covariance_type)
-    labels = np.empty(len(data.values), dtype=np.int64)
     for start, phi, _ in data.blocks():
-        labels[start:start + phi.shape[1]] = np.argmax(coefficients.T @ phi, axis=0)
+        yield start, coefficients.T @ phi
+
+
+def _most_likely(data, model):
+    """Index of the most likely component of every point, block by block."""
+    labels = np.empty(len(data), dtype=np.int64)
+    for start, block in log_density_blocks(model, data):
+        labels[start:start + block.shape[1]] = np.argmax(block, axis=0)
     return labels
 
 
@@ -1023,7 +1031,9 @@ def _pixel_log_probabilities(model, data, flat_index, out):
 
     flat_index: the point of every pixel as intp, which np.take would otherwise convert each time.
     """
-    point_logp = model._log_weighted_densities(data.values / data.scale).T.astype(np.float32)
+    point_logp = np.empty((model.n_components, len(data)), dtype=np.float32)
+    for start, block in log_density_blocks(model, data):
+        point_logp[:, start:start + block.shape[1]] = block
     for k in range(len(point_logp)):
         np.take(point_logp[k], flat_index, out=out[k].reshape(-1))
     return out
