@@ -39,6 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,9 @@ DEFAULTS = dict(
     color_components=5,       # K for colour images
     mode="auto",
     covariance="full",
-    max_iter=100,
-    tol=1e-3,                 # on the mean log-likelihood per pixel
+    max_iter=1000,
+    tol=1e-8,                 # estimated distance of the mean log-likelihood per pixel to its limit
+    accelerate="squarem",
     n_init=1,
     auto_n_init=2,            # starts per K when -k auto sweeps K
     init="kmeans++",
@@ -69,6 +71,7 @@ DEFAULTS = dict(
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
+ACCELERATIONS = ("squarem", "none")
 MODES = ("auto", "gray", "color")
 SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
 LLOYD_STEPS = 5               # weighted k-means refinement after k-means++ seeding
@@ -590,6 +593,7 @@ class GaussianMixtureFit:
     n_iter: int
     converged: bool
     levels: int | None = None   # quantized model of gray levels 0..levels (see section 4b), else None
+    n_em_steps: int = 0         # EM maps evaluated (an accelerated iteration costs two or three)
 
     @property
     def n_components(self):
@@ -626,38 +630,71 @@ class GaussianMixtureFit:
     def reordered(self, order):
         """The same model with its components in the given order."""
         covariances = self.covariances if self.covariance_type == "tied" else self.covariances[order]
-        return GaussianMixtureFit(self.weights[order], self.means[order], covariances, self.covariance_type,
-                                  self.log_likelihood, self.n_iter, self.converged, self.levels)
+        return replace(self, weights=self.weights[order], means=self.means[order], covariances=covariances)
 
 
-def _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init):
-    if not isinstance(n_components, (int, np.integer)) or n_components < 1:
+@dataclass(frozen=True)
+class FitOptions:
+    """How EM runs, validated once and passed down to every fit (density, quantized, spatial).
+
+    tol is the stopping rule's distance to the maximum: EM stops once the Aitken estimate of
+    the limit of the mean log-likelihood per sample is within tol of it, on two iterations in
+    a row (tol=0 runs exactly max_iter iterations).  accelerate="squarem" extrapolates the EM
+    map (Varadhan and Roland 2008) with a safeguard that never lets the log-likelihood fall;
+    "none" is plain EM, one E-step and one M-step an iteration, as scikit-learn.
+    """
+    covariance_type: str = "full"
+    max_iter: int = 1000
+    tol: float = 1e-8
+    reg_covar: float = 1e-6
+    n_init: int = 1
+    init: str = "kmeans++"
+    random_state: int | None = 0
+    accelerate: str = "squarem"
+
+    def __post_init__(self):
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        choice("covariance_type", COVARIANCE_TYPES)
+        choice("init", INIT_METHODS)
+        choice("accelerate", ACCELERATIONS)
+        for name in ("max_iter", "n_init"):
+            if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("tol", "reg_covar"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.random_state is not None and not (_is_integer(self.random_state) and self.random_state >= 0):
+            raise ValueError(f"random_state must be an integer >= 0 or None, got {self.random_state!r}")
+
+
+def _is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_n_components(n_components, n_distinct):
+    if not _is_integer(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
-    if covariance_type not in COVARIANCE_TYPES:
-        raise ValueError(f"covariance_type must be one of {', '.join(COVARIANCE_TYPES)}, got {covariance_type!r}")
-    if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
-    if max_iter < 1 or n_init < 1:
-        raise ValueError("max_iter and n_init must be >= 1")
-    if not tol >= 0 or not reg_covar >= 0:
-        raise ValueError("tol and reg_covar must be >= 0")
+    if n_distinct < n_components:
+        raise ValueError(f"{n_distinct} distinct samples with positive weight cannot make "
+                         f"{n_components} components")
 
 
-def _fit_data(data, n_components, *, covariance_type="full", max_iter=100, tol=1e-3, reg_covar=1e-6,
-              n_init=1, init="kmeans++", random_state=0, weights_init=None, means_init=None,
-              covariances_init=None, on_iteration=None):
+def _fit_data(data, n_components, options, given=(None, None, None), on_iteration=None):
     """EM on prepared points; the engine behind fit_gmm and the image pipeline."""
-    _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init)
-    n_points = int(np.count_nonzero(data.weights > 0))
-    if n_points < n_components:
-        raise ValueError(f"{n_points} distinct points with positive weight cannot make {n_components} components")
-    given = [weights_init, means_init, covariances_init]
-    rng = np.random.default_rng(random_state)
+    _check_n_components(n_components, _n_distinct(data))
     if all(value is not None for value in given):
-        return _em(data, n_components, covariance_type, max_iter, tol, reg_covar, None, given, on_iteration)
-    return _best_of_starts(n_init, lambda: _em(data, n_components, covariance_type, max_iter, tol, reg_covar,
-                                               _initial_statistics(data, n_components, init, rng), given,
-                                               on_iteration))
+        return _em(data, n_components, options, None, given, on_iteration)
+    rng = np.random.default_rng(options.random_state)
+    return _best_of_starts(options.n_init, lambda: _em(data, n_components, options,
+                                                       _initial_statistics(data, n_components, options.init, rng),
+                                                       given, on_iteration))
+
+
+def _n_distinct(data):
+    """Points with positive weight: the most components the data can hold apart."""
+    return int(np.count_nonzero(data.weights > 0))
 
 
 def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given):
@@ -681,26 +718,174 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
     return weights, means, covariances
 
 
-def _run_em(theta, e_step, m_step, max_iter, tol, on_iteration):
-    """The EM loop every model here shares (the density, quantized and spatial fits).
+# --- The EM driver ---------------------------------------------------------------
+# Every model here (the density, the quantized and the spatial fit) is an EM map
+# theta -> M(E(theta)); the driver iterates it, optionally accelerated, and decides
+# when the log-likelihood has reached its limit.
 
-    e_step(theta) -> (statistics of theta's responsibilities, theta's mean log-likelihood), in one
-    pass; m_step(statistics, theta) -> the next theta.  Stops when the log-likelihood gains less
-    than tol, or after max_iter iterations.  Returns (theta, history, n_iter, converged).
+
+@dataclass
+class EMRun:
+    """What the driver returns: the final state and the record of the run."""
+    state: object
+    history: list            # the objective after each iteration (one value per accepted step)
+    n_iter: int
+    converged: bool
+    n_em_steps: int          # evaluations of the EM map, the cost: 1 an iteration for plain EM
+
+
+def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
+    """The EM loop every model here shares.
+
+    e_step(state) -> (statistics of state's responsibilities, state's objective), in one pass;
+    m_step(statistics, state) -> the next state.  coordinates = (to_vector, from_vector) map a
+    state to unconstrained real coordinates and back (from_vector(vector, like) -> state); with
+    them and options.accelerate == "squarem" every iteration is one safeguarded SQUAREM cycle.
+    Converged: the stopping rule held on two iterations in a row, or no step gains any more.
     """
-    stats, previous = e_step(theta)
-    history, converged = [], False
-    for n_iter in range(1, max_iter + 1):
-        theta = m_step(stats, theta)
-        stats, current = e_step(theta)
-        history.append(current)
+    stats, value = e_step(state)
+    _check_finite(value)
+    values, n_em_steps, step_max, streak, stalled = [value], 0, 1.0, 0, False
+    squarem = options.accelerate == "squarem" and coordinates is not None
+    while len(values) <= options.max_iter and streak < 2:
+        if squarem:
+            new, new_stats, new_value, step_max, used = _squarem_cycle(state, stats, value, step_max, e_step,
+                                                                       m_step, coordinates)
+            n_em_steps += used
+            stalled = new_value < value and options.tol > 0
+            if not stalled:
+                state, stats, value = new, new_stats, new_value
+            # else even plain EM lost: reg_covar, added to every covariance as scikit-learn does,
+            # makes the M-step inexact, so its fixed point lies a hair off the maximum and no step
+            # gains any more.  The iteration keeps the state it started from: converged.
+        else:
+            state = m_step(stats, state)
+            stats, value = e_step(state)
+            n_em_steps += 1
+        _check_finite(value)
+        values.append(value)
         if on_iteration is not None:
-            on_iteration(n_iter, current)
-        if abs(current - previous) < tol:
-            converged = True
+            on_iteration(len(values) - 1, value)
+        if stalled:
             break
-        previous = current
-    return theta, history, n_iter, converged
+        streak = streak + 1 if options.tol > 0 and distance_to_limit(values) < options.tol else 0
+    return EMRun(state, [float(v) for v in values[1:]], len(values) - 1, bool(streak >= 2 or stalled),
+                 n_em_steps)
+
+
+def _check_finite(value):
+    if not math.isfinite(value):
+        raise FloatingPointError("the log-likelihood is not finite; increase reg_covar")
+
+
+def distance_to_limit(values):
+    """Aitken's estimate of how far values[-2] lies below the limit of the sequence.
+
+    EM converges linearly: successive gains shrink by a ratio a, so the limit is about
+    values[-2] + gain / (1 - a).  Gains that do not shrink give infinity (not there yet);
+    no gain at all gives 0 (a fixed point, to round-off).
+    """
+    gain = values[-1] - values[-2]
+    if gain <= 0:
+        return 0.0
+    previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    if previous_gain <= gain:
+        return math.inf
+    return gain / (1.0 - gain / previous_gain)
+
+
+SQUAREM_STEP_FACTOR = 4.0     # the R package SQUAREM's mstep: how fast the largest step grows
+
+
+def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
+    """One SQUAREM cycle (scheme S3 of Varadhan and Roland 2008), safeguarded.
+
+    Two EM steps theta1 = M(theta0), theta2 = M(theta1) give r = theta1 - theta0 and
+    v = theta2 - 2 theta1 + theta0; the extrapolated point theta0 + 2 a r + a^2 v, with
+    a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
+    when both its objective and the stabilised one are at least theta0's, so the recorded
+    objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2 itself.  Returns the new state, its
+    statistics and objective, the next step_max and the number of EM steps evaluated.
+    """
+    to_vector, from_vector = coordinates
+    first = m_step(stats, state)
+    first_stats, first_value = e_step(first)
+    second = m_step(first_stats, first)
+    x0, x1, x2 = to_vector(state), to_vector(first), to_vector(second)
+    r, v = x1 - x0, x2 - 2 * x1 + x0
+    step = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
+    step = min(max(step, 1.0), step_max) if math.isfinite(step) else 1.0
+    if step > 1.01:
+        trial = _try_state(from_vector, x0 + 2 * step * r + step ** 2 * v, second, e_step)
+        if trial is not None and trial[2] >= value:
+            new = m_step(trial[1], trial[0])
+            new_stats, new_value = e_step(new)
+            if new_value >= value:                 # False for NaN too
+                return new, new_stats, new_value, _next_step_max(step, step_max), 3
+        if step == step_max:                       # the longest step failed: allow less next time
+            step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
+        step = 1.0
+    second_stats, second_value = e_step(second)
+    return second, second_stats, second_value, _next_step_max(step, step_max), 2
+
+
+def _next_step_max(step, step_max):
+    """SQUAREM's adaptive bound: a step that reached it may go SQUAREM_STEP_FACTOR times further."""
+    return step_max * SQUAREM_STEP_FACTOR if step >= step_max else step_max
+
+
+def _try_state(from_vector, vector, like, e_step):
+    """(state, statistics, objective) at an extrapolated point, or None where it is no valid model."""
+    try:
+        with np.errstate(all="ignore"):
+            state = from_vector(vector, like)
+            stats, value = e_step(state)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        return None
+    return (state, stats, value) if math.isfinite(value) else None
+
+
+def gaussian_coordinates(covariance_type):
+    """(to_vector, from_vector) for (weights, means, covariances): unconstrained real coordinates.
+
+    Log-weights (a softmax takes them back to the simplex), the means, and the covariances as
+    Cholesky factors with log-diagonals (diagonal types: log-variances), so every vector is a
+    valid mixture: SQUAREM may extrapolate anywhere without leaving the parameter space.
+    """
+    tiny = np.finfo(np.float64).tiny
+
+    def to_vector(theta):
+        weights, means, covariances = theta
+        if covariance_type in ("full", "tied"):
+            lower = np.linalg.cholesky(covariances)
+            rows, cols = np.tril_indices(lower.shape[-1])
+            factors = lower[..., rows, cols]
+            factors[..., rows == cols] = np.log(factors[..., rows == cols])
+            spread = factors.ravel()
+        else:
+            spread = np.log(covariances).ravel()
+        return np.concatenate([np.log(np.maximum(weights, tiny)), means.ravel(), spread])
+
+    def from_vector(vector, like):
+        weights, means, covariances = like
+        n_components, n_features = means.shape
+        log_weights = vector[:n_components]
+        weights = np.exp(log_weights - log_weights.max())
+        weights /= weights.sum()
+        means = vector[n_components:n_components * (1 + n_features)].reshape(means.shape)
+        spread = vector[n_components * (1 + n_features):]
+        if covariance_type in ("full", "tied"):
+            rows, cols = np.tril_indices(n_features)
+            factors = spread.reshape(covariances.shape[:-2] + (len(rows),)).copy()
+            factors[..., rows == cols] = np.exp(factors[..., rows == cols])
+            lower = np.zeros(covariances.shape)
+            lower[..., rows, cols] = factors
+            covariances = lower @ np.swapaxes(lower, -1, -2)
+        else:
+            covariances = np.exp(spread).reshape(covariances.shape)
+        return weights, means, covariances
+
+    return to_vector, from_vector
 
 
 def _best_of_starts(n_starts, fit_one):
@@ -713,29 +898,33 @@ def _best_of_starts(n_starts, fit_one):
     return best
 
 
-def _em(data, n_components, covariance_type, max_iter, tol, reg_covar, stats, given, on_iteration):
+def _em(data, n_components, options, stats, given, on_iteration):
     """EM of the density model from the initial statistics (or given parameters), on centred points."""
-    theta = _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given)
-    (weights, means, covariances), history, n_iter, converged = _run_em(
-        theta,
-        lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
-        lambda stats, theta: _m_step(stats, covariance_type, reg_covar, theta[1], theta[2]),
-        max_iter, tol, on_iteration)
-    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, history, n_iter,
-                              converged)
+    covariance_type = options.covariance_type
+    theta = _starting_parameters(data, n_components, covariance_type, options.reg_covar, stats, given)
+    run = run_em(theta,
+                 lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
+                 lambda stats, theta: _m_step(stats, covariance_type, options.reg_covar, theta[1], theta[2]),
+                 options, on_iteration, gaussian_coordinates(covariance_type))
+    weights, means, covariances = run.state
+    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, run.history,
+                              run.n_iter, run.converged, n_em_steps=run.n_em_steps)
 
 
-def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_iter=100, tol=1e-3,
-            reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, weights_init=None,
-            means_init=None, covariances_init=None, on_iteration=None):
+def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_iter=1000, tol=1e-8,
+            reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, accelerate="squarem",
+            weights_init=None, means_init=None, covariances_init=None, on_iteration=None):
     """Fit a Gaussian mixture to the rows of X (or to a 1-D X) by EM.
 
     sample_weight multiplies each row's contribution, so distinct values weighted by their
-    counts give the same fit as every repeated row.  One iteration is one E-step followed by
-    one M-step; log_likelihood[i] is the mean log-likelihood of the model after iteration
-    i + 1, and EM stops when it improves by less than tol (tol=0: exactly max_iter iterations).
-    When weights_init, means_init and covariances_init are all given they are the start.
+    counts give the same fit as every repeated row.  log_likelihood[i] is the mean log-likelihood
+    of the model after iteration i + 1; EM stops when it is estimated to be within tol of its
+    limit (tol=0: exactly max_iter iterations).  accelerate="none" makes every iteration one
+    E-step and one M-step, as scikit-learn.  When weights_init, means_init and covariances_init
+    are all given they are the start.
     """
+    options = FitOptions(covariance_type=covariance_type, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
+                         n_init=n_init, init=init, random_state=random_state, accelerate=accelerate)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[:, None]
@@ -746,10 +935,8 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
     weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if weights.shape != (len(X),) or np.any(weights < 0) or not np.all(np.isfinite(weights)) or weights.sum() <= 0:
         raise ValueError("sample_weight must be finite, non-negative, positive in sum, one per sample")
-    return _fit_data(_Data(X, weights), n_components, covariance_type=covariance_type,
-                     max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, init=init,
-                     random_state=random_state, weights_init=weights_init, means_init=means_init,
-                     covariances_init=covariances_init, on_iteration=on_iteration)
+    return _fit_data(_Data(X, weights), n_components, options, (weights_init, means_init, covariances_init),
+                     on_iteration)
 
 
 # --- 4b. Quantized gray levels ------------------------------------------------
@@ -833,42 +1020,65 @@ def _quantized_pass(model, levels, counts, top):
     return quantized_statistics(model, levels, top, resp, logp), float(counts @ log_total / counts.sum())
 
 
-def quantized_m_step(stats, covariance_type, reg_covar, model):
-    """The M-step of the binned model: exact EM, with reg_covar as a floor on the variances."""
+def quantized_m_step(stats, covariance_type, variance_floor, model):
+    """The M-step of the binned model: exact EM, with a floor on the variances."""
     weights, means, covariances = _m_step(stats, covariance_type, 0.0, model.means, model.covariances)
-    return weights, means, np.maximum(covariances, reg_covar)
+    return weights, means, np.maximum(covariances, variance_floor)
 
 
-def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type="full", max_iter=100, tol=1e-3,
-                      reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, on_iteration=None):
+def quantized_variance_floor(reg_covar, top):
+    """reg_covar, but never below (a thousandth of a bin)^2: a zero variance has no bins."""
+    return max(reg_covar, (1e-3 / top) ** 2)
+
+
+def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type="full", max_iter=1000, tol=1e-8,
+                      reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, accelerate="squarem",
+                      on_iteration=None):
     """EM for gray levels 0..top as bins (the end bins open), weighted by their pixel counts.
 
     Starts like fit_gmm (k-means++ on the levels, or random responsibilities); log_likelihood
     holds the mean log-probability per pixel, which EM never lets decrease.  A bin's probability
-    is at most 1, so no regulariser is needed: reg_covar is only a floor on the variances, which
-    keeps a component that holds a single level finite, and leaves every other step exact EM.
+    is at most 1, so no regulariser is needed: reg_covar is only a floor on the variances (itself
+    at least a thousandth of a bin squared), which keeps a component that holds a single level
+    finite, and leaves every other step exact EM.
     """
-    _validate_fit_options(n_components, covariance_type, max_iter, tol, reg_covar, n_init, init)
-    levels = np.asarray(levels, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
+    options = FitOptions(covariance_type=covariance_type, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
+                         n_init=n_init, init=init, random_state=random_state, accelerate=accelerate)
+    return _fit_quantized(np.asarray(levels, dtype=np.float64), np.asarray(counts, dtype=np.float64),
+                          n_components, top, options, on_iteration)
+
+
+def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None):
     data = _Data(levels, counts, top)
-    if np.count_nonzero(counts > 0) < n_components:
-        raise ValueError(f"{np.count_nonzero(counts > 0)} levels cannot make {n_components} components")
-    rng = np.random.default_rng(random_state)
+    _check_n_components(n_components, _n_distinct(data))
+    rng = np.random.default_rng(options.random_state)
+    covariance_type = options.covariance_type
+    floor = quantized_variance_floor(options.reg_covar, top)
+    to_vector, from_vector = gaussian_coordinates(covariance_type)
 
     def fit_one():
         weights, means, covariances = _starting_parameters(
-            data, n_components, covariance_type, reg_covar, _initial_statistics(data, n_components, init, rng),
-            [None] * 3)
+            data, n_components, covariance_type, options.reg_covar,
+            _initial_statistics(data, n_components, options.init, rng), [None] * 3)
         start = GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, [], 0, False, top)
-        model, history, n_iter, converged = _run_em(
+        run = run_em(
             start,
             lambda model: _quantized_pass(model, levels, counts, top),
-            lambda stats, model: replace(model, **dict(zip(("weights", "means", "covariances"),
-                                                          quantized_m_step(stats, covariance_type, reg_covar, model)))),
-            max_iter, tol, on_iteration)
-        return replace(model, log_likelihood=history, n_iter=n_iter, converged=converged)
-    return _best_of_starts(n_init, fit_one)
+            lambda stats, model: _with_parameters(model, quantized_m_step(stats, covariance_type, floor, model)),
+            options, on_iteration,
+            (lambda model: to_vector(_parameters(model)),
+             lambda vector, like: _with_parameters(like, from_vector(vector, _parameters(like)))))
+        return replace(run.state, log_likelihood=run.history, n_iter=run.n_iter, converged=run.converged,
+                       n_em_steps=run.n_em_steps)
+    return _best_of_starts(options.n_init, fit_one)
+
+
+def _parameters(model):
+    return model.weights, model.means, model.covariances
+
+
+def _with_parameters(model, theta):
+    return replace(model, **dict(zip(("weights", "means", "covariances"), theta)))
 
 
 def n_parameters(n_components, n_features, covariance_type):
@@ -884,6 +1094,21 @@ def bic(model, n_samples):
     n_features = model.means.shape[1]
     return (-2.0 * model.log_likelihood[-1] * n_samples
             + n_parameters(model.n_components, n_features, model.covariance_type) * math.log(n_samples))
+
+
+def collapsed_components(model, reg_covar):
+    """Components whose variance sits on the reg_covar floor: each has collapsed onto a single value.
+
+    Its density there grows with 1 / sqrt(reg_covar) and wins the likelihood, so the other
+    components are left to fit the rest of the image.  The binned model cannot collapse (a bin's
+    probability is at most 1), and a tied covariance is shared by all components.
+    """
+    if model.levels is not None or model.covariance_type == "tied" or reg_covar <= 0:
+        return []
+    covariances = np.asarray(model.covariances)
+    variances = {"full": lambda: np.diagonal(covariances, axis1=1, axis2=2).min(axis=1),
+                 "diag": lambda: covariances.min(axis=1), "spherical": lambda: covariances}[model.covariance_type]()
+    return [int(k) for k in np.flatnonzero(variances < 2 * reg_covar)]
 
 
 # ----------------------------------------------------------------------------
@@ -963,25 +1188,24 @@ def point_index(picture, points):
     return lookup_codes(picture, lut)
 
 
-def fit_components(data, n_components, on_iteration=None, levels=None, **fit_options):
+def fit_components(data, n_components, options, on_iteration=None, levels=None):
     """K components (at most one per distinct value), numbered by luminance.
 
     levels: fit gray levels 0..levels as bins (fit_quantized_gmm) instead of points.
     """
-    k = min(n_components, int(np.count_nonzero(data.weights > 0)))
+    k = min(n_components, _n_distinct(data))
     if levels is not None:
-        fit = fit_quantized_gmm(data.values[:, 0], data.weights, k, top=levels, on_iteration=on_iteration,
-                                **fit_options)
+        fit = _fit_quantized(data.values[:, 0].astype(np.float64), data.weights, k, levels, options, on_iteration)
     else:
-        fit = _fit_data(data, k, on_iteration=on_iteration, **fit_options)
+        fit = _fit_data(data, k, options, on_iteration=on_iteration)
     return order_by_luminance(fit)
 
 
-def select_components(data, k_max, on_iteration=None, levels=None, **fit_options):
+def select_components(data, k_max, options, on_iteration=None, levels=None):
     """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
     best, best_score, table = None, math.inf, []
-    for k in range(1, min(k_max, int(np.count_nonzero(data.weights > 0))) + 1):
-        model = fit_components(data, k, on_iteration, levels, **fit_options)
+    for k in range(1, min(k_max, _n_distinct(data)) + 1):
+        model = fit_components(data, k, options, on_iteration, levels)
         score = bic(model, data.total_weight)
         table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
         if score < best_score:
@@ -1026,16 +1250,13 @@ def _update_sites(padded, pixel_logp, beta, row, col):
     padded[:, rows, cols] = _softmax_over_components(field)
 
 
-def _pixel_log_probabilities(model, data, flat_index, out):
-    """log(w_k p(x_i | k)) of every pixel into out (K, H, W) float32, gathered from the points'.
-
-    flat_index: the point of every pixel as intp, which np.take would otherwise convert each time.
-    """
-    point_logp = np.empty((model.n_components, len(data)), dtype=np.float32)
-    for start, block in log_density_blocks(model, data):
+def _pixel_log_probabilities(model, grid, out):
+    """log(w_k p(x_i | k)) of every pixel into out (K, H, W) float32, gathered from the points'."""
+    point_logp = np.empty((model.n_components, len(grid.data)), dtype=np.float32)
+    for start, block in log_density_blocks(model, grid.data):
         point_logp[:, start:start + block.shape[1]] = block
     for k in range(len(point_logp)):
-        np.take(point_logp[k], flat_index, out=out[k].reshape(-1))
+        np.take(point_logp[k], grid.flat_index, out=out[k].reshape(-1))
     return out
 
 
@@ -1044,7 +1265,8 @@ def _spatial_m_step(model, data, resp, reg_covar):
     if model.levels is not None:
         levels = data.values[:, 0].astype(np.float64)
         stats = quantized_statistics(model, levels, model.levels, resp)
-        weights, means, covariances = quantized_m_step(stats, model.covariance_type, reg_covar, model)
+        weights, means, covariances = quantized_m_step(stats, model.covariance_type,
+                                                       quantized_variance_floor(reg_covar, model.levels), model)
         return replace(model, weights=weights, means=means, covariances=covariances)
     stats = sum(resp[:, start:start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
     weights, means, covariances = _m_step(stats, model.covariance_type, reg_covar, model.means - data.center,
@@ -1073,39 +1295,67 @@ def _mean_field_objective(q, pixel_logp, beta):
     return float(total)
 
 
-def spatial_fit(model, data, index, beta, *, max_iter=100, tol=1e-3, reg_covar=1e-6, update_parameters=True,
-                on_iteration=None):
+@dataclass
+class MeanField:
+    """The spatial fit's state: the model, q (K, H, W) inside a zero border, and each pixel's
+    log(w_k p(x | k)) under the model.  The per-pixel arrays are updated in place (each is K
+    float32 values a pixel: copies would not fit at 24 megapixels), so a state is used once."""
+    model: GaussianMixtureFit
+    padded: np.ndarray          # (K, H + 2, W + 2) float32
+    pixel_logp: np.ndarray      # (K, H, W) float32
+
+    @property
+    def q(self):
+        return self.padded[:, 1:-1, 1:-1]
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """What the spatial fit knows of the pixels: the points and the point of every pixel."""
+    data: _Data
+    flat_index: np.ndarray      # (H * W,) intp: take and bincount would convert it every time
+    shape: tuple
+
+
+def _mean_field_score(state, beta):
+    """The driver's E-step for the spatial fit: the objective per pixel (no statistics needed)."""
+    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / state.q[0].size
+
+
+def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
+    """One mean-field EM iteration: a checkerboard sweep of q, then the M-step and the new log p."""
+    for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):        # a checkerboard's black sites, then its white
+        _update_sites(state.padded, state.pixel_logp, beta, row, col)
+    model = state.model
+    if update_parameters:
+        resp = np.stack([np.bincount(grid.flat_index, weights=qk.reshape(-1), minlength=len(grid.data))
+                         for qk in state.q])
+        model = _spatial_m_step(model, grid.data, resp, reg_covar)
+        _pixel_log_probabilities(model, grid, state.pixel_logp)
+    return MeanField(model, state.padded, state.pixel_logp)
+
+
+def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on_iteration=None):
     """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture.
 
     index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
-    record: beta, the objective per pixel after each iteration, n_iter, converged.
+    record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps.
     update_parameters=False keeps the model (a shared one) and only lets the prior smooth the labels.
     """
+    grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape)
     shape = (model.n_components,) + index.shape
-    flat_index = index.reshape(-1).astype(np.intp)            # take and bincount would convert it every time
-    pixel_logp = _pixel_log_probabilities(model, data, flat_index, np.empty(shape, dtype=np.float32))
+    pixel_logp = _pixel_log_probabilities(model, grid, np.empty(shape, dtype=np.float32))
     padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
-    q = padded[:, 1:-1, 1:-1]
-    q[...] = pixel_logp
-    _softmax_over_components(q)                               # start: the plain mixture's posterior
-
-    def objective(state):                                     # the "E-step" of the EM driver: score only
-        return None, _mean_field_objective(state[1], pixel_logp, beta) / index.size
-
-    def sweep_and_refit(_, state):
-        model, q = state
-        for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):    # a checkerboard's black sites, then its white
-            _update_sites(padded, pixel_logp, beta, row, col)
-        if update_parameters:
-            resp = np.stack([np.bincount(flat_index, weights=qk.reshape(-1), minlength=len(data)) for qk in q])
-            model = _spatial_m_step(model, data, resp, reg_covar)
-            _pixel_log_probabilities(model, data, flat_index, pixel_logp)
-        return model, q
-
-    (model, q), history, n_iter, converged = _run_em((model, q), objective, sweep_and_refit, max_iter, tol,
-                                                     on_iteration)
-    return model, _argmax_over_components(q), {"beta": beta, "objective": history, "n_iter": n_iter,
-                                               "converged": converged}
+    start = MeanField(model, padded, pixel_logp)
+    start.q[...] = pixel_logp
+    _softmax_over_components(start.q)                          # start: the plain mixture's posterior
+    run = run_em(start, partial(_mean_field_score, beta=beta),
+                 partial(_mean_field_step, grid=grid, beta=beta, reg_covar=options.reg_covar,
+                         update_parameters=update_parameters),
+                 options, on_iteration)
+    record = {"beta": beta, "objective": run.history, "n_iter": run.n_iter, "converged": run.converged,
+              "em_steps": run.n_em_steps}
+    return run.state.model, _argmax_over_components(run.state.q), record
 
 
 def _argmax_over_components(q):
@@ -1122,8 +1372,8 @@ def _argmax_over_components(q):
 # --- 5c. Putting it together ---------------------------------------------------
 
 
-def segment_points(picture, points, n_components, *, k_max=10, model=None, quantized=False, spatial=0.0,
-                   on_iteration=None, **fit_options):
+def segment_points(picture, points, n_components, options=FitOptions(), *, k_max=10, model=None,
+                   quantized=False, spatial=0.0, on_iteration=None):
     """Fit on the distinct values (or take a given model), then label every pixel.
 
     n_components: an int, or "auto" to choose K in 1..k_max by BIC.  quantized: fit gray levels
@@ -1134,13 +1384,12 @@ def segment_points(picture, points, n_components, *, k_max=10, model=None, quant
     levels = quantized_levels(picture, points) if quantized else None
     shared, table = model is not None, None
     if model is None and n_components == "auto":
-        model, table = select_components(data, k_max, on_iteration, levels, **fit_options)
+        model, table = select_components(data, k_max, options, on_iteration, levels)
     elif model is None:
-        model = fit_components(data, n_components, on_iteration, levels, **fit_options)
+        model = fit_components(data, n_components, options, on_iteration, levels)
     if spatial > 0:
-        loop = {key: fit_options[key] for key in ("max_iter", "tol", "reg_covar") if key in fit_options}
-        model, labels, prior = spatial_fit(model, data, point_index(picture, points), spatial,
-                                           update_parameters=not shared, on_iteration=on_iteration, **loop)
+        model, labels, prior = spatial_fit(model, data, point_index(picture, points), spatial, options,
+                                           update_parameters=not shared, on_iteration=on_iteration)
         order = np.argsort(luminance(model.means), kind="stable")
         model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
         return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
@@ -1156,16 +1405,20 @@ def palette(segmentation):
     return values[:, 0] if values.shape[1] == 1 else values
 
 
-def segment_image(array, n_components, *, mode="auto", **fit_options):
+def segment_image(array, n_components, *, mode="auto", k_max=DEFAULTS["k_max"], quantized=False, spatial=0.0,
+                  **fit_options):
     """Segment an in-memory image; returns (labels, recoloured image, fitted model).
 
     array: H x W (gray) or H x W x 3|4 (colour; alpha dropped).  uint8/uint16 arrays are divided
     by their type's maximum, any other array is used on its own scale.  The recoloured image is
-    uint8/uint16 like the input, or float64 means otherwise.  fit_options go to fit_gmm.
+    uint8/uint16 like the input, or float64 means otherwise.  fit_options are FitOptions' fields,
+    as fit_gmm takes them.
     """
+    options = FitOptions(**fit_options)
     picture = picture_from_array(array)
     points = distinct_values(picture, mode)
-    segmentation = segment_points(picture, points, n_components, **fit_options)
+    segmentation = segment_points(picture, points, n_components, options, k_max=k_max, quantized=quantized,
+                                  spatial=spatial)
     if picture.kind == "table":
         means = segmentation.model.means
         colours = means[:, 0] if means.shape[1] == 1 else means
@@ -1237,7 +1490,9 @@ def model_record(segmentation, source, settings, seconds, shared_images=None):
         "covariances": model.covariances.tolist(),
         "log_likelihood": [float(v) for v in model.log_likelihood],
         "n_iter": model.n_iter,
+        "em_steps": model.n_em_steps,
         "converged": model.converged,
+        "collapsed_components": collapsed_components(model, settings["reg_covar"]),
         "seed": settings["seed"],
         "settings": settings,
         "notes": picture.notes,
@@ -1443,8 +1698,12 @@ def build_parser():
     parser.add_argument("--max-iter", type=_integer_at_least(1), default=d["max_iter"], metavar="N",
                         help="at most N EM iterations (default %(default)s)")
     parser.add_argument("--tol", type=_float_at_least(0), default=d["tol"], metavar="T",
-                        help="stop when the mean log-likelihood per pixel improves by less than T "
-                             "(default %(default)s; 0 runs all --max-iter iterations)")
+                        help="stop when the mean log-likelihood per pixel is estimated (Aitken) to be "
+                             "within T of its limit, two iterations in a row (default %(default)s; 0 runs "
+                             "all --max-iter iterations)")
+    parser.add_argument("--accelerate", choices=ACCELERATIONS, default=d["accelerate"],
+                        help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
+                             "falls; none: plain EM, one E- and one M-step an iteration (default squarem)")
     parser.add_argument("--n-init", type=_integer_at_least(1), default=None, metavar="N",
                         help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
                              f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
@@ -1452,7 +1711,7 @@ def build_parser():
     parser.add_argument("--init", choices=INIT_METHODS, default=d["init"],
                         help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
                              "responsibilities (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d["seed"], metavar="S",
+    parser.add_argument("--seed", type=_integer_at_least(0), default=d["seed"], metavar="S",
                         help="random seed: the same command writes the same images (default %(default)s)")
     parser.add_argument("--reg-covar", type=_float_at_least(0), default=d["reg_covar"], metavar="R",
                         help="added to every covariance's diagonal, as scikit-learn (default %(default)s)")
@@ -1545,7 +1804,7 @@ def _settings(args):
     return dict(components=args.components, k_max=args.k_max, mode=args.mode, covariance=args.covariance,
                 max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, init=args.init, seed=args.seed,
                 reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels, shared=args.shared,
-                quantized=args.quantized, spatial=args.spatial)
+                quantized=args.quantized, spatial=args.spatial, accelerate=args.accelerate)
 
 
 def _say(stream, text):
@@ -1553,8 +1812,9 @@ def _say(stream, text):
 
 
 def fit_options_from(args):
-    return dict(covariance_type=args.covariance, max_iter=args.max_iter, tol=args.tol, reg_covar=args.reg_covar,
-                n_init=args.n_init, init=args.init, random_state=args.seed)
+    return FitOptions(covariance_type=args.covariance, max_iter=args.max_iter, tol=args.tol,
+                      reg_covar=args.reg_covar, n_init=args.n_init, init=args.init, random_state=args.seed,
+                      accelerate=args.accelerate)
 
 
 class Progress:
@@ -1630,15 +1890,18 @@ def _segment_file(path, stem, args, inputs, shared, say, progress):
         picture.notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
                              f"{'colour' if points.mode == 'color' else 'floating-point'} image")
     try:
-        segmentation = segment_points(picture, points, k, k_max=args.k_max, on_iteration=on_iteration,
-                                      model=shared.model if shared else None, quantized=args.quantized,
-                                      spatial=args.spatial, **fit_options_from(args))
+        segmentation = segment_points(picture, points, k, fit_options_from(args), k_max=args.k_max,
+                                      on_iteration=on_iteration, model=shared.model if shared else None,
+                                      quantized=args.quantized, spatial=args.spatial)
     except FloatingPointError as error:
         raise ImageError(str(error)) from None
     if shared is not None:
         segmentation.bic_table = shared.bic_table
     fitted = time.perf_counter()
     model = segmentation.model
+    collapsed = collapsed_components(model, args.reg_covar)
+    if collapsed:
+        picture.notes.append(collapse_note(collapsed, args.reg_covar, model.means.shape[1] == 1))
     title = f"{path.name}: {segmentation.points.mode}, K = {model.n_components}, {args.covariance} covariance" \
             + (", quantized" if model.levels else "") + (", shared model" if shared else "") \
             + (f", spatial prior {args.spatial:g}" if args.spatial else "")
@@ -1657,12 +1920,23 @@ def summary_line(path, segmentation, seconds):
     """The one line per image on stdout."""
     model, picture, prior = segmentation.model, segmentation.picture, segmentation.spatial
     spatial = "" if prior is None else (
-        f"spatial-iterations={prior['n_iter']} {'converged' if prior['converged'] else 'not-converged'} "
+        f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
         f"objective={prior['objective'][-1]:.6f} ")
     return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
-            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} "
-            f"{'converged' if model.converged else 'not-converged'} "
-            f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
+            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
+            f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
+
+
+def collapse_note(collapsed, reg_covar, gray):
+    """One line on components that collapsed onto a single value, and what to do about it."""
+    which = ", ".join(map(str, collapsed))
+    return (f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value (variance at the "
+            f"--reg-covar floor {reg_covar:g}), leaving the other components to fit the rest of the image"
+            + ("; --quantized fits gray levels as bins and cannot collapse" if gray else ""))
+
+
+def _stop_word(converged):
+    return "converged" if converged else "stopped-at-max-iter"
 
 
 def segment_file(path, stem, args, inputs, shared=None, progress=None):
@@ -1765,12 +2039,12 @@ def fit_shared_model(files, args, report):
     k = args.components or DEFAULTS[f"{mode}_components"]
     try:
         if k == "auto":
-            model, table = select_components(data, args.k_max, levels=levels, **fit_options_from(args))
+            model, table = select_components(data, args.k_max, fit_options_from(args), levels=levels)
         else:
             if len(values) < k:
                 report(None, f"warning: only {len(values)} distinct values in the batch; fitting {len(values)} "
                              f"components instead of {k}")
-            model, table = fit_components(data, k, levels=levels, **fit_options_from(args)), None
+            model, table = fit_components(data, k, fit_options_from(args), levels=levels), None
     except FloatingPointError as error:
         for path in readable:
             report(path, str(error))

@@ -129,8 +129,8 @@ def test_spatial_prior_beats_the_per_pixel_bayes_limit(rng, n_features):
 def test_spatial_objective_never_decreases(rng, quantized):
     image, _, _ = noisy_scene(1, rng)
     picture = seg.picture_from_array(image)
-    result = seg.segment_points(picture, seg.distinct_values(picture), 3, spatial=0.7, quantized=quantized,
-                                tol=0, max_iter=30)
+    result = seg.segment_points(picture, seg.distinct_values(picture), 3, seg.FitOptions(tol=0, max_iter=30),
+                                spatial=0.7, quantized=quantized)
     objective = np.asarray(result.spatial["objective"])
     assert len(objective) == 30 == result.spatial["n_iter"] and not result.spatial["converged"]
     assert np.all(np.diff(objective) >= -1e-7)        # q is float32: round-off at that level
