@@ -752,12 +752,12 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
             new, new_stats, new_value, step_max, used = _squarem_cycle(state, stats, value, step_max, e_step,
                                                                        m_step, coordinates)
             n_em_steps += used
-            stalled = new_value < value and options.tol > 0
+            stalled = not new_value >= value
             if not stalled:
                 state, stats, value = new, new_stats, new_value
             # else even plain EM lost: reg_covar, added to every covariance as scikit-learn does,
-            # makes the M-step inexact, so its fixed point lies a hair off the maximum and no step
-            # gains any more.  The iteration keeps the state it started from: converged.
+            # makes the M-step inexact, so its fixed point lies a hair off the maximum (or round-off
+            # decides).  The iteration keeps the state it started from; no step gains any more.
         else:
             state = m_step(stats, state)
             stats, value = e_step(state)
@@ -766,7 +766,7 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
         values.append(value)
         if on_iteration is not None:
             on_iteration(len(values) - 1, value)
-        if stalled:
+        if stalled and options.tol > 0:
             break
         streak = streak + 1 if options.tol > 0 and distance_to_limit(values) < options.tol else 0
     return EMRun(state, [float(v) for v in values[1:]], len(values) - 1, bool(streak >= 2 or stalled),

@@ -56,3 +56,23 @@ def matched_accuracy(found, truth, n_components):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def class_scene(rng, means, sd, shape=(96, 128)):
+    """A grid of classes with isotropic noise sd on the 0..1 scale, rounded to 8 bits.
+
+    Returns the image, the true labels and the per-pixel Bayes-optimal accuracy.
+    """
+    means = np.asarray(means, dtype=float)
+    k, n_features = means.shape
+    labels = block_labels(*shape, k, rng)
+    covariances = np.array([np.eye(n_features) * sd ** 2] * k)
+    image = mixture_image(labels, means, covariances, rng)
+    weights = np.bincount(labels.ravel(), minlength=k) / labels.size
+    return image, labels, matched_accuracy(bayes_labels(image, weights, means, covariances), labels, k)
+
+
+# Classes that overlap enough for EM to crawl: a 4-class colour scene (means 0.15 to 0.3 apart,
+# sd 0.07) and a 3-class gray one.
+OVERLAPPING_COLOUR = [[0.35, 0.35, 0.45], [0.5, 0.45, 0.4], [0.45, 0.6, 0.5], [0.6, 0.55, 0.65]]
+OVERLAPPING_GRAY = [[0.3], [0.45], [0.6]]
