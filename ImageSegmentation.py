@@ -1546,11 +1546,11 @@ def plot_log_likelihood(segmentation, title, path):
     plt = _pyplot()
     if segmentation.spatial is not None:
         fit = segmentation.spatial
-        history, n_iter, converged = fit["objective"], fit["n_iter"], fit["converged"]
+        history, n_iter, em_steps, converged = fit["objective"], fit["n_iter"], fit["em_steps"], fit["converged"]
         name = "mean-field objective"
     else:
         model = segmentation.model
-        history, n_iter, converged = model.log_likelihood, model.n_iter, model.converged
+        history, n_iter, em_steps, converged = model.log_likelihood, model.n_iter, model.n_em_steps, model.converged
         name = "log-likelihood"
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
@@ -1559,8 +1559,8 @@ def plot_log_likelihood(segmentation, title, path):
     for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):
         ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
         ax.plot(iterations[-1], values[-1], marker="o", markersize=9, markerfacecolor="none",
-                color="tab:red", label=f"{stop} at iteration {n_iter}")
-        ax.set_xlabel("EM iteration")
+                color="tab:red", label=f"{stop} at iteration {n_iter} ({em_steps} EM steps)")
+        ax.set_xlabel("EM iteration" if em_steps == n_iter else "iteration (an accelerated cycle of 2-3 EM steps)")
         ax.set_xlim(0.5, len(history) + 0.5)
         ax.set_ylabel(f"{label} per pixel")
         ax.set_title(label[0].upper() + label[1:])
