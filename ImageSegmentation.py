@@ -30,14 +30,19 @@ number of distinct values instead of the number of pixels.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import signal
+import stat
 import struct
 import sys
+import threading
 import time
 import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -82,6 +87,9 @@ EXP_FLOOR = 300.0             # responsibilities below e^-300 are computed as e^
 EMPTY_COMPONENT = 1e-8        # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
+PANEL_INCHES = 4.5            # widest panel of the comparison figure
+PANEL_MAX_HEIGHT = 6.0        # tallest panel: a tall, narrow image gets a narrow panel
+FIGURE_DPI = 100
 PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
 
 # ----------------------------------------------------------------------------
@@ -138,9 +146,14 @@ def _table_picture(values, scale_by_range):
     notes = []
     if not np.isfinite(values).all():
         finite = values[np.isfinite(values)]
-        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
         bad = int(np.size(values) - finite.size)
-        notes.append(f"{bad} NaN or infinite values: NaN and -inf taken as the lowest value, +inf as the highest")
+        if finite.size:
+            low, high = finite.min(), finite.max()
+            notes.append(f"{bad} NaN or infinite values: NaN and -inf taken as the lowest value, "
+                         f"+inf as the highest")
+        else:
+            low, high = 0.0, 1.0
+            notes.append("no finite value: NaN and -inf taken as 0, +inf as 1")
         values = np.nan_to_num(values, nan=low, neginf=low, posinf=high)
     if scale_by_range:
         low, high = values.min(), values.max()
@@ -181,16 +194,9 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
     EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame.
     """
     path = Path(path)
-    saved_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None        # our own limit below, checked before decoding
     try:
-        if path.is_dir():
-            raise ImageError("is a folder")
-        if not path.exists():
-            raise ImageError("no such file")
-        if path.stat().st_size == 0:
-            raise ImageError("empty file")
-        with Image.open(path) as img:
+        _check_regular_file(path)
+        with _pillow_without_pixel_limit(), Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(f"{width}x{height} is {width * height:,} pixels, above the limit of "
@@ -201,7 +207,11 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 notes.append(f"{frames} frames: segmenting the first")
+            if img.mode in ("RGB", "RGBA") and img.tile and "16" in str(img.tile[0].args):
+                notes.append("16 bits a channel read as 8: Pillow reads 48- and 64-bit colour with 8 bits a channel")
             img.load()
+            if img.format == "PNG":
+                _check_png_data(path)
             if img.getexif().get(0x0112, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             picture = _picture_from_pil(img)
@@ -213,12 +223,79 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
         raise ImageError("not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
-    except (OSError, SyntaxError, EOFError, ValueError, struct.error) as error:
-        raise ImageError(f"truncated or corrupt image ({error})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved_limit
+    except (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error) as error:
+        raise ImageError(f"truncated or corrupt image ({shown(error)})") from None
     picture.notes[:0] = notes
     return picture
+
+
+def _check_regular_file(path):
+    """Refuse what is no image file before opening it: opening a FIFO would wait for a writer."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a folder")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        raise ImageError(f"not a regular file ({kind})")
+    if path.stat().st_size == 0:
+        raise ImageError("empty file")
+
+
+@contextmanager
+def _pillow_without_pixel_limit():
+    """Pillow's decompression-bomb limit off while we open a file: ours (--max-pixels) is checked
+    on the header instead.  Pillow keeps its limit in a module global, the only way it offers."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}          # colour type -> samples a pixel
+ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+
+def _check_png_data(path):
+    """Raise if a PNG's image data inflate to fewer bytes than its header promises.
+
+    Pillow accepts a complete zlib stream that is simply short and fills the missing rows with
+    black; this streams the IDAT chunks through zlib again, counting bytes, keeping none.
+    """
+    inflated, expected, inflater = 0, None, zlib.decompressobj()
+    with open(path, "rb") as file:
+        file.seek(8)
+        while True:
+            header = file.read(8)
+            if len(header) < 8:
+                break
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IHDR":
+                width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", file.read(13))
+                bits = depth * PNG_SAMPLES.get(colour, 1)
+                passes = ADAM7 if interlace else [(0, 0, 1, 1)]
+                expected = 0
+                for x0, y0, dx, dy in passes:
+                    columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+                    if columns > 0 and rows > 0:
+                        expected += rows * (1 + -(-columns * bits // 8))
+                file.seek(length - 13 + 4, os.SEEK_CUR)
+            elif kind == b"IDAT":
+                inflated += len(inflater.decompress(file.read(length)))
+                file.seek(4, os.SEEK_CUR)
+            elif kind == b"IEND":
+                break
+            else:
+                file.seek(length + 4, os.SEEK_CUR)
+    inflated += len(inflater.flush())
+    if expected is not None and inflated < expected:
+        raise ImageError(f"truncated or corrupt image (its image data end after {inflated:,} of "
+                         f"{expected:,} bytes)")
 
 
 def _picture_from_pil(img):
@@ -318,6 +395,45 @@ def distinct_values(picture, mode="auto"):
     return points(levels.astype(np.uint8)[:, None], 255.0, level_counts[levels], point_of_level[luma])
 
 
+def merge_points(values_a, weights_a, values_b, weights_b):
+    """The union of two weighted point sets, the weights of equal points added.
+
+    8-bit colour rows are compared as packed 24-bit codes (a 1-D sort), anything else row by row.
+    """
+    both = np.concatenate([values_a, values_b])
+    keys = pack_rgb(both) if both.dtype == np.uint8 and both.shape[1] == 3 else both
+    _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return both[first], np.bincount(index.reshape(-1), weights=np.concatenate([weights_a, weights_b]))
+
+
+def pool_points(point_sets):
+    """Many images' distinct values added up, for one model of a whole batch (--shared).
+
+    point_sets: an iterable of Points, consumed one at a time and merged as it goes, so memory
+    holds the union of the distinct values, never all the images.  A batch is colour when any
+    image is (gray ones join as R = G = B).  Images that share one scale keep their raw integer
+    values (gray levels stay levels, for --quantized); mixed scales are put on 0..1.  Returns
+    Points without keys (None for an empty iterable).
+    """
+    groups = {}                                        # (mode, scale) -> (raw values, weights)
+    for points in point_sets:
+        key = (points.mode, points.scale)
+        groups[key] = merge_points(*groups[key], points.values, points.weights) if key in groups \
+            else (points.values, points.weights)
+    if not groups:
+        return None
+    mode = "color" if any(group_mode == "color" for group_mode, _ in groups) else "gray"
+    scales = {scale for _, scale in groups}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    values = weights = None
+    for (group_mode, group_scale), (raw, counts) in groups.items():
+        raw = np.repeat(raw, 3, axis=1) if mode == "color" and group_mode == "gray" else raw
+        raw = raw if group_scale == scale else raw / group_scale
+        values, weights = (raw, counts) if values is None else merge_points(values, weights, raw, counts)
+    empty = np.zeros(0, dtype=np.int64)
+    return Points(values=values, weights=weights, scale=scale, keys=empty, point_of_key=empty, mode=mode)
+
+
 # ----------------------------------------------------------------------------
 # 4. The Gaussian mixture
 # ----------------------------------------------------------------------------
@@ -330,6 +446,14 @@ def distinct_values(picture, mode="auto"):
 # The numerics follow scikit-learn: covariances through their Cholesky factors,
 # reg_covar added to the diagonal, 10 * eps added to every component's mass, so
 # that from the same start both give the same model to round-off.
+
+
+class FitFailed(ValueError):
+    """EM cannot go on: a covariance became singular, or the log-likelihood is not finite.
+
+    A ValueError, as scikit-learn raises for an ill-defined covariance; the command line reports
+    it as that image's failure.
+    """
 
 
 class _Data:
@@ -422,7 +546,7 @@ def cholesky_precisions(covariances):
     try:
         lower = np.linalg.cholesky(covariances)
     except np.linalg.LinAlgError:
-        raise FloatingPointError("a covariance became singular; increase reg_covar") from None
+        raise FitFailed("a covariance became singular; increase reg_covar") from None
     inverse = np.zeros_like(lower)
     for i in range(lower.shape[-1]):
         inverse[:, i, i] = 1.0 / lower[:, i, i]
@@ -442,7 +566,7 @@ def precision_matrices(covariances, covariance_type, n_components, n_features):
         return precisions, half_log_det
     variances = covariances if covariance_type == "diag" else np.repeat(covariances[:, None], n_features, 1)
     if np.any(variances <= 0) or not np.all(np.isfinite(variances)):
-        raise FloatingPointError("a covariance became singular; increase reg_covar")
+        raise FitFailed("a covariance became singular; increase reg_covar")
     precisions = np.zeros((n_components, n_features, n_features))
     idx = np.arange(n_features)
     precisions[:, idx, idx] = 1.0 / variances
@@ -775,7 +899,7 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
 
 def _check_finite(value):
     if not math.isfinite(value):
-        raise FloatingPointError("the log-likelihood is not finite; increase reg_covar")
+        raise FitFailed("the log-likelihood is not finite; increase reg_covar")
 
 
 def distance_to_limit(values):
@@ -840,7 +964,7 @@ def _try_state(from_vector, vector, like, e_step):
         with np.errstate(all="ignore"):
             state = from_vector(vector, like)
             stats, value = e_step(state)
-    except (FloatingPointError, np.linalg.LinAlgError):
+    except (FitFailed, np.linalg.LinAlgError):
         return None
     return (state, stats, value) if math.isfinite(value) else None
 
@@ -1127,7 +1251,7 @@ class Segmentation:
     labels: np.ndarray          # (H, W) component index of every pixel
     requested_k: object         # an int, or "auto"
     bic_table: list | None = None    # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
-    shared: bool = False        # the model was fitted to a whole batch
+    shared: SharedModel | None = None   # the batch's model, when the image was labelled with one
     spatial: dict | None = None # the Potts-prior fit: beta, objective per iteration, n_iter, converged
 
 
@@ -1213,11 +1337,38 @@ def select_components(data, k_max, options, on_iteration=None, levels=None):
     return best, table
 
 
-def quantized_levels(picture, points):
-    """The top level when the fitted values are integer gray levels (8- or 16-bit), else None."""
-    if points.mode == "gray" and picture.kind in ("gray", "rgb"):
+def quantized_levels(points):
+    """The top level when the points are integer gray levels (8- or 16-bit), else None."""
+    if points.mode == "gray" and np.issubdtype(points.values.dtype, np.integer):
         return int(points.scale)
     return None
+
+
+def fit_points(points, n_components, options, *, k_max=DEFAULTS["k_max"], quantized=False, on_iteration=None):
+    """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
+
+    n_components: an int (lowered to the number of distinct values when there are fewer), or
+    "auto" to choose K in 1..k_max by BIC (the table lists every K tried; None otherwise).
+    quantized: fit integer gray levels as bins (section 4b); ignored for any other values.
+    """
+    data = _Data(points.values, points.weights, points.scale)
+    return _fit_model(data, quantized_levels(points) if quantized else None, n_components, options, k_max,
+                      on_iteration)
+
+
+def _fit_model(data, levels, n_components, options, k_max, on_iteration):
+    if n_components == "auto":
+        return select_components(data, k_max, options, on_iteration, levels)
+    return fit_components(data, n_components, options, on_iteration, levels), None
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """One model for a whole batch (--shared): its BIC table (with K = auto) and the images it saw."""
+    model: GaussianMixtureFit
+    bic_table: list | None
+    images: tuple
+    mode: str                   # "gray" or "color": the batch is colour when any image is
 
 
 # --- 5b. A spatial prior (--spatial BETA) -------------------------------------
@@ -1372,24 +1523,23 @@ def _argmax_over_components(q):
 # --- 5c. Putting it together ---------------------------------------------------
 
 
-def segment_points(picture, points, n_components, options=FitOptions(), *, k_max=10, model=None,
-                   quantized=False, spatial=0.0, on_iteration=None):
-    """Fit on the distinct values (or take a given model), then label every pixel.
+def segment_points(picture, points, n_components, options=FitOptions(), *, k_max=DEFAULTS["k_max"],
+                   shared=None, quantized=False, spatial=0.0, on_iteration=None):
+    """Fit on the distinct values (or take a batch's shared model), then label every pixel.
 
-    n_components: an int, or "auto" to choose K in 1..k_max by BIC.  quantized: fit gray levels
-    as bins (section 4b); ignored where the values are not integer gray levels.  spatial: the
-    strength BETA of a Potts prior on the labels (section 5b); 0 labels each pixel alone.
+    n_components and quantized as fit_points.  spatial: the strength BETA of a Potts prior on the
+    labels (section 5b); 0 labels each pixel alone.  With a shared model the spatial prior only
+    smooths the labels: the model is the batch's.
     """
     data = _Data(points.values, points.weights, points.scale)
-    levels = quantized_levels(picture, points) if quantized else None
-    shared, table = model is not None, None
-    if model is None and n_components == "auto":
-        model, table = select_components(data, k_max, options, on_iteration, levels)
-    elif model is None:
-        model = fit_components(data, n_components, options, on_iteration, levels)
+    if shared is None:
+        model, table = _fit_model(data, quantized_levels(points) if quantized else None, n_components, options,
+                                  k_max, on_iteration)
+    else:
+        model, table = shared.model, shared.bic_table
     if spatial > 0:
         model, labels, prior = spatial_fit(model, data, point_index(picture, points), spatial, options,
-                                           update_parameters=not shared, on_iteration=on_iteration)
+                                           update_parameters=shared is None, on_iteration=on_iteration)
         order = np.argsort(luminance(model.means), kind="stable")
         model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
         return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
@@ -1398,9 +1548,12 @@ def segment_points(picture, points, n_components, options=FitOptions(), *, k_max
 
 
 def palette(segmentation):
-    """Component means in the output's own units: uint8 (or uint16 for deep gray), (K,) or (K, 3)."""
+    """Component means in the output's own units: uint8 (uint16 for deep gray), (K,) or (K, 3).
+
+    Colour is always 8 bits a channel: Pillow writes no 16-bit RGB, and a palette holds bytes.
+    """
     picture, model = segmentation.picture, segmentation.model
-    top = 255 if picture.bits == 8 else 65535
+    top = 255 if picture.bits == 8 or model.means.shape[1] == 3 else 65535
     values = np.clip(np.rint(model.means * top), 0, top).astype(np.uint8 if top == 255 else np.uint16)
     return values[:, 0] if values.shape[1] == 1 else values
 
@@ -1430,8 +1583,10 @@ def segment_image(array, n_components, *, mode="auto", k_max=DEFAULTS["k_max"], 
 # ----------------------------------------------------------------------------
 # 6. Outputs and plots
 # ----------------------------------------------------------------------------
-# Every file is written under a temporary name in its final folder, then renamed,
-# so an interrupted run never leaves a truncated PNG or JSON behind.
+# An image's files are written all or nothing: each under a short temporary name in
+# the output folder, then all renamed into place, the JSON last, so a STEM_model.json
+# present means a complete set.  On any failure (a full disk, a signal, a bug) every
+# temporary, and every file this run had already renamed, is removed.
 
 OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json", "bic.png")
 
@@ -1440,20 +1595,81 @@ def output_paths(out_dir, stem):
     return {suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}" for suffix in OUTPUT_SUFFIXES}
 
 
-def write_atomically(path, write):
-    """Call write(temporary_path), then rename onto path; the temporary never survives a failure."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def shown(path):
+    """A file name as one printable line: bytes that are not UTF-8 as \\xNN, control characters escaped."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+_TEMPORARY_NUMBERS = itertools.count(1)
+
+
+class OutputSet:
+    """The outputs of one image, staged under temporary names and committed together.
+
+        with OutputSet() as outputs:
+            outputs.stage(path, write)       # write(temporary_path)
+            outputs.commit()                 # rename every file into place, in staging order
+
+    Leaving the block without commit(), or with an exception, removes what was staged and
+    what was renamed.  Temporary names are short (the pid and a counter), so an output name
+    that fits the file system's limit always has a temporary that fits too.
+    """
+    def __init__(self):
+        self.staged, self.committed = [], []
+
+    def __enter__(self):
+        return self
+
+    def stage(self, path, write):
+        path = Path(path)
+        if path.is_dir():
+            raise ImageError(f"cannot write {shown(path)}: it is a folder")
+        temporary = path.with_name(f".is-{os.getpid()}-{next(_TEMPORARY_NUMBERS)}.tmp")
+        self.staged.append((temporary, path))
+        try:
+            write(temporary)
+        except OSError as error:
+            raise ImageError(f"cannot write {shown(path)}: {error.strerror or error}") from None
+
+    def commit(self):
+        for temporary, path in self.staged:
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise ImageError(f"cannot write {shown(path)}: {error.strerror or error}") from None
+            self.committed.append(path)
+        self.staged = []
+
+    def __exit__(self, kind, error, trace):
+        for temporary, _ in self.staged:
+            _remove(temporary)
+        if kind is not None:
+            for path in self.committed:
+                _remove(path)
+        return False
+
+
+def _remove(path):
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+        os.unlink(path)
+    except OSError:
+        pass
 
 
-def _save_png(image, path):
-    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
+def write_atomically(path, write):
+    """One file, all or nothing: write(temporary_path), then rename onto path."""
+    with OutputSet() as outputs:
+        outputs.stage(path, write)
+        outputs.commit()
+
+
+def _png_writer(image):
+    return lambda path: image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def _figure_writer(figure):
+    return lambda path: figure.savefig(path, format="png", dpi=FIGURE_DPI)
 
 
 def segmented_image(segmentation):
@@ -1473,11 +1689,11 @@ def label_image(labels):
     return Image.fromarray(labels)    # uint8 -> L, uint16 -> I;16
 
 
-def model_record(segmentation, source, settings, seconds, shared_images=None):
+def model_record(segmentation, source, settings, notes, seconds):
     """The JSON contract: the model on the 0..1 intensity scale, its history and the run's settings."""
     model, picture = segmentation.model, segmentation.picture
     record = {
-        "image": str(source),
+        "image": shown(source),
         "width": picture.width,
         "height": picture.height,
         "mode": segmentation.points.mode,
@@ -1495,32 +1711,24 @@ def model_record(segmentation, source, settings, seconds, shared_images=None):
         "collapsed_components": collapsed_components(model, settings["reg_covar"]),
         "seed": settings["seed"],
         "settings": settings,
-        "notes": picture.notes,
-        "seconds": {name: round(value, 4) for name, value in seconds.items()},
+        "notes": list(notes),
+        "seconds": seconds,
     }
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
     record["quantized"] = model.levels is not None
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial
-    record["shared"] = segmentation.shared
-    if shared_images is not None:
-        record["shared_images"] = [str(p) for p in shared_images]
+    record["shared"] = segmentation.shared is not None
+    if segmentation.shared is not None:
+        record["shared_images"] = [shown(p) for p in segmentation.shared.images]
     return record
 
 
-def _write_json(record, path):
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _pyplot():
-    """matplotlib.pyplot, imported on first use (Agg unless --show), so the module imports fast."""
-    import matplotlib
-    if not _pyplot.interactive:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(width, height):
+    """A matplotlib Figure of its own: no pyplot, no global state, nothing to close."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _integer_ticks(ax):
@@ -1529,21 +1737,11 @@ def _integer_ticks(ax):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
-_pyplot.interactive = False
-
-
-def _save_figure(figure, path):
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    if not _pyplot.interactive:
-        _pyplot().close(figure)
-
-
-def plot_log_likelihood(segmentation, title, path):
+def plot_log_likelihood(segmentation, title):
     """The objective per iteration and its negative, the stopping point marked.
 
     The plain mixture's log-likelihood per pixel; with --spatial, the mean-field objective.
     """
-    plt = _pyplot()
     if segmentation.spatial is not None:
         fit = segmentation.spatial
         history, n_iter, em_steps, converged = fit["objective"], fit["n_iter"], fit["em_steps"], fit["converged"]
@@ -1555,7 +1753,8 @@ def plot_log_likelihood(segmentation, title, path):
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
     stop = "converged" if converged else "stopped at max_iter"
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    figure = _figure(10, 4)
+    axes = figure.subplots(1, 2)
     for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):
         ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
         ax.plot(iterations[-1], values[-1], marker="o", markersize=9, markerfacecolor="none",
@@ -1568,7 +1767,7 @@ def plot_log_likelihood(segmentation, title, path):
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     figure.suptitle(title)
-    _save_figure(figure, path)
+    return figure
 
 
 def _display_copy(picture):
@@ -1582,36 +1781,42 @@ def _display_copy(picture):
     return picture.table[codes], step
 
 
-def plot_comparison(segmentation, title, path):
-    """Original | segmented | label map, side by side, drawn from downsampled copies."""
-    plt = _pyplot()
+def plot_comparison(segmentation, title):
+    """Original | segmented | label map, side by side, drawn from downsampled copies.
+
+    Each panel keeps the image's aspect inside a PANEL_INCHES x PANEL_MAX_HEIGHT box, so the
+    figure's size is bounded whatever the image's shape (a 1 x 100000 strip included).
+    """
+    import matplotlib
     original, step = _display_copy(segmentation.picture)
     labels = segmentation.labels[::step, ::step]
     colours = palette(segmentation)
     k = segmentation.model.n_components
-    height = 4.5 * labels.shape[0] / labels.shape[1]              # panels 4.5 inches wide, true aspect
-    figure, axes = plt.subplots(1, 3, figsize=(15, height + 1.0), constrained_layout=True)
+    aspect = labels.shape[0] / labels.shape[1]
+    panel_width = min(PANEL_INCHES, PANEL_MAX_HEIGHT / aspect)
+    figure = _figure(max(3 * panel_width + 1.5, 8.0), panel_width * aspect + 1.0)
+    axes = figure.subplots(1, 3)
     gray = dict(cmap="gray", vmin=0, vmax=1)
     axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
     recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
     axes[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), interpolation="nearest")
-    shown = axes[2].imshow(labels, cmap=plt.get_cmap("viridis", k), vmin=-0.5, vmax=k - 0.5,
-                           interpolation="nearest")
-    colorbar = figure.colorbar(shown, ax=axes[2], shrink=0.9, label="component (0 = darkest)")
+    label_map = axes[2].imshow(labels, cmap=matplotlib.colormaps["viridis"].resampled(k), vmin=-0.5,
+                               vmax=k - 0.5, interpolation="nearest")
+    colorbar = figure.colorbar(label_map, ax=axes[2], shrink=0.9, label="component (0 = darkest)")
     colorbar.set_ticks(range(k) if k <= 16 else np.linspace(0, k - 1, 9).round())
     for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
         ax.set_title(name)
         ax.axis("off")
     figure.suptitle(title)
-    _save_figure(figure, path)
+    return figure
 
 
-def plot_bic(table, chosen, title, path):
+def plot_bic(table, chosen, title):
     """BIC against K, the chosen K marked."""
-    plt = _pyplot()
     ks = [row["k"] for row in table]
     scores = [row["bic"] for row in table]
-    figure, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    figure = _figure(6, 4)
+    ax = figure.subplots()
     ax.plot(ks, scores, marker="o", color="tab:blue")
     ax.plot(chosen, scores[ks.index(chosen)], marker="o", markersize=12, markerfacecolor="none",
             color="tab:red", label=f"chosen: K = {chosen}")
@@ -1621,25 +1826,51 @@ def plot_bic(table, chosen, title, path):
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     ax.set_title(title)
-    _save_figure(figure, path)
+    return figure
 
 
-def write_outputs(segmentation, paths, title):
-    _save_png(segmented_image(segmentation), paths["segmented"])
-    _save_png(label_image(segmentation.labels), paths["labels"])
-    plot_log_likelihood(segmentation, title, paths["loglik"])
-    plot_comparison(segmentation, title, paths["comparison"])
-    if segmentation.bic_table is not None:
-        plot_bic(segmentation.bic_table, segmentation.model.n_components, title, paths["bic"])
+def write_outputs(segmentation, paths, title, record):
+    """Every output of one image, all or nothing, the JSON record last.
+
+    The record's seconds get "write" (the images and figures) and the "total" grows by it.
+    """
+    started = time.perf_counter()
+    with OutputSet() as outputs:
+        outputs.stage(paths["segmented"], _png_writer(segmented_image(segmentation)))
+        outputs.stage(paths["labels"], _png_writer(label_image(segmentation.labels)))
+        outputs.stage(paths["loglik"], _figure_writer(plot_log_likelihood(segmentation, title)))
+        outputs.stage(paths["comparison"], _figure_writer(plot_comparison(segmentation, title)))
+        if segmentation.bic_table is not None:
+            outputs.stage(paths["bic"], _figure_writer(plot_bic(segmentation.bic_table,
+                                                                segmentation.model.n_components, title)))
+        seconds = record["seconds"]
+        seconds["write"] = time.perf_counter() - started
+        seconds["total"] = seconds["load"] + seconds["fit"] + seconds["write"]
+        record["seconds"] = {name: round(value, 4) for name, value in seconds.items()}
+        text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+        outputs.stage(paths["model"], lambda path: Path(path).write_text(text))
+        outputs.commit()
 
 
 # ----------------------------------------------------------------------------
 # 7. The command line
 # ----------------------------------------------------------------------------
+# Parse, dispatch, report.  Whatever a user, a file or the system does ends in one line
+# `error: <what>: <why>` on stderr and an exit status: 0 every image done, 1 some image
+# failed, 2 bad usage, 130 Ctrl-C, 143 SIGTERM.  Names are printed by shown(), so one
+# message is always one line.
 
 
 class UsageError(Exception):
     """Bad arguments or an unusable output folder: exit status 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised the way Ctrl-C is, so every clean-up path runs; it carries the signal."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _number_at_least(kind, minimum):
@@ -1671,7 +1902,10 @@ def _components(text):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"error: usage: {message} (see --help)\n")
+        hint = ""
+        if "unrecognized arguments: -" in message:
+            hint = "; a file whose name starts with '-' is given as ./-NAME or after --"
+        self.exit(2, f"error: usage: {shown(message)}{hint} (see --help)\n")
 
 
 def build_parser():
@@ -1800,34 +2034,78 @@ def prepare_output_folder(out):
     return folder
 
 
-def _settings(args):
+def _settings(args, options):
+    """Every option of the run, as the JSON records them (n_init as it was used)."""
     return dict(components=args.components, k_max=args.k_max, mode=args.mode, covariance=args.covariance,
-                max_iter=args.max_iter, tol=args.tol, n_init=args.n_init, init=args.init, seed=args.seed,
-                reg_covar=args.reg_covar, out=str(args.out), max_pixels=args.max_pixels, shared=args.shared,
+                max_iter=args.max_iter, tol=args.tol, n_init=options.n_init, init=args.init, seed=args.seed,
+                reg_covar=args.reg_covar, out=shown(args.out), max_pixels=args.max_pixels, shared=args.shared,
                 quantized=args.quantized, spatial=args.spatial, accelerate=args.accelerate)
 
 
-def _say(stream, text):
-    print(text, file=stream, flush=True)
-
-
 def fit_options_from(args):
+    n_init = args.n_init or DEFAULTS["auto_n_init" if args.components == "auto" else "n_init"]
     return FitOptions(covariance_type=args.covariance, max_iter=args.max_iter, tol=args.tol,
-                      reg_covar=args.reg_covar, n_init=args.n_init, init=args.init, random_state=args.seed,
+                      reg_covar=args.reg_covar, n_init=n_init, init=args.init, random_state=args.seed,
                       accelerate=args.accelerate)
 
 
-class Progress:
-    """One self-rewriting status line on stderr: only on a terminal, never with --quiet."""
+def _write_line(stream, text):
+    """One line on stderr; a stderr that cannot be written has nobody to tell."""
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.done = total, enabled, 0
+
+class Console:
+    """Where a run speaks: summary lines on stdout; messages and the progress line on stderr.
+
+    A closed stdout (`... | head -1`) ends the summary lines quietly and the batch goes on;
+    any other failure to write stdout (a full disk) is one error line and exit status 1.
+    The progress line is drawn only on a terminal, and never with --quiet.
+    """
+
+    def __init__(self, total, progress):
+        self.total, self.progress, self.done = total, progress, 0
         self.started = time.perf_counter()
+        self.stdout_open, self.failed = True, False
 
     def _draw(self, text):
-        if self.enabled:
-            sys.stderr.write("\r\033[K" + text)
-            sys.stderr.flush()
+        if self.progress:
+            try:
+                sys.stderr.write("\r\033[K" + text)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                self.progress = False
+
+    def out(self, text):
+        if not self.stdout_open:
+            return
+        try:
+            self._draw("")
+            print(text, file=sys.stdout, flush=True)
+        except BrokenPipeError:
+            self._close_stdout()
+        except OSError as error:
+            self._close_stdout()
+            self.failed = True
+            self.say(f"error: standard output: {error.strerror or error}")
+
+    def _close_stdout(self):
+        """Nothing more goes to stdout; point its descriptor at /dev/null so the exit's flush is quiet."""
+        self.stdout_open = False
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def say(self, text):
+        """A whole line on stderr, above the progress line."""
+        self._draw("")
+        _write_line(sys.stderr, text)
 
     def image_done(self):
         self.done += 1
@@ -1836,12 +2114,7 @@ class Progress:
         self._draw(f"[{self.done}/{self.total}] {elapsed:.0f}s elapsed, about {left:.0f}s left")
 
     def iteration(self, path, n_iter):
-        self._draw(f"[{self.done}/{self.total}] {path.name}: EM iteration {n_iter}")
-
-    def say(self, text, stream=None):
-        """Print a whole line above the status line."""
-        self._draw("")
-        print(text, file=stream or sys.stderr, flush=True)
+        self._draw(f"[{self.done}/{self.total}] {shown(path.name)}: EM iteration {n_iter}")
 
     def finish(self):
         self._draw("")
@@ -1856,75 +2129,58 @@ class Outcome:
     messages: list = field(default_factory=list)
 
 
-@dataclass
-class SharedModel:
-    model: GaussianMixtureFit
-    mode: str
-    images: list
-    bic_table: list | None
-
-
-def _segment_file(path, stem, args, inputs, shared, say, progress):
-    """Segment one file and write its outputs; returns the summary line."""
+def _segment_file(path, stem, args, inputs, shared, say, console):
+    """Read, segment and write one image; returns its summary line."""
     clock = time.perf_counter()
     picture = read_image(path, args.max_pixels)
     loaded = time.perf_counter()
     paths = output_paths(args.out, stem)
     for target in paths.values():
         if target.exists() and target.resolve() in inputs:
-            raise ImageError(f"output {target} would overwrite an input file; choose another --out")
+            raise ImageError(f"output {shown(target)} would overwrite an input file; choose another --out")
     points = distinct_values(picture, shared.mode if shared else args.mode)
     k = args.components or DEFAULTS[f"{points.mode}_components"]
-    if shared is None and k != "auto" and len(points.values) < k:
-        say(f"warning: {path}: only {len(points.values)} distinct values; "
-            f"fitting {len(points.values)} components instead of {k}")
-        picture.notes.append(f"fitted {len(points.values)} components instead of {k}: "
-                             f"only {len(points.values)} distinct values")
 
     def on_iteration(n_iter, log_likelihood):
         if args.verbose:
-            say(f"{path}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
-        elif progress is not None:
-            progress.iteration(path, n_iter)
-    if args.quantized and quantized_levels(picture, points) is None:
-        picture.notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
-                             f"{'colour' if points.mode == 'color' else 'floating-point'} image")
+            say(f"{shown(path)}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
+        elif console is not None:
+            console.iteration(path, n_iter)
+    options = fit_options_from(args)
     try:
-        segmentation = segment_points(picture, points, k, fit_options_from(args), k_max=args.k_max,
-                                      on_iteration=on_iteration, model=shared.model if shared else None,
-                                      quantized=args.quantized, spatial=args.spatial)
-    except FloatingPointError as error:
+        segmentation = segment_points(picture, points, k, options, k_max=args.k_max, shared=shared,
+                                      quantized=args.quantized, spatial=args.spatial, on_iteration=on_iteration)
+    except FitFailed as error:
         raise ImageError(str(error)) from None
-    if shared is not None:
-        segmentation.bic_table = shared.bic_table
     fitted = time.perf_counter()
-    model = segmentation.model
-    collapsed = collapsed_components(model, args.reg_covar)
-    if collapsed:
-        picture.notes.append(collapse_note(collapsed, args.reg_covar, model.means.shape[1] == 1))
-    title = f"{path.name}: {segmentation.points.mode}, K = {model.n_components}, {args.covariance} covariance" \
-            + (", quantized" if model.levels else "") + (", shared model" if shared else "") \
-            + (f", spatial prior {args.spatial:g}" if args.spatial else "")
-    write_outputs(segmentation, paths, title)
-    done = time.perf_counter()
-    seconds = dict(load=loaded - clock, fit=fitted - loaded, write=done - fitted, total=done - clock)
-    _write_json(model_record(segmentation, path, _settings(args), seconds, shared and shared.images),
-                paths["model"])
+    notes = picture.notes + fit_notes(segmentation, args.quantized and shared is None, args.reg_covar)
+    record = model_record(segmentation, path, _settings(args, options), notes,
+                          {"load": loaded - clock, "fit": fitted - loaded})
+    write_outputs(segmentation, paths, figure_title(path, segmentation, args.covariance, args.spatial), record)
     if not args.quiet:
-        for note in picture.notes:
-            say(f"note: {path}: {note}")
-    return summary_line(path, segmentation, seconds["total"])
+        for note in notes:
+            say(f"note: {shown(path)}: {note}")
+    return summary_line(path, segmentation, record["seconds"]["total"])
 
 
-def summary_line(path, segmentation, seconds):
-    """The one line per image on stdout."""
-    model, picture, prior = segmentation.model, segmentation.picture, segmentation.spatial
-    spatial = "" if prior is None else (
-        f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
-        f"objective={prior['objective'][-1]:.6f} ")
-    return (f"{path}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
-            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
-            f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
+def fit_notes(segmentation, quantized_asked, reg_covar):
+    """What the user should know about a fit: fewer components than asked, --quantized ignored, a collapse."""
+    model, points, notes = segmentation.model, segmentation.points, []
+    requested, k = segmentation.requested_k, model.n_components
+    if requested != "auto" and k < requested and segmentation.shared is None:    # a batch says it once
+        notes.append(fewer_components_note(len(points.values), requested))
+    if quantized_asked and model.levels is None:
+        notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
+                     f"{'colour' if points.mode == 'color' else 'floating-point'} image")
+    collapsed = collapsed_components(model, reg_covar) if len(points.values) > k else []
+    if collapsed:
+        notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1))
+    return notes
+
+
+def fewer_components_note(distinct, requested):
+    return (f"only {distinct} distinct value{'s' if distinct > 1 else ''}: fitted {distinct} "
+            f"component{'s' if distinct > 1 else ''} instead of {requested}")
 
 
 def collapse_note(collapsed, reg_covar, gray):
@@ -1935,18 +2191,37 @@ def collapse_note(collapsed, reg_covar, gray):
             + ("; --quantized fits gray levels as bins and cannot collapse" if gray else ""))
 
 
+def figure_title(path, segmentation, covariance, spatial):
+    model = segmentation.model
+    return (f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, {covariance} covariance"
+            + (", quantized" if model.levels else "") + (", shared model" if segmentation.shared else "")
+            + (f", spatial prior {spatial:g}" if spatial else ""))
+
+
+def summary_line(path, segmentation, seconds):
+    """The one line per image on stdout."""
+    model, picture, prior = segmentation.model, segmentation.picture, segmentation.spatial
+    spatial = "" if prior is None else (
+        f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
+        f"objective={prior['objective'][-1]:.6f} ")
+    return (f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
+            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
+            f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
+
+
 def _stop_word(converged):
     return "converged" if converged else "stopped-at-max-iter"
 
 
-def segment_file(path, stem, args, inputs, shared=None, progress=None):
-    """_segment_file with every failure of the input turned into an Outcome (the batch goes on)."""
+def segment_file(path, stem, args, inputs, shared=None, console=None):
+    """_segment_file with every failure of the input turned into an Outcome (the batch goes on).
+
+    console: print as it goes (in this process); None: collect the lines (in a worker).
+    """
     outcome = Outcome(path)
-    say = outcome.messages.append if progress is None else progress.say
+    say = outcome.messages.append if console is None else console.say
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outcome.line = _segment_file(path, stem, args, inputs, shared, say, progress)
+        outcome.line = _segment_file(path, stem, args, inputs, shared, say, console)
     except ImageError as error:
         outcome.error = str(error)
     except MemoryError:
@@ -1958,17 +2233,23 @@ def segment_file(path, stem, args, inputs, shared=None, progress=None):
     return outcome
 
 
+# --- Worker processes (--jobs) ---------------------------------------------------------------
+# A signal reaches a busy worker as KeyboardInterrupt once, so its image's clean-up runs to the
+# end; a worker killed from outside (the out-of-memory killer) breaks the pool, and the images
+# it left unfinished are run again, each in a fresh process of its own.
+
 _WORKER_STATE = {"busy": False, "interrupted": False}   # of a worker process
 
 
 def _worker_started():
-    """Ctrl-C reaches the workers too: a busy one stops its image cleanly, and none starts another."""
-    signal.signal(signal.SIGINT, lambda signum, frame: _worker_interrupted())
+    signal.signal(signal.SIGINT, _worker_interrupted)
+    signal.signal(signal.SIGTERM, _worker_interrupted)
 
 
-def _worker_interrupted():
+def _worker_interrupted(signum, frame):
+    first = not _WORKER_STATE["interrupted"]
     _WORKER_STATE["interrupted"] = True
-    if _WORKER_STATE["busy"]:
+    if first and _WORKER_STATE["busy"]:
         raise KeyboardInterrupt
 
 
@@ -1978,160 +2259,10 @@ def _segment_in_worker(task):
     _WORKER_STATE["busy"] = True
     try:
         return segment_file(*task)
-    except KeyboardInterrupt:            # its temporaries are already gone (write_atomically)
+    except KeyboardInterrupt:            # its temporaries are already gone (OutputSet)
         return Outcome(task[0], error="interrupted")
     finally:
         _WORKER_STATE["busy"] = False
-
-
-def merge_points(values_a, weights_a, values_b, weights_b):
-    """The union of two weighted point sets, the weights of equal points added.
-
-    8-bit colour rows are compared as packed 24-bit codes (a 1-D sort), anything else row by row.
-    """
-    both = np.concatenate([values_a, values_b])
-    keys = pack_rgb(both) if both.dtype == np.uint8 and both.shape[1] == 3 else both
-    _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    return both[first], np.bincount(index.reshape(-1), weights=np.concatenate([weights_a, weights_b]))
-
-
-def pooled_points(files, args, report):
-    """The distinct values of all the images together, their counts added up (for --shared).
-
-    Merged image by image, so memory holds the union of the distinct values, never all the images.
-    Returns (values on 0..1, weights, mode, top gray level or None, the files that could be read).
-    A batch is colour when any of its images is (gray images join it as R = G = B); its values
-    are integer gray levels (for --quantized) when every image has the same number of levels.
-    """
-    groups, readable, tops = {}, [], set()          # (mode, scale) -> (raw values, weights)
-    for path in files:
-        try:
-            picture = read_image(path, args.max_pixels)
-        except ImageError as error:
-            report(path, str(error))
-            continue
-        points = distinct_values(picture, args.mode)
-        key = (points.mode, points.scale)
-        groups[key] = merge_points(*groups[key], points.values, points.weights) if key in groups \
-            else (points.values, points.weights)
-        tops.add(quantized_levels(picture, points))
-        readable.append(path)
-    if not groups:
-        return None, None, None, None, readable
-    mode = "color" if any(m == "color" for m, _ in groups) else "gray"
-    values, weights = None, None
-    for (group_mode, scale), (raw, counts) in groups.items():
-        raw = np.repeat(raw, 3, axis=1) if mode == "color" and group_mode == "gray" else raw
-        scaled = raw / scale
-        values, weights = (scaled, counts) if values is None else merge_points(values, weights, scaled, counts)
-    top = tops.pop() if len(tops) == 1 and mode == "gray" else None
-    return values, weights, mode, top, readable
-
-
-def fit_shared_model(files, args, report):
-    values, weights, mode, top, readable = pooled_points(files, args, report)
-    if values is None:
-        return None, readable
-    levels = top if args.quantized else None
-    if args.quantized and levels is None:
-        report(None, "note: --quantized ignored for this batch: its values are not gray levels of one bit depth")
-    data = _Data(np.rint(values * levels), weights, levels) if levels else _Data(values, weights)
-    k = args.components or DEFAULTS[f"{mode}_components"]
-    try:
-        if k == "auto":
-            model, table = select_components(data, args.k_max, fit_options_from(args), levels=levels)
-        else:
-            if len(values) < k:
-                report(None, f"warning: only {len(values)} distinct values in the batch; fitting {len(values)} "
-                             f"components instead of {k}")
-            model, table = fit_components(data, k, fit_options_from(args), levels=levels), None
-    except FloatingPointError as error:
-        for path in readable:
-            report(path, str(error))
-        return None, []
-    return SharedModel(model, mode, readable, table), readable
-
-
-def main(argv=None):
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if args.n_init is None:
-        args.n_init = DEFAULTS["auto_n_init" if args.components == "auto" else "n_init"]
-    try:
-        prepare_output_folder(args.out)
-    except UsageError as error:
-        _say(sys.stderr, f"error: {error}")
-        return 2
-    _pyplot.interactive = args.show
-    jobs = 1 if args.show else (args.jobs or os.cpu_count() or 1)
-    started = time.perf_counter()
-    files, errors = collect_inputs(args.inputs)
-    failures = 0
-
-    def report(path, message):
-        nonlocal failures
-        if path is None:
-            _say(sys.stderr, message)
-            return
-        failures += 1
-        _say(sys.stderr, f"error: {path}: {message}")
-
-    for argument, message in errors:
-        report(argument, message)
-    inputs = {p.resolve() for p in files if p.exists()}     # never to be written over, readable or not
-    progress = Progress(len(files), sys.stderr.isatty() and not args.quiet)
-    try:
-        shared = None
-        if args.shared and files:
-            shared, files = fit_shared_model(files, args, report)
-        tasks = [(path, stem, args, inputs, shared) for path, stem in zip(files, unique_stems(files))]
-        if jobs > 1 and len(tasks) > 1:
-            with _process_pool(min(jobs, len(tasks))) as pool:
-                try:
-                    done = _report_outcomes(pool.map(_segment_in_worker, tasks), args, progress, report)
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-        else:
-            done = _report_outcomes((segment_file(*task, progress=progress) for task in tasks),
-                                    args, progress, report)
-    except KeyboardInterrupt:
-        progress.say("error: interrupted")
-        return 130
-    progress.finish()
-    if not args.quiet:
-        _say(sys.stderr, f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
-                         f"outputs in {args.out}")
-    if args.show:
-        _show_figures()
-    return 1 if failures else 0
-
-
-def _show_figures():
-    """--show: open the figures in windows, or say why there are none (no display, say)."""
-    plt = _pyplot()
-    import matplotlib
-    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
-        _say(sys.stderr, f"note: --show: matplotlib has no interactive backend here "
-                         f"({matplotlib.get_backend()}); the figures are only saved")
-        return
-    plt.show()
-
-
-def _report_outcomes(outcomes, args, progress, report):
-    """Print each outcome in input order as it arrives; returns how many succeeded."""
-    done = 0
-    for outcome in outcomes:
-        for message in outcome.messages:
-            progress.say(message)
-        if outcome.error is not None:
-            report(outcome.path, outcome.error)
-        else:
-            done += 1
-            if not args.quiet:
-                progress.say(outcome.line, sys.stdout)
-        progress.image_done()
-    return done
 
 
 def _process_pool(workers):
@@ -2140,6 +2271,191 @@ def _process_pool(workers):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                                   initializer=_worker_started)
+
+
+def segment_in_workers(tasks, workers):
+    """Outcomes of the tasks in input order, each as soon as it and those before it are done."""
+    from concurrent.futures.process import BrokenProcessPool
+    done, broken, next_index = {}, [], 0
+    with _process_pool(workers) as pool:
+        try:
+            futures = [pool.submit(_segment_in_worker, task) for task in tasks]
+            for index, future in enumerate(futures):
+                try:
+                    done[index] = future.result()
+                except BrokenProcessPool:
+                    broken.append(index)
+                while next_index in done:
+                    yield done.pop(next_index)
+                    next_index += 1
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
+    for index in broken:                 # each in a fresh process of its own: one that dies again fails alone
+        path = tasks[index][0]
+        with _process_pool(1) as pool:
+            try:
+                done[index] = pool.submit(_segment_in_worker, tasks[index]).result()
+                done[index].messages.insert(0, f"note: {shown(path)}: its worker process died; segmented again "
+                                               f"in a fresh one")
+            except BrokenProcessPool:
+                done[index] = Outcome(path, error="its worker process died twice (killed from outside, "
+                                                  "or out of memory)")
+            except KeyboardInterrupt:
+                _stop_workers(pool)
+                raise
+        while next_index in done:
+            yield done.pop(next_index)
+            next_index += 1
+
+
+def _stop_workers(pool):
+    """Ctrl-C or SIGTERM in the main process: every worker stops its image cleanly, none starts another."""
+    import multiprocessing
+    for sig in (signal.SIGINT, signal.SIGTERM):          # no second interrupt while cleaning up
+        signal.signal(sig, signal.SIG_IGN)
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signal.SIGINT)
+        except OSError:
+            pass
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- The run ---------------------------------------------------------------------------------
+
+
+def shared_model(files, args, report):
+    """--shared: read every image once, pool the distinct values, fit one model.
+
+    Returns the SharedModel (None when nothing could be read or fitted) and the files read.
+    """
+    readable = []
+
+    def point_sets():
+        for path in files:
+            try:
+                picture = read_image(path, args.max_pixels)
+            except ImageError as error:
+                report(path, str(error))
+                continue
+            readable.append(path)
+            yield distinct_values(picture, args.mode)
+    pooled = pool_points(point_sets())
+    if pooled is None:
+        return None, readable
+    if args.quantized and quantized_levels(pooled) is None:
+        report(None, "note: --quantized ignored for this batch: its values are not gray levels of one bit depth")
+    k = args.components or DEFAULTS[f"{pooled.mode}_components"]
+    try:
+        model, table = fit_points(pooled, k, fit_options_from(args), k_max=args.k_max, quantized=args.quantized)
+    except FitFailed as error:
+        for path in readable:
+            report(path, str(error))
+        return None, []
+    if k != "auto" and model.n_components < k:
+        report(None, f"note: the batch has {fewer_components_note(len(pooled.values), k)}")
+    return SharedModel(model, table, tuple(readable), pooled.mode), readable
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM raises Interrupted, as SIGINT raises KeyboardInterrupt; both handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Interrupted(signum)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    with _signals_as_interrupts():
+        try:
+            return _run(args)
+        except KeyboardInterrupt as interrupt:
+            signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+            _write_line(sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated")
+            return 128 + signum
+
+
+def _run(args):
+    try:
+        prepare_output_folder(args.out)
+    except UsageError as error:
+        _write_line(sys.stderr, f"error: {error}")
+        return 2
+    jobs = 1 if args.show else (args.jobs or os.cpu_count() or 1)
+    started = time.perf_counter()
+    files, errors = collect_inputs(args.inputs)
+    console = Console(len(files), sys.stderr.isatty() and not args.quiet)
+    failures = 0
+
+    def report(path, message):
+        nonlocal failures
+        if path is None:
+            console.say(message)
+            return
+        failures += 1
+        console.say(f"error: {shown(path)}: {message}")
+
+    for argument, message in errors:
+        report(argument, message)
+    inputs = {p.resolve() for p in files if p.exists()}     # never to be written over, readable or not
+    shared = None
+    if args.shared and files:
+        shared, files = shared_model(files, args, report)
+    tasks = [(path, stem, args, inputs, shared) for path, stem in zip(files, unique_stems(files))]
+    if jobs > 1 and len(tasks) > 1:
+        outcomes = segment_in_workers(tasks, min(jobs, len(tasks)))
+    else:
+        outcomes = (segment_file(*task, console=console) for task in tasks)
+    done, written = 0, []
+    for outcome in outcomes:
+        for message in outcome.messages:
+            console.say(message)
+        if outcome.error is not None:
+            report(outcome.path, outcome.error)
+        else:
+            done += 1
+            written.append(outcome.path)
+            if not args.quiet:
+                console.out(outcome.line)
+        console.image_done()
+    console.finish()
+    if not args.quiet:
+        console.say(f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
+                    f"outputs in {shown(args.out)}")
+    if args.show:
+        show_figures(args.out, [stem for (path, stem, *_) in tasks if path in written], console)
+    return 1 if failures or console.failed else 0
+
+
+def show_figures(out, stems, console):
+    """--show: open the saved figures in windows, or say why there are none (no display, say)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
+        console.say(f"note: --show: matplotlib has no interactive backend here ({matplotlib.get_backend()}); "
+                    f"the figures are only saved")
+        return
+    for stem in stems:
+        for key in ("comparison", "loglik", "bic"):
+            path = output_paths(out, stem)[key]
+            if path.exists():
+                figure = plt.figure(figsize=(10, 6))
+                figure.figimage(np.asarray(Image.open(path)), resize=True)
+                figure.canvas.manager.set_window_title(shown(path.name))
+    plt.show()
 
 
 if __name__ == "__main__":

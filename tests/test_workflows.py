@@ -177,22 +177,20 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
         json.loads(model.read_text())
 
 
-def test_pooled_points_are_the_histogram_of_all_images_together(tmp_path, rng):
+def test_pooled_points_are_the_histogram_of_all_images_together(rng):
     """--shared merges image by image; the result is the distinct values of the images side by side."""
-    import argparse
     a = rng.integers(0, 40, size=(20, 30, 3), dtype=np.uint8)
     b = rng.integers(20, 60, size=(20, 25, 3), dtype=np.uint8)
     g = rng.integers(0, 50, size=(20, 10), dtype=np.uint8)
-    for name, array in (("a", a), ("b", b), ("g", g)):
-        Image.fromarray(array).save(tmp_path / f"{name}.png")
-    args = argparse.Namespace(max_pixels=10 ** 6, mode="auto")
-    values, weights, mode, top, readable = seg.pooled_points(
-        [tmp_path / f"{n}.png" for n in "abg"], args, lambda *a: None)
+    pooled = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (a, b, g))
     together = np.concatenate([a, b, np.repeat(g[..., None], 3, axis=2)], axis=1)
     expected = seg.distinct_values(seg.picture_from_array(together), "color")
-    assert mode == "color" and top is None and len(readable) == 3
-    order = np.lexsort(values.T[::-1])
+    assert pooled.mode == "color" and pooled.scale == 255 and seg.quantized_levels(pooled) is None
+    order = np.lexsort(pooled.values.T[::-1])
     expected_order = np.lexsort(expected.values.T[::-1])
-    np.testing.assert_array_equal(values[order] * 255, expected.values[expected_order])
-    np.testing.assert_array_equal(weights[order], expected.weights[expected_order])
-    assert weights.sum() == together.shape[0] * together.shape[1]
+    np.testing.assert_array_equal(pooled.values[order], expected.values[expected_order])
+    np.testing.assert_array_equal(pooled.weights[order], expected.weights[expected_order])
+    assert pooled.weights.sum() == together.shape[0] * together.shape[1]
+    gray = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (g, g[::2]))
+    assert gray.mode == "gray" and seg.quantized_levels(gray) == 255 and gray.weights.sum() == 300
+    assert seg.pool_points(iter([])) is None
