@@ -1,10 +1,12 @@
 """Shared helpers: the program is imported from the repository root; images are made here."""
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,6 +58,37 @@ def matched_accuracy(found, truth, n_components):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def run(argv, capsys):
+    """The command line in this process: (status, stdout, stderr).  One process unless argv asks for
+    --jobs, so a test's process pool never depends on the machine's core count."""
+    argv = [str(a) for a in argv]
+    if not any(a in ("-j", "--jobs") or a.startswith("--jobs=") for a in argv):
+        argv += ["--jobs", "1"]
+    status = seg.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def two_tone(path, rng, size=(40, 60), color=False):
+    """A small image: dark left half, bright right half, with noise."""
+    levels = np.where(np.arange(size[1]) < size[1] // 2, 60, 190)[None, :].repeat(size[0], 0)
+    noisy = np.clip(levels + rng.normal(0, 12, size), 0, 255).astype(np.uint8)
+    array = np.stack([noisy, 255 - noisy, noisy // 2], axis=-1) if color else noisy
+    Image.fromarray(array).save(path)
+    return array
+
+
+def record_of(out_dir, stem):
+    """The JSON record written for an image."""
+    return json.loads((Path(out_dir) / f"{stem}_model.json").read_text())
+
+
+def outputs_of(out_dir, stem, bic=False):
+    """The output files of an image, by the program's own list of suffixes."""
+    return {suffix: Path(out_dir) / f"{stem}_{suffix}" for suffix in seg.OUTPUT_SUFFIXES
+            if bic or suffix != "bic.png"}
 
 
 def class_scene(rng, means, sd, shape=(96, 128)):

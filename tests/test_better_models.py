@@ -8,8 +8,7 @@ from PIL import Image
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
-from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, seg
-from test_cli import run
+from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, record_of, run, seg
 
 # --- --quantized --------------------------------------------------------------------------------------------
 
@@ -92,8 +91,8 @@ def test_quantized_on_the_command_line(tmp_path, rng, capsys):
     status, out, err = run([tmp_path / "gray.png", tmp_path / "color.png", "-k", "3", "--quantized",
                             "--out", tmp_path / "out"], capsys)
     assert status == 0, err
-    gray = json.loads((tmp_path / "out" / "gray_model.json").read_text())
-    color = json.loads((tmp_path / "out" / "color_model.json").read_text())
+    gray = record_of(tmp_path / "out", "gray")
+    color = record_of(tmp_path / "out", "color")
     assert gray["quantized"] is True and gray["settings"]["quantized"] is True
     assert max(gray["log_likelihood"]) <= 0
     assert color["quantized"] is False and any("--quantized" in note for note in color["notes"])
@@ -144,7 +143,7 @@ def test_spatial_on_the_command_line(tmp_path, rng, capsys):
     Image.fromarray(image).save(tmp_path / "scene.png")
     status, out, err = run([tmp_path / "scene.png", "-k", "3", "--spatial", "1", "--out", tmp_path], capsys)
     assert status == 0, err
-    record = json.loads((tmp_path / "scene_model.json").read_text())
+    record = record_of(tmp_path, "scene")
     assert record["settings"]["spatial"] == 1.0 and record["spatial"]["beta"] == 1.0
     assert len(record["spatial"]["objective"]) == record["spatial"]["n_iter"]
     found = np.asarray(Image.open(tmp_path / "scene_labels.png"))
@@ -161,8 +160,8 @@ def test_spatial_with_a_shared_model_keeps_the_model(tmp_path, rng, capsys):
     status, out, err = run([tmp_path, "--shared", "-k", "3", "--spatial", "1", "--out", tmp_path / "smooth"], capsys)
     assert status == 0, err
     for name in ("a", "b"):
-        plain = json.loads((tmp_path / "plain" / f"{name}_model.json").read_text())
-        smooth = json.loads((tmp_path / "smooth" / f"{name}_model.json").read_text())
+        plain = record_of(tmp_path / "plain", name)
+        smooth = record_of(tmp_path / "smooth", name)
         assert plain["means"] == smooth["means"] and smooth["shared"]
         assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / f"{name}_labels.png")),
                                   np.asarray(Image.open(tmp_path / "smooth" / f"{name}_labels.png")))

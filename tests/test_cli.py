@@ -9,27 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, seg
+from conftest import ROOT, outputs_of, record_of, run, seg, two_tone
 
 JSON_KEYS = {"image", "width", "height", "mode", "k", "covariance_type", "distinct_values", "weights", "means",
              "covariances", "log_likelihood", "n_iter", "converged", "seed", "settings", "seconds"}
 SETTINGS_KEYS = {"components", "mode", "covariance", "max_iter", "tol", "n_init", "init", "seed", "reg_covar",
                  "out", "max_pixels"}
-
-
-def run(argv, capsys):
-    status = seg.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def two_tone(path, rng, size=(40, 60), color=False):
-    """A small image: dark left half, bright right half, with noise."""
-    levels = np.where(np.arange(size[1]) < size[1] // 2, 60, 190)[None, :].repeat(size[0], 0)
-    noisy = np.clip(levels + rng.normal(0, 12, size), 0, 255).astype(np.uint8)
-    array = np.stack([noisy, 255 - noisy, noisy // 2], axis=-1) if color else noisy
-    Image.fromarray(array).save(path)
-    return array
 
 
 @pytest.mark.parametrize("color", [False, True], ids=["gray", "color"])
@@ -40,7 +25,7 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
     out_dir = tmp_path / "out"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         f"scan_{s}" for s in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json"))
-    record = json.loads((out_dir / "scan_model.json").read_text())
+    record = record_of(out_dir, "scan")
     assert JSON_KEYS <= set(record) and SETTINGS_KEYS <= set(record["settings"])
     assert set(record["seconds"]) == {"load", "fit", "write", "total"}
     assert record["mode"] == ("color" if color else "gray") and record["k"] == 2
@@ -74,7 +59,7 @@ def test_same_command_writes_the_same_images(tmp_path, rng, capsys):
         assert run([tmp_path / "a.png", "--out", tmp_path / out, "--n-init", "2"], capsys)[0] == 0
     for name in ("labels", "segmented", "loglik", "comparison"):
         assert (tmp_path / "one" / f"a_{name}.png").read_bytes() == (tmp_path / "two" / f"a_{name}.png").read_bytes()
-    one, two = (json.loads((tmp_path / d / "a_model.json").read_text()) for d in ("one", "two"))
+    one, two = (record_of(tmp_path / d, "a") for d in ("one", "two"))
     one.pop("seconds"), two.pop("seconds")
     one["settings"].pop("out"), two["settings"].pop("out")
     assert one == two
@@ -85,30 +70,30 @@ def test_default_components_three_gray_five_color(tmp_path, rng, capsys):
     Image.fromarray(rng_image).save(tmp_path / "c.png")
     Image.fromarray(rng_image[..., 0]).save(tmp_path / "g.png")
     assert run([tmp_path, "--out", tmp_path / "out", "--max-iter", "3"], capsys)[0] == 0
-    assert json.loads((tmp_path / "out" / "c_model.json").read_text())["k"] == 5
-    assert json.loads((tmp_path / "out" / "g_model.json").read_text())["k"] == 3
+    assert record_of(tmp_path / "out", "c")["k"] == 5
+    assert record_of(tmp_path / "out", "g")["k"] == 3
 
 
 def test_mode_switches(tmp_path, rng, capsys):
     two_tone(tmp_path / "c.png", rng, color=True)
     assert run([tmp_path / "c.png", "--mode", "gray", "-k", "2", "--out", tmp_path / "g"], capsys)[0] == 0
-    record = json.loads((tmp_path / "g" / "c_model.json").read_text())
+    record = record_of(tmp_path / "g", "c")
     assert record["mode"] == "gray" and np.shape(record["means"]) == (2, 1)
     assert Image.open(tmp_path / "g" / "c_segmented.png").mode == "L"
     # An RGB file whose channels are all equal is gray in auto mode.
     gray = np.repeat(rng.integers(0, 256, (20, 20), dtype=np.uint8)[..., None], 3, axis=2)
     Image.fromarray(gray).save(tmp_path / "equal.png")
     assert run([tmp_path / "equal.png", "--out", tmp_path / "e", "-k", "2"], capsys)[0] == 0
-    assert json.loads((tmp_path / "e" / "equal_model.json").read_text())["mode"] == "gray"
+    assert record_of(tmp_path / "e", "equal")["mode"] == "gray"
     assert run([tmp_path / "equal.png", "--mode", "color", "--out", tmp_path / "f", "-k", "2"], capsys)[0] == 0
-    assert json.loads((tmp_path / "f" / "equal_model.json").read_text())["mode"] == "color"
+    assert record_of(tmp_path / "f", "equal")["mode"] == "color"
 
 
 @pytest.mark.parametrize("covariance", ["full", "diag", "spherical", "tied"])
 def test_covariance_shapes_in_json(tmp_path, rng, capsys, covariance):
     two_tone(tmp_path / "c.png", rng, color=True)
     assert run([tmp_path / "c.png", "--covariance", covariance, "-k", "2", "--out", tmp_path], capsys)[0] == 0
-    record = json.loads((tmp_path / "c_model.json").read_text())
+    record = record_of(tmp_path, "c")
     expected = {"full": (2, 3, 3), "diag": (2, 3), "spherical": (2,), "tied": (3, 3)}[covariance]
     assert np.shape(record["covariances"]) == expected
 
@@ -124,7 +109,7 @@ def test_verbose_prints_every_iteration_and_quiet_prints_nothing(tmp_path, rng, 
 def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
     image = two_tone(tmp_path / "a.png", rng, color=True)
     run([tmp_path / "a.png", "-k", "3", "--out", tmp_path], capsys)
-    record = json.loads((tmp_path / "a_model.json").read_text())
+    record = record_of(tmp_path, "a")
     model = seg.GaussianMixtureFit(np.array(record["weights"]), np.array(record["means"]),
                                    np.array(record["covariances"]), "full", [], 0, True)
     labels = np.asarray(Image.open(tmp_path / "a_labels.png"))
@@ -146,7 +131,7 @@ def test_default_run_from_a_fresh_clone(tmp_path):
         for suffix in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json"):
             assert (clone / "output" / f"{sample.stem}_{suffix}").stat().st_size > 0
     assert len(result.stdout.splitlines()) == len(samples)
-    modes = {json.loads((clone / "output" / f"{p.stem}_model.json").read_text())["mode"] for p in samples}
+    modes = {record_of(clone / "output", p.stem)["mode"] for p in samples}
     assert modes == {"gray", "color"}
 
 
@@ -169,7 +154,7 @@ def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
     assert status == 0, err
     labels = Image.open(tmp_path / "deep_labels.png")
     assert labels.mode.startswith("I") and np.asarray(labels).max() > 255
-    record = json.loads((tmp_path / "deep_model.json").read_text())
+    record = record_of(tmp_path, "deep")
     assert record["k"] == 300 and len(np.unique(np.asarray(labels))) <= 300
     colour = np.stack([levels % 256, levels // 256, (levels // 7) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(colour).save(tmp_path / "many.png")

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import OVERLAPPING_COLOUR, OVERLAPPING_GRAY, class_scene, matched_accuracy, seg
+from conftest import OVERLAPPING_COLOUR, OVERLAPPING_GRAY, class_scene, matched_accuracy, record_of, run, seg
 from test_better_models import CLIPPED, bayes_of_levels, clipped_image
-from test_cli import run
 
 SCENES = {"colour, 4 classes": (OVERLAPPING_COLOUR, 0.07), "gray, 3 classes": (OVERLAPPING_GRAY, 0.06)}
 
@@ -112,7 +111,7 @@ def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
     Image.fromarray(image).save(tmp_path / "clipped.png")
     status, out, err = run([tmp_path / "clipped.png", "-k", "3", "--out", tmp_path / "a"], capsys)
     assert status == 0, err
-    record = json.loads((tmp_path / "a" / "clipped_model.json").read_text())
+    record = record_of(tmp_path / "a", "clipped")
     assert record["converged"] and " converged " in out and record["em_steps"] >= 2 * record["n_iter"]
     assert record["collapsed_components"] == [0]                      # the clipped black run
     assert any("--quantized" in note and "collapsed" in note for note in record["notes"])
@@ -120,7 +119,7 @@ def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
 
     status, out, err = run([tmp_path / "clipped.png", "-k", "3", "--quantized", "--max-iter", "2",
                             "--accelerate", "none", "--out", tmp_path / "b"], capsys)
-    record = json.loads((tmp_path / "b" / "clipped_model.json").read_text())
+    record = record_of(tmp_path / "b", "clipped")
     assert status == 0 and not record["converged"] and record["n_iter"] == record["em_steps"] == 2
     assert "iterations=2 em-steps=2 stopped-at-max-iter" in out
     assert record["collapsed_components"] == [] and "collapsed" not in err

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import seg
-from test_cli import run, two_tone
-
-
-def outputs_of(out_dir, stem):
-    return {suffix: out_dir / f"{stem}_{suffix}" for suffix in
-            ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")}
+from conftest import outputs_of, record_of, run, seg, two_tone
 
 
 def assert_segmented(out_dir, stem, shape, mode=None):
@@ -340,7 +334,7 @@ def test_shared_batch_messages(tmp_path, rng, capsys):
     Image.fromarray((np.arange(64).reshape(8, 8) * 900).astype(np.uint16)).save(tmp_path / "deep.png")
     status, out, err = run([tmp_path, "--shared", "--quantized", "-k", "2", "--out", tmp_path / "q"], capsys)
     assert status == 0 and "note: --quantized ignored for this batch" in err
-    assert json.loads((tmp_path / "q" / "deep_model.json").read_text())["quantized"] is False
+    assert record_of(tmp_path / "q", "deep")["quantized"] is False
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_text("not an image")
     status, out, err = run([tmp_path / "bad", "--shared", "--out", tmp_path / "r"], capsys)

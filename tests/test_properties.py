@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from conftest import seg
+from conftest import record_of, seg
 
 KINDS = ["uint8-gray", "uint8-rgb", "uint16-gray", "float32-gray"]
 
@@ -79,7 +79,7 @@ def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance)
     Image.fromarray(array).save(path)
     status = seg.main([str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")])
     assert status == 0
-    record = json.loads((folder / "out" / "in_model.json").read_text())
+    record = record_of(folder / "out", "in")
     labels = np.asarray(Image.open(folder / "out" / "in_labels.png"))
     assert labels.shape == array.shape[:2] and labels.max() < record["k"] <= k
     assert record["k"] == min(k, record["distinct_values"])

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import mixture_image, seg
-from test_cli import run, two_tone
+from conftest import mixture_image, record_of, run, seg, two_tone
 
 
 def separated_mixture(k, n_features, rng, size=(64, 80)):
@@ -36,7 +35,7 @@ def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_featu
     Image.fromarray(separated_mixture(k, n_features, rng)).save(tmp_path / "mix.png")
     status, out, err = run([tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--out", tmp_path], capsys)
     assert status == 0, err
-    record = json.loads((tmp_path / "mix_model.json").read_text())
+    record = record_of(tmp_path, "mix")
     assert record["k"] == k and record["requested_k"] == "auto"
     assert record["settings"]["n_init"] == 2                 # two starts per K unless told otherwise
     assert [row["k"] for row in record["bic"]] == list(range(1, 9))
@@ -65,7 +64,7 @@ def test_shared_model_labels_mean_the_same_in_every_image(tmp_path, rng, capsys)
     status, out, err = run([tmp_path / "a.png", tmp_path / "b.png", "--shared", "-k", "3", "--out",
                             tmp_path / "out"], capsys)
     assert status == 0, err
-    a, b = (json.loads((tmp_path / "out" / f"{s}_model.json").read_text()) for s in "ab")
+    a, b = (record_of(tmp_path / "out", s) for s in "ab")
     for key in ("weights", "means", "covariances", "log_likelihood", "k"):
         assert a[key] == b[key]
     assert a["shared"] and b["shared"] and a["shared_images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
@@ -82,7 +81,7 @@ def test_shared_model_labels_mean_the_same_in_every_image(tmp_path, rng, capsys)
         assert len(np.unique(labels[values == value])) == 1
     # Unshared, each image gets its own model.
     run([tmp_path / "a.png", tmp_path / "b.png", "-k", "3", "--out", tmp_path / "solo"], capsys)
-    solo_a = json.loads((tmp_path / "solo" / "a_model.json").read_text())
+    solo_a = record_of(tmp_path / "solo", "a")
     assert solo_a["shared"] is False and solo_a["means"] != a["means"]
 
 
@@ -91,7 +90,7 @@ def test_shared_batch_of_gray_and_colour_is_colour(tmp_path, rng, capsys):
     two_tone(tmp_path / "c.png", rng, color=True)
     status, out, err = run([tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"], capsys)
     assert status == 0, err
-    g, c = (json.loads((tmp_path / "o" / f"{s}_model.json").read_text()) for s in "gc")
+    g, c = (record_of(tmp_path / "o", s) for s in "gc")
     assert g["mode"] == c["mode"] == "color" and g["means"] == c["means"] and g["bic"] == c["bic"]
     assert (tmp_path / "o" / "g_bic.png").exists()
 
