@@ -1184,7 +1184,8 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
         weights, means, covariances = _starting_parameters(
             data, n_components, covariance_type, options.reg_covar,
             _initial_statistics(data, n_components, options.init, rng), [None] * 3)
-        start = GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, [], 0, False, top)
+        start = GaussianMixtureFit(weights, means + data.center, np.maximum(covariances, floor), covariance_type,
+                                   [], 0, False, top)
         run = run_em(
             start,
             lambda model: _quantized_pass(model, levels, counts, top),
