@@ -2217,12 +2217,19 @@ def _stop_word(converged):
 def segment_file(path, stem, args, inputs, shared=None, console=None):
     """_segment_file with every failure of the input turned into an Outcome (the batch goes on).
 
+    A warning raised on the way (NumPy's numerical ones included) becomes one `warning:` line.
     console: print as it goes (in this process); None: collect the lines (in a worker).
     """
     outcome = Outcome(path)
     say = outcome.messages.append if console is None else console.say
     try:
-        outcome.line = _segment_file(path, stem, args, inputs, shared, say, console)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                outcome.line = _segment_file(path, stem, args, inputs, shared, say, console)
+            finally:
+                for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+                    say(f"warning: {shown(path)}: {shown(message)}")
     except ImageError as error:
         outcome.error = str(error)
     except MemoryError:

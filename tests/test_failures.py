@@ -308,3 +308,17 @@ def test_stdout_on_a_full_device(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("error: standard output: No space left on device") == 1
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
+
+
+def test_a_numerical_warning_reaches_the_user_in_one_line(tmp_path, capsys, monkeypatch):
+    two_tone(tmp_path / "a.png", np.random.default_rng(0))
+    real = seg.segment_points
+
+    def warns(*args, **kwargs):
+        np.log(np.zeros(1))                          # RuntimeWarning: divide by zero encountered in log
+        return real(*args, **kwargs)
+    monkeypatch.setattr(seg, "segment_points", warns)
+    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
+    assert status == 0
+    assert f"warning: {tmp_path / 'a.png'}: RuntimeWarning: divide by zero encountered in log\n" in err
+    assert len(one_line_messages(err)) == 2
