@@ -716,7 +716,8 @@ class GaussianMixtureFit:
     log_likelihood: list        # mean log-likelihood per sample after each iteration
     n_iter: int
     converged: bool
-    levels: int | None = None   # quantized model of gray levels 0..levels (see section 4b), else None
+    quantized_top: int | None = None   # the binned model of gray levels 0..quantized_top (section 4b);
+                                       # None: the Gaussian density model
     n_em_steps: int = 0         # EM maps evaluated (an accelerated iteration costs two or three)
 
     @property
@@ -1185,7 +1186,7 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
             data, n_components, covariance_type, options.reg_covar,
             _initial_statistics(data, n_components, options.init, rng), [None] * 3)
         start = GaussianMixtureFit(weights, means + data.center, np.maximum(covariances, floor), covariance_type,
-                                   [], 0, False, top)
+                                   [], 0, False, quantized_top=top)
         run = run_em(
             start,
             lambda model: _quantized_pass(model, levels, counts, top),
@@ -1228,7 +1229,7 @@ def collapsed_components(model, reg_covar):
     components are left to fit the rest of the image.  The binned model cannot collapse (a bin's
     probability is at most 1), and a tied covariance is shared by all components.
     """
-    if model.levels is not None or model.covariance_type == "tied" or reg_covar <= 0:
+    if model.quantized_top is not None or model.covariance_type == "tied" or reg_covar <= 0:
         return []
     covariances = np.asarray(model.covariances)
     variances = {"full": lambda: np.diagonal(covariances, axis1=1, axis2=2).min(axis=1),
@@ -1272,9 +1273,9 @@ def log_density_blocks(model, data):
     Gaussian densities for the density model; bin probabilities for a quantized one (whose
     points are gray levels, a few hundred or thousand, so one block).
     """
-    if model.levels is not None:
-        levels = np.rint(data.values[:, 0] / data.scale * model.levels)
-        yield 0, log_bin_probabilities(model, levels, model.levels)
+    if model.quantized_top is not None:
+        levels = np.rint(data.values[:, 0] / data.scale * model.quantized_top)
+        yield 0, log_bin_probabilities(model, levels, model.quantized_top)
         return
     coefficients = log_density_coefficients(model.weights, model.means - data.center,
                                             model.covariances, model.covariance_type)
@@ -1313,24 +1314,25 @@ def point_index(picture, points):
     return lookup_codes(picture, lut)
 
 
-def fit_components(data, n_components, options, on_iteration=None, levels=None):
+def fit_components(data, n_components, options, on_iteration=None, quantized_top=None):
     """K components (at most one per distinct value), numbered by luminance.
 
-    levels: fit gray levels 0..levels as bins (fit_quantized_gmm) instead of points.
+    quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
     """
     k = min(n_components, _n_distinct(data))
-    if levels is not None:
-        fit = _fit_quantized(data.values[:, 0].astype(np.float64), data.weights, k, levels, options, on_iteration)
+    if quantized_top is not None:
+        fit = _fit_quantized(data.values[:, 0].astype(np.float64), data.weights, k, quantized_top, options,
+                             on_iteration)
     else:
         fit = _fit_data(data, k, options, on_iteration=on_iteration)
     return order_by_luminance(fit)
 
 
-def select_components(data, k_max, options, on_iteration=None, levels=None):
+def select_components(data, k_max, options, on_iteration=None, quantized_top=None):
     """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
     best, best_score, table = None, math.inf, []
     for k in range(1, min(k_max, _n_distinct(data)) + 1):
-        model = fit_components(data, k, options, on_iteration, levels)
+        model = fit_components(data, k, options, on_iteration, quantized_top)
         score = bic(model, data.total_weight)
         table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
         if score < best_score:
@@ -1338,8 +1340,8 @@ def select_components(data, k_max, options, on_iteration=None, levels=None):
     return best, table
 
 
-def quantized_levels(points):
-    """The top level when the points are integer gray levels (8- or 16-bit), else None."""
+def gray_level_top(points):
+    """The top gray level (255 or 65535) when the points are integer gray levels, else None."""
     if points.mode == "gray" and np.issubdtype(points.values.dtype, np.integer):
         return int(points.scale)
     return None
@@ -1353,14 +1355,14 @@ def fit_points(points, n_components, options, *, k_max=DEFAULTS["k_max"], quanti
     quantized: fit integer gray levels as bins (section 4b); ignored for any other values.
     """
     data = _Data(points.values, points.weights, points.scale)
-    return _fit_model(data, quantized_levels(points) if quantized else None, n_components, options, k_max,
+    return _fit_model(data, gray_level_top(points) if quantized else None, n_components, options, k_max,
                       on_iteration)
 
 
-def _fit_model(data, levels, n_components, options, k_max, on_iteration):
+def _fit_model(data, quantized_top, n_components, options, k_max, on_iteration):
     if n_components == "auto":
-        return select_components(data, k_max, options, on_iteration, levels)
-    return fit_components(data, n_components, options, on_iteration, levels), None
+        return select_components(data, k_max, options, on_iteration, quantized_top)
+    return fit_components(data, n_components, options, on_iteration, quantized_top), None
 
 
 @dataclass(frozen=True)
@@ -1414,11 +1416,11 @@ def _pixel_log_probabilities(model, grid, out):
 
 def _spatial_m_step(model, data, resp, reg_covar):
     """The M-step from responsibilities summed per point (K, M), counted in pixels."""
-    if model.levels is not None:
+    if model.quantized_top is not None:
         levels = data.values[:, 0].astype(np.float64)
-        stats = quantized_statistics(model, levels, model.levels, resp)
+        stats = quantized_statistics(model, levels, model.quantized_top, resp)
         weights, means, covariances = quantized_m_step(stats, model.covariance_type,
-                                                       quantized_variance_floor(reg_covar, model.levels), model)
+                                                       quantized_variance_floor(reg_covar, model.quantized_top), model)
         return replace(model, weights=weights, means=means, covariances=covariances)
     stats = sum(resp[:, start:start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
     weights, means, covariances = _m_step(stats, model.covariance_type, reg_covar, model.means - data.center,
@@ -1534,7 +1536,7 @@ def segment_points(picture, points, n_components, options=FitOptions(), *, k_max
     """
     data = _Data(points.values, points.weights, points.scale)
     if shared is None:
-        model, table = _fit_model(data, quantized_levels(points) if quantized else None, n_components, options,
+        model, table = _fit_model(data, gray_level_top(points) if quantized else None, n_components, options,
                                   k_max, on_iteration)
     else:
         model, table = shared.model, shared.bic_table
@@ -1717,7 +1719,7 @@ def model_record(segmentation, source, settings, notes, seconds):
     }
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
-    record["quantized"] = model.levels is not None
+    record["quantized"] = model.quantized_top is not None
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial
     record["shared"] = segmentation.shared is not None
@@ -2170,7 +2172,7 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     requested, k = segmentation.requested_k, model.n_components
     if requested != "auto" and k < requested and segmentation.shared is None:    # a batch says it once
         notes.append(fewer_components_note(len(points.values), requested))
-    if quantized_asked and model.levels is None:
+    if quantized_asked and model.quantized_top is None:
         notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
                      f"{'colour' if points.mode == 'color' else 'floating-point'} image")
     collapsed = collapsed_components(model, reg_covar) if len(points.values) > k else []
@@ -2195,7 +2197,7 @@ def collapse_note(collapsed, reg_covar, gray):
 def figure_title(path, segmentation, covariance, spatial):
     model = segmentation.model
     return (f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, {covariance} covariance"
-            + (", quantized" if model.levels else "") + (", shared model" if segmentation.shared else "")
+            + (", quantized" if model.quantized_top else "") + (", shared model" if segmentation.shared else "")
             + (f", spatial prior {spatial:g}" if spatial else ""))
 
 
@@ -2352,7 +2354,7 @@ def shared_model(files, args, report):
     pooled = pool_points(point_sets())
     if pooled is None:
         return None, readable
-    if args.quantized and quantized_levels(pooled) is None:
+    if args.quantized and gray_level_top(pooled) is None:
         report(None, "note: --quantized ignored for this batch: its values are not gray levels of one bit depth")
     k = args.components or DEFAULTS[f"{pooled.mode}_components"]
     try:

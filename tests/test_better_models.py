@@ -80,7 +80,7 @@ def test_quantized_matches_the_density_model_where_bins_are_narrow(rng):
 def test_quantized_sixteen_bit_levels(rng):
     values = np.clip(np.rint(rng.normal([0.0, 0.5], 0.05, (4000, 2)).ravel() * 65535), 0, 65535).astype(np.uint16)
     labels, _, model = seg.segment_image(values.reshape(80, 100), 2, quantized=True)
-    assert model.levels == 65535
+    assert model.quantized_top == 65535
     np.testing.assert_allclose(model.means.ravel(), [0.0, 0.5], atol=0.01)
 
 
@@ -133,7 +133,7 @@ def test_spatial_objective_never_decreases(rng, quantized):
     objective = np.asarray(result.spatial["objective"])
     assert len(objective) == 30 == result.spatial["n_iter"] and not result.spatial["converged"]
     assert np.all(np.diff(objective) >= -1e-7)        # q is float32: round-off at that level
-    assert (result.model.levels is not None) == quantized
+    assert (result.model.quantized_top is not None) == quantized
     assert result.labels.shape == image.shape and result.labels.max() < 3
     assert np.all(np.diff(seg.luminance(result.model.means)) >= 0)     # still numbered darkest first
 

@@ -63,7 +63,7 @@ def test_api_on_any_small_image(image, k, covariance, init, quantized, spatial):
         check_model(model, k)
     else:      # the spatial fit moves the parameters on from the plain fit whose history is kept
         assert all(np.all(np.isfinite(v)) for v in (model.weights, model.means, model.covariances))
-    assert (model.levels is not None) == (quantized and kind != "float32-gray" and model.means.shape[1] == 1)
+    assert (model.quantized_top is not None) == (quantized and kind != "float32-gray" and model.means.shape[1] == 1)
     assert labels.shape == array.shape[:2]
     assert labels.min() >= 0 and labels.max() < model.n_components
     assert recoloured.shape[:2] == array.shape[:2]

@@ -184,12 +184,12 @@ def test_pooled_points_are_the_histogram_of_all_images_together(rng):
     pooled = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (a, b, g))
     together = np.concatenate([a, b, np.repeat(g[..., None], 3, axis=2)], axis=1)
     expected = seg.distinct_values(seg.picture_from_array(together), "color")
-    assert pooled.mode == "color" and pooled.scale == 255 and seg.quantized_levels(pooled) is None
+    assert pooled.mode == "color" and pooled.scale == 255 and seg.gray_level_top(pooled) is None
     order = np.lexsort(pooled.values.T[::-1])
     expected_order = np.lexsort(expected.values.T[::-1])
     np.testing.assert_array_equal(pooled.values[order], expected.values[expected_order])
     np.testing.assert_array_equal(pooled.weights[order], expected.weights[expected_order])
     assert pooled.weights.sum() == together.shape[0] * together.shape[1]
     gray = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (g, g[::2]))
-    assert gray.mode == "gray" and seg.quantized_levels(gray) == 255 and gray.weights.sum() == 300
+    assert gray.mode == "gray" and seg.gray_level_top(gray) == 255 and gray.weights.sum() == 300
     assert seg.pool_points(iter([])) is None
