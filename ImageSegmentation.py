@@ -57,40 +57,40 @@ __version__ = "1.0.0"
 # ----------------------------------------------------------------------------
 
 DEFAULTS = dict(
-    gray_components=3,        # K for gray images, as the original script used
-    color_components=5,       # K for colour images
+    gray_components=3,  # K for gray images, as the original script used
+    color_components=5,  # K for colour images
     mode="auto",
     covariance="full",
     max_iter=1000,
-    tol=1e-8,                 # estimated distance of the mean log-likelihood per pixel to its limit
+    tol=1e-8,  # estimated distance of the mean log-likelihood per pixel to its limit
     accelerate="squarem",
     n_init=1,
-    auto_n_init=2,            # starts per K when -k auto sweeps K
+    auto_n_init=2,  # starts per K when -k auto sweeps K
     init="kmeans++",
     seed=0,
     reg_covar=1e-6,
     out="output",
-    max_pixels=200_000_000,   # refuse larger images (decompression bombs)
-    k_max=10,                 # -k auto tries K = 1..k_max
-    spatial=0.0,              # strength of the Potts prior; 0 = the plain mixture
+    max_pixels=200_000_000,  # refuse larger images (decompression bombs)
+    k_max=10,  # -k auto tries K = 1..k_max
+    spatial=0.0,  # strength of the Potts prior; 0 = the plain mixture
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
 ACCELERATIONS = ("squarem", "none")
 MODES = ("auto", "gray", "color")
 SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
-LLOYD_STEPS = 5               # weighted k-means refinement after k-means++ seeding
-BLOCK_POINTS = 1 << 14        # points per block in every pass: temporaries stay in cache
-FEATURE_CACHE_BYTES = 1 << 28 # keep the features of up to ~3 million colours between passes
-PIXEL_CHUNK = 1 << 22         # pixels per block when counting and labelling
-EXP_FLOOR = 300.0             # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
-EMPTY_COMPONENT = 1e-8        # a component holding less than this many pixels is frozen
-LUMA = np.array([0.299, 0.587, 0.114])   # ITU-R BT.601, as Pillow's convert("L")
-DISPLAY_PIXELS = 1024         # longest side of the images drawn in the comparison figure
-PANEL_INCHES = 4.5            # widest panel of the comparison figure
-PANEL_MAX_HEIGHT = 6.0        # tallest panel: a tall, narrow image gets a narrow panel
+LLOYD_STEPS = 5  # weighted k-means refinement after k-means++ seeding
+BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in cache
+FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
+PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
+EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
+EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
+DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
+PANEL_INCHES = 4.5  # widest panel of the comparison figure
+PANEL_MAX_HEIGHT = 6.0  # tallest panel: a tall, narrow image gets a narrow panel
 FIGURE_DPI = 100
-PNG_COMPRESS_LEVEL = 1        # zlib level: label maps and palettes compress well even at 1
+PNG_COMPRESS_LEVEL = 1  # zlib level: label maps and palettes compress well even at 1
 
 # ----------------------------------------------------------------------------
 # 2. Reading an image
@@ -107,11 +107,11 @@ class ImageError(Exception):
 
 @dataclass
 class Picture:
-    codes: np.ndarray          # (H, W) integer code of every pixel
-    kind: str                  # "gray": code = level; "rgb": packed; "table": index into `table`
-    n_codes: int               # every code is below this (size of a lookup table)
-    scale: float               # level / scale = intensity on the 0..1 scale
-    table: np.ndarray | None = None   # "table": (M,) or (M, 3) values of each code, already 0..1
+    codes: np.ndarray  # (H, W) integer code of every pixel
+    kind: str  # "gray": code = level; "rgb": packed; "table": index into `table`
+    n_codes: int  # every code is below this (size of a lookup table)
+    scale: float  # level / scale = intensity on the 0..1 scale
+    table: np.ndarray | None = None  # "table": (M,) or (M, 3) values of each code, already 0..1
     notes: list = field(default_factory=list)
 
     @property
@@ -149,8 +149,10 @@ def _table_picture(values, scale_by_range):
         bad = int(np.size(values) - finite.size)
         if finite.size:
             low, high = finite.min(), finite.max()
-            notes.append(f"{bad} NaN or infinite values: NaN and -inf taken as the lowest value, "
-                         f"+inf as the highest")
+            notes.append(
+                f"{bad} NaN or infinite values: NaN and -inf taken as the lowest value, "
+                f"+inf as the highest"
+            )
         else:
             low, high = 0.0, 1.0
             notes.append("no finite value: NaN and -inf taken as 0, +inf as 1")
@@ -160,9 +162,17 @@ def _table_picture(values, scale_by_range):
         values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     shape = values.shape[:2]
     flat = values.reshape(shape[0] * shape[1], -1)
-    table, inverse = np.unique(flat if flat.shape[1] > 1 else flat[:, 0], axis=0, return_inverse=True)
-    return Picture(codes=inverse.reshape(shape), kind="table", n_codes=len(table), scale=1.0,
-                   table=table, notes=notes)
+    table, inverse = np.unique(
+        flat if flat.shape[1] > 1 else flat[:, 0], axis=0, return_inverse=True
+    )
+    return Picture(
+        codes=inverse.reshape(shape),
+        kind="table",
+        n_codes=len(table),
+        scale=1.0,
+        table=table,
+        notes=notes,
+    )
 
 
 def picture_from_array(array):
@@ -172,10 +182,14 @@ def picture_from_array(array):
     array (float, signed, wider integers) is used on its own scale, as given.
     """
     array = np.asarray(array)
-    if array.ndim not in (2, 3) or array.size == 0 or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+    if (
+        array.ndim not in (2, 3)
+        or array.size == 0
+        or (array.ndim == 3 and array.shape[2] not in (1, 3, 4))
+    ):
         raise ValueError(f"expected an H x W or H x W x 3|4 image, got shape {array.shape}")
     if array.ndim == 3:
-        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]   # alpha dropped
+        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]  # alpha dropped
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     if array.dtype == np.uint8 and array.ndim == 2:
@@ -199,8 +213,10 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
         with _pillow_without_pixel_limit(), Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(f"{width}x{height} is {width * height:,} pixels, above the limit of "
-                                 f"{max_pixels:,} (raise it with --max-pixels)")
+                raise ImageError(
+                    f"{width}x{height} is {width * height:,} pixels, above the limit of "
+                    f"{max_pixels:,} (raise it with --max-pixels)"
+                )
             if width * height == 0:
                 raise ImageError("image has no pixels")
             notes = []
@@ -208,7 +224,9 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
             if frames > 1:
                 notes.append(f"{frames} frames: segmenting the first")
             if img.mode in ("RGB", "RGBA") and img.tile and "16" in str(img.tile[0].args):
-                notes.append("16 bits a channel read as 8: Pillow reads 48- and 64-bit colour with 8 bits a channel")
+                notes.append(
+                    "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour with 8 bits a channel"
+                )
             img.load()
             if img.format == "PNG":
                 _check_png_data(path)
@@ -238,8 +256,17 @@ def _check_regular_file(path):
     if stat.S_ISDIR(mode):
         raise ImageError("is a folder")
     if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a character device"
+            if stat.S_ISCHR(mode)
+            else "a block device"
+            if stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "special"
+        )
         raise ImageError(f"not a regular file ({kind})")
     if path.stat().st_size == 0:
         raise ImageError("empty file")
@@ -257,8 +284,16 @@ def _pillow_without_pixel_limit():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}          # colour type -> samples a pixel
-ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples a pixel
+ADAM7 = [
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+]
 
 
 def _check_png_data(path):
@@ -276,7 +311,9 @@ def _check_png_data(path):
                 break
             length, kind = struct.unpack(">I4s", header)
             if kind == b"IHDR":
-                width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", file.read(13))
+                width, height, depth, colour, _, _, interlace = struct.unpack(
+                    ">IIBBBBB", file.read(13)
+                )
                 bits = depth * PNG_SAMPLES.get(colour, 1)
                 passes = ADAM7 if interlace else [(0, 0, 1, 1)]
                 expected = 0
@@ -294,24 +331,32 @@ def _check_png_data(path):
                 file.seek(length + 4, os.SEEK_CUR)
     inflated += len(inflater.flush())
     if expected is not None and inflated < expected:
-        raise ImageError(f"truncated or corrupt image (its image data end after {inflated:,} of "
-                         f"{expected:,} bytes)")
+        raise ImageError(
+            f"truncated or corrupt image (its image data end after {inflated:,} of "
+            f"{expected:,} bytes)"
+        )
 
 
 def _picture_from_pil(img):
     mode = img.mode
     if mode in ("1", "L", "LA", "La"):
-        return Picture(codes=np.asarray(img.convert("L") if mode != "L" else img), kind="gray",
-                       n_codes=256, scale=255.0)
+        return Picture(
+            codes=np.asarray(img.convert("L") if mode != "L" else img),
+            kind="gray",
+            n_codes=256,
+            scale=255.0,
+        )
     if mode.startswith("I;16"):
-        return Picture(codes=np.asarray(img).astype(np.uint16), kind="gray", n_codes=65536, scale=65535.0)
+        return Picture(
+            codes=np.asarray(img).astype(np.uint16), kind="gray", n_codes=65536, scale=65535.0
+        )
     if mode in ("I", "F"):
         return _table_picture(np.asarray(img), scale_by_range=True)
     if mode == "P" and "transparency" in img.info or mode == "PA":
         img = img.convert("RGBA")
     if img.mode != "RGB":
-        img = img.convert("RGB")        # P, RGBA, CMYK, YCbCr, LAB, HSV, ...: alpha dropped
-    raw = img.tobytes("raw", "RGBX")    # 4 bytes a pixel, the layout of one uint32
+        img = img.convert("RGB")  # P, RGBA, CMYK, YCbCr, LAB, HSV, ...: alpha dropped
+    raw = img.tobytes("raw", "RGBX")  # 4 bytes a pixel, the layout of one uint32
     codes = np.frombuffer(raw, dtype="<u4").reshape(img.size[1], img.size[0]).copy()
     del raw
     codes &= 0x00FFFFFF
@@ -328,12 +373,12 @@ def _picture_from_pil(img):
 
 @dataclass
 class Points:
-    values: np.ndarray       # (M, D) raw values (uint8, uint16 or float): value / scale is on 0..1
-    weights: np.ndarray      # (M,) pixel counts, float64
+    values: np.ndarray  # (M, D) raw values (uint8, uint16 or float): value / scale is on 0..1
+    weights: np.ndarray  # (M,) pixel counts, float64
     scale: float
-    keys: np.ndarray         # (C,) the distinct codes present in the picture
-    point_of_key: np.ndarray # (C,) index into values of each key's point
-    mode: str                # "gray" or "color"
+    keys: np.ndarray  # (C,) the distinct codes present in the picture
+    point_of_key: np.ndarray  # (C,) index into values of each key's point
+    mode: str  # "gray" or "color"
 
 
 def code_histogram(codes, n_codes):
@@ -348,7 +393,7 @@ def code_histogram(codes, n_codes):
         return np.unique(flat, return_counts=True)
     counts = np.zeros(n_codes, dtype=np.int64)
     for start in range(0, flat.size, PIXEL_CHUNK):
-        counts += np.bincount(flat[start:start + PIXEL_CHUNK], minlength=n_codes)
+        counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
     keys = np.flatnonzero(counts)
     return keys, counts[keys]
 
@@ -369,8 +414,14 @@ def distinct_values(picture, mode="auto"):
     identity = np.arange(len(keys))
 
     def points(values, scale, weights=counts, point_of_key=identity):
-        return Points(values=values, weights=np.asarray(weights, dtype=np.float64), scale=scale,
-                      keys=keys, point_of_key=point_of_key, mode=mode)
+        return Points(
+            values=values,
+            weights=np.asarray(weights, dtype=np.float64),
+            scale=scale,
+            keys=keys,
+            point_of_key=point_of_key,
+            mode=mode,
+        )
 
     if picture.kind == "gray":
         levels = keys.astype(np.uint8 if picture.n_codes == 256 else np.uint16)[:, None]
@@ -392,7 +443,9 @@ def distinct_values(picture, mode="auto"):
     levels = np.flatnonzero(level_counts)
     point_of_level = np.zeros(256, dtype=np.int64)
     point_of_level[levels] = np.arange(len(levels))
-    return points(levels.astype(np.uint8)[:, None], 255.0, level_counts[levels], point_of_level[luma])
+    return points(
+        levels.astype(np.uint8)[:, None], 255.0, level_counts[levels], point_of_level[luma]
+    )
 
 
 def merge_points(values_a, weights_a, values_b, weights_b):
@@ -403,7 +456,9 @@ def merge_points(values_a, weights_a, values_b, weights_b):
     both = np.concatenate([values_a, values_b])
     keys = pack_rgb(both) if both.dtype == np.uint8 and both.shape[1] == 3 else both
     _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    return both[first], np.bincount(index.reshape(-1), weights=np.concatenate([weights_a, weights_b]))
+    return both[first], np.bincount(
+        index.reshape(-1), weights=np.concatenate([weights_a, weights_b])
+    )
 
 
 def pool_points(point_sets):
@@ -415,11 +470,14 @@ def pool_points(point_sets):
     values (gray levels stay levels, for --quantized); mixed scales are put on 0..1.  Returns
     Points without keys (None for an empty iterable).
     """
-    groups = {}                                        # (mode, scale) -> (raw values, weights)
+    groups = {}  # (mode, scale) -> (raw values, weights)
     for points in point_sets:
         key = (points.mode, points.scale)
-        groups[key] = merge_points(*groups[key], points.values, points.weights) if key in groups \
+        groups[key] = (
+            merge_points(*groups[key], points.values, points.weights)
+            if key in groups
             else (points.values, points.weights)
+        )
     if not groups:
         return None
     mode = "color" if any(group_mode == "color" for group_mode, _ in groups) else "gray"
@@ -429,9 +487,13 @@ def pool_points(point_sets):
     for (group_mode, group_scale), (raw, counts) in groups.items():
         raw = np.repeat(raw, 3, axis=1) if mode == "color" and group_mode == "gray" else raw
         raw = raw if group_scale == scale else raw / group_scale
-        values, weights = (raw, counts) if values is None else merge_points(values, weights, raw, counts)
+        values, weights = (
+            (raw, counts) if values is None else merge_points(values, weights, raw, counts)
+        )
     empty = np.zeros(0, dtype=np.int64)
-    return Points(values=values, weights=weights, scale=scale, keys=empty, point_of_key=empty, mode=mode)
+    return Points(
+        values=values, weights=weights, scale=scale, keys=empty, point_of_key=empty, mode=mode
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -475,8 +537,10 @@ class _Data:
         self.n_features = self.values.shape[1]
         self.n_params = 1 + self.n_features + self.n_features * (self.n_features + 1) // 2
         self.center = np.zeros(self.n_features)
-        center = sum(self.weights[start:stop] @ (self.values[start:stop] / self.scale)
-                     for start, stop in self._spans())
+        center = sum(
+            self.weights[start:stop] @ (self.values[start:stop] / self.scale)
+            for start, stop in self._spans()
+        )
         self.center = center / self.total_weight if self.total_weight > 0 else self.center
         self._phi = None
         if len(self.values) * self.n_params * 8 <= FEATURE_CACHE_BYTES:
@@ -488,20 +552,30 @@ class _Data:
         return len(self.values)
 
     def _spans(self):
-        return [(start, min(start + BLOCK_POINTS, len(self.values)))
-                for start in range(0, len(self.values), BLOCK_POINTS)]
+        return [
+            (start, min(start + BLOCK_POINTS, len(self.values)))
+            for start in range(0, len(self.values), BLOCK_POINTS)
+        ]
 
     def x(self, start, stop):
         """Centred values of points start..stop, (m, D)."""
         return self.values[start:stop] / self.scale - self.center
+
+    def centred(self, means):
+        """Means on the 0..1 scale -> the centred coordinates EM works in."""
+        return np.asarray(means, dtype=np.float64) - self.center
+
+    def uncentred(self, means):
+        """Centred means -> the 0..1 scale every fitted model is reported on."""
+        return means + self.center
 
     def _features(self, start, stop, out=None):
         x = self.x(start, stop).T
         rows, cols = np.triu_indices(self.n_features)
         phi = np.empty((self.n_params, stop - start)) if out is None else out
         phi[0] = 1.0
-        phi[1:1 + self.n_features] = x
-        np.multiply(x[rows], x[cols], out=phi[1 + self.n_features:])
+        phi[1 : 1 + self.n_features] = x
+        np.multiply(x[rows], x[cols], out=phi[1 + self.n_features :])
         return phi
 
     def blocks(self):
@@ -532,8 +606,12 @@ def _covariances_tied(scatter, resp_mass, reg_covar):
     return tied + reg_covar * np.eye(scatter.shape[-1])
 
 
-COVARIANCE_FROM_SCATTER = dict(full=_covariances_full, diag=_covariances_diag,
-                               spherical=_covariances_spherical, tied=_covariances_tied)
+COVARIANCE_FROM_SCATTER = dict(
+    full=_covariances_full,
+    diag=_covariances_diag,
+    spherical=_covariances_spherical,
+    tied=_covariances_tied,
+)
 
 
 def cholesky_precisions(covariances):
@@ -551,20 +629,26 @@ def cholesky_precisions(covariances):
     for i in range(lower.shape[-1]):
         inverse[:, i, i] = 1.0 / lower[:, i, i]
         for j in range(i):
-            inverse[:, i, j] = -np.einsum("kl,kl->k", lower[:, i, j:i], inverse[:, j:i, j]) / lower[:, i, i]
+            inverse[:, i, j] = (
+                -np.einsum("kl,kl->k", lower[:, i, j:i], inverse[:, j:i, j]) / lower[:, i, i]
+            )
     return np.swapaxes(inverse, 1, 2)
 
 
 def precision_matrices(covariances, covariance_type, n_components, n_features):
     """Full precision matrices (K, D, D) and half their log-determinants (K,)."""
     if covariance_type in ("full", "tied"):
-        factors = cholesky_precisions(covariances if covariance_type == "full" else covariances[None])
+        factors = cholesky_precisions(
+            covariances if covariance_type == "full" else covariances[None]
+        )
         if covariance_type == "tied":
             factors = np.repeat(factors, n_components, axis=0)
         precisions = factors @ np.swapaxes(factors, 1, 2)
         half_log_det = np.log(np.diagonal(factors, axis1=1, axis2=2)).sum(axis=1)
         return precisions, half_log_det
-    variances = covariances if covariance_type == "diag" else np.repeat(covariances[:, None], n_features, 1)
+    variances = (
+        covariances if covariance_type == "diag" else np.repeat(covariances[:, None], n_features, 1)
+    )
     if np.any(variances <= 0) or not np.all(np.isfinite(variances)):
         raise FitFailed("a covariance became singular; increase reg_covar")
     precisions = np.zeros((n_components, n_features, n_features))
@@ -576,12 +660,18 @@ def precision_matrices(covariances, covariance_type, n_components, n_features):
 def log_density_coefficients(weights, means, covariances, covariance_type):
     """Matrix A with phi(x) @ A = log(w_k) + log N(x | mu_k, Sigma_k) for x centred like the data."""
     n_components, n_features = means.shape
-    precisions, half_log_det = precision_matrices(covariances, covariance_type, n_components, n_features)
+    precisions, half_log_det = precision_matrices(
+        covariances, covariance_type, n_components, n_features
+    )
     rows, cols = np.triu_indices(n_features)
-    lin = np.einsum("kij,kj->ki", precisions, means)                      # Lambda mu
-    const = (np.log(weights) - 0.5 * n_features * np.log(2 * np.pi) + half_log_det
-             - 0.5 * np.einsum("ki,ki->k", lin, means))
-    quad = -precisions[:, rows, cols] * np.where(rows == cols, 0.5, 1.0)    # -x^T Lambda x / 2
+    lin = np.einsum("kij,kj->ki", precisions, means)  # Lambda mu
+    const = (
+        np.log(weights)
+        - 0.5 * n_features * np.log(2 * np.pi)
+        + half_log_det
+        - 0.5 * np.einsum("ki,ki->k", lin, means)
+    )
+    quad = -precisions[:, rows, cols] * np.where(rows == cols, 0.5, 1.0)  # -x^T Lambda x / 2
     return np.concatenate([const[:, None], lin, quad], axis=1).T
 
 
@@ -590,14 +680,14 @@ def _e_step_statistics(data, coefficients):
     stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
     total = 0.0
     for _, phi, w in data.blocks():
-        logp = coefficients.T @ phi                    # (K, m) log(w_k N(x | k))
+        logp = coefficients.T @ phi  # (K, m) log(w_k N(x | k))
         top = logp.max(axis=0)
         logp -= top
-        np.maximum(logp, -EXP_FLOOR, out=logp)         # e^-300 is 0 to every sum here, and not subnormal
+        np.maximum(logp, -EXP_FLOOR, out=logp)  # e^-300 is 0 to every sum here, and not subnormal
         np.exp(logp, out=logp)
         norm = logp.sum(axis=0)
         total += w @ (np.log(norm) + top)
-        logp *= w / norm                               # weighted responsibilities
+        logp *= w / norm  # weighted responsibilities
         stats += logp @ phi.T
     return stats, total / data.total_weight
 
@@ -605,9 +695,9 @@ def _e_step_statistics(data, coefficients):
 def _unpack_moments(stats, n_features):
     rows, cols = np.triu_indices(n_features)
     second = np.zeros((len(stats), n_features, n_features))
-    second[:, rows, cols] = stats[:, 1 + n_features:]
-    second[:, cols, rows] = stats[:, 1 + n_features:]
-    return stats[:, 0], stats[:, 1:1 + n_features], second
+    second[:, rows, cols] = stats[:, 1 + n_features :]
+    second[:, cols, rows] = stats[:, 1 + n_features :]
+    return stats[:, 0], stats[:, 1 : 1 + n_features], second
 
 
 def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covariances):
@@ -635,8 +725,8 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
 def _hard_statistics(data, centers):
     """Weighted k-means pass: moment sums of each point's nearest centre."""
     coefficients = np.zeros((data.n_params, len(centers)))
-    coefficients[0] = -(centers ** 2).sum(axis=1)
-    coefficients[1:1 + data.n_features] = 2 * centers.T          # argmax = nearest centre
+    coefficients[0] = -(centers**2).sum(axis=1)
+    coefficients[1 : 1 + data.n_features] = 2 * centers.T  # argmax = nearest centre
     stats = np.zeros((len(centers), data.n_params))
     for _, phi, w in data.blocks():
         nearest = np.argmax(coefficients.T @ phi, axis=0)
@@ -651,13 +741,13 @@ def _squared_distances(data, centers):
     |x|^2 - 2 c.x + |c|^2, one small matrix product per block (clipped at 0 against round-off)."""
     n_features = data.n_features
     rows, cols = np.triu_indices(n_features)
-    squares = 1 + n_features + np.flatnonzero(rows == cols)       # the x_i^2 rows of phi
+    squares = 1 + n_features + np.flatnonzero(rows == cols)  # the x_i^2 rows of phi
     out = np.empty((len(centers), len(data)))
     for start, phi, _ in data.blocks():
-        block = out[:, start:start + phi.shape[1]]
-        np.matmul(-2.0 * centers, phi[1:1 + n_features], out=block)
+        block = out[:, start : start + phi.shape[1]]
+        np.matmul(-2.0 * centers, phi[1 : 1 + n_features], out=block)
         block += phi[squares].sum(axis=0)
-        block += (centers ** 2).sum(axis=1)[:, None]
+        block += (centers**2).sum(axis=1)[:, None]
     return np.maximum(out, 0.0, out=out)
 
 
@@ -676,7 +766,9 @@ def _kmeans_plus_plus(data, n_components, rng):
         scores = data.weights * nearest
         best_potential, best = np.inf, None
         for candidate in rng.choice(len(data), size=n_trials, p=scores / scores.sum()):
-            trial = np.minimum(nearest, _squared_distances(data, data.x(candidate, candidate + 1))[0])
+            trial = np.minimum(
+                nearest, _squared_distances(data, data.x(candidate, candidate + 1))[0]
+            )
             potential = trial @ data.weights
             if potential < best_potential:
                 best_potential, best, best_nearest = potential, candidate, trial
@@ -698,8 +790,11 @@ def _initial_statistics(data, n_components, init, rng):
     for _ in range(LLOYD_STEPS):
         stats = _hard_statistics(data, centers)
         mass = stats[:, 0]
-        moved = np.where(mass[:, None] > 0, stats[:, 1:1 + data.n_features] / np.maximum(mass, 1e-300)[:, None],
-                         centers)
+        moved = np.where(
+            mass[:, None] > 0,
+            stats[:, 1 : 1 + data.n_features] / np.maximum(mass, 1e-300)[:, None],
+            centers,
+        )
         if np.array_equal(moved, centers):
             break
         centers = moved
@@ -709,16 +804,19 @@ def _initial_statistics(data, n_components, init, rng):
 @dataclass
 class GaussianMixtureFit:
     """A fitted mixture, with scikit-learn's attribute names and shapes."""
+
     weights: np.ndarray
     means: np.ndarray
     covariances: np.ndarray
     covariance_type: str
-    log_likelihood: list        # mean log-likelihood per sample after each iteration
+    log_likelihood: list  # mean log-likelihood per sample after each iteration
     n_iter: int
     converged: bool
-    quantized_top: int | None = None   # the binned model of gray levels 0..quantized_top (section 4b);
-                                       # None: the Gaussian density model
-    n_em_steps: int = 0         # EM maps evaluated (an accelerated iteration costs two or three)
+    quantized_top: int | None = (
+        None  # the binned model of gray levels 0..quantized_top (section 4b);
+    )
+    # None: the Gaussian density model
+    n_em_steps: int = 0  # EM maps evaluated (an accelerated iteration costs two or three)
 
     @property
     def n_components(self):
@@ -730,7 +828,7 @@ class GaussianMixtureFit:
         data = _Data(X, np.ones(len(X)))
         logp = np.empty((len(X), self.n_components))
         for start, block in log_density_blocks(self, data):
-            logp[start:start + block.shape[1]] = block.T
+            logp[start : start + block.shape[1]] = block.T
         return logp
 
     def score_samples(self, X):
@@ -754,8 +852,12 @@ class GaussianMixtureFit:
 
     def reordered(self, order):
         """The same model with its components in the given order."""
-        covariances = self.covariances if self.covariance_type == "tied" else self.covariances[order]
-        return replace(self, weights=self.weights[order], means=self.means[order], covariances=covariances)
+        covariances = (
+            self.covariances if self.covariance_type == "tied" else self.covariances[order]
+        )
+        return replace(
+            self, weights=self.weights[order], means=self.means[order], covariances=covariances
+        )
 
 
 @dataclass(frozen=True)
@@ -768,6 +870,7 @@ class FitOptions:
     map (Varadhan and Roland 2008) with a safeguard that never lets the log-likelihood fall;
     "none" is plain EM, one E-step and one M-step an iteration, as scikit-learn.
     """
+
     covariance_type: str = "full"
     max_iter: int = 1000
     tol: float = 1e-8
@@ -780,7 +883,10 @@ class FitOptions:
     def __post_init__(self):
         def choice(name, allowed):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
         choice("covariance_type", COVARIANCE_TYPES)
         choice("init", INIT_METHODS)
         choice("accelerate", ACCELERATIONS)
@@ -788,10 +894,19 @@ class FitOptions:
             if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("tol", "reg_covar"):
-            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        if self.random_state is not None and not (_is_integer(self.random_state) and self.random_state >= 0):
-            raise ValueError(f"random_state must be an integer >= 0 or None, got {self.random_state!r}")
+            if not (
+                isinstance(getattr(self, name), (int, float))
+                and 0 <= getattr(self, name) < math.inf
+            ):
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {getattr(self, name)!r}"
+                )
+        if self.random_state is not None and not (
+            _is_integer(self.random_state) and self.random_state >= 0
+        ):
+            raise ValueError(
+                f"random_state must be an integer >= 0 or None, got {self.random_state!r}"
+            )
 
 
 def _is_integer(value):
@@ -802,8 +917,10 @@ def _check_n_components(n_components, n_distinct):
     if not _is_integer(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
     if n_distinct < n_components:
-        raise ValueError(f"{n_distinct} distinct samples with positive weight cannot make "
-                         f"{n_components} components")
+        raise ValueError(
+            f"{n_distinct} distinct samples with positive weight cannot make "
+            f"{n_components} components"
+        )
 
 
 def _fit_data(data, n_components, options, given=(None, None, None), on_iteration=None):
@@ -812,9 +929,17 @@ def _fit_data(data, n_components, options, given=(None, None, None), on_iteratio
     if all(value is not None for value in given):
         return _em(data, n_components, options, None, given, on_iteration)
     rng = np.random.default_rng(options.random_state)
-    return _best_of_starts(options.n_init, lambda: _em(data, n_components, options,
-                                                       _initial_statistics(data, n_components, options.init, rng),
-                                                       given, on_iteration))
+    return _best_of_starts(
+        options.n_init,
+        lambda: _em(
+            data,
+            n_components,
+            options,
+            _initial_statistics(data, n_components, options.init, rng),
+            given,
+            on_iteration,
+        ),
+    )
 
 
 def _n_distinct(data):
@@ -827,17 +952,29 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
     weights_init, means_init, covariances_init = given
     if stats is not None:
         # An empty initial cluster starts at the data's own mean and covariance.
-        overall = _m_step(stats.sum(axis=0, keepdims=True), "full", reg_covar,
-                          np.zeros((1, data.n_features)), None)
+        overall = _m_step(
+            stats.sum(axis=0, keepdims=True),
+            "full",
+            reg_covar,
+            np.zeros((1, data.n_features)),
+            None,
+        )
         fallback_cov = COVARIANCE_FROM_SCATTER[covariance_type](
             np.repeat(overall[2] - reg_covar * np.eye(data.n_features), n_components, 0),
-            np.ones(n_components), reg_covar)
-        weights, means, covariances = _m_step(stats, covariance_type, reg_covar,
-                                              np.zeros((n_components, data.n_features)), fallback_cov)
+            np.ones(n_components),
+            reg_covar,
+        )
+        weights, means, covariances = _m_step(
+            stats,
+            covariance_type,
+            reg_covar,
+            np.zeros((n_components, data.n_features)),
+            fallback_cov,
+        )
     if weights_init is not None:
         weights = np.asarray(weights_init, dtype=np.float64).reshape(n_components)
     if means_init is not None:
-        means = np.asarray(means_init, dtype=np.float64).reshape(n_components, data.n_features) - data.center
+        means = data.centred(np.reshape(means_init, (n_components, data.n_features)))
     if covariances_init is not None:
         covariances = np.array(covariances_init, dtype=np.float64)
     return weights, means, covariances
@@ -852,11 +989,12 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
 @dataclass
 class EMRun:
     """What the driver returns: the final state and the record of the run."""
+
     state: object
-    history: list            # the objective after each iteration (one value per accepted step)
+    history: list  # the objective after each iteration (one value per accepted step)
     n_iter: int
     converged: bool
-    n_em_steps: int          # evaluations of the EM map, the cost: 1 an iteration for plain EM
+    n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
 
 
 def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
@@ -874,8 +1012,9 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
     squarem = options.accelerate == "squarem" and coordinates is not None
     while len(values) <= options.max_iter and streak < 2:
         if squarem:
-            new, new_stats, new_value, step_max, used = _squarem_cycle(state, stats, value, step_max, e_step,
-                                                                       m_step, coordinates)
+            new, new_stats, new_value, step_max, used = _squarem_cycle(
+                state, stats, value, step_max, e_step, m_step, coordinates
+            )
             n_em_steps += used
             stalled = not new_value >= value
             if not stalled:
@@ -894,8 +1033,13 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
         if stalled and options.tol > 0:
             break
         streak = streak + 1 if options.tol > 0 and distance_to_limit(values) < options.tol else 0
-    return EMRun(state, [float(v) for v in values[1:]], len(values) - 1, bool(streak >= 2 or stalled),
-                 n_em_steps)
+    return EMRun(
+        state,
+        [float(v) for v in values[1:]],
+        len(values) - 1,
+        bool(streak >= 2 or stalled),
+        n_em_steps,
+    )
 
 
 def _check_finite(value):
@@ -919,7 +1063,7 @@ def distance_to_limit(values):
     return gain / (1.0 - gain / previous_gain)
 
 
-SQUAREM_STEP_FACTOR = 4.0     # the R package SQUAREM's mstep: how fast the largest step grows
+SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
 
 
 def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
@@ -941,13 +1085,13 @@ def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
     step = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
     step = min(max(step, 1.0), step_max) if math.isfinite(step) else 1.0
     if step > 1.01:
-        trial = _try_state(from_vector, x0 + 2 * step * r + step ** 2 * v, second, e_step)
+        trial = _try_state(from_vector, x0 + 2 * step * r + step**2 * v, second, e_step)
         if trial is not None and trial[2] >= value:
             new = m_step(trial[1], trial[0])
             new_stats, new_value = e_step(new)
-            if new_value >= value:                 # False for NaN too
+            if new_value >= value:  # False for NaN too
                 return new, new_stats, new_value, _next_step_max(step, step_max), 3
-        if step == step_max:                       # the longest step failed: allow less next time
+        if step == step_max:  # the longest step failed: allow less next time
             step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
         step = 1.0
     second_stats, second_value = e_step(second)
@@ -997,8 +1141,8 @@ def gaussian_coordinates(covariance_type):
         log_weights = vector[:n_components]
         weights = np.exp(log_weights - log_weights.max())
         weights /= weights.sum()
-        means = vector[n_components:n_components * (1 + n_features)].reshape(means.shape)
-        spread = vector[n_components * (1 + n_features):]
+        means = vector[n_components : n_components * (1 + n_features)].reshape(means.shape)
+        spread = vector[n_components * (1 + n_features) :]
         if covariance_type in ("full", "tied"):
             rows, cols = np.tril_indices(n_features)
             factors = spread.reshape(covariances.shape[:-2] + (len(rows),)).copy()
@@ -1026,19 +1170,48 @@ def _best_of_starts(n_starts, fit_one):
 def _em(data, n_components, options, stats, given, on_iteration):
     """EM of the density model from the initial statistics (or given parameters), on centred points."""
     covariance_type = options.covariance_type
-    theta = _starting_parameters(data, n_components, covariance_type, options.reg_covar, stats, given)
-    run = run_em(theta,
-                 lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
-                 lambda stats, theta: _m_step(stats, covariance_type, options.reg_covar, theta[1], theta[2]),
-                 options, on_iteration, gaussian_coordinates(covariance_type))
+    theta = _starting_parameters(
+        data, n_components, covariance_type, options.reg_covar, stats, given
+    )
+    run = run_em(
+        theta,
+        lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
+        lambda stats, theta: _m_step(stats, covariance_type, options.reg_covar, theta[1], theta[2]),
+        options,
+        on_iteration,
+        gaussian_coordinates(covariance_type),
+    )
     weights, means, covariances = run.state
-    return GaussianMixtureFit(weights, means + data.center, covariances, covariance_type, run.history,
-                              run.n_iter, run.converged, n_em_steps=run.n_em_steps)
+    return GaussianMixtureFit(
+        weights,
+        data.uncentred(means),
+        covariances,
+        covariance_type,
+        run.history,
+        run.n_iter,
+        run.converged,
+        n_em_steps=run.n_em_steps,
+    )
 
 
-def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_iter=1000, tol=1e-8,
-            reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, accelerate="squarem",
-            weights_init=None, means_init=None, covariances_init=None, on_iteration=None):
+def fit_gmm(
+    X,
+    n_components,
+    *,
+    sample_weight=None,
+    covariance_type="full",
+    max_iter=1000,
+    tol=1e-8,
+    reg_covar=1e-6,
+    n_init=1,
+    init="kmeans++",
+    random_state=0,
+    accelerate="squarem",
+    weights_init=None,
+    means_init=None,
+    covariances_init=None,
+    on_iteration=None,
+):
     """Fit a Gaussian mixture to the rows of X (or to a 1-D X) by EM.
 
     sample_weight multiplies each row's contribution, so distinct values weighted by their
@@ -1048,20 +1221,44 @@ def fit_gmm(X, n_components, *, sample_weight=None, covariance_type="full", max_
     E-step and one M-step, as scikit-learn.  When weights_init, means_init and covariances_init
     are all given they are the start.
     """
-    options = FitOptions(covariance_type=covariance_type, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
-                         n_init=n_init, init=init, random_state=random_state, accelerate=accelerate)
+    options = FitOptions(
+        covariance_type=covariance_type,
+        max_iter=max_iter,
+        tol=tol,
+        reg_covar=reg_covar,
+        n_init=n_init,
+        init=init,
+        random_state=random_state,
+        accelerate=accelerate,
+    )
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[:, None]
     if X.ndim != 2 or len(X) == 0:
-        raise ValueError(f"X must be a non-empty (n_samples, n_features) array, got shape {X.shape}")
+        raise ValueError(
+            f"X must be a non-empty (n_samples, n_features) array, got shape {X.shape}"
+        )
     if not np.all(np.isfinite(X)):
         raise ValueError("X contains NaN or infinite values")
-    weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    if weights.shape != (len(X),) or np.any(weights < 0) or not np.all(np.isfinite(weights)) or weights.sum() <= 0:
-        raise ValueError("sample_weight must be finite, non-negative, positive in sum, one per sample")
-    return _fit_data(_Data(X, weights), n_components, options, (weights_init, means_init, covariances_init),
-                     on_iteration)
+    weights = (
+        np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    )
+    if (
+        weights.shape != (len(X),)
+        or np.any(weights < 0)
+        or not np.all(np.isfinite(weights))
+        or weights.sum() <= 0
+    ):
+        raise ValueError(
+            "sample_weight must be finite, non-negative, positive in sum, one per sample"
+        )
+    return _fit_data(
+        _Data(X, weights),
+        n_components,
+        options,
+        (weights_init, means_init, covariances_init),
+        on_iteration,
+    )
 
 
 # --- 4b. Quantized gray levels ------------------------------------------------
@@ -1080,7 +1277,9 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 def _standard_deviations(model):
     """One standard deviation per component, whatever the covariance type (D = 1)."""
     covariances, n_components = model.covariances, model.n_components
-    return np.sqrt(np.broadcast_to(np.asarray(covariances, dtype=np.float64).reshape(-1), (n_components,)))
+    return np.sqrt(
+        np.broadcast_to(np.asarray(covariances, dtype=np.float64).reshape(-1), (n_components,))
+    )
 
 
 def _bin_edges(levels, top):
@@ -1092,7 +1291,8 @@ def _bin_edges(levels, top):
 def _log_interval_probability(a, b):
     """log(Phi(b) - Phi(a)) for a < b, accurate in both tails."""
     from scipy.special import log_ndtr
-    flip = a > 0                       # upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+
+    flip = a > 0  # upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
     high, low = np.where(flip, -a, b), np.where(flip, -b, a)
     log_high, log_low = log_ndtr(high), log_ndtr(low)
     with np.errstate(divide="ignore"):
@@ -1104,7 +1304,9 @@ def log_bin_probabilities(model, levels, top):
     sds = _standard_deviations(model)[:, None]
     lower, upper = _bin_edges(np.asarray(levels, dtype=np.float64), top)
     means = model.means[:, :1]
-    return np.log(model.weights)[:, None] + _log_interval_probability((lower - means) / sds, (upper - means) / sds)
+    return np.log(model.weights)[:, None] + _log_interval_probability(
+        (lower - means) / sds, (upper - means) / sds
+    )
 
 
 def _truncated_moments(model, levels, top, log_mass):
@@ -1114,26 +1316,30 @@ def _truncated_moments(model, levels, top, log_mass):
     lower, upper = _bin_edges(levels, top)
     a, b = (lower - means) / sds, (upper - means) / sds
     with np.errstate(over="ignore", invalid="ignore"):
-        pdf_a = np.exp(-0.5 * a * a - _LOG_SQRT_2PI - log_mass)        # phi(a) / Z, 0 at infinity
+        pdf_a = np.exp(-0.5 * a * a - _LOG_SQRT_2PI - log_mass)  # phi(a) / Z, 0 at infinity
         pdf_b = np.exp(-0.5 * b * b - _LOG_SQRT_2PI - log_mass)
         first = pdf_a - pdf_b
         second = np.where(np.isfinite(a), a * pdf_a, 0.0) - np.where(np.isfinite(b), b * pdf_b, 0.0)
         mean = means + sds * first
-        variance = sds ** 2 * (1.0 + second - first ** 2)
+        variance = sds**2 * (1.0 + second - first**2)
     # Where a bin lies far in a component's tail the formulas lose their digits; such bins carry
     # no responsibility from it, and the truncated mean must lie in the bin anyway.
     centre = np.broadcast_to(levels / top, mean.shape)
     mean = np.clip(np.where(np.isfinite(mean), mean, centre), lower, upper)
     variance = np.clip(np.where(np.isfinite(variance), variance, 0.0), 0.0, None)
-    return mean, variance + mean ** 2
+    return mean, variance + mean**2
 
 
 def quantized_statistics(model, levels, top, resp, log_probabilities=None):
     """M-step sums [mass, E x, E x^2] of per-level responsibilities resp (K, M), counted in pixels."""
     if log_probabilities is None:
         log_probabilities = log_bin_probabilities(model, levels, top)
-    first, second = _truncated_moments(model, levels, top, log_probabilities - np.log(model.weights)[:, None])
-    return np.stack([resp.sum(axis=1), (resp * first).sum(axis=1), (resp * second).sum(axis=1)], axis=1)
+    first, second = _truncated_moments(
+        model, levels, top, log_probabilities - np.log(model.weights)[:, None]
+    )
+    return np.stack(
+        [resp.sum(axis=1), (resp * first).sum(axis=1), (resp * second).sum(axis=1)], axis=1
+    )
 
 
 def _quantized_pass(model, levels, counts, top):
@@ -1141,13 +1347,17 @@ def _quantized_pass(model, levels, counts, top):
     logp = log_bin_probabilities(model, levels, top)
     top_k = logp.max(axis=0)
     log_total = top_k + np.log(np.exp(logp - top_k).sum(axis=0))
-    resp = np.exp(logp - log_total) * counts                        # (K, M) pixels per component
-    return quantized_statistics(model, levels, top, resp, logp), float(counts @ log_total / counts.sum())
+    resp = np.exp(logp - log_total) * counts  # (K, M) pixels per component
+    return quantized_statistics(model, levels, top, resp, logp), float(
+        counts @ log_total / counts.sum()
+    )
 
 
 def quantized_m_step(stats, covariance_type, variance_floor, model):
     """The M-step of the binned model: exact EM, with a floor on the variances."""
-    weights, means, covariances = _m_step(stats, covariance_type, 0.0, model.means, model.covariances)
+    weights, means, covariances = _m_step(
+        stats, covariance_type, 0.0, model.means, model.covariances
+    )
     return weights, means, np.maximum(covariances, variance_floor)
 
 
@@ -1156,9 +1366,22 @@ def quantized_variance_floor(reg_covar, top):
     return max(reg_covar, (1e-3 / top) ** 2)
 
 
-def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type="full", max_iter=1000, tol=1e-8,
-                      reg_covar=1e-6, n_init=1, init="kmeans++", random_state=0, accelerate="squarem",
-                      on_iteration=None):
+def fit_quantized_gmm(
+    levels,
+    counts,
+    n_components,
+    *,
+    top=255,
+    covariance_type="full",
+    max_iter=1000,
+    tol=1e-8,
+    reg_covar=1e-6,
+    n_init=1,
+    init="kmeans++",
+    random_state=0,
+    accelerate="squarem",
+    on_iteration=None,
+):
     """EM for gray levels 0..top as bins (the end bins open), weighted by their pixel counts.
 
     Starts like fit_gmm (k-means++ on the levels, or random responsibilities); log_likelihood
@@ -1167,10 +1390,24 @@ def fit_quantized_gmm(levels, counts, n_components, *, top=255, covariance_type=
     at least a thousandth of a bin squared), which keeps a component that holds a single level
     finite, and leaves every other step exact EM.
     """
-    options = FitOptions(covariance_type=covariance_type, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
-                         n_init=n_init, init=init, random_state=random_state, accelerate=accelerate)
-    return _fit_quantized(np.asarray(levels, dtype=np.float64), np.asarray(counts, dtype=np.float64),
-                          n_components, top, options, on_iteration)
+    options = FitOptions(
+        covariance_type=covariance_type,
+        max_iter=max_iter,
+        tol=tol,
+        reg_covar=reg_covar,
+        n_init=n_init,
+        init=init,
+        random_state=random_state,
+        accelerate=accelerate,
+    )
+    return _fit_quantized(
+        np.asarray(levels, dtype=np.float64),
+        np.asarray(counts, dtype=np.float64),
+        n_components,
+        top,
+        options,
+        on_iteration,
+    )
 
 
 def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None):
@@ -1183,19 +1420,44 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
 
     def fit_one():
         weights, means, covariances = _starting_parameters(
-            data, n_components, covariance_type, options.reg_covar,
-            _initial_statistics(data, n_components, options.init, rng), [None] * 3)
-        start = GaussianMixtureFit(weights, means + data.center, np.maximum(covariances, floor), covariance_type,
-                                   [], 0, False, quantized_top=top)
+            data,
+            n_components,
+            covariance_type,
+            options.reg_covar,
+            _initial_statistics(data, n_components, options.init, rng),
+            [None] * 3,
+        )
+        start = GaussianMixtureFit(
+            weights,
+            data.uncentred(means),
+            np.maximum(covariances, floor),
+            covariance_type,
+            [],
+            0,
+            False,
+            quantized_top=top,
+        )
         run = run_em(
             start,
             lambda model: _quantized_pass(model, levels, counts, top),
-            lambda stats, model: _with_parameters(model, quantized_m_step(stats, covariance_type, floor, model)),
-            options, on_iteration,
-            (lambda model: to_vector(_parameters(model)),
-             lambda vector, like: _with_parameters(like, from_vector(vector, _parameters(like)))))
-        return replace(run.state, log_likelihood=run.history, n_iter=run.n_iter, converged=run.converged,
-                       n_em_steps=run.n_em_steps)
+            lambda stats, model: _with_parameters(
+                model, quantized_m_step(stats, covariance_type, floor, model)
+            ),
+            options,
+            on_iteration,
+            (
+                lambda model: to_vector(_parameters(model)),
+                lambda vector, like: _with_parameters(like, from_vector(vector, _parameters(like))),
+            ),
+        )
+        return replace(
+            run.state,
+            log_likelihood=run.history,
+            n_iter=run.n_iter,
+            converged=run.converged,
+            n_em_steps=run.n_em_steps,
+        )
+
     return _best_of_starts(options.n_init, fit_one)
 
 
@@ -1209,17 +1471,21 @@ def _with_parameters(model, theta):
 
 def n_parameters(n_components, n_features, covariance_type):
     """Free parameters of a mixture: weights (K - 1), means (K D) and covariances."""
-    covariance = {"full": n_components * n_features * (n_features + 1) // 2,
-                  "diag": n_components * n_features, "spherical": n_components,
-                  "tied": n_features * (n_features + 1) // 2}[covariance_type]
+    covariance = {
+        "full": n_components * n_features * (n_features + 1) // 2,
+        "diag": n_components * n_features,
+        "spherical": n_components,
+        "tied": n_features * (n_features + 1) // 2,
+    }[covariance_type]
     return covariance + n_components * n_features + n_components - 1
 
 
 def bic(model, n_samples):
     """Bayesian information criterion of a fitted model on n_samples pixels (lower is better)."""
     n_features = model.means.shape[1]
-    return (-2.0 * model.log_likelihood[-1] * n_samples
-            + n_parameters(model.n_components, n_features, model.covariance_type) * math.log(n_samples))
+    return -2.0 * model.log_likelihood[-1] * n_samples + n_parameters(
+        model.n_components, n_features, model.covariance_type
+    ) * math.log(n_samples)
 
 
 def collapsed_components(model, reg_covar):
@@ -1232,8 +1498,11 @@ def collapsed_components(model, reg_covar):
     if model.quantized_top is not None or model.covariance_type == "tied" or reg_covar <= 0:
         return []
     covariances = np.asarray(model.covariances)
-    variances = {"full": lambda: np.diagonal(covariances, axis1=1, axis2=2).min(axis=1),
-                 "diag": lambda: covariances.min(axis=1), "spherical": lambda: covariances}[model.covariance_type]()
+    variances = {
+        "full": lambda: np.diagonal(covariances, axis1=1, axis2=2).min(axis=1),
+        "diag": lambda: covariances.min(axis=1),
+        "spherical": lambda: covariances,
+    }[model.covariance_type]()
     return [int(k) for k in np.flatnonzero(variances < 2 * reg_covar)]
 
 
@@ -1249,12 +1518,14 @@ def collapsed_components(model, reg_covar):
 class Segmentation:
     picture: Picture
     points: Points
-    model: GaussianMixtureFit   # components ordered by luminance
-    labels: np.ndarray          # (H, W) component index of every pixel
-    requested_k: object         # an int, or "auto"
-    bic_table: list | None = None    # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
-    shared: SharedModel | None = None   # the batch's model, when the image was labelled with one
-    spatial: dict | None = None # the Potts-prior fit: beta, objective per iteration, n_iter, converged
+    model: GaussianMixtureFit  # components ordered by luminance
+    labels: np.ndarray  # (H, W) component index of every pixel
+    requested_k: object  # an int, or "auto"
+    bic_table: list | None = None  # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
+    shared: SharedModel | None = None  # the batch's model, when the image was labelled with one
+    spatial: dict | None = (
+        None  # the Potts-prior fit: beta, objective per iteration, n_iter, converged
+    )
 
 
 def luminance(means):
@@ -1277,8 +1548,9 @@ def log_density_blocks(model, data):
         levels = np.rint(data.values[:, 0] / data.scale * model.quantized_top)
         yield 0, log_bin_probabilities(model, levels, model.quantized_top)
         return
-    coefficients = log_density_coefficients(model.weights, model.means - data.center,
-                                            model.covariances, model.covariance_type)
+    coefficients = log_density_coefficients(
+        model.weights, data.centred(model.means), model.covariances, model.covariance_type
+    )
     for start, phi, _ in data.blocks():
         yield start, coefficients.T @ phi
 
@@ -1287,7 +1559,7 @@ def _most_likely(data, model):
     """Index of the most likely component of every point, block by block."""
     labels = np.empty(len(data), dtype=np.int64)
     for start, block in log_density_blocks(model, data):
-        labels[start:start + block.shape[1]] = np.argmax(block, axis=0)
+        labels[start : start + block.shape[1]] = np.argmax(block, axis=0)
     return labels
 
 
@@ -1303,7 +1575,7 @@ def lookup_codes(picture, lut):
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
     for start in range(0, codes.size, PIXEL_CHUNK):
-        np.take(lut, codes[start:start + PIXEL_CHUNK], out=out[start:start + PIXEL_CHUNK])
+        np.take(lut, codes[start : start + PIXEL_CHUNK], out=out[start : start + PIXEL_CHUNK])
     return out.reshape(picture.codes.shape)
 
 
@@ -1321,8 +1593,14 @@ def fit_components(data, n_components, options, on_iteration=None, quantized_top
     """
     k = min(n_components, _n_distinct(data))
     if quantized_top is not None:
-        fit = _fit_quantized(data.values[:, 0].astype(np.float64), data.weights, k, quantized_top, options,
-                             on_iteration)
+        fit = _fit_quantized(
+            data.values[:, 0].astype(np.float64),
+            data.weights,
+            k,
+            quantized_top,
+            options,
+            on_iteration,
+        )
     else:
         fit = _fit_data(data, k, options, on_iteration=on_iteration)
     return order_by_luminance(fit)
@@ -1347,7 +1625,9 @@ def gray_level_top(points):
     return None
 
 
-def fit_points(points, n_components, options, *, k_max=DEFAULTS["k_max"], quantized=False, on_iteration=None):
+def fit_points(
+    points, n_components, options, *, k_max=DEFAULTS["k_max"], quantized=False, on_iteration=None
+):
     """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
 
     n_components: an int (lowered to the number of distinct values when there are fewer), or
@@ -1355,8 +1635,14 @@ def fit_points(points, n_components, options, *, k_max=DEFAULTS["k_max"], quanti
     quantized: fit integer gray levels as bins (section 4b); ignored for any other values.
     """
     data = _Data(points.values, points.weights, points.scale)
-    return _fit_model(data, gray_level_top(points) if quantized else None, n_components, options, k_max,
-                      on_iteration)
+    return _fit_model(
+        data,
+        gray_level_top(points) if quantized else None,
+        n_components,
+        options,
+        k_max,
+        on_iteration,
+    )
 
 
 def _fit_model(data, quantized_top, n_components, options, k_max, on_iteration):
@@ -1368,10 +1654,11 @@ def _fit_model(data, quantized_top, n_components, options, k_max, on_iteration):
 @dataclass(frozen=True)
 class SharedModel:
     """One model for a whole batch (--shared): its BIC table (with K = auto) and the images it saw."""
+
     model: GaussianMixtureFit
     bic_table: list | None
     images: tuple
-    mode: str                   # "gray" or "color": the batch is colour when any image is
+    mode: str  # "gray" or "color": the batch is colour when any image is
 
 
 # --- 5b. A spatial prior (--spatial BETA) -------------------------------------
@@ -1388,6 +1675,7 @@ class SharedModel:
 # pixels, through strided views (no masks, no Python loop over pixels).  The M-step needs the responsibilities summed per distinct value (a bincount),
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
 
+
 def _update_sites(padded, pixel_logp, beta, row, col):
     """Mean-field update of the pixels (row + 2i, col + 2j): none of them neighbours another.
 
@@ -1396,9 +1684,9 @@ def _update_sites(padded, pixel_logp, beta, row, col):
     """
     height, width = pixel_logp.shape[1:]
     rows, cols = slice(1 + row, height + 1, 2), slice(1 + col, width + 1, 2)
-    field = padded[:, row:height:2, cols] + padded[:, 2 + row:height + 2:2, cols]
+    field = padded[:, row:height:2, cols] + padded[:, 2 + row : height + 2 : 2, cols]
     field += padded[:, rows, col:width:2]
-    field += padded[:, rows, 2 + col:width + 2:2]
+    field += padded[:, rows, 2 + col : width + 2 : 2]
     field *= beta
     field += pixel_logp[:, row::2, col::2]
     padded[:, rows, cols] = _softmax_over_components(field)
@@ -1408,7 +1696,7 @@ def _pixel_log_probabilities(model, grid, out):
     """log(w_k p(x_i | k)) of every pixel into out (K, H, W) float32, gathered from the points'."""
     point_logp = np.empty((model.n_components, len(grid.data)), dtype=np.float32)
     for start, block in log_density_blocks(model, grid.data):
-        point_logp[:, start:start + block.shape[1]] = block
+        point_logp[:, start : start + block.shape[1]] = block
     for k in range(len(point_logp)):
         np.take(point_logp[k], grid.flat_index, out=out[k].reshape(-1))
     return out
@@ -1419,13 +1707,18 @@ def _spatial_m_step(model, data, resp, reg_covar):
     if model.quantized_top is not None:
         levels = data.values[:, 0].astype(np.float64)
         stats = quantized_statistics(model, levels, model.quantized_top, resp)
-        weights, means, covariances = quantized_m_step(stats, model.covariance_type,
-                                                       quantized_variance_floor(reg_covar, model.quantized_top), model)
+        weights, means, covariances = quantized_m_step(
+            stats,
+            model.covariance_type,
+            quantized_variance_floor(reg_covar, model.quantized_top),
+            model,
+        )
         return replace(model, weights=weights, means=means, covariances=covariances)
-    stats = sum(resp[:, start:start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
-    weights, means, covariances = _m_step(stats, model.covariance_type, reg_covar, model.means - data.center,
-                                          model.covariances)
-    return replace(model, weights=weights, means=means + data.center, covariances=covariances)
+    stats = sum(resp[:, start : start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
+    weights, means, covariances = _m_step(
+        stats, model.covariance_type, reg_covar, data.centred(model.means), model.covariances
+    )
+    return replace(model, weights=weights, means=data.uncentred(means), covariances=covariances)
 
 
 def _softmax_over_components(logits):
@@ -1445,7 +1738,10 @@ def _mean_field_objective(q, pixel_logp, beta):
     total = 0.0
     for qk, logp in zip(q, pixel_logp):
         total += np.sum(qk * (logp - np.log(np.maximum(qk, tiny))), dtype=np.float64)
-        total += beta * (np.sum(qk[1:] * qk[:-1], dtype=np.float64) + np.sum(qk[:, 1:] * qk[:, :-1], dtype=np.float64))
+        total += beta * (
+            np.sum(qk[1:] * qk[:-1], dtype=np.float64)
+            + np.sum(qk[:, 1:] * qk[:, :-1], dtype=np.float64)
+        )
     return float(total)
 
 
@@ -1454,9 +1750,10 @@ class MeanField:
     """The spatial fit's state: the model, q (K, H, W) inside a zero border, and each pixel's
     log(w_k p(x | k)) under the model.  The per-pixel arrays are updated in place (each is K
     float32 values a pixel: copies would not fit at 24 megapixels), so a state is used once."""
+
     model: GaussianMixtureFit
-    padded: np.ndarray          # (K, H + 2, W + 2) float32
-    pixel_logp: np.ndarray      # (K, H, W) float32
+    padded: np.ndarray  # (K, H + 2, W + 2) float32
+    pixel_logp: np.ndarray  # (K, H, W) float32
 
     @property
     def q(self):
@@ -1466,8 +1763,9 @@ class MeanField:
 @dataclass(frozen=True)
 class PixelGrid:
     """What the spatial fit knows of the pixels: the points and the point of every pixel."""
+
     data: _Data
-    flat_index: np.ndarray      # (H * W,) intp: take and bincount would convert it every time
+    flat_index: np.ndarray  # (H * W,) intp: take and bincount would convert it every time
     shape: tuple
 
 
@@ -1478,12 +1776,21 @@ def _mean_field_score(state, beta):
 
 def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
     """One mean-field EM iteration: a checkerboard sweep of q, then the M-step and the new log p."""
-    for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):        # a checkerboard's black sites, then its white
+    for row, col in (
+        (0, 0),
+        (1, 1),
+        (0, 1),
+        (1, 0),
+    ):  # a checkerboard's black sites, then its white
         _update_sites(state.padded, state.pixel_logp, beta, row, col)
     model = state.model
     if update_parameters:
-        resp = np.stack([np.bincount(grid.flat_index, weights=qk.reshape(-1), minlength=len(grid.data))
-                         for qk in state.q])
+        resp = np.stack(
+            [
+                np.bincount(grid.flat_index, weights=qk.reshape(-1), minlength=len(grid.data))
+                for qk in state.q
+            ]
+        )
         model = _spatial_m_step(model, grid.data, resp, reg_covar)
         _pixel_log_probabilities(model, grid, state.pixel_logp)
     return MeanField(model, state.padded, state.pixel_logp)
@@ -1502,13 +1809,27 @@ def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on
     padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
     start = MeanField(model, padded, pixel_logp)
     start.q[...] = pixel_logp
-    _softmax_over_components(start.q)                          # start: the plain mixture's posterior
-    run = run_em(start, partial(_mean_field_score, beta=beta),
-                 partial(_mean_field_step, grid=grid, beta=beta, reg_covar=options.reg_covar,
-                         update_parameters=update_parameters),
-                 options, on_iteration)
-    record = {"beta": beta, "objective": run.history, "n_iter": run.n_iter, "converged": run.converged,
-              "em_steps": run.n_em_steps}
+    _softmax_over_components(start.q)  # start: the plain mixture's posterior
+    run = run_em(
+        start,
+        partial(_mean_field_score, beta=beta),
+        partial(
+            _mean_field_step,
+            grid=grid,
+            beta=beta,
+            reg_covar=options.reg_covar,
+            update_parameters=update_parameters,
+        ),
+        options,
+        on_iteration,
+    )
+    record = {
+        "beta": beta,
+        "objective": run.history,
+        "n_iter": run.n_iter,
+        "converged": run.converged,
+        "em_steps": run.n_em_steps,
+    }
     return run.state.model, _argmax_over_components(run.state.q), record
 
 
@@ -1526,8 +1847,18 @@ def _argmax_over_components(q):
 # --- 5c. Putting it together ---------------------------------------------------
 
 
-def segment_points(picture, points, n_components, options=FitOptions(), *, k_max=DEFAULTS["k_max"],
-                   shared=None, quantized=False, spatial=0.0, on_iteration=None):
+def segment_points(
+    picture,
+    points,
+    n_components,
+    options=FitOptions(),
+    *,
+    k_max=DEFAULTS["k_max"],
+    shared=None,
+    quantized=False,
+    spatial=0.0,
+    on_iteration=None,
+):
     """Fit on the distinct values (or take a batch's shared model), then label every pixel.
 
     n_components and quantized as fit_points.  spatial: the strength BETA of a Potts prior on the
@@ -1536,13 +1867,26 @@ def segment_points(picture, points, n_components, options=FitOptions(), *, k_max
     """
     data = _Data(points.values, points.weights, points.scale)
     if shared is None:
-        model, table = _fit_model(data, gray_level_top(points) if quantized else None, n_components, options,
-                                  k_max, on_iteration)
+        model, table = _fit_model(
+            data,
+            gray_level_top(points) if quantized else None,
+            n_components,
+            options,
+            k_max,
+            on_iteration,
+        )
     else:
         model, table = shared.model, shared.bic_table
     if spatial > 0:
-        model, labels, prior = spatial_fit(model, data, point_index(picture, points), spatial, options,
-                                           update_parameters=shared is None, on_iteration=on_iteration)
+        model, labels, prior = spatial_fit(
+            model,
+            data,
+            point_index(picture, points),
+            spatial,
+            options,
+            update_parameters=shared is None,
+            on_iteration=on_iteration,
+        )
         order = np.argsort(luminance(model.means), kind="stable")
         model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
         return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
@@ -1557,12 +1901,22 @@ def palette(segmentation):
     """
     picture, model = segmentation.picture, segmentation.model
     top = 255 if picture.bits == 8 or model.means.shape[1] == 3 else 65535
-    values = np.clip(np.rint(model.means * top), 0, top).astype(np.uint8 if top == 255 else np.uint16)
+    values = np.clip(np.rint(model.means * top), 0, top).astype(
+        np.uint8 if top == 255 else np.uint16
+    )
     return values[:, 0] if values.shape[1] == 1 else values
 
 
-def segment_image(array, n_components, *, mode="auto", k_max=DEFAULTS["k_max"], quantized=False, spatial=0.0,
-                  **fit_options):
+def segment_image(
+    array,
+    n_components,
+    *,
+    mode="auto",
+    k_max=DEFAULTS["k_max"],
+    quantized=False,
+    spatial=0.0,
+    **fit_options,
+):
     """Segment an in-memory image; returns (labels, recoloured image, fitted model).
 
     array: H x W (gray) or H x W x 3|4 (colour; alpha dropped).  uint8/uint16 arrays are divided
@@ -1573,8 +1927,9 @@ def segment_image(array, n_components, *, mode="auto", k_max=DEFAULTS["k_max"], 
     options = FitOptions(**fit_options)
     picture = picture_from_array(array)
     points = distinct_values(picture, mode)
-    segmentation = segment_points(picture, points, n_components, options, k_max=k_max, quantized=quantized,
-                                  spatial=spatial)
+    segmentation = segment_points(
+        picture, points, n_components, options, k_max=k_max, quantized=quantized, spatial=spatial
+    )
     if picture.kind == "table":
         means = segmentation.model.means
         colours = means[:, 0] if means.shape[1] == 1 else means
@@ -1591,7 +1946,14 @@ def segment_image(array, n_components, *, mode="auto", k_max=DEFAULTS["k_max"], 
 # present means a complete set.  On any failure (a full disk, a signal, a bug) every
 # temporary, and every file this run had already renamed, is removed.
 
-OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json", "bic.png")
+OUTPUT_SUFFIXES = (
+    "segmented.png",
+    "labels.png",
+    "loglik.png",
+    "comparison.png",
+    "model.json",
+    "bic.png",
+)
 
 
 def output_paths(out_dir, stem):
@@ -1601,7 +1963,9 @@ def output_paths(out_dir, stem):
 def shown(path):
     """A file name as one printable line: bytes that are not UTF-8 as \\xNN, control characters escaped."""
     text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 _TEMPORARY_NUMBERS = itertools.count(1)
@@ -1618,6 +1982,7 @@ class OutputSet:
     what was renamed.  Temporary names are short (the pid and a counter), so an output name
     that fits the file system's limit always has a temporary that fits too.
     """
+
     def __init__(self):
         self.staged, self.committed = [], []
 
@@ -1679,17 +2044,24 @@ def segmented_image(segmentation):
     """The recoloured picture as a Pillow image: gray levels, or a palette image for colour."""
     colours, labels = palette(segmentation), segmentation.labels
     if colours.ndim == 1:
-        return Image.fromarray(colours[labels])            # L, or I;16 for deep gray
+        return Image.fromarray(colours[labels])  # L, or I;16 for deep gray
     if len(colours) <= 256:
-        image = Image.frombuffer("P", (labels.shape[1], labels.shape[0]),
-                                 labels.astype(np.uint8, copy=False), "raw", "P", 0, 1)
+        image = Image.frombuffer(
+            "P",
+            (labels.shape[1], labels.shape[0]),
+            labels.astype(np.uint8, copy=False),
+            "raw",
+            "P",
+            0,
+            1,
+        )
         image.putpalette(colours.reshape(-1).tolist())
         return image
     return Image.fromarray(colours[labels])
 
 
 def label_image(labels):
-    return Image.fromarray(labels)    # uint8 -> L, uint16 -> I;16
+    return Image.fromarray(labels)  # uint8 -> L, uint16 -> I;16
 
 
 def model_record(segmentation, source, settings, notes, seconds):
@@ -1731,12 +2103,14 @@ def model_record(segmentation, source, settings, notes, seconds):
 def _figure(width, height):
     """A matplotlib Figure of its own: no pyplot, no global state, nothing to close."""
     from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def _integer_ticks(ax):
     """Ticks on whole numbers only on the x axis (iterations, K)."""
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
@@ -1747,11 +2121,21 @@ def plot_log_likelihood(segmentation, title):
     """
     if segmentation.spatial is not None:
         fit = segmentation.spatial
-        history, n_iter, em_steps, converged = fit["objective"], fit["n_iter"], fit["em_steps"], fit["converged"]
+        history, n_iter, em_steps, converged = (
+            fit["objective"],
+            fit["n_iter"],
+            fit["em_steps"],
+            fit["converged"],
+        )
         name = "mean-field objective"
     else:
         model = segmentation.model
-        history, n_iter, em_steps, converged = model.log_likelihood, model.n_iter, model.n_em_steps, model.converged
+        history, n_iter, em_steps, converged = (
+            model.log_likelihood,
+            model.n_iter,
+            model.n_em_steps,
+            model.converged,
+        )
         name = "log-likelihood"
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
@@ -1760,9 +2144,20 @@ def plot_log_likelihood(segmentation, title):
     axes = figure.subplots(1, 2)
     for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):
         ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
-        ax.plot(iterations[-1], values[-1], marker="o", markersize=9, markerfacecolor="none",
-                color="tab:red", label=f"{stop} at iteration {n_iter} ({em_steps} EM steps)")
-        ax.set_xlabel("EM iteration" if em_steps == n_iter else "iteration (an accelerated cycle of 2-3 EM steps)")
+        ax.plot(
+            iterations[-1],
+            values[-1],
+            marker="o",
+            markersize=9,
+            markerfacecolor="none",
+            color="tab:red",
+            label=f"{stop} at iteration {n_iter} ({em_steps} EM steps)",
+        )
+        ax.set_xlabel(
+            "EM iteration"
+            if em_steps == n_iter
+            else "iteration (an accelerated cycle of 2-3 EM steps)"
+        )
         ax.set_xlim(0.5, len(history) + 0.5)
         ax.set_ylabel(f"{label} per pixel")
         ax.set_title(label[0].upper() + label[1:])
@@ -1791,6 +2186,7 @@ def plot_comparison(segmentation, title):
     figure's size is bounded whatever the image's shape (a 1 x 100000 strip included).
     """
     import matplotlib
+
     original, step = _display_copy(segmentation.picture)
     labels = segmentation.labels[::step, ::step]
     colours = palette(segmentation)
@@ -1803,8 +2199,13 @@ def plot_comparison(segmentation, title):
     axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
     recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
     axes[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), interpolation="nearest")
-    label_map = axes[2].imshow(labels, cmap=matplotlib.colormaps["viridis"].resampled(k), vmin=-0.5,
-                               vmax=k - 0.5, interpolation="nearest")
+    label_map = axes[2].imshow(
+        labels,
+        cmap=matplotlib.colormaps["viridis"].resampled(k),
+        vmin=-0.5,
+        vmax=k - 0.5,
+        interpolation="nearest",
+    )
     colorbar = figure.colorbar(label_map, ax=axes[2], shrink=0.9, label="component (0 = darkest)")
     colorbar.set_ticks(range(k) if k <= 16 else np.linspace(0, k - 1, 9).round())
     for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
@@ -1821,8 +2222,15 @@ def plot_bic(table, chosen, title):
     figure = _figure(6, 4)
     ax = figure.subplots()
     ax.plot(ks, scores, marker="o", color="tab:blue")
-    ax.plot(chosen, scores[ks.index(chosen)], marker="o", markersize=12, markerfacecolor="none",
-            color="tab:red", label=f"chosen: K = {chosen}")
+    ax.plot(
+        chosen,
+        scores[ks.index(chosen)],
+        marker="o",
+        markersize=12,
+        markerfacecolor="none",
+        color="tab:red",
+        label=f"chosen: K = {chosen}",
+    )
     ax.set_xlabel("number of components K")
     ax.set_ylabel("BIC (lower is better)")
     _integer_ticks(ax)
@@ -1844,8 +2252,12 @@ def write_outputs(segmentation, paths, title, record):
         outputs.stage(paths["loglik"], _figure_writer(plot_log_likelihood(segmentation, title)))
         outputs.stage(paths["comparison"], _figure_writer(plot_comparison(segmentation, title)))
         if segmentation.bic_table is not None:
-            outputs.stage(paths["bic"], _figure_writer(plot_bic(segmentation.bic_table,
-                                                                segmentation.model.n_components, title)))
+            outputs.stage(
+                paths["bic"],
+                _figure_writer(
+                    plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
+                ),
+            )
         seconds = record["seconds"]
         seconds["write"] = time.perf_counter() - started
         seconds["total"] = seconds["load"] + seconds["fit"] + seconds["write"]
@@ -1888,6 +2300,7 @@ def _number_at_least(kind, minimum):
         if not math.isfinite(value) or value < minimum:
             raise argparse.ArgumentTypeError(f"must be {name} >= {minimum}, got {text}")
         return value
+
     return parse
 
 
@@ -1916,63 +2329,153 @@ def build_parser():
     parser = _Parser(
         prog="ImageSegmentation.py",
         description="Segment images with a Gaussian mixture fitted by EM; save the segmented image, "
-                    "the label map, the convergence plot, a side-by-side comparison and the model.",
-        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 interrupted.")
-    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER",
-                        help="image files, or folders whose image files (directly inside) are all "
-                             "segmented; default: the bundled images/ folder")
-    parser.add_argument("-k", "--components", type=_components, default=None, metavar="K",
-                        help=f"number of Gaussians (default {d['gray_components']} for gray images, "
-                             f"{d['color_components']} for colour), or 'auto': the K in 1..--k-max with "
-                             f"the lowest BIC")
-    parser.add_argument("--k-max", type=_integer_at_least(1), default=d["k_max"], metavar="N",
-                        help="largest K tried by -k auto (default %(default)s)")
-    parser.add_argument("--mode", choices=MODES, default=d["mode"],
-                        help="auto: gray when the image has one channel or all channels are equal; "
-                             "gray: fit luminance; color: fit RGB vectors (default auto)")
-    parser.add_argument("--covariance", choices=COVARIANCE_TYPES, default=d["covariance"],
-                        help="covariance type of each component, as scikit-learn (default full)")
-    parser.add_argument("--max-iter", type=_integer_at_least(1), default=d["max_iter"], metavar="N",
-                        help="at most N EM iterations (default %(default)s)")
-    parser.add_argument("--tol", type=_float_at_least(0), default=d["tol"], metavar="T",
-                        help="stop when the mean log-likelihood per pixel is estimated (Aitken) to be "
-                             "within T of its limit, two iterations in a row (default %(default)s; 0 runs "
-                             "all --max-iter iterations)")
-    parser.add_argument("--accelerate", choices=ACCELERATIONS, default=d["accelerate"],
-                        help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
-                             "falls; none: plain EM, one E- and one M-step an iteration (default squarem)")
-    parser.add_argument("--n-init", type=_integer_at_least(1), default=None, metavar="N",
-                        help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
-                             f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
-                             f"pick the wrong K)")
-    parser.add_argument("--init", choices=INIT_METHODS, default=d["init"],
-                        help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
-                             "responsibilities (default %(default)s)")
-    parser.add_argument("--seed", type=_integer_at_least(0), default=d["seed"], metavar="S",
-                        help="random seed: the same command writes the same images (default %(default)s)")
-    parser.add_argument("--reg-covar", type=_float_at_least(0), default=d["reg_covar"], metavar="R",
-                        help="added to every covariance's diagonal, as scikit-learn (default %(default)s)")
-    parser.add_argument("--out", default=d["out"], metavar="DIR",
-                        help="output folder, created if needed (default %(default)s)")
-    parser.add_argument("--max-pixels", type=_integer_at_least(1), default=d["max_pixels"], metavar="N",
-                        help="refuse images with more pixels than this (default %(default)s)")
-    parser.add_argument("--spatial", type=_float_at_least(0), default=d["spatial"], metavar="BETA",
-                        help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
-                             "mean-field EM from the plain mixture (0 = off, the default; 1 is strong)")
-    parser.add_argument("--quantized", action="store_true",
-                        help="gray images: fit the probability of each gray level's bin (the end bins open, "
-                             "as a camera clips) instead of a density at the level; ignored for colour")
-    parser.add_argument("--shared", action="store_true",
-                        help="fit one model to all the images together (their distinct-value counts "
-                             "added up) and label every image with it, so a label means the same in all")
-    parser.add_argument("-j", "--jobs", type=_integer_at_least(1), default=None, metavar="N",
-                        help="segment a batch in N worker processes (default: the number of cores; "
-                             "1: in this process); outputs are the same bytes as with 1")
-    parser.add_argument("--show", action="store_true",
-                        help="also open the figures in windows (by default they are only saved)")
+        "the label map, the convergence plot, a side-by-side comparison and the model.",
+        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 interrupted.",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files, or folders whose image files (directly inside) are all "
+        "segmented; default: the bundled images/ folder",
+    )
+    parser.add_argument(
+        "-k",
+        "--components",
+        type=_components,
+        default=None,
+        metavar="K",
+        help=f"number of Gaussians (default {d['gray_components']} for gray images, "
+        f"{d['color_components']} for colour), or 'auto': the K in 1..--k-max with "
+        f"the lowest BIC",
+    )
+    parser.add_argument(
+        "--k-max",
+        type=_integer_at_least(1),
+        default=d["k_max"],
+        metavar="N",
+        help="largest K tried by -k auto (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d["mode"],
+        help="auto: gray when the image has one channel or all channels are equal; "
+        "gray: fit luminance; color: fit RGB vectors (default auto)",
+    )
+    parser.add_argument(
+        "--covariance",
+        choices=COVARIANCE_TYPES,
+        default=d["covariance"],
+        help="covariance type of each component, as scikit-learn (default full)",
+    )
+    parser.add_argument(
+        "--max-iter",
+        type=_integer_at_least(1),
+        default=d["max_iter"],
+        metavar="N",
+        help="at most N EM iterations (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tol",
+        type=_float_at_least(0),
+        default=d["tol"],
+        metavar="T",
+        help="stop when the mean log-likelihood per pixel is estimated (Aitken) to be "
+        "within T of its limit, two iterations in a row (default %(default)s; 0 runs "
+        "all --max-iter iterations)",
+    )
+    parser.add_argument(
+        "--accelerate",
+        choices=ACCELERATIONS,
+        default=d["accelerate"],
+        help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
+        "falls; none: plain EM, one E- and one M-step an iteration (default squarem)",
+    )
+    parser.add_argument(
+        "--n-init",
+        type=_integer_at_least(1),
+        default=None,
+        metavar="N",
+        help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
+        f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
+        f"pick the wrong K)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=INIT_METHODS,
+        default=d["init"],
+        help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
+        "responsibilities (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_integer_at_least(0),
+        default=d["seed"],
+        metavar="S",
+        help="random seed: the same command writes the same images (default %(default)s)",
+    )
+    parser.add_argument(
+        "--reg-covar",
+        type=_float_at_least(0),
+        default=d["reg_covar"],
+        metavar="R",
+        help="added to every covariance's diagonal, as scikit-learn (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default=d["out"],
+        metavar="DIR",
+        help="output folder, created if needed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_integer_at_least(1),
+        default=d["max_pixels"],
+        metavar="N",
+        help="refuse images with more pixels than this (default %(default)s)",
+    )
+    parser.add_argument(
+        "--spatial",
+        type=_float_at_least(0),
+        default=d["spatial"],
+        metavar="BETA",
+        help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
+        "mean-field EM from the plain mixture (0 = off, the default; 1 is strong)",
+    )
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="gray images: fit the probability of each gray level's bin (the end bins open, "
+        "as a camera clips) instead of a density at the level; ignored for colour",
+    )
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="fit one model to all the images together (their distinct-value counts "
+        "added up) and label every image with it, so a label means the same in all",
+    )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=_integer_at_least(1),
+        default=None,
+        metavar="N",
+        help="segment a batch in N worker processes (default: the number of cores; "
+        "1: in this process); outputs are the same bytes as with 1",
+    )
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="also open the figures in windows (by default they are only saved)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print the log-likelihood of every iteration on stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the log-likelihood of every iteration on stderr",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -1998,8 +2501,11 @@ def collect_inputs(arguments):
         path = Path(argument)
         if path.is_dir():
             try:
-                found = sorted(p for p in path.iterdir()
-                               if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+                found = sorted(
+                    p
+                    for p in path.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+                )
             except OSError as error:
                 errors.append((argument, f"cannot list folder ({error.strerror})"))
                 continue
@@ -2039,17 +2545,38 @@ def prepare_output_folder(out):
 
 def _settings(args, options):
     """Every option of the run, as the JSON records them (n_init as it was used)."""
-    return dict(components=args.components, k_max=args.k_max, mode=args.mode, covariance=args.covariance,
-                max_iter=args.max_iter, tol=args.tol, n_init=options.n_init, init=args.init, seed=args.seed,
-                reg_covar=args.reg_covar, out=shown(args.out), max_pixels=args.max_pixels, shared=args.shared,
-                quantized=args.quantized, spatial=args.spatial, accelerate=args.accelerate)
+    return dict(
+        components=args.components,
+        k_max=args.k_max,
+        mode=args.mode,
+        covariance=args.covariance,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        n_init=options.n_init,
+        init=args.init,
+        seed=args.seed,
+        reg_covar=args.reg_covar,
+        out=shown(args.out),
+        max_pixels=args.max_pixels,
+        shared=args.shared,
+        quantized=args.quantized,
+        spatial=args.spatial,
+        accelerate=args.accelerate,
+    )
 
 
 def fit_options_from(args):
     n_init = args.n_init or DEFAULTS["auto_n_init" if args.components == "auto" else "n_init"]
-    return FitOptions(covariance_type=args.covariance, max_iter=args.max_iter, tol=args.tol,
-                      reg_covar=args.reg_covar, n_init=n_init, init=args.init, random_state=args.seed,
-                      accelerate=args.accelerate)
+    return FitOptions(
+        covariance_type=args.covariance,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        reg_covar=args.reg_covar,
+        n_init=n_init,
+        init=args.init,
+        random_state=args.seed,
+        accelerate=args.accelerate,
+    )
 
 
 def _write_line(stream, text):
@@ -2126,6 +2653,7 @@ class Console:
 @dataclass
 class Outcome:
     """What became of one input: its summary line or its error, and the stderr lines it produced."""
+
     path: Path
     line: str | None = None
     error: str | None = None
@@ -2140,7 +2668,9 @@ def _segment_file(path, stem, args, inputs, shared, say, console):
     paths = output_paths(args.out, stem)
     for target in paths.values():
         if target.exists() and target.resolve() in inputs:
-            raise ImageError(f"output {shown(target)} would overwrite an input file; choose another --out")
+            raise ImageError(
+                f"output {shown(target)} would overwrite an input file; choose another --out"
+            )
     points = distinct_values(picture, shared.mode if shared else args.mode)
     k = args.components or DEFAULTS[f"{points.mode}_components"]
 
@@ -2149,17 +2679,36 @@ def _segment_file(path, stem, args, inputs, shared, say, console):
             say(f"{shown(path)}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
         elif console is not None:
             console.iteration(path, n_iter)
+
     options = fit_options_from(args)
     try:
-        segmentation = segment_points(picture, points, k, options, k_max=args.k_max, shared=shared,
-                                      quantized=args.quantized, spatial=args.spatial, on_iteration=on_iteration)
+        segmentation = segment_points(
+            picture,
+            points,
+            k,
+            options,
+            k_max=args.k_max,
+            shared=shared,
+            quantized=args.quantized,
+            spatial=args.spatial,
+            on_iteration=on_iteration,
+        )
     except FitFailed as error:
         raise ImageError(str(error)) from None
     fitted = time.perf_counter()
-    notes = picture.notes + fit_notes(segmentation, args.quantized and shared is None, args.reg_covar)
-    record = model_record(segmentation, path, _settings(args, options), notes,
-                          {"load": loaded - clock, "fit": fitted - loaded})
-    write_outputs(segmentation, paths, figure_title(path, segmentation, args.covariance, args.spatial), record)
+    notes = picture.notes + fit_notes(
+        segmentation, args.quantized and shared is None, args.reg_covar
+    )
+    record = model_record(
+        segmentation,
+        path,
+        _settings(args, options),
+        notes,
+        {"load": loaded - clock, "fit": fitted - loaded},
+    )
+    write_outputs(
+        segmentation, paths, figure_title(path, segmentation, args.covariance, args.spatial), record
+    )
     if not args.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")
@@ -2170,11 +2719,15 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     """What the user should know about a fit: fewer components than asked, --quantized ignored, a collapse."""
     model, points, notes = segmentation.model, segmentation.points, []
     requested, k = segmentation.requested_k, model.n_components
-    if requested != "auto" and k < requested and segmentation.shared is None:    # a batch says it once
+    if (
+        requested != "auto" and k < requested and segmentation.shared is None
+    ):  # a batch says it once
         notes.append(fewer_components_note(len(points.values), requested))
     if quantized_asked and model.quantized_top is None:
-        notes.append(f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
-                     f"{'colour' if points.mode == 'color' else 'floating-point'} image")
+        notes.append(
+            f"--quantized applies to 8- and 16-bit gray levels; ignored for this "
+            f"{'colour' if points.mode == 'color' else 'floating-point'} image"
+        )
     collapsed = collapsed_components(model, reg_covar) if len(points.values) > k else []
     if collapsed:
         notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1))
@@ -2182,34 +2735,48 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
 
 
 def fewer_components_note(distinct, requested):
-    return (f"only {distinct} distinct value{'s' if distinct > 1 else ''}: fitted {distinct} "
-            f"component{'s' if distinct > 1 else ''} instead of {requested}")
+    return (
+        f"only {distinct} distinct value{'s' if distinct > 1 else ''}: fitted {distinct} "
+        f"component{'s' if distinct > 1 else ''} instead of {requested}"
+    )
 
 
 def collapse_note(collapsed, reg_covar, gray):
     """One line on components that collapsed onto a single value, and what to do about it."""
     which = ", ".join(map(str, collapsed))
-    return (f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value (variance at the "
-            f"--reg-covar floor {reg_covar:g}), leaving the other components to fit the rest of the image"
-            + ("; --quantized fits gray levels as bins and cannot collapse" if gray else ""))
+    return (
+        f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value (variance at the "
+        f"--reg-covar floor {reg_covar:g}), leaving the other components to fit the rest of the image"
+        + ("; --quantized fits gray levels as bins and cannot collapse" if gray else "")
+    )
 
 
 def figure_title(path, segmentation, covariance, spatial):
     model = segmentation.model
-    return (f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, {covariance} covariance"
-            + (", quantized" if model.quantized_top else "") + (", shared model" if segmentation.shared else "")
-            + (f", spatial prior {spatial:g}" if spatial else ""))
+    return (
+        f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, {covariance} covariance"
+        + (", quantized" if model.quantized_top else "")
+        + (", shared model" if segmentation.shared else "")
+        + (f", spatial prior {spatial:g}" if spatial else "")
+    )
 
 
 def summary_line(path, segmentation, seconds):
     """The one line per image on stdout."""
     model, picture, prior = segmentation.model, segmentation.picture, segmentation.spatial
-    spatial = "" if prior is None else (
-        f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
-        f"objective={prior['objective'][-1]:.6f} ")
-    return (f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
-            f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
-            f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s")
+    spatial = (
+        ""
+        if prior is None
+        else (
+            f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
+            f"objective={prior['objective'][-1]:.6f} "
+        )
+    )
+    return (
+        f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
+        f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
+        f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s"
+    )
 
 
 def _stop_word(converged):
@@ -2238,7 +2805,7 @@ def segment_file(path, stem, args, inputs, shared=None, console=None):
         outcome.error = "not enough memory"
     except OSError as error:
         outcome.error = error.strerror or str(error)
-    except Exception as error:           # a bug of ours: report it, and let the batch go on
+    except Exception as error:  # a bug of ours: report it, and let the batch go on
         outcome.error = f"internal error, please report: {type(error).__name__}: {error}"
     return outcome
 
@@ -2248,7 +2815,7 @@ def segment_file(path, stem, args, inputs, shared=None, console=None):
 # end; a worker killed from outside (the out-of-memory killer) breaks the pool, and the images
 # it left unfinished are run again, each in a fresh process of its own.
 
-_WORKER_STATE = {"busy": False, "interrupted": False}   # of a worker process
+_WORKER_STATE = {"busy": False, "interrupted": False}  # of a worker process
 
 
 def _worker_started():
@@ -2269,7 +2836,7 @@ def _segment_in_worker(task):
     _WORKER_STATE["busy"] = True
     try:
         return segment_file(*task)
-    except KeyboardInterrupt:            # its temporaries are already gone (OutputSet)
+    except KeyboardInterrupt:  # its temporaries are already gone (OutputSet)
         return Outcome(task[0], error="interrupted")
     finally:
         _WORKER_STATE["busy"] = False
@@ -2278,14 +2845,17 @@ def _segment_in_worker(task):
 def _process_pool(workers):
     import concurrent.futures
     import multiprocessing
+
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                                  initializer=_worker_started)
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_worker_started
+    )
 
 
 def segment_in_workers(tasks, workers):
     """Outcomes of the tasks in input order, each as soon as it and those before it are done."""
     from concurrent.futures.process import BrokenProcessPool
+
     done, broken, next_index = {}, [], 0
     with _process_pool(workers) as pool:
         try:
@@ -2301,16 +2871,20 @@ def segment_in_workers(tasks, workers):
         except KeyboardInterrupt:
             _stop_workers(pool)
             raise
-    for index in broken:                 # each in a fresh process of its own: one that dies again fails alone
+    for index in broken:  # each in a fresh process of its own: one that dies again fails alone
         path = tasks[index][0]
         with _process_pool(1) as pool:
             try:
                 done[index] = pool.submit(_segment_in_worker, tasks[index]).result()
-                done[index].messages.insert(0, f"note: {shown(path)}: its worker process died; segmented again "
-                                               f"in a fresh one")
+                done[index].messages.insert(
+                    0,
+                    f"note: {shown(path)}: its worker process died; segmented again in a fresh one",
+                )
             except BrokenProcessPool:
-                done[index] = Outcome(path, error="its worker process died twice (killed from outside, "
-                                                  "or out of memory)")
+                done[index] = Outcome(
+                    path,
+                    error="its worker process died twice (killed from outside, or out of memory)",
+                )
             except KeyboardInterrupt:
                 _stop_workers(pool)
                 raise
@@ -2322,7 +2896,8 @@ def segment_in_workers(tasks, workers):
 def _stop_workers(pool):
     """Ctrl-C or SIGTERM in the main process: every worker stops its image cleanly, none starts another."""
     import multiprocessing
-    for sig in (signal.SIGINT, signal.SIGTERM):          # no second interrupt while cleaning up
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # no second interrupt while cleaning up
         signal.signal(sig, signal.SIG_IGN)
     for child in multiprocessing.active_children():
         try:
@@ -2351,14 +2926,20 @@ def shared_model(files, args, report):
                 continue
             readable.append(path)
             yield distinct_values(picture, args.mode)
+
     pooled = pool_points(point_sets())
     if pooled is None:
         return None, readable
     if args.quantized and gray_level_top(pooled) is None:
-        report(None, "note: --quantized ignored for this batch: its values are not gray levels of one bit depth")
+        report(
+            None,
+            "note: --quantized ignored for this batch: its values are not gray levels of one bit depth",
+        )
     k = args.components or DEFAULTS[f"{pooled.mode}_components"]
     try:
-        model, table = fit_points(pooled, k, fit_options_from(args), k_max=args.k_max, quantized=args.quantized)
+        model, table = fit_points(
+            pooled, k, fit_options_from(args), k_max=args.k_max, quantized=args.quantized
+        )
     except FitFailed as error:
         for path in readable:
             report(path, str(error))
@@ -2377,6 +2958,7 @@ def _signals_as_interrupts():
 
     def terminated(signum, frame):
         raise Interrupted(signum)
+
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, terminated)
     try:
@@ -2394,7 +2976,9 @@ def main(argv=None):
             return _run(args)
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
-            _write_line(sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated")
+            _write_line(
+                sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated"
+            )
             return 128 + signum
 
 
@@ -2420,7 +3004,7 @@ def _run(args):
 
     for argument, message in errors:
         report(argument, message)
-    inputs = {p.resolve() for p in files if p.exists()}     # never to be written over, readable or not
+    inputs = {p.resolve() for p in files if p.exists()}  # never to be written over, readable or not
     shared = None
     if args.shared and files:
         shared, files = shared_model(files, args, report)
@@ -2443,8 +3027,10 @@ def _run(args):
         console.image_done()
     console.finish()
     if not args.quiet:
-        console.say(f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
-                    f"outputs in {shown(args.out)}")
+        console.say(
+            f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
+            f"outputs in {shown(args.out)}"
+        )
     if args.show:
         show_figures(args.out, [stem for (path, stem, *_) in tasks if path in written], console)
     return 1 if failures or console.failed else 0
@@ -2454,9 +3040,12 @@ def show_figures(out, stems, console):
     """--show: open the saved figures in windows, or say why there are none (no display, say)."""
     import matplotlib
     import matplotlib.pyplot as plt
+
     if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
-        console.say(f"note: --show: matplotlib has no interactive backend here ({matplotlib.get_backend()}); "
-                    f"the figures are only saved")
+        console.say(
+            f"note: --show: matplotlib has no interactive backend here ({matplotlib.get_backend()}); "
+            f"the figures are only saved"
+        )
         return
     for stem in stems:
         for key in ("comparison", "loglik", "bic"):

@@ -50,18 +50,25 @@ def our_fit(array, k, **options):
     points = seg.distinct_values(picture, "color" if array.ndim == 3 else "gray")
     data = seg._Data(points.values, points.weights, points.scale)
     model = seg._fit_data(data, k, seg.FitOptions(**options))
-    return time.perf_counter() - start, model.log_likelihood[-1], model.n_em_steps, len(points.values)
+    return (
+        time.perf_counter() - start,
+        model.log_likelihood[-1],
+        model.n_em_steps,
+        len(points.values),
+    )
 
 
 def sklearn_fit(array, k, tol=1e-3, max_iter=100):
     """Seconds, mean log-likelihood per pixel and iterations of scikit-learn's GaussianMixture."""
     from sklearn.mixture import GaussianMixture
+
     X = array.reshape(len(array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1)), -1) / 255.0
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = GaussianMixture(k, covariance_type="full", tol=tol, max_iter=max_iter, n_init=1,
-                                random_state=0).fit(X)
+        model = GaussianMixture(
+            k, covariance_type="full", tol=tol, max_iter=max_iter, n_init=1, random_state=0
+        ).fit(X)
     seconds = time.perf_counter() - start
     return seconds, model.score(X), model.n_iter_
 
@@ -69,17 +76,24 @@ def sklearn_fit(array, k, tol=1e-3, max_iter=100):
 def overlapping_scene(seed, n_features):
     """The test suite's overlapping scenes (tests/conftest.py) at 240 x 320."""
     from conftest import OVERLAPPING_COLOUR, OVERLAPPING_GRAY, class_scene
+
     means, sd = (OVERLAPPING_COLOUR, 0.07) if n_features == 3 else (OVERLAPPING_GRAY, 0.06)
     return class_scene(np.random.default_rng(seed), means, sd, shape=(240, 320))[0]
 
 
 def measured(command):
     """Wall seconds and peak resident memory (MB) of a command in a fresh process."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-    out = subprocess.run([sys.executable, "-c", probe, *map(str, command)], capture_output=True, text=True,
-                         check=True).stdout.split()
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, command)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if out[2] != "0":
         raise RuntimeError(f"{command} failed")
     return float(out[0]), int(out[1]) / 1024
@@ -100,7 +114,17 @@ def io_floor(path, workdir):
 
 
 def end_to_end(path, workdir, *options):
-    return measured([sys.executable, ROOT / "ImageSegmentation.py", path, "-q", "--out", workdir / "out", *options])
+    return measured(
+        [
+            sys.executable,
+            ROOT / "ImageSegmentation.py",
+            path,
+            "-q",
+            "--out",
+            workdir / "out",
+            *options,
+        ]
+    )
 
 
 def big_image(source, megapixels, path):
@@ -125,12 +149,21 @@ def counting_options(megapixels=50):
     deep = (np.asarray(source.convert("L"), dtype=np.uint16) * 257).reshape(-1)
     deep += np.random.default_rng(0).integers(0, 200, deep.size, dtype=np.uint16)
     rows = []
-    for name, count in (("24-bit colour: bincount over packed codes, in blocks (used)",
-                         lambda: seg.code_histogram(codes, 1 << 24)),
-                        ("24-bit colour: np.unique on packed codes (sort)", lambda: np.unique(codes, return_counts=True)),
-                        ("16-bit gray: bincount over 65536 levels, in blocks (used)",
-                         lambda: seg.code_histogram(deep, 1 << 16)),
-                        ("16-bit gray: np.unique (sort)", lambda: np.unique(deep, return_counts=True))):
+    for name, count in (
+        (
+            "24-bit colour: bincount over packed codes, in blocks (used)",
+            lambda: seg.code_histogram(codes, 1 << 24),
+        ),
+        (
+            "24-bit colour: np.unique on packed codes (sort)",
+            lambda: np.unique(codes, return_counts=True),
+        ),
+        (
+            "16-bit gray: bincount over 65536 levels, in blocks (used)",
+            lambda: seg.code_histogram(deep, 1 << 16),
+        ),
+        ("16-bit gray: np.unique (sort)", lambda: np.unique(deep, return_counts=True)),
+    ):
         start = time.perf_counter()
         count()
         rows.append((name, f"{time.perf_counter() - start:.2f} s"))
@@ -138,57 +171,85 @@ def counting_options(megapixels=50):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to put the generated images")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where to put the generated images"
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gmm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"NumPy {np.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"NumPy {np.__version__}"
+    )
     fits = [("astronaut.png", samples.astronaut())]
     if not args.quick:
-        fits = [("retina.jpg", samples.retina())] + fits + \
-               [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
-    print("\n| image | megapixels | distinct colours | K | ours fit s | ours EM steps | scikit-learn fit s | ratio "
-          "| ours loglik/px | scikit-learn loglik/px | plain EM s | plain EM steps | ours end to end s "
-          "| I/O floor s | ours peak MB |")
+        fits = (
+            [("retina.jpg", samples.retina())]
+            + fits
+            + [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
+        )
+    print(
+        "\n| image | megapixels | distinct colours | K | ours fit s | ours EM steps | scikit-learn fit s | ratio "
+        "| ours loglik/px | scikit-learn loglik/px | plain EM s | plain EM steps | ours end to end s "
+        "| I/O floor s | ours peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, array in fits:
         ours_s, ours_ll, steps, distinct = our_fit(array, 5)
         plain_s, _, plain_steps, _ = our_fit(array, 5, accelerate="none")
         ref_s, ref_ll, _ = sklearn_fit(array, 5)
-        path = workdir / "fit_input.png"                 # lossless, so the program sees the same pixels
+        path = workdir / "fit_input.png"  # lossless, so the program sees the same pixels
         Image.fromarray(array).save(path, compress_level=1)
         whole_s, whole_mb = end_to_end(path, workdir)
         floor_s, _ = io_floor(path, workdir)
-        print(f"| {name} | {array.shape[0] * array.shape[1] / 1e6:.2f} | {distinct:,} | 5 | {ours_s:.3f} | {steps} | "
-              f"{ref_s:.2f} | {ref_s / ours_s:.0f}x | {ours_ll:.4f} | {ref_ll:.4f} | {plain_s:.3f} | {plain_steps} | "
-              f"{whole_s:.2f} | {floor_s:.2f} | {whole_mb:.0f} |", flush=True)
+        print(
+            f"| {name} | {array.shape[0] * array.shape[1] / 1e6:.2f} | {distinct:,} | 5 | {ours_s:.3f} | {steps} | "
+            f"{ref_s:.2f} | {ref_s / ours_s:.0f}x | {ours_ll:.4f} | {ref_ll:.4f} | {plain_s:.3f} | {plain_steps} | "
+            f"{whole_s:.2f} | {floor_s:.2f} | {whole_mb:.0f} |",
+            flush=True,
+        )
 
-    scenes = [(f"overlapping colour scene, seed {seed}", overlapping_scene(seed, 3), 4) for seed in (1, 2)]
-    scenes += [(f"overlapping gray scene, seed {seed}", overlapping_scene(seed, 1), 3) for seed in (1,)]
+    scenes = [
+        (f"overlapping colour scene, seed {seed}", overlapping_scene(seed, 3), 4) for seed in (1, 2)
+    ]
+    scenes += [
+        (f"overlapping gray scene, seed {seed}", overlapping_scene(seed, 1), 3) for seed in (1,)
+    ]
     if args.quick:
         scenes = scenes[:1]
-    print("\n| to the maximum | K | ours s | ours EM steps | ours loglik/px | plain EM s | plain EM steps "
-          "| plain loglik/px | scikit-learn tol 1e-8 s | its iterations | its loglik/px | ratio |")
+    print(
+        "\n| to the maximum | K | ours s | ours EM steps | ours loglik/px | plain EM s | plain EM steps "
+        "| plain loglik/px | scikit-learn tol 1e-8 s | its iterations | its loglik/px | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, array, k in scenes:
         ours_s, ours_ll, steps, _ = our_fit(array, k)
         plain_s, plain_ll, plain_steps, _ = our_fit(array, k, accelerate="none", max_iter=100_000)
         ref_s, ref_ll, ref_iter = sklearn_fit(array, k, tol=1e-8, max_iter=100_000)
-        print(f"| {name} | {k} | {ours_s:.3f} | {steps} | {ours_ll:.6f} | {plain_s:.3f} | {plain_steps} | "
-              f"{plain_ll:.6f} | {ref_s:.2f} | {ref_iter} | {ref_ll:.6f} | {ref_s / ours_s:.0f}x |", flush=True)
+        print(
+            f"| {name} | {k} | {ours_s:.3f} | {steps} | {ours_ll:.6f} | {plain_s:.3f} | {plain_steps} | "
+            f"{plain_ll:.6f} | {ref_s:.2f} | {ref_iter} | {ref_ll:.6f} | {ref_s / ours_s:.0f}x |",
+            flush=True,
+        )
 
     ends = [("colour, from astronaut", samples.astronaut(), 4, ())]
     if not args.quick:
-        ends = [("gray, from camera", samples.camera(), 24, ()), ("colour, from retina", samples.retina(), 24, ()),
-                ("colour, from retina", samples.retina(), 50, ()),
-                ("gray, from camera, --spatial 1", samples.camera(), 24, ("--spatial", "1")),
-                ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1"))]
-    print("\n| end to end | size | distinct values | K | iterations (EM steps) | spatial iterations | ours s "
-          "| I/O floor s | ratio | ours peak MB | bytes/pixel |")
+        ends = [
+            ("gray, from camera", samples.camera(), 24, ()),
+            ("colour, from retina", samples.retina(), 24, ()),
+            ("colour, from retina", samples.retina(), 50, ()),
+            ("gray, from camera, --spatial 1", samples.camera(), 24, ("--spatial", "1")),
+            ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1")),
+        ]
+    print(
+        "\n| end to end | size | distinct values | K | iterations (EM steps) | spatial iterations | ours s "
+        "| I/O floor s | ratio | ours peak MB | bytes/pixel |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, source, megapixels, options in ends:
         path = workdir / f"{name.split(',')[0]}_{megapixels}mp.png"
@@ -197,10 +258,13 @@ def main():
         record = json.loads((workdir / "out" / f"{path.stem}_model.json").read_text())
         floor_s, _ = io_floor(path, workdir)
         spatial = record.get("spatial")
-        print(f"| {name} | {width}x{height} ({width * height / 1e6:.0f} MP) | {record['distinct_values']:,} | "
-              f"{record['k']} | {record['n_iter']} ({record['em_steps']}) | "
-              f"{spatial['n_iter'] if spatial else '-'} | {ours_s:.2f} | {floor_s:.2f} | {ours_s / floor_s:.2f}x | "
-              f"{ours_mb:.0f} | {ours_mb * 2 ** 20 / (width * height):.1f} |", flush=True)
+        print(
+            f"| {name} | {width}x{height} ({width * height / 1e6:.0f} MP) | {record['distinct_values']:,} | "
+            f"{record['k']} | {record['n_iter']} ({record['em_steps']}) | "
+            f"{spatial['n_iter'] if spatial else '-'} | {ours_s:.2f} | {floor_s:.2f} | {ours_s / floor_s:.2f}x | "
+            f"{ours_mb:.0f} | {ours_mb * 2**20 / (width * height):.1f} |",
+            flush=True,
+        )
         path.unlink()
 
     if not args.quick:

@@ -40,8 +40,15 @@ def mixture_image(labels, means, covariances, rng):
 
 def bayes_labels(image, weights, means, covariances):
     """Per-pixel Bayes-optimal labels from the true parameters (on the same 0..1 scale)."""
-    truth = seg.GaussianMixtureFit(np.asarray(weights, float), np.asarray(means, float),
-                                   np.asarray(covariances, float), "full", [], 0, True)
+    truth = seg.GaussianMixtureFit(
+        np.asarray(weights, float),
+        np.asarray(means, float),
+        np.asarray(covariances, float),
+        "full",
+        [],
+        0,
+        True,
+    )
     pixels = image.reshape(-1, 1 if image.ndim == 2 else 3) / 255.0
     return truth.predict(pixels).reshape(image.shape[:2])
 
@@ -49,6 +56,7 @@ def bayes_labels(image, weights, means, covariances):
 def matched_accuracy(found, truth, n_components):
     """Accuracy after the best one-to-one matching of found labels to true labels."""
     from scipy.optimize import linear_sum_assignment
+
     confusion = np.zeros((n_components, n_components))
     np.add.at(confusion, (found.ravel(), truth.ravel()), 1)
     rows, cols = linear_sum_assignment(-confusion)
@@ -87,8 +95,11 @@ def record_of(out_dir, stem):
 
 def outputs_of(out_dir, stem, bic=False):
     """The output files of an image, by the program's own list of suffixes."""
-    return {suffix: Path(out_dir) / f"{stem}_{suffix}" for suffix in seg.OUTPUT_SUFFIXES
-            if bic or suffix != "bic.png"}
+    return {
+        suffix: Path(out_dir) / f"{stem}_{suffix}"
+        for suffix in seg.OUTPUT_SUFFIXES
+        if bic or suffix != "bic.png"
+    }
 
 
 def class_scene(rng, means, sd, shape=(96, 128)):
@@ -99,10 +110,14 @@ def class_scene(rng, means, sd, shape=(96, 128)):
     means = np.asarray(means, dtype=float)
     k, n_features = means.shape
     labels = block_labels(*shape, k, rng)
-    covariances = np.array([np.eye(n_features) * sd ** 2] * k)
+    covariances = np.array([np.eye(n_features) * sd**2] * k)
     image = mixture_image(labels, means, covariances, rng)
     weights = np.bincount(labels.ravel(), minlength=k) / labels.size
-    return image, labels, matched_accuracy(bayes_labels(image, weights, means, covariances), labels, k)
+    return (
+        image,
+        labels,
+        matched_accuracy(bayes_labels(image, weights, means, covariances), labels, k),
+    )
 
 
 # Classes that overlap enough for EM to crawl: a 4-class colour scene (means 0.15 to 0.3 apart,

@@ -29,7 +29,9 @@ def sample_figures():
 def before_after(title, image, rows, path):
     """One figure: the input and one label map per row of (name, labels, accuracy)."""
     plt = seg._pyplot()
-    figure, axes = plt.subplots(1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), constrained_layout=True)
+    figure, axes = plt.subplots(
+        1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), constrained_layout=True
+    )
     axes[0].imshow(image, **({"cmap": "gray", "vmin": 0, "vmax": 255} if image.ndim == 2 else {}))
     axes[0].set_title("input")
     for ax, (name, labels, accuracy) in zip(axes[1:], rows):
@@ -53,24 +55,42 @@ def main():
         spatial = matched_accuracy(spatial_labels, truth, 3)
         table.append((f"noisy 3-class scene, {name}", "--spatial 1", bayes, plain, spatial))
         if n_features == 3:
-            before_after("--spatial 1 on a noisy colour scene", image,
-                         [("truth", truth, None), ("per-pixel mixture", seg.segment_image(image, 3)[0], plain),
-                          ("--spatial 1", spatial_labels, spatial)], DOCS / "spatial.png")
+            before_after(
+                "--spatial 1 on a noisy colour scene",
+                image,
+                [
+                    ("truth", truth, None),
+                    ("per-pixel mixture", seg.segment_image(image, 3)[0], plain),
+                    ("--spatial 1", spatial_labels, spatial),
+                ],
+                DOCS / "spatial.png",
+            )
     for case, (means, sds) in CLIPPED.items():
         image, truth = clipped_image(means, sds, np.random.default_rng(12345))
         bayes = matched_accuracy(bayes_of_levels(truth, means, sds)[image], truth, 3)
         plain_labels = seg.segment_image(image, 3, tol=1e-6)[0]
         quantized_labels = seg.segment_image(image, 3, quantized=True, tol=1e-6)[0]
-        plain, quantized = (matched_accuracy(labels, truth, 3) for labels in (plain_labels, quantized_labels))
+        plain, quantized = (
+            matched_accuracy(labels, truth, 3) for labels in (plain_labels, quantized_labels)
+        )
         table.append((f"gray, {case}", "--quantized", bayes, plain, quantized))
         if "dark" in case:
-            before_after("--quantized on a gray image whose darkest class is clipped at 0", image,
-                         [("truth", truth, None), ("per-pixel mixture", plain_labels, plain),
-                          ("--quantized", quantized_labels, quantized)], DOCS / "quantized.png")
+            before_after(
+                "--quantized on a gray image whose darkest class is clipped at 0",
+                image,
+                [
+                    ("truth", truth, None),
+                    ("per-pixel mixture", plain_labels, plain),
+                    ("--quantized", quantized_labels, quantized),
+                ],
+                DOCS / "quantized.png",
+            )
     print("| image | option | per-pixel Bayes limit | plain mixture | with the option |")
     print("|---|---|---|---|---|")
     for name, option, bayes, plain, better in table:
-        print(f"| {name} | `{option}` | {100 * bayes:.1f} % | {100 * plain:.1f} % | {100 * better:.1f} % |")
+        print(
+            f"| {name} | `{option}` | {100 * bayes:.1f} % | {100 * plain:.1f} % | {100 * better:.1f} % |"
+        )
 
 
 if __name__ == "__main__":

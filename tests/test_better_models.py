@@ -1,19 +1,26 @@
 """Better segmentations than a per-pixel mixture: the quantized gray model and the spatial prior."""
 
-import json
-
 import numpy as np
 import pytest
+from conftest import (
+    bayes_labels,
+    block_labels,
+    matched_accuracy,
+    mixture_image,
+    record_of,
+    run,
+    seg,
+)
 from PIL import Image
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
-from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, record_of, run, seg
-
 # --- --quantized --------------------------------------------------------------------------------------------
 
-CLIPPED = {"dark class clipped at 0": ([0.0, 0.25, 0.5], [0.05, 0.07, 0.07]),
-           "bright class clipped at 255": ([0.5, 0.75, 1.0], [0.07, 0.07, 0.05])}
+CLIPPED = {
+    "dark class clipped at 0": ([0.0, 0.25, 0.5], [0.05, 0.07, 0.07]),
+    "bright class clipped at 255": ([0.5, 0.75, 1.0], [0.07, 0.07, 0.05]),
+}
 
 
 def clipped_image(means, sds, rng, size=(96, 128)):
@@ -31,23 +38,25 @@ def bayes_of_levels(labels, means, sds, top=255):
     lower = np.where(levels == 0, -np.inf, (levels - 0.5) / top)
     upper = np.where(levels == top, np.inf, (levels + 0.5) / top)
     m, s = np.asarray(means)[:, None], np.asarray(sds)[:, None]
-    return np.argmax(weights[:, None] * (norm.cdf((upper - m) / s) - norm.cdf((lower - m) / s)), axis=0)
+    return np.argmax(
+        weights[:, None] * (norm.cdf((upper - m) / s) - norm.cdf((lower - m) / s)), axis=0
+    )
 
 
 @pytest.mark.parametrize("case", list(CLIPPED))
 def test_quantized_reaches_the_bayes_limit_where_densities_collapse(rng, case):
     means, sds = CLIPPED[case]
     image, labels = clipped_image(means, sds, rng)
-    assert max(np.mean(image == 0), np.mean(image == 255)) > 0.15          # a big run of one value
+    assert max(np.mean(image == 0), np.mean(image == 255)) > 0.15  # a big run of one value
     bayes = matched_accuracy(bayes_of_levels(labels, means, sds)[image], labels, 3)
     quantized, _, model = seg.segment_image(image, 3, quantized=True, tol=1e-6)
     plain, _, plain_model = seg.segment_image(image, 3, tol=1e-6)
     X = image.reshape(-1, 1) / 255.0
     reference = GaussianMixture(3, random_state=0).fit(X).predict(X).reshape(image.shape)
     assert matched_accuracy(quantized, labels, 3) >= bayes - 0.01
-    assert matched_accuracy(plain, labels, 3) < bayes - 0.1                 # a component collapsed
+    assert matched_accuracy(plain, labels, 3) < bayes - 0.1  # a component collapsed
     assert matched_accuracy(reference, labels, 3) < bayes - 0.1
-    assert np.sqrt(plain_model.covariances.min()) < 0.01                    # ... onto the clipped level
+    assert np.sqrt(plain_model.covariances.min()) < 0.01  # ... onto the clipped level
     np.testing.assert_allclose(np.sort(model.means.ravel()), means, atol=0.02)
 
 
@@ -55,10 +64,12 @@ def test_quantized_reaches_the_bayes_limit_where_densities_collapse(rng, case):
 def test_quantized_log_likelihood_never_decreases(rng, covariance_type):
     image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
     levels, counts = np.unique(image, return_counts=True)
-    fit = seg.fit_quantized_gmm(levels, counts, 3, covariance_type=covariance_type, tol=0, max_iter=60)
+    fit = seg.fit_quantized_gmm(
+        levels, counts, 3, covariance_type=covariance_type, tol=0, max_iter=60
+    )
     history = np.asarray(fit.log_likelihood)
     assert len(history) == 60 and np.all(np.diff(history) >= -1e-12)
-    assert np.all(history <= 0)                                            # probabilities of bins
+    assert np.all(history <= 0)  # probabilities of bins
     # The last value is the model's own mean log-probability of the pixels.
     assert history[-1] == pytest.approx(fit.score(image.reshape(-1, 1) / 255.0), abs=1e-12)
 
@@ -72,13 +83,18 @@ def test_quantized_matches_the_density_model_where_bins_are_narrow(rng):
     assert binned.means[0, 0] == pytest.approx(dense.means[0, 0], abs=1e-6)
     # Sheppard: the density fit sees the rounding noise (1/255)^2 / 12 as variance (and adds reg_covar),
     # the binned fit does neither.
-    assert dense.covariances.ravel()[0] - binned.covariances.ravel()[0] == \
-        pytest.approx(1 / 255 ** 2 / 12 + 1e-6, rel=0.05)
-    assert binned.log_likelihood[-1] == pytest.approx(dense.log_likelihood[-1] - np.log(255), abs=1e-3)
+    assert dense.covariances.ravel()[0] - binned.covariances.ravel()[0] == pytest.approx(
+        1 / 255**2 / 12 + 1e-6, rel=0.05
+    )
+    assert binned.log_likelihood[-1] == pytest.approx(
+        dense.log_likelihood[-1] - np.log(255), abs=1e-3
+    )
 
 
 def test_quantized_sixteen_bit_levels(rng):
-    values = np.clip(np.rint(rng.normal([0.0, 0.5], 0.05, (4000, 2)).ravel() * 65535), 0, 65535).astype(np.uint16)
+    values = np.clip(
+        np.rint(rng.normal([0.0, 0.5], 0.05, (4000, 2)).ravel() * 65535), 0, 65535
+    ).astype(np.uint16)
     labels, _, model = seg.segment_image(values.reshape(80, 100), 2, quantized=True)
     assert model.quantized_top == 65535
     np.testing.assert_allclose(model.means.ravel(), [0.0, 0.5], atol=0.01)
@@ -87,19 +103,34 @@ def test_quantized_sixteen_bit_levels(rng):
 def test_quantized_on_the_command_line(tmp_path, rng, capsys):
     image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
     Image.fromarray(image).save(tmp_path / "gray.png")
-    Image.fromarray(np.stack([image, image[::-1], np.roll(image, 5, axis=1)], axis=-1)).save(tmp_path / "color.png")
-    status, out, err = run([tmp_path / "gray.png", tmp_path / "color.png", "-k", "3", "--quantized",
-                            "--out", tmp_path / "out"], capsys)
+    Image.fromarray(np.stack([image, image[::-1], np.roll(image, 5, axis=1)], axis=-1)).save(
+        tmp_path / "color.png"
+    )
+    status, out, err = run(
+        [
+            tmp_path / "gray.png",
+            tmp_path / "color.png",
+            "-k",
+            "3",
+            "--quantized",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert status == 0, err
     gray = record_of(tmp_path / "out", "gray")
     color = record_of(tmp_path / "out", "color")
     assert gray["quantized"] is True and gray["settings"]["quantized"] is True
     assert max(gray["log_likelihood"]) <= 0
     assert color["quantized"] is False and any("--quantized" in note for note in color["notes"])
-    assert f"note: {tmp_path / 'color.png'}: --quantized applies to 8- and 16-bit gray levels" in err
+    assert (
+        f"note: {tmp_path / 'color.png'}: --quantized applies to 8- and 16-bit gray levels" in err
+    )
 
 
 # --- --spatial ----------------------------------------------------------------------------------------------
+
 
 def noisy_scene(n_features, rng):
     """A piecewise-constant scene of 3 classes with noise strong enough for a ~91-95 % per-pixel Bayes limit."""
@@ -108,10 +139,14 @@ def noisy_scene(n_features, rng):
         means, sd = np.array([[0.3], [0.5], [0.7]]), 0.06
     else:
         means, sd = np.array([[0.3, 0.4, 0.5], [0.5, 0.45, 0.4], [0.4, 0.6, 0.55]]), 0.07
-    covariances = np.array([np.eye(n_features) * sd ** 2] * 3)
+    covariances = np.array([np.eye(n_features) * sd**2] * 3)
     image = mixture_image(labels, means, covariances, rng)
     weights = np.bincount(labels.ravel(), minlength=3) / labels.size
-    return image, labels, matched_accuracy(bayes_labels(image, weights, means, covariances), labels, 3)
+    return (
+        image,
+        labels,
+        matched_accuracy(bayes_labels(image, weights, means, covariances), labels, 3),
+    )
 
 
 @pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
@@ -121,27 +156,35 @@ def test_spatial_prior_beats_the_per_pixel_bayes_limit(rng, n_features):
     smoothed, _, _ = seg.segment_image(image, 3, spatial=1.0)
     assert matched_accuracy(smoothed, labels, 3) >= bayes + 0.02
     plain, _, _ = seg.segment_image(image, 3)
-    assert matched_accuracy(plain, labels, 3) <= bayes + 0.001          # alone, no pixel can do better
+    assert matched_accuracy(plain, labels, 3) <= bayes + 0.001  # alone, no pixel can do better
 
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_spatial_objective_never_decreases(rng, quantized):
     image, _, _ = noisy_scene(1, rng)
     picture = seg.picture_from_array(image)
-    result = seg.segment_points(picture, seg.distinct_values(picture), 3, seg.FitOptions(tol=0, max_iter=30),
-                                spatial=0.7, quantized=quantized)
+    result = seg.segment_points(
+        picture,
+        seg.distinct_values(picture),
+        3,
+        seg.FitOptions(tol=0, max_iter=30),
+        spatial=0.7,
+        quantized=quantized,
+    )
     objective = np.asarray(result.spatial["objective"])
     assert len(objective) == 30 == result.spatial["n_iter"] and not result.spatial["converged"]
-    assert np.all(np.diff(objective) >= -1e-7)        # q is float32: round-off at that level
+    assert np.all(np.diff(objective) >= -1e-7)  # q is float32: round-off at that level
     assert (result.model.quantized_top is not None) == quantized
     assert result.labels.shape == image.shape and result.labels.max() < 3
-    assert np.all(np.diff(seg.luminance(result.model.means)) >= 0)     # still numbered darkest first
+    assert np.all(np.diff(seg.luminance(result.model.means)) >= 0)  # still numbered darkest first
 
 
 def test_spatial_on_the_command_line(tmp_path, rng, capsys):
     image, labels, bayes = noisy_scene(3, rng)
     Image.fromarray(image).save(tmp_path / "scene.png")
-    status, out, err = run([tmp_path / "scene.png", "-k", "3", "--spatial", "1", "--out", tmp_path], capsys)
+    status, out, err = run(
+        [tmp_path / "scene.png", "-k", "3", "--spatial", "1", "--out", tmp_path], capsys
+    )
     assert status == 0, err
     record = record_of(tmp_path, "scene")
     assert record["settings"]["spatial"] == 1.0 and record["spatial"]["beta"] == 1.0
@@ -157,11 +200,15 @@ def test_spatial_with_a_shared_model_keeps_the_model(tmp_path, rng, capsys):
     for name in ("a", "b"):
         Image.fromarray(noisy_scene(1, rng)[0]).save(tmp_path / f"{name}.png")
     run([tmp_path, "--shared", "-k", "3", "--out", tmp_path / "plain"], capsys)
-    status, out, err = run([tmp_path, "--shared", "-k", "3", "--spatial", "1", "--out", tmp_path / "smooth"], capsys)
+    status, out, err = run(
+        [tmp_path, "--shared", "-k", "3", "--spatial", "1", "--out", tmp_path / "smooth"], capsys
+    )
     assert status == 0, err
     for name in ("a", "b"):
         plain = record_of(tmp_path / "plain", name)
         smooth = record_of(tmp_path / "smooth", name)
         assert plain["means"] == smooth["means"] and smooth["shared"]
-        assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / f"{name}_labels.png")),
-                                  np.asarray(Image.open(tmp_path / "smooth" / f"{name}_labels.png")))
+        assert not np.array_equal(
+            np.asarray(Image.open(tmp_path / "plain" / f"{name}_labels.png")),
+            np.asarray(Image.open(tmp_path / "smooth" / f"{name}_labels.png")),
+        )

@@ -1,20 +1,45 @@
 """The command line end to end: the output contract, determinism, the default run."""
 
-import json
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, record_of, run, seg, two_tone
 from PIL import Image
 
-from conftest import ROOT, outputs_of, record_of, run, seg, two_tone
-
-JSON_KEYS = {"image", "width", "height", "mode", "k", "covariance_type", "distinct_values", "weights", "means",
-             "covariances", "log_likelihood", "n_iter", "converged", "seed", "settings", "seconds"}
-SETTINGS_KEYS = {"components", "mode", "covariance", "max_iter", "tol", "n_init", "init", "seed", "reg_covar",
-                 "out", "max_pixels"}
+JSON_KEYS = {
+    "image",
+    "width",
+    "height",
+    "mode",
+    "k",
+    "covariance_type",
+    "distinct_values",
+    "weights",
+    "means",
+    "covariances",
+    "log_likelihood",
+    "n_iter",
+    "converged",
+    "seed",
+    "settings",
+    "seconds",
+}
+SETTINGS_KEYS = {
+    "components",
+    "mode",
+    "covariance",
+    "max_iter",
+    "tol",
+    "n_init",
+    "init",
+    "seed",
+    "reg_covar",
+    "out",
+    "max_pixels",
+}
 
 
 @pytest.mark.parametrize("color", [False, True], ids=["gray", "color"])
@@ -24,7 +49,9 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
     assert status == 0, err
     out_dir = tmp_path / "out"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        f"scan_{s}" for s in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json"))
+        f"scan_{s}"
+        for s in ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
+    )
     record = record_of(out_dir, "scan")
     assert JSON_KEYS <= set(record) and SETTINGS_KEYS <= set(record["settings"])
     assert set(record["seconds"]) == {"load", "fit", "write", "total"}
@@ -40,7 +67,9 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
     luma = np.asarray(record["means"]) @ ([0.299, 0.587, 0.114] if color else [1.0])
     assert luma[0] < luma[1]
     brightness = (image @ [0.299, 0.587, 0.114]) if color else image.astype(float)
-    darker = slice(0, 30) if brightness[:, :30].mean() < brightness[:, 30:].mean() else slice(30, 60)
+    darker = (
+        slice(0, 30) if brightness[:, :30].mean() < brightness[:, 30:].mean() else slice(30, 60)
+    )
     assert np.mean(labels[:, darker] == 0) > 0.95
     segmented = Image.open(out_dir / "scan_segmented.png")
     assert segmented.size == (60, 40)
@@ -58,7 +87,9 @@ def test_same_command_writes_the_same_images(tmp_path, rng, capsys):
     for out in ("one", "two"):
         assert run([tmp_path / "a.png", "--out", tmp_path / out, "--n-init", "2"], capsys)[0] == 0
     for name in ("labels", "segmented", "loglik", "comparison"):
-        assert (tmp_path / "one" / f"a_{name}.png").read_bytes() == (tmp_path / "two" / f"a_{name}.png").read_bytes()
+        assert (tmp_path / "one" / f"a_{name}.png").read_bytes() == (
+            tmp_path / "two" / f"a_{name}.png"
+        ).read_bytes()
     one, two = (record_of(tmp_path / d, "a") for d in ("one", "two"))
     one.pop("seconds"), two.pop("seconds")
     one["settings"].pop("out"), two["settings"].pop("out")
@@ -76,7 +107,10 @@ def test_default_components_three_gray_five_color(tmp_path, rng, capsys):
 
 def test_mode_switches(tmp_path, rng, capsys):
     two_tone(tmp_path / "c.png", rng, color=True)
-    assert run([tmp_path / "c.png", "--mode", "gray", "-k", "2", "--out", tmp_path / "g"], capsys)[0] == 0
+    assert (
+        run([tmp_path / "c.png", "--mode", "gray", "-k", "2", "--out", tmp_path / "g"], capsys)[0]
+        == 0
+    )
     record = record_of(tmp_path / "g", "c")
     assert record["mode"] == "gray" and np.shape(record["means"]) == (2, 1)
     assert Image.open(tmp_path / "g" / "c_segmented.png").mode == "L"
@@ -85,14 +119,24 @@ def test_mode_switches(tmp_path, rng, capsys):
     Image.fromarray(gray).save(tmp_path / "equal.png")
     assert run([tmp_path / "equal.png", "--out", tmp_path / "e", "-k", "2"], capsys)[0] == 0
     assert record_of(tmp_path / "e", "equal")["mode"] == "gray"
-    assert run([tmp_path / "equal.png", "--mode", "color", "--out", tmp_path / "f", "-k", "2"], capsys)[0] == 0
+    assert (
+        run(
+            [tmp_path / "equal.png", "--mode", "color", "--out", tmp_path / "f", "-k", "2"], capsys
+        )[0]
+        == 0
+    )
     assert record_of(tmp_path / "f", "equal")["mode"] == "color"
 
 
 @pytest.mark.parametrize("covariance", ["full", "diag", "spherical", "tied"])
 def test_covariance_shapes_in_json(tmp_path, rng, capsys, covariance):
     two_tone(tmp_path / "c.png", rng, color=True)
-    assert run([tmp_path / "c.png", "--covariance", covariance, "-k", "2", "--out", tmp_path], capsys)[0] == 0
+    assert (
+        run([tmp_path / "c.png", "--covariance", covariance, "-k", "2", "--out", tmp_path], capsys)[
+            0
+        ]
+        == 0
+    )
     record = record_of(tmp_path, "c")
     expected = {"full": (2, 3, 3), "diag": (2, 3), "spherical": (2,), "tied": (3, 3)}[covariance]
     assert np.shape(record["covariances"]) == expected
@@ -100,7 +144,9 @@ def test_covariance_shapes_in_json(tmp_path, rng, capsys, covariance):
 
 def test_verbose_prints_every_iteration_and_quiet_prints_nothing(tmp_path, rng, capsys):
     two_tone(tmp_path / "a.png", rng)
-    status, out, err = run([tmp_path / "a.png", "-v", "--tol", "0", "--max-iter", "4", "--out", tmp_path], capsys)
+    status, out, err = run(
+        [tmp_path / "a.png", "-v", "--tol", "0", "--max-iter", "4", "--out", tmp_path], capsys
+    )
     assert status == 0 and [f"iteration {i}:" in err for i in range(1, 5)] == [True] * 4
     status, out, err = run([tmp_path / "a.png", "-q", "--out", tmp_path], capsys)
     assert status == 0 and out == "" and err == ""
@@ -110,11 +156,20 @@ def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
     image = two_tone(tmp_path / "a.png", rng, color=True)
     run([tmp_path / "a.png", "-k", "3", "--out", tmp_path], capsys)
     record = record_of(tmp_path, "a")
-    model = seg.GaussianMixtureFit(np.array(record["weights"]), np.array(record["means"]),
-                                   np.array(record["covariances"]), "full", [], 0, True)
+    model = seg.GaussianMixtureFit(
+        np.array(record["weights"]),
+        np.array(record["means"]),
+        np.array(record["covariances"]),
+        "full",
+        [],
+        0,
+        True,
+    )
     labels = np.asarray(Image.open(tmp_path / "a_labels.png"))
     assert np.array_equal(model.predict(image.reshape(-1, 3) / 255.0).reshape(labels.shape), labels)
-    assert model.score(image.reshape(-1, 3) / 255.0) == pytest.approx(record["log_likelihood"][-1], abs=1e-9)
+    assert model.score(image.reshape(-1, 3) / 255.0) == pytest.approx(
+        record["log_likelihood"][-1], abs=1e-9
+    )
 
 
 def test_default_run_from_a_fresh_clone(tmp_path):
@@ -122,8 +177,13 @@ def test_default_run_from_a_fresh_clone(tmp_path):
     clone.mkdir()
     shutil.copy(ROOT / "ImageSegmentation.py", clone)
     shutil.copytree(ROOT / "images", clone / "images")
-    result = subprocess.run([sys.executable, "ImageSegmentation.py"], cwd=clone, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "ImageSegmentation.py"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     samples = [p for p in (clone / "images").iterdir() if p.suffix in (".png", ".jpg")]
     assert len(samples) >= 2
@@ -137,10 +197,24 @@ def test_default_run_from_a_fresh_clone(tmp_path):
 
 def test_show_without_a_display_only_saves(tmp_path, rng):
     two_tone(tmp_path / "a.png", rng)
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env = {
+        k: v for k, v in __import__("os").environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")
+    }
     env["MPLBACKEND"] = "Agg"
-    result = subprocess.run([sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path / "a.png"), "--show",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ImageSegmentation.py"),
+            str(tmp_path / "a.png"),
+            "--show",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "note: --show: matplotlib has no interactive backend here (agg)" in result.stderr.lower()
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
@@ -148,9 +222,13 @@ def test_show_without_a_display_only_saves(tmp_path, rng):
 
 
 def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
-    levels = (np.arange(30 * 20) * 100).astype(np.uint16).reshape(30, 20)     # 600 distinct 16-bit levels
+    levels = (
+        (np.arange(30 * 20) * 100).astype(np.uint16).reshape(30, 20)
+    )  # 600 distinct 16-bit levels
     Image.fromarray(levels).save(tmp_path / "deep.png")
-    status, out, err = run([tmp_path / "deep.png", "-k", "300", "--max-iter", "2", "--out", tmp_path], capsys)
+    status, out, err = run(
+        [tmp_path / "deep.png", "-k", "300", "--max-iter", "2", "--out", tmp_path], capsys
+    )
     assert status == 0, err
     labels = Image.open(tmp_path / "deep_labels.png")
     assert labels.mode.startswith("I") and np.asarray(labels).max() > 255
@@ -158,7 +236,9 @@ def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
     assert record["k"] == 300 and len(np.unique(np.asarray(labels))) <= 300
     colour = np.stack([levels % 256, levels // 256, (levels // 7) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(colour).save(tmp_path / "many.png")
-    status, out, err = run([tmp_path / "many.png", "-k", "260", "--max-iter", "2", "--out", tmp_path], capsys)
+    status, out, err = run(
+        [tmp_path / "many.png", "-k", "260", "--max-iter", "2", "--out", tmp_path], capsys
+    )
     assert status == 0, err
-    assert Image.open(tmp_path / "many_segmented.png").mode == "RGB"          # no palette holds 260 colours
+    assert Image.open(tmp_path / "many_segmented.png").mode == "RGB"  # no palette holds 260 colours
     assert Image.open(tmp_path / "many_labels.png").mode.startswith("I")

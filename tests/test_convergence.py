@@ -1,22 +1,30 @@
 """Fitting to the maximum: SQUAREM reaches plain EM's fixed point, the stopping rule stops there."""
 
-import json
-
 import numpy as np
 import pytest
+from conftest import (
+    OVERLAPPING_COLOUR,
+    OVERLAPPING_GRAY,
+    class_scene,
+    matched_accuracy,
+    record_of,
+    run,
+    seg,
+)
 from PIL import Image
-
-from conftest import OVERLAPPING_COLOUR, OVERLAPPING_GRAY, class_scene, matched_accuracy, record_of, run, seg
 from test_better_models import CLIPPED, bayes_of_levels, clipped_image
 
-SCENES = {"colour, 4 classes": (OVERLAPPING_COLOUR, 0.07), "gray, 3 classes": (OVERLAPPING_GRAY, 0.06)}
+SCENES = {
+    "colour, 4 classes": (OVERLAPPING_COLOUR, 0.07),
+    "gray, 3 classes": (OVERLAPPING_GRAY, 0.06),
+}
 
 
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_default_run_reaches_the_bayes_limit_where_classes_overlap(rng, scene):
     means, sd = SCENES[scene]
     image, labels, bayes = class_scene(rng, means, sd, shape=(120, 160))
-    assert bayes < 0.95                                          # the classes really overlap
+    assert bayes < 0.95  # the classes really overlap
     found, _, model = seg.segment_image(image, len(means))
     assert model.converged
     assert matched_accuracy(found, labels, len(means)) >= bayes - 0.01
@@ -25,8 +33,9 @@ def test_default_run_reaches_the_bayes_limit_where_classes_overlap(rng, scene):
 def _same_start_tighter(picture, points, k, options, **kwargs):
     """The default run and the same start run with a tolerance a thousand times smaller."""
     default = seg.segment_points(picture, points, k, options, **kwargs)
-    tight = seg.segment_points(picture, points, k, seg.FitOptions(tol=options.tol / 1000, max_iter=100_000),
-                               **kwargs)
+    tight = seg.segment_points(
+        picture, points, k, seg.FitOptions(tol=options.tol / 1000, max_iter=100_000), **kwargs
+    )
     return default, tight
 
 
@@ -37,13 +46,21 @@ def test_default_stop_is_at_the_maximum(rng, case):
         image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
         k = 3
     else:
-        means, sd = SCENES["gray, 3 classes" if case in ("gray", "spatial") else "colour, 4 classes"]
+        means, sd = SCENES[
+            "gray, 3 classes" if case in ("gray", "spatial") else "colour, 4 classes"
+        ]
         image, _, _ = class_scene(rng, means, sd)
         k = len(means)
     picture = seg.picture_from_array(image)
     options = seg.FitOptions()
-    default, tight = _same_start_tighter(picture, seg.distinct_values(picture), k, options,
-                                         quantized=case == "quantized", spatial=1.0 if case == "spatial" else 0.0)
+    default, tight = _same_start_tighter(
+        picture,
+        seg.distinct_values(picture),
+        k,
+        options,
+        quantized=case == "quantized",
+        spatial=1.0 if case == "spatial" else 0.0,
+    )
     history = default.spatial["objective"] if case == "spatial" else default.model.log_likelihood
     limit = tight.spatial["objective"] if case == "spatial" else tight.model.log_likelihood
     assert default.model.converged and tight.model.converged
@@ -60,12 +77,18 @@ def test_squarem_reaches_the_fixed_point_of_plain_em(rng, covariance_type, reg_c
     X, counts = np.unique(image.reshape(-1, 3) / 255.0, axis=0, return_counts=True)
     common = dict(sample_weight=counts, covariance_type=covariance_type, reg_covar=reg_covar)
     start = seg.fit_gmm(X, 4, max_iter=2, tol=0, **common)
-    given = dict(weights_init=start.weights, means_init=start.means, covariances_init=start.covariances)
+    given = dict(
+        weights_init=start.weights, means_init=start.means, covariances_init=start.covariances
+    )
     plain = seg.fit_gmm(X, 4, accelerate="none", tol=1e-13, max_iter=100_000, **common, **given)
     fast = seg.fit_gmm(X, 4, tol=1e-13, **common, **given)
     assert plain.converged and fast.converged
     assert fast.n_em_steps <= plain.n_em_steps / 2
-    for a, b in [(fast.weights, plain.weights), (fast.means, plain.means), (fast.covariances, plain.covariances)]:
+    for a, b in [
+        (fast.weights, plain.weights),
+        (fast.means, plain.means),
+        (fast.covariances, plain.covariances),
+    ]:
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 if reg_covar == 0 else 1e-4)
     assert fast.log_likelihood[-1] >= plain.log_likelihood[-1] - 1e-12
 
@@ -75,16 +98,30 @@ def test_accelerated_steps_stay_valid_and_never_lose_likelihood(rng, covariance_
     image, _, _ = class_scene(rng, OVERLAPPING_COLOUR, 0.07, shape=(60, 80))
     X, counts = np.unique(image.reshape(-1, 3) / 255.0, axis=0, return_counts=True)
     seen = []
-    fit = seg.fit_gmm(X, 4, sample_weight=counts, covariance_type=covariance_type, tol=0, max_iter=40,
-                      on_iteration=lambda n, value: seen.append(value))
+    fit = seg.fit_gmm(
+        X,
+        4,
+        sample_weight=counts,
+        covariance_type=covariance_type,
+        tol=0,
+        max_iter=40,
+        on_iteration=lambda n, value: seen.append(value),
+    )
     assert fit.n_iter == 40 == len(fit.log_likelihood) and seen == fit.log_likelihood
-    assert fit.n_em_steps >= 2 * fit.n_iter                   # every cycle evaluates two or three EM maps
+    assert fit.n_em_steps >= 2 * fit.n_iter  # every cycle evaluates two or three EM maps
     assert np.all(np.diff(fit.log_likelihood) >= 0)
     assert np.all(np.isfinite(fit.log_likelihood))
     assert fit.weights.min() >= 0 and fit.weights.sum() == pytest.approx(1, abs=1e-12)
-    covariances = fit.covariances.reshape(-1, 3, 3) if covariance_type in ("full", "tied") else fit.covariances
-    assert np.all(np.linalg.eigvalsh(covariances) > 0) if covariance_type in ("full", "tied") \
+    covariances = (
+        fit.covariances.reshape(-1, 3, 3)
+        if covariance_type in ("full", "tied")
+        else fit.covariances
+    )
+    assert (
+        np.all(np.linalg.eigvalsh(covariances) > 0)
+        if covariance_type in ("full", "tied")
         else np.all(covariances > 0)
+    )
 
 
 def test_quantized_default_run_reaches_the_bayes_limit(rng):
@@ -112,13 +149,28 @@ def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
     status, out, err = run([tmp_path / "clipped.png", "-k", "3", "--out", tmp_path / "a"], capsys)
     assert status == 0, err
     record = record_of(tmp_path / "a", "clipped")
-    assert record["converged"] and " converged " in out and record["em_steps"] >= 2 * record["n_iter"]
-    assert record["collapsed_components"] == [0]                      # the clipped black run
+    assert (
+        record["converged"] and " converged " in out and record["em_steps"] >= 2 * record["n_iter"]
+    )
+    assert record["collapsed_components"] == [0]  # the clipped black run
     assert any("--quantized" in note and "collapsed" in note for note in record["notes"])
     assert err.count("collapsed onto a single value") == 1 and "--quantized fits gray levels" in err
 
-    status, out, err = run([tmp_path / "clipped.png", "-k", "3", "--quantized", "--max-iter", "2",
-                            "--accelerate", "none", "--out", tmp_path / "b"], capsys)
+    status, out, err = run(
+        [
+            tmp_path / "clipped.png",
+            "-k",
+            "3",
+            "--quantized",
+            "--max-iter",
+            "2",
+            "--accelerate",
+            "none",
+            "--out",
+            tmp_path / "b",
+        ],
+        capsys,
+    )
     record = record_of(tmp_path / "b", "clipped")
     assert status == 0 and not record["converged"] and record["n_iter"] == record["em_steps"] == 2
     assert "iterations=2 em-steps=2 stopped-at-max-iter" in out

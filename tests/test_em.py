@@ -4,11 +4,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, seg
 from skimage import data as samples
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
-
-from conftest import bayes_labels, block_labels, matched_accuracy, mixture_image, seg
 
 COVARIANCE_TYPES = ["full", "diag", "spherical", "tied"]
 
@@ -30,10 +29,15 @@ def starting_parameters(X, n_components, covariance_type):
     means = X[order[(2 * np.arange(n_components) + 1) * len(X) // (2 * n_components)]]
     cov = np.atleast_2d(np.cov(X, rowvar=False))
     weights = np.full(n_components, 1.0 / n_components)
-    covariances = {"full": np.repeat(cov[None], n_components, 0), "tied": cov,
-                   "diag": np.repeat(np.diag(cov)[None], n_components, 0),
-                   "spherical": np.full(n_components, np.diag(cov).mean())}[covariance_type]
-    precisions = np.linalg.inv(covariances) if covariance_type in ("full", "tied") else 1.0 / covariances
+    covariances = {
+        "full": np.repeat(cov[None], n_components, 0),
+        "tied": cov,
+        "diag": np.repeat(np.diag(cov)[None], n_components, 0),
+        "spherical": np.full(n_components, np.diag(cov).mean()),
+    }[covariance_type]
+    precisions = (
+        np.linalg.inv(covariances) if covariance_type in ("full", "tied") else 1.0 / covariances
+    )
     return weights, means, covariances, precisions
 
 
@@ -46,11 +50,28 @@ def test_same_start_same_model_as_scikit_learn(pixels, covariance_type):
     weights, means, covariances, precisions = starting_parameters(X, k, covariance_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        reference = GaussianMixture(k, covariance_type=covariance_type, weights_init=weights, means_init=means,
-                                    precisions_init=precisions, max_iter=15, tol=0).fit(X)
+        reference = GaussianMixture(
+            k,
+            covariance_type=covariance_type,
+            weights_init=weights,
+            means_init=means,
+            precisions_init=precisions,
+            max_iter=15,
+            tol=0,
+        ).fit(X)
     distinct, counts = np.unique(X, axis=0, return_counts=True)
-    ours = seg.fit_gmm(distinct, k, sample_weight=counts, covariance_type=covariance_type, max_iter=15, tol=0,
-                       accelerate="none", weights_init=weights, means_init=means, covariances_init=covariances)
+    ours = seg.fit_gmm(
+        distinct,
+        k,
+        sample_weight=counts,
+        covariance_type=covariance_type,
+        max_iter=15,
+        tol=0,
+        accelerate="none",
+        weights_init=weights,
+        means_init=means,
+        covariances_init=covariances,
+    )
     assert ours.n_iter == reference.n_iter_ == 15
     np.testing.assert_allclose(ours.weights, reference.weights_, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.means, reference.means_, rtol=0, atol=1e-6)
@@ -63,16 +84,28 @@ def test_same_start_same_model_as_scikit_learn(pixels, covariance_type):
 @pytest.mark.parametrize("init", ["kmeans++", "random"])
 def test_distinct_values_with_counts_equal_every_pixel(covariance_type, init):
     X = color_pixels()[:3000]
-    X = np.concatenate([X, X[:1500]])         # plenty of repeats
+    X = np.concatenate([X, X[:1500]])  # plenty of repeats
     distinct, counts = np.unique(X, axis=0, return_counts=True)
     assert len(distinct) < len(X)
-    start = seg.fit_gmm(X, 3, covariance_type=covariance_type, max_iter=1, init=init, random_state=1)
-    options = dict(covariance_type=covariance_type, max_iter=25, tol=0, weights_init=start.weights,
-                   means_init=start.means, covariances_init=start.covariances)
+    start = seg.fit_gmm(
+        X, 3, covariance_type=covariance_type, max_iter=1, init=init, random_state=1
+    )
+    options = dict(
+        covariance_type=covariance_type,
+        max_iter=25,
+        tol=0,
+        weights_init=start.weights,
+        means_init=start.means,
+        covariances_init=start.covariances,
+    )
     every = seg.fit_gmm(X, 3, **options)
     weighted = seg.fit_gmm(distinct, 3, sample_weight=counts, **options)
-    for a, b in [(every.weights, weighted.weights), (every.means, weighted.means),
-                 (every.covariances, weighted.covariances), (every.log_likelihood, weighted.log_likelihood)]:
+    for a, b in [
+        (every.weights, weighted.weights),
+        (every.means, weighted.means),
+        (every.covariances, weighted.covariances),
+        (every.log_likelihood, weighted.log_likelihood),
+    ]:
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
 
 
@@ -81,8 +114,9 @@ def test_distinct_values_with_counts_equal_every_pixel(covariance_type, init):
 def test_history_one_value_per_iteration_never_decreasing_ending_at_score(pixels, covariance_type):
     X = pixels()
     distinct, counts = np.unique(X, axis=0, return_counts=True)
-    fit = seg.fit_gmm(distinct, 4, sample_weight=counts, covariance_type=covariance_type, tol=1e-6,
-                      max_iter=60)
+    fit = seg.fit_gmm(
+        distinct, 4, sample_weight=counts, covariance_type=covariance_type, tol=1e-6, max_iter=60
+    )
     history = np.asarray(fit.log_likelihood)
     assert len(history) == fit.n_iter
     assert np.all(np.diff(history) >= -1e-10)
@@ -117,13 +151,21 @@ def test_n_init_keeps_the_best_start():
     and the kept fit is the best of the starts actually run."""
     X = color_pixels()
     finals = []
-    best = seg.fit_gmm(X, 5, n_init=4, random_state=0, max_iter=30,
-                       on_iteration=lambda n, ll: finals.append((n, ll)))
+    best = seg.fit_gmm(
+        X,
+        5,
+        n_init=4,
+        random_state=0,
+        max_iter=30,
+        on_iteration=lambda n, ll: finals.append((n, ll)),
+    )
     single = seg.fit_gmm(X, 5, n_init=1, random_state=0, max_iter=30)
     assert best.log_likelihood[-1] >= single.log_likelihood[-1]
-    ends = [ll for (n, ll), nxt in zip(finals, finals[1:] + [(1, None)]) if nxt[0] == 1]   # last of each start
+    ends = [
+        ll for (n, ll), nxt in zip(finals, finals[1:] + [(1, None)]) if nxt[0] == 1
+    ]  # last of each start
     assert len(ends) == 4 and best.log_likelihood[-1] == max(ends)
-    assert finals[:single.n_iter] == list(zip(range(1, single.n_iter + 1), single.log_likelihood))
+    assert finals[: single.n_iter] == list(zip(range(1, single.n_iter + 1), single.log_likelihood))
 
 
 def test_same_seed_same_model():
@@ -137,9 +179,18 @@ def test_same_seed_same_model():
 def test_predict_proba_predict_and_score_samples_agree_with_scikit_learn():
     X = color_pixels()
     ours = seg.fit_gmm(X, 3, max_iter=5, tol=0)
-    reference = GaussianMixture(3, weights_init=ours.weights, means_init=ours.means,
-                                precisions_init=np.linalg.inv(ours.covariances), max_iter=1).fit(X)
-    reference.weights_, reference.means_, reference.covariances_ = ours.weights, ours.means, ours.covariances
+    reference = GaussianMixture(
+        3,
+        weights_init=ours.weights,
+        means_init=ours.means,
+        precisions_init=np.linalg.inv(ours.covariances),
+        max_iter=1,
+    ).fit(X)
+    reference.weights_, reference.means_, reference.covariances_ = (
+        ours.weights,
+        ours.means,
+        ours.covariances,
+    )
     reference.precisions_cholesky_ = np.linalg.cholesky(np.linalg.inv(ours.covariances))
     np.testing.assert_allclose(ours.score_samples(X), reference.score_samples(X), atol=1e-9)
     np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=1e-9)
@@ -152,10 +203,10 @@ def test_recovers_a_known_mixture_close_to_the_bayes_limit(rng, n_features):
     labels = block_labels(96, 128, k, rng)
     if n_features == 1:
         means = np.array([[0.25], [0.5], [0.75]])
-        covariances = np.array([[[0.08 ** 2]], [[0.07 ** 2]], [[0.09 ** 2]]])
+        covariances = np.array([[[0.08**2]], [[0.07**2]], [[0.09**2]]])
     else:
         means = np.array([[0.3, 0.3, 0.6], [0.5, 0.6, 0.4], [0.7, 0.45, 0.5]])
-        covariances = np.array([np.eye(3) * s ** 2 for s in (0.09, 0.08, 0.1)])
+        covariances = np.array([np.eye(3) * s**2 for s in (0.09, 0.08, 0.1)])
     image = mixture_image(labels, means, covariances, rng)
     weights = np.bincount(labels.ravel(), minlength=k) / labels.size
     bayes = matched_accuracy(bayes_labels(image, weights, means, covariances), labels, k)
@@ -168,8 +219,15 @@ def test_recovers_a_known_mixture_close_to_the_bayes_limit(rng, n_features):
 def test_empty_component_stays_finite():
     """A component started far from every point empties: it keeps its parameters and weight ~ 0."""
     X = np.repeat(np.array([[0.1], [0.2], [0.8], [0.9]]), 50, axis=0)
-    fit = seg.fit_gmm(X, 3, weights_init=[0.4, 0.4, 0.2], means_init=[[0.15], [0.85], [50.0]],
-                      covariances_init=[[[0.01]], [[0.01]], [[1e-4]]], max_iter=20, tol=0)
+    fit = seg.fit_gmm(
+        X,
+        3,
+        weights_init=[0.4, 0.4, 0.2],
+        means_init=[[0.15], [0.85], [50.0]],
+        covariances_init=[[[0.01]], [[0.01]], [[1e-4]]],
+        max_iter=20,
+        tol=0,
+    )
     assert np.all(np.isfinite(fit.means)) and np.all(np.isfinite(fit.covariances))
     assert fit.weights[2] < 1e-12
     assert fit.means[2, 0] == 50.0
@@ -178,9 +236,15 @@ def test_empty_component_stays_finite():
 
 def test_bad_arguments_are_value_errors():
     X = np.arange(10.0)
-    for kwargs in [dict(n_components=0), dict(n_components=11), dict(n_components=2, covariance_type="x"),
-                   dict(n_components=2, tol=-1), dict(n_components=2, max_iter=0),
-                   dict(n_components=2, init="nope"), dict(n_components=2, sample_weight=-np.ones(10))]:
+    for kwargs in [
+        dict(n_components=0),
+        dict(n_components=11),
+        dict(n_components=2, covariance_type="x"),
+        dict(n_components=2, tol=-1),
+        dict(n_components=2, max_iter=0),
+        dict(n_components=2, init="nope"),
+        dict(n_components=2, sample_weight=-np.ones(10)),
+    ]:
         with pytest.raises(ValueError):
             seg.fit_gmm(X, **kwargs)
     with pytest.raises(ValueError):

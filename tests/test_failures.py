@@ -2,20 +2,17 @@
 line per message naming the file, no traceback, no input changed, no temporary left, and for every
 image either a complete set of outputs or none."""
 
-import json
 import os
 import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, outputs_of, record_of, run, seg, two_tone
+from PIL import Image
 
 PROGRAM = str(ROOT / "ImageSegmentation.py")
 
@@ -45,7 +42,10 @@ def one_line_messages(err):
 
 # --- figures of any shape --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(20000, 1), (3000, 10), (1, 20000)], ids=["1-wide", "10-wide", "1-high"])
+
+@pytest.mark.parametrize(
+    "shape", [(20000, 1), (3000, 10), (1, 20000)], ids=["1-wide", "10-wide", "1-high"]
+)
 def test_figures_have_a_bounded_size_whatever_the_shape(tmp_path, capsys, shape):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "strip.png")
@@ -58,36 +58,60 @@ def test_figures_have_a_bounded_size_whatever_the_shape(tmp_path, capsys, shape)
 
 # --- values that used to end in an internal error ---------------------------------------------------
 
+
 def test_negative_seed_is_bad_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         seg.main(["--seed", "-1", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: usage:") and len(one_line_messages(err)) == 1
+    assert (
+        exit_info.value.code == 2
+        and err.startswith("error: usage:")
+        and len(one_line_messages(err)) == 1
+    )
     with pytest.raises(ValueError, match="random_state"):
         seg.fit_gmm(np.arange(10.0), 2, random_state=-1)
 
 
 def test_quantized_without_a_variance_floor_stays_finite(tmp_path, capsys):
     Image.fromarray(np.array([[10, 200] * 8] * 6, dtype=np.uint8)).save(tmp_path / "two.png")
-    status, out, err = run([tmp_path / "two.png", "-k", "2", "--quantized", "--reg-covar", "0",
-                            "--out", tmp_path / "o"], capsys)
+    status, out, err = run(
+        [
+            tmp_path / "two.png",
+            "-k",
+            "2",
+            "--quantized",
+            "--reg-covar",
+            "0",
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert status == 0, err
     record = record_of(tmp_path / "o", "two")
     assert record["quantized"] and np.all(np.isfinite(record["log_likelihood"]))
-    assert record["log_likelihood"][-1] == pytest.approx(np.log(0.5), abs=1e-6)    # each level its own bin
+    assert record["log_likelihood"][-1] == pytest.approx(
+        np.log(0.5), abs=1e-6
+    )  # each level its own bin
 
 
 def deep_images(folder):
     rng = np.random.default_rng(1)
-    Image.fromarray((rng.integers(0, 4, (20, 30)) * 20000).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray((rng.integers(0, 4, (20, 30)) * 20000).astype(np.uint16)).save(
+        folder / "deep16.png"
+    )
     Image.fromarray(rng.random((20, 30)).astype(np.float32)).save(folder / "float.tif")
-    Image.fromarray((rng.integers(0, 5, (20, 30)) * 100000).astype(np.int32)).save(folder / "int32.tif")
+    Image.fromarray((rng.integers(0, 5, (20, 30)) * 100000).astype(np.int32)).save(
+        folder / "int32.tif"
+    )
     two_tone(folder / "colour.png", rng, color=True)
 
 
 def test_colour_mode_and_shared_batches_of_deep_images(tmp_path, capsys):
     deep_images(tmp_path)
-    status, out, err = run([tmp_path, "--mode", "color", "-k", "2", "--out", tmp_path / "a"], capsys)
+    status, out, err = run(
+        [tmp_path, "--mode", "color", "-k", "2", "--out", tmp_path / "a"], capsys
+    )
     assert status == 0, err
     for stem in ("deep16", "float", "int32"):
         assert record_of(tmp_path / "a", stem)["mode"] == "color"
@@ -96,19 +120,36 @@ def test_colour_mode_and_shared_batches_of_deep_images(tmp_path, capsys):
     (tmp_path / "int32.tif").unlink()
     status, out, err = run([tmp_path, "--shared", "-k", "2", "--out", tmp_path / "b"], capsys)
     assert status == 0, err
-    assert record_of(tmp_path / "b", "deep16")["mode"] == "color" and complete_or_absent(tmp_path / "b", "deep16")
+    assert record_of(tmp_path / "b", "deep16")["mode"] == "color" and complete_or_absent(
+        tmp_path / "b", "deep16"
+    )
 
 
 # --- files that are not what they seem --------------------------------------------------------------
 
+
 def png(width, height, rows, bit_depth=8, colour_type=0):
     """A PNG whose zlib stream is complete but holds only `rows` rows."""
+
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     samples = {0: 1, 2: 3}[colour_type] * bit_depth // 8
-    raw = b"".join(b"\x00" + bytes([(r * 37 + c) % 256 for c in range(width * samples)]) for r in range(rows))
+    raw = b"".join(
+        b"\x00" + bytes([(r * 37 + c) % 256 for c in range(width * samples)]) for r in range(rows)
+    )
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_short_png_data_is_corrupt_and_48_bit_colour_is_noted(tmp_path, capsys):
@@ -117,10 +158,17 @@ def test_short_png_data_is_corrupt_and_48_bit_colour_is_noted(tmp_path, capsys):
     (tmp_path / "deep.png").write_bytes(png(8, 6, 6, bit_depth=16, colour_type=2))
     status, out, err = run([tmp_path, "--out", tmp_path / "o"], capsys)
     assert status == 1
-    assert f"error: {tmp_path / 'short.png'}: truncated or corrupt image (its image data end after" in err
+    assert (
+        f"error: {tmp_path / 'short.png'}: truncated or corrupt image (its image data end after"
+        in err
+    )
     assert not complete_or_absent(tmp_path / "o", "short")
-    assert complete_or_absent(tmp_path / "o", "whole") and complete_or_absent(tmp_path / "o", "deep")
-    assert any("16 bits a channel read as 8" in note for note in record_of(tmp_path / "o", "deep")["notes"])
+    assert complete_or_absent(tmp_path / "o", "whole") and complete_or_absent(
+        tmp_path / "o", "deep"
+    )
+    assert any(
+        "16 bits a channel read as 8" in note for note in record_of(tmp_path / "o", "deep")["notes"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
@@ -138,11 +186,17 @@ def test_a_dash_name_gets_a_hint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         seg.main(["-x.png", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "./-NAME or after --" in err and len(one_line_messages(err)) == 1
+    assert (
+        exit_info.value.code == 2
+        and "./-NAME or after --" in err
+        and len(one_line_messages(err)) == 1
+    )
 
 
 def test_an_image_with_no_finite_value(tmp_path, capsys):
-    Image.fromarray(np.array([[np.inf, -np.inf], [np.nan, np.inf]], dtype=np.float32)).save(tmp_path / "inf.tif")
+    Image.fromarray(np.array([[np.inf, -np.inf], [np.nan, np.inf]], dtype=np.float32)).save(
+        tmp_path / "inf.tif"
+    )
     status, out, err = run([tmp_path / "inf.tif", "-k", "2", "--out", tmp_path / "o"], capsys)
     assert status == 0, err
     assert "no finite value: NaN and -inf taken as 0, +inf as 1" in err
@@ -152,15 +206,19 @@ def test_an_image_with_no_finite_value(tmp_path, capsys):
 
 # --- names ------------------------------------------------------------------------------------------
 
+
 def test_a_newline_in_a_name_stays_on_one_line(tmp_path, capsys):
     two_tone(tmp_path / "good\nname.png", np.random.default_rng(0))
     (tmp_path / "bad\nname.png").write_text("not an image")
-    status, out, err = run([tmp_path / "good\nname.png", tmp_path / "bad\nname.png", "--out", tmp_path / "o"],
-                           capsys)
+    status, out, err = run(
+        [tmp_path / "good\nname.png", tmp_path / "bad\nname.png", "--out", tmp_path / "o"], capsys
+    )
     assert status == 1
     assert len(out.splitlines()) == 1 and out.startswith(f"{tmp_path}/good\\nname.png: ")
     assert f"error: {tmp_path}/bad\\nname.png: not an image" in err
-    assert all(line.startswith(("error: ", "note: ", "1 images")) for line in one_line_messages(err))
+    assert all(
+        line.startswith(("error: ", "note: ", "1 images")) for line in one_line_messages(err)
+    )
 
 
 def test_a_name_that_is_not_utf8(tmp_path, capsys):
@@ -174,7 +232,7 @@ def test_a_name_that_is_not_utf8(tmp_path, capsys):
 
 
 def test_the_longest_names_the_file_system_allows(tmp_path, capsys):
-    stem = "x" * (255 - len("_comparison.png"))              # the longest output name is exactly 255 bytes
+    stem = "x" * (255 - len("_comparison.png"))  # the longest output name is exactly 255 bytes
     two_tone(tmp_path / f"{stem}.png", np.random.default_rng(0))
     status, out, err = run([tmp_path / f"{stem}.png", "--out", tmp_path / "o"], capsys)
     assert status == 0, err
@@ -182,6 +240,7 @@ def test_the_longest_names_the_file_system_allows(tmp_path, capsys):
 
 
 # --- all or nothing ---------------------------------------------------------------------------------
+
 
 def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
@@ -196,12 +255,18 @@ def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypat
             if "a_" in figure.get_suptitle() or figure.get_suptitle().startswith("a.png"):
                 raise OSError(28, "No space left on device")
             write(path)
+
         return failing
+
     monkeypatch.setattr(seg, "_figure_writer", full_disk_for_a)
-    status, out, err = run([tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o"], capsys)
+    status, out, err = run(
+        [tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o"], capsys
+    )
     assert status == 1
-    assert f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_loglik.png'}: No space left on device" \
+    assert (
+        f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_loglik.png'}: No space left on device"
         in err
+    )
     assert not complete_or_absent(tmp_path / "o", "a") and complete_or_absent(tmp_path / "o", "b")
     assert no_temporaries(tmp_path / "o")
 
@@ -210,8 +275,12 @@ def test_an_output_name_that_is_a_folder(tmp_path, capsys):
     two_tone(tmp_path / "a.png", np.random.default_rng(0))
     (tmp_path / "o" / "a_labels.png").mkdir(parents=True)
     status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
-    assert status == 1 and f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_labels.png'}: " \
-                             f"it is a folder" in err
+    assert (
+        status == 1
+        and f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_labels.png'}: "
+        f"it is a folder"
+        in err
+    )
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_labels.png"]
 
 
@@ -223,7 +292,9 @@ def test_sigterm_in_process_cleans_up_and_exits_143(tmp_path, capsys, monkeypatc
             with open(path, "wb") as file:
                 file.write(b"partial")
             raise seg.Interrupted(signal.SIGTERM)
+
         return write
+
     monkeypatch.setattr(seg, "_figure_writer", terminated)
     status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
     assert status == 143 and err.strip().splitlines()[-1] == "error: terminated"
@@ -231,6 +302,7 @@ def test_sigterm_in_process_cleans_up_and_exits_143(tmp_path, capsys, monkeypatc
 
 
 # --- the system: signals, killed workers, stdout -------------------------------------------------------
+
 
 def batch(folder, n, size=(120, 160)):
     rng = np.random.default_rng(2)
@@ -242,9 +314,23 @@ def batch(folder, n, size=(120, 160)):
 def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
     files = batch(tmp_path, 24, size=(200, 260))
     out = tmp_path / "o"
-    process = subprocess.Popen([sys.executable, PROGRAM, *map(str, files), "--spatial", "1", "--jobs", "2",
-                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    process.stdout.readline()                     # the first image is done: the batch is under way
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            PROGRAM,
+            *map(str, files),
+            "--spatial",
+            "1",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.readline()  # the first image is done: the batch is under way
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
@@ -259,16 +345,19 @@ def test_a_killed_worker_is_retried_and_the_batch_completes(tmp_path, capsys, mo
     marker = tmp_path / "killed-once"
     real = seg.segment_file
 
-    def killed_once(path, *args, **kwargs):          # runs in the worker (forked with this patch)
+    def killed_once(path, *args, **kwargs):  # runs in the worker (forked with this patch)
         if path.name == "img01.png" and not marker.exists():
             marker.write_text("")
-            os.kill(os.getpid(), signal.SIGKILL)     # what the out-of-memory killer does
+            os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(seg, "segment_file", killed_once)
     status, out, err = run([*files, "--jobs", "2", "--out", tmp_path / "o"], capsys)
     assert status == 0, err
     assert f"note: {files[1]}: its worker process died; segmented again in a fresh one" in err
-    assert [line.split(":")[0] for line in out.splitlines()] == [str(f) for f in files]     # input order
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        str(f) for f in files
+    ]  # input order
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
 
 
@@ -280,21 +369,30 @@ def test_a_worker_that_dies_twice_fails_alone(tmp_path, capsys, monkeypatch):
         if path.name == "img02.png":
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(seg, "segment_file", always_killed)
     status, out, err = run([*files, "--jobs", "2", "--out", tmp_path / "o"], capsys)
     assert status == 1
-    assert f"error: {files[2]}: its worker process died twice (killed from outside, or out of memory)" in err
+    assert (
+        f"error: {files[2]}: its worker process died twice (killed from outside, or out of memory)"
+        in err
+    )
     errors = [line for line in one_line_messages(err) if line.startswith("error: ")]
-    assert errors == [f"error: {files[2]}: its worker process died twice (killed from outside, or out of memory)"]
+    assert errors == [
+        f"error: {files[2]}: its worker process died twice (killed from outside, or out of memory)"
+    ]
     assert [complete_or_absent(tmp_path / "o", f.stem) for f in files] == [True, True, False, True]
     assert no_temporaries(tmp_path / "o")
 
 
 def test_a_closed_stdout_is_quiet_and_the_batch_completes(tmp_path):
     files = batch(tmp_path, 3)
-    process = subprocess.Popen([sys.executable, PROGRAM, *map(str, files), "--jobs", "1", "--out",
-                                str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdout.close()                        # as `| head -0` does
+    process = subprocess.Popen(
+        [sys.executable, PROGRAM, *map(str, files), "--jobs", "1", "--out", str(tmp_path / "o")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # as `| head -0` does
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "Error" not in stderr
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
@@ -303,8 +401,21 @@ def test_a_closed_stdout_is_quiet_and_the_batch_completes(tmp_path):
 def test_stdout_on_a_full_device(tmp_path):
     files = batch(tmp_path, 3)
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, PROGRAM, *map(str, files), "--jobs", "1", "--out",
-                                 str(tmp_path / "o")], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                PROGRAM,
+                *map(str, files),
+                "--jobs",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("error: standard output: No space left on device") == 1
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
@@ -315,10 +426,13 @@ def test_a_numerical_warning_reaches_the_user_in_one_line(tmp_path, capsys, monk
     real = seg.segment_points
 
     def warns(*args, **kwargs):
-        np.log(np.zeros(1))                          # RuntimeWarning: divide by zero encountered in log
+        np.log(np.zeros(1))  # RuntimeWarning: divide by zero encountered in log
         return real(*args, **kwargs)
+
     monkeypatch.setattr(seg, "segment_points", warns)
     status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
     assert status == 0
-    assert f"warning: {tmp_path / 'a.png'}: RuntimeWarning: divide by zero encountered in log\n" in err
+    assert (
+        f"warning: {tmp_path / 'a.png'}: RuntimeWarning: divide by zero encountered in log\n" in err
+    )
     assert len(one_line_messages(err)) == 2

@@ -1,12 +1,10 @@
 """Property-based: small images of random kinds, sizes and K never break the API or the command line."""
 
-import json
-
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
-
 from conftest import record_of, seg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
 KINDS = ["uint8-gray", "uint8-rgb", "uint16-gray", "float32-gray"]
 
@@ -15,8 +13,8 @@ KINDS = ["uint8-gray", "uint8-rgb", "uint16-gray", "float32-gray"]
 def small_images(draw):
     kind = draw(st.sampled_from(KINDS))
     height, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    seed = draw(st.integers(0, 2 ** 32 - 1))
-    levels = draw(st.integers(1, 300))              # how many different values the image may take
+    seed = draw(st.integers(0, 2**32 - 1))
+    levels = draw(st.integers(1, 300))  # how many different values the image may take
     rng = np.random.default_rng(seed)
     shape = (height, width, 3) if kind == "uint8-rgb" else (height, width)
     if kind.startswith("uint8"):
@@ -26,7 +24,9 @@ def small_images(draw):
     else:
         array = (rng.integers(0, levels, size=shape) * 0.37 - 4.0).astype(np.float32)
         if draw(st.booleans()):
-            array.flat[rng.integers(0, array.size)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            array.flat[rng.integers(0, array.size)] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf])
+            )
     return kind, array
 
 
@@ -52,32 +52,53 @@ def check_model(model, k):
     assert np.all(np.diff(seg.luminance(model.means)) >= 0)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES),
-       init=st.sampled_from(seg.INIT_METHODS), quantized=st.booleans(), spatial=st.sampled_from([0.0, 0.0, 0.8]))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    image=small_images(),
+    k=st.integers(1, 6),
+    covariance=st.sampled_from(seg.COVARIANCE_TYPES),
+    init=st.sampled_from(seg.INIT_METHODS),
+    quantized=st.booleans(),
+    spatial=st.sampled_from([0.0, 0.0, 0.8]),
+)
 def test_api_on_any_small_image(image, k, covariance, init, quantized, spatial):
     kind, array = image
-    labels, recoloured, model = seg.segment_image(array, k, covariance_type=covariance, init=init, max_iter=30,
-                                                  quantized=quantized, spatial=spatial)
+    labels, recoloured, model = seg.segment_image(
+        array,
+        k,
+        covariance_type=covariance,
+        init=init,
+        max_iter=30,
+        quantized=quantized,
+        spatial=spatial,
+    )
     if spatial == 0:
         check_model(model, k)
-    else:      # the spatial fit moves the parameters on from the plain fit whose history is kept
+    else:  # the spatial fit moves the parameters on from the plain fit whose history is kept
         assert all(np.all(np.isfinite(v)) for v in (model.weights, model.means, model.covariances))
-    assert (model.quantized_top is not None) == (quantized and kind != "float32-gray" and model.means.shape[1] == 1)
+    assert (model.quantized_top is not None) == (
+        quantized and kind != "float32-gray" and model.means.shape[1] == 1
+    )
     assert labels.shape == array.shape[:2]
     assert labels.min() >= 0 and labels.max() < model.n_components
     assert recoloured.shape[:2] == array.shape[:2]
     assert np.all(np.isfinite(recoloured.astype(float)))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES))
 def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance):
     kind, array = image
     folder = tmp_path_factory.mktemp("prop")
     path = folder / ("in.tif" if kind == "float32-gray" else "in.png")
     Image.fromarray(array).save(path)
-    status = seg.main([str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")])
+    status = seg.main(
+        [str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")]
+    )
     assert status == 0
     record = record_of(folder / "out", "in")
     labels = np.asarray(Image.open(folder / "out" / "in_labels.png"))

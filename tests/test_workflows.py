@@ -5,9 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import mixture_image, record_of, run, seg, two_tone
+from PIL import Image
 
 
 def separated_mixture(k, n_features, rng, size=(64, 80)):
@@ -24,7 +23,7 @@ def separated_mixture(k, n_features, rng, size=(64, 80)):
     else:
         means = np.stack([levels, rng.permutation(levels), rng.permutation(levels)], axis=1)
         sd = min(0.05, 0.6 / (k - 1) / 3)
-    covariances = np.array([np.eye(n_features) * sd ** 2 for _ in range(k)])
+    covariances = np.array([np.eye(n_features) * sd**2 for _ in range(k)])
     return mixture_image(labels, means, covariances, rng)
 
 
@@ -33,11 +32,13 @@ def separated_mixture(k, n_features, rng, size=(64, 80)):
 def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_features):
     rng = np.random.default_rng(100 + k)
     Image.fromarray(separated_mixture(k, n_features, rng)).save(tmp_path / "mix.png")
-    status, out, err = run([tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--out", tmp_path], capsys)
+    status, out, err = run(
+        [tmp_path / "mix.png", "-k", "auto", "--k-max", "8", "--out", tmp_path], capsys
+    )
     assert status == 0, err
     record = record_of(tmp_path, "mix")
     assert record["k"] == k and record["requested_k"] == "auto"
-    assert record["settings"]["n_init"] == 2                 # two starts per K unless told otherwise
+    assert record["settings"]["n_init"] == 2  # two starts per K unless told otherwise
     assert [row["k"] for row in record["bic"]] == list(range(1, 9))
     best = min(record["bic"], key=lambda row: row["bic"])
     assert best["k"] == k
@@ -46,11 +47,19 @@ def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_featu
 
 def test_bic_counts_parameters_as_scikit_learn(rng):
     from sklearn.mixture import GaussianMixture
+
     X = rng.normal(size=(500, 3)) * 0.1 + 0.5
     for covariance_type in seg.COVARIANCE_TYPES:
         reference = GaussianMixture(3, covariance_type=covariance_type, random_state=0).fit(X)
-        ours = seg.fit_gmm(X, 3, covariance_type=covariance_type, weights_init=reference.weights_,
-                           means_init=reference.means_, covariances_init=reference.covariances_, max_iter=1)
+        ours = seg.fit_gmm(
+            X,
+            3,
+            covariance_type=covariance_type,
+            weights_init=reference.weights_,
+            means_init=reference.means_,
+            covariances_init=reference.covariances_,
+            max_iter=1,
+        )
         ours.log_likelihood[-1] = reference.score(X)
         assert seg.bic(ours, len(X)) == pytest.approx(reference.bic(X), rel=1e-12)
 
@@ -61,18 +70,28 @@ def test_shared_model_labels_mean_the_same_in_every_image(tmp_path, rng, capsys)
     bright = np.clip(rng.normal(210, 8, (30, 40)), 0, 255).astype(np.uint8)
     Image.fromarray(np.hstack([dark, mid])).save(tmp_path / "a.png")
     Image.fromarray(np.hstack([mid, bright])).save(tmp_path / "b.png")
-    status, out, err = run([tmp_path / "a.png", tmp_path / "b.png", "--shared", "-k", "3", "--out",
-                            tmp_path / "out"], capsys)
+    status, out, err = run(
+        [tmp_path / "a.png", tmp_path / "b.png", "--shared", "-k", "3", "--out", tmp_path / "out"],
+        capsys,
+    )
     assert status == 0, err
     a, b = (record_of(tmp_path / "out", s) for s in "ab")
     for key in ("weights", "means", "covariances", "log_likelihood", "k"):
         assert a[key] == b[key]
-    assert a["shared"] and b["shared"] and a["shared_images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert (
+        a["shared"]
+        and b["shared"]
+        and a["shared_images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    )
     labels_a = np.asarray(Image.open(tmp_path / "out" / "a_labels.png"))
     labels_b = np.asarray(Image.open(tmp_path / "out" / "b_labels.png"))
     # The middle gray is one component in both images, darkest/brightest are 0 and 2.
     assert np.bincount(labels_a[:, :40].ravel()).argmax() == 0
-    assert np.bincount(labels_a[:, 40:].ravel()).argmax() == 1 == np.bincount(labels_b[:, :40].ravel()).argmax()
+    assert (
+        np.bincount(labels_a[:, 40:].ravel()).argmax()
+        == 1
+        == np.bincount(labels_b[:, :40].ravel()).argmax()
+    )
     assert np.bincount(labels_b[:, 40:].ravel()).argmax() == 2
     # Same pixel value, same label, whichever image it is in.
     values = np.concatenate([np.asarray(Image.open(tmp_path / f"{s}.png")).ravel() for s in "ab"])
@@ -88,7 +107,9 @@ def test_shared_model_labels_mean_the_same_in_every_image(tmp_path, rng, capsys)
 def test_shared_batch_of_gray_and_colour_is_colour(tmp_path, rng, capsys):
     two_tone(tmp_path / "g.png", rng)
     two_tone(tmp_path / "c.png", rng, color=True)
-    status, out, err = run([tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"], capsys)
+    status, out, err = run(
+        [tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"], capsys
+    )
     assert status == 0, err
     g, c = (record_of(tmp_path / "o", s) for s in "gc")
     assert g["mode"] == c["mode"] == "color" and g["means"] == c["means"] and g["bic"] == c["bic"]
@@ -105,8 +126,9 @@ def test_parallel_batch_writes_the_same_bytes_in_input_order(tmp_path, rng, caps
     assert serial[0] == parallel[0] == 0
     order = [line.split(":")[0] for line in parallel[1].splitlines()]
     assert order == [str(p) for p in names]
-    assert [line.split(" ")[:6] for line in serial[1].splitlines()] == \
-        [line.split(" ")[:6] for line in parallel[1].splitlines()]
+    assert [line.split(" ")[:6] for line in serial[1].splitlines()] == [
+        line.split(" ")[:6] for line in parallel[1].splitlines()
+    ]
     for path in (tmp_path / "serial").iterdir():
         if path.suffix == ".png":
             assert path.read_bytes() == (tmp_path / "parallel" / path.name).read_bytes(), path.name
@@ -118,7 +140,10 @@ def test_parallel_batch_still_reports_bad_files(tmp_path, rng, capsys):
     two_tone(tmp_path / "c.png", rng)
     status, out, err = run([tmp_path, "--jobs", "2", "--out", tmp_path / "out"], capsys)
     assert status == 1 and f"error: {tmp_path / 'b.png'}: not an image" in err
-    assert [line.split(":")[0] for line in out.splitlines()] == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "c.png"),
+    ]
     assert "2 images segmented, 1 failed" in err and f"outputs in {tmp_path / 'out'}" in err
 
 
@@ -131,12 +156,17 @@ def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys,
     for name in ("a.png", "b.png"):
         two_tone(tmp_path / name, rng)
     status, out, err = run([tmp_path, "--jobs", "1", "--out", tmp_path / "out"], capsys)
-    assert "\r" not in err and "[1/2]" not in err            # stderr is not a terminal here
+    assert "\r" not in err and "[1/2]" not in err  # stderr is not a terminal here
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     assert seg.main([str(tmp_path), "--jobs", "1", "--out", str(tmp_path / "out")]) == 0
     shown = terminal.getvalue()
-    assert "\r\033[K[1/2]" in shown and "[2/2]" in shown and "left" in shown and "EM iteration" in shown
+    assert (
+        "\r\033[K[1/2]" in shown
+        and "[2/2]" in shown
+        and "left" in shown
+        and "EM iteration" in shown
+    )
     quiet = FakeTerminal()
     monkeypatch.setattr("sys.stderr", quiet)
     assert seg.main([str(tmp_path), "--jobs", "1", "-q", "--out", str(tmp_path / "out")]) == 0
@@ -145,7 +175,9 @@ def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys,
 
 def test_batch_summary(tmp_path, rng, capsys):
     two_tone(tmp_path / "a.png", rng)
-    status, out, err = run([tmp_path / "a.png", tmp_path / "missing.png", "--out", tmp_path / "out"], capsys)
+    status, out, err = run(
+        [tmp_path / "a.png", tmp_path / "missing.png", "--out", tmp_path / "out"], capsys
+    )
     assert status == 1
     assert err.strip().splitlines()[-1].startswith("1 images segmented, 1 failed, in ")
     assert err.strip().endswith(f"outputs in {tmp_path / 'out'}")
@@ -158,13 +190,33 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
     import subprocess
     import sys
     import time
+
     from conftest import ROOT
+
     for i in range(4):
         noise = rng.integers(0, 256, size=(900, 1200, 3), dtype=np.uint8)
         Image.fromarray(noise).save(tmp_path / f"n{i}.png", compress_level=0)
-    process = subprocess.Popen([sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path), "--jobs", "2",
-                                "-k", "6", "--tol", "0", "--max-iter", "400", "--out", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "ImageSegmentation.py"),
+            str(tmp_path),
+            "--jobs",
+            "2",
+            "-k",
+            "6",
+            "--tol",
+            "0",
+            "--max-iter",
+            "400",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     time.sleep(2.5)
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -172,7 +224,7 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert leftovers == []
-    for model in (tmp_path / "out").glob("*_model.json"):     # whatever was finished is whole
+    for model in (tmp_path / "out").glob("*_model.json"):  # whatever was finished is whole
         json.loads(model.read_text())
 
 
@@ -181,7 +233,9 @@ def test_pooled_points_are_the_histogram_of_all_images_together(rng):
     a = rng.integers(0, 40, size=(20, 30, 3), dtype=np.uint8)
     b = rng.integers(20, 60, size=(20, 25, 3), dtype=np.uint8)
     g = rng.integers(0, 50, size=(20, 10), dtype=np.uint8)
-    pooled = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (a, b, g))
+    pooled = seg.pool_points(
+        seg.distinct_values(seg.picture_from_array(array)) for array in (a, b, g)
+    )
     together = np.concatenate([a, b, np.repeat(g[..., None], 3, axis=2)], axis=1)
     expected = seg.distinct_values(seg.picture_from_array(together), "color")
     assert pooled.mode == "color" and pooled.scale == 255 and seg.gray_level_top(pooled) is None
@@ -190,6 +244,8 @@ def test_pooled_points_are_the_histogram_of_all_images_together(rng):
     np.testing.assert_array_equal(pooled.values[order], expected.values[expected_order])
     np.testing.assert_array_equal(pooled.weights[order], expected.weights[expected_order])
     assert pooled.weights.sum() == together.shape[0] * together.shape[1]
-    gray = seg.pool_points(seg.distinct_values(seg.picture_from_array(array)) for array in (g, g[::2]))
+    gray = seg.pool_points(
+        seg.distinct_values(seg.picture_from_array(array)) for array in (g, g[::2])
+    )
     assert gray.mode == "gray" and seg.gray_level_top(gray) == 255 and gray.weights.sum() == 300
     assert seg.pool_points(iter([])) is None
