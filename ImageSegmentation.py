@@ -141,7 +141,7 @@ def unpack_rgb(codes):
 
 
 def _table_picture(values, scale_by_range):
-    """Codes for images whose values are not small integers: index into the sorted distinct values."""
+    """Codes for values that are not small integers: an index into the sorted distinct values."""
     values = np.asarray(values, dtype=np.float64)
     notes = []
     if not np.isfinite(values).all():
@@ -225,7 +225,7 @@ def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
                 notes.append(f"{frames} frames: segmenting the first")
             if img.mode in ("RGB", "RGBA") and img.tile and "16" in str(img.tile[0].args):
                 notes.append(
-                    "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour with 8 bits a channel"
+                    "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour as 8-bit"
                 )
             img.load()
             if img.format == "PNG":
@@ -658,7 +658,7 @@ def precision_matrices(covariances, covariance_type, n_components, n_features):
 
 
 def log_density_coefficients(weights, means, covariances, covariance_type):
-    """Matrix A with phi(x) @ A = log(w_k) + log N(x | mu_k, Sigma_k) for x centred like the data."""
+    """A with phi(x) @ A = log(w_k) + log N(x | mu_k, Sigma_k), x centred like the data."""
     n_components, n_features = means.shape
     precisions, half_log_det = precision_matrices(
         covariances, covariance_type, n_components, n_features
@@ -676,7 +676,7 @@ def log_density_coefficients(weights, means, covariances, covariance_type):
 
 
 def _e_step_statistics(data, coefficients):
-    """One pass: mean log-likelihood of the current model and the moment sums of its responsibilities."""
+    """One pass: the model's mean log-likelihood and the moment sums of its responsibilities."""
     stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
     total = 0.0
     for _, phi, w in data.blocks():
@@ -823,7 +823,7 @@ class GaussianMixtureFit:
         return len(self.weights)
 
     def _log_weighted_densities(self, X):
-        """(n, K) log(w_k p(x | k)): Gaussian densities, or bin probabilities for a quantized model."""
+        """(n, K) log(w_k p(x | k)): Gaussian densities, or a binned model's bin probabilities."""
         X = np.asarray(X, dtype=np.float64)
         data = _Data(X, np.ones(len(X)))
         logp = np.empty((len(X), self.n_components))
@@ -948,7 +948,7 @@ def _n_distinct(data):
 
 
 def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given):
-    """theta_0: the M-step of the initial responsibilities, overridden by whatever the caller gave."""
+    """theta_0: the M-step of the initial responsibilities, overridden by what the caller gave."""
     weights_init, means_init, covariances_init = given
     if stats is not None:
         # An empty initial cluster starts at the data's own mean and covariance.
@@ -1073,8 +1073,9 @@ def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
     v = theta2 - 2 theta1 + theta0; the extrapolated point theta0 + 2 a r + a^2 v, with
     a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
     when both its objective and the stabilised one are at least theta0's, so the recorded
-    objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2 itself.  Returns the new state, its
-    statistics and objective, the next step_max and the number of EM steps evaluated.
+    objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2
+    itself.  Returns the new state, its statistics and objective, the next step_max and the
+    number of EM steps evaluated.
     """
     to_vector, from_vector = coordinates
     first = m_step(stats, state)
@@ -1104,7 +1105,7 @@ def _next_step_max(step, step_max):
 
 
 def _try_state(from_vector, vector, like, e_step):
-    """(state, statistics, objective) at an extrapolated point, or None where it is no valid model."""
+    """(state, statistics, objective) at an extrapolated point; None where no valid model."""
     try:
         with np.errstate(all="ignore"):
             state = from_vector(vector, like)
@@ -1168,7 +1169,7 @@ def _best_of_starts(n_starts, fit_one):
 
 
 def _em(data, n_components, options, stats, given, on_iteration):
-    """EM of the density model from the initial statistics (or given parameters), on centred points."""
+    """EM of the density model from initial statistics (or given parameters), centred."""
     covariance_type = options.covariance_type
     theta = _starting_parameters(
         data, n_components, covariance_type, options.reg_covar, stats, given
@@ -1331,7 +1332,7 @@ def _truncated_moments(model, levels, top, log_mass):
 
 
 def quantized_statistics(model, levels, top, resp, log_probabilities=None):
-    """M-step sums [mass, E x, E x^2] of per-level responsibilities resp (K, M), counted in pixels."""
+    """M-step sums [mass, E x, E x^2] of per-level responsibilities resp (K, M), in pixels."""
     if log_probabilities is None:
         log_probabilities = log_bin_probabilities(model, levels, top)
     first, second = _truncated_moments(
@@ -1489,7 +1490,7 @@ def bic(model, n_samples):
 
 
 def collapsed_components(model, reg_covar):
-    """Components whose variance sits on the reg_covar floor: each has collapsed onto a single value.
+    """Components whose variance sits on the reg_covar floor: collapsed onto a single value.
 
     Its density there grows with 1 / sqrt(reg_covar) and wins the likelihood, so the other
     components are left to fit the rest of the image.  The binned model cannot collapse (a bin's
@@ -1571,7 +1572,7 @@ def label_pixels(picture, points, label_of_point, n_components):
 
 
 def lookup_codes(picture, lut):
-    """lut[codes] for every pixel (H, W), block by block, so no int64 copy of the codes is ever made."""
+    """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
     for start in range(0, codes.size, PIXEL_CHUNK):
@@ -1653,7 +1654,7 @@ def _fit_model(data, quantized_top, n_components, options, k_max, on_iteration):
 
 @dataclass(frozen=True)
 class SharedModel:
-    """One model for a whole batch (--shared): its BIC table (with K = auto) and the images it saw."""
+    """One model for a batch (--shared), its BIC table (K = auto) and the images it saw."""
 
     model: GaussianMixtureFit
     bic_table: list | None
@@ -1667,12 +1668,14 @@ class SharedModel:
 # BETA for every pair of 4-neighbours with the same label.  The fit is hidden Markov random
 # field EM with a mean-field E-step (Zhang, Brady and Smith, IEEE TMI 2001; FSL's FAST),
 # started from the plain mixture.  It maximises the mean-field objective
-#     L(q, theta) = sum_i sum_k q_ik (log w_k p(x_i | k) - log q_ik) + BETA sum_(i~j) sum_k q_ik q_jk,
+#     L(q, theta) = sum_i sum_k q_ik (log w_k p(x_i | k) - log q_ik)
+#                   + BETA sum_(i~j) sum_k q_ik q_jk,
 # the prior's partition function left out.  The E-step updates the two colours of a
 # checkerboard in turn: no two pixels of one colour are neighbours, so each half-sweep sets
 # q_i = softmax_k(log w_k p(x_i | k) + BETA * sum of the neighbours' q_jk) exactly, and L never
 # decreases.  Each colour is two stride-2 sub-lattices, so a half-sweep touches only its own
-# pixels, through strided views (no masks, no Python loop over pixels).  The M-step needs the responsibilities summed per distinct value (a bincount),
+# pixels, through strided views (no masks, no Python loop over pixels).  The M-step needs the
+# responsibilities summed per distinct value (a bincount),
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
 
 
@@ -1801,7 +1804,7 @@ def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on
 
     index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
     record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps.
-    update_parameters=False keeps the model (a shared one) and only lets the prior smooth the labels.
+    update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
     grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape)
     shape = (model.n_components,) + index.shape
@@ -1834,7 +1837,7 @@ def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on
 
 
 def _argmax_over_components(q):
-    """argmax over axis 0 of (K, H, W), by K comparisons: NumPy's argmax over a leading axis is slow."""
+    """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow)."""
     best = q[0].copy()
     labels = np.zeros(best.shape, dtype=np.uint8 if len(q) <= 256 else np.uint16)
     for k in range(1, len(q)):
@@ -1961,7 +1964,7 @@ def output_paths(out_dir, stem):
 
 
 def shown(path):
-    """A file name as one printable line: bytes that are not UTF-8 as \\xNN, control characters escaped."""
+    """A file name as one printable line: non-UTF-8 bytes as \\xNN, control characters escaped."""
     text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
     return "".join(
         ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
@@ -2065,7 +2068,7 @@ def label_image(labels):
 
 
 def model_record(segmentation, source, settings, notes, seconds):
-    """The JSON contract: the model on the 0..1 intensity scale, its history and the run's settings."""
+    """The JSON contract: the model on the 0..1 scale, its history and the run's settings."""
     model, picture = segmentation.model, segmentation.picture
     record = {
         "image": shown(source),
@@ -2328,9 +2331,10 @@ def build_parser():
     d = DEFAULTS
     parser = _Parser(
         prog="ImageSegmentation.py",
-        description="Segment images with a Gaussian mixture fitted by EM; save the segmented image, "
-        "the label map, the convergence plot, a side-by-side comparison and the model.",
-        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 interrupted.",
+        description="Segment images with a Gaussian mixture fitted by EM; save the segmented "
+        "image, the label map, the convergence plot, a side-by-side comparison and the model.",
+        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, "
+        "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
     )
     parser.add_argument(
         "inputs",
@@ -2518,7 +2522,7 @@ def collect_inputs(arguments):
 
 
 def unique_stems(files):
-    """Output stem of each input: its file stem, with -2, -3, ... for later inputs that repeat one."""
+    """Output stem of each input: its file stem, -2, -3, ... added where a stem repeats."""
     taken, stems = set(), []
     for path in files:
         candidate, count = path.stem, 1
@@ -2623,7 +2627,7 @@ class Console:
             self.say(f"error: standard output: {error.strerror or error}")
 
     def _close_stdout(self):
-        """Nothing more goes to stdout; point its descriptor at /dev/null so the exit's flush is quiet."""
+        """Nothing more to stdout; its descriptor now /dev/null, so the exit's flush is quiet."""
         self.stdout_open = False
         try:
             null = os.open(os.devnull, os.O_WRONLY)
@@ -2716,7 +2720,7 @@ def _segment_file(path, stem, args, inputs, shared, say, console):
 
 
 def fit_notes(segmentation, quantized_asked, reg_covar):
-    """What the user should know about a fit: fewer components than asked, --quantized ignored, a collapse."""
+    """What a user should know of a fit: fewer components, --quantized ignored, a collapse."""
     model, points, notes = segmentation.model, segmentation.points, []
     requested, k = segmentation.requested_k, model.n_components
     if (
@@ -2745,8 +2749,9 @@ def collapse_note(collapsed, reg_covar, gray):
     """One line on components that collapsed onto a single value, and what to do about it."""
     which = ", ".join(map(str, collapsed))
     return (
-        f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value (variance at the "
-        f"--reg-covar floor {reg_covar:g}), leaving the other components to fit the rest of the image"
+        f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value "
+        f"(variance at the --reg-covar floor {reg_covar:g}), leaving the other components to fit "
+        f"the rest of the image"
         + ("; --quantized fits gray levels as bins and cannot collapse" if gray else "")
     )
 
@@ -2754,7 +2759,8 @@ def collapse_note(collapsed, reg_covar, gray):
 def figure_title(path, segmentation, covariance, spatial):
     model = segmentation.model
     return (
-        f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, {covariance} covariance"
+        f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, "
+        f"{covariance} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", shared model" if segmentation.shared else "")
         + (f", spatial prior {spatial:g}" if spatial else "")
@@ -2773,9 +2779,10 @@ def summary_line(path, segmentation, seconds):
         )
     )
     return (
-        f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} K={model.n_components} "
-        f"distinct={len(segmentation.points.values)} iterations={model.n_iter} em-steps={model.n_em_steps} "
-        f"{_stop_word(model.converged)} loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s"
+        f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} "
+        f"K={model.n_components} distinct={len(segmentation.points.values)} "
+        f"iterations={model.n_iter} em-steps={model.n_em_steps} {_stop_word(model.converged)} "
+        f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s"
     )
 
 
@@ -2894,7 +2901,7 @@ def segment_in_workers(tasks, workers):
 
 
 def _stop_workers(pool):
-    """Ctrl-C or SIGTERM in the main process: every worker stops its image cleanly, none starts another."""
+    """Ctrl-C or SIGTERM in the main process: each worker stops its image cleanly, no new one."""
     import multiprocessing
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # no second interrupt while cleaning up
@@ -2933,7 +2940,8 @@ def shared_model(files, args, report):
     if args.quantized and gray_level_top(pooled) is None:
         report(
             None,
-            "note: --quantized ignored for this batch: its values are not gray levels of one bit depth",
+            "note: --quantized ignored for this batch: its values are not gray levels of one "
+            "bit depth",
         )
     k = args.components or DEFAULTS[f"{pooled.mode}_components"]
     try:
@@ -2951,7 +2959,7 @@ def shared_model(files, args, report):
 
 @contextmanager
 def _signals_as_interrupts():
-    """SIGTERM raises Interrupted, as SIGINT raises KeyboardInterrupt; both handlers restored after."""
+    """SIGTERM raises Interrupted as SIGINT raises KeyboardInterrupt; handlers restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -3043,7 +3051,8 @@ def show_figures(out, stems, console):
 
     if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
         console.say(
-            f"note: --show: matplotlib has no interactive backend here ({matplotlib.get_backend()}); "
+            f"note: --show: matplotlib has no interactive backend here "
+            f"({matplotlib.get_backend()}); "
             f"the figures are only saved"
         )
         return

@@ -25,7 +25,7 @@ def block_labels(height, width, n_components, rng):
 
 
 def mixture_image(labels, means, covariances, rng):
-    """uint8 pixels drawn from N(means[label], covariances[label]) on the 0..1 scale, rounded and clipped.
+    """uint8 pixels from N(means[label], covariances[label]) on the 0..1 scale, rounded, clipped.
 
     means: (K, D), covariances: (K, D, D); D = 1 gives an H x W gray image, D = 3 an RGB one.
     """

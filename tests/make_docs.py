@@ -89,7 +89,8 @@ def main():
     print("|---|---|---|---|---|")
     for name, option, bayes, plain, better in table:
         print(
-            f"| {name} | `{option}` | {100 * bayes:.1f} % | {100 * plain:.1f} % | {100 * better:.1f} % |"
+            f"| {name} | `{option}` | {100 * bayes:.1f} % | {100 * plain:.1f} % "
+            f"| {100 * better:.1f} % |"
         )
 
 

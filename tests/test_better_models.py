@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
-# --- --quantized --------------------------------------------------------------------------------------------
+# --- --quantized ----------------------------------------------------------------------------------
 
 CLIPPED = {
     "dark class clipped at 0": ([0.0, 0.25, 0.5], [0.05, 0.07, 0.07]),
@@ -24,7 +24,7 @@ CLIPPED = {
 
 
 def clipped_image(means, sds, rng, size=(96, 128)):
-    """Gray pixels from a known mixture over a 4 x 4 grid of classes, rounded and clipped like a camera's."""
+    """Gray pixels of a known mixture on a 4 x 4 grid of classes, rounded and clipped."""
     cells = rng.permutation(np.resize(np.arange(len(means)), 16)).reshape(4, 4)
     labels = np.kron(cells, np.ones((size[0] // 4, size[1] // 4), dtype=int))
     values = rng.normal(np.asarray(means)[labels], np.asarray(sds)[labels])
@@ -81,7 +81,8 @@ def test_quantized_matches_the_density_model_where_bins_are_narrow(rng):
     binned = seg.fit_quantized_gmm(levels, counts, 1, tol=1e-9)
     dense = seg.fit_gmm(levels / 255, 1, sample_weight=counts, tol=1e-9)
     assert binned.means[0, 0] == pytest.approx(dense.means[0, 0], abs=1e-6)
-    # Sheppard: the density fit sees the rounding noise (1/255)^2 / 12 as variance (and adds reg_covar),
+    # Sheppard: the density fit sees the rounding noise (1/255)^2 / 12 as variance (and adds
+    # reg_covar),
     # the binned fit does neither.
     assert dense.covariances.ravel()[0] - binned.covariances.ravel()[0] == pytest.approx(
         1 / 255**2 / 12 + 1e-6, rel=0.05
@@ -129,11 +130,11 @@ def test_quantized_on_the_command_line(tmp_path, rng, capsys):
     )
 
 
-# --- --spatial ----------------------------------------------------------------------------------------------
+# --- --spatial ------------------------------------------------------------------------------------
 
 
 def noisy_scene(n_features, rng):
-    """A piecewise-constant scene of 3 classes with noise strong enough for a ~91-95 % per-pixel Bayes limit."""
+    """A piecewise-constant 3-class scene, noisy enough for a ~91-95 % per-pixel Bayes limit."""
     labels = block_labels(96, 128, 3, rng)
     if n_features == 1:
         means, sd = np.array([[0.3], [0.5], [0.7]]), 0.06

@@ -41,7 +41,7 @@ def _same_start_tighter(picture, points, k, options, **kwargs):
 
 @pytest.mark.parametrize("case", ["colour", "gray", "quantized", "spatial"])
 def test_default_stop_is_at_the_maximum(rng, case):
-    """Within 2e-5 per pixel of the log-likelihood of a thousand times smaller tol, labels 99.9 % the same."""
+    """Within 2e-5 per pixel of a 1000x smaller tol's log-likelihood, labels 99.9 % the same."""
     if case == "quantized":
         image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
         k = 3
@@ -71,8 +71,9 @@ def test_default_stop_is_at_the_maximum(rng, case):
 @pytest.mark.parametrize("covariance_type", seg.COVARIANCE_TYPES)
 @pytest.mark.parametrize("reg_covar", [0.0, 1e-6])
 def test_squarem_reaches_the_fixed_point_of_plain_em(rng, covariance_type, reg_covar):
-    """Exact EM (reg_covar = 0): the same fixed point to 1e-6.  With scikit-learn's reg_covar the M-step is
-    inexact and its fixed point lies a hair below the maximum: SQUAREM ends as close, at no lower likelihood."""
+    """Exact EM (reg_covar = 0): the same fixed point to 1e-6.  With scikit-learn's reg_covar the
+    M-step is inexact and its fixed point lies a hair below the maximum: SQUAREM ends as close, at
+    no lower likelihood."""
     image, _, _ = class_scene(rng, OVERLAPPING_COLOUR, 0.07, shape=(60, 80))
     X, counts = np.unique(image.reshape(-1, 3) / 255.0, axis=0, return_counts=True)
     common = dict(sample_weight=counts, covariance_type=covariance_type, reg_covar=reg_covar)
@@ -143,7 +144,7 @@ def test_spatial_default_run_is_five_points_above_the_per_pixel_limit(rng, scene
 
 
 def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
-    """A run stopped by --max-iter says so; a collapsed component is named with the way out; em_steps counts."""
+    """A run stopped by --max-iter says so; a collapse is named, with the way out; em_steps."""
     image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
     Image.fromarray(image).save(tmp_path / "clipped.png")
     status, out, err = run([tmp_path / "clipped.png", "-k", "3", "--out", tmp_path / "a"], capsys)

@@ -21,7 +21,7 @@ def color_pixels():
 
 
 def starting_parameters(X, n_components, covariance_type):
-    """A reproducible start: means at quantiles of the luminance, the data's covariance for every component.
+    """A reproducible start: means at luminance quantiles, the data's covariance for each component.
 
     Returns weights, means, covariances (our argument) and precisions (scikit-learn's).
     """
@@ -44,7 +44,7 @@ def starting_parameters(X, n_components, covariance_type):
 @pytest.mark.parametrize("pixels", [gray_pixels, color_pixels], ids=["gray", "color"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_same_start_same_model_as_scikit_learn(pixels, covariance_type):
-    """From the same parameters and 15 iterations, fit_gmm on distinct values = sklearn on every pixel."""
+    """Same start, 15 iterations: fit_gmm on distinct values = sklearn on every pixel."""
     X = pixels()
     k = 3 if X.shape[1] == 1 else 4
     weights, means, covariances, precisions = starting_parameters(X, k, covariance_type)

@@ -40,7 +40,7 @@ def one_line_messages(err):
     return lines
 
 
-# --- figures of any shape --------------------------------------------------------------------------
+# --- figures of any shape -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_figures_have_a_bounded_size_whatever_the_shape(tmp_path, capsys, shape)
         assert width <= 1600 and height <= 800
 
 
-# --- values that used to end in an internal error ---------------------------------------------------
+# --- values that used to end in an internal error -------------------------------------------------
 
 
 def test_negative_seed_is_bad_usage(tmp_path, capsys):
@@ -125,7 +125,7 @@ def test_colour_mode_and_shared_batches_of_deep_images(tmp_path, capsys):
     )
 
 
-# --- files that are not what they seem --------------------------------------------------------------
+# --- files that are not what they seem ------------------------------------------------------------
 
 
 def png(width, height, rows, bit_depth=8, colour_type=0):
@@ -204,7 +204,7 @@ def test_an_image_with_no_finite_value(tmp_path, capsys):
     assert labels.tolist() == [[1, 0], [0, 1]]
 
 
-# --- names ------------------------------------------------------------------------------------------
+# --- names ----------------------------------------------------------------------------------------
 
 
 def test_a_newline_in_a_name_stays_on_one_line(tmp_path, capsys):
@@ -239,7 +239,7 @@ def test_the_longest_names_the_file_system_allows(tmp_path, capsys):
     assert complete_or_absent(tmp_path / "o", stem) and no_temporaries(tmp_path / "o")
 
 
-# --- all or nothing ---------------------------------------------------------------------------------
+# --- all or nothing -------------------------------------------------------------------------------
 
 
 def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypatch):
@@ -264,8 +264,8 @@ def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypat
     )
     assert status == 1
     assert (
-        f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_loglik.png'}: No space left on device"
-        in err
+        f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_loglik.png'}: "
+        "No space left on device" in err
     )
     assert not complete_or_absent(tmp_path / "o", "a") and complete_or_absent(tmp_path / "o", "b")
     assert no_temporaries(tmp_path / "o")
@@ -301,7 +301,7 @@ def test_sigterm_in_process_cleans_up_and_exits_143(tmp_path, capsys, monkeypatc
     assert list((tmp_path / "o").iterdir()) == []
 
 
-# --- the system: signals, killed workers, stdout -------------------------------------------------------
+# --- the system: signals, killed workers, stdout --------------------------------------------------
 
 
 def batch(folder, n, size=(120, 160)):

@@ -26,7 +26,7 @@ def assert_segmented(out_dir, stem, shape, mode=None):
     return record
 
 
-# --- usage errors: status 2, one line, no traceback ---------------------------------------------------------
+# --- usage errors: status 2, one line, no traceback -----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_unwritable_output_folder_is_reported_before_any_work(tmp_path, rng, cap
     assert len(err.strip().splitlines()) == 1 and out == ""
 
 
-# --- bad files: one-line error, status 1, the rest of the batch still done --------------------------------
+# --- bad files: one-line error, status 1, the rest of the batch still done ------------------------
 
 
 def bad_files(folder):
@@ -179,7 +179,7 @@ def test_decompression_bomb_is_refused_before_allocating(tmp_path, capsys, rng):
     assert run([tmp_path / "small.png", "--max-pixels", "2400", "--out", tmp_path], capsys)[0] == 0
 
 
-# --- every kind of image Pillow opens ---------------------------------------------------------------------
+# --- every kind of image Pillow opens -------------------------------------------------------------
 
 
 def gradient(height=24, width=32):
@@ -260,8 +260,8 @@ def test_multi_frame_files_use_the_first_frame(tmp_path, capsys):
     assert status == 0, err
     for stem in ("anim", "stack"):
         assert (
-            f"note: {tmp_path / (stem + ('.gif' if stem == 'anim' else '.tif'))}: 2 frames: segmenting the first"
-            in err
+            f"note: {tmp_path / (stem + ('.gif' if stem == 'anim' else '.tif'))}: "
+            "2 frames: segmenting the first" in err
         )
         labels = np.asarray(Image.open(tmp_path / "o" / f"{stem}_labels.png"))
         assert labels[0, 0] == 0 and labels[-1, -1] == 1  # the first frame: dark at the top left
@@ -279,7 +279,7 @@ def test_exif_orientation_is_applied(tmp_path, capsys):
     assert labels[:20].max() == 0 and labels[20:].min() == 1  # dark on top after the rotation
 
 
-# --- degenerate content ------------------------------------------------------------------------------------
+# --- degenerate content ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_constant_colour_image(tmp_path, capsys):
     assert record["k"] == 1 and np.allclose(record["means"], [[10 / 255, 200 / 255, 30 / 255]])
 
 
-# --- nothing lost ------------------------------------------------------------------------------------------
+# --- nothing lost ---------------------------------------------------------------------------------
 
 
 def test_an_output_never_overwrites_an_input(tmp_path, rng, capsys):
@@ -454,7 +454,7 @@ def test_arrays_the_api_accepts_and_refuses():
     colour = np.random.default_rng(0).random((10, 12, 3))
     labels, recoloured, model = seg.segment_image(colour, 3, mode="gray")  # float colour -> luma
     assert model.means.shape == (3, 1) and recoloured.shape == (10, 12)
-    # EM keeps the mixture's mean equal to the data's: here the mean BT.601 luma of the float colours.
+    # EM keeps the mixture's mean equal to the data's: the mean BT.601 luma of the float colours.
     np.testing.assert_allclose(
         model.weights @ model.means.ravel(), (colour @ [0.299, 0.587, 0.114]).mean(), rtol=1e-9
     )

@@ -1,4 +1,4 @@
-"""Property-based: small images of random kinds, sizes and K never break the API or the command line."""
+"""Property-based: small images of random kinds, sizes and K never break the API or CLI."""
 
 import numpy as np
 from conftest import record_of, seg

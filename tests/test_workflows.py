@@ -1,4 +1,4 @@
-"""Workflows beyond one image: K by BIC, one model for a batch, parallel batches, progress, summary."""
+"""Beyond one image: K by BIC, one model for a batch, parallel batches, progress, summary."""
 
 import io
 import json
@@ -184,7 +184,7 @@ def test_batch_summary(tmp_path, rng, capsys):
 
 
 def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
-    """SIGINT to the whole process group (what Ctrl-C sends): status 130, one line, nothing half-written."""
+    """SIGINT to the process group (as Ctrl-C): status 130, one line, nothing half-written."""
     import os
     import signal
     import subprocess
@@ -229,7 +229,7 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
 
 
 def test_pooled_points_are_the_histogram_of_all_images_together(rng):
-    """--shared merges image by image; the result is the distinct values of the images side by side."""
+    """--shared merges image by image: the result is the distinct values of all side by side."""
     a = rng.integers(0, 40, size=(20, 30, 3), dtype=np.uint8)
     b = rng.integers(20, 60, size=(20, 25, 3), dtype=np.uint8)
     g = rng.integers(0, 50, size=(20, 10), dtype=np.uint8)
