@@ -50,7 +50,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
+__all__ = [
+    # the mixture
+    "FitOptions",
+    "GaussianMixtureFit",
+    "FitFailed",
+    "fit_gmm",
+    "fit_quantized_gmm",
+    "bic",
+    # images
+    "ImageError",
+    "read_image",
+    "picture_from_array",
+    "distinct_values",
+    "pool_points",
+    "fit_points",
+    "segment_points",
+    "segment_image",
+    "Segmentation",
+    "SharedModel",
+    # the command line
+    "main",
+    "COVARIANCE_TYPES",
+    "INIT_METHODS",
+    "ACCELERATIONS",
+    "OUTPUT_SUFFIXES",
+]
 
 # ----------------------------------------------------------------------------
 # 1. Settings
@@ -510,6 +536,14 @@ def pool_points(point_sets):
 # that from the same start both give the same model to round-off.
 
 
+def _logsumexp(values, axis, keepdims=False):
+    """log(sum(exp(values))) along an axis, without overflow: SciPy's, imported on first use
+    (SciPy takes a tenth of a second to import, and most runs never need it)."""
+    from scipy.special import logsumexp
+
+    return logsumexp(values, axis=axis, keepdims=keepdims)
+
+
 class FitFailed(ValueError):
     """EM cannot go on: a covariance became singular, or the log-likelihood is not finite.
 
@@ -680,6 +714,7 @@ def _e_step_statistics(data, coefficients):
     stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
     total = 0.0
     for _, phi, w in data.blocks():
+        # log-sum-exp over the components, in place: this loop is where the time goes
         logp = coefficients.T @ phi  # (K, m) log(w_k N(x | k))
         top = logp.max(axis=0)
         logp -= top
@@ -762,8 +797,13 @@ def _kmeans_plus_plus(data, n_components, rng):
     first = rng.choice(len(data), p=data.weights / data.total_weight)
     centers = data.x(first, first + 1)
     nearest = _squared_distances(data, centers)[0]
-    for _ in range(1, n_components):
+    for found in range(1, n_components):
         scores = data.weights * nearest
+        if not scores.sum() > 0:  # every point with weight sits on a centre already
+            raise ValueError(
+                f"the samples have {found} distinct values with positive weight: "
+                f"too few for {n_components} components"
+            )
         best_potential, best = np.inf, None
         for candidate in rng.choice(len(data), size=n_trials, p=scores / scores.sum()):
             trial = np.minimum(
@@ -803,20 +843,36 @@ def _initial_statistics(data, n_components, init, rng):
 
 @dataclass
 class GaussianMixtureFit:
-    """A fitted mixture, with scikit-learn's attribute names and shapes."""
+    """A fitted mixture, with scikit-learn's attribute names and shapes.
+
+    Attributes
+    ----------
+    weights : array, shape (K,)
+    means : array, shape (K, D)
+        On the 0..1 intensity scale.
+    covariances : array
+        full (K, D, D), tied (D, D), diag (K, D), spherical (K,).
+    covariance_type : str
+    log_likelihood : list of float
+        Mean log-likelihood per sample after each iteration (of the bins, for a binned model).
+    n_iter : int
+    converged : bool
+        The stopping rule held (False: max_iter was reached first).
+    quantized_top : int or None
+        The binned model of gray levels 0..quantized_top (section 4b); None for densities.
+    n_em_steps : int
+        EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
+    """
 
     weights: np.ndarray
     means: np.ndarray
     covariances: np.ndarray
     covariance_type: str
-    log_likelihood: list  # mean log-likelihood per sample after each iteration
+    log_likelihood: list
     n_iter: int
     converged: bool
-    quantized_top: int | None = (
-        None  # the binned model of gray levels 0..quantized_top (section 4b);
-    )
-    # None: the Gaussian density model
-    n_em_steps: int = 0  # EM maps evaluated (an accelerated iteration costs two or three)
+    quantized_top: int | None = None
+    n_em_steps: int = 0
 
     @property
     def n_components(self):
@@ -832,23 +888,21 @@ class GaussianMixtureFit:
         return logp
 
     def score_samples(self, X):
-        """Log-likelihood of each sample."""
-        logp = self._log_weighted_densities(X)
-        top = logp.max(axis=1, keepdims=True)
-        return (np.log(np.exp(logp - top).sum(axis=1)) + top[:, 0]) if len(logp) else logp[:, 0]
+        """Log-likelihood of each sample, (n,)."""
+        return _logsumexp(self._log_weighted_densities(X), axis=1)
 
     def score(self, X, sample_weight=None):
         """Mean log-likelihood per sample (weighted by sample_weight)."""
         return float(np.average(self.score_samples(X), weights=sample_weight))
 
     def predict(self, X):
+        """The most likely component of each sample, (n,)."""
         return np.argmax(self._log_weighted_densities(X), axis=1)
 
     def predict_proba(self, X):
+        """Posterior probability of each component for each sample, (n, K)."""
         logp = self._log_weighted_densities(X)
-        logp -= logp.max(axis=1, keepdims=True)
-        prob = np.exp(logp)
-        return prob / prob.sum(axis=1, keepdims=True)
+        return np.exp(logp - _logsumexp(logp, axis=1, keepdims=True))
 
     def reordered(self, order):
         """The same model with its components in the given order."""
@@ -1213,14 +1267,50 @@ def fit_gmm(
     covariances_init=None,
     on_iteration=None,
 ):
-    """Fit a Gaussian mixture to the rows of X (or to a 1-D X) by EM.
+    """Fit a Gaussian mixture to the rows of X by EM.
 
-    sample_weight multiplies each row's contribution, so distinct values weighted by their
-    counts give the same fit as every repeated row.  log_likelihood[i] is the mean log-likelihood
-    of the model after iteration i + 1; EM stops when it is estimated to be within tol of its
-    limit (tol=0: exactly max_iter iterations).  accelerate="none" makes every iteration one
-    E-step and one M-step, as scikit-learn.  When weights_init, means_init and covariances_init
-    are all given they are the start.
+    Parameters
+    ----------
+    X : array, shape (n_samples, n_features) or (n_samples,)
+        The samples; a 1-D X is one feature.
+    n_components : int
+        K, the number of Gaussians.
+    sample_weight : array, shape (n_samples,), optional
+        Multiplies each row's contribution, so distinct values weighted by their counts give
+        the same fit as every repeated row.
+    covariance_type : {"full", "diag", "spherical", "tied"}
+        As scikit-learn's ``GaussianMixture``.
+    max_iter : int
+        At most this many iterations.
+    tol : float
+        Stop when the mean log-likelihood is estimated (Aitken) to be within tol of its limit,
+        two iterations in a row; 0 runs exactly max_iter iterations.
+    reg_covar : float
+        Added to every covariance's diagonal, as scikit-learn does.
+    n_init : int
+        Starts; the one with the highest final log-likelihood is kept.
+    init : {"kmeans++", "random"}
+        Greedy weighted k-means++ and 5 Lloyd steps, or random responsibilities.
+    random_state : int or None
+        Seed of every random choice.
+    accelerate : {"squarem", "none"}
+        "squarem": each iteration one safeguarded SQUAREM cycle (two or three EM steps);
+        "none": one E-step and one M-step, iteration by iteration as scikit-learn.
+    weights_init, means_init, covariances_init : arrays, optional
+        When all three are given they are the start (scikit-learn's shapes).
+    on_iteration : callable, optional
+        Called as ``on_iteration(n_iter, log_likelihood)`` after every iteration.
+
+    Returns
+    -------
+    GaussianMixtureFit
+        ``log_likelihood[i]`` is the mean log-likelihood of the model after iteration i + 1.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, fewer distinct samples than components; ``FitFailed`` (a ValueError)
+        where a covariance becomes singular.
     """
     options = FitOptions(
         covariance_type=covariance_type,
@@ -1291,10 +1381,10 @@ def _bin_edges(levels, top):
 
 def _log_interval_probability(a, b):
     """log(Phi(b) - Phi(a)) for a < b, accurate in both tails."""
-    from scipy.special import log_ndtr
-
     flip = a > 0  # upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
     high, low = np.where(flip, -a, b), np.where(flip, -b, a)
+    from scipy.special import log_ndtr
+
     log_high, log_low = log_ndtr(high), log_ndtr(low)
     with np.errstate(divide="ignore"):
         return log_high + np.log(-np.expm1(log_low - log_high))
@@ -1346,8 +1436,7 @@ def quantized_statistics(model, levels, top, resp, log_probabilities=None):
 def _quantized_pass(model, levels, counts, top):
     """Log-likelihood per pixel of the current model and the expected statistics of its M-step."""
     logp = log_bin_probabilities(model, levels, top)
-    top_k = logp.max(axis=0)
-    log_total = top_k + np.log(np.exp(logp - top_k).sum(axis=0))
+    log_total = _logsumexp(logp, axis=0)
     resp = np.exp(logp - log_total) * counts  # (K, M) pixels per component
     return quantized_statistics(model, levels, top, resp, logp), float(
         counts @ log_total / counts.sum()
@@ -1383,13 +1472,31 @@ def fit_quantized_gmm(
     accelerate="squarem",
     on_iteration=None,
 ):
-    """EM for gray levels 0..top as bins (the end bins open), weighted by their pixel counts.
+    """Fit a mixture to gray levels 0..top as bins (the end bins open), by EM.
 
-    Starts like fit_gmm (k-means++ on the levels, or random responsibilities); log_likelihood
-    holds the mean log-probability per pixel, which EM never lets decrease.  A bin's probability
-    is at most 1, so no regulariser is needed: reg_covar is only a floor on the variances (itself
-    at least a thousandth of a bin squared), which keeps a component that holds a single level
-    finite, and leaves every other step exact EM.
+    A bin's probability is at most 1, so nothing collapses and no regulariser is needed:
+    reg_covar is only a floor on the variances (itself at least a thousandth of a bin squared),
+    which keeps a component holding a single level finite and leaves every other step exact EM.
+
+    Parameters
+    ----------
+    levels : array of int, shape (M,)
+        The gray levels present, 0..top.
+    counts : array, shape (M,)
+        The pixel count of each level.
+    n_components : int
+        K.
+    top : int
+        The highest level: 255 for 8-bit, 65535 for 16-bit.
+    covariance_type, max_iter, tol, reg_covar, n_init, init, random_state, accelerate, \
+on_iteration
+        As fit_gmm.
+
+    Returns
+    -------
+    GaussianMixtureFit
+        Means and variances on the 0..1 scale, ``quantized_top == top``; ``log_likelihood``
+        holds the mean log-probability of the pixels' bins, which never decreases.
     """
     options = FitOptions(
         covariance_type=covariance_type,
@@ -1920,12 +2027,34 @@ def segment_image(
     spatial=0.0,
     **fit_options,
 ):
-    """Segment an in-memory image; returns (labels, recoloured image, fitted model).
+    """Segment an in-memory image.
 
-    array: H x W (gray) or H x W x 3|4 (colour; alpha dropped).  uint8/uint16 arrays are divided
-    by their type's maximum, any other array is used on its own scale.  The recoloured image is
-    uint8/uint16 like the input, or float64 means otherwise.  fit_options are FitOptions' fields,
-    as fit_gmm takes them.
+    Parameters
+    ----------
+    array : array, shape (H, W) or (H, W, 3 | 4)
+        Gray or colour (alpha dropped).  uint8 and uint16 are divided by their type's maximum;
+        any other dtype is used on its own scale.
+    n_components : int or "auto"
+        K, lowered to the number of distinct values when there are fewer; "auto" chooses K in
+        1..k_max by BIC.
+    mode : {"auto", "gray", "color"}
+        auto: gray when the image has one channel or all channels are equal.
+    k_max : int
+        The largest K that "auto" tries.
+    quantized : bool
+        Fit integer gray levels as bins (fit_quantized_gmm); ignored for other values.
+    spatial : float
+        BETA of a Potts prior on the labels (mean-field EM); 0 labels each pixel alone.
+    **fit_options
+        FitOptions' fields, as fit_gmm takes them (covariance_type, tol, ...).
+
+    Returns
+    -------
+    labels : array of uint8 (uint16 when K > 256), shape (H, W)
+        Component of every pixel, numbered by luminance, darkest 0.
+    recoloured : array, shape (H, W) or (H, W, 3)
+        Every pixel's component mean: uint8/uint16 like the input, float64 otherwise.
+    model : GaussianMixtureFit
     """
     options = FitOptions(**fit_options)
     picture = picture_from_array(array)

@@ -6,12 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ImageSegmentation as seg  # noqa: E402
+
+# The same examples on every run and every machine: a red CI is a real failure, never a new draw.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 
 def block_labels(height, width, n_components, rng):

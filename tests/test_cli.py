@@ -1,5 +1,6 @@
 """The command line end to end: the output contract, determinism, the default run."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,10 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
     recoloured = np.asarray(segmented.convert("RGB" if color else "L"))
     expected = np.rint(np.asarray(record["means"]) * 255).astype(np.uint8)
     assert np.array_equal(recoloured, expected[labels] if color else expected[labels, 0])
-    for name in ("loglik", "comparison"):
-        assert Image.open(out_dir / f"scan_{name}.png").size[0] > 500
+    # The figures at their documented sizes: 10 x 4 inches, and three panels at the image's aspect.
+    assert Image.open(out_dir / "scan_loglik.png").size == (1000, 400)
+    width, height = Image.open(out_dir / "scan_comparison.png").size
+    assert width == 1500 and height == round(100 * (4.5 * 40 / 60 + 1.0))
     assert f"scan.png: 60x40 {'color' if color else 'gray'} K=2 distinct=" in out
     assert "iterations=" in out and "loglik=" in out
 
@@ -197,9 +200,7 @@ def test_default_run_from_a_fresh_clone(tmp_path):
 
 def test_show_without_a_display_only_saves(tmp_path, rng):
     two_tone(tmp_path / "a.png", rng)
-    env = {
-        k: v for k, v in __import__("os").environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env["MPLBACKEND"] = "Agg"
     result = subprocess.run(
         [
@@ -233,7 +234,9 @@ def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
     labels = Image.open(tmp_path / "deep_labels.png")
     assert labels.mode.startswith("I") and np.asarray(labels).max() > 255
     record = record_of(tmp_path, "deep")
-    assert record["k"] == 300 and len(np.unique(np.asarray(labels))) <= 300
+    assert record["k"] == 300
+    # Every level keeps its own component but for a few that share: at least 250 labels are used.
+    assert 250 <= len(np.unique(np.asarray(labels))) <= 300
     colour = np.stack([levels % 256, levels // 256, (levels // 7) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(colour).save(tmp_path / "many.png")
     status, out, err = run(

@@ -234,18 +234,30 @@ def test_empty_component_stays_finite():
     assert np.all(np.diff(fit.log_likelihood) >= -1e-10)
 
 
-def test_bad_arguments_are_value_errors():
-    X = np.arange(10.0)
-    for kwargs in [
-        dict(n_components=0),
-        dict(n_components=11),
-        dict(n_components=2, covariance_type="x"),
-        dict(n_components=2, tol=-1),
-        dict(n_components=2, max_iter=0),
-        dict(n_components=2, init="nope"),
-        dict(n_components=2, sample_weight=-np.ones(10)),
-    ]:
-        with pytest.raises(ValueError):
-            seg.fit_gmm(X, **kwargs)
-    with pytest.raises(ValueError):
-        seg.fit_gmm(np.array([0.0, np.nan]), 1)
+@pytest.mark.parametrize(
+    "X, kwargs, words",
+    [
+        (np.arange(10.0), dict(n_components=0), "n_components must be an integer >= 1"),
+        (np.arange(10.0), dict(n_components=11), "10 distinct samples"),
+        (np.arange(10.0), dict(n_components=2, covariance_type="x"), "covariance_type must be"),
+        (np.arange(10.0), dict(n_components=2, tol=-1), "tol must be"),
+        (np.arange(10.0), dict(n_components=2, max_iter=0), "max_iter must be"),
+        (np.arange(10.0), dict(n_components=2, init="nope"), "init must be"),
+        (np.arange(10.0), dict(n_components=2, accelerate="fast"), "accelerate must be"),
+        (np.arange(10.0), dict(n_components=2, sample_weight=-np.ones(10)), "sample_weight"),
+        (np.array([0.0, np.nan]), dict(n_components=1), "NaN"),
+        (np.repeat([0.1, 0.9], 50), dict(n_components=3), "2 distinct values with positive weight"),
+    ],
+)
+def test_bad_arguments_are_value_errors(X, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        seg.fit_gmm(X, **kwargs)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_a_singular_covariance_is_a_value_error_for_every_type(covariance_type):
+    """Two single values, reg_covar = 0: every covariance type refuses, none divides by zero."""
+    X = np.repeat([[0.1, 0.2], [0.9, 0.7]], 50, axis=0)
+    with pytest.raises(seg.FitFailed, match="singular"):
+        seg.fit_gmm(X, 2, covariance_type=covariance_type, reg_covar=0)
+    assert issubclass(seg.FitFailed, ValueError)

@@ -4,6 +4,7 @@ import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,8 +355,6 @@ def test_outputs_are_written_atomically(tmp_path, rng, capsys, monkeypatch):
     def disk_full(self, fp, *args, **kwargs):
         Path(fp).write_bytes(b"\x89PNG half a file")
         raise OSError(28, "No space left on device")
-
-    from pathlib import Path
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
     status, out, err = run([tmp_path / "a.png", "--out", out_dir, "-k", "2"], capsys)

@@ -107,3 +107,37 @@ def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance)
     for key in ("weights", "means", "covariances", "log_likelihood"):
         assert np.all(np.isfinite(np.asarray(record[key], dtype=float)))
     assert_never_decreasing(record["log_likelihood"], record["covariances"], covariance)
+
+
+@st.composite
+def mixtures(draw):
+    """Samples of a random mixture whose components never collapse: every component has at least
+    a few hundred distinct values spread by an sd of 0.02 to 0.2, so every variance EM meets stays
+    far above 100 x reg_covar and EM's guarantee applies in every example."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n_features = draw(st.sampled_from([1, 3]))
+    k = draw(st.integers(1, 5))
+    sds = rng.uniform(0.02, 0.2, size=k)
+    means = rng.uniform(0.2, 0.8, size=(k, n_features))
+    sizes = rng.integers(200, 600, size=k)
+    X = np.concatenate(
+        [rng.normal(m, s, size=(n, n_features)) for m, s, n in zip(means, sds, sizes)]
+    )
+    return X, k
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=mixtures(),
+    covariance=st.sampled_from(seg.COVARIANCE_TYPES),
+    accelerate=st.sampled_from(seg.ACCELERATIONS),
+    init=st.sampled_from(seg.INIT_METHODS),
+)
+def test_log_likelihood_never_decreases(data, covariance, accelerate, init):
+    X, k = data
+    fit = seg.fit_gmm(
+        X, k, covariance_type=covariance, accelerate=accelerate, init=init, tol=0, max_iter=25
+    )
+    assert smallest_variance(fit.covariances, covariance) > 100 * 1e-6  # the guarantee applies
+    assert len(fit.log_likelihood) == 25 and np.all(np.isfinite(fit.log_likelihood))
+    assert np.all(np.diff(fit.log_likelihood) >= -1e-9)
