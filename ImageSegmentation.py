@@ -2553,7 +2553,8 @@ def build_parser():
         type=_float_at_least(0),
         default=d["reg_covar"],
         metavar="R",
-        help="added to every covariance's diagonal, as scikit-learn (default %(default)s)",
+        help="added to every covariance's diagonal, as scikit-learn (default %(default)s); "
+        "far below it (a variance of 1e-10) the densities lose digits, about 1e-6 relative",
     )
     parser.add_argument(
         "--out",
@@ -2793,19 +2794,28 @@ class Outcome:
     messages: list = field(default_factory=list)
 
 
-def _segment_file(path, stem, args, inputs, shared, say, console):
+@dataclass(frozen=True)
+class Batch:
+    """What every image of a run shares: the parsed options and the fit options made of them,
+    the input files never to be written over, and the batch's own model (--shared)."""
+
+    args: argparse.Namespace
+    options: FitOptions
+    inputs: frozenset
+    shared: SharedModel | None = None
+
+
+def _segment_file(path, stem, batch, say, console):
     """Read, segment and write one image; returns its summary line."""
-    clock = time.perf_counter()
+    args, clock = batch.args, time.perf_counter()
     picture = read_image(path, args.max_pixels)
     loaded = time.perf_counter()
     paths = output_paths(args.out, stem)
     for target in paths.values():
-        if target.exists() and target.resolve() in inputs:
+        if target.exists() and target.resolve() in batch.inputs:
             raise ImageError(
                 f"output {shown(target)} would overwrite an input file; choose another --out"
             )
-    points = distinct_values(picture, shared.mode if shared else args.mode)
-    k = args.components or DEFAULTS[f"{points.mode}_components"]
 
     def on_iteration(n_iter, log_likelihood):
         if args.verbose:
@@ -2813,13 +2823,32 @@ def _segment_file(path, stem, args, inputs, shared, say, console):
         elif console is not None:
             console.iteration(path, n_iter)
 
-    options = fit_options_from(args)
+    segmentation, notes = segment_picture(picture, batch, on_iteration)
+    fitted = time.perf_counter()
+    record = model_record(
+        segmentation,
+        path,
+        _settings(args, batch.options),
+        notes,
+        {"load": loaded - clock, "fit": fitted - loaded},
+    )
+    write_outputs(segmentation, paths, figure_title(path, segmentation), record)
+    if not args.quiet:
+        for note in notes:
+            say(f"note: {shown(path)}: {note}")
+    return summary_line(path, segmentation, record["seconds"]["total"])
+
+
+def segment_picture(picture, batch, on_iteration=None):
+    """The segmentation of one read image as the options ask, and the notes a user should see."""
+    args, shared = batch.args, batch.shared
+    points = distinct_values(picture, shared.mode if shared else args.mode)
     try:
         segmentation = segment_points(
             picture,
             points,
-            k,
-            options,
+            args.components or DEFAULTS[f"{points.mode}_components"],
+            batch.options,
             k_max=args.k_max,
             shared=shared,
             quantized=args.quantized,
@@ -2828,24 +2857,10 @@ def _segment_file(path, stem, args, inputs, shared, say, console):
         )
     except FitFailed as error:
         raise ImageError(str(error)) from None
-    fitted = time.perf_counter()
     notes = picture.notes + fit_notes(
         segmentation, args.quantized and shared is None, args.reg_covar
     )
-    record = model_record(
-        segmentation,
-        path,
-        _settings(args, options),
-        notes,
-        {"load": loaded - clock, "fit": fitted - loaded},
-    )
-    write_outputs(
-        segmentation, paths, figure_title(path, segmentation, args.covariance, args.spatial), record
-    )
-    if not args.quiet:
-        for note in notes:
-            say(f"note: {shown(path)}: {note}")
-    return summary_line(path, segmentation, record["seconds"]["total"])
+    return segmentation, notes
 
 
 def fit_notes(segmentation, quantized_asked, reg_covar):
@@ -2885,14 +2900,14 @@ def collapse_note(collapsed, reg_covar, gray):
     )
 
 
-def figure_title(path, segmentation, covariance, spatial):
-    model = segmentation.model
+def figure_title(path, segmentation):
+    model, prior = segmentation.model, segmentation.spatial
     return (
         f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, "
-        f"{covariance} covariance"
+        f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", shared model" if segmentation.shared else "")
-        + (f", spatial prior {spatial:g}" if spatial else "")
+        + (f", spatial prior {prior['beta']:g}" if prior else "")
     )
 
 
@@ -2919,7 +2934,7 @@ def _stop_word(converged):
     return "converged" if converged else "stopped-at-max-iter"
 
 
-def segment_file(path, stem, args, inputs, shared=None, console=None):
+def segment_file(path, stem, batch, console=None):
     """_segment_file with every failure of the input turned into an Outcome (the batch goes on).
 
     A warning raised on the way (NumPy's numerical ones included) becomes one `warning:` line.
@@ -2931,7 +2946,7 @@ def segment_file(path, stem, args, inputs, shared=None, console=None):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                outcome.line = _segment_file(path, stem, args, inputs, shared, say, console)
+                outcome.line = _segment_file(path, stem, batch, say, console)
             finally:
                 for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
                     say(f"warning: {shown(path)}: {shown(message)}")
@@ -3145,7 +3160,8 @@ def _run(args):
     shared = None
     if args.shared and files:
         shared, files = shared_model(files, args, report)
-    tasks = [(path, stem, args, inputs, shared) for path, stem in zip(files, unique_stems(files))]
+    batch = Batch(args, fit_options_from(args), frozenset(inputs), shared)
+    tasks = [(path, stem, batch) for path, stem in zip(files, unique_stems(files))]
     if jobs > 1 and len(tasks) > 1:
         outcomes = segment_in_workers(tasks, min(jobs, len(tasks)))
     else:
