@@ -110,6 +110,7 @@ BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in ca
 FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
+COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
@@ -1907,19 +1908,66 @@ def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
 
 
 def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on_iteration=None):
-    """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture.
+    """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture, coarse to fine.
 
     index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
-    record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps.
+    record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps (of
+    the full-size grid) and the iterations of every coarser grid it started from.
     update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
+    run, coarser = _mean_field_em(
+        model, data, index, beta, options, update_parameters, on_iteration
+    )
+    record = {
+        "beta": beta,
+        "objective": run.history,
+        "n_iter": run.n_iter,
+        "converged": run.converged,
+        "em_steps": run.n_em_steps,
+        "coarser_grids": coarser,
+    }
+    return run.state.model, _argmax_over_components(run.state.q), record
+
+
+def _mean_field_em(model, data, index, beta, options, update_parameters, on_iteration=None):
+    """The spatial fit on one grid, started from the fit on the grid of every other row and column.
+
+    Mean-field EM moves label boundaries a pixel or so an iteration, so on a large image it
+    spends hundreds of iterations on shapes a coarser grid settles cheaply: a grid larger than
+    COARSEST_GRID_PIXELS first fits its 2 x 2 subsampled grid (recursively), then starts from
+    that model and those responsibilities, copied to each 2 x 2 block.  Returns the run and the
+    [{"height", "width", "n_iter", "converged"}] of the coarser grids, coarsest first.
+    """
+    coarser, start_model, start_q = [], model, None
+    if index.size > COARSEST_GRID_PIXELS:
+        coarse, coarser = _mean_field_em(
+            model, data, index[::2, ::2], beta, options, update_parameters
+        )
+        coarser.append(
+            {
+                "height": index.shape[0] // 2 + index.shape[0] % 2,
+                "width": index.shape[1] // 2 + index.shape[1] % 2,
+                "n_iter": coarse.n_iter,
+                "converged": coarse.converged,
+            }
+        )
+        start_model, start_q = coarse.state.model, coarse.state.q
     grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape)
     shape = (model.n_components,) + index.shape
-    pixel_logp = _pixel_log_probabilities(model, grid, np.empty(shape, dtype=np.float32))
     padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
-    start = MeanField(model, padded, pixel_logp)
-    start.q[...] = pixel_logp
-    _softmax_over_components(start.q)  # start: the plain mixture's posterior
+    q = padded[:, 1:-1, 1:-1]
+    from_coarse = start_q is not None
+    if from_coarse:
+        for row in (0, 1):
+            for col in (0, 1):
+                block = q[:, row::2, col::2]
+                block[...] = start_q[:, : block.shape[1], : block.shape[2]]
+        del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
+    pixel_logp = _pixel_log_probabilities(start_model, grid, np.empty(shape, dtype=np.float32))
+    if not from_coarse:
+        q[...] = pixel_logp
+        _softmax_over_components(q)  # the plain mixture's posterior
+    start = MeanField(start_model, padded, pixel_logp)
     run = run_em(
         start,
         partial(_mean_field_score, beta=beta),
@@ -1933,14 +1981,7 @@ def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on
         options,
         on_iteration,
     )
-    record = {
-        "beta": beta,
-        "objective": run.history,
-        "n_iter": run.n_iter,
-        "converged": run.converged,
-        "em_steps": run.n_em_steps,
-    }
-    return run.state.model, _argmax_over_components(run.state.q), record
+    return run, coarser
 
 
 def _argmax_over_components(q):

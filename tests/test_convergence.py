@@ -176,3 +176,20 @@ def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
     assert status == 0 and not record["converged"] and record["n_iter"] == record["em_steps"] == 2
     assert "iterations=2 em-steps=2 stopped-at-max-iter" in out
     assert record["collapsed_components"] == [] and "collapsed" not in err
+
+
+def test_spatial_fit_coarse_to_fine(rng, monkeypatch):
+    """A large grid starts from its subsampled grids' fits: same quality, every grid converged."""
+    image, labels, bayes = class_scene(rng, OVERLAPPING_GRAY, 0.06)
+    picture = seg.picture_from_array(image)
+    points = seg.distinct_values(picture)
+    cold = seg.segment_points(picture, points, 3, spatial=1.0)
+    monkeypatch.setattr(seg, "COARSEST_GRID_PIXELS", 1000)
+    warm = seg.segment_points(picture, points, 3, spatial=1.0)
+    grids = warm.spatial["coarser_grids"]
+    assert [(g["height"], g["width"]) for g in grids] == [(24, 32), (48, 64)]
+    assert all(g["converged"] for g in grids) and warm.spatial["converged"]
+    assert cold.spatial["coarser_grids"] == []
+    assert warm.spatial["objective"][-1] >= cold.spatial["objective"][-1] - 1e-4
+    assert matched_accuracy(warm.labels, labels, 3) >= bayes + 0.05
+    assert np.all(np.diff(warm.spatial["objective"]) >= -1e-6)
