@@ -99,6 +99,7 @@ DEFAULTS = dict(
     max_pixels=200_000_000,  # refuse larger images (decompression bombs)
     k_max=10,  # -k auto tries K = 1..k_max
     spatial=0.0,  # strength of the Potts prior; 0 = the plain mixture
+    mask="auto",  # segment the nonzero pixels when the border is entirely 0
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
@@ -140,6 +141,7 @@ class Picture:
     scale: float  # level / scale = intensity on the 0..1 scale
     table: np.ndarray | None = None  # "table": (M,) or (M, 3) values of each code, already 0..1
     notes: list = field(default_factory=list)
+    mask: np.ndarray | None = None  # (H, W) bool: the pixels to segment; None: every pixel
 
     @property
     def height(self):
@@ -153,6 +155,45 @@ class Picture:
     def bits(self):
         """Bits per channel of the recoloured output: 8 unless the source had more."""
         return 8 if self.kind == "rgb" or self.scale == 255 else 16
+
+
+def nonzero_mask(picture):
+    """(H, W) bool: the pixels not 0 in every channel (the convention of skull-stripped scans)."""
+    if picture.kind == "table":
+        table = picture.table.reshape(len(picture.table), -1)
+        return lookup_codes(picture, np.any(table != 0, axis=1))
+    return picture.codes != 0
+
+
+def _is_nonzero(mask):
+    return isinstance(mask, str) and mask == "nonzero"
+
+
+def with_mask(picture, mask):
+    """The picture, to be segmented inside mask only (nonzero = inside); ValueError if it can't."""
+    mask = np.asarray(mask)
+    if mask.shape[:2] != picture.codes.shape:
+        raise ValueError(
+            f"the mask is {mask.shape[1] if mask.ndim > 1 else 1}x{mask.shape[0]} pixels, "
+            f"the image {picture.width}x{picture.height}"
+        )
+    inside = mask if mask.ndim == 2 else np.any(mask != 0, axis=2)
+    inside = inside != 0
+    if not inside.any():
+        raise ValueError("the mask has no inside pixel")
+    return replace(picture, mask=inside)
+
+
+def border_is_zero(picture):
+    """Whether every pixel on the image's border is 0 in every channel (and some pixel is not)."""
+    codes = picture.codes
+    border = np.concatenate([codes[0], codes[-1], codes[:, 0], codes[:, -1]])
+    zero = (
+        border == 0
+        if picture.kind != "table"
+        else ~np.any(picture.table.reshape(len(picture.table), -1)[border] != 0, axis=1)
+    )
+    return bool(np.all(zero)) and bool(nonzero_mask(picture).any())
 
 
 def pack_rgb(rgb):
@@ -434,8 +475,12 @@ def _is_gray(picture, keys):
 
 
 def distinct_values(picture, mode="auto"):
-    """The weighted points EM fits, in the requested mode ("auto", "gray" or "color")."""
-    keys, counts = code_histogram(picture.codes, picture.n_codes)
+    """The weighted points EM fits, in the requested mode ("auto", "gray" or "color").
+
+    With a mask, only the pixels inside count: outside never reaches the model.
+    """
+    codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
+    keys, counts = code_histogram(codes, picture.n_codes)
     if mode == "auto":
         mode = "gray" if _is_gray(picture, keys) else "color"
     identity = np.arange(len(keys))
@@ -1635,6 +1680,7 @@ class Segmentation:
     spatial: dict | None = (
         None  # the Potts-prior fit: beta, objective per iteration, n_iter, converged
     )
+    posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
 
 
 def luminance(means):
@@ -1787,11 +1833,12 @@ class SharedModel:
 # so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
 
 
-def _update_sites(padded, pixel_logp, beta, row, col):
+def _update_sites(padded, pixel_logp, beta, row, col, inside=None):
     """Mean-field update of the pixels (row + 2i, col + 2j): none of them neighbours another.
 
     padded is (K, H + 2, W + 2) with the responsibilities inside a border of zeros, so the four
-    neighbours of every site are four strided views (outside the image counts 0).
+    neighbours of every site are four strided views (outside the image counts 0).  inside:
+    (H, W) float32 0/1 of a mask, whose outside pixels keep q = 0 and so count 0 too.
     """
     height, width = pixel_logp.shape[1:]
     rows, cols = slice(1 + row, height + 1, 2), slice(1 + col, width + 1, 2)
@@ -1800,7 +1847,10 @@ def _update_sites(padded, pixel_logp, beta, row, col):
     field += padded[:, rows, 2 + col : width + 2 : 2]
     field *= beta
     field += pixel_logp[:, row::2, col::2]
-    padded[:, rows, cols] = _softmax_over_components(field)
+    _softmax_over_components(field)
+    if inside is not None:
+        field *= inside[row::2, col::2]
+    padded[:, rows, cols] = field
 
 
 def _pixel_log_probabilities(model, grid, out):
@@ -1878,11 +1928,17 @@ class PixelGrid:
     data: _Data
     flat_index: np.ndarray  # (H * W,) intp: take and bincount would convert it every time
     shape: tuple
+    inside: np.ndarray | None = None  # (H, W) float32 1 inside a mask, 0 outside; None: no mask
+
+    @property
+    def n_pixels(self):
+        """The pixels that count: those inside the mask."""
+        return int(self.inside.sum()) if self.inside is not None else self.flat_index.size
 
 
-def _mean_field_score(state, beta):
+def _mean_field_score(state, grid, beta):
     """The driver's E-step for the spatial fit: the objective per pixel (no statistics needed)."""
-    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / state.q[0].size
+    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / grid.n_pixels
 
 
 def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
@@ -1893,7 +1949,7 @@ def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
         (0, 1),
         (1, 0),
     ):  # a checkerboard's black sites, then its white
-        _update_sites(state.padded, state.pixel_logp, beta, row, col)
+        _update_sites(state.padded, state.pixel_logp, beta, row, col, grid.inside)
     model = state.model
     if update_parameters:
         resp = np.stack(
@@ -1907,16 +1963,19 @@ def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
     return MeanField(model, state.padded, state.pixel_logp)
 
 
-def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on_iteration=None):
+def spatial_fit(
+    model, data, index, beta, options, *, mask=None, update_parameters=True, on_iteration=None
+):
     """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture, coarse to fine.
 
     index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
     record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps (of
     the full-size grid) and the iterations of every coarser grid it started from.
+    mask: (H, W) bool, the pixels to segment; outside pixels have no label and no neighbours.
     update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
     run, coarser = _mean_field_em(
-        model, data, index, beta, options, update_parameters, on_iteration
+        model, data, index, mask, beta, options, update_parameters, on_iteration
     )
     record = {
         "beta": beta,
@@ -1926,10 +1985,10 @@ def spatial_fit(model, data, index, beta, options, *, update_parameters=True, on
         "em_steps": run.n_em_steps,
         "coarser_grids": coarser,
     }
-    return run.state.model, _argmax_over_components(run.state.q), record
+    return run.state.model, _argmax_over_components(run.state.q), record, run.state.q
 
 
-def _mean_field_em(model, data, index, beta, options, update_parameters, on_iteration=None):
+def _mean_field_em(model, data, index, mask, beta, options, update_parameters, on_iteration=None):
     """The spatial fit on one grid, started from the fit on the grid of every other row and column.
 
     Mean-field EM moves label boundaries a pixel or so an iteration, so on a large image it
@@ -1939,9 +1998,10 @@ def _mean_field_em(model, data, index, beta, options, update_parameters, on_iter
     [{"height", "width", "n_iter", "converged"}] of the coarser grids, coarsest first.
     """
     coarser, start_model, start_q = [], model, None
-    if index.size > COARSEST_GRID_PIXELS:
+    coarse_mask = None if mask is None else mask[::2, ::2]
+    if index.size > COARSEST_GRID_PIXELS and (coarse_mask is None or coarse_mask.any()):
         coarse, coarser = _mean_field_em(
-            model, data, index[::2, ::2], beta, options, update_parameters
+            model, data, index[::2, ::2], coarse_mask, beta, options, update_parameters
         )
         coarser.append(
             {
@@ -1952,7 +2012,8 @@ def _mean_field_em(model, data, index, beta, options, update_parameters, on_iter
             }
         )
         start_model, start_q = coarse.state.model, coarse.state.q
-    grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape)
+    inside = None if mask is None else mask.astype(np.float32)
+    grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape, inside)
     shape = (model.n_components,) + index.shape
     padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
     q = padded[:, 1:-1, 1:-1]
@@ -1967,10 +2028,12 @@ def _mean_field_em(model, data, index, beta, options, update_parameters, on_iter
     if not from_coarse:
         q[...] = pixel_logp
         _softmax_over_components(q)  # the plain mixture's posterior
+        if inside is not None:
+            q *= inside
     start = MeanField(start_model, padded, pixel_logp)
     run = run_em(
         start,
-        partial(_mean_field_score, beta=beta),
+        partial(_mean_field_score, grid=grid, beta=beta),
         partial(
             _mean_field_step,
             grid=grid,
@@ -2008,13 +2071,16 @@ def segment_points(
     shared=None,
     quantized=False,
     spatial=0.0,
+    keep_posteriors=False,
     on_iteration=None,
 ):
     """Fit on the distinct values (or take a batch's shared model), then label every pixel.
 
     n_components and quantized as fit_points.  spatial: the strength BETA of a Potts prior on the
     labels (section 5b); 0 labels each pixel alone.  With a shared model the spatial prior only
-    smooths the labels: the model is the batch's.
+    smooths the labels: the model is the batch's.  keep_posteriors: keep the spatial fit's
+    per-pixel responsibilities for posterior_maps (K float32 a pixel); the plain model's are
+    computed from the distinct values whenever asked.
     """
     data = _Data(points.values, points.weights, points.scale)
     if shared is None:
@@ -2029,20 +2095,76 @@ def segment_points(
     else:
         model, table = shared.model, shared.bic_table
     if spatial > 0:
-        model, labels, prior = spatial_fit(
+        model, labels, prior, q = spatial_fit(
             model,
             data,
             point_index(picture, points),
             spatial,
             options,
+            mask=picture.mask,
             update_parameters=shared is None,
             on_iteration=on_iteration,
         )
         order = np.argsort(luminance(model.means), kind="stable")
         model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
-        return Segmentation(picture, points, model, labels, n_components, table, shared, prior)
+        kept = q[order] if keep_posteriors else None
+        del q
+        return Segmentation(
+            picture, points, model, labels, n_components, table, shared, prior, kept
+        )
     labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
     return Segmentation(picture, points, model, labels, n_components, table, shared)
+
+
+def label_map(segmentation):
+    """The label map of the output contract: the component of every pixel, darkest 0; with a
+    mask, 0 outside and 1..K inside.  uint8, or uint16 when the labels do not fit."""
+    labels, mask = segmentation.labels, segmentation.picture.mask
+    if mask is None:
+        return labels
+    fits = segmentation.model.n_components < 256
+    out = labels.astype(np.uint8 if fits else np.uint16)
+    out += 1
+    out[~mask] = 0
+    return out
+
+
+def posterior_maps(segmentation):
+    """(label, map) for every component: its posterior probability at every pixel as uint16,
+    0..65535 = 0..1, 0 outside the mask; label is the component's value in the label map.
+
+    The plain model's posteriors come from the distinct values by lookup, one map at a time;
+    the spatial fit's are its mean-field responsibilities (segment_points(keep_posteriors=True)).
+    """
+    picture, points, model = segmentation.picture, segmentation.points, segmentation.model
+    first = 0 if picture.mask is None else 1
+    if segmentation.spatial is not None:
+        for k, qk in enumerate(segmentation.posteriors):
+            yield k + first, np.rint(qk * 65535).astype(np.uint16)
+        return
+    data = _Data(points.values, points.weights, points.scale)
+    probabilities = np.empty((model.n_components, len(data)))
+    for start, block in log_density_blocks(model, data):
+        probabilities[:, start : start + block.shape[1]] = block
+    probabilities = np.exp(probabilities - _logsumexp(probabilities, axis=0))
+    for k in range(model.n_components):
+        lut = np.zeros(picture.n_codes, dtype=np.uint16)
+        lut[points.keys] = np.rint(probabilities[k, points.point_of_key] * 65535)
+        out = lookup_codes(picture, lut)
+        if picture.mask is not None:
+            out[~picture.mask] = 0
+        yield k + first, out
+
+
+def label_colours(segmentation):
+    """The colour of every value of the label map: the palette, black first with a mask."""
+    return _with_outside(palette(segmentation), segmentation.picture.mask)
+
+
+def _with_outside(colours, mask):
+    if mask is None:
+        return colours
+    return np.concatenate([np.zeros((1,) + colours.shape[1:], dtype=colours.dtype), colours])
 
 
 def palette(segmentation):
@@ -2066,6 +2188,7 @@ def segment_image(
     k_max=DEFAULTS["k_max"],
     quantized=False,
     spatial=0.0,
+    mask=None,
     **fit_options,
 ):
     """Segment an in-memory image.
@@ -2086,6 +2209,10 @@ def segment_image(
         Fit integer gray levels as bins (fit_quantized_gmm); ignored for other values.
     spatial : float
         BETA of a Potts prior on the labels (mean-field EM); 0 labels each pixel alone.
+    mask : array of shape (H, W) or (H, W, C), or "nonzero", optional
+        Segment only inside: nonzero mask pixels, or with "nonzero" the pixels that are not 0 in
+        every channel.  Outside pixels never reach the model; their label is 0 and inside
+        labels are 1..K.
     **fit_options
         FitOptions' fields, as fit_gmm takes them (covariance_type, tol, ...).
 
@@ -2099,16 +2226,19 @@ def segment_image(
     """
     options = FitOptions(**fit_options)
     picture = picture_from_array(array)
+    if mask is not None:
+        picture = with_mask(picture, nonzero_mask(picture) if _is_nonzero(mask) else mask)
     points = distinct_values(picture, mode)
     segmentation = segment_points(
         picture, points, n_components, options, k_max=k_max, quantized=quantized, spatial=spatial
     )
+    labels = label_map(segmentation)
     if picture.kind == "table":
         means = segmentation.model.means
-        colours = means[:, 0] if means.shape[1] == 1 else means
+        colours = _with_outside(means[:, 0] if means.shape[1] == 1 else means, picture.mask)
     else:
-        colours = palette(segmentation)
-    return segmentation.labels, colours[segmentation.labels], segmentation.model
+        colours = label_colours(segmentation)
+    return labels, colours[labels], segmentation.model
 
 
 # ----------------------------------------------------------------------------
@@ -2215,7 +2345,7 @@ def _figure_writer(figure):
 
 def segmented_image(segmentation):
     """The recoloured picture as a Pillow image: gray levels, or a palette image for colour."""
-    colours, labels = palette(segmentation), segmentation.labels
+    colours, labels = label_colours(segmentation), label_map(segmentation)
     if colours.ndim == 1:
         return Image.fromarray(colours[labels])  # L, or I;16 for deep gray
     if len(colours) <= 256:
@@ -2233,8 +2363,8 @@ def segmented_image(segmentation):
     return Image.fromarray(colours[labels])
 
 
-def label_image(labels):
-    return Image.fromarray(labels)  # uint8 -> L, uint16 -> I;16
+def label_image(segmentation):
+    return Image.fromarray(label_map(segmentation))  # uint8 -> L, uint16 -> I;16
 
 
 def model_record(segmentation, source, settings, notes, seconds):
@@ -2244,6 +2374,8 @@ def model_record(segmentation, source, settings, notes, seconds):
         "image": shown(source),
         "width": picture.width,
         "height": picture.height,
+        "mask": None if picture.mask is None else settings["mask"],
+        "inside_pixels": int(segmentation.points.weights.sum()),
         "mode": segmentation.points.mode,
         "k": model.n_components,
         "requested_k": segmentation.requested_k,
@@ -2361,9 +2493,10 @@ def plot_comparison(segmentation, title):
     import matplotlib
 
     original, step = _display_copy(segmentation.picture)
-    labels = segmentation.labels[::step, ::step]
-    colours = palette(segmentation)
+    labels = label_map(segmentation)[::step, ::step]
+    colours = label_colours(segmentation)
     k = segmentation.model.n_components
+    first = 0 if segmentation.picture.mask is None else 1  # the label of the darkest component
     aspect = labels.shape[0] / labels.shape[1]
     panel_width = min(PANEL_INCHES, PANEL_MAX_HEIGHT / aspect)
     figure = _figure(max(3 * panel_width + 1.5, 8.0), panel_width * aspect + 1.0)
@@ -2372,15 +2505,21 @@ def plot_comparison(segmentation, title):
     axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
     recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
     axes[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), interpolation="nearest")
-    label_map = axes[2].imshow(
-        labels,
-        cmap=matplotlib.colormaps["viridis"].resampled(k),
-        vmin=-0.5,
-        vmax=k - 0.5,
-        interpolation="nearest",
+    cmap = matplotlib.colormaps["viridis"].resampled(k)
+    if first:  # outside the mask in black
+        from matplotlib.colors import ListedColormap
+
+        cmap = ListedColormap(np.vstack([[0, 0, 0, 1], cmap(np.arange(k))]))
+    shown_labels = axes[2].imshow(
+        labels, cmap=cmap, vmin=-0.5, vmax=k + first - 0.5, interpolation="nearest"
     )
-    colorbar = figure.colorbar(label_map, ax=axes[2], shrink=0.9, label="component (0 = darkest)")
-    colorbar.set_ticks(range(k) if k <= 16 else np.linspace(0, k - 1, 9).round())
+    colorbar = figure.colorbar(
+        shown_labels,
+        ax=axes[2],
+        shrink=0.9,
+        label="component (0 = darkest)" if not first else "component (0 = outside, 1 = darkest)",
+    )
+    colorbar.set_ticks(range(k + first) if k <= 16 else np.linspace(0, k + first - 1, 9).round())
     for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
         ax.set_title(name)
         ax.axis("off")
@@ -2413,15 +2552,25 @@ def plot_bic(table, chosen, title):
     return figure
 
 
-def write_outputs(segmentation, paths, title, record):
+def probability_paths(out_dir, stem, segmentation):
+    """STEM_prob_L.png for every label L of the label map (1..K with a mask, 0..K-1 without)."""
+    first = 0 if segmentation.picture.mask is None else 1
+    labels = range(first, first + segmentation.model.n_components)
+    return {label: Path(out_dir) / f"{stem}_prob_{label}.png" for label in labels}
+
+
+def write_outputs(segmentation, paths, title, record, probabilities=None):
     """Every output of one image, all or nothing, the JSON record last.
 
-    The record's seconds get "write" (the images and figures) and the "total" grows by it.
+    probabilities: the probability_paths to write the posterior maps to, or None.  The record's
+    seconds get "write" (the images and figures) and the "total" grows by it.
     """
     started = time.perf_counter()
     with OutputSet() as outputs:
+        for label, probability in posterior_maps(segmentation) if probabilities else ():
+            outputs.stage(probabilities[label], _png_writer(Image.fromarray(probability)))
         outputs.stage(paths["segmented"], _png_writer(segmented_image(segmentation)))
-        outputs.stage(paths["labels"], _png_writer(label_image(segmentation.labels)))
+        outputs.stage(paths["labels"], _png_writer(label_image(segmentation)))
         outputs.stage(paths["loglik"], _figure_writer(plot_log_likelihood(segmentation, title)))
         outputs.stage(paths["comparison"], _figure_writer(plot_comparison(segmentation, title)))
         if segmentation.bic_table is not None:
@@ -2625,6 +2774,21 @@ def build_parser():
         "as a camera clips) instead of a density at the level; ignored for colour",
     )
     parser.add_argument(
+        "--mask",
+        default=d["mask"],
+        metavar="{auto,none,nonzero,PATH}",
+        help="segment only inside a mask: nonzero = the pixels not 0 in every channel (as "
+        "skull-stripped scans); PATH = an image of the same size, nonzero inside; auto = nonzero "
+        "when the image's border is entirely 0, else none (default %(default)s). Outside pixels "
+        "never reach the model; their label is 0, inside labels are 1..K",
+    )
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write each component's posterior probability at every pixel, "
+        "STEM_prob_L.png for label L: 16-bit, 0..65535 = 0..1, 0 outside the mask",
+    )
+    parser.add_argument(
         "--shared",
         action="store_true",
         help="fit one model to all the images together (their distinct-value counts "
@@ -2737,6 +2901,8 @@ def _settings(args, options):
         quantized=args.quantized,
         spatial=args.spatial,
         accelerate=args.accelerate,
+        mask=shown(args.mask),
+        probabilities=args.probabilities,
     )
 
 
@@ -2866,6 +3032,14 @@ def _segment_file(path, stem, batch, say, console):
 
     segmentation, notes = segment_picture(picture, batch, on_iteration)
     fitted = time.perf_counter()
+    probabilities = None
+    if args.probabilities:
+        probabilities = probability_paths(args.out, stem, segmentation)
+        for target in probabilities.values():
+            if target.exists() and target.resolve() in batch.inputs:
+                raise ImageError(
+                    f"output {shown(target)} would overwrite an input file; choose another --out"
+                )
     record = model_record(
         segmentation,
         path,
@@ -2873,7 +3047,7 @@ def _segment_file(path, stem, batch, say, console):
         notes,
         {"load": loaded - clock, "fit": fitted - loaded},
     )
-    write_outputs(segmentation, paths, figure_title(path, segmentation), record)
+    write_outputs(segmentation, paths, figure_title(path, segmentation), record, probabilities)
     if not args.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")
@@ -2883,6 +3057,7 @@ def _segment_file(path, stem, batch, say, console):
 def segment_picture(picture, batch, on_iteration=None):
     """The segmentation of one read image as the options ask, and the notes a user should see."""
     args, shared = batch.args, batch.shared
+    picture, mask_note = masked(picture, args)
     points = distinct_values(picture, shared.mode if shared else args.mode)
     try:
         segmentation = segment_points(
@@ -2894,14 +3069,38 @@ def segment_picture(picture, batch, on_iteration=None):
             shared=shared,
             quantized=args.quantized,
             spatial=args.spatial,
+            keep_posteriors=args.probabilities,
             on_iteration=on_iteration,
         )
     except FitFailed as error:
         raise ImageError(str(error)) from None
-    notes = picture.notes + fit_notes(
-        segmentation, args.quantized and shared is None, args.reg_covar
-    )
+    notes = picture.notes + [mask_note] * bool(mask_note)
+    notes += fit_notes(segmentation, args.quantized and shared is None, args.reg_covar)
     return segmentation, notes
+
+
+def masked(picture, args):
+    """The picture with the mask --mask asks for, and a note when auto chose one."""
+    if args.mask == "none" or (args.mask == "auto" and not border_is_zero(picture)):
+        return picture, None
+    if args.mask in ("auto", "nonzero"):
+        mask, source = nonzero_mask(picture), None
+    else:
+        try:
+            mask, source = nonzero_mask(read_image(args.mask, args.max_pixels)), args.mask
+        except ImageError as error:
+            raise ImageError(f"mask {shown(args.mask)}: {error}") from None
+    try:
+        picture = with_mask(picture, mask)
+    except ValueError as error:
+        raise ImageError(f"{error}" + (f" ({shown(source)})" if source else "")) from None
+    if args.mask != "auto":
+        return picture, None
+    inside = int(picture.mask.sum())
+    return picture, (
+        f"the border is entirely 0: segmenting the {inside:,} nonzero pixels inside "
+        f"(--mask none segments every pixel)"
+    )
 
 
 def fit_notes(segmentation, quantized_asked, reg_covar):
@@ -3112,7 +3311,7 @@ def shared_model(files, args, report):
     def point_sets():
         for path in files:
             try:
-                picture = read_image(path, args.max_pixels)
+                picture = masked(read_image(path, args.max_pixels), args)[0]
             except ImageError as error:
                 report(path, str(error))
                 continue
