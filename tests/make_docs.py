@@ -22,16 +22,16 @@ DOCS = ROOT / "docs"
 def sample_figures():
     out = Path(tempfile.mkdtemp())
     assert seg.main([str(ROOT / "images"), "--out", str(out), "-q"]) == 0
-    for name in ("coffee_comparison", "coffee_loglik", "camera_comparison"):
+    for name in ("coffee_comparison", "coffee_loglik", "camera_comparison", "brain_t1_comparison"):
         shutil.copy(out / f"{name}.png", DOCS / f"{name}.png")
 
 
 def before_after(title, image, rows, path):
     """One figure: the input and one label map per row of (name, labels, accuracy)."""
-    plt = seg._pyplot()
-    figure, axes = plt.subplots(
-        1, len(rows) + 1, figsize=(4 * (len(rows) + 1), 3.6), constrained_layout=True
-    )
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * (len(rows) + 1), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(rows) + 1)
     axes[0].imshow(image, **({"cmap": "gray", "vmin": 0, "vmax": 255} if image.ndim == 2 else {}))
     axes[0].set_title("input")
     for ax, (name, labels, accuracy) in zip(axes[1:], rows):
@@ -41,7 +41,6 @@ def before_after(title, image, rows, path):
         ax.axis("off")
     figure.suptitle(title)
     figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def main():
