@@ -100,6 +100,7 @@ DEFAULTS = dict(
     k_max=10,  # -k auto tries K = 1..k_max
     spatial=0.0,  # strength of the Potts prior; 0 = the plain mixture
     mask="auto",  # segment the nonzero pixels when the border is entirely 0
+    bias_degree=3,  # the log bias field: a polynomial of this degree in the pixel coordinates
 )
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
@@ -111,6 +112,7 @@ BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in ca
 FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
+BIAS_BLOCK = 1 << 16  # pixels per block in the bias field's passes
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
@@ -1681,6 +1683,7 @@ class Segmentation:
         None  # the Potts-prior fit: beta, objective per iteration, n_iter, converged
     )
     posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
+    bias: BiasField | None = None  # with --bias-field: the field; the model is of log-intensities
 
 
 def luminance(means):
@@ -2058,7 +2061,276 @@ def _argmax_over_components(q):
     return labels
 
 
-# --- 5c. Putting it together ---------------------------------------------------
+# --- 5c. A bias field (--bias-field) ---------------------------------------------
+# MRI intensities carry a smooth multiplicative field: pixel = tissue x field.  In the log
+# domain that is a sum, log pixel = log tissue + b, so the model is a Gaussian mixture of the
+# corrected log-intensities z_i = y_i - b_i with b = A c, a linear combination of smooth
+# basis functions (the monomials of the pixel coordinates up to a degree, no constant term:
+# the means hold that).  EM for it (Wells et al., IEEE TMI 15, 1996; Van Leemput et al.,
+# IEEE TMI 18, 1999) is an ECM: the E-step gives every pixel's responsibilities r_ik; the
+# mixture's M-step is the usual one on z; then, for those r and the new means and variances,
+# the field's coefficients are the weighted least-squares fit of the residuals
+#     y_i - m_i,  m_i = sum_k r_ik mu_k / s_k^2 / W_i,  weights W_i = sum_k r_ik / s_k^2,
+# which maximises the expected log-likelihood over c exactly, so the log-likelihood of the
+# log-intensities never decreases.  Every pixel has its own corrected value, so this works on
+# pixels (inside the mask), in blocks: per pixel its coordinates, its log-intensity and K
+# float32 responsibilities, about 12 + 4 K bytes.
+
+
+@dataclass(frozen=True)
+class BiasField:
+    """A fitted field: log field = coefficients . monomials of the coordinates scaled to [-1, 1].
+
+    shift: subtracted from the log field so that its mean over the fitted pixels is 0 (the
+    field's scale is the means'; this one makes the field 1 on average).
+    """
+
+    degree: int
+    coefficients: np.ndarray  # (P,)
+    shape: tuple  # (H, W) of the image
+    shift: float = 0.0
+
+    def log_field(self, rows, cols):
+        """The log field at the given pixels, float64."""
+        return self.coefficients @ bias_basis(rows, cols, self.shape, self.degree) - self.shift
+
+    def image(self):
+        """The field at every pixel, (H, W) float32, row block by row block."""
+        out = np.empty(self.shape, dtype=np.float32)
+        step = max(1, BIAS_BLOCK // self.shape[1])
+        for top in range(0, self.shape[0], step):
+            rows, cols = np.mgrid[top : min(top + step, self.shape[0]), : self.shape[1]]
+            out[top : top + step] = np.exp(self.log_field(rows.ravel(), cols.ravel())).reshape(
+                rows.shape
+            )
+        return out
+
+
+def bias_basis(rows, cols, shape, degree):
+    """(P, m) monomials u^a v^b, 1 <= a + b <= degree, of coordinates scaled to [-1, 1]."""
+    u = 2.0 * rows / max(shape[0] - 1, 1) - 1.0
+    v = 2.0 * cols / max(shape[1] - 1, 1) - 1.0
+    return np.stack(
+        [u**a * v ** (total - a) for total in range(1, degree + 1) for a in range(total + 1)]
+    )
+
+
+@dataclass(frozen=True)
+class BiasPixels:
+    """The pixels a bias fit sees: coordinates and log-intensities of those inside the mask."""
+
+    rows: np.ndarray  # (N,) int32
+    cols: np.ndarray  # (N,) int32
+    log_values: np.ndarray  # (N,) float32 log of the intensity on the 0..1 scale
+    shape: tuple
+
+    def blocks(self):
+        for start in range(0, len(self.rows), BIAS_BLOCK):
+            stop = min(start + BIAS_BLOCK, len(self.rows))
+            yield start, stop
+
+
+def bias_pixels(picture):
+    """The fit's pixels: a zero level counts as half a level, so its logarithm is finite."""
+    mask = picture.mask if picture.mask is not None else np.ones(picture.codes.shape, bool)
+    rows, cols = np.nonzero(mask)
+    levels = picture.codes[rows, cols].astype(np.float64)
+    values = np.maximum(levels, 0.5) / picture.scale
+    return BiasPixels(
+        rows.astype(np.int32), cols.astype(np.int32), np.log(values).astype(np.float32), mask.shape
+    )
+
+
+@dataclass
+class BiasState:
+    """The bias fit's parameters: the mixture of corrected log-intensities and the field."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K,)
+    variances: np.ndarray  # (K,)
+    coefficients: np.ndarray  # (P,)
+
+
+def _bias_e_step(state, pixels, degree, resp):
+    """One pass: the log-likelihood per pixel and the moment sums, responsibilities into resp."""
+    stats = np.zeros((3, len(state.weights)))
+    total = 0.0
+    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
+    for start, stop in pixels.blocks():
+        basis = bias_basis(pixels.rows[start:stop], pixels.cols[start:stop], pixels.shape, degree)
+        z = pixels.log_values[start:stop] - state.coefficients @ basis
+        logp = const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
+        log_total = _logsumexp(logp, axis=0)
+        total += log_total.sum()
+        r = np.exp(logp - log_total)
+        resp[:, start:stop] = r
+        stats += np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
+    return stats, total / len(pixels.rows)
+
+
+def _bias_m_step(stats, state, pixels, degree, reg_covar, resp):
+    """The mixture's M-step on the corrected values, then the field's weighted least squares."""
+    mass, first, second = stats
+    mass = mass + 10 * np.finfo(np.float64).eps
+    means = first / mass
+    variances = np.maximum(second / mass - means**2, 0.0) + reg_covar
+    weights = mass / mass.sum()
+    n_terms = len(state.coefficients)
+    normal, target = np.zeros((n_terms, n_terms)), np.zeros(n_terms)
+    for start, stop in pixels.blocks():
+        basis = bias_basis(pixels.rows[start:stop], pixels.cols[start:stop], pixels.shape, degree)
+        r = resp[:, start:stop]
+        precision = r.T @ (1.0 / variances)  # W_i
+        pulled = (r.T @ (means / variances)) / precision  # m_i
+        residual = pixels.log_values[start:stop] - pulled
+        weighted = basis * precision
+        normal += weighted @ basis.T
+        target += weighted @ residual
+    try:
+        coefficients = np.linalg.solve(normal, target)
+    except np.linalg.LinAlgError:
+        raise FitFailed(
+            "the bias field's basis is singular on these pixels; lower --bias-degree"
+        ) from None
+    return BiasState(weights, means, variances, coefficients)
+
+
+def fit_bias_field(
+    picture,
+    n_components,
+    options,
+    *,
+    degree=DEFAULTS["bias_degree"],
+    spatial=0.0,
+    keep_posteriors=False,
+    on_iteration=None,
+):
+    """A Gaussian mixture of log-intensities and a smooth multiplicative field, by ECM.
+
+    Starts from the plain mixture of the log-intensities (on their distinct values) and no
+    field.  spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the
+    converged plain fit on.  Returns (model, field, labels, record): the mixture of corrected
+    log-intensities, numbered from the darkest (its means and covariances are of
+    log-intensities), the BiasField, the component of every pixel (H, W), the spatial fit's
+    record (None without one) and, with keep_posteriors, every component's posterior at every
+    pixel (K, H, W) float32, 0 outside the mask (else None).
+    """
+    pixels = bias_pixels(picture)
+    levels, counts = np.unique(picture.codes[pixels.rows, pixels.cols], return_counts=True)
+    logs = np.log(np.maximum(levels, 0.5) / picture.scale)
+    k = min(n_components, len(levels))
+    start = _fit_data(_Data(logs, counts.astype(np.float64)), k, options)
+    n_terms = (degree + 1) * (degree + 2) // 2 - 1
+    state = BiasState(
+        start.weights, start.means[:, 0], start.covariances.reshape(k, -1)[:, 0], np.zeros(n_terms)
+    )
+    resp = np.empty((k, len(pixels.rows)), dtype=np.float32)
+    run = run_em(
+        state,
+        partial(_bias_e_step, pixels=pixels, degree=degree, resp=resp),
+        partial(_bias_m_step, pixels=pixels, degree=degree, reg_covar=options.reg_covar, resp=resp),
+        options,
+        on_iteration,
+    )
+    state, record = run.state, None  # resp holds its responsibilities: the last E-step was at it
+    if spatial > 0:
+        del resp
+        state, q, record = _spatial_bias_fit(state, pixels, degree, spatial, options, on_iteration)
+        resp = q[:, pixels.rows, pixels.cols]
+    order = np.argsort(state.means, kind="stable")
+    labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
+    labels[pixels.rows, pixels.cols] = np.argsort(order)[np.argmax(resp, axis=0)]
+    posteriors = None
+    if keep_posteriors:
+        posteriors = np.zeros((k,) + picture.codes.shape, dtype=np.float32)
+        posteriors[:, pixels.rows, pixels.cols] = resp[order]
+    field = BiasField(degree, state.coefficients, picture.codes.shape)
+    shift = float(np.mean(field.log_field(pixels.rows, pixels.cols)))
+    model = GaussianMixtureFit(
+        state.weights[order],
+        state.means[order, None] + shift,
+        state.variances[order, None, None],
+        "full",
+        run.history,
+        run.n_iter,
+        run.converged,
+        n_em_steps=run.n_em_steps,
+    )
+    return model, replace(field, shift=shift), labels, record, posteriors
+
+
+def _corrected(state, pixels, degree, start, stop):
+    """The corrected log-intensities z = y - b of the pixels start..stop."""
+    rows, cols = pixels.rows[start:stop], pixels.cols[start:stop]
+    basis = bias_basis(rows, cols, pixels.shape, degree)
+    return pixels.log_values[start:stop] - state.coefficients @ basis
+
+
+def _bias_pixel_log_probabilities(state, pixels, degree, out):
+    """log(w_k N(z_i | mu_k, s_k^2)) of every fitted pixel into out (K, H, W); 0 elsewhere."""
+    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
+    for start, stop in pixels.blocks():
+        z = _corrected(state, pixels, degree, start, stop)
+        logp = const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
+        out[:, pixels.rows[start:stop], pixels.cols[start:stop]] = logp
+    return out
+
+
+def _bias_moments(state, pixels, degree, resp):
+    """The M-step's sums [mass, sum r z, sum r z^2] of given responsibilities (K, N)."""
+    stats = np.zeros((3, len(state.weights)))
+    for start, stop in pixels.blocks():
+        z = _corrected(state, pixels, degree, start, stop)
+        r = resp[:, start:stop].astype(np.float64)
+        stats += np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
+    return stats
+
+
+def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
+    """Mean-field EM of the Potts prior with the field: each iteration a checkerboard sweep of q,
+    then the mixture's M-step and the field's least squares, both for q.  Returns the state,
+    q (K, H, W) and the fit's record, as spatial_fit's."""
+    k, shape = len(state.weights), pixels.shape
+    inside = np.zeros(shape, dtype=np.float32)
+    inside[pixels.rows, pixels.cols] = 1.0
+    grid = PixelGrid(None, pixels.rows, shape, inside)
+    pixel_logp = _bias_pixel_log_probabilities(
+        state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
+    )
+    padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
+    q = padded[:, 1:-1, 1:-1]
+    q[...] = pixel_logp
+    _softmax_over_components(q)
+    q *= inside
+
+    def step(_, mean_field):
+        for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):
+            _update_sites(mean_field.padded, mean_field.pixel_logp, beta, row, col, inside)
+        resp = mean_field.q[:, pixels.rows, pixels.cols]
+        stats = _bias_moments(mean_field.model, pixels, degree, resp)
+        new = _bias_m_step(stats, mean_field.model, pixels, degree, options.reg_covar, resp)
+        _bias_pixel_log_probabilities(new, pixels, degree, mean_field.pixel_logp)
+        return MeanField(new, mean_field.padded, mean_field.pixel_logp)
+
+    run = run_em(
+        MeanField(state, padded, pixel_logp),
+        partial(_mean_field_score, grid=grid, beta=beta),
+        step,
+        options,
+        on_iteration,
+    )
+    record = {
+        "beta": beta,
+        "objective": run.history,
+        "n_iter": run.n_iter,
+        "converged": run.converged,
+        "em_steps": run.n_em_steps,
+        "coarser_grids": [],
+    }
+    return run.state.model, run.state.q, record
+
+
+# --- 5d. Putting it together ---------------------------------------------------
 
 
 def segment_points(
@@ -2071,6 +2343,7 @@ def segment_points(
     shared=None,
     quantized=False,
     spatial=0.0,
+    bias_degree=None,
     keep_posteriors=False,
     on_iteration=None,
 ):
@@ -2078,10 +2351,23 @@ def segment_points(
 
     n_components and quantized as fit_points.  spatial: the strength BETA of a Potts prior on the
     labels (section 5b); 0 labels each pixel alone.  With a shared model the spatial prior only
-    smooths the labels: the model is the batch's.  keep_posteriors: keep the spatial fit's
-    per-pixel responsibilities for posterior_maps (K float32 a pixel); the plain model's are
-    computed from the distinct values whenever asked.
+    smooths the labels: the model is the batch's.  bias_degree: fit a multiplicative bias field
+    of that polynomial degree with the mixture (section 5c; 8- and 16-bit gray images, a number
+    of components, no shared model, not quantized).  keep_posteriors: keep the per-pixel
+    responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel); the plain
+    model's are computed from the distinct values whenever asked.
     """
+    if bias_degree is not None:
+        return _segment_with_bias(
+            picture,
+            points,
+            n_components,
+            options,
+            bias_degree,
+            spatial,
+            keep_posteriors,
+            on_iteration,
+        )
     data = _Data(points.values, points.weights, points.scale)
     if shared is None:
         model, table = _fit_model(
@@ -2116,6 +2402,27 @@ def segment_points(
     return Segmentation(picture, points, model, labels, n_components, table, shared)
 
 
+def _segment_with_bias(
+    picture, points, n_components, options, degree, spatial, keep_posteriors, on_iteration
+):
+    if picture.kind != "gray" or points.mode != "gray":
+        raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
+    if not _is_integer(n_components):
+        raise ValueError("a bias field needs a number of components (not 'auto')")
+    model, field, labels, prior, q = fit_bias_field(
+        picture,
+        n_components,
+        options,
+        degree=degree,
+        spatial=spatial,
+        keep_posteriors=keep_posteriors,
+        on_iteration=on_iteration,
+    )
+    return Segmentation(
+        picture, points, model, labels, n_components, spatial=prior, posteriors=q, bias=field
+    )
+
+
 def label_map(segmentation):
     """The label map of the output contract: the component of every pixel, darkest 0; with a
     mask, 0 outside and 1..K inside.  uint8, or uint16 when the labels do not fit."""
@@ -2138,7 +2445,7 @@ def posterior_maps(segmentation):
     """
     picture, points, model = segmentation.picture, segmentation.points, segmentation.model
     first = 0 if picture.mask is None else 1
-    if segmentation.spatial is not None:
+    if segmentation.posteriors is not None:
         for k, qk in enumerate(segmentation.posteriors):
             yield k + first, np.rint(qk * 65535).astype(np.uint16)
         return
@@ -2174,6 +2481,8 @@ def palette(segmentation):
     """
     picture, model = segmentation.picture, segmentation.model
     top = 255 if picture.bits == 8 or model.means.shape[1] == 3 else 65535
+    if segmentation.bias is not None:  # a mixture of log-intensities: the class's intensity
+        model = replace(model, means=np.exp(model.means))
     values = np.clip(np.rint(model.means * top), 0, top).astype(
         np.uint8 if top == 255 else np.uint16
     )
@@ -2249,14 +2558,17 @@ def segment_image(
 # present means a complete set.  On any failure (a full disk, a signal, a bug) every
 # temporary, and every file this run had already renamed, is removed.
 
-OUTPUT_SUFFIXES = (
+OUTPUT_SUFFIXES = (  # written for every image; the last three only with -k auto or --bias-field
     "segmented.png",
     "labels.png",
     "loglik.png",
     "comparison.png",
     "model.json",
     "bic.png",
+    "bias.png",
+    "corrected.png",
 )
+BIAS_SCALE = 32768  # STEM_bias.png holds field x BIAS_SCALE: 1.0 is 32768, 2.0 is 65535
 
 
 def output_paths(out_dir, stem):
@@ -2397,6 +2709,17 @@ def model_record(segmentation, source, settings, notes, seconds):
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
     record["quantized"] = model.quantized_top is not None
+    if segmentation.bias is not None:
+        field = segmentation.bias
+        record["bias_field"] = {
+            "degree": field.degree,
+            "coefficients": field.coefficients.tolist(),
+            "shift": field.shift,
+            "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
+            "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1",
+            "field": "exp(coefficients . basis - shift); weights, means and covariances are "
+            "then of the corrected log-intensities",
+        }
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial
     record["shared"] = segmentation.shared is not None
@@ -2499,8 +2822,11 @@ def plot_comparison(segmentation, title):
     first = 0 if segmentation.picture.mask is None else 1  # the label of the darkest component
     aspect = labels.shape[0] / labels.shape[1]
     panel_width = min(PANEL_INCHES, PANEL_MAX_HEIGHT / aspect)
-    figure = _figure(max(3 * panel_width + 1.5, 8.0), panel_width * aspect + 1.0)
-    axes = figure.subplots(1, 3)
+    panels = 3 if segmentation.bias is None else 4
+    figure = _figure(
+        max(panels * panel_width + 1.5 * (panels - 2), 8.0), panel_width * aspect + 1.0
+    )
+    axes = figure.subplots(1, panels)
     gray = dict(cmap="gray", vmin=0, vmax=1)
     axes[0].imshow(original, **(gray if original.ndim == 2 else {}), interpolation="nearest")
     recoloured = colours[labels] / (255 if colours.dtype == np.uint8 else 65535)
@@ -2520,7 +2846,14 @@ def plot_comparison(segmentation, title):
         label="component (0 = darkest)" if not first else "component (0 = outside, 1 = darkest)",
     )
     colorbar.set_ticks(range(k + first) if k <= 16 else np.linspace(0, k + first - 1, 9).round())
-    for ax, name in zip(axes, ("original", f"segmented, K = {k}", "label map")):
+    if segmentation.bias is not None:
+        field = segmentation.bias.image()[::step, ::step]
+        if segmentation.picture.mask is not None:
+            field = np.where(segmentation.picture.mask[::step, ::step], field, np.nan)
+        shown_field = axes[3].imshow(field, cmap="magma", interpolation="nearest")
+        figure.colorbar(shown_field, ax=axes[3], shrink=0.9, label="multiplicative field")
+    names = ("original", f"segmented, K = {k}", "label map", "bias field")
+    for ax, name in zip(axes, names):
         ax.set_title(name)
         ax.axis("off")
     figure.suptitle(title)
@@ -2559,6 +2892,18 @@ def probability_paths(out_dir, stem, segmentation):
     return {label: Path(out_dir) / f"{stem}_prob_{label}.png" for label in labels}
 
 
+def field_levels(field):
+    """The field as STEM_bias.png holds it: uint16 field x BIAS_SCALE (1.0 = 32768)."""
+    return np.clip(np.rint(field * BIAS_SCALE), 0, 65535).astype(np.uint16)
+
+
+def corrected_image(picture, field):
+    """The image divided by the field, at the image's own bit depth (gray images only)."""
+    top = 255 if picture.bits == 8 else 65535
+    corrected = np.clip(np.rint(picture.codes / field), 0, top)
+    return Image.fromarray(corrected.astype(np.uint8 if top == 255 else np.uint16))
+
+
 def write_outputs(segmentation, paths, title, record, probabilities=None):
     """Every output of one image, all or nothing, the JSON record last.
 
@@ -2580,6 +2925,13 @@ def write_outputs(segmentation, paths, title, record, probabilities=None):
                     plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
                 ),
             )
+        if segmentation.bias is not None:
+            field = segmentation.bias.image()
+            outputs.stage(paths["bias"], _png_writer(Image.fromarray(field_levels(field))))
+            outputs.stage(
+                paths["corrected"], _png_writer(corrected_image(segmentation.picture, field))
+            )
+            del field
         seconds = record["seconds"]
         seconds["write"] = time.perf_counter() - started
         seconds["total"] = seconds["load"] + seconds["fit"] + seconds["write"]
@@ -2783,6 +3135,21 @@ def build_parser():
         "never reach the model; their label is 0, inside labels are 1..K",
     )
     parser.add_argument(
+        "--bias-field",
+        action="store_true",
+        help="gray images: fit a smooth multiplicative intensity field (MRI's bias field) with the "
+        "mixture, which then models the corrected log-intensities; writes STEM_bias.png and "
+        "STEM_corrected.png",
+    )
+    parser.add_argument(
+        "--bias-degree",
+        type=_integer_at_least(1),
+        default=d["bias_degree"],
+        metavar="N",
+        help="the log field is a polynomial of this degree in the pixel coordinates; higher "
+        "follows faster variation (default %(default)s)",
+    )
+    parser.add_argument(
         "--probabilities",
         action="store_true",
         help="also write each component's posterior probability at every pixel, "
@@ -2903,6 +3270,8 @@ def _settings(args, options):
         accelerate=args.accelerate,
         mask=shown(args.mask),
         probabilities=args.probabilities,
+        bias_field=args.bias_field,
+        bias_degree=args.bias_degree,
     )
 
 
@@ -3059,6 +3428,9 @@ def segment_picture(picture, batch, on_iteration=None):
     args, shared = batch.args, batch.shared
     picture, mask_note = masked(picture, args)
     points = distinct_values(picture, shared.mode if shared else args.mode)
+    bias = args.bias_field and picture.kind == "gray" and points.mode == "gray"
+    if args.bias_field and not bias:
+        picture.notes.append("--bias-field applies to 8- and 16-bit gray images; ignored here")
     try:
         segmentation = segment_points(
             picture,
@@ -3069,6 +3441,7 @@ def segment_picture(picture, batch, on_iteration=None):
             shared=shared,
             quantized=args.quantized,
             spatial=args.spatial,
+            bias_degree=args.bias_degree if bias else None,
             keep_posteriors=args.probabilities,
             on_iteration=on_iteration,
         )
@@ -3374,8 +3747,21 @@ def main(argv=None):
             return 128 + signum
 
 
+def check_combinations(args):
+    """Options that cannot work together: bad usage, before any work."""
+    if args.bias_field:
+        for clash, why in (
+            (args.quantized, "--quantized: corrected values are no longer bins"),
+            (args.components == "auto", "-k auto: choose K without the field first"),
+            (args.shared, "--shared: every image has its own field"),
+        ):
+            if clash:
+                raise UsageError(f"usage: --bias-field does not combine with {why}")
+
+
 def _run(args):
     try:
+        check_combinations(args)
         prepare_output_folder(args.out)
     except UsageError as error:
         _write_line(sys.stderr, f"error: {error}")

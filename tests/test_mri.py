@@ -2,13 +2,18 @@
 
 import numpy as np
 import pytest
-from conftest import ROOT, block_labels, matched_accuracy, record_of, run, seg
+from conftest import ROOT, matched_accuracy, record_of, run, seg
 from PIL import Image
 
 
-def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05):
-    """A 3-class piecewise-constant 'brain' inside an ellipse on an exactly black background."""
-    labels = block_labels(*shape, 3, rng)
+def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6):
+    """A 3-class piecewise-constant 'brain' inside an ellipse on an exactly black background.
+
+    The classes fill cells of cell x cell pixels at random, interleaved as tissues are: no
+    smooth field can pass for a class.
+    """
+    cells = rng.integers(0, 3, size=(-(-shape[0] // cell), -(-shape[1] // cell)))
+    labels = np.kron(cells, np.ones((cell, cell), dtype=int))[: shape[0], : shape[1]]
     rows, cols = np.mgrid[: shape[0], : shape[1]]
     inside = ((rows - shape[0] / 2) / (0.42 * shape[0])) ** 2 + (
         (cols - shape[1] / 2) / (0.42 * shape[1])
@@ -165,3 +170,107 @@ def test_the_default_run_segments_the_brain_sample_into_three_tissues(tmp_path, 
     assert fractions.min() > 0.05  # CSF (8.5 %), grey and white matter, each a real share
     means = [m[0] * 255 for m in record["means"]]
     assert means[0] < image[image > 0].mean() < means[2]
+
+
+# --- --bias-field ---------------------------------------------------------------------------------
+
+
+def smooth_field(shape, amplitude=0.25):
+    """A known multiplicative field of about +-25 %: exp of a quadratic in the coordinates."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    u, v = 2 * rows / (shape[0] - 1) - 1, 2 * cols / (shape[1] - 1) - 1
+    log_field = amplitude * (0.8 * u + 0.5 * v * v - 0.3 * u * v)
+    return np.exp(log_field - log_field.mean())
+
+
+def biased_phantom(rng, shape=(120, 150), sd=0.05):
+    image, labels, inside = phantom(rng, shape=shape, sd=sd)
+    field = smooth_field(shape)
+    biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
+    biased[~inside] = 0
+    return image, biased, labels, inside, field
+
+
+def test_bias_field_recovers_the_field_and_the_accuracy(rng):
+    clean, biased, labels, inside, field = biased_phantom(rng)
+    assert field[inside].max() / field[inside].min() > 1.4  # a real field, +-20 % and more
+    reference = matched_accuracy(
+        seg.segment_image(clean, 3, mask=inside)[0][inside] - 1, labels[inside], 3
+    )
+    without = matched_accuracy(
+        seg.segment_image(biased, 3, mask=inside)[0][inside] - 1, labels[inside], 3
+    )
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+    found = seg.label_map(segmentation)
+    with_field = matched_accuracy(found[inside] - 1, labels[inside], 3)
+    assert without < reference - 0.02  # the field costs accuracy ...
+    assert with_field >= reference - 0.01  # ... and the fit wins it back
+    estimated = np.log(segmentation.bias.image()[inside])
+    assert np.corrcoef(estimated, np.log(field[inside]))[0, 1] >= 0.95
+    history = segmentation.model.log_likelihood
+    assert segmentation.model.converged and np.all(np.diff(history) >= -1e-9)
+
+
+def test_no_field_is_found_where_there_is_none(rng):
+    """Without a field the fit keeps its start: the mixture of the log-intensities, field ~ 1."""
+    clean, _, labels, inside, _ = biased_phantom(rng)
+    picture = seg.with_mask(seg.picture_from_array(clean), inside)
+    with_field = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+    assert np.abs(np.log(with_field.bias.image()[inside])).max() < 0.02
+    logs = np.log(np.maximum(clean[inside], 0.5) / 255.0)
+    plain = seg.fit_gmm(logs, 3).predict(logs)  # the same model without a field
+    order = np.argsort(seg.fit_gmm(logs, 3).means[:, 0])
+    assert np.mean(seg.label_map(with_field)[inside] - 1 == np.argsort(order)[plain]) > 0.999
+
+
+def test_bias_field_with_the_spatial_prior(rng):
+    image, labels, inside = phantom(rng, shape=(120, 150), sd=0.07, cell=8)
+    field = smooth_field(image.shape)
+    biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
+    biased[~inside] = 0
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    points = seg.distinct_values(picture)
+    alone = seg.segment_points(picture, points, 3, bias_degree=3)
+    smooth = seg.segment_points(picture, points, 3, bias_degree=3, spatial=1.0)
+    accuracy = [
+        matched_accuracy(seg.label_map(s)[inside] - 1, labels[inside], 3) for s in (alone, smooth)
+    ]
+    assert accuracy[1] >= accuracy[0] + 0.05
+    objective = np.asarray(smooth.spatial["objective"])
+    assert smooth.spatial["converged"] and np.all(np.diff(objective) >= -1e-6)
+    assert np.corrcoef(np.log(smooth.bias.image()[inside]), np.log(field[inside]))[0, 1] >= 0.95
+
+
+def test_bias_field_on_the_command_line(tmp_path, rng, capsys):
+    _, biased, _, inside, _ = biased_phantom(rng)
+    Image.fromarray(biased).save(tmp_path / "scan.png")
+    Image.fromarray(np.stack([biased] * 2 + [biased // 2], axis=-1)).save(tmp_path / "colour.png")
+    status, out, err = run(
+        [
+            tmp_path / "scan.png",
+            tmp_path / "colour.png",
+            "--bias-field",
+            "-k",
+            "3",
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    record = record_of(tmp_path / "o", "scan")
+    assert record["bias_field"]["degree"] == 3 and len(record["bias_field"]["coefficients"]) == 9
+    field = np.asarray(Image.open(tmp_path / "o" / "scan_bias.png")).astype(float) / 32768
+    corrected = np.asarray(Image.open(tmp_path / "o" / "scan_corrected.png")).astype(float)
+    assert np.all(
+        np.abs(corrected[inside] - biased[inside] / field[inside]) <= 1.0 + 1e-3 * biased[inside]
+    )
+    assert field[inside].min() > 0.7 and field[inside].max() < 1.4
+    assert "--bias-field applies to 8- and 16-bit gray images; ignored here" in err
+    assert not (tmp_path / "o" / "colour_bias.png").exists()
+    for clash in (["--quantized"], ["-k", "auto"], ["--shared"]):
+        status, out, err = run(
+            [tmp_path / "scan.png", "--bias-field", *clash, "--out", tmp_path / "x"], capsys
+        )
+        assert status == 2 and err.startswith("error: usage: --bias-field does not combine with")
