@@ -76,6 +76,7 @@ __all__ = [
     "INIT_METHODS",
     "ACCELERATIONS",
     "OUTPUT_SUFFIXES",
+    "OPTIONAL_SUFFIXES",
 ]
 
 # ----------------------------------------------------------------------------
@@ -2558,21 +2559,16 @@ def segment_image(
 # present means a complete set.  On any failure (a full disk, a signal, a bug) every
 # temporary, and every file this run had already renamed, is removed.
 
-OUTPUT_SUFFIXES = (  # written for every image; the last three only with -k auto or --bias-field
-    "segmented.png",
-    "labels.png",
-    "loglik.png",
-    "comparison.png",
-    "model.json",
-    "bic.png",
-    "bias.png",
-    "corrected.png",
-)
+OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
+OPTIONAL_SUFFIXES = ("bic.png", "bias.png", "corrected.png")  # -k auto; --bias-field
 BIAS_SCALE = 32768  # STEM_bias.png holds field x BIAS_SCALE: 1.0 is 32768, 2.0 is 65535
 
 
 def output_paths(out_dir, stem):
-    return {suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}" for suffix in OUTPUT_SUFFIXES}
+    return {
+        suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}"
+        for suffix in OUTPUT_SUFFIXES + OPTIONAL_SUFFIXES
+    }
 
 
 def shown(path):

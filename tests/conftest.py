@@ -98,13 +98,9 @@ def record_of(out_dir, stem):
     return json.loads((Path(out_dir) / f"{stem}_model.json").read_text())
 
 
-def outputs_of(out_dir, stem, bic=False):
-    """The output files of an image, by the program's own list of suffixes."""
-    return {
-        suffix: Path(out_dir) / f"{stem}_{suffix}"
-        for suffix in seg.OUTPUT_SUFFIXES
-        if bic or suffix != "bic.png"
-    }
+def outputs_of(out_dir, stem):
+    """The output files written for every image, by the program's own list of suffixes."""
+    return {suffix: Path(out_dir) / f"{stem}_{suffix}" for suffix in seg.OUTPUT_SUFFIXES}
 
 
 def class_scene(rng, means, sd, shape=(96, 128)):
