@@ -2134,12 +2134,10 @@ class BiasPixels:
 def bias_pixels(picture):
     """The fit's pixels: a zero level counts as half a level, so its logarithm is finite."""
     mask = picture.mask if picture.mask is not None else np.ones(picture.codes.shape, bool)
-    rows, cols = np.nonzero(mask)
-    levels = picture.codes[rows, cols].astype(np.float64)
-    values = np.maximum(levels, 0.5) / picture.scale
-    return BiasPixels(
-        rows.astype(np.int32), cols.astype(np.int32), np.log(values).astype(np.float32), mask.shape
-    )
+    rows, cols = (axis.astype(np.int32) for axis in np.nonzero(mask))
+    log_level = np.log(np.maximum(np.arange(picture.n_codes), 0.5) / picture.scale)
+    log_values = log_level.astype(np.float32)[picture.codes[rows, cols]]
+    return BiasPixels(rows, cols, log_values, mask.shape)
 
 
 @dataclass
@@ -2226,12 +2224,13 @@ def fit_bias_field(
         start.weights, start.means[:, 0], start.covariances.reshape(k, -1)[:, 0], np.zeros(n_terms)
     )
     resp = np.empty((k, len(pixels.rows)), dtype=np.float32)
-    run = run_em(
+    run = run_em(  # every M-step follows its own state's E-step, so one resp buffer serves SQUAREM
         state,
         partial(_bias_e_step, pixels=pixels, degree=degree, resp=resp),
         partial(_bias_m_step, pixels=pixels, degree=degree, reg_covar=options.reg_covar, resp=resp),
         options,
         on_iteration,
+        _bias_coordinates(k),
     )
     state, record = run.state, None  # resp holds its responsibilities: the last E-step was at it
     if spatial > 0:
@@ -2246,7 +2245,10 @@ def fit_bias_field(
         posteriors = np.zeros((k,) + picture.codes.shape, dtype=np.float32)
         posteriors[:, pixels.rows, pixels.cols] = resp[order]
     field = BiasField(degree, state.coefficients, picture.codes.shape)
-    shift = float(np.mean(field.log_field(pixels.rows, pixels.cols)))
+    shift = sum(
+        float(field.log_field(pixels.rows[start:stop], pixels.cols[start:stop]).sum())
+        for start, stop in pixels.blocks()
+    ) / len(pixels.rows)
     model = GaussianMixtureFit(
         state.weights[order],
         state.means[order, None] + shift,
@@ -2265,6 +2267,25 @@ def _corrected(state, pixels, degree, start, stop):
     rows, cols = pixels.rows[start:stop], pixels.cols[start:stop]
     basis = bias_basis(rows, cols, pixels.shape, degree)
     return pixels.log_values[start:stop] - state.coefficients @ basis
+
+
+def _bias_coordinates(k):
+    """SQUAREM's coordinates of a BiasState: log-weights, means, log-variances, the field."""
+
+    def to_vector(state):
+        weights = np.log(np.maximum(state.weights, np.finfo(np.float64).tiny))
+        return np.concatenate([weights, state.means, np.log(state.variances), state.coefficients])
+
+    def from_vector(vector, like):
+        weights = np.exp(vector[:k] - vector[:k].max())
+        return BiasState(
+            weights / weights.sum(),
+            vector[k : 2 * k],
+            np.exp(vector[2 * k : 3 * k]),
+            vector[3 * k :],
+        )
+
+    return to_vector, from_vector
 
 
 def _bias_pixel_log_probabilities(state, pixels, degree, out):
@@ -2890,13 +2911,17 @@ def probability_paths(out_dir, stem, segmentation):
 
 def field_levels(field):
     """The field as STEM_bias.png holds it: uint16 field x BIAS_SCALE (1.0 = 32768)."""
-    return np.clip(np.rint(field * BIAS_SCALE), 0, 65535).astype(np.uint16)
+    levels = field * np.float32(BIAS_SCALE)
+    np.clip(np.rint(levels, out=levels), 0, 65535, out=levels)
+    return levels.astype(np.uint16)
 
 
 def corrected_image(picture, field):
     """The image divided by the field, at the image's own bit depth (gray images only)."""
     top = 255 if picture.bits == 8 else 65535
-    corrected = np.clip(np.rint(picture.codes / field), 0, top)
+    corrected = picture.codes.astype(np.float32)
+    corrected /= field
+    np.clip(np.rint(corrected, out=corrected), 0, top, out=corrected)
     return Image.fromarray(corrected.astype(np.uint8 if top == 255 else np.uint16))
 
 
