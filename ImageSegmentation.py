@@ -11,14 +11,16 @@ iteration is plotted.
 The file reads top to bottom in the order the data flows:
 
     1. settings
-    2. reading an image          -> integer codes, one per pixel
+    2. reading an image          -> integer codes, one per pixel (and a mask)
     3. distinct values           -> the points EM sees, with their counts as weights
-    4. the Gaussian mixture      -> pure NumPy EM, exact and cheap per iteration
+    4. the Gaussian mixture      -> pure NumPy EM, exact and cheap per iteration; the one
+                                    EM driver (SQUAREM, a stopping rule at the maximum)
        4b. quantized gray levels -> the exact likelihood of binned, clipped pixels
     5. labels                    -> components numbered by luminance, pixels by lookup
        5b. a spatial prior       -> a Potts prior on the labels, mean-field EM
-    6. outputs and plots         -> PNG, JSON and figures, written atomically
-    7. the command line
+       5c. a bias field          -> MRI's smooth multiplicative field, fitted with the mixture
+    6. outputs and plots         -> PNG, JSON and figures, per image all or nothing
+    7. the command line          -> parse, dispatch, report; workers and signals
 
 Why distinct values: an 8-bit gray image has at most 256 of them, a photo a few
 hundred thousand colours among millions of pixels.  EM on the distinct values,
