@@ -183,8 +183,8 @@ def smooth_field(shape, amplitude=0.25):
     return np.exp(log_field - log_field.mean())
 
 
-def biased_phantom(rng, shape=(120, 150), sd=0.05):
-    image, labels, inside = phantom(rng, shape=shape, sd=sd)
+def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6):
+    image, labels, inside = phantom(rng, shape=shape, sd=sd, cell=cell)
     field = smooth_field(shape)
     biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
     biased[~inside] = 0
@@ -225,10 +225,7 @@ def test_no_field_is_found_where_there_is_none(rng):
 
 
 def test_bias_field_with_the_spatial_prior(rng):
-    image, labels, inside = phantom(rng, shape=(120, 150), sd=0.07, cell=8)
-    field = smooth_field(image.shape)
-    biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
-    biased[~inside] = 0
+    _, biased, labels, inside, field = biased_phantom(rng, sd=0.07, cell=8)
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
     points = seg.distinct_values(picture)
     alone = seg.segment_points(picture, points, 3, bias_degree=3)
