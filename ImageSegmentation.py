@@ -1942,9 +1942,9 @@ class PixelGrid:
         return int(self.inside.sum()) if self.inside is not None else self.flat_index.size
 
 
-def _mean_field_score(state, grid, beta):
+def _mean_field_score(state, n_pixels, beta):
     """The driver's E-step for the spatial fit: the objective per pixel (no statistics needed)."""
-    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / grid.n_pixels
+    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / n_pixels
 
 
 def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
@@ -2039,7 +2039,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
     start = MeanField(start_model, padded, pixel_logp)
     run = run_em(
         start,
-        partial(_mean_field_score, grid=grid, beta=beta),
+        partial(_mean_field_score, n_pixels=grid.n_pixels, beta=beta),
         partial(
             _mean_field_step,
             grid=grid,
@@ -2317,7 +2317,6 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
     k, shape = len(state.weights), pixels.shape
     inside = np.zeros(shape, dtype=np.float32)
     inside[pixels.rows, pixels.cols] = 1.0
-    grid = PixelGrid(None, pixels.rows, shape, inside)
     pixel_logp = _bias_pixel_log_probabilities(
         state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
     )
@@ -2338,7 +2337,7 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
 
     run = run_em(
         MeanField(state, padded, pixel_logp),
-        partial(_mean_field_score, grid=grid, beta=beta),
+        partial(_mean_field_score, n_pixels=len(pixels.rows), beta=beta),
         step,
         options,
         on_iteration,
