@@ -1983,7 +1983,13 @@ def spatial_fit(
     run, coarser = _mean_field_em(
         model, data, index, mask, beta, options, update_parameters, on_iteration
     )
-    record = {
+    record = _spatial_record(beta, run, coarser)
+    return run.state.model, _argmax_over_components(run.state.q), record, run.state.q
+
+
+def _spatial_record(beta, run, coarser):
+    """What the JSON records of a spatial fit."""
+    return {
         "beta": beta,
         "objective": run.history,
         "n_iter": run.n_iter,
@@ -1991,7 +1997,14 @@ def spatial_fit(
         "em_steps": run.n_em_steps,
         "coarser_grids": coarser,
     }
-    return run.state.model, _argmax_over_components(run.state.q), record, run.state.q
+
+
+def _posterior_start(q, pixel_logp, inside):
+    """q = the plain mixture's posterior, in place, and 0 outside the mask."""
+    q[...] = pixel_logp
+    _softmax_over_components(q)
+    if inside is not None:
+        q *= inside
 
 
 def _mean_field_em(model, data, index, mask, beta, options, update_parameters, on_iteration=None):
@@ -2032,10 +2045,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
         del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
     pixel_logp = _pixel_log_probabilities(start_model, grid, np.empty(shape, dtype=np.float32))
     if not from_coarse:
-        q[...] = pixel_logp
-        _softmax_over_components(q)  # the plain mixture's posterior
-        if inside is not None:
-            q *= inside
+        _posterior_start(q, pixel_logp, inside)
     start = MeanField(start_model, padded, pixel_logp)
     run = run_em(
         start,
@@ -2321,10 +2331,7 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
         state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
     )
     padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
-    q = padded[:, 1:-1, 1:-1]
-    q[...] = pixel_logp
-    _softmax_over_components(q)
-    q *= inside
+    _posterior_start(padded[:, 1:-1, 1:-1], pixel_logp, inside)
 
     def step(_, mean_field):
         for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):
@@ -2342,15 +2349,7 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
         options,
         on_iteration,
     )
-    record = {
-        "beta": beta,
-        "objective": run.history,
-        "n_iter": run.n_iter,
-        "converged": run.converged,
-        "em_steps": run.n_em_steps,
-        "coarser_grids": [],
-    }
-    return run.state.model, run.state.q, record
+    return run.state.model, run.state.q, _spatial_record(beta, run, [])
 
 
 # --- 5d. Putting it together ---------------------------------------------------
