@@ -2132,10 +2132,31 @@ def bias_basis(rows, cols, shape, degree):
 class BiasPixels:
     """The pixels a bias fit sees: coordinates and log-intensities of those inside the mask."""
 
-    rows: np.ndarray  # (N,) int32
+    rows: np.ndarray  # (N,) int32 row in the image (what the field's basis is of)
     cols: np.ndarray  # (N,) int32
     log_values: np.ndarray  # (N,) float32 log of the intensity on the 0..1 scale
-    shape: tuple
+    shape: tuple  # (H, W) of the image
+    step: int = 1  # a coarser grid's: its pixels are the image's every step-th row and column
+
+    @property
+    def grid_rows(self):
+        """Row of every pixel in the grid the spatial fit works on."""
+        return self.rows if self.step == 1 else self.rows // self.step
+
+    @property
+    def grid_cols(self):
+        return self.cols if self.step == 1 else self.cols // self.step
+
+    @property
+    def grid_shape(self):
+        return tuple(-(-size // self.step) for size in self.shape)
+
+    def coarser(self):
+        """The pixels of the grid of every other row and column of this one."""
+        keep = (self.rows % (2 * self.step) == 0) & (self.cols % (2 * self.step) == 0)
+        return BiasPixels(
+            self.rows[keep], self.cols[keep], self.log_values[keep], self.shape, 2 * self.step
+        )
 
     def blocks(self):
         for start in range(0, len(self.rows), BIAS_BLOCK):
@@ -2303,10 +2324,11 @@ def _bias_coordinates(k):
 def _bias_pixel_log_probabilities(state, pixels, degree, out):
     """log(w_k N(z_i | mu_k, s_k^2)) of every fitted pixel into out (K, H, W); 0 elsewhere."""
     const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
+    rows, cols = pixels.grid_rows, pixels.grid_cols
     for start, stop in pixels.blocks():
         z = _corrected(state, pixels, degree, start, stop)
         logp = const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
-        out[:, pixels.rows[start:stop], pixels.cols[start:stop]] = logp
+        out[:, rows[start:stop], cols[start:stop]] = logp
     return out
 
 
@@ -2320,23 +2342,47 @@ def _bias_moments(state, pixels, degree, resp):
     return stats
 
 
-def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
+def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration=None):
     """Mean-field EM of the Potts prior with the field: each iteration a checkerboard sweep of q,
-    then the mixture's M-step and the field's least squares, both for q.  Returns the state,
-    q (K, H, W) and the fit's record, as spatial_fit's."""
-    k, shape = len(state.weights), pixels.shape
+    then the mixture's M-step and the field's least squares, both for q.  Coarse to fine, as
+    _mean_field_em: a large grid starts from the fit of its 2 x 2-subsampled grid.  Returns the
+    state, q (K, H, W) of the grid and the fit's record, as spatial_fit's."""
+    k, shape = len(state.weights), pixels.grid_shape
+    rows, cols = pixels.grid_rows, pixels.grid_cols
+    coarser, start_q = [], None
+    coarse = pixels.coarser()
+    if shape[0] * shape[1] > COARSEST_GRID_PIXELS and len(coarse.rows):
+        state, start_q, record = _spatial_bias_fit(state, coarse, degree, beta, options)
+        coarser = record["coarser_grids"] + [
+            {
+                "height": -(-shape[0] // 2),
+                "width": -(-shape[1] // 2),
+                "n_iter": record["n_iter"],
+                "converged": record["converged"],
+            }
+        ]
+    del coarse
     inside = np.zeros(shape, dtype=np.float32)
-    inside[pixels.rows, pixels.cols] = 1.0
+    inside[rows, cols] = 1.0
+    padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
+    if start_q is not None:
+        q = padded[:, 1:-1, 1:-1]
+        for row in (0, 1):
+            for col in (0, 1):
+                block = q[:, row::2, col::2]
+                block[...] = start_q[:, : block.shape[1], : block.shape[2]]
+        q *= inside
+        del start_q
     pixel_logp = _bias_pixel_log_probabilities(
         state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
     )
-    padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
-    _posterior_start(padded[:, 1:-1, 1:-1], pixel_logp, inside)
+    if not coarser:
+        _posterior_start(padded[:, 1:-1, 1:-1], pixel_logp, inside)
 
     def step(_, mean_field):
         for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):
             _update_sites(mean_field.padded, mean_field.pixel_logp, beta, row, col, inside)
-        resp = mean_field.q[:, pixels.rows, pixels.cols]
+        resp = mean_field.q[:, rows, cols]
         stats = _bias_moments(mean_field.model, pixels, degree, resp)
         new = _bias_m_step(stats, mean_field.model, pixels, degree, options.reg_covar, resp)
         _bias_pixel_log_probabilities(new, pixels, degree, mean_field.pixel_logp)
@@ -2349,7 +2395,7 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration):
         options,
         on_iteration,
     )
-    return run.state.model, run.state.q, _spatial_record(beta, run, [])
+    return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
 
 
 # --- 5d. Putting it together ---------------------------------------------------
