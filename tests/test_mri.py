@@ -271,3 +271,35 @@ def test_bias_field_on_the_command_line(tmp_path, rng, capsys):
             [tmp_path / "scan.png", "--bias-field", *clash, "--out", tmp_path / "x"], capsys
         )
         assert status == 2 and err.startswith("error: usage: --bias-field does not combine with")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.full((1, 1), 7, np.uint8),
+        np.arange(1, 241, dtype=np.uint8)[None, :],
+        np.full((20, 30), 100, np.uint8),
+        (np.arange(40 * 50).reshape(40, 50) % 3 * 15000 + 1000).astype(np.uint16),
+    ],
+    ids=["one pixel", "one row", "constant", "16-bit"],
+)
+def test_bias_field_on_degenerate_images(tmp_path, capsys, array):
+    """Where the field's basis is degenerate on the pixels, the minimum-norm field still fits."""
+    Image.fromarray(array).save(tmp_path / "d.png")
+    status, out, err = run(
+        [
+            tmp_path / "d.png",
+            "--bias-field",
+            "--spatial",
+            "0.5",
+            "--probabilities",
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    record = record_of(tmp_path / "o", "d")
+    assert np.all(np.isfinite(record["bias_field"]["coefficients"]))
+    assert np.all(np.isfinite(record["log_likelihood"]))
+    assert Image.open(tmp_path / "o" / "d_bias.png").size == array.shape[::-1]
