@@ -94,7 +94,7 @@ DEFAULTS = dict(
     tol=1e-8,  # estimated distance of the mean log-likelihood per pixel to its limit
     accelerate="squarem",
     n_init=1,
-    auto_n_init=2,  # starts per K when -k auto sweeps K
+    auto_n_init=2,  # starts with -k auto (per K) and with --bias-field
     init="kmeans++",
     seed=0,
     reg_covar=1e-6,
@@ -2237,8 +2237,10 @@ def fit_bias_field(
     """A Gaussian mixture of log-intensities and a smooth multiplicative field, by ECM.
 
     Starts from the plain mixture of the log-intensities (on their distinct values) and no
-    field.  spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the
-    converged plain fit on.  Returns (model, field, labels, record): the mixture of corrected
+    field; with options.n_init > 1, from that many plain starts, keeping the fit with the
+    highest final log-likelihood (a start misled by the field can end in a poorer maximum).
+    spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
+    plain fit on.  Returns (model, field, labels, record): the mixture of corrected
     log-intensities, numbered from the darkest (its means and covariances are of
     log-intensities), the BiasField, the component of every pixel (H, W), the spatial fit's
     record (None without one) and, with keep_posteriors, every component's posterior at every
@@ -2248,21 +2250,37 @@ def fit_bias_field(
     levels, counts = np.unique(picture.codes[pixels.rows, pixels.cols], return_counts=True)
     logs = np.log(np.maximum(levels, 0.5) / picture.scale)
     k = min(n_components, len(levels))
-    start = _fit_data(_Data(logs, counts.astype(np.float64)), k, options)
+    data = _Data(logs, counts.astype(np.float64))
+    rng = np.random.default_rng(options.random_state)
     n_terms = (degree + 1) * (degree + 2) // 2 - 1
-    state = BiasState(
-        start.weights, start.means[:, 0], start.covariances.reshape(k, -1)[:, 0], np.zeros(n_terms)
-    )
     resp = np.empty((k, len(pixels.rows)), dtype=np.float32)
-    run = run_em(  # every M-step follows its own state's E-step, so one resp buffer serves SQUAREM
-        state,
-        partial(_bias_e_step, pixels=pixels, degree=degree, resp=resp),
-        partial(_bias_m_step, pixels=pixels, degree=degree, reg_covar=options.reg_covar, resp=resp),
-        options,
-        on_iteration,
-        _bias_coordinates(k),
-    )
-    state, record = run.state, None  # resp holds its responsibilities: the last E-step was at it
+    e_step = partial(_bias_e_step, pixels=pixels, degree=degree, resp=resp)
+    run = None
+    for _ in range(options.n_init):
+        start = _em(
+            data, k, options, _initial_statistics(data, k, options.init, rng), [None] * 3, None
+        )
+        state = BiasState(
+            start.weights,
+            start.means[:, 0],
+            start.covariances.reshape(k, -1)[:, 0],
+            np.zeros(n_terms),
+        )
+        candidate = run_em(  # every M-step follows its own state's E-step: one resp buffer serves
+            state,
+            e_step,
+            partial(
+                _bias_m_step, pixels=pixels, degree=degree, reg_covar=options.reg_covar, resp=resp
+            ),
+            options,
+            on_iteration,
+            _bias_coordinates(k),
+        )
+        if run is None or candidate.history[-1] > run.history[-1]:
+            run = candidate
+    if options.n_init > 1:
+        e_step(run.state)  # resp: the kept fit's responsibilities again
+    state, record = run.state, None
     if spatial > 0:
         del resp
         state, q, record = _spatial_bias_fit(state, pixels, degree, spatial, options, on_iteration)
@@ -3138,7 +3156,8 @@ def build_parser():
         metavar="N",
         help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
         f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
-        f"pick the wrong K)",
+        f"pick the wrong K, and with --bias-field, where a start misled by the field can end "
+        f"in a poorer maximum)",
     )
     parser.add_argument(
         "--init",
@@ -3340,7 +3359,8 @@ def _settings(args, options):
 
 
 def fit_options_from(args):
-    n_init = args.n_init or DEFAULTS["auto_n_init" if args.components == "auto" else "n_init"]
+    several = args.components == "auto" or args.bias_field  # where one start can mislead
+    n_init = args.n_init or DEFAULTS["auto_n_init" if several else "n_init"]
     return FitOptions(
         covariance_type=args.covariance,
         max_iter=args.max_iter,
