@@ -1999,6 +1999,14 @@ def _spatial_record(beta, run, coarser):
     }
 
 
+def _copy_to_blocks(q, coarse_q):
+    """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block."""
+    for row in (0, 1):
+        for col in (0, 1):
+            block = q[:, row::2, col::2]
+            block[...] = coarse_q[:, : block.shape[1], : block.shape[2]]
+
+
 def _posterior_start(q, pixel_logp, inside):
     """q = the plain mixture's posterior, in place, and 0 outside the mask."""
     q[...] = pixel_logp
@@ -2038,10 +2046,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
     q = padded[:, 1:-1, 1:-1]
     from_coarse = start_q is not None
     if from_coarse:
-        for row in (0, 1):
-            for col in (0, 1):
-                block = q[:, row::2, col::2]
-                block[...] = start_q[:, : block.shape[1], : block.shape[2]]
+        _copy_to_blocks(q, start_q)
         del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
     pixel_logp = _pixel_log_probabilities(start_model, grid, np.empty(shape, dtype=np.float32))
     if not from_coarse:
@@ -2107,15 +2112,17 @@ class BiasField:
         """The log field at the given pixels, float64."""
         return self.coefficients @ bias_basis(rows, cols, self.shape, self.degree) - self.shift
 
-    def image(self):
-        """The field at every pixel, (H, W) float32, row block by row block."""
-        out = np.empty(self.shape, dtype=np.float32)
-        step = max(1, BIAS_BLOCK // self.shape[1])
-        for top in range(0, self.shape[0], step):
-            rows, cols = np.mgrid[top : min(top + step, self.shape[0]), : self.shape[1]]
-            out[top : top + step] = np.exp(self.log_field(rows.ravel(), cols.ravel())).reshape(
-                rows.shape
-            )
+    def image(self, stride=1):
+        """The field at every stride-th pixel of every stride-th row, float32, in row blocks
+        (stride 1: (H, W); a figure asks only for its downsampled copy's pixels)."""
+        rows = np.arange(0, self.shape[0], stride)
+        cols = np.arange(0, self.shape[1], stride)
+        out = np.empty((len(rows), len(cols)), dtype=np.float32)
+        step = max(1, BIAS_BLOCK // len(cols))
+        for top in range(0, len(rows), step):
+            block_rows, block_cols = np.meshgrid(rows[top : top + step], cols, indexing="ij")
+            log_field = self.log_field(block_rows.ravel(), block_cols.ravel())
+            out[top : top + step] = np.exp(log_field).reshape(block_rows.shape)
         return out
 
 
@@ -2187,17 +2194,26 @@ def _bias_e_step(state, pixels, degree, resp):
     """One pass: the log-likelihood per pixel and the moment sums, responsibilities into resp."""
     stats = np.zeros((3, len(state.weights)))
     total = 0.0
-    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
     for start, stop in pixels.blocks():
-        basis = bias_basis(pixels.rows[start:stop], pixels.cols[start:stop], pixels.shape, degree)
-        z = pixels.log_values[start:stop] - state.coefficients @ basis
-        logp = const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
+        z = _corrected(state, pixels, degree, start, stop)
+        logp = _bias_log_densities(state, z)
         log_total = _logsumexp(logp, axis=0)
         total += log_total.sum()
         r = np.exp(logp - log_total)
         resp[:, start:stop] = r
-        stats += np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
+        stats += _moment_sums(r, z)
     return stats, total / len(pixels.rows)
+
+
+def _bias_log_densities(state, z):
+    """(K, m) log(w_k N(z | mu_k, s_k^2)) of corrected log-intensities z."""
+    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
+    return const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
+
+
+def _moment_sums(r, z):
+    """[mass, sum r z, sum r z^2] per component of responsibilities r (K, m)."""
+    return np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
 
 
 def _bias_m_step(stats, state, pixels, degree, reg_covar, resp):
@@ -2338,12 +2354,10 @@ def _bias_coordinates(k):
 
 def _bias_pixel_log_probabilities(state, pixels, degree, out):
     """log(w_k N(z_i | mu_k, s_k^2)) of every fitted pixel into out (K, H, W); 0 elsewhere."""
-    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
     rows, cols = pixels.grid_rows, pixels.grid_cols
     for start, stop in pixels.blocks():
         z = _corrected(state, pixels, degree, start, stop)
-        logp = const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
-        out[:, rows[start:stop], cols[start:stop]] = logp
+        out[:, rows[start:stop], cols[start:stop]] = _bias_log_densities(state, z)
     return out
 
 
@@ -2352,8 +2366,7 @@ def _bias_moments(state, pixels, degree, resp):
     stats = np.zeros((3, len(state.weights)))
     for start, stop in pixels.blocks():
         z = _corrected(state, pixels, degree, start, stop)
-        r = resp[:, start:stop].astype(np.float64)
-        stats += np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
+        stats += _moment_sums(resp[:, start:stop].astype(np.float64), z)
     return stats
 
 
@@ -2382,10 +2395,7 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration=None):
     padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
     if start_q is not None:
         q = padded[:, 1:-1, 1:-1]
-        for row in (0, 1):
-            for col in (0, 1):
-                block = q[:, row::2, col::2]
-                block[...] = start_q[:, : block.shape[1], : block.shape[2]]
+        _copy_to_blocks(q, start_q)
         q *= inside
         del start_q
     pixel_logp = _bias_pixel_log_probabilities(
@@ -2925,7 +2935,7 @@ def plot_comparison(segmentation, title):
     )
     colorbar.set_ticks(range(k + first) if k <= 16 else np.linspace(0, k + first - 1, 9).round())
     if segmentation.bias is not None:
-        field = segmentation.bias.image()[::step, ::step]
+        field = segmentation.bias.image(stride=step)
         if segmentation.picture.mask is not None:
             field = np.where(segmentation.picture.mask[::step, ::step], field, np.nan)
         shown_field = axes[3].imshow(field, cmap="magma", interpolation="nearest")
