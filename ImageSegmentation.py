@@ -117,6 +117,8 @@ PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 BIAS_BLOCK = 1 << 16  # pixels per block in the bias field's passes
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
+OVER_RELAXATION = 1.8  # mean-field sites move this far towards their update, when it gains
+SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
@@ -1832,41 +1834,186 @@ class SharedModel:
 #                   + BETA sum_(i~j) sum_k q_ik q_jk,
 # the prior's partition function left out.  The E-step updates the two colours of a
 # checkerboard in turn: no two pixels of one colour are neighbours, so each half-sweep sets
-# q_i = softmax_k(log w_k p(x_i | k) + BETA * sum of the neighbours' q_jk) exactly, and L never
-# decreases.  Each colour is two stride-2 sub-lattices, so a half-sweep touches only its own
-# pixels, through strided views (no masks, no Python loop over pixels).  The M-step needs the
-# responsibilities summed per distinct value (a bincount),
-# so it costs what the plain M-step costs; the E-step is O(pixels x K) in float32.
+# q_i = softmax_k(a_i), a_i = log w_k p(x_i | k) + BETA * (sum of the neighbours' q_jk),
+# exactly, and L never decreases.  Each colour is two stride-2 sub-lattices reached through
+# strided views, and a sweep goes through the image in row bands of about SWEEP_BAND_BYTES,
+# so its temporaries stay in cache: the only per-pixel arrays are q (K float32 a pixel) and
+# the point of every pixel.
+#
+# L comes out of the sweep with no pass of its own.  A site set to q_i = softmax(a_i) has
+# q_i . (log p_i - log q_i) = lse(a_i) - BETA q_i . n_i, n_i its neighbours' sum, and every
+# neighbour pair has one black and one white site, so after a sweep
+#     L = sum over the sites of lse(a_i) - BETA sum_white (q_j before the sweep) . n_j,
+# the last sum taken as the white sites are updated.  The M-step needs the responsibilities
+# summed per distinct value (a bincount), as the plain M-step does, and L's change with theta
+# is those sums times the change of the points' log-probabilities.
 
 
-def _update_sites(padded, pixel_logp, beta, row, col, inside=None):
-    """Mean-field update of the pixels (row + 2i, col + 2j): none of them neighbours another.
+CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
 
-    padded is (K, H + 2, W + 2) with the responsibilities inside a border of zeros, so the four
-    neighbours of every site are four strided views (outside the image counts 0).  inside:
-    (H, W) float32 0/1 of a mask, whose outside pixels keep q = 0 and so count 0 too.
-    """
-    height, width = pixel_logp.shape[1:]
-    rows, cols = slice(1 + row, height + 1, 2), slice(1 + col, width + 1, 2)
-    field = padded[:, row:height:2, cols] + padded[:, 2 + row : height + 2 : 2, cols]
-    field += padded[:, rows, col:width:2]
-    field += padded[:, rows, 2 + col : width + 2 : 2]
+
+def _bands(height, width, n_components):
+    """(top, bottom) of the row bands a pass works in, every top even."""
+    rows = max(2, SWEEP_BAND_BYTES // (4 * n_components * max(width, 1)))
+    rows += rows % 2
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def _update_sites(padded, rows, cols, beta, site_logp, inside, coupling=False):
+    """Over-relaxed mean-field update of the sites rows x cols (image coordinates, stride 2: no
+    two of them neighbours).  padded is (K, H + 2, W + 2), q inside a border of zeros, so the
+    neighbours are four strided views and outside the image counts 0; so do the pixels outside
+    a mask (inside: (H, W) bool), whose q stays 0.  Returns the sites' sum of lse(a_i) -
+    KL(q_i || q*_i) and, with coupling, of (their q before the update) . (their neighbours'
+    sum): L's two terms (section notes)."""
+    r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
+    centre = padded[:, r0:r1:2, c0:c1:2]
+    old = centre.copy()
+    field = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
+    field += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
+    field += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+    agreement = float(np.sum(old * field, dtype=np.float64)) if coupling else 0.0
     field *= beta
-    field += pixel_logp[:, row::2, col::2]
-    _softmax_over_components(field)
+    field += site_logp(rows, cols)
+    top = field.max(axis=0)
+    field -= top
+    target = np.exp(field)
+    total = target.sum(axis=0)
+    target /= total  # q*, the plain update
+    lse = np.log(total)
+    field -= lse  # log q*
+    lse += top
+    tiny = np.finfo(np.float32).tiny
+    relaxed = target - old
+    relaxed *= OVER_RELAXATION
+    relaxed += old  # q + w (q* - q)
+    gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - field), axis=0)
+    gap = np.sum(relaxed * (np.log(np.maximum(relaxed, tiny)) - field), axis=0)
+    better = (gap <= gap_old) & (relaxed.min(axis=0) >= 0)  # KL(relaxed || q*) <= KL(q || q*)
+    np.copyto(target, relaxed, where=better)
+    lse -= gap * better
+    sites_inside = True if inside is None else inside[rows, cols]
     if inside is not None:
-        field *= inside[row::2, col::2]
-    padded[:, rows, cols] = field
+        target *= sites_inside
+    centre[...] = target
+    return float(np.sum(lse, where=sites_inside, dtype=np.float64)), agreement
 
 
-def _pixel_log_probabilities(model, grid, out):
-    """log(w_k p(x_i | k)) of every pixel into out (K, H, W) float32, gathered from the points'."""
-    point_logp = np.empty((model.n_components, len(grid.data)), dtype=np.float32)
-    for start, block in log_density_blocks(model, grid.data):
-        point_logp[:, start : start + block.shape[1]] = block
-    for k in range(len(point_logp)):
-        np.take(point_logp[k], grid.flat_index, out=out[k].reshape(-1))
-    return out
+def _sweep(padded, beta, site_logp, inside):
+    """One checkerboard sweep of q in place; returns L(new q, theta), theta that of site_logp."""
+    n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+    objective = 0.0
+    for colour, sites in enumerate(CHECKERBOARD):
+        for top, bottom in _bands(height, width, n_components):
+            for row, col in sites:
+                lse, agreement = _update_sites(
+                    padded,
+                    slice(top + row, bottom, 2),
+                    slice(col, width, 2),
+                    beta,
+                    site_logp,
+                    inside,
+                    coupling=colour == 1 and beta != 0,
+                )
+                objective += lse - beta * agreement
+    return objective
+
+
+def _mean_field_objective(padded, beta, site_logp):
+    """L(q, theta) computed from its definition, band by band (at the start of a fit).
+
+    Outside a mask q is 0, so those pixels add nothing.
+    """
+    n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+    tiny = np.finfo(np.float32).tiny
+    objective = 0.0
+    for top, bottom in _bands(height, width, n_components):
+        q = padded[:, top + 1 : bottom + 1, 1:-1]
+        expected = site_logp(slice(top, bottom), slice(0, width))
+        expected -= np.log(np.maximum(q, tiny))
+        objective += np.sum(q * expected, dtype=np.float64)
+        below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
+        pairs = np.sum(q * below, dtype=np.float64)
+        pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+        objective += beta * pairs
+    return float(objective)
+
+
+def _posterior_start(padded, site_logp, inside):
+    """q = the plain mixture's posterior (0 outside the mask), in place, band by band."""
+    n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+    for top, bottom in _bands(height, width, n_components):
+        q = site_logp(slice(top, bottom), slice(0, width))
+        _softmax_over_components(q)
+        if inside is not None:
+            q *= inside[top:bottom]
+        padded[:, top + 1 : bottom + 1, 1:-1] = q
+
+
+def _copy_to_blocks(q, coarse_q):
+    """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block."""
+    for row in (0, 1):
+        for col in (0, 1):
+            block = q[:, row::2, col::2]
+            block[...] = coarse_q[:, : block.shape[1], : block.shape[2]]
+
+
+def _softmax_over_components(logits):
+    """In place: exp(logits) / sum_k exp(logits), over axis 0."""
+    logits -= logits.max(axis=0)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0)
+    return logits
+
+
+def _argmax_over_components(q):
+    """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow)."""
+    best = q[0].copy()
+    labels = np.zeros(best.shape, dtype=np.uint8 if len(q) <= 256 else np.uint16)
+    for k in range(1, len(q)):
+        better = q[k] > best
+        labels[better] = k
+        np.maximum(best, q[k], out=best)
+    return labels
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """What the spatial fit knows of the pixels: the points and the point of every pixel."""
+
+    data: _Data
+    index: np.ndarray  # (H, W) point of every pixel, the smallest unsigned type that holds it
+    inside: np.ndarray | None = None  # (H, W) bool: the pixels of a mask; None: every pixel
+
+    @property
+    def n_pixels(self):
+        """The pixels that count: those inside the mask."""
+        return int(np.count_nonzero(self.inside)) if self.inside is not None else self.index.size
+
+    def point_sums(self, q):
+        """(K, M) q summed over the pixels of every point, by bincounts in row chunks."""
+        n_points, width = len(self.data), self.index.shape[1]
+        rows = max(1, max(PIXEL_CHUNK // 4, 4 * n_points) // max(width, 1))
+        sums = np.zeros((len(q), n_points))
+        for top in range(0, self.index.shape[0], rows):
+            points = self.index[top : top + rows].reshape(-1)
+            for k, qk in enumerate(q):
+                weights = qk[top : top + rows].reshape(-1)
+                sums[k] += np.bincount(points, weights=weights, minlength=n_points)
+        return sums
+
+
+def _point_log_probabilities(model, data):
+    """(K, M) float32 log(w_k p(x_m | k)) of every point: what a pixel's are looked up in."""
+    table = np.empty((model.n_components, len(data)), dtype=np.float32)
+    for start, block in log_density_blocks(model, data):
+        table[:, start : start + block.shape[1]] = block
+    return table
+
+
+def _looked_up(table, index):
+    """site_logp for a table model: the (K, h, w) log-probabilities of the sites rows x cols."""
+    return lambda rows, cols: np.take(table, index[rows, cols], axis=1)  # 4x faster than []
 
 
 def _spatial_m_step(model, data, resp, reg_covar):
@@ -1888,85 +2035,37 @@ def _spatial_m_step(model, data, resp, reg_covar):
     return replace(model, weights=weights, means=data.uncentred(means), covariances=covariances)
 
 
-def _softmax_over_components(logits):
-    """In place: exp(logits) / sum_k exp(logits), over axis 0."""
-    logits -= logits.max(axis=0)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=0)
-    return logits
-
-
-def _mean_field_objective(q, pixel_logp, beta):
-    """L(q, theta): expected log-likelihood + entropy + BETA x expected agreeing neighbour pairs.
-
-    float32 terms summed in float64.
-    """
-    tiny = np.finfo(np.float32).tiny
-    total = 0.0
-    for qk, logp in zip(q, pixel_logp):
-        total += np.sum(qk * (logp - np.log(np.maximum(qk, tiny))), dtype=np.float64)
-        total += beta * (
-            np.sum(qk[1:] * qk[:-1], dtype=np.float64)
-            + np.sum(qk[:, 1:] * qk[:, :-1], dtype=np.float64)
-        )
-    return float(total)
-
-
 @dataclass
 class MeanField:
-    """The spatial fit's state: the model, q (K, H, W) inside a zero border, and each pixel's
-    log(w_k p(x | k)) under the model.  The per-pixel arrays are updated in place (each is K
-    float32 values a pixel: copies would not fit at 24 megapixels), so a state is used once."""
+    """The spatial fit's state: the model, q (K, H, W) inside a zero border (updated in place:
+    a copy would not fit at 24 megapixels, so a state is used once), the points'
+    log-probabilities under the model and L(q, model) summed over the pixels."""
 
     model: GaussianMixtureFit
     padded: np.ndarray  # (K, H + 2, W + 2) float32
-    pixel_logp: np.ndarray  # (K, H, W) float32
+    table: np.ndarray  # (K, M) float32
+    objective: float
 
     @property
     def q(self):
         return self.padded[:, 1:-1, 1:-1]
 
 
-@dataclass(frozen=True)
-class PixelGrid:
-    """What the spatial fit knows of the pixels: the points and the point of every pixel."""
-
-    data: _Data
-    flat_index: np.ndarray  # (H * W,) intp: take and bincount would convert it every time
-    shape: tuple
-    inside: np.ndarray | None = None  # (H, W) float32 1 inside a mask, 0 outside; None: no mask
-
-    @property
-    def n_pixels(self):
-        """The pixels that count: those inside the mask."""
-        return int(self.inside.sum()) if self.inside is not None else self.flat_index.size
-
-
-def _mean_field_score(state, n_pixels, beta):
+def _mean_field_score(state, n_pixels):
     """The driver's E-step for the spatial fit: the objective per pixel (no statistics needed)."""
-    return None, _mean_field_objective(state.q, state.pixel_logp, beta) / n_pixels
+    return None, state.objective / n_pixels
 
 
 def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
-    """One mean-field EM iteration: a checkerboard sweep of q, then the M-step and the new log p."""
-    for row, col in (
-        (0, 0),
-        (1, 1),
-        (0, 1),
-        (1, 0),
-    ):  # a checkerboard's black sites, then its white
-        _update_sites(state.padded, state.pixel_logp, beta, row, col, grid.inside)
-    model = state.model
-    if update_parameters:
-        resp = np.stack(
-            [
-                np.bincount(grid.flat_index, weights=qk.reshape(-1), minlength=len(grid.data))
-                for qk in state.q
-            ]
-        )
-        model = _spatial_m_step(model, grid.data, resp, reg_covar)
-        _pixel_log_probabilities(model, grid, state.pixel_logp)
-    return MeanField(model, state.padded, state.pixel_logp)
+    """One mean-field EM iteration: a checkerboard sweep of q, then the M-step for that q."""
+    objective = _sweep(state.padded, beta, _looked_up(state.table, grid.index), grid.inside)
+    if not update_parameters:
+        return replace(state, objective=objective)
+    sums = grid.point_sums(state.q)
+    model = _spatial_m_step(state.model, grid.data, sums, reg_covar)
+    table = _point_log_probabilities(model, grid.data)
+    objective += float(np.sum(sums * (table.astype(np.float64) - state.table)))
+    return MeanField(model, state.padded, table, objective)
 
 
 def spatial_fit(
@@ -1980,6 +2079,7 @@ def spatial_fit(
     mask: (H, W) bool, the pixels to segment; outside pixels have no label and no neighbours.
     update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
+    index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
     run, coarser = _mean_field_em(
         model, data, index, mask, beta, options, update_parameters, on_iteration
     )
@@ -1999,20 +2099,14 @@ def _spatial_record(beta, run, coarser):
     }
 
 
-def _copy_to_blocks(q, coarse_q):
-    """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block."""
-    for row in (0, 1):
-        for col in (0, 1):
-            block = q[:, row::2, col::2]
-            block[...] = coarse_q[:, : block.shape[1], : block.shape[2]]
-
-
-def _posterior_start(q, pixel_logp, inside):
-    """q = the plain mixture's posterior, in place, and 0 outside the mask."""
-    q[...] = pixel_logp
-    _softmax_over_components(q)
-    if inside is not None:
-        q *= inside
+def _coarser_record(shape, run):
+    """What the record keeps of the fit on the 2 x 2-subsampled grid of a grid of this shape."""
+    return {
+        "height": -(-shape[0] // 2),
+        "width": -(-shape[1] // 2),
+        "n_iter": run.n_iter,
+        "converged": run.converged,
+    }
 
 
 def _mean_field_em(model, data, index, mask, beta, options, update_parameters, on_iteration=None):
@@ -2030,31 +2124,23 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
         coarse, coarser = _mean_field_em(
             model, data, index[::2, ::2], coarse_mask, beta, options, update_parameters
         )
-        coarser.append(
-            {
-                "height": index.shape[0] // 2 + index.shape[0] % 2,
-                "width": index.shape[1] // 2 + index.shape[1] % 2,
-                "n_iter": coarse.n_iter,
-                "converged": coarse.converged,
-            }
-        )
+        coarser.append(_coarser_record(index.shape, coarse))
         start_model, start_q = coarse.state.model, coarse.state.q
-    inside = None if mask is None else mask.astype(np.float32)
-    grid = PixelGrid(data, index.reshape(-1).astype(np.intp), index.shape, inside)
-    shape = (model.n_components,) + index.shape
-    padded = np.zeros((shape[0], shape[1] + 2, shape[2] + 2), dtype=np.float32)
-    q = padded[:, 1:-1, 1:-1]
-    from_coarse = start_q is not None
-    if from_coarse:
-        _copy_to_blocks(q, start_q)
+    grid = PixelGrid(data, np.ascontiguousarray(index), mask)
+    padded = np.zeros((model.n_components, index.shape[0] + 2, index.shape[1] + 2), np.float32)
+    table = _point_log_probabilities(start_model, data)
+    site_logp = _looked_up(table, grid.index)
+    if start_q is not None:
+        _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q)
+        if mask is not None:
+            padded[:, 1:-1, 1:-1] *= mask
         del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
-    pixel_logp = _pixel_log_probabilities(start_model, grid, np.empty(shape, dtype=np.float32))
-    if not from_coarse:
-        _posterior_start(q, pixel_logp, inside)
-    start = MeanField(start_model, padded, pixel_logp)
+    else:
+        _posterior_start(padded, site_logp, mask)
+    start = MeanField(start_model, padded, table, _mean_field_objective(padded, beta, site_logp))
     run = run_em(
         start,
-        partial(_mean_field_score, n_pixels=grid.n_pixels, beta=beta),
+        partial(_mean_field_score, n_pixels=grid.n_pixels),
         partial(
             _mean_field_step,
             grid=grid,
@@ -2066,17 +2152,6 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
         on_iteration,
     )
     return run, coarser
-
-
-def _argmax_over_components(q):
-    """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow)."""
-    best = q[0].copy()
-    labels = np.zeros(best.shape, dtype=np.uint8 if len(q) <= 256 else np.uint16)
-    for k in range(1, len(q)):
-        better = q[k] > best
-        labels[better] = k
-        np.maximum(best, q[k], out=best)
-    return labels
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
@@ -2390,37 +2465,43 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration=None):
             }
         ]
     del coarse
-    inside = np.zeros(shape, dtype=np.float32)
-    inside[rows, cols] = 1.0
+    inside = np.zeros(shape, dtype=bool)
+    inside[rows, cols] = True
     padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
+    pixel_logp = _bias_pixel_log_probabilities(
+        state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
+    )
+    site_logp = _from_array(pixel_logp)
     if start_q is not None:
         q = padded[:, 1:-1, 1:-1]
         _copy_to_blocks(q, start_q)
         q *= inside
         del start_q
-    pixel_logp = _bias_pixel_log_probabilities(
-        state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
-    )
-    if not coarser:
-        _posterior_start(padded[:, 1:-1, 1:-1], pixel_logp, inside)
+    else:
+        _posterior_start(padded, site_logp, inside)
 
     def step(_, mean_field):
-        for row, col in ((0, 0), (1, 1), (0, 1), (1, 0)):
-            _update_sites(mean_field.padded, mean_field.pixel_logp, beta, row, col, inside)
+        _sweep(mean_field.padded, beta, site_logp, inside)
         resp = mean_field.q[:, rows, cols]
         stats = _bias_moments(mean_field.model, pixels, degree, resp)
         new = _bias_m_step(stats, mean_field.model, pixels, degree, options.reg_covar, resp)
-        _bias_pixel_log_probabilities(new, pixels, degree, mean_field.pixel_logp)
-        return MeanField(new, mean_field.padded, mean_field.pixel_logp)
+        _bias_pixel_log_probabilities(new, pixels, degree, pixel_logp)
+        objective = _mean_field_objective(mean_field.padded, beta, site_logp)
+        return MeanField(new, mean_field.padded, pixel_logp, objective)
 
     run = run_em(
-        MeanField(state, padded, pixel_logp),
-        partial(_mean_field_score, n_pixels=len(pixels.rows), beta=beta),
+        MeanField(state, padded, pixel_logp, _mean_field_objective(padded, beta, site_logp)),
+        partial(_mean_field_score, n_pixels=len(pixels.rows)),
         step,
         options,
         on_iteration,
     )
     return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
+
+
+def _from_array(pixel_logp):
+    """site_logp for log-probabilities kept per pixel (K, H, W): a copy of the sites'."""
+    return lambda rows, cols: pixel_logp[:, rows, cols].copy()
 
 
 # --- 5d. Putting it together ---------------------------------------------------
