@@ -117,7 +117,7 @@ PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 BIAS_BLOCK = 1 << 16  # pixels per block in the bias field's passes
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
-OVER_RELAXATION = 1.8  # mean-field sites move this far towards their update, when it gains
+MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its update (1: plain)
 SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
@@ -1840,10 +1840,17 @@ class SharedModel:
 # so its temporaries stay in cache: the only per-pixel arrays are q (K float32 a pixel) and
 # the point of every pixel.
 #
-# L comes out of the sweep with no pass of its own.  A site set to q_i = softmax(a_i) has
-# q_i . (log p_i - log q_i) = lse(a_i) - BETA q_i . n_i, n_i its neighbours' sum, and every
-# neighbour pair has one black and one white site, so after a sweep
-#     L = sum over the sites of lse(a_i) - BETA sum_white (q_j before the sweep) . n_j,
+# Mean-field EM moves a label boundary through a smooth ramp about a pixel a sweep, and its
+# parameters follow the boundary, so plain sweeps crawl there.  A site's share of L, its
+# neighbours fixed, is lse(a_i) - KL(q_i || q*_i): any q_i nearer q*_i in KL than the last one
+# gains.  So every site moves to q_i + w (q*_i - q_i) (successive over-relaxation) where that is
+# nearer, and to q*_i where not: L still never decreases.  w starts at 1 and follows the best
+# w that the observed rate of the gains implies (adaptive SOR), up to MAX_OVER_RELAXATION.
+#
+# L comes out of the sweep with no pass of its own.  For a site set to q_i after
+# q*_i = softmax(a_i), q_i . (log p_i - log q_i) = lse(a_i) - KL(q_i || q*_i) - BETA q_i . n_i,
+# n_i its neighbours' sum, and every neighbour pair has one black and one white site, so
+#     L = sum over the sites of (lse(a_i) - KL) - BETA sum_white (q_j before the sweep) . n_j,
 # the last sum taken as the white sites are updated.  The M-step needs the responsibilities
 # summed per distinct value (a bincount), as the plain M-step does, and L's change with theta
 # is those sums times the change of the points' log-probabilities.
@@ -1859,13 +1866,15 @@ def _bands(height, width, n_components):
     return [(top, min(top + rows, height)) for top in range(0, height, rows)]
 
 
-def _update_sites(padded, rows, cols, beta, site_logp, inside, coupling=False):
+def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, coupling=False):
     """Over-relaxed mean-field update of the sites rows x cols (image coordinates, stride 2: no
-    two of them neighbours).  padded is (K, H + 2, W + 2), q inside a border of zeros, so the
-    neighbours are four strided views and outside the image counts 0; so do the pixels outside
-    a mask (inside: (H, W) bool), whose q stays 0.  Returns the sites' sum of lse(a_i) -
-    KL(q_i || q*_i) and, with coupling, of (their q before the update) . (their neighbours'
-    sum): L's two terms (section notes)."""
+    two of them neighbours): q + relaxation (q* - q) where that gains, else the plain q*.
+
+    padded is (K, H + 2, W + 2), q inside a border of zeros, so the neighbours are four strided
+    views and outside the image counts 0; so do the pixels outside a mask (inside: (H, W)
+    bool), whose q stays 0.  Returns the sites' sum of lse(a_i) - KL(q_i || q*_i) and, with
+    coupling, of (their q before the update) . (their neighbours' sum): L's two terms.
+    """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
     old = centre.copy()
@@ -1883,15 +1892,16 @@ def _update_sites(padded, rows, cols, beta, site_logp, inside, coupling=False):
     lse = np.log(total)
     field -= lse  # log q*
     lse += top
-    tiny = np.finfo(np.float32).tiny
-    relaxed = target - old
-    relaxed *= OVER_RELAXATION
-    relaxed += old  # q + w (q* - q)
-    gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - field), axis=0)
-    gap = np.sum(relaxed * (np.log(np.maximum(relaxed, tiny)) - field), axis=0)
-    better = (gap <= gap_old) & (relaxed.min(axis=0) >= 0)  # KL(relaxed || q*) <= KL(q || q*)
-    np.copyto(target, relaxed, where=better)
-    lse -= gap * better
+    if relaxation != 1.0:
+        tiny = np.finfo(np.float32).tiny
+        relaxed = target - old
+        relaxed *= relaxation
+        relaxed += old
+        gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - field), axis=0)
+        gap = np.sum(relaxed * (np.log(np.maximum(relaxed, tiny)) - field), axis=0)
+        better = (gap <= gap_old) & (relaxed.min(axis=0) >= 0)  # KL(relaxed||q*) <= KL(q||q*)
+        np.copyto(target, relaxed, where=better)
+        lse -= gap * better
     sites_inside = True if inside is None else inside[rows, cols]
     if inside is not None:
         target *= sites_inside
@@ -1899,7 +1909,7 @@ def _update_sites(padded, rows, cols, beta, site_logp, inside, coupling=False):
     return float(np.sum(lse, where=sites_inside, dtype=np.float64)), agreement
 
 
-def _sweep(padded, beta, site_logp, inside):
+def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
     """One checkerboard sweep of q in place; returns L(new q, theta), theta that of site_logp."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     objective = 0.0
@@ -1913,6 +1923,7 @@ def _sweep(padded, beta, site_logp, inside):
                     beta,
                     site_logp,
                     inside,
+                    relaxation,
                     coupling=colour == 1 and beta != 0,
                 )
                 objective += lse - beta * agreement
@@ -2045,6 +2056,8 @@ class MeanField:
     padded: np.ndarray  # (K, H + 2, W + 2) float32
     table: np.ndarray  # (K, M) float32
     objective: float
+    relaxation: float = 1.0  # of the next sweep
+    gain: float | None = None  # of the objective in the last iteration
 
     @property
     def q(self):
@@ -2056,16 +2069,44 @@ def _mean_field_score(state, n_pixels):
     return None, state.objective / n_pixels
 
 
-def _mean_field_step(_, state, grid, beta, reg_covar, update_parameters):
+def _mean_field_step(_, state, grid, beta, options, update_parameters):
     """One mean-field EM iteration: a checkerboard sweep of q, then the M-step for that q."""
-    objective = _sweep(state.padded, beta, _looked_up(state.table, grid.index), grid.inside)
-    if not update_parameters:
-        return replace(state, objective=objective)
-    sums = grid.point_sums(state.q)
-    model = _spatial_m_step(state.model, grid.data, sums, reg_covar)
-    table = _point_log_probabilities(model, grid.data)
-    objective += float(np.sum(sums * (table.astype(np.float64) - state.table)))
-    return MeanField(model, state.padded, table, objective)
+    site_logp = _looked_up(state.table, grid.index)
+    objective = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation)
+    model, table = state.model, state.table
+    if update_parameters:
+        sums = grid.point_sums(state.q)
+        model = _spatial_m_step(state.model, grid.data, sums, options.reg_covar)
+        table = _point_log_probabilities(model, grid.data)
+        objective += float(np.sum(sums * (table.astype(np.float64) - state.table)))
+    return _advanced(state, model, table, objective, options.tol * grid.n_pixels)
+
+
+def _advanced(state, model, table, objective, clear_gain):
+    """The state after an iteration that reached objective, with the next sweep's relaxation."""
+    gain = objective - state.objective
+    relaxation = state.relaxation
+    if state.gain is not None and clear_gain < gain < state.gain:
+        relaxation = _best_relaxation(relaxation, gain / state.gain)
+    return MeanField(model, state.padded, table, objective, relaxation, gain)
+
+
+def _best_relaxation(relaxation, gain_ratio):
+    """The over-relaxation for the next sweeps, from how fast the objective's gains shrink.
+
+    Adaptive SOR (Hageman and Young, Applied Iterative Methods, 1981, ch. 9): the distance to
+    the maximum is quadratic in the error, so errors shrink by lam = sqrt(gain ratio) a sweep;
+    below the best relaxation w, lam and the plain update's rate mu^2 satisfy
+    (lam + w - 1)^2 = lam w^2 mu^2, and the best w is 2 / (1 + sqrt(1 - mu^2)).  At or above
+    the best w, lam = w - 1: keep w.  Asked only while the gains are clear of round-off.
+    """
+    rate = math.sqrt(gain_ratio)
+    if rate <= relaxation - 1:
+        return relaxation
+    plain_rate = (rate + relaxation - 1) ** 2 / (rate * relaxation**2)
+    if plain_rate >= 1:
+        return MAX_OVER_RELAXATION
+    return min(MAX_OVER_RELAXATION, 2 / (1 + math.sqrt(1 - plain_rate)))
 
 
 def spatial_fit(
@@ -2145,7 +2186,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
             _mean_field_step,
             grid=grid,
             beta=beta,
-            reg_covar=options.reg_covar,
+            options=options,
             update_parameters=update_parameters,
         ),
         options,
@@ -2481,13 +2522,13 @@ def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration=None):
         _posterior_start(padded, site_logp, inside)
 
     def step(_, mean_field):
-        _sweep(mean_field.padded, beta, site_logp, inside)
+        _sweep(mean_field.padded, beta, site_logp, inside, mean_field.relaxation)
         resp = mean_field.q[:, rows, cols]
         stats = _bias_moments(mean_field.model, pixels, degree, resp)
         new = _bias_m_step(stats, mean_field.model, pixels, degree, options.reg_covar, resp)
         _bias_pixel_log_probabilities(new, pixels, degree, pixel_logp)
         objective = _mean_field_objective(mean_field.padded, beta, site_logp)
-        return MeanField(new, mean_field.padded, pixel_logp, objective)
+        return _advanced(mean_field, new, pixel_logp, objective, options.tol * len(pixels.rows))
 
     run = run_em(
         MeanField(state, padded, pixel_logp, _mean_field_objective(padded, beta, site_logp)),
