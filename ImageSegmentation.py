@@ -118,6 +118,7 @@ EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subno
 BIAS_BLOCK = 1 << 16  # pixels per block in the bias field's passes
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
 MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its update (1: plain)
+RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than float32 can err
 SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
@@ -1159,12 +1160,15 @@ def distance_to_limit(values):
 
     EM converges linearly: successive gains shrink by a ratio a, so the limit is about
     values[-2] + gain / (1 - a).  Gains that do not shrink give infinity (not there yet);
-    no gain at all gives 0 (a fixed point, to round-off).
+    no gain at all gives 0 (a fixed point, to round-off), and a gain right after none is
+    round-off too: its estimate is the gain itself.
     """
     gain = values[-1] - values[-2]
     if gain <= 0:
         return 0.0
     previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    if previous_gain <= 0:  # a gain after none: the sequence is at round-off, and so is the gain
+        return gain
     if previous_gain <= gain:
         return math.inf
     return gain / (1.0 - gain / previous_gain)
@@ -1866,57 +1870,59 @@ def _bands(height, width, n_components):
     return [(top, min(top + rows, height)) for top in range(0, height, rows)]
 
 
-def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, coupling=False):
+def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs=False):
     """Over-relaxed mean-field update of the sites rows x cols (image coordinates, stride 2: no
     two of them neighbours): q + relaxation (q* - q) where that gains, else the plain q*.
 
     padded is (K, H + 2, W + 2), q inside a border of zeros, so the neighbours are four strided
     views and outside the image counts 0; so do the pixels outside a mask (inside: (H, W)
-    bool), whose q stays 0.  Returns the sites' sum of lse(a_i) - KL(q_i || q*_i) and, with
-    coupling, of (their q before the update) . (their neighbours' sum): L's two terms.
+    bool), whose q stays 0.  Returns the sites' entropy -sum q log q and, with pairs, the sum
+    of their new q . their neighbours' q: L's terms but the expected log-likelihood.
     """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
-    old = centre.copy()
-    field = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
-    field += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
-    field += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
-    agreement = float(np.sum(old * field, dtype=np.float64)) if coupling else 0.0
-    field *= beta
+    neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
+    neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
+    neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+    field = neighbours * beta
     field += site_logp(rows, cols)
-    top = field.max(axis=0)
-    field -= top
+    field -= field.max(axis=0)
     target = np.exp(field)
-    total = target.sum(axis=0)
-    target /= total  # q*, the plain update
-    lse = np.log(total)
-    field -= lse  # log q*
-    lse += top
+    target /= target.sum(axis=0, dtype=np.float64)  # q*, the plain update
+    tiny = np.finfo(np.float32).tiny
+    log_target = np.log(np.maximum(target, tiny))
     if relaxation != 1.0:
-        tiny = np.finfo(np.float32).tiny
+        old = centre
         relaxed = target - old
         relaxed *= relaxation
         relaxed += old
-        gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - field), axis=0)
-        gap = np.sum(relaxed * (np.log(np.maximum(relaxed, tiny)) - field), axis=0)
-        better = (gap <= gap_old) & (relaxed.min(axis=0) >= 0)  # KL(relaxed||q*) <= KL(q||q*)
+        relaxed /= relaxed.sum(axis=0, dtype=np.float64)  # back onto the simplex, as q* is
+        log_relaxed = np.log(np.maximum(relaxed, tiny))
+        gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
+        gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
+        better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
         np.copyto(target, relaxed, where=better)
-        lse -= gap * better
+        np.copyto(log_target, log_relaxed, where=better)
     sites_inside = True if inside is None else inside[rows, cols]
     if inside is not None:
         target *= sites_inside
     centre[...] = target
-    return float(np.sum(lse, where=sites_inside, dtype=np.float64)), agreement
+    log_target *= target
+    entropy = -float(np.sum(log_target.sum(axis=0), where=sites_inside, dtype=np.float64))
+    agreement = float(np.sum(target * neighbours, dtype=np.float64)) if pairs else 0.0
+    return entropy, agreement
 
 
 def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
-    """One checkerboard sweep of q in place; returns L(new q, theta), theta that of site_logp."""
+    """One checkerboard sweep of q in place.  Returns L(new q) but its expected log-likelihood
+    sum_i q_i . log w p(x_i): every neighbour pair has one white site, so the pairs are summed
+    as the white sites are updated."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     objective = 0.0
     for colour, sites in enumerate(CHECKERBOARD):
         for top, bottom in _bands(height, width, n_components):
             for row, col in sites:
-                lse, agreement = _update_sites(
+                entropy, agreement = _update_sites(
                     padded,
                     slice(top + row, bottom, 2),
                     slice(col, width, 2),
@@ -1924,9 +1930,9 @@ def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
                     site_logp,
                     inside,
                     relaxation,
-                    coupling=colour == 1 and beta != 0,
+                    pairs=colour == 1 and beta != 0,
                 )
-                objective += lse - beta * agreement
+                objective += entropy + beta * agreement
     return objective
 
 
@@ -2015,8 +2021,8 @@ class PixelGrid:
 
 
 def _point_log_probabilities(model, data):
-    """(K, M) float32 log(w_k p(x_m | k)) of every point: what a pixel's are looked up in."""
-    table = np.empty((model.n_components, len(data)), dtype=np.float32)
+    """(K, M) log(w_k p(x_m | k)) of every point: what a pixel's are looked up in."""
+    table = np.empty((model.n_components, len(data)))
     for start, block in log_density_blocks(model, data):
         table[:, start : start + block.shape[1]] = block
     return table
@@ -2054,7 +2060,7 @@ class MeanField:
 
     model: GaussianMixtureFit
     padded: np.ndarray  # (K, H + 2, W + 2) float32
-    table: np.ndarray  # (K, M) float32
+    table: np.ndarray  # (K, M) float64
     objective: float
     relaxation: float = 1.0  # of the next sweep
     gain: float | None = None  # of the objective in the last iteration
@@ -2071,14 +2077,15 @@ def _mean_field_score(state, n_pixels):
 
 def _mean_field_step(_, state, grid, beta, options, update_parameters):
     """One mean-field EM iteration: a checkerboard sweep of q, then the M-step for that q."""
-    site_logp = _looked_up(state.table, grid.index)
+    swept = state.table.astype(np.float32)  # the sweep's, in cache
+    site_logp = _looked_up(swept, grid.index)
     objective = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation)
+    sums = grid.point_sums(state.q)
     model, table = state.model, state.table
     if update_parameters:
-        sums = grid.point_sums(state.q)
         model = _spatial_m_step(state.model, grid.data, sums, options.reg_covar)
         table = _point_log_probabilities(model, grid.data)
-        objective += float(np.sum(sums * (table.astype(np.float64) - state.table)))
+    objective += float(np.sum(sums * table))  # the expected log-likelihood, exactly
     return _advanced(state, model, table, objective, options.tol * grid.n_pixels)
 
 
@@ -2170,7 +2177,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
     grid = PixelGrid(data, np.ascontiguousarray(index), mask)
     padded = np.zeros((model.n_components, index.shape[0] + 2, index.shape[1] + 2), np.float32)
     table = _point_log_probabilities(start_model, data)
-    site_logp = _looked_up(table, grid.index)
+    site_logp = _looked_up(table, grid.index)  # float64: the start's L is computed once
     if start_q is not None:
         _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q)
         if mask is not None:

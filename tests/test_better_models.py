@@ -229,9 +229,9 @@ def random_responsibilities(rng, shape, n_components):
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask, monkeypatch):
-    """The objective a sweep computes on the way (lse minus KL, the white sites' coupling) is the
-    mean-field objective of its result, never below the start's; outside a mask q stays 0; and
-    the row bands a sweep works in do not change its result."""
+    """What a sweep computes on the way (the entropy, the pairs as the white sites are updated),
+    plus the expected log-likelihood, is the mean-field objective of its result, never below the
+    start's; outside a mask q stays 0; the row bands a sweep works in do not change its result."""
     n_components, n_points = 3, 6
     index = rng.integers(0, n_points, shape).astype(np.uint8)
     table = rng.normal(size=(n_components, n_points)).astype(np.float32)
@@ -243,6 +243,7 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask,
     before = seg._mean_field_objective(start, beta, site_logp)
     one_band = start.copy()
     reported = seg._sweep(one_band, beta, site_logp, mask)
+    reported += np.sum(one_band[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
     assert reported == pytest.approx(seg._mean_field_objective(one_band, beta, site_logp), 1e-6)
     assert reported >= before - 1e-5
     q = one_band[:, 1:-1, 1:-1]
@@ -252,21 +253,26 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask,
     assert np.allclose(q.sum(axis=0)[inside], 1, atol=1e-5) and np.all(q[:, ~inside] == 0)
     monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1)  # bands of two rows
     banded = start.copy()
-    assert seg._sweep(banded, beta, site_logp, mask) == pytest.approx(reported, 1e-9)
+    swept = seg._sweep(banded, beta, site_logp, mask)
+    assert swept + np.sum(banded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64) == (
+        pytest.approx(reported, 1e-9)
+    )
     assert np.array_equal(banded, one_band)
 
 
 def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
-    """BETA = 0: every site's update is its posterior; from the posterior a sweep stays there and
-    reports the log-likelihood."""
+    """BETA = 0: every site's update is its posterior; from the posterior a sweep stays there, and
+    its entropy plus the expected log-likelihood is the log-likelihood."""
     index = rng.integers(0, 4, (6, 7))
     table = rng.normal(size=(2, 4)).astype(np.float32)
     padded = np.zeros((2, 8, 9), np.float32)
     seg._posterior_start(padded, seg._looked_up(table, index), None)
     posterior = padded.copy()
     loglik = np.logaddexp(table[0], table[1])[index].sum()
-    assert seg._sweep(padded, 0.0, seg._looked_up(table, index), None) == pytest.approx(loglik)
+    entropy = seg._sweep(padded, 0.0, seg._looked_up(table, index), None)
     assert np.allclose(padded, posterior, atol=1e-6)
+    expected = np.sum(padded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
+    assert entropy + expected == pytest.approx(loglik)
 
 
 def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum(monkeypatch):

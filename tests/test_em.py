@@ -1,5 +1,6 @@
 """The EM engine: agreement with scikit-learn, exactness of distinct values, EM's guarantees."""
 
+import math
 import warnings
 
 import numpy as np
@@ -144,6 +145,17 @@ def test_tol_is_a_distance_to_the_maximum(accelerate):
     history = fit.log_likelihood
     assert seg.distance_to_limit(history) < 1e-6 or history[-1] == history[-2]
     assert seg.distance_to_limit(history[:-2]) >= 1e-6
+
+
+def test_distance_to_limit_cases():
+    """Aitken's estimate on a geometric sequence is its exact distance; gains that grow are not
+    there yet; no gain is a fixed point; a gain after none is round-off, its own estimate."""
+    geometric = [1 - 0.5**n for n in range(6)]
+    assert seg.distance_to_limit(geometric) == pytest.approx(1 - geometric[-2])
+    assert seg.distance_to_limit([0.0, 1e-3, 3e-3]) == math.inf
+    assert seg.distance_to_limit([0.0, 1.0, 1.0]) == 0.0
+    assert seg.distance_to_limit([0.0, 1.0, 1.0 - 1e-12]) == 0.0
+    assert seg.distance_to_limit([1.0, 1.0 - 1e-12, 1.0 + 1e-12]) == pytest.approx(2e-12)
 
 
 def test_n_init_keeps_the_best_start():
