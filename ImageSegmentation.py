@@ -94,7 +94,7 @@ DEFAULTS = dict(
     tol=1e-8,  # estimated distance of the mean log-likelihood per pixel to its limit
     accelerate="squarem",
     n_init=1,
-    auto_n_init=2,  # starts with -k auto (per K) and with --bias-field
+    auto_n_init=2,  # starts with -k auto (per K)
     init="kmeans++",
     seed=0,
     reg_covar=1e-6,
@@ -115,7 +115,7 @@ BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in ca
 FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
-BIAS_BLOCK = 1 << 16  # pixels per block in the bias field's passes
+BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before it waits
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
 MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its update (1: plain)
 RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than float32 can err
@@ -1692,7 +1692,7 @@ class Segmentation:
         None  # the Potts-prior fit: beta, objective per iteration, n_iter, converged
     )
     posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
-    bias: BiasField | None = None  # with --bias-field: the field; the model is of log-intensities
+    bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
 
 
 def luminance(means):
@@ -2203,19 +2203,41 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
-# MRI intensities carry a smooth multiplicative field: pixel = tissue x field.  In the log
-# domain that is a sum, log pixel = log tissue + b, so the model is a Gaussian mixture of the
-# corrected log-intensities z_i = y_i - b_i with b = A c, a linear combination of smooth
-# basis functions (the monomials of the pixel coordinates up to a degree, no constant term:
-# the means hold that).  EM for it (Wells et al., IEEE TMI 15, 1996; Van Leemput et al.,
-# IEEE TMI 18, 1999) is an ECM: the E-step gives every pixel's responsibilities r_ik; the
-# mixture's M-step is the usual one on z; then, for those r and the new means and variances,
-# the field's coefficients are the weighted least-squares fit of the residuals
-#     y_i - m_i,  m_i = sum_k r_ik mu_k / s_k^2 / W_i,  weights W_i = sum_k r_ik / s_k^2,
-# which maximises the expected log-likelihood over c exactly, so the log-likelihood of the
-# log-intensities never decreases.  Every pixel has its own corrected value, so this works on
-# pixels (inside the mask), in blocks: per pixel its coordinates, its log-intensity and K
-# float32 responsibilities, about 12 + 4 K bytes.
+# MRI intensities carry a smooth multiplicative field: pixel = tissue x field, noise included.
+# The model, in the form of Ashburner and Friston's unified segmentation (NeuroImage 26,
+# 2005): the corrected intensities z_i = y_i / b_i are a Gaussian mixture, b_i = exp(t_i) and
+# t = A c a combination of smooth basis functions (the monomials of the pixel coordinates up
+# to a degree, no constant term: the means hold the scale), so with the Jacobian 1 / b_i
+#     log p(y_i) = log sum_k w_k N(z_i | mu_k, s_k^2) - t_i.
+# (A mixture of log-intensities, as Wells et al., IEEE TMI 15, 1996, makes the field's fit a
+# linear least squares, but it bends the classes: at the noise of real scans that costs a
+# point or two of accuracy, measured.)  EM for it is an ECM (Meng and Rubin 1993): the
+# E-step gives the responsibilities r_ik; the mixture's M-step is the usual one on z; then a
+# Newton step on c for those r and the new mixture, halved until the log-likelihood does not
+# fall (a generalised EM).  Every sum these steps need is a moment sum_i h_i u_i^a v_i^b of
+# the pixel coordinates with a per-pixel weight h (r_k, r_k z, r_k z^2), and the basis is
+# separable, so a row band's moments are two small matrix products U^T h V.  The passes go
+# through the image in row bands; the per-pixel arrays are the intensities (float32), the
+# mask, and with --spatial q: no basis, field or responsibilities are kept per pixel.
+
+
+def bias_monomials(degree):
+    """The exponents (a, b) of the field's basis u^a v^b, 1 <= a + b <= degree, in order."""
+    return [(a, total - a) for total in range(1, degree + 1) for a in range(total + 1)]
+
+
+def coordinate_powers(coordinates, size, degree):
+    """(n, degree + 1) powers u^0..u^degree of coordinates scaled to u in [-1, 1]."""
+    u = 2.0 * np.asarray(coordinates, dtype=np.float64) / max(size - 1, 1) - 1.0
+    return np.vander(u, degree + 1, increasing=True)
+
+
+def coefficient_grid(coefficients, degree):
+    """The coefficients as a (degree + 1) x (degree + 1) matrix C: log field = U C V^T."""
+    grid = np.zeros((degree + 1, degree + 1))
+    for (a, b), coefficient in zip(bias_monomials(degree), coefficients):
+        grid[a, b] = coefficient
+    return grid
 
 
 @dataclass(frozen=True)
@@ -2232,228 +2254,198 @@ class BiasField:
     shift: float = 0.0
 
     def log_field(self, rows, cols):
-        """The log field at the given pixels, float64."""
-        return self.coefficients @ bias_basis(rows, cols, self.shape, self.degree) - self.shift
+        """The log field on the grid rows x cols (image coordinates), float64."""
+        grid = coefficient_grid(self.coefficients, self.degree)
+        u = coordinate_powers(rows, self.shape[0], self.degree)
+        v = coordinate_powers(cols, self.shape[1], self.degree)
+        return u @ grid @ v.T - self.shift
 
     def image(self, stride=1):
-        """The field at every stride-th pixel of every stride-th row, float32, in row blocks
-        (stride 1: (H, W); a figure asks only for its downsampled copy's pixels)."""
+        """The field at every stride-th pixel of every stride-th row, float32 (stride 1: (H, W);
+        a figure asks only for its downsampled copy's pixels)."""
         rows = np.arange(0, self.shape[0], stride)
         cols = np.arange(0, self.shape[1], stride)
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
-        step = max(1, BIAS_BLOCK // len(cols))
-        for top in range(0, len(rows), step):
-            block_rows, block_cols = np.meshgrid(rows[top : top + step], cols, indexing="ij")
-            log_field = self.log_field(block_rows.ravel(), block_cols.ravel())
-            out[top : top + step] = np.exp(log_field).reshape(block_rows.shape)
+        for top, bottom in _bands(len(rows), len(cols), 1):
+            out[top:bottom] = np.exp(self.log_field(rows[top:bottom], cols))
         return out
 
 
-def bias_basis(rows, cols, shape, degree):
-    """(P, m) monomials u^a v^b, 1 <= a + b <= degree, of coordinates scaled to [-1, 1]."""
-    u = 2.0 * rows / max(shape[0] - 1, 1) - 1.0
-    v = 2.0 * cols / max(shape[1] - 1, 1) - 1.0
-    return np.stack(
-        [u**a * v ** (total - a) for total in range(1, degree + 1) for a in range(total + 1)]
-    )
-
-
 @dataclass(frozen=True)
-class BiasPixels:
-    """The pixels a bias fit sees: coordinates and log-intensities of those inside the mask."""
+class BiasImage:
+    """What a bias fit sees: the intensities (0..1) on the grid of every step-th row and column
+    of the image, which of them are inside the mask, and the image's size (the coordinates)."""
 
-    rows: np.ndarray  # (N,) int32 row in the image (what the field's basis is of)
-    cols: np.ndarray  # (N,) int32
-    log_values: np.ndarray  # (N,) float32 log of the intensity on the 0..1 scale
+    values: np.ndarray  # (h, w) float32
+    inside: np.ndarray | None  # (h, w) bool; None: every pixel
     shape: tuple  # (H, W) of the image
-    step: int = 1  # a coarser grid's: its pixels are the image's every step-th row and column
+    step: int = 1
 
     @property
-    def grid_rows(self):
-        """Row of every pixel in the grid the spatial fit works on."""
-        return self.rows if self.step == 1 else self.rows // self.step
+    def n_pixels(self):
+        return self.values.size if self.inside is None else int(np.count_nonzero(self.inside))
 
-    @property
-    def grid_cols(self):
-        return self.cols if self.step == 1 else self.cols // self.step
-
-    @property
-    def grid_shape(self):
-        return tuple(-(-size // self.step) for size in self.shape)
-
-    def coarser(self):
-        """The pixels of the grid of every other row and column of this one."""
-        keep = (self.rows % (2 * self.step) == 0) & (self.cols % (2 * self.step) == 0)
-        return BiasPixels(
-            self.rows[keep], self.cols[keep], self.log_values[keep], self.shape, 2 * self.step
+    def powers(self, rows, cols, degree):
+        """The coordinate powers of the grid's rows and columns (slices)."""
+        height, width = self.values.shape
+        return (
+            coordinate_powers(np.arange(height)[rows] * self.step, self.shape[0], degree),
+            coordinate_powers(np.arange(width)[cols] * self.step, self.shape[1], degree),
         )
 
-    def blocks(self):
-        for start in range(0, len(self.rows), BIAS_BLOCK):
-            stop = min(start + BIAS_BLOCK, len(self.rows))
-            yield start, stop
+    def coarser(self):
+        """The grid of every other row and column of this one."""
+        inside = None if self.inside is None else np.ascontiguousarray(self.inside[::2, ::2])
+        values = np.ascontiguousarray(self.values[::2, ::2])
+        return BiasImage(values, inside, self.shape, 2 * self.step)
 
 
-def bias_pixels(picture):
-    """The fit's pixels: a zero level counts as half a level, so its logarithm is finite."""
-    mask = picture.mask if picture.mask is not None else np.ones(picture.codes.shape, bool)
-    rows, cols = (axis.astype(np.int32) for axis in np.nonzero(mask))
-    log_level = np.log(np.maximum(np.arange(picture.n_codes), 0.5) / picture.scale)
-    log_values = log_level.astype(np.float32)[picture.codes[rows, cols]]
-    return BiasPixels(rows, cols, log_values, mask.shape)
+def bias_image(picture):
+    """The bias fit's view of a gray picture: its intensities and its mask."""
+    values = np.empty(picture.codes.shape, dtype=np.float32)
+    np.multiply(picture.codes, np.float32(1 / picture.scale), out=values)
+    return BiasImage(values, picture.mask, picture.codes.shape)
 
 
 @dataclass
 class BiasState:
-    """The bias fit's parameters: the mixture of corrected log-intensities and the field."""
+    """The bias fit's parameters: the mixture of corrected intensities and the field.
+    evaluation: the E-step's (moments, log-likelihood) at this state, when the M-step's line
+    search has already computed them."""
 
     weights: np.ndarray  # (K,)
     means: np.ndarray  # (K,)
     variances: np.ndarray  # (K,)
     coefficients: np.ndarray  # (P,)
-
-
-def _bias_e_step(state, pixels, degree, resp):
-    """One pass: the log-likelihood per pixel and the moment sums, responsibilities into resp."""
-    stats = np.zeros((3, len(state.weights)))
-    total = 0.0
-    for start, stop in pixels.blocks():
-        z = _corrected(state, pixels, degree, start, stop)
-        logp = _bias_log_densities(state, z)
-        log_total = _logsumexp(logp, axis=0)
-        total += log_total.sum()
-        r = np.exp(logp - log_total)
-        resp[:, start:stop] = r
-        stats += _moment_sums(r, z)
-    return stats, total / len(pixels.rows)
+    evaluation: tuple | None = None
 
 
 def _bias_log_densities(state, z):
-    """(K, m) log(w_k N(z | mu_k, s_k^2)) of corrected log-intensities z."""
+    """(K, h, w) log(w_k N(z | mu_k, s_k^2)) of corrected intensities z (h, w), in z's type."""
     const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
-    return const[:, None] - (z - state.means[:, None]) ** 2 / (2 * state.variances[:, None])
+    out = z[None] - state.means.astype(z.dtype)[:, None, None]
+    out *= out
+    out *= (-0.5 / state.variances).astype(z.dtype)[:, None, None]
+    out += const.astype(z.dtype)[:, None, None]
+    return out
 
 
-def _moment_sums(r, z):
-    """[mass, sum r z, sum r z^2] per component of responsibilities r (K, m)."""
-    return np.stack([r.sum(axis=1), r @ z, r @ (z * z)])
+class _BandModel:
+    """The field and the corrected intensities of a state, row band by row band."""
+
+    def __init__(self, state, image, degree):
+        self.state, self.image, self.degree = state, image, degree
+        _, v = image.powers(slice(None), slice(None), degree)
+        self.grid_v = coefficient_grid(state.coefficients, degree) @ v.T  # (D + 1, w)
+
+    def corrected(self, rows, cols, dtype=np.float32):
+        """(z, t) at the sites rows x cols of the grid (slices): z = y exp(-t), t the log field."""
+        u, _ = self.image.powers(rows, slice(0, 0), self.degree)
+        t = (u @ self.grid_v[:, cols]).astype(dtype, copy=False)
+        z = np.exp(-t)
+        z *= self.image.values[rows, cols]
+        return z, t
+
+    def site_logp(self, rows, cols):
+        """The spatial sweep's log(w_k N(z | k)) at the sites (the Jacobian is every k's)."""
+        return _bias_log_densities(self.state, self.corrected(rows, cols)[0])
 
 
-def _bias_m_step(stats, state, pixels, degree, reg_covar, resp):
-    """The mixture's M-step on the corrected values, then the field's weighted least squares."""
-    mass, first, second = stats
+def _softmax_and_lse(logp):
+    """(responsibilities float32, log-sum-exp float64) over axis 0 of logp, which is reused."""
+    top = logp.max(axis=0)
+    logp -= top
+    np.exp(logp, out=logp)
+    total = logp.sum(axis=0, dtype=np.float64)
+    logp /= total
+    return logp, np.log(total) + top
+
+
+def _add_moments(moments, r, z, u, v):
+    """moments[k, j, a, b] += sum over the band of r_k z^j u^a v^b, j = 0, 1, 2."""
+    for k, rk in enumerate(r):
+        weighted = rk.astype(np.float64)
+        for j in range(3):
+            moments[k, j] += u.T @ (weighted @ v)
+            if j < 2:
+                weighted *= z
+
+
+def _bias_pass(state, image, degree, labels=None, posteriors=None):
+    """One E-step over the image: the moments of the responsibilities (K, 3, 2D + 1, 2D + 1)
+    and the log-likelihood per pixel.  labels (h, w) / posteriors (K, h, w): filled if given."""
+    bands = _BandModel(state, image, degree)
+    height, width = image.values.shape
+    moments = np.zeros((len(state.weights), 3, 2 * degree + 1, 2 * degree + 1))
+    _, v = image.powers(slice(None), slice(None), 2 * degree)
+    total = 0.0
+    for top, bottom in _bands(height, width, len(state.weights)):
+        rows, cols = slice(top, bottom), slice(0, width)
+        z, t = bands.corrected(rows, cols)
+        r, lse = _softmax_and_lse(_bias_log_densities(state, z))
+        lse -= t
+        inside = True if image.inside is None else image.inside[rows]
+        total += float(np.sum(lse, where=inside))
+        if image.inside is not None:
+            r *= inside
+        u, _ = image.powers(rows, slice(0, 0), 2 * degree)
+        _add_moments(moments, r, z, u, v)
+        if labels is not None:
+            labels[rows] = _argmax_over_components(r)
+        if posteriors is not None:
+            posteriors[:, rows] = r
+    return moments, total / image.n_pixels
+
+
+def _bias_e_step(state, image, degree):
+    """The driver's E-step: (moments and log-likelihood, log-likelihood), computed once."""
+    evaluation = state.evaluation or _bias_pass(state, image, degree)
+    return evaluation, evaluation[1]
+
+
+def _bias_mixture(moments, reg_covar):
+    """The mixture's M-step on the corrected intensities, from the moments' constant terms."""
+    mass, first, second = moments[:, :, 0, 0].T
     mass = mass + 10 * np.finfo(np.float64).eps
     means = first / mass
     variances = np.maximum(second / mass - means**2, 0.0) + reg_covar
-    weights = mass / mass.sum()
-    n_terms = len(state.coefficients)
-    normal, target = np.zeros((n_terms, n_terms)), np.zeros(n_terms)
-    for start, stop in pixels.blocks():
-        basis = bias_basis(pixels.rows[start:stop], pixels.cols[start:stop], pixels.shape, degree)
-        r = resp[:, start:stop]
-        precision = r.T @ (1.0 / variances)  # W_i
-        pulled = (r.T @ (means / variances)) / precision  # m_i
-        residual = pixels.log_values[start:stop] - pulled
-        weighted = basis * precision
-        normal += weighted @ basis.T
-        target += weighted @ residual
-    # Any least-squares solution maximises the expected log-likelihood over the field; the
-    # minimum-norm one also serves where the basis is degenerate on the pixels (a 1-pixel strip).
-    coefficients = np.linalg.lstsq(normal, target, rcond=None)[0]
-    return BiasState(weights, means, variances, coefficients)
+    return mass / mass.sum(), means, variances
 
 
-def fit_bias_field(
-    picture,
-    n_components,
-    options,
-    *,
-    degree=DEFAULTS["bias_degree"],
-    spatial=0.0,
-    keep_posteriors=False,
-    on_iteration=None,
-):
-    """A Gaussian mixture of log-intensities and a smooth multiplicative field, by ECM.
-
-    Starts from the plain mixture of the log-intensities (on their distinct values) and no
-    field; with options.n_init > 1, from that many plain starts, keeping the fit with the
-    highest final log-likelihood (a start misled by the field can end in a poorer maximum).
-    spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
-    plain fit on.  Returns (model, field, labels, record): the mixture of corrected
-    log-intensities, numbered from the darkest (its means and covariances are of
-    log-intensities), the BiasField, the component of every pixel (H, W), the spatial fit's
-    record (None without one) and, with keep_posteriors, every component's posterior at every
-    pixel (K, H, W) float32, 0 outside the mask (else None).
-    """
-    pixels = bias_pixels(picture)
-    levels, counts = np.unique(picture.codes[pixels.rows, pixels.cols], return_counts=True)
-    logs = np.log(np.maximum(levels, 0.5) / picture.scale)
-    k = min(n_components, len(levels))
-    data = _Data(logs, counts.astype(np.float64))
-    rng = np.random.default_rng(options.random_state)
-    n_terms = (degree + 1) * (degree + 2) // 2 - 1
-    resp = np.empty((k, len(pixels.rows)), dtype=np.float32)
-    e_step = partial(_bias_e_step, pixels=pixels, degree=degree, resp=resp)
-    run = None
-    for _ in range(options.n_init):
-        start = _em(
-            data, k, options, _initial_statistics(data, k, options.init, rng), [None] * 3, None
-        )
-        state = BiasState(
-            start.weights,
-            start.means[:, 0],
-            start.covariances.reshape(k, -1)[:, 0],
-            np.zeros(n_terms),
-        )
-        candidate = run_em(  # every M-step follows its own state's E-step: one resp buffer serves
-            state,
-            e_step,
-            partial(
-                _bias_m_step, pixels=pixels, degree=degree, reg_covar=options.reg_covar, resp=resp
-            ),
-            options,
-            on_iteration,
-            _bias_coordinates(k),
-        )
-        if run is None or candidate.history[-1] > run.history[-1]:
-            run = candidate
-    if options.n_init > 1:
-        e_step(run.state)  # resp: the kept fit's responsibilities again
-    state, record = run.state, None
-    if spatial > 0:
-        del resp
-        state, q, record = _spatial_bias_fit(state, pixels, degree, spatial, options, on_iteration)
-        resp = q[:, pixels.rows, pixels.cols]
-    order = np.argsort(state.means, kind="stable")
-    labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
-    labels[pixels.rows, pixels.cols] = np.argsort(order)[np.argmax(resp, axis=0)]
-    posteriors = None
-    if keep_posteriors:
-        posteriors = np.zeros((k,) + picture.codes.shape, dtype=np.float32)
-        posteriors[:, pixels.rows, pixels.cols] = resp[order]
-    field = BiasField(degree, state.coefficients, picture.codes.shape)
-    shift = sum(
-        float(field.log_field(pixels.rows[start:stop], pixels.cols[start:stop]).sum())
-        for start, stop in pixels.blocks()
-    ) / len(pixels.rows)
-    model = GaussianMixtureFit(
-        state.weights[order],
-        state.means[order, None] + shift,
-        state.variances[order, None, None],
-        "full",
-        run.history,
-        run.n_iter,
-        run.converged,
-        n_em_steps=run.n_em_steps,
-    )
-    return model, replace(field, shift=shift), labels, record, posteriors
+def _newton_step(moments, means, variances, degree):
+    """The Newton step of the field's coefficients for responsibilities (their moments) and a
+    mixture: the expected log-likelihood's gradient and curvature are moments up to 2D."""
+    exponents = np.array(bias_monomials(degree))
+    a, b = exponents[:, 0], exponents[:, 1]
+    pair_a, pair_b = a[:, None] + a[None, :], b[:, None] + b[None, :]
+    precision = 1.0 / variances
+    gradient = np.zeros(len(a))
+    curvature = np.zeros((len(a), len(a)))
+    for k in range(len(means)):
+        mass, first, second = moments[k]
+        gradient += precision[k] * (second[a, b] - means[k] * first[a, b]) - mass[a, b]
+        curvature += precision[k] * (2 * second[pair_a, pair_b] - means[k] * first[pair_a, pair_b])
+    try:
+        np.linalg.cholesky(curvature)  # concave along every direction: Newton's step ascends
+        return np.linalg.solve(curvature, gradient)
+    except np.linalg.LinAlgError:  # not concave there (or a degenerate basis): Gauss-Newton
+        gauss_newton = sum(precision[k] * moments[k, 2][pair_a, pair_b] for k in range(len(means)))
+        return np.linalg.lstsq(gauss_newton, gradient, rcond=None)[0]
 
 
-def _corrected(state, pixels, degree, start, stop):
-    """The corrected log-intensities z = y - b of the pixels start..stop."""
-    rows, cols = pixels.rows[start:stop], pixels.cols[start:stop]
-    basis = bias_basis(rows, cols, pixels.shape, degree)
-    return pixels.log_values[start:stop] - state.coefficients @ basis
+def _bias_m_step(stats, state, image, degree, reg_covar):
+    """The mixture's M-step, then the field's Newton step, halved until the log-likelihood is
+    no lower than state's; if none is, the mixture's step alone (the field waits)."""
+    moments, value = stats
+    weights, means, variances = _bias_mixture(moments, reg_covar)
+    mixture_step = BiasState(weights, means, variances, state.coefficients)
+    step = _newton_step(moments, means, variances, degree)
+    for halving in range(BIAS_HALVINGS):
+        trial = replace(mixture_step, coefficients=state.coefficients + step / 2**halving)
+        evaluation = _bias_pass(trial, image, degree)
+        if evaluation[1] >= value:
+            return replace(trial, evaluation=evaluation)
+    return mixture_step
 
 
 def _bias_coordinates(k):
@@ -2475,81 +2467,214 @@ def _bias_coordinates(k):
     return to_vector, from_vector
 
 
-def _bias_pixel_log_probabilities(state, pixels, degree, out):
-    """log(w_k N(z_i | mu_k, s_k^2)) of every fitted pixel into out (K, H, W); 0 elsewhere."""
-    rows, cols = pixels.grid_rows, pixels.grid_cols
-    for start, stop in pixels.blocks():
-        z = _corrected(state, pixels, degree, start, stop)
-        out[:, rows[start:stop], cols[start:stop]] = _bias_log_densities(state, z)
-    return out
+def fit_bias_field(
+    picture,
+    n_components,
+    options,
+    *,
+    degree=DEFAULTS["bias_degree"],
+    spatial=0.0,
+    keep_posteriors=False,
+    on_iteration=None,
+):
+    """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
+
+    Starts from the plain mixture of the intensities (on their distinct values) and no field;
+    with options.n_init > 1, from that many plain starts, keeping the fit with the highest
+    final log-likelihood (a start misled by the field can end in a poorer maximum).  spatial:
+    BETA of the Potts prior, fitted by mean-field EM with the field from the converged plain
+    fit on.  Returns (model, field, labels, record, posteriors): the mixture of corrected
+    intensities, numbered from the darkest, the BiasField, the component of every pixel
+    (H, W), the spatial fit's record (None without one) and, with keep_posteriors, every
+    component's posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
+    """
+    image = bias_image(picture)
+    inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
+    levels, counts = np.unique(inside_codes, return_counts=True)
+    k = min(n_components, len(levels))
+    data = _Data(levels / picture.scale, counts.astype(np.float64))
+    rng = np.random.default_rng(options.random_state)
+    n_terms = len(bias_monomials(degree))
+    run = None
+    for _ in range(options.n_init):
+        start = _em(
+            data, k, options, _initial_statistics(data, k, options.init, rng), [None] * 3, None
+        )
+        state = BiasState(
+            start.weights,
+            start.means[:, 0],
+            start.covariances.reshape(k, -1)[:, 0],
+            np.zeros(n_terms),
+        )
+        candidate = run_em(
+            state,
+            partial(_bias_e_step, image=image, degree=degree),
+            partial(_bias_m_step, image=image, degree=degree, reg_covar=options.reg_covar),
+            options,
+            on_iteration,
+            _bias_coordinates(k),
+        )
+        if run is None or candidate.history[-1] > run.history[-1]:
+            run = candidate
+    state, record, q = run.state, None, None
+    labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
+    if spatial > 0:
+        state, q, record = _spatial_bias_fit(state, image, degree, spatial, options, on_iteration)
+        labels = _argmax_over_components(q)
+    else:
+        q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
+        _bias_pass(state, image, degree, labels=labels, posteriors=q)
+    order = np.argsort(state.means, kind="stable")
+    labels = np.argsort(order).astype(labels.dtype)[labels]
+    if picture.mask is not None:
+        labels[~picture.mask] = 0
+    posteriors = q[order] if keep_posteriors else None
+    del q
+    coefficients = state.coefficients
+    shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
+    scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
+    model = GaussianMixtureFit(
+        state.weights[order],
+        state.means[order, None] * scale,
+        state.variances[order, None, None] * scale**2,
+        "full",
+        run.history,
+        run.n_iter,
+        run.converged,
+        n_em_steps=run.n_em_steps,
+    )
+    return (
+        model,
+        BiasField(degree, coefficients, picture.codes.shape, shift),
+        labels,
+        record,
+        posteriors,
+    )
 
 
-def _bias_moments(state, pixels, degree, resp):
-    """The M-step's sums [mass, sum r z, sum r z^2] of given responsibilities (K, N)."""
-    stats = np.zeros((3, len(state.weights)))
-    for start, stop in pixels.blocks():
-        z = _corrected(state, pixels, degree, start, stop)
-        stats += _moment_sums(resp[:, start:stop].astype(np.float64), z)
-    return stats
+def _inside_moments(image, degree):
+    """The mean over the fitted pixels of u^a v^b, a, b <= degree, flattened as the grid."""
+    height, width = image.values.shape
+    _, v = image.powers(slice(None), slice(None), degree)
+    sums = np.zeros((degree + 1, degree + 1))
+    for top, bottom in _bands(height, width, 1):
+        u, _ = image.powers(slice(top, bottom), slice(0, 0), degree)
+        inside = (
+            np.ones((bottom - top, width)) if image.inside is None else image.inside[top:bottom]
+        )
+        sums += u.T @ (inside.astype(np.float64) @ v)
+    return sums.ravel() / image.n_pixels
 
 
-def _spatial_bias_fit(state, pixels, degree, beta, options, on_iteration=None):
+def _expected_log_likelihood(moments, state, degree):
+    """sum_i sum_k q_ik log(w_k N(z_i | k)) - sum_i t_i, from the moments of q at the state's
+    field (whose Jacobian term is the moments' constant-weight ones times the coefficients)."""
+    mass, first, second = moments[:, :, 0, 0].T
+    const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
+    spread = (second - 2 * state.means * first + state.means**2 * mass) / (2 * state.variances)
+    jacobian = (
+        coefficient_grid(state.coefficients, degree).ravel()
+        @ moments[:, 0].sum(axis=0)[: degree + 1, : degree + 1].ravel()
+    )
+    return float(np.sum(mass * const - spread) - jacobian)
+
+
+def _bias_data_term(q, state, image, degree):
+    """sum_i sum_k q_ik log(w_k N(z_i | k)) - t_i sum_k q_ik, band by band (q: (K, h, w)).
+
+    In float64: the field's line search compares it with the same sum from the moments.
+    """
+    bands = _BandModel(state, image, degree)
+    height, width = image.values.shape
+    total = 0.0
+    for top, bottom in _bands(height, width, len(q)):
+        rows, cols = slice(top, bottom), slice(0, width)
+        z, t = bands.corrected(rows, cols, np.float64)
+        logp = _bias_log_densities(state, z)
+        logp -= t
+        total += float(np.sum(logp * q[:, rows], dtype=np.float64))
+    return total
+
+
+def _moments_of(q, state, image, degree):
+    """The moments (K, 3, 2D + 1, 2D + 1) of given responsibilities q (K, h, w) at the state's
+    field."""
+    bands = _BandModel(state, image, degree)
+    height, width = image.values.shape
+    moments = np.zeros((len(q), 3, 2 * degree + 1, 2 * degree + 1))
+    _, v = image.powers(slice(None), slice(None), 2 * degree)
+    for top, bottom in _bands(height, width, len(q)):
+        rows = slice(top, bottom)
+        z, _ = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
+        u, _ = image.powers(rows, slice(0, 0), 2 * degree)
+        _add_moments(moments, q[:, rows], z, u, v)
+    return moments
+
+
+def _spatial_bias_fit(state, image, degree, beta, options, on_iteration=None):
     """Mean-field EM of the Potts prior with the field: each iteration a checkerboard sweep of q,
-    then the mixture's M-step and the field's least squares, both for q.  Coarse to fine, as
-    _mean_field_em: a large grid starts from the fit of its 2 x 2-subsampled grid.  Returns the
-    state, q (K, H, W) of the grid and the fit's record, as spatial_fit's."""
-    k, shape = len(state.weights), pixels.grid_shape
-    rows, cols = pixels.grid_rows, pixels.grid_cols
+    then the mixture's M-step and the field's Newton step (halved until the objective does not
+    fall), both for q.  Coarse to fine, as _mean_field_em: a large grid starts from the fit of
+    its 2 x 2-subsampled grid.  Returns the state, q (K, h, w) of the grid and the fit's
+    record, as spatial_fit's."""
+    k, shape = len(state.weights), image.values.shape
     coarser, start_q = [], None
-    coarse = pixels.coarser()
-    if shape[0] * shape[1] > COARSEST_GRID_PIXELS and len(coarse.rows):
+    coarse = image.coarser()
+    if image.values.size > COARSEST_GRID_PIXELS and coarse.n_pixels:
         state, start_q, record = _spatial_bias_fit(state, coarse, degree, beta, options)
         coarser = record["coarser_grids"] + [
             {
-                "height": -(-shape[0] // 2),
-                "width": -(-shape[1] // 2),
+                "height": coarse.values.shape[0],
+                "width": coarse.values.shape[1],
                 "n_iter": record["n_iter"],
                 "converged": record["converged"],
             }
         ]
     del coarse
-    inside = np.zeros(shape, dtype=bool)
-    inside[rows, cols] = True
     padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
-    pixel_logp = _bias_pixel_log_probabilities(
-        state, pixels, degree, np.zeros((k,) + shape, dtype=np.float32)
-    )
-    site_logp = _from_array(pixel_logp)
+    q = padded[:, 1:-1, 1:-1]
     if start_q is not None:
-        q = padded[:, 1:-1, 1:-1]
         _copy_to_blocks(q, start_q)
-        q *= inside
+        if image.inside is not None:
+            q *= image.inside
         del start_q
     else:
-        _posterior_start(padded, site_logp, inside)
+        _posterior_start(padded, _BandModel(state, image, degree).site_logp, image.inside)
+
+    def no_data(rows, cols):
+        return np.zeros((k,) + image.values[rows, cols].shape, dtype=np.float32)
 
     def step(_, mean_field):
-        _sweep(mean_field.padded, beta, site_logp, inside, mean_field.relaxation)
-        resp = mean_field.q[:, rows, cols]
-        stats = _bias_moments(mean_field.model, pixels, degree, resp)
-        new = _bias_m_step(stats, mean_field.model, pixels, degree, options.reg_covar, resp)
-        _bias_pixel_log_probabilities(new, pixels, degree, pixel_logp)
-        objective = _mean_field_objective(mean_field.padded, beta, site_logp)
-        return _advanced(mean_field, new, pixel_logp, objective, options.tol * len(pixels.rows))
+        objective = _sweep(
+            mean_field.padded,
+            beta,
+            _BandModel(mean_field.model, image, degree).site_logp,
+            image.inside,
+            mean_field.relaxation,
+        )
+        moments = _moments_of(mean_field.q, mean_field.model, image, degree)
+        weights, means, variances = _bias_mixture(moments, options.reg_covar)
+        new = BiasState(weights, means, variances, mean_field.model.coefficients)
+        data = _expected_log_likelihood(moments, new, degree)
+        newton = _newton_step(moments, means, variances, degree)
+        for halving in range(BIAS_HALVINGS):
+            trial = replace(new, coefficients=new.coefficients + newton / 2**halving)
+            trial_data = _bias_data_term(mean_field.q, trial, image, degree)
+            if trial_data >= data:
+                new, data = trial, trial_data
+                break
+        return _advanced(mean_field, new, None, objective + data, options.tol * image.n_pixels)
 
+    start_objective = _mean_field_objective(padded, beta, no_data)
+    start_objective += _bias_data_term(q, state, image, degree)
     run = run_em(
-        MeanField(state, padded, pixel_logp, _mean_field_objective(padded, beta, site_logp)),
-        partial(_mean_field_score, n_pixels=len(pixels.rows)),
+        MeanField(state, padded, None, start_objective),
+        partial(_mean_field_score, n_pixels=image.n_pixels),
         step,
         options,
         on_iteration,
     )
     return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
-
-
-def _from_array(pixel_logp):
-    """site_logp for log-probabilities kept per pixel (K, H, W): a copy of the sites'."""
-    return lambda rows, cols: pixel_logp[:, rows, cols].copy()
 
 
 # --- 5d. Putting it together ---------------------------------------------------
@@ -2703,8 +2828,6 @@ def palette(segmentation):
     """
     picture, model = segmentation.picture, segmentation.model
     top = 255 if picture.bits == 8 or model.means.shape[1] == 3 else 65535
-    if segmentation.bias is not None:  # a mixture of log-intensities: the class's intensity
-        model = replace(model, means=np.exp(model.means))
     values = np.clip(np.rint(model.means * top), 0, top).astype(
         np.uint8 if top == 255 else np.uint16
     )
@@ -2935,7 +3058,7 @@ def model_record(segmentation, source, settings, notes, seconds):
             "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
             "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1",
             "field": "exp(coefficients . basis - shift); weights, means and covariances are "
-            "then of the corrected log-intensities",
+            "then of the corrected intensities (image / field)",
         }
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial
@@ -3295,8 +3418,7 @@ def build_parser():
         metavar="N",
         help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
         f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
-        f"pick the wrong K, and with --bias-field, where a start misled by the field can end "
-        f"in a poorer maximum)",
+        f"pick the wrong K)",
     )
     parser.add_argument(
         "--init",
@@ -3360,7 +3482,7 @@ def build_parser():
         "--bias-field",
         action="store_true",
         help="gray images: fit a smooth multiplicative intensity field (MRI's bias field) with the "
-        "mixture, which then models the corrected log-intensities; writes STEM_bias.png and "
+        "mixture, which then models the corrected intensities; writes STEM_bias.png and "
         "STEM_corrected.png",
     )
     parser.add_argument(
@@ -3498,7 +3620,7 @@ def _settings(args, options):
 
 
 def fit_options_from(args):
-    several = args.components == "auto" or args.bias_field  # where one start can mislead
+    several = args.components == "auto"  # where one start that merges two classes misleads
     n_init = args.n_init or DEFAULTS["auto_n_init" if several else "n_init"]
     return FitOptions(
         covariance_type=args.covariance,

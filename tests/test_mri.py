@@ -213,18 +213,20 @@ def test_bias_field_recovers_the_field_and_the_accuracy(rng):
 
 
 def test_no_field_is_found_where_there_is_none(rng):
-    """Without a field the fit keeps its start: the mixture of the log-intensities, field ~ 1."""
+    """Without a field the fit keeps its start: the plain mixture of the intensities, field ~ 1."""
     clean, _, labels, inside, _ = biased_phantom(rng)
     picture = seg.with_mask(seg.picture_from_array(clean), inside)
-    with_field = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+    points = seg.distinct_values(picture)
+    with_field = seg.segment_points(picture, points, 3, bias_degree=3)
     assert np.abs(np.log(with_field.bias.image()[inside])).max() < 0.02
-    logs = np.log(np.maximum(clean[inside], 0.5) / 255.0)
-    plain = seg.fit_gmm(logs, 3).predict(logs)  # the same model without a field
-    order = np.argsort(seg.fit_gmm(logs, 3).means[:, 0])
-    assert np.mean(seg.label_map(with_field)[inside] - 1 == np.argsort(order)[plain]) > 0.999
+    plain = seg.segment_points(picture, points, 3)  # the same model without a field
+    assert np.mean(seg.label_map(with_field) == seg.label_map(plain)) > 0.999
+    assert np.allclose(with_field.model.means, plain.model.means, rtol=0.01)
+    assert np.allclose(with_field.model.covariances, plain.model.covariances, rtol=0.05)
 
 
 def test_bias_field_with_the_spatial_prior(rng):
+    """The prior and the field together: above the per-pixel fit, the field still found."""
     _, biased, labels, inside, field = biased_phantom(rng, sd=0.07, cell=8)
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
     points = seg.distinct_values(picture)
@@ -233,7 +235,7 @@ def test_bias_field_with_the_spatial_prior(rng):
     accuracy = [
         matched_accuracy(seg.label_map(s)[inside] - 1, labels[inside], 3) for s in (alone, smooth)
     ]
-    assert accuracy[1] >= accuracy[0] + 0.05
+    assert accuracy[1] >= accuracy[0] + 0.03 and accuracy[1] >= 0.98
     objective = np.asarray(smooth.spatial["objective"])
     assert smooth.spatial["converged"] and np.all(np.diff(objective) >= -1e-6)
     assert np.corrcoef(np.log(smooth.bias.image()[inside]), np.log(field[inside]))[0, 1] >= 0.95
@@ -305,23 +307,32 @@ def test_bias_field_on_degenerate_images(tmp_path, capsys, array):
     assert Image.open(tmp_path / "o" / "d_bias.png").size == array.shape[::-1]
 
 
-def test_two_starts_get_the_bias_fit_out_of_a_poor_maximum(tmp_path, rng, capsys):
-    """A noisy phantom whose single start is misled by the field; --bias-field's default two
-    starts keep the better fit."""
-    _, biased, labels, inside, field = biased_phantom(rng, sd=0.07, cell=12)
-    picture = seg.with_mask(seg.picture_from_array(biased), inside)
-    points = seg.distinct_values(picture)
-    one = seg.segment_points(picture, points, 3, seg.FitOptions(n_init=1), bias_degree=3)
-    two = seg.segment_points(picture, points, 3, seg.FitOptions(n_init=2), bias_degree=3)
-    assert two.model.log_likelihood[-1] > one.model.log_likelihood[-1]
-    accuracy = [
-        matched_accuracy(seg.label_map(s)[inside] - 1, labels[inside], 3) for s in (one, two)
-    ]
-    assert accuracy[0] < 0.8 and accuracy[1] > 0.9
-    assert np.corrcoef(np.log(two.bias.image()[inside]), np.log(field[inside]))[0, 1] >= 0.95
+def test_bias_field_at_heavier_noise_reaches_the_maximum(tmp_path, capsys):
+    """At sd 0.07 (where a mixture of log-intensities lost two points to the clean image), the
+    fit of the corrected intensities stays within a point of the field-free image in the median,
+    and every fit's likelihood is at least that of the true field: where the accuracy is lower,
+    the data prefer another field (a few large cells of one class), it is no poor maximum.  One
+    start does it: the command line's default."""
+    gaps = []
+    for seed in range(6):
+        clean, biased, labels, inside, field = biased_phantom(
+            np.random.default_rng(seed), sd=0.07, cell=8
+        )
+        picture = seg.with_mask(seg.picture_from_array(biased), inside)
+        fit = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+        clean_picture = seg.with_mask(seg.picture_from_array(clean), inside)
+        plain = seg.segment_points(clean_picture, seg.distinct_values(clean_picture), 3)
+        gaps.append(
+            matched_accuracy(plain.labels[inside], labels[inside], 3)
+            - matched_accuracy(fit.labels[inside], labels[inside], 3)
+        )
+        corrected = biased[inside] / field[inside] / 255.0
+        true_field = seg.fit_gmm(corrected, 3).log_likelihood[-1] - np.log(field[inside]).mean()
+        assert fit.model.log_likelihood[-1] >= true_field - 1e-6
+    assert np.median(gaps) < 0.005 and sum(gap < 0.01 for gap in gaps) >= 5
     Image.fromarray(biased).save(tmp_path / "n.png")
     status, out, err = run(
         [tmp_path / "n.png", "--bias-field", "-k", "3", "--out", tmp_path], capsys
     )
-    assert status == 0 and record_of(tmp_path, "n")["settings"]["n_init"] == 2
-    assert np.mean(np.asarray(Image.open(tmp_path / "n_labels.png")) == seg.label_map(two)) > 0.999
+    assert status == 0 and record_of(tmp_path, "n")["settings"]["n_init"] == 1
+    assert np.mean(np.asarray(Image.open(tmp_path / "n_labels.png")) == seg.label_map(fit)) > 0.999
