@@ -1851,13 +1851,13 @@ class SharedModel:
 # nearer, and to q*_i where not: L still never decreases.  w starts at 1 and follows the best
 # w that the observed rate of the gains implies (adaptive SOR), up to MAX_OVER_RELAXATION.
 #
-# L comes out of the sweep with no pass of its own.  For a site set to q_i after
-# q*_i = softmax(a_i), q_i . (log p_i - log q_i) = lse(a_i) - KL(q_i || q*_i) - BETA q_i . n_i,
-# n_i its neighbours' sum, and every neighbour pair has one black and one white site, so
-#     L = sum over the sites of (lse(a_i) - KL) - BETA sum_white (q_j before the sweep) . n_j,
-# the last sum taken as the white sites are updated.  The M-step needs the responsibilities
-# summed per distinct value (a bincount), as the plain M-step does, and L's change with theta
-# is those sums times the change of the points' log-probabilities.
+# L comes out of the sweep with no pass of its own: each site adds its entropy as it is set,
+# and since every neighbour pair has one black and one white site, the pairs are summed as the
+# white sites are set.  The expected log-likelihood, sum_i q_i . log w p(x_i), is the
+# responsibilities summed per distinct value (the bincount the M-step needs anyway) times the
+# points' log-probabilities in float64: exact for any theta, so the M-step's gain is too.
+# (The shortcut lse(a_i) - KL on q stored in float32 drifts by 1e-8 a pixel as theta moves,
+# which the stopping rule would see: a q near 1 rounds up more often than down.)
 
 
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
@@ -2612,24 +2612,24 @@ def _moments_of(q, state, image, degree):
 
 
 def _spatial_bias_fit(state, image, degree, beta, options, on_iteration=None):
-    """Mean-field EM of the Potts prior with the field: each iteration a checkerboard sweep of q,
+    """Mean-field EM of the Potts prior with the field.  Returns the state, q (K, H, W) and the
+    fit's record, as spatial_fit's."""
+    run, coarser = _spatial_bias_run(state, image, degree, beta, options, on_iteration)
+    return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
+
+
+def _spatial_bias_run(state, image, degree, beta, options, on_iteration=None):
+    """The spatial fit with the field on one grid: each iteration a checkerboard sweep of q,
     then the mixture's M-step and the field's Newton step (halved until the objective does not
     fall), both for q.  Coarse to fine, as _mean_field_em: a large grid starts from the fit of
-    its 2 x 2-subsampled grid.  Returns the state, q (K, h, w) of the grid and the fit's
-    record, as spatial_fit's."""
+    its 2 x 2-subsampled grid.  Returns the run and the coarser grids' records."""
     k, shape = len(state.weights), image.values.shape
     coarser, start_q = [], None
     coarse = image.coarser()
     if image.values.size > COARSEST_GRID_PIXELS and coarse.n_pixels:
-        state, start_q, record = _spatial_bias_fit(state, coarse, degree, beta, options)
-        coarser = record["coarser_grids"] + [
-            {
-                "height": coarse.values.shape[0],
-                "width": coarse.values.shape[1],
-                "n_iter": record["n_iter"],
-                "converged": record["converged"],
-            }
-        ]
+        run, coarser = _spatial_bias_run(state, coarse, degree, beta, options)
+        coarser.append(_coarser_record(shape, run))
+        state, start_q = run.state.model, run.state.q
     del coarse
     padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
     q = padded[:, 1:-1, 1:-1]
@@ -2674,7 +2674,7 @@ def _spatial_bias_fit(state, image, degree, beta, options, on_iteration=None):
         options,
         on_iteration,
     )
-    return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
+    return run, coarser
 
 
 # --- 5d. Putting it together ---------------------------------------------------
