@@ -330,7 +330,7 @@ def main():
             ("gray, from camera, --spatial 1", samples.camera(), 24, ("--spatial", "1")),
             ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1")),
             ("brain, --bias-field", "brain", 24, ("--bias-field",)),
-            ("brain, --bias-field --spatial 1", "brain", 1, ("--bias-field", "--spatial", "1")),
+            ("brain, --bias-field --spatial 1", "brain", 24, ("--bias-field", "--spatial", "1")),
         ]
     if args.only:
         ends = [row for row in ends if args.only in row[0]]
