@@ -6,11 +6,12 @@ from conftest import ROOT, matched_accuracy, record_of, run, seg
 from PIL import Image
 
 
-def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6):
+def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6, rician=False):
     """A 3-class piecewise-constant 'brain' inside an ellipse on an exactly black background.
 
     The classes fill cells of cell x cell pixels at random, interleaved as tissues are: no
-    smooth field can pass for a class.
+    smooth field can pass for a class.  rician: the noise of a magnitude image, |mean + complex
+    Gaussian noise of sd in each part|, as MRI's.
     """
     cells = rng.integers(0, 3, size=(-(-shape[0] // cell), -(-shape[1] // cell)))
     labels = np.kron(cells, np.ones((cell, cell), dtype=int))[: shape[0], : shape[1]]
@@ -19,6 +20,8 @@ def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6):
         (cols - shape[1] / 2) / (0.42 * shape[1])
     ) ** 2 < 1
     values = rng.normal(np.asarray(means)[labels], sd)
+    if rician:
+        values = np.hypot(values, rng.normal(0, sd, values.shape))
     image = np.clip(np.rint(values * 255), 1, 255).astype(np.uint8)  # nothing inside is 0
     image[~inside] = 0
     return image, labels, inside
@@ -183,16 +186,17 @@ def smooth_field(shape, amplitude=0.25):
     return np.exp(log_field - log_field.mean())
 
 
-def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6):
-    image, labels, inside = phantom(rng, shape=shape, sd=sd, cell=cell)
+def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6, rician=False):
+    image, labels, inside = phantom(rng, shape=shape, sd=sd, cell=cell, rician=rician)
     field = smooth_field(shape)
     biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
     biased[~inside] = 0
     return image, biased, labels, inside, field
 
 
-def test_bias_field_recovers_the_field_and_the_accuracy(rng):
-    clean, biased, labels, inside, field = biased_phantom(rng)
+@pytest.mark.parametrize("rician", [False, True], ids=["gaussian", "rician"])
+def test_bias_field_recovers_the_field_and_the_accuracy(rng, rician):
+    clean, biased, labels, inside, field = biased_phantom(rng, rician=rician)
     assert field[inside].max() / field[inside].min() > 1.4  # a real field, +-20 % and more
     reference = matched_accuracy(
         seg.segment_image(clean, 3, mask=inside)[0][inside] - 1, labels[inside], 3
