@@ -46,7 +46,7 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,7 @@ BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before
 COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
 MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its update (1: plain)
 RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than float32 can err
+PASS_THREADS = os.cpu_count() or 1  # a per-pixel pass's row bands run on this many threads
 SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
@@ -1863,6 +1864,21 @@ class SharedModel:
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
 
 
+@lru_cache(maxsize=None)
+def _thread_pool(threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="bands")
+
+
+def _map_bands(function, bands):
+    """[function(band) for band in bands] on PASS_THREADS threads (NumPy lets go of the GIL in
+    its loops), the results in band order: every sum is the same with any number of threads."""
+    if PASS_THREADS > 1 and len(bands) > 1:
+        return list(_thread_pool(PASS_THREADS).map(function, bands))
+    return [function(band) for band in bands]
+
+
 def _bands(height, width, n_components):
     """(top, bottom) of the row bands a pass works in, every top even."""
     rows = max(2, SWEEP_BAND_BYTES // (4 * n_components * max(width, 1)))
@@ -1916,11 +1932,15 @@ def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs
 def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
     """One checkerboard sweep of q in place.  Returns L(new q) but its expected log-likelihood
     sum_i q_i . log w p(x_i): every neighbour pair has one white site, so the pairs are summed
-    as the white sites are updated."""
+    as the white sites are updated.  The sites of one colour are independent: a colour's row
+    bands may be updated in any order, or at once."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     objective = 0.0
     for colour, sites in enumerate(CHECKERBOARD):
-        for top, bottom in _bands(height, width, n_components):
+
+        def update_band(band, sites=sites, pairs=colour == 1 and beta != 0):
+            top, bottom = band
+            total = 0.0
             for row, col in sites:
                 entropy, agreement = _update_sites(
                     padded,
@@ -1930,9 +1950,12 @@ def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
                     site_logp,
                     inside,
                     relaxation,
-                    pairs=colour == 1 and beta != 0,
+                    pairs,
                 )
-                objective += entropy + beta * agreement
+                total += entropy + beta * agreement
+            return total
+
+        objective += sum(_map_bands(update_band, _bands(height, width, n_components)))
     return objective
 
 
@@ -2009,14 +2032,20 @@ class PixelGrid:
 
     def point_sums(self, q):
         """(K, M) q summed over the pixels of every point, by bincounts in row chunks."""
-        n_points, width = len(self.data), self.index.shape[1]
+        n_points, (height, width) = len(self.data), self.index.shape
         rows = max(1, max(PIXEL_CHUNK // 4, 4 * n_points) // max(width, 1))
+
+        def chunk_sums(band):
+            points = self.index[band[0] : band[1]].reshape(-1)
+            return [
+                np.bincount(points, weights=qk[band[0] : band[1]].reshape(-1), minlength=n_points)
+                for qk in q
+            ]
+
+        chunks = [(top, top + rows) for top in range(0, height, rows)]
         sums = np.zeros((len(q), n_points))
-        for top in range(0, self.index.shape[0], rows):
-            points = self.index[top : top + rows].reshape(-1)
-            for k, qk in enumerate(q):
-                weights = qk[top : top + rows].reshape(-1)
-                sums[k] += np.bincount(points, weights=weights, minlength=n_points)
+        for partial_sums in _map_bands(chunk_sums, chunks):
+            sums += partial_sums
         return sums
 
 
@@ -2376,25 +2405,27 @@ def _bias_pass(state, image, degree, labels=None, posteriors=None):
     and the log-likelihood per pixel.  labels (h, w) / posteriors (K, h, w): filled if given."""
     bands = _BandModel(state, image, degree)
     height, width = image.values.shape
-    moments = np.zeros((len(state.weights), 3, 2 * degree + 1, 2 * degree + 1))
     _, v = image.powers(slice(None), slice(None), 2 * degree)
-    total = 0.0
-    for top, bottom in _bands(height, width, len(state.weights)):
-        rows, cols = slice(top, bottom), slice(0, width)
+
+    def band_pass(band):
+        rows, cols = slice(*band), slice(0, width)
         z, t = bands.corrected(rows, cols)
         r, lse = _softmax_and_lse(_bias_log_densities(state, z))
         lse -= t
         inside = True if image.inside is None else image.inside[rows]
-        total += float(np.sum(lse, where=inside))
         if image.inside is not None:
             r *= inside
-        u, _ = image.powers(rows, slice(0, 0), 2 * degree)
-        _add_moments(moments, r, z, u, v)
+        moments = np.zeros((len(state.weights), 3, 2 * degree + 1, 2 * degree + 1))
+        _add_moments(moments, r, z, image.powers(rows, slice(0, 0), 2 * degree)[0], v)
         if labels is not None:
             labels[rows] = _argmax_over_components(r)
         if posteriors is not None:
             posteriors[:, rows] = r
-    return moments, total / image.n_pixels
+        return moments, float(np.sum(lse, where=inside))
+
+    results = _map_bands(band_pass, _bands(height, width, len(state.weights)))
+    moments = sum(moments for moments, _ in results)
+    return moments, sum(total for _, total in results) / image.n_pixels
 
 
 def _bias_e_step(state, image, degree):
@@ -2586,14 +2617,15 @@ def _bias_data_term(q, state, image, degree):
     """
     bands = _BandModel(state, image, degree)
     height, width = image.values.shape
-    total = 0.0
-    for top, bottom in _bands(height, width, len(q)):
-        rows, cols = slice(top, bottom), slice(0, width)
-        z, t = bands.corrected(rows, cols, np.float64)
+
+    def band_term(band):
+        rows = slice(*band)
+        z, t = bands.corrected(rows, slice(0, width), np.float64)
         logp = _bias_log_densities(state, z)
         logp -= t
-        total += float(np.sum(logp * q[:, rows], dtype=np.float64))
-    return total
+        return float(np.sum(logp * q[:, rows], dtype=np.float64))
+
+    return sum(_map_bands(band_term, _bands(height, width, len(q))))
 
 
 def _moments_of(q, state, image, degree):
@@ -2601,14 +2633,16 @@ def _moments_of(q, state, image, degree):
     field."""
     bands = _BandModel(state, image, degree)
     height, width = image.values.shape
-    moments = np.zeros((len(q), 3, 2 * degree + 1, 2 * degree + 1))
     _, v = image.powers(slice(None), slice(None), 2 * degree)
-    for top, bottom in _bands(height, width, len(q)):
-        rows = slice(top, bottom)
+
+    def band_moments(band):
+        rows = slice(*band)
         z, _ = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
-        u, _ = image.powers(rows, slice(0, 0), 2 * degree)
-        _add_moments(moments, q[:, rows], z, u, v)
-    return moments
+        moments = np.zeros((len(q), 3, 2 * degree + 1, 2 * degree + 1))
+        _add_moments(moments, q[:, rows], z, image.powers(rows, slice(0, 0), 2 * degree)[0], v)
+        return moments
+
+    return sum(_map_bands(band_moments, _bands(height, width, len(q))))
 
 
 def _spatial_bias_fit(state, image, degree, beta, options, on_iteration=None):
@@ -3928,6 +3962,8 @@ _WORKER_STATE = {"busy": False, "interrupted": False}  # of a worker process
 
 
 def _worker_started():
+    global PASS_THREADS
+    PASS_THREADS = 1  # the worker processes share the cores already
     signal.signal(signal.SIGINT, _worker_interrupted)
     signal.signal(signal.SIGTERM, _worker_interrupted)
 

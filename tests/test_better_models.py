@@ -301,3 +301,29 @@ def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum(monkeypatch)
         assert np.mean(relaxed.labels == plain.labels) >= 0.999
     assert runs["ramps", default].spatial["n_iter"] <= 0.6 * runs["ramps", 1.0].spatial["n_iter"]
     assert runs["noisy", default].spatial["n_iter"] <= runs["noisy", 1.0].spatial["n_iter"]
+
+
+def test_threads_do_not_change_a_bit(monkeypatch):
+    """The row bands of a pass run on PASS_THREADS threads; the results are summed in band order,
+    so one thread and several give the same objective, labels and field to the last digit."""
+    from test_mri import biased_phantom
+
+    _, biased, _, inside, _ = biased_phantom(np.random.default_rng(3), shape=(150, 130))
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    points = seg.distinct_values(picture)
+    monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1 << 12)  # many bands even on a small image
+    runs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(seg, "PASS_THREADS", threads)
+        runs.append(
+            (
+                seg.segment_points(picture, points, 3, spatial=1.0),
+                seg.segment_points(picture, points, 3, bias_degree=3, spatial=0.5),
+            )
+        )
+    for one, several in zip(*runs):
+        assert one.spatial["n_iter"] > 3 and one.spatial["converged"]
+        assert one.spatial["objective"] == several.spatial["objective"]
+        assert np.array_equal(one.labels, several.labels)
+        assert one.model.log_likelihood == several.model.log_likelihood
+    assert np.array_equal(runs[0][1].bias.coefficients, runs[1][1].bias.coefficients)
