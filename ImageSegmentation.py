@@ -1872,11 +1872,12 @@ def _thread_pool(threads):
 
 
 def _map_bands(function, bands):
-    """[function(band) for band in bands] on PASS_THREADS threads (NumPy lets go of the GIL in
-    its loops), the results in band order: every sum is the same with any number of threads."""
+    """function(band) for band in bands, on PASS_THREADS threads (NumPy lets go of the GIL in its
+    loops), yielded in band order: every sum is the same with any number of threads, and a sum
+    taken as they come holds only the results not yet added."""
     if PASS_THREADS > 1 and len(bands) > 1:
-        return list(_thread_pool(PASS_THREADS).map(function, bands))
-    return [function(band) for band in bands]
+        return _thread_pool(PASS_THREADS).map(function, bands)
+    return map(function, bands)
 
 
 def _bands(height, width, n_components):
@@ -2423,9 +2424,13 @@ def _bias_pass(state, image, degree, labels=None, posteriors=None):
             posteriors[:, rows] = r
         return moments, float(np.sum(lse, where=inside))
 
-    results = _map_bands(band_pass, _bands(height, width, len(state.weights)))
-    moments = sum(moments for moments, _ in results)
-    return moments, sum(total for _, total in results) / image.n_pixels
+    moments, total = 0.0, 0.0
+    for band_moments, band_total in _map_bands(
+        band_pass, _bands(height, width, len(state.weights))
+    ):
+        moments += band_moments
+        total += band_total
+    return moments, total / image.n_pixels
 
 
 def _bias_e_step(state, image, degree):
