@@ -2315,13 +2315,14 @@ class BiasImage:
     def n_pixels(self):
         return self.values.size if self.inside is None else int(np.count_nonzero(self.inside))
 
-    def powers(self, rows, cols, degree):
-        """The coordinate powers of the grid's rows and columns (slices)."""
-        height, width = self.values.shape
-        return (
-            coordinate_powers(np.arange(height)[rows] * self.step, self.shape[0], degree),
-            coordinate_powers(np.arange(width)[cols] * self.step, self.shape[1], degree),
-        )
+    def row_powers(self, rows, degree):
+        """(h, degree + 1) powers of the scaled image coordinate of the grid's rows (a slice)."""
+        grid_rows = np.arange(self.values.shape[0])[rows]
+        return coordinate_powers(grid_rows * self.step, self.shape[0], degree)
+
+    def column_powers(self, degree):
+        """(w, degree + 1) powers of the scaled image coordinate of every column of the grid."""
+        return coordinate_powers(np.arange(self.values.shape[1]) * self.step, self.shape[1], degree)
 
     def coarser(self):
         """The grid of every other row and column of this one."""
@@ -2365,12 +2366,12 @@ class _BandModel:
 
     def __init__(self, state, image, degree):
         self.state, self.image, self.degree = state, image, degree
-        _, v = image.powers(slice(None), slice(None), degree)
+        v = image.column_powers(degree)
         self.grid_v = coefficient_grid(state.coefficients, degree) @ v.T  # (D + 1, w)
 
     def corrected(self, rows, cols, dtype=np.float32):
         """(z, t) at the sites rows x cols of the grid (slices): z = y exp(-t), t the log field."""
-        u, _ = self.image.powers(rows, slice(0, 0), self.degree)
+        u = self.image.row_powers(rows, self.degree)
         t = (u @ self.grid_v[:, cols]).astype(dtype, copy=False)
         z = np.exp(-t)
         z *= self.image.values[rows, cols]
@@ -2406,7 +2407,7 @@ def _bias_pass(state, image, degree, labels=None, posteriors=None):
     and the log-likelihood per pixel.  labels (h, w) / posteriors (K, h, w): filled if given."""
     bands = _BandModel(state, image, degree)
     height, width = image.values.shape
-    _, v = image.powers(slice(None), slice(None), 2 * degree)
+    v = image.column_powers(2 * degree)
 
     def band_pass(band):
         rows, cols = slice(*band), slice(0, width)
@@ -2417,7 +2418,7 @@ def _bias_pass(state, image, degree, labels=None, posteriors=None):
         if image.inside is not None:
             r *= inside
         moments = np.zeros((len(state.weights), 3, 2 * degree + 1, 2 * degree + 1))
-        _add_moments(moments, r, z, image.powers(rows, slice(0, 0), 2 * degree)[0], v)
+        _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
         if labels is not None:
             labels[rows] = _argmax_over_components(r)
         if posteriors is not None:
@@ -2591,10 +2592,10 @@ def fit_bias_field(
 def _inside_moments(image, degree):
     """The mean over the fitted pixels of u^a v^b, a, b <= degree, flattened as the grid."""
     height, width = image.values.shape
-    _, v = image.powers(slice(None), slice(None), degree)
+    v = image.column_powers(degree)
     sums = np.zeros((degree + 1, degree + 1))
     for top, bottom in _bands(height, width, 1):
-        u, _ = image.powers(slice(top, bottom), slice(0, 0), degree)
+        u = image.row_powers(slice(top, bottom), degree)
         inside = (
             np.ones((bottom - top, width)) if image.inside is None else image.inside[top:bottom]
         )
@@ -2638,13 +2639,13 @@ def _moments_of(q, state, image, degree):
     field."""
     bands = _BandModel(state, image, degree)
     height, width = image.values.shape
-    _, v = image.powers(slice(None), slice(None), 2 * degree)
+    v = image.column_powers(2 * degree)
 
     def band_moments(band):
         rows = slice(*band)
         z, _ = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
         moments = np.zeros((len(q), 3, 2 * degree + 1, 2 * degree + 1))
-        _add_moments(moments, q[:, rows], z, image.powers(rows, slice(0, 0), 2 * degree)[0], v)
+        _add_moments(moments, q[:, rows], z, image.row_powers(rows, 2 * degree), v)
         return moments
 
     return sum(_map_bands(band_moments, _bands(height, width, len(q))))
