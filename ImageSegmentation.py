@@ -2553,12 +2553,12 @@ def fit_bias_field(
         )
         if run is None or candidate.history[-1] > run.history[-1]:
             run = candidate
-    state, record, q = run.state, None, None
-    labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
+    state, record = run.state, None
     if spatial > 0:
         state, q, record = _spatial_bias_fit(state, image, degree, spatial, options, on_iteration)
         labels = _argmax_over_components(q)
-    else:
+    else:  # the labels (and posteriors) from one more pass of the fitted state
+        labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
         _bias_pass(state, image, degree, labels=labels, posteriors=q)
     order = np.argsort(state.means, kind="stable")
