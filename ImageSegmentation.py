@@ -121,6 +121,10 @@ MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its u
 RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than float32 can err
 PASS_THREADS = os.cpu_count() or 1  # a per-pixel pass's row bands run on this many threads
 SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
+ACTIVE_CHANGE = 1e-3  # a site whose q moved less than this rests until a neighbour moves more
+MAX_ACTIVE_FRACTION = 0.2  # a partial sweep only when fewer than this fraction of sites moved
+FULL_SWEEP_EVERY = 10  # and every site is swept at least every this many iterations
+PARTIAL_CHUNK = 1 << 14  # sites a block in a partial sweep
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
@@ -1106,7 +1110,7 @@ class EMRun:
     n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
 
 
-def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
+def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None, may_stop=None):
     """The EM loop every model here shares.
 
     e_step(state) -> (statistics of state's responsibilities, state's objective), in one pass;
@@ -1114,6 +1118,8 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
     state to unconstrained real coordinates and back (from_vector(vector, like) -> state); with
     them and options.accelerate == "squarem" every iteration is one safeguarded SQUAREM cycle.
     Converged: the stopping rule held on two iterations in a row, or no step gains any more.
+    may_stop(state) False: the iteration that reached state does not count for the rule (the
+    spatial fit's partial sweeps, which leave most sites as they were).
     """
     stats, value = e_step(state)
     _check_finite(value)
@@ -1141,7 +1147,8 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None):
             on_iteration(len(values) - 1, value)
         if stalled and options.tol > 0:
             break
-        streak = streak + 1 if options.tol > 0 and distance_to_limit(values) < options.tol else 0
+        near = options.tol > 0 and distance_to_limit(values) < options.tol
+        streak = streak + 1 if near and (may_stop is None or may_stop(state)) else 0
     return EMRun(
         state,
         [float(v) for v in values[1:]],
@@ -1157,17 +1164,21 @@ def _check_finite(value):
 
 
 def distance_to_limit(values):
-    """Aitken's estimate of how far values[-2] lies below the limit of the sequence.
+    """Aitken's estimate of how far values[-2] lies below the limit of the sequence."""
+    previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    return aitken_distance(values[-1] - values[-2], previous_gain)
+
+
+def aitken_distance(gain, previous_gain):
+    """The distance to the limit from the last two gains of a sequence.
 
     EM converges linearly: successive gains shrink by a ratio a, so the limit is about
-    values[-2] + gain / (1 - a).  Gains that do not shrink give infinity (not there yet);
-    no gain at all gives 0 (a fixed point, to round-off), and a gain right after none is
-    round-off too: its estimate is the gain itself.
+    the last value but one + gain / (1 - a).  Gains that do not shrink give infinity (not
+    there yet); no gain at all gives 0 (a fixed point, to round-off), and a gain right after
+    none is round-off too: its estimate is the gain itself.
     """
-    gain = values[-1] - values[-2]
     if gain <= 0:
         return 0.0
-    previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
     if previous_gain <= 0:  # a gain after none: the sequence is at round-off, and so is the gain
         return gain
     if previous_gain <= gain:
@@ -1887,54 +1898,75 @@ def _bands(height, width, n_components):
     return [(top, min(top + rows, height)) for top in range(0, height, rows)]
 
 
-def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs=False):
-    """Over-relaxed mean-field update of the sites rows x cols (image coordinates, stride 2: no
-    two of them neighbours): q + relaxation (q* - q) where that gains, else the plain q*.
+def _site_update(old, neighbours, logp, beta, relaxation):
+    """The over-relaxed mean-field update of independent sites (no two of them neighbours):
+    q + relaxation (q* - q) where that is nearer q* in KL, else the plain q*.
+
+    old, neighbours (their q summed) and logp (log w p(x)) are (K, ...) float32; logp is
+    overwritten.  Returns the new q and its log (floored at the smallest normal float32).
+    """
+    field = logp
+    field += neighbours * beta
+    field -= field.max(axis=0)
+    target = np.exp(field)
+    target /= target.sum(axis=0)  # q*, the plain update
+    tiny = np.finfo(np.float32).tiny
+    log_target = np.log(np.maximum(target, tiny))
+    if relaxation == 1.0:
+        return target, log_target
+    relaxed = target - old
+    relaxed *= relaxation
+    relaxed += old  # on the simplex to round-off: w - 1 < 1 shrinks what it carries over
+    log_relaxed = np.log(np.maximum(relaxed, tiny))
+    gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
+    gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
+    better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
+    relaxed -= target
+    relaxed *= better  # arithmetic, not a masked copy: ten times faster on a random mask
+    target += relaxed
+    return target, np.log(np.maximum(target, tiny))
+
+
+def _entropy(q, log_q):
+    """-sum q log q of (K, ...) float32 q, summed in float64."""
+    return -float(np.sum(q * log_q, dtype=np.float64))
+
+
+def _moved(new, old):
+    """(...) bool: the sites whose q moved by more than ACTIVE_CHANGE in some component."""
+    return np.abs(new - old).max(axis=0) > ACTIVE_CHANGE
+
+
+def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs, moved):
+    """_site_update of the sites rows x cols (image coordinates, stride 2), in place.
 
     padded is (K, H + 2, W + 2), q inside a border of zeros, so the neighbours are four strided
     views and outside the image counts 0; so do the pixels outside a mask (inside: (H, W)
     bool), whose q stays 0.  Returns the sites' entropy -sum q log q and, with pairs, the sum
-    of their new q . their neighbours' q: L's terms but the expected log-likelihood.
+    of their new q . their neighbours' q: L's terms but the expected log-likelihood.  moved:
+    an (H, W) bool array to mark the sites that moved in (or None).
     """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
     neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
     neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
     neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
-    field = neighbours * beta
-    field += site_logp(rows, cols)
-    field -= field.max(axis=0)
-    target = np.exp(field)
-    target /= target.sum(axis=0)  # q*, the plain update
-    tiny = np.finfo(np.float32).tiny
-    log_target = np.log(np.maximum(target, tiny))
-    if relaxation != 1.0:
-        old = centre.copy()
-        relaxed = target - old
-        relaxed *= relaxation
-        relaxed += old  # on the simplex to round-off: w - 1 < 1 shrinks what it carries over
-        log_relaxed = np.log(np.maximum(relaxed, tiny))
-        gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
-        gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
-        better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
-        relaxed -= target
-        relaxed *= better  # arithmetic, not a masked copy: ten times faster on a random mask
-        target += relaxed
-        log_target = np.log(np.maximum(target, tiny))
+    old = centre.copy() if relaxation != 1.0 or moved is not None else centre
+    target, log_target = _site_update(old, neighbours, site_logp(rows, cols), beta, relaxation)
     if inside is not None:
         target *= inside[rows, cols]  # and so adds no entropy there
+    if moved is not None:
+        moved[rows, cols] = _moved(target, old)
     centre[...] = target
-    log_target *= target
-    entropy = -float(np.sum(log_target, dtype=np.float64))
     agreement = float(np.sum(target * neighbours, dtype=np.float64)) if pairs else 0.0
-    return entropy, agreement
+    return _entropy(target, log_target), agreement
 
 
-def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
+def _sweep(padded, beta, site_logp, inside, relaxation=1.0, moved=None):
     """One checkerboard sweep of q in place.  Returns L(new q) but its expected log-likelihood
     sum_i q_i . log w p(x_i): every neighbour pair has one white site, so the pairs are summed
     as the white sites are updated.  The sites of one colour are independent: a colour's row
-    bands may be updated in any order, or at once."""
+    bands may be updated in any order, or at once.  moved: as _update_sites'."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     objective = 0.0
     for colour, sites in enumerate(CHECKERBOARD):
@@ -1952,12 +1984,84 @@ def _sweep(padded, beta, site_logp, inside, relaxation=1.0):
                     inside,
                     relaxation,
                     pairs,
+                    moved,
                 )
                 total += entropy + beta * agreement
             return total
 
         objective += sum(_map_bands(update_band, _bands(height, width, n_components)))
     return objective
+
+
+def _partial_sweep(padded, beta, table, index, relaxation, sites):
+    """A checkerboard sweep of the given sites only (image-flat indices, inside any mask), in
+    place.  Returns the change of L's entropy and pair terms, the change of q summed per point
+    (K, M) and the sites that moved.  Updating some sites is still coordinate ascent: L never
+    decreases."""
+    n_components, width = padded.shape[0], padded.shape[2] - 2
+    flat = padded.reshape(n_components, -1)
+    points = index.reshape(-1)
+    rows = sites // width
+    black = (sites - rows * (width - 1)) % 2 == 0  # (row + column) even, as CHECKERBOARD's
+
+    def update_chunk(chunk):
+        at = chunk + 2 * (chunk // width) + width + 3  # in padded
+        old = np.take(flat, at, axis=1)
+        neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
+        neighbours += np.take(flat, at - width - 2, axis=1)
+        neighbours += np.take(flat, at + width + 2, axis=1)
+        logp = np.take(table, points[chunk], axis=1)
+        target, log_target = _site_update(old, neighbours, logp, beta, relaxation)
+        flat[:, at] = target
+        tiny = np.finfo(np.float32).tiny
+        change = _entropy(target, log_target) - _entropy(old, np.log(np.maximum(old, tiny)))
+        delta = target.astype(np.float64) - old
+        change += beta * float(np.sum(delta * neighbours))
+        return change, delta, chunk[_moved(target, old)]
+
+    change, deltas, moved = 0.0, [], []
+    for colour in (black, ~black):
+        of_colour = sites[colour]
+        chunks = [of_colour[i : i + PARTIAL_CHUNK] for i in range(0, len(of_colour), PARTIAL_CHUNK)]
+        for chunk_change, delta, chunk_moved in _map_bands(update_chunk, chunks):
+            change += chunk_change
+            deltas.append(delta)
+            moved.append(chunk_moved)
+
+    updated = points[np.concatenate([sites[black], sites[~black]])]
+    delta = np.concatenate(deltas, axis=1) if deltas else np.zeros((n_components, 0))
+    n_points = table.shape[1]
+    sums = np.array([np.bincount(updated, weights=d, minlength=n_points) for d in delta])
+    return change, sums, np.concatenate(moved) if moved else sites[:0]
+
+
+def _around(sites, shape, inside):
+    """The sites (image-flat) and their 4-neighbours, inside the image and any mask, in order.
+
+    Marked in an (H, W) bool image, which costs less than sorting the candidates."""
+    height, width = shape
+    column = sites % width
+    near = np.zeros(height * width, bool)
+    near[sites] = True
+    near[sites[column > 0] - 1] = True
+    near[sites[column < width - 1] + 1] = True
+    near[sites[sites >= width] - width] = True
+    near[sites[sites < (height - 1) * width] + width] = True
+    if inside is not None:
+        near &= inside.reshape(-1)
+    return np.flatnonzero(near)
+
+
+def _dilated(moved, inside):
+    """The (H, W) bool sites that moved and their 4-neighbours, inside any mask."""
+    near = moved.copy()
+    near[1:] |= moved[:-1]
+    near[:-1] |= moved[1:]
+    near[:, 1:] |= moved[:, :-1]
+    near[:, :-1] |= moved[:, 1:]
+    if inside is not None:
+        near &= inside
+    return near
 
 
 def _mean_field_objective(padded, beta, site_logp):
@@ -1980,6 +2084,12 @@ def _mean_field_objective(padded, beta, site_logp):
     return float(objective)
 
 
+def _no_data(n_components, shape):
+    """A site_logp of zeros: _mean_field_objective then gives L's entropy and pair terms."""
+    height, width = range(shape[0]), range(shape[1])
+    return lambda rows, cols: np.zeros((n_components, len(height[rows]), len(width[cols])))
+
+
 def _posterior_start(padded, site_logp, inside):
     """q = the plain mixture's posterior (0 outside the mask), in place, band by band."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
@@ -1992,11 +2102,19 @@ def _posterior_start(padded, site_logp, inside):
 
 
 def _copy_to_blocks(q, coarse_q):
-    """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block."""
-    for row in (0, 1):
-        for col in (0, 1):
-            block = q[:, row::2, col::2]
-            block[...] = coarse_q[:, : block.shape[1], : block.shape[2]]
+    """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block,
+    a band of whole rows at a time (writing every other column is four times slower)."""
+    width = q.shape[2]
+
+    def copy_band(band):
+        top, bottom = band
+        doubled = np.repeat(coarse_q[:, top:bottom], 2, axis=2)[:, :, :width]
+        for parity in (0, 1):
+            rows = q[:, 2 * top + parity : 2 * bottom : 2]
+            rows[...] = doubled[:, : rows.shape[1]]
+
+    for _ in _map_bands(copy_band, _bands(coarse_q.shape[1], width, len(q))):
+        pass
 
 
 def _softmax_over_components(logits):
@@ -2094,6 +2212,12 @@ class MeanField:
     objective: float
     relaxation: float = 1.0  # of the next sweep
     gain: float | None = None  # of the objective in the last iteration
+    # With a table model (not the bias field's), what a partial sweep carries forward:
+    terms: float = 0.0  # L's entropy and pair terms: L but the expected log-likelihood
+    sums: np.ndarray | None = None  # (K, M) q summed over the pixels of every point
+    active: np.ndarray | None = None  # image-flat sites the next sweep updates; None: all
+    partial_sweeps: int = 0  # since the last sweep of every site
+    swept_all: bool = True  # the last sweep updated every site
 
     @property
     def q(self):
@@ -2106,17 +2230,44 @@ def _mean_field_score(state, n_pixels):
 
 
 def _mean_field_step(_, state, grid, beta, options, update_parameters):
-    """One mean-field EM iteration: a checkerboard sweep of q, then the M-step for that q."""
+    """One mean-field EM iteration: a checkerboard sweep of q (of every site, or of the sites
+    near the last sweep's moves), then the M-step for that q."""
     swept = state.table.astype(np.float32)  # the sweep's, in cache
-    site_logp = _looked_up(swept, grid.index)
-    objective = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation)
-    sums = grid.point_sums(state.q)
+    if state.active is None:
+        moved = np.zeros(grid.index.shape, bool)
+        site_logp = _looked_up(swept, grid.index)
+        terms = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation, moved)
+        sums = grid.point_sums(state.q)
+        active = _dilated(moved, grid.inside)
+        del moved
+        active = np.flatnonzero(active) if active.mean() < MAX_ACTIVE_FRACTION else None
+        partial_sweeps = 0
+    else:
+        change, change_of_sums, moved = _partial_sweep(
+            state.padded, beta, swept, grid.index, state.relaxation, state.active
+        )
+        terms, sums = state.terms + change, state.sums + change_of_sums
+        active = _around(moved, grid.index.shape, grid.inside)
+        partial_sweeps = state.partial_sweeps + 1
     model, table = state.model, state.table
     if update_parameters:
         model = _spatial_m_step(state.model, grid.data, sums, options.reg_covar)
         table = _point_log_probabilities(model, grid.data)
-    objective += float(np.sum(sums * table))  # the expected log-likelihood, exactly
-    return _advanced(state, model, table, objective, options.tol * grid.n_pixels)
+    objective = terms + float(np.sum(sums * table))  # the expected log-likelihood, exactly
+    clear_gain = options.tol * grid.n_pixels
+    gain = objective - state.objective
+    previous_gain = math.inf if state.gain is None else state.gain
+    if aitken_distance(gain, previous_gain) < clear_gain or partial_sweeps >= FULL_SWEEP_EVERY - 1:
+        active = None  # the stopping rule may hold: its second iteration sweeps every site
+    advanced = _advanced(state, model, table, objective, clear_gain)
+    return replace(
+        advanced,
+        terms=terms,
+        sums=sums,
+        active=active,
+        partial_sweeps=partial_sweeps,
+        swept_all=state.active is None,
+    )
 
 
 def _advanced(state, model, table, objective, clear_gain):
@@ -2207,15 +2358,17 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
     grid = PixelGrid(data, np.ascontiguousarray(index), mask)
     padded = np.zeros((model.n_components, index.shape[0] + 2, index.shape[1] + 2), np.float32)
     table = _point_log_probabilities(start_model, data)
-    site_logp = _looked_up(table, grid.index)  # float64: the start's L is computed once
     if start_q is not None:
         _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q)
         if mask is not None:
             padded[:, 1:-1, 1:-1] *= mask
         del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
     else:
-        _posterior_start(padded, site_logp, mask)
-    start = MeanField(start_model, padded, table, _mean_field_objective(padded, beta, site_logp))
+        _posterior_start(padded, _looked_up(table, grid.index), mask)
+    terms = _mean_field_objective(padded, beta, _no_data(len(table), index.shape))
+    sums = grid.point_sums(padded[:, 1:-1, 1:-1])
+    start = MeanField(start_model, padded, table, terms + float(np.sum(sums * table)))
+    start = replace(start, terms=terms, sums=sums)
     run = run_em(
         start,
         partial(_mean_field_score, n_pixels=grid.n_pixels),
@@ -2228,6 +2381,7 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
         ),
         options,
         on_iteration,
+        may_stop=lambda state: state.swept_all,
     )
     return run, coarser
 
@@ -2681,9 +2835,6 @@ def _spatial_bias_run(state, image, degree, beta, options, on_iteration=None):
     else:
         _posterior_start(padded, _BandModel(state, image, degree).site_logp, image.inside)
 
-    def no_data(rows, cols):
-        return np.zeros((k,) + image.values[rows, cols].shape, dtype=np.float32)
-
     def step(_, mean_field):
         objective = _sweep(
             mean_field.padded,
@@ -2705,7 +2856,7 @@ def _spatial_bias_run(state, image, degree, beta, options, on_iteration=None):
                 break
         return _advanced(mean_field, new, None, objective + data, options.tol * image.n_pixels)
 
-    start_objective = _mean_field_objective(padded, beta, no_data)
+    start_objective = _mean_field_objective(padded, beta, _no_data(k, shape))
     start_objective += _bias_data_term(q, state, image, degree)
     run = run_em(
         MeanField(state, padded, None, start_objective),
