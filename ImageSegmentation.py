@@ -1691,6 +1691,28 @@ def collapsed_components(model, reg_covar):
 # distinct value gets its most likely component, and pixels get theirs by lookup.
 
 
+@lru_cache(maxsize=None)
+def _thread_pool(threads):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="bands")
+
+
+def _map_bands(function, bands):
+    """function(band) for band in bands, on PASS_THREADS threads (NumPy lets go of the GIL in its
+    loops), yielded in band order: every sum is the same with any number of threads, and a sum
+    taken as they come holds only the results not yet added."""
+    if PASS_THREADS > 1 and len(bands) > 1:
+        return _thread_pool(PASS_THREADS).map(function, bands)
+    return map(function, bands)
+
+
+def _for_each_band(function, bands):
+    """_map_bands for a function that writes its band and returns nothing."""
+    for _ in _map_bands(function, bands):
+        pass
+
+
 @dataclass
 class Segmentation:
     picture: Picture
@@ -1753,14 +1775,18 @@ def lookup_codes(picture, lut):
     """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
-    for start in range(0, codes.size, PIXEL_CHUNK):
+
+    def look_up(start):
         np.take(lut, codes[start : start + PIXEL_CHUNK], out=out[start : start + PIXEL_CHUNK])
+
+    _for_each_band(look_up, range(0, codes.size, PIXEL_CHUNK))
     return out.reshape(picture.codes.shape)
 
 
 def point_index(picture, points):
-    """(H, W) index of every pixel's point, by lookup over the codes."""
-    lut = np.zeros(picture.n_codes, dtype=np.int32)
+    """(H, W) index of every pixel's point, by lookup over the codes, in the smallest unsigned
+    type that holds it."""
+    lut = np.zeros(picture.n_codes, dtype=np.min_scalar_type(max(len(points.values) - 1, 0)))
     lut[points.keys] = points.point_of_key
     return lookup_codes(picture, lut)
 
@@ -1875,22 +1901,6 @@ class SharedModel:
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
 
 
-@lru_cache(maxsize=None)
-def _thread_pool(threads):
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(threads, thread_name_prefix="bands")
-
-
-def _map_bands(function, bands):
-    """function(band) for band in bands, on PASS_THREADS threads (NumPy lets go of the GIL in its
-    loops), yielded in band order: every sum is the same with any number of threads, and a sum
-    taken as they come holds only the results not yet added."""
-    if PASS_THREADS > 1 and len(bands) > 1:
-        return _thread_pool(PASS_THREADS).map(function, bands)
-    return map(function, bands)
-
-
 def _bands(height, width, n_components):
     """(top, bottom) of the row bands a pass works in, every top even."""
     rows = max(2, SWEEP_BAND_BYTES // (4 * n_components * max(width, 1)))
@@ -1921,10 +1931,7 @@ def _site_update(old, neighbours, logp, beta, relaxation):
     gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
     gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
     better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
-    relaxed -= target
-    relaxed *= better  # arithmetic, not a masked copy: ten times faster on a random mask
-    target += relaxed
-    return target, np.log(np.maximum(target, tiny))
+    return np.where(better, relaxed, target), np.where(better, log_relaxed, log_target)
 
 
 def _entropy(q, log_q):
@@ -2071,17 +2078,19 @@ def _mean_field_objective(padded, beta, site_logp):
     """
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     tiny = np.finfo(np.float32).tiny
-    objective = 0.0
-    for top, bottom in _bands(height, width, n_components):
+
+    def band_objective(band):
+        top, bottom = band
         q = padded[:, top + 1 : bottom + 1, 1:-1]
         expected = site_logp(slice(top, bottom), slice(0, width))
         expected -= np.log(np.maximum(q, tiny))
-        objective += np.sum(q * expected, dtype=np.float64)
+        objective = np.sum(q * expected, dtype=np.float64)
         below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
         pairs = np.sum(q * below, dtype=np.float64)
         pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
-        objective += beta * pairs
-    return float(objective)
+        return objective + beta * pairs
+
+    return float(sum(_map_bands(band_objective, _bands(height, width, n_components))))
 
 
 def _no_data(n_components, shape):
@@ -2113,8 +2122,7 @@ def _copy_to_blocks(q, coarse_q):
             rows = q[:, 2 * top + parity : 2 * bottom : 2]
             rows[...] = doubled[:, : rows.shape[1]]
 
-    for _ in _map_bands(copy_band, _bands(coarse_q.shape[1], width, len(q))):
-        pass
+    _for_each_band(copy_band, _bands(coarse_q.shape[1], width, len(q)))
 
 
 def _softmax_over_components(logits):
@@ -2126,13 +2134,19 @@ def _softmax_over_components(logits):
 
 
 def _argmax_over_components(q):
-    """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow)."""
-    best = q[0].copy()
-    labels = np.zeros(best.shape, dtype=np.uint8 if len(q) <= 256 else np.uint16)
-    for k in range(1, len(q)):
-        better = q[k] > best
-        labels[better] = k
-        np.maximum(best, q[k], out=best)
+    """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow),
+    band by band."""
+    labels = np.zeros(q.shape[1:], dtype=np.uint8 if len(q) <= 256 else np.uint16)
+
+    def band_argmax(band):
+        rows = slice(*band)
+        best = q[0, rows].copy()
+        for k in range(1, len(q)):
+            better = q[k, rows] > best
+            labels[rows][better] = k
+            np.maximum(best, q[k, rows], out=best)
+
+    _for_each_band(band_argmax, _bands(q.shape[1], q.shape[2], len(q)))
     return labels
 
 
@@ -2155,7 +2169,7 @@ class PixelGrid:
         rows = max(1, max(PIXEL_CHUNK // 4, 4 * n_points) // max(width, 1))
 
         def chunk_sums(band):
-            points = self.index[band[0] : band[1]].reshape(-1)
+            points = self.index[band[0] : band[1]].reshape(-1).astype(np.intp)  # once, not K times
             return [
                 np.bincount(points, weights=qk[band[0] : band[1]].reshape(-1), minlength=n_points)
                 for qk in q
@@ -2218,6 +2232,7 @@ class MeanField:
     active: np.ndarray | None = None  # image-flat sites the next sweep updates; None: all
     partial_sweeps: int = 0  # since the last sweep of every site
     swept_all: bool = True  # the last sweep updated every site
+    full_sweeps: int = 0  # sweeps of every site so far
 
     @property
     def q(self):
@@ -2258,16 +2273,9 @@ def _mean_field_step(_, state, grid, beta, options, update_parameters):
     gain = objective - state.objective
     previous_gain = math.inf if state.gain is None else state.gain
     if aitken_distance(gain, previous_gain) < clear_gain or partial_sweeps >= FULL_SWEEP_EVERY - 1:
-        active = None  # the stopping rule may hold: its second iteration sweeps every site
+        active = None  # the stopping rule may hold soon: it counts sweeps of every site only
     advanced = _advanced(state, model, table, objective, clear_gain)
-    return replace(
-        advanced,
-        terms=terms,
-        sums=sums,
-        active=active,
-        partial_sweeps=partial_sweeps,
-        swept_all=state.active is None,
-    )
+    return replace(advanced, terms=terms, sums=sums, active=active, partial_sweeps=partial_sweeps)
 
 
 def _advanced(state, model, table, objective, clear_gain):
@@ -2276,7 +2284,17 @@ def _advanced(state, model, table, objective, clear_gain):
     relaxation = state.relaxation
     if state.gain is not None and clear_gain < gain < state.gain:
         relaxation = _best_relaxation(relaxation, gain / state.gain)
-    return MeanField(model, state.padded, table, objective, relaxation, gain)
+    swept_all = state.active is None
+    return replace(
+        state,
+        model=model,
+        table=table,
+        objective=objective,
+        relaxation=relaxation,
+        gain=gain,
+        swept_all=swept_all,
+        full_sweeps=state.full_sweeps + swept_all,
+    )
 
 
 def _best_relaxation(relaxation, gain_ratio):
@@ -2308,7 +2326,7 @@ def spatial_fit(
     mask: (H, W) bool, the pixels to segment; outside pixels have no label and no neighbours.
     update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
-    index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
+    index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)  # as given
     run, coarser = _mean_field_em(
         model, data, index, mask, beta, options, update_parameters, on_iteration
     )
@@ -2324,6 +2342,7 @@ def _spatial_record(beta, run, coarser):
         "n_iter": run.n_iter,
         "converged": run.converged,
         "em_steps": run.n_em_steps,
+        "full_sweeps": run.state.full_sweeps,
         "coarser_grids": coarser,
     }
 

@@ -275,6 +275,105 @@ def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
     assert entropy + expected == pytest.approx(loglik)
 
 
+def table_grid(index, n_points):
+    """A PixelGrid over points 0..n_points-1 (their values do not matter to a sweep)."""
+    data = seg._Data(np.arange(n_points, dtype=np.float64), np.ones(n_points))
+    return seg.PixelGrid(data, index)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+@pytest.mark.parametrize("relaxation", [1.0, 1.7])
+def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
+    """Sweeping some sites leaves the others' q as it was; the change it reports of L's entropy
+    and pair terms and of the per-point sums is what they are after it, computed afresh; L does
+    not fall; the sites reported moved are the swept ones whose q moved more than ACTIVE_CHANGE;
+    and a partial sweep of every site is the full sweep."""
+    shape, n_components, n_points = (9, 11), 3, 6
+    index = rng.integers(0, n_points, shape).astype(np.uint8)
+    table = rng.normal(size=(n_components, n_points)).astype(np.float32)
+    grid, no_data = table_grid(index, n_points), seg._no_data(n_components, shape)
+    start = random_responsibilities(rng, shape, n_components)
+    start[:, 1:-1, 1:-1] += 0.2 * start[:, 1:-1, 1:-1] ** 2  # some sites far from q*, some near
+    start[:, 1:-1, 1:-1] /= start[:, 1:-1, 1:-1].sum(axis=0)
+    sites = np.flatnonzero(rng.random(shape) < 0.4)
+    padded = start.copy()
+    change, change_of_sums, moved = seg._partial_sweep(
+        padded, beta, table, index, relaxation, sites
+    )
+    before, after = start[:, 1:-1, 1:-1], padded[:, 1:-1, 1:-1]
+    resting = np.ones(index.size, bool)
+    resting[sites] = False
+    flat_before, flat_after = before.reshape(3, -1), after.reshape(3, -1)
+    assert np.array_equal(flat_after[:, resting], flat_before[:, resting])
+    assert np.all(padded[:, [0, -1], :] == 0) and np.all(padded[:, :, [0, -1]] == 0)
+    terms_before = seg._mean_field_objective(start, beta, no_data)
+    terms_after = seg._mean_field_objective(padded, beta, no_data)
+    assert terms_before + change == pytest.approx(terms_after, abs=1e-5)
+    sums_before = grid.point_sums(before)
+    assert np.allclose(sums_before + change_of_sums, grid.point_sums(after), rtol=0, atol=1e-12)
+    objective_before = terms_before + np.sum(sums_before * table, dtype=np.float64)
+    assert terms_after + np.sum(grid.point_sums(after) * table) >= objective_before - 1e-5
+    moved_by = np.abs(flat_after - flat_before).max(axis=0)
+    assert np.array_equal(np.sort(moved), sites[moved_by[sites] > seg.ACTIVE_CHANGE])
+    everywhere, full = start.copy(), start.copy()
+    seg._partial_sweep(everywhere, beta, table, index, relaxation, np.arange(index.size))
+    seg._sweep(full, beta, seg._looked_up(table, index), None, relaxation)
+    assert np.allclose(everywhere, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_the_sites_around_some_sites(rng, with_mask):
+    """_around (from a list of sites) and _dilated (from a mask of them) give the same sites:
+    those and their 4-neighbours in the image, inside the mask."""
+    shape = (7, 10)
+    chosen = np.zeros(shape, bool)
+    chosen[0, 0] = chosen[-1, -1] = chosen[3, 0] = chosen[5, -1] = chosen[4, 4] = True
+    inside = rng.random(shape) < 0.7 if with_mask else None
+    expected = chosen.copy()
+    expected[1:] |= chosen[:-1]
+    expected[:-1] |= chosen[1:]
+    expected[:, 1:] |= chosen[:, :-1]
+    expected[:, :-1] |= chosen[:, 1:]
+    if with_mask:
+        expected &= inside
+    assert np.array_equal(seg._dilated(chosen, inside), expected)
+    assert np.array_equal(
+        seg._around(np.flatnonzero(chosen), shape, inside), np.flatnonzero(expected)
+    )
+
+
+def test_partial_sweeps_reach_the_maximum_of_full_sweeps(monkeypatch):
+    """Sweeping only the sites near the last moves reaches the objective and labels of sweeping
+    every site every time, with most iterations partial; a converged run's last two iterations
+    swept every site (the stopping rule counts no partial sweep)."""
+    from skimage import data
+
+    small = Image.fromarray(data.camera()).resize((256, 256), Image.BICUBIC)
+    picture = seg.picture_from_array(np.asarray(small.resize((512, 512), Image.BICUBIC)))
+    points = seg.distinct_values(picture)
+    swept_all = []
+    step = seg._mean_field_step
+
+    def recorded_step(*args, **kwargs):
+        state = step(*args, **kwargs)
+        swept_all.append(state.swept_all)
+        return state
+
+    monkeypatch.setattr(seg, "_mean_field_step", recorded_step)
+    partial = seg.segment_points(picture, points, 3, spatial=1.0)
+    fine = swept_all[-partial.spatial["n_iter"] :]
+    monkeypatch.setattr(seg, "MAX_ACTIVE_FRACTION", 0.0)
+    full = seg.segment_points(picture, points, 3, spatial=1.0)
+    assert partial.spatial["converged"] and full.spatial["converged"]
+    assert fine[-2:] == [True, True] and sum(fine) == partial.spatial["full_sweeps"]
+    assert partial.spatial["full_sweeps"] <= partial.spatial["n_iter"] / 2
+    assert full.spatial["full_sweeps"] == full.spatial["n_iter"]
+    assert partial.spatial["objective"][-1] == pytest.approx(
+        full.spatial["objective"][-1], abs=1e-6
+    )
+    assert np.mean(partial.labels == full.labels) >= 0.999
+
+
 def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum(monkeypatch):
     """On smooth ramps (camera enlarged) mean-field boundaries crawl; the adaptively
     over-relaxed sweep (the default) gets there in fewer iterations, to the same objective and
@@ -316,6 +415,7 @@ def test_threads_do_not_change_a_bit(monkeypatch):
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
     points = seg.distinct_values(picture)
     monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1 << 12)  # many bands even on a small image
+    monkeypatch.setattr(seg, "PARTIAL_CHUNK", 64)  # and many chunks of a partial sweep
     runs = []
     for threads in (1, 3):
         monkeypatch.setattr(seg, "PASS_THREADS", threads)
