@@ -122,8 +122,8 @@ RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than floa
 PASS_THREADS = os.cpu_count() or 1  # a per-pixel pass's row bands run on this many threads
 SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
 ACTIVE_CHANGE = 1e-3  # a site whose q moved less than this rests until a neighbour moves more
-MAX_ACTIVE_FRACTION = 0.2  # a partial sweep only when fewer than this fraction of sites moved
-FULL_SWEEP_EVERY = 20  # and every site is swept at least every this many iterations
+MAX_ACTIVE_FRACTION = 0.2  # a partial sweep only when fewer than this fraction of sites is near
+FULL_SWEEP_EVERY = 20  # a move; every site is swept at least every this many iterations
 PARTIAL_CHUNK = 1 << 14  # sites a block in a partial sweep
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
@@ -1896,6 +1896,18 @@ class SharedModel:
 # points' log-probabilities in float64: exact for any theta, so the M-step's gain is too.
 # (The shortcut lse(a_i) - KL on q stored in float32 drifts by 1e-8 a pixel as theta moves,
 # which the stopping rule would see: a q near 1 rounds up more often than down.)
+#
+# Once the shapes are settled, a sweep changes almost nothing but the pixels along the
+# boundaries that are still moving (camera enlarged to 24 MP: after the first sweep 4 % of
+# the sites move by more than ACTIVE_CHANGE or neighbour one that does, ten sweeps later under
+# 1 %).  So a sweep of every site also marks the sites that moved; the
+# next sweeps update only those and their 4-neighbours (a partial sweep, gathered by index),
+# then the sites around what they moved, and so on.  Updating some sites is still coordinate
+# ascent, so L never decreases, and a partial sweep carries L forward exactly: it adds the
+# change of its sites' entropy and pairs, and of the per-value sums, to the last ones.  The
+# sites that rest do not follow theta, so every site is swept again after FULL_SWEEP_EVERY
+# iterations, and the stopping rule counts only sweeps of every site: a fit is converged
+# after two of them in a row, and ends at a fixed point of the plain sweep, as before.
 
 
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
