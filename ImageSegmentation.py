@@ -2036,21 +2036,33 @@ def _partial_sweep(padded, beta, table, index, relaxation, sites):
         change = _entropy(target, log_target) - _entropy(old, np.log(np.maximum(old, tiny)))
         delta = target.astype(np.float64) - old
         change += beta * float(np.sum(delta * neighbours))
-        return change, delta, chunk[_moved(target, old)]
+        return change, points[chunk], delta, chunk[_moved(target, old)]
 
-    change, deltas, moved = 0.0, [], []
+    n_points = table.shape[1]
+    sums = np.zeros((n_components, n_points))
+    pending, n_pending = [], 0  # the changes not yet added to sums: a bincount costs O(M)
+
+    def add_pending():
+        updated = np.concatenate([chunk_points for chunk_points, _ in pending])
+        delta = np.concatenate([delta for _, delta in pending], axis=1)
+        for k in range(n_components):
+            sums[k] += np.bincount(updated, weights=delta[k], minlength=n_points)
+        pending.clear()
+
+    change, moved = 0.0, []
     for colour in (black, ~black):
         of_colour = sites[colour]
         chunks = [of_colour[i : i + PARTIAL_CHUNK] for i in range(0, len(of_colour), PARTIAL_CHUNK)]
-        for chunk_change, delta, chunk_moved in _map_bands(update_chunk, chunks):
+        for chunk_change, chunk_points, delta, chunk_moved in _map_bands(update_chunk, chunks):
             change += chunk_change
-            deltas.append(delta)
             moved.append(chunk_moved)
-
-    updated = points[np.concatenate([sites[black], sites[~black]])]
-    delta = np.concatenate(deltas, axis=1) if deltas else np.zeros((n_components, 0))
-    n_points = table.shape[1]
-    sums = np.array([np.bincount(updated, weights=d, minlength=n_points) for d in delta])
+            pending.append((chunk_points, delta))
+            n_pending += len(chunk_points)
+            if n_pending >= max(n_points, PIXEL_CHUNK // 4):
+                add_pending()
+                n_pending = 0
+    if pending:
+        add_pending()
     return change, sums, np.concatenate(moved) if moved else sites[:0]
 
 

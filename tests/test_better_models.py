@@ -283,11 +283,13 @@ def table_grid(index, n_points):
 
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 @pytest.mark.parametrize("relaxation", [1.0, 1.7])
-def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
+def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation, monkeypatch):
     """Sweeping some sites leaves the others' q as it was; the change it reports of L's entropy
     and pair terms and of the per-point sums is what they are after it, computed afresh; L does
     not fall; the sites reported moved are the swept ones whose q moved more than ACTIVE_CHANGE;
     and a partial sweep of every site is the full sweep."""
+    monkeypatch.setattr(seg, "PARTIAL_CHUNK", 8)  # several blocks a colour,
+    monkeypatch.setattr(seg, "PIXEL_CHUNK", 40)  # their sums added a few blocks at a time
     shape, n_components, n_points = (9, 11), 3, 6
     index = rng.integers(0, n_points, shape).astype(np.uint8)
     table = rng.normal(size=(n_components, n_points)).astype(np.float32)
