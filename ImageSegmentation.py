@@ -1776,10 +1776,12 @@ def lookup_codes(picture, lut):
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
 
-    def look_up(start):
-        np.take(lut, codes[start : start + PIXEL_CHUNK], out=out[start : start + PIXEL_CHUNK])
+    block = PIXEL_CHUNK // 4  # take's index copy (intp) of a block, a thread: 8 MB
 
-    _for_each_band(look_up, range(0, codes.size, PIXEL_CHUNK))
+    def look_up(start):
+        np.take(lut, codes[start : start + block], out=out[start : start + block])
+
+    _for_each_band(look_up, range(0, codes.size, block))
     return out.reshape(picture.codes.shape)
 
 
@@ -1898,16 +1900,16 @@ class SharedModel:
 # which the stopping rule would see: a q near 1 rounds up more often than down.)
 #
 # Once the shapes are settled, a sweep changes almost nothing but the pixels along the
-# boundaries that are still moving (camera enlarged to 24 MP: after the first sweep 4 % of
-# the sites move by more than ACTIVE_CHANGE or neighbour one that does, ten sweeps later under
-# 1 %).  So a sweep of every site also marks the sites that moved; the
-# next sweeps update only those and their 4-neighbours (a partial sweep, gathered by index),
-# then the sites around what they moved, and so on.  Updating some sites is still coordinate
-# ascent, so L never decreases, and a partial sweep carries L forward exactly: it adds the
-# change of its sites' entropy and pairs, and of the per-value sums, to the last ones.  The
-# sites that rest do not follow theta, so every site is swept again after FULL_SWEEP_EVERY
-# iterations, and the stopping rule counts only sweeps of every site: a fit is converged
-# after two of them in a row, and ends at a fixed point of the plain sweep, as before.
+# boundaries that are still moving (camera enlarged to 24 MP: after the first sweep 4 % of the
+# sites move by more than ACTIVE_CHANGE or neighbour one that does, ten sweeps later under
+# 1 %).  So a sweep of every site also marks the sites that moved; the next sweep updates only
+# those and their 4-neighbours (a partial sweep, gathered by index), the one after that the
+# sites around what it moved, and so on.  Updating some sites is still coordinate ascent, so L
+# never decreases, and a partial sweep carries L forward exactly: it adds the change of its
+# sites' entropy and pairs, and of the per-value sums, to the last ones.  The sites that rest
+# do not follow theta, so every site is swept again after FULL_SWEEP_EVERY iterations, and the
+# stopping rule counts only sweeps of every site: a fit is converged after two of them in a
+# row, at a fixed point of the plain sweep, as before.
 
 
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
@@ -2277,9 +2279,10 @@ def _mean_field_step(_, state, grid, beta, options, update_parameters):
         site_logp = _looked_up(swept, grid.index)
         terms = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation, moved)
         sums = grid.point_sums(state.q)
-        active = _dilated(moved, grid.inside)
+        near = _dilated(moved, grid.inside)
         del moved
-        active = np.flatnonzero(active) if active.mean() < MAX_ACTIVE_FRACTION else None
+        active = np.flatnonzero(near) if near.mean() < MAX_ACTIVE_FRACTION else None
+        del near
         partial_sweeps = 0
     else:
         change, change_of_sums, moved = _partial_sweep(
@@ -2350,7 +2353,7 @@ def spatial_fit(
     mask: (H, W) bool, the pixels to segment; outside pixels have no label and no neighbours.
     update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
     """
-    index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)  # as given
+    index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
     run, coarser = _mean_field_em(
         model, data, index, mask, beta, options, update_parameters, on_iteration
     )
