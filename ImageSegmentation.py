@@ -125,6 +125,7 @@ ACTIVE_CHANGE = 1e-3  # a site whose q moved less than this rests until a neighb
 MAX_ACTIVE_FRACTION = 0.2  # a partial sweep only when fewer than this fraction of sites is near
 FULL_SWEEP_EVERY = 20  # a move; every site is swept at least every this many iterations
 PARTIAL_CHUNK = 1 << 14  # sites a block in a partial sweep
+PARTIAL_BATCH = 1 << 18  # its changes kept (K float64 a site) before adding them up per value
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
@@ -2042,7 +2043,7 @@ def _partial_sweep(padded, beta, table, index, relaxation, sites):
 
     n_points = table.shape[1]
     sums = np.zeros((n_components, n_points))
-    pending, n_pending = [], 0  # the changes not yet added to sums: a bincount costs O(M)
+    pending, n_pending = [], 0  # changes not yet added to sums: each bincount costs O(M)
 
     def add_pending():
         updated = np.concatenate([chunk_points for chunk_points, _ in pending])
@@ -2060,7 +2061,7 @@ def _partial_sweep(padded, beta, table, index, relaxation, sites):
             moved.append(chunk_moved)
             pending.append((chunk_points, delta))
             n_pending += len(chunk_points)
-            if n_pending >= max(n_points, PIXEL_CHUNK // 4):
+            if n_pending >= max(n_points, PARTIAL_BATCH):
                 add_pending()
                 n_pending = 0
     if pending:
@@ -2085,16 +2086,26 @@ def _around(sites, shape, inside):
     return np.flatnonzero(near)
 
 
-def _dilated(moved, inside):
-    """The (H, W) bool sites that moved and their 4-neighbours, inside any mask."""
-    near = moved.copy()
-    near[1:] |= moved[:-1]
-    near[:-1] |= moved[1:]
-    near[:, 1:] |= moved[:, :-1]
-    near[:, :-1] |= moved[:, 1:]
-    if inside is not None:
-        near &= inside
-    return near
+def _dilate(moved, inside):
+    """moved (H, W) bool |= its 4-neighbours, &= inside (a mask, or None), in place.
+
+    Band by band from the top, keeping the band's original rows and the one above it, so no
+    second image is made (a byte a pixel at the moment memory peaks)."""
+    height, width = moved.shape
+    above = np.zeros(width, bool)  # the original row above the band
+    for top, bottom in _bands(height, width, 1):
+        band = moved[top:bottom].copy()
+        near = moved[top:bottom]
+        near[1:] |= band[:-1]
+        near[:-1] |= band[1:]
+        near[:, 1:] |= band[:, :-1]
+        near[:, :-1] |= band[:, 1:]
+        near[0] |= above
+        if bottom < height:
+            near[-1] |= moved[bottom]  # not yet dilated: bands go from the top
+        above = band[-1]
+        if inside is not None:
+            near &= inside[top:bottom]
 
 
 def _mean_field_objective(padded, beta, site_logp):
@@ -2278,11 +2289,11 @@ def _mean_field_step(_, state, grid, beta, options, update_parameters):
         moved = np.zeros(grid.index.shape, bool)
         site_logp = _looked_up(swept, grid.index)
         terms = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation, moved)
-        sums = grid.point_sums(state.q)
-        near = _dilated(moved, grid.inside)
+        _dilate(moved, grid.inside)
+        few = np.count_nonzero(moved) < MAX_ACTIVE_FRACTION * moved.size
+        active = np.flatnonzero(moved) if few else None
         del moved
-        active = np.flatnonzero(near) if near.mean() < MAX_ACTIVE_FRACTION else None
-        del near
+        sums = grid.point_sums(state.q)
         partial_sweeps = 0
     else:
         change, change_of_sums, moved = _partial_sweep(

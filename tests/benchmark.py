@@ -9,6 +9,8 @@ script prints one table (Markdown), the numbers the README quotes:
              n_init 1, k-means init) on the same pixels / 255, with both mean
              log-likelihoods per pixel, and the whole program on the same image
              (saved losslessly) against its I/O floor;
+  to the maximum  the tests' overlapping scenes: ours by default, plain EM and scikit-learn
+             at tol 1e-8, each the fastest of three runs;
   end to end `python ImageSegmentation.py IMAGE` (every output written) in a fresh
              process, its peak memory, and the I/O floor: Pillow decoding the image
              and writing one RGB and one 8-bit PNG of its size (default settings);
@@ -72,6 +74,12 @@ def sklearn_fit(array, k, tol=1e-3, max_iter=100):
         ).fit(X)
     seconds = time.perf_counter() - start
     return seconds, model.score(X), model.n_iter_
+
+
+def fastest_of(runs, fit, *args, **kwargs):
+    """The result of fit with the fewest seconds (its first item) in several identical runs:
+    on a shared machine, noise only adds, and a short run's share of it is the largest."""
+    return min((fit(*args, **kwargs) for _ in range(runs)), key=lambda result: result[0])
 
 
 def header(*names):
@@ -302,10 +310,12 @@ def main():
             "its loglik/px",
             "ratio",
         )
-    for name, array, k in scenes:
-        ours_s, ours_ll, steps, _ = our_fit(array, k)
-        plain_s, plain_ll, plain_steps, _ = our_fit(array, k, accelerate="none", max_iter=100_000)
-        ref_s, ref_ll, ref_iter = sklearn_fit(array, k, tol=1e-8, max_iter=100_000)
+    for name, array, k in scenes:  # fits of well under a second: each side's fastest of three
+        ours_s, ours_ll, steps, _ = fastest_of(3, our_fit, array, k)
+        plain_s, plain_ll, plain_steps, _ = fastest_of(
+            3, our_fit, array, k, accelerate="none", max_iter=100_000
+        )
+        ref_s, ref_ll, ref_iter = fastest_of(3, sklearn_fit, array, k, tol=1e-8, max_iter=100_000)
         row(
             name,
             k,

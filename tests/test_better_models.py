@@ -194,6 +194,7 @@ def test_spatial_on_the_command_line(tmp_path, rng, capsys):
     assert matched_accuracy(found, labels, 3) >= bayes + 0.02
     assert record["spatial"]["converged"]
     assert record["spatial"]["em_steps"] == record["spatial"]["n_iter"]
+    assert 2 <= record["spatial"]["full_sweeps"] <= record["spatial"]["n_iter"]
     with pytest.raises(SystemExit) as exit_info:
         seg.main([str(tmp_path / "scene.png"), "--spatial", "-1", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -289,7 +290,7 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation, monkeypa
     not fall; the sites reported moved are the swept ones whose q moved more than ACTIVE_CHANGE;
     and a partial sweep of every site is the full sweep."""
     monkeypatch.setattr(seg, "PARTIAL_CHUNK", 8)  # several blocks a colour,
-    monkeypatch.setattr(seg, "PIXEL_CHUNK", 40)  # their sums added a few blocks at a time
+    monkeypatch.setattr(seg, "PARTIAL_BATCH", 10)  # their sums added a few blocks at a time
     shape, n_components, n_points = (9, 11), 3, 6
     index = rng.integers(0, n_points, shape).astype(np.uint8)
     table = rng.normal(size=(n_components, n_points)).astype(np.float32)
@@ -324,9 +325,10 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation, monkeypa
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_the_sites_around_some_sites(rng, with_mask):
-    """_around (from a list of sites) and _dilated (from a mask of them) give the same sites:
-    those and their 4-neighbours in the image, inside the mask."""
+def test_the_sites_around_some_sites(rng, with_mask, monkeypatch):
+    """_around (from a list of sites) and _dilate (of a mask of them, in place, in row bands)
+    give the same sites: those and their 4-neighbours in the image, inside the mask."""
+    monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1)  # bands of two rows
     shape = (7, 10)
     chosen = np.zeros(shape, bool)
     chosen[0, 0] = chosen[-1, -1] = chosen[3, 0] = chosen[5, -1] = chosen[4, 4] = True
@@ -338,7 +340,9 @@ def test_the_sites_around_some_sites(rng, with_mask):
     expected[:, :-1] |= chosen[:, 1:]
     if with_mask:
         expected &= inside
-    assert np.array_equal(seg._dilated(chosen, inside), expected)
+    dilated = chosen.copy()
+    seg._dilate(dilated, inside)
+    assert np.array_equal(dilated, expected)
     assert np.array_equal(
         seg._around(np.flatnonzero(chosen), shape, inside), np.flatnonzero(expected)
     )
