@@ -2290,7 +2290,7 @@ def _mean_field_step(_, state, grid, beta, options, update_parameters):
         site_logp = _looked_up(swept, grid.index)
         terms = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation, moved)
         _dilate(moved, grid.inside)
-        few = np.count_nonzero(moved) < MAX_ACTIVE_FRACTION * moved.size
+        few = np.count_nonzero(moved) < MAX_ACTIVE_FRACTION * grid.index.size
         active = np.flatnonzero(moved) if few else None
         del moved
         sums = grid.point_sums(state.q)
@@ -2301,6 +2301,8 @@ def _mean_field_step(_, state, grid, beta, options, update_parameters):
         )
         terms, sums = state.terms + change, state.sums + change_of_sums
         active = _around(moved, grid.index.shape, grid.inside)
+        if len(active) >= MAX_ACTIVE_FRACTION * grid.index.size:
+            active = None
         partial_sweeps = state.partial_sweeps + 1
     model, table = state.model, state.table
     if update_parameters:
