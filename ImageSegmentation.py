@@ -1932,9 +1932,7 @@ def _site_update(old, neighbours, logp, beta, relaxation):
     """
     field = logp
     field += neighbours * beta
-    field -= field.max(axis=0)
-    target = np.exp(field)
-    target /= target.sum(axis=0)  # q*, the plain update
+    target = _softmax_over_components(field)  # q*, the plain update
     tiny = np.finfo(np.float32).tiny
     log_target = np.log(np.maximum(target, tiny))
     if relaxation == 1.0:
