@@ -45,8 +45,8 @@ import time
 import warnings
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -85,26 +85,9 @@ __all__ = [
 # 1. Settings
 # ----------------------------------------------------------------------------
 
-DEFAULTS = dict(
-    gray_components=3,  # K for gray images, as the original script used
-    color_components=5,  # K for colour images
-    mode="auto",
-    covariance="full",
-    max_iter=1000,
-    tol=1e-8,  # estimated distance of the mean log-likelihood per pixel to its limit
-    accelerate="squarem",
-    n_init=1,
-    auto_n_init=2,  # starts with -k auto (per K)
-    init="kmeans++",
-    seed=0,
-    reg_covar=1e-6,
-    out="output",
-    max_pixels=200_000_000,  # refuse larger images (decompression bombs)
-    k_max=10,  # -k auto tries K = 1..k_max
-    spatial=0.0,  # strength of the Potts prior; 0 = the plain mixture
-    mask="auto",  # segment the nonzero pixels when the border is entirely 0
-    bias_degree=3,  # the log bias field: a polynomial of this degree in the pixel coordinates
-)
+DEFAULT_COMPONENTS = {"gray": 3, "color": 5}  # K when none is asked for (3: the original script's)
+AUTO_N_INIT = 2  # starts per K with -k auto, where one start that merges two classes misleads
+MAX_PIXELS = 200_000_000  # refuse larger images (decompression bombs)
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
 ACCELERATIONS = ("squarem", "none")
@@ -115,17 +98,6 @@ BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in ca
 FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
 PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
-BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before it waits
-COARSEST_GRID_PIXELS = 1 << 18  # the spatial fit starts on a grid subsampled to at most this
-MAX_OVER_RELAXATION = 1.9  # the largest step of a mean-field site towards its update (1: plain)
-RELAXATION_GAIN = 1e-6  # a site is over-relaxed where that gains more than float32 can err
-PASS_THREADS = os.cpu_count() or 1  # a per-pixel pass's row bands run on this many threads
-SWEEP_BAND_BYTES = 1 << 20  # a spatial sweep's row band: K float32 a pixel of this many bytes
-ACTIVE_CHANGE = 1e-3  # a site whose q moved less than this rests until a neighbour moves more
-MAX_ACTIVE_FRACTION = 0.2  # a partial sweep only when fewer than this fraction of sites is near
-FULL_SWEEP_EVERY = 20  # a move; every site is swept at least every this many iterations
-PARTIAL_CHUNK = 1 << 14  # sites a block in a partial sweep
-PARTIAL_BATCH = 1 << 18  # its changes kept (K float64 a site) before adding them up per value
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
@@ -133,6 +105,42 @@ PANEL_INCHES = 4.5  # widest panel of the comparison figure
 PANEL_MAX_HEIGHT = 6.0  # tallest panel: a tall, narrow image gets a narrow panel
 FIGURE_DPI = 100
 PNG_COMPRESS_LEVEL = 1  # zlib level: label maps and palettes compress well even at 1
+
+
+@dataclass(frozen=True)
+class Passes:
+    """How a pass over every pixel runs: in row bands of about band_bytes of K float32 a pixel
+    (its temporaries stay in cache), on `threads` threads (NumPy lets go of the GIL in its
+    loops), the results taken in band order, so every sum is the same with any number of
+    threads.  A worker process of a batch runs its passes on one thread."""
+
+    threads: int = os.cpu_count() or 1
+    band_bytes: int = 1 << 20
+
+    def bands(self, height, width, n_components):
+        """(top, bottom) of the row bands of a (K, height, width) pass, every top even."""
+        rows = max(2, self.band_bytes // (4 * n_components * max(width, 1)))
+        rows += rows % 2
+        return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+    def map(self, function, items):
+        """function(item) for every item, yielded in order; a sum taken as they come holds only
+        the results not yet added."""
+        if self.threads <= 1 or len(items) <= 1:
+            return map(function, items)
+        return self._in_threads(function, items)
+
+    def _in_threads(self, function, items):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(self.threads, len(items))) as pool:
+            yield from pool.map(function, items)
+
+    def run(self, function, items):
+        """map for a function that writes its part and returns nothing."""
+        for _ in self.map(function, items):
+            pass
+
 
 # ----------------------------------------------------------------------------
 # 2. Reading an image
@@ -283,7 +291,7 @@ def picture_from_array(array):
     return _table_picture(array, scale_by_range=False)
 
 
-def read_image(path, max_pixels=DEFAULTS["max_pixels"]):
+def read_image(path, max_pixels=MAX_PIXELS):
     """Decode an image file into a Picture, refusing anything we cannot trust.
 
     The pixel limit is checked on the header, before any pixel memory is allocated.
@@ -993,6 +1001,7 @@ class FitOptions:
     init: str = "kmeans++"
     random_state: int | None = 0
     accelerate: str = "squarem"
+    passes: Passes = Passes()  # how per-pixel passes run (threads); never changes a result
 
     def __post_init__(self):
         def choice(name, allowed):
@@ -1040,19 +1049,20 @@ def _check_n_components(n_components, n_distinct):
 def _fit_data(data, n_components, options, given=(None, None, None), on_iteration=None):
     """EM on prepared points; the engine behind fit_gmm and the image pipeline."""
     _check_n_components(n_components, _n_distinct(data))
+
+    def fit_from(stats):
+        start = _starting_parameters(
+            data, n_components, options.covariance_type, options.reg_covar, stats, given
+        )
+        return _density_em(data, start, options, on_iteration)
+
     if all(value is not None for value in given):
-        return _em(data, n_components, options, None, given, on_iteration)
+        return fit_from(None)
     rng = np.random.default_rng(options.random_state)
     return _best_of_starts(
         options.n_init,
-        lambda: _em(
-            data,
-            n_components,
-            options,
-            _initial_statistics(data, n_components, options.init, rng),
-            given,
-            on_iteration,
-        ),
+        lambda: fit_from(_initial_statistics(data, n_components, options.init, rng)),
+        score=lambda fit: fit.log_likelihood[-1],
     )
 
 
@@ -1095,9 +1105,15 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
 
 
 # --- The EM driver ---------------------------------------------------------------
-# Every model here (the density, the quantized and the spatial fit) is an EM map
-# theta -> M(E(theta)); the driver iterates it, optionally accelerated, and decides
-# when the log-likelihood has reached its limit.
+# Every model here is an EM map on a state, and every one uses the driver the same way:
+#     step(state)      -> the next state: the model's E-step at state, then its M-step;
+#     state.objective  -> the objective per pixel at the state, computed once (the E-step
+#                         that measures it also gives the M-step its statistics);
+#     state.counts     -> False when the iteration that reached the state may not end the fit
+#                         (the spatial fit's partial sweeps leave most sites as they were).
+# The driver iterates the map, accelerated by SQUAREM where the model has Coordinates, and
+# it alone decides when the objective has reached its limit.  A model that cuts corners on
+# some iterations passes a full_step, which the driver takes when the limit is near.
 
 
 @dataclass
@@ -1111,45 +1127,47 @@ class EMRun:
     n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
 
 
-def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None, may_stop=None):
-    """The EM loop every model here shares.
+@dataclass(frozen=True)
+class Coordinates:
+    """A model's unconstrained real coordinates, which SQUAREM extrapolates in:
+    to_vector(state) -> 1-D array; from_vector(vector, like) -> a state shaped like `like`."""
 
-    e_step(state) -> (statistics of state's responsibilities, state's objective), in one pass;
-    m_step(statistics, state) -> the next state.  coordinates = (to_vector, from_vector) map a
-    state to unconstrained real coordinates and back (from_vector(vector, like) -> state); with
-    them and options.accelerate == "squarem" every iteration is one safeguarded SQUAREM cycle.
-    Converged: the stopping rule held on two iterations in a row, or no step gains any more.
-    may_stop(state) False: the iteration that reached state does not count for the rule (the
-    spatial fit's partial sweeps, which leave most sites as they were).
+    to_vector: object
+    from_vector: object
+
+
+def run_em(start, step, options, *, coordinates=None, full_step=None, on_iteration=None):
+    """Iterate step from start until the objective is at its limit or options.max_iter.
+
+    With coordinates and options.accelerate == "squarem" every iteration is one safeguarded
+    SQUAREM cycle.  Converged: the stopping rule held on two iterations in a row that count,
+    or no step gains any more.  full_step: the model's iteration that always counts, taken
+    after an iteration at which the rule held.
     """
-    stats, value = e_step(state)
-    _check_finite(value)
-    values, n_em_steps, step_max, streak, stalled = [value], 0, 1.0, 0, False
+    state, value = start, _finite(start.objective)
+    values, n_em_steps, step_max, streak, stalled, near = [value], 0, 1.0, 0, False, False
     squarem = options.accelerate == "squarem" and coordinates is not None
     while len(values) <= options.max_iter and streak < 2:
         if squarem:
-            new, new_stats, new_value, step_max, used = _squarem_cycle(
-                state, stats, value, step_max, e_step, m_step, coordinates
-            )
+            new, step_max, used = _squarem_cycle(state, step, step_max, coordinates)
             n_em_steps += used
-            stalled = not new_value >= value
+            stalled = not new.objective >= value
             if not stalled:
-                state, stats, value = new, new_stats, new_value
+                state, value = new, new.objective
             # else even plain EM lost: reg_covar, added to every covariance as scikit-learn does,
             # makes the M-step inexact, so its fixed point lies a hair off the maximum (or round-off
             # decides).  The iteration keeps the state it started from; no step gains any more.
         else:
-            state = m_step(stats, state)
-            stats, value = e_step(state)
+            state = (full_step if near and full_step is not None else step)(state)
+            value = state.objective
             n_em_steps += 1
-        _check_finite(value)
-        values.append(value)
+        values.append(_finite(value))
         if on_iteration is not None:
             on_iteration(len(values) - 1, value)
         if stalled and options.tol > 0:
             break
         near = options.tol > 0 and distance_to_limit(values) < options.tol
-        streak = streak + 1 if near and (may_stop is None or may_stop(state)) else 0
+        streak = streak + 1 if near and state.counts else 0
     return EMRun(
         state,
         [float(v) for v in values[1:]],
@@ -1159,9 +1177,10 @@ def run_em(state, e_step, m_step, options, on_iteration=None, coordinates=None, 
     )
 
 
-def _check_finite(value):
+def _finite(value):
     if not math.isfinite(value):
         raise FitFailed("the log-likelihood is not finite; increase reg_covar")
+    return value
 
 
 def distance_to_limit(values):
@@ -1190,7 +1209,7 @@ def aitken_distance(gain, previous_gain):
 SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
 
 
-def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
+def _squarem_cycle(state, step, step_max, coordinates):
     """One SQUAREM cycle (scheme S3 of Varadhan and Roland 2008), safeguarded.
 
     Two EM steps theta1 = M(theta0), theta2 = M(theta1) give r = theta1 - theta0 and
@@ -1198,29 +1217,25 @@ def _squarem_cycle(state, stats, value, step_max, e_step, m_step, coordinates):
     a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
     when both its objective and the stabilised one are at least theta0's, so the recorded
     objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2
-    itself.  Returns the new state, its statistics and objective, the next step_max and the
-    number of EM steps evaluated.
+    itself.  Returns the new state, the next step_max and the number of EM steps evaluated.
     """
-    to_vector, from_vector = coordinates
-    first = m_step(stats, state)
-    first_stats, first_value = e_step(first)
-    second = m_step(first_stats, first)
-    x0, x1, x2 = to_vector(state), to_vector(first), to_vector(second)
+    value = state.objective
+    first = step(state)
+    second = step(first)
+    x0, x1, x2 = (coordinates.to_vector(s) for s in (state, first, second))
     r, v = x1 - x0, x2 - 2 * x1 + x0
-    step = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
-    step = min(max(step, 1.0), step_max) if math.isfinite(step) else 1.0
-    if step > 1.01:
-        trial = _try_state(from_vector, x0 + 2 * step * r + step**2 * v, second, e_step)
-        if trial is not None and trial[2] >= value:
-            new = m_step(trial[1], trial[0])
-            new_stats, new_value = e_step(new)
-            if new_value >= value:  # False for NaN too
-                return new, new_stats, new_value, _next_step_max(step, step_max), 3
-        if step == step_max:  # the longest step failed: allow less next time
+    length = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
+    length = min(max(length, 1.0), step_max) if math.isfinite(length) else 1.0
+    if length > 1.01:
+        trial = _try_state(coordinates, x0 + 2 * length * r + length**2 * v, second)
+        if trial is not None and trial.objective >= value:
+            new = step(trial)
+            if new.objective >= value:  # False for NaN too
+                return new, _next_step_max(length, step_max), 3
+        if length == step_max:  # the longest step failed: allow less next time
             step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
-        step = 1.0
-    second_stats, second_value = e_step(second)
-    return second, second_stats, second_value, _next_step_max(step, step_max), 2
+        length = 1.0
+    return second, _next_step_max(length, step_max), 2
 
 
 def _next_step_max(step, step_max):
@@ -1228,28 +1243,75 @@ def _next_step_max(step, step_max):
     return step_max * SQUAREM_STEP_FACTOR if step >= step_max else step_max
 
 
-def _try_state(from_vector, vector, like, e_step):
-    """(state, statistics, objective) at an extrapolated point; None where no valid model."""
+def _try_state(coordinates, vector, like):
+    """The state at an extrapolated point, its objective computed; None where no valid model."""
     try:
         with np.errstate(all="ignore"):
-            state = from_vector(vector, like)
-            stats, value = e_step(state)
+            state = coordinates.from_vector(vector, like)
+            value = state.objective
     except (FitFailed, np.linalg.LinAlgError):
         return None
-    return (state, stats, value) if math.isfinite(value) else None
+    return state if math.isfinite(value) else None
 
 
-def gaussian_coordinates(covariance_type):
-    """(to_vector, from_vector) for (weights, means, covariances): unconstrained real coordinates.
+@dataclass(frozen=True, eq=False)
+class MixtureState:
+    """A mixture's parameters during EM.  e_step(state) -> (the M-step's statistics, the
+    objective per pixel) is computed once, when the objective or the statistics are first
+    asked for."""
 
-    Log-weights (a softmax takes them back to the simplex), the means, and the covariances as
-    Cholesky factors with log-diagonals (diagonal types: log-variances), so every vector is a
-    valid mixture: SQUAREM may extrapolate anywhere without leaving the parameter space.
-    """
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    e_step: object = field(repr=False)
+    counts = True
+
+    @cached_property
+    def evaluation(self):
+        return self.e_step(self)
+
+    @property
+    def objective(self):
+        return self.evaluation[1]
+
+    @property
+    def statistics(self):
+        return self.evaluation[0]
+
+    @property
+    def n_components(self):
+        return len(self.weights)
+
+    @property
+    def parameters(self):
+        return self.weights, self.means, self.covariances
+
+    def with_parameters(self, parameters):
+        weights, means, covariances = parameters
+        return replace(self, weights=weights, means=means, covariances=covariances)
+
+
+def run_mixture_em(start, m_step, options, on_iteration=None):
+    """run_em of a MixtureState: step = m_step(state) (the new parameters from state's E-step),
+    accelerated in the coordinates of the mixture's covariance type."""
+    return run_em(
+        start,
+        lambda state: state.with_parameters(m_step(state)),
+        options,
+        coordinates=mixture_coordinates(options.covariance_type),
+        on_iteration=on_iteration,
+    )
+
+
+def mixture_coordinates(covariance_type):
+    """Unconstrained real coordinates of a mixture: log-weights (a softmax takes them back to the
+    simplex), the means, and the covariances as Cholesky factors with log-diagonals (diagonal
+    types: log-variances), so every vector is a valid mixture: SQUAREM may extrapolate anywhere
+    without leaving the parameter space."""
     tiny = np.finfo(np.float64).tiny
 
-    def to_vector(theta):
-        weights, means, covariances = theta
+    def to_vector(state):
+        weights, means, covariances = state.parameters
         if covariance_type in ("full", "tied"):
             lower = np.linalg.cholesky(covariances)
             rows, cols = np.tril_indices(lower.shape[-1])
@@ -1261,7 +1323,7 @@ def gaussian_coordinates(covariance_type):
         return np.concatenate([np.log(np.maximum(weights, tiny)), means.ravel(), spread])
 
     def from_vector(vector, like):
-        weights, means, covariances = like
+        weights, means, covariances = like.parameters
         n_components, n_features = means.shape
         log_weights = vector[:n_components]
         weights = np.exp(log_weights - log_weights.max())
@@ -1277,36 +1339,38 @@ def gaussian_coordinates(covariance_type):
             covariances = lower @ np.swapaxes(lower, -1, -2)
         else:
             covariances = np.exp(spread).reshape(covariances.shape)
-        return weights, means, covariances
+        return like.with_parameters((weights, means, covariances))
 
-    return to_vector, from_vector
+    return Coordinates(to_vector, from_vector)
 
 
-def _best_of_starts(n_starts, fit_one):
-    """The fit with the highest final log-likelihood among n_starts calls of fit_one()."""
+def _best_of_starts(n_starts, fit_one, score):
+    """The fit with the highest score among n_starts calls of fit_one() (the first on a tie)."""
     best = None
     for _ in range(n_starts):
         fit = fit_one()
-        if best is None or fit.log_likelihood[-1] > best.log_likelihood[-1]:
+        if best is None or score(fit) > score(best):
             best = fit
     return best
 
 
-def _em(data, n_components, options, stats, given, on_iteration):
-    """EM of the density model from initial statistics (or given parameters), centred."""
+def _density_em(data, start, options, on_iteration=None):
+    """EM of the density model from centred parameters start = (weights, means, covariances)."""
     covariance_type = options.covariance_type
-    theta = _starting_parameters(
-        data, n_components, covariance_type, options.reg_covar, stats, given
-    )
-    run = run_em(
-        theta,
-        lambda theta: _e_step_statistics(data, log_density_coefficients(*theta, covariance_type)),
-        lambda stats, theta: _m_step(stats, covariance_type, options.reg_covar, theta[1], theta[2]),
-        options,
-        on_iteration,
-        gaussian_coordinates(covariance_type),
-    )
-    weights, means, covariances = run.state
+
+    def e_step(state):
+        """One pass over the points: the moment sums of the responsibilities, the log-likelihood."""
+        return _e_step_statistics(
+            data, log_density_coefficients(*state.parameters, covariance_type)
+        )
+
+    def m_step(state):
+        return _m_step(
+            state.statistics, covariance_type, options.reg_covar, state.means, state.covariances
+        )
+
+    run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration)
+    weights, means, covariances = run.state.parameters
     return GaussianMixtureFit(
         weights,
         data.uncentred(means),
@@ -1324,18 +1388,12 @@ def fit_gmm(
     n_components,
     *,
     sample_weight=None,
-    covariance_type="full",
-    max_iter=1000,
-    tol=1e-8,
-    reg_covar=1e-6,
-    n_init=1,
-    init="kmeans++",
-    random_state=0,
-    accelerate="squarem",
+    options=None,
     weights_init=None,
     means_init=None,
     covariances_init=None,
     on_iteration=None,
+    **overrides,
 ):
     """Fit a Gaussian mixture to the rows of X by EM.
 
@@ -1348,24 +1406,11 @@ def fit_gmm(
     sample_weight : array, shape (n_samples,), optional
         Multiplies each row's contribution, so distinct values weighted by their counts give
         the same fit as every repeated row.
-    covariance_type : {"full", "diag", "spherical", "tied"}
-        As scikit-learn's ``GaussianMixture``.
-    max_iter : int
-        At most this many iterations.
-    tol : float
-        Stop when the mean log-likelihood is estimated (Aitken) to be within tol of its limit,
-        two iterations in a row; 0 runs exactly max_iter iterations.
-    reg_covar : float
-        Added to every covariance's diagonal, as scikit-learn does.
-    n_init : int
-        Starts; the one with the highest final log-likelihood is kept.
-    init : {"kmeans++", "random"}
-        Greedy weighted k-means++ and 5 Lloyd steps, or random responsibilities.
-    random_state : int or None
-        Seed of every random choice.
-    accelerate : {"squarem", "none"}
-        "squarem": each iteration one safeguarded SQUAREM cycle (two or three EM steps);
-        "none": one E-step and one M-step, iteration by iteration as scikit-learn.
+    options : FitOptions, optional
+        How EM runs (covariance_type, max_iter, tol, reg_covar, n_init, init, random_state,
+        accelerate, passes); FitOptions() by default.
+    **overrides
+        FitOptions' fields over options, as keywords: ``fit_gmm(X, 3, tol=1e-6)``.
     weights_init, means_init, covariances_init : arrays, optional
         When all three are given they are the start (scikit-learn's shapes).
     on_iteration : callable, optional
@@ -1382,16 +1427,7 @@ def fit_gmm(
         Bad arguments, fewer distinct samples than components; ``FitFailed`` (a ValueError)
         where a covariance becomes singular.
     """
-    options = FitOptions(
-        covariance_type=covariance_type,
-        max_iter=max_iter,
-        tol=tol,
-        reg_covar=reg_covar,
-        n_init=n_init,
-        init=init,
-        random_state=random_state,
-        accelerate=accelerate,
-    )
+    options = replace(FitOptions() if options is None else options, **overrides)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X[:, None]
@@ -1527,20 +1563,7 @@ def quantized_variance_floor(reg_covar, top):
 
 
 def fit_quantized_gmm(
-    levels,
-    counts,
-    n_components,
-    *,
-    top=255,
-    covariance_type="full",
-    max_iter=1000,
-    tol=1e-8,
-    reg_covar=1e-6,
-    n_init=1,
-    init="kmeans++",
-    random_state=0,
-    accelerate="squarem",
-    on_iteration=None,
+    levels, counts, n_components, *, top=255, options=None, on_iteration=None, **overrides
 ):
     """Fit a mixture to gray levels 0..top as bins (the end bins open), by EM.
 
@@ -1558,8 +1581,7 @@ def fit_quantized_gmm(
         K.
     top : int
         The highest level: 255 for 8-bit, 65535 for 16-bit.
-    covariance_type, max_iter, tol, reg_covar, n_init, init, random_state, accelerate, \
-on_iteration
+    options, on_iteration, **overrides
         As fit_gmm.
 
     Returns
@@ -1568,16 +1590,7 @@ on_iteration
         Means and variances on the 0..1 scale, ``quantized_top == top``; ``log_likelihood``
         holds the mean log-probability of the pixels' bins, which never decreases.
     """
-    options = FitOptions(
-        covariance_type=covariance_type,
-        max_iter=max_iter,
-        tol=tol,
-        reg_covar=reg_covar,
-        n_init=n_init,
-        init=init,
-        random_state=random_state,
-        accelerate=accelerate,
-    )
+    options = replace(FitOptions() if options is None else options, **overrides)
     return _fit_quantized(
         np.asarray(levels, dtype=np.float64),
         np.asarray(counts, dtype=np.float64),
@@ -1594,7 +1607,12 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
     rng = np.random.default_rng(options.random_state)
     covariance_type = options.covariance_type
     floor = quantized_variance_floor(options.reg_covar, top)
-    to_vector, from_vector = gaussian_coordinates(covariance_type)
+
+    def e_step(state):
+        return _quantized_pass(state, levels, counts, top)
+
+    def m_step(state):
+        return quantized_m_step(state.statistics, covariance_type, floor, state)
 
     def fit_one():
         weights, means, covariances = _starting_parameters(
@@ -1603,48 +1621,21 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
             covariance_type,
             options.reg_covar,
             _initial_statistics(data, n_components, options.init, rng),
-            [None] * 3,
+            (None, None, None),
         )
-        start = GaussianMixtureFit(
-            weights,
-            data.uncentred(means),
-            np.maximum(covariances, floor),
+        start = MixtureState(weights, data.uncentred(means), np.maximum(covariances, floor), e_step)
+        run = run_mixture_em(start, m_step, options, on_iteration)
+        return GaussianMixtureFit(
+            *run.state.parameters,
             covariance_type,
-            [],
-            0,
-            False,
+            run.history,
+            run.n_iter,
+            run.converged,
             quantized_top=top,
-        )
-        run = run_em(
-            start,
-            lambda model: _quantized_pass(model, levels, counts, top),
-            lambda stats, model: _with_parameters(
-                model, quantized_m_step(stats, covariance_type, floor, model)
-            ),
-            options,
-            on_iteration,
-            (
-                lambda model: to_vector(_parameters(model)),
-                lambda vector, like: _with_parameters(like, from_vector(vector, _parameters(like))),
-            ),
-        )
-        return replace(
-            run.state,
-            log_likelihood=run.history,
-            n_iter=run.n_iter,
-            converged=run.converged,
             n_em_steps=run.n_em_steps,
         )
 
-    return _best_of_starts(options.n_init, fit_one)
-
-
-def _parameters(model):
-    return model.weights, model.means, model.covariances
-
-
-def _with_parameters(model, theta):
-    return replace(model, **dict(zip(("weights", "means", "covariances"), theta)))
+    return _best_of_starts(options.n_init, fit_one, score=lambda fit: fit.log_likelihood[-1])
 
 
 def n_parameters(n_components, n_features, covariance_type):
@@ -1692,28 +1683,6 @@ def collapsed_components(model, reg_covar):
 # distinct value gets its most likely component, and pixels get theirs by lookup.
 
 
-@lru_cache(maxsize=None)
-def _thread_pool(threads):
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(threads, thread_name_prefix="bands")
-
-
-def _map_bands(function, bands):
-    """function(band) for band in bands, on PASS_THREADS threads (NumPy lets go of the GIL in its
-    loops), yielded in band order: every sum is the same with any number of threads, and a sum
-    taken as they come holds only the results not yet added."""
-    if PASS_THREADS > 1 and len(bands) > 1:
-        return _thread_pool(PASS_THREADS).map(function, bands)
-    return map(function, bands)
-
-
-def _for_each_band(function, bands):
-    """_map_bands for a function that writes its band and returns nothing."""
-    for _ in _map_bands(function, bands):
-        pass
-
-
 @dataclass
 class Segmentation:
     picture: Picture
@@ -1723,9 +1692,7 @@ class Segmentation:
     requested_k: object  # an int, or "auto"
     bic_table: list | None = None  # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
     shared: SharedModel | None = None  # the batch's model, when the image was labelled with one
-    spatial: dict | None = (
-        None  # the Potts-prior fit: beta, objective per iteration, n_iter, converged
-    )
+    spatial: SpatialFit | None = None  # the Potts-prior fit's record, with --spatial
     posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
     bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
 
@@ -1734,10 +1701,6 @@ def luminance(means):
     """BT.601 luma of colour means; the mean itself for gray."""
     means = np.asarray(means)
     return means @ LUMA if means.shape[1] == 3 else means[:, 0]
-
-
-def order_by_luminance(model):
-    return model.reordered(np.argsort(luminance(model.means), kind="stable"))
 
 
 def log_density_blocks(model, data):
@@ -1765,14 +1728,14 @@ def _most_likely(data, model):
     return labels
 
 
-def label_pixels(picture, points, label_of_point, n_components):
+def label_pixels(picture, points, label_of_point, n_components, passes=Passes()):
     """Label map (H, W): the label of every code, looked up pixel by pixel."""
     lut = np.zeros(picture.n_codes, dtype=np.uint8 if n_components <= 256 else np.uint16)
     lut[points.keys] = label_of_point[points.point_of_key]
-    return lookup_codes(picture, lut)
+    return lookup_codes(picture, lut, passes)
 
 
-def lookup_codes(picture, lut):
+def lookup_codes(picture, lut, passes=Passes()):
     """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
@@ -1782,43 +1745,38 @@ def lookup_codes(picture, lut):
     def look_up(start):
         np.take(lut, codes[start : start + block], out=out[start : start + block])
 
-    _for_each_band(look_up, range(0, codes.size, block))
+    passes.run(look_up, range(0, codes.size, block))
     return out.reshape(picture.codes.shape)
 
 
-def point_index(picture, points):
+def point_index(picture, points, passes=Passes()):
     """(H, W) index of every pixel's point, by lookup over the codes, in the smallest unsigned
     type that holds it."""
     lut = np.zeros(picture.n_codes, dtype=np.min_scalar_type(max(len(points.values) - 1, 0)))
     lut[points.keys] = points.point_of_key
-    return lookup_codes(picture, lut)
+    return lookup_codes(picture, lut, passes)
 
 
-def fit_components(data, n_components, options, on_iteration=None, quantized_top=None):
+def fit_components(data, n_components, options, quantized_top=None, on_iteration=None):
     """K components (at most one per distinct value), numbered by luminance.
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
     """
     k = min(n_components, _n_distinct(data))
     if quantized_top is not None:
-        fit = _fit_quantized(
-            data.values[:, 0].astype(np.float64),
-            data.weights,
-            k,
-            quantized_top,
-            options,
-            on_iteration,
-        )
+        levels = data.values[:, 0].astype(np.float64)
+        fit = _fit_quantized(levels, data.weights, k, quantized_top, options, on_iteration)
     else:
         fit = _fit_data(data, k, options, on_iteration=on_iteration)
-    return order_by_luminance(fit)
+    return fit.reordered(_luminance_order(fit.means))
 
 
-def select_components(data, k_max, options, on_iteration=None, quantized_top=None):
-    """Fit K = 1..k_max and keep the lowest BIC; the distinct values make the sweep cheap."""
+def select_components(fit_k, data, k_max):
+    """Fit K = 1..k_max with fit_k(K) and keep the lowest BIC; the distinct values make the
+    sweep cheap.  Returns the model and the table of every K tried."""
     best, best_score, table = None, math.inf, []
     for k in range(1, min(k_max, _n_distinct(data)) + 1):
-        model = fit_components(data, k, options, on_iteration, quantized_top)
+        model = fit_k(k)
         score = bic(model, data.total_weight)
         table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
         if score < best_score:
@@ -1833,30 +1791,24 @@ def gray_level_top(points):
     return None
 
 
-def fit_points(
-    points, n_components, options, *, k_max=DEFAULTS["k_max"], quantized=False, on_iteration=None
-):
+def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
     """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
 
     n_components: an int (lowered to the number of distinct values when there are fewer), or
-    "auto" to choose K in 1..k_max by BIC (the table lists every K tried; None otherwise).
-    quantized: fit integer gray levels as bins (section 4b); ignored for any other values.
+    "auto" to choose K in 1..options.k_max by BIC (the table lists every K tried; None
+    otherwise).  options: SegmentOptions (or overrides of its fields and of FitOptions'); its
+    quantized fits integer gray levels as bins (section 4b), ignored for any other values.
     """
+    options = segment_options(options, **overrides)
     data = _Data(points.values, points.weights, points.scale)
-    return _fit_model(
-        data,
-        gray_level_top(points) if quantized else None,
-        n_components,
-        options,
-        k_max,
-        on_iteration,
-    )
+    top = gray_level_top(points) if options.quantized else None
 
+    def fit_k(k):
+        return fit_components(data, k, options.fit, top, on_iteration)
 
-def _fit_model(data, quantized_top, n_components, options, k_max, on_iteration):
     if n_components == "auto":
-        return select_components(data, k_max, options, on_iteration, quantized_top)
-    return fit_components(data, n_components, options, on_iteration, quantized_top), None
+        return select_components(fit_k, data, options.k_max)
+    return fit_k(n_components), None
 
 
 @dataclass(frozen=True)
@@ -1881,49 +1833,71 @@ class SharedModel:
 # checkerboard in turn: no two pixels of one colour are neighbours, so each half-sweep sets
 # q_i = softmax_k(a_i), a_i = log w_k p(x_i | k) + BETA * (sum of the neighbours' q_jk),
 # exactly, and L never decreases.  Each colour is two stride-2 sub-lattices reached through
-# strided views, and a sweep goes through the image in row bands of about SWEEP_BAND_BYTES,
-# so its temporaries stay in cache: the only per-pixel arrays are q (K float32 a pixel) and
-# the point of every pixel.
+# strided views, and a sweep goes through the image in row bands (Passes), so its temporaries
+# stay in cache: the only per-pixel arrays are q (K float32 a pixel) and the point of every
+# pixel.  docs/method.md has the whole story; in short:
 #
-# Mean-field EM moves a label boundary through a smooth ramp about a pixel a sweep, and its
-# parameters follow the boundary, so plain sweeps crawl there.  A site's share of L, its
-# neighbours fixed, is lse(a_i) - KL(q_i || q*_i): any q_i nearer q*_i in KL than the last one
-# gains.  So every site moves to q_i + w (q*_i - q_i) (successive over-relaxation) where that is
-# nearer, and to q*_i where not: L still never decreases.  w starts at 1 and follows the best
-# w that the observed rate of the gains implies (adaptive SOR), up to MAX_OVER_RELAXATION.
-#
-# L comes out of the sweep with no pass of its own: each site adds its entropy as it is set,
-# and since every neighbour pair has one black and one white site, the pairs are summed as the
-# white sites are set.  The expected log-likelihood, sum_i q_i . log w p(x_i), is the
-# responsibilities summed per distinct value (the bincount the M-step needs anyway) times the
-# points' log-probabilities in float64: exact for any theta, so the M-step's gain is too.
-# (The shortcut lse(a_i) - KL on q stored in float32 drifts by 1e-8 a pixel as theta moves,
-# which the stopping rule would see: a q near 1 rounds up more often than down.)
-#
-# Once the shapes are settled, a sweep changes almost nothing but the pixels along the
-# boundaries that are still moving (camera enlarged to 24 MP: after the first sweep 4 % of the
-# sites move by more than ACTIVE_CHANGE or neighbour one that does, ten sweeps later under
-# 1 %).  So a sweep of every site also marks the sites that moved; the next sweep updates only
-# those and their 4-neighbours (a partial sweep, gathered by index), the one after that the
-# sites around what it moved, and so on.  Updating some sites is still coordinate ascent, so L
-# never decreases, and a partial sweep carries L forward exactly: it adds the change of its
-# sites' entropy and pairs, and of the per-value sums, to the last ones.  The sites that rest
-# do not follow theta, so every site is swept again after FULL_SWEEP_EVERY iterations, and the
-# stopping rule counts only sweeps of every site: a fit is converged after two of them in a
-# row, at a fixed point of the plain sweep, as before.
+# * Over-relaxation.  A site's share of L, its neighbours fixed, is lse(a_i) - KL(q_i || q*_i):
+#   any q_i nearer q*_i in KL than the last one gains.  So every site moves to
+#   q_i + w (q*_i - q_i) where that is nearer, and to q*_i where not; w follows the best w
+#   that the observed rate of the gains implies (adaptive SOR), up to max_over_relaxation.
+# * L comes out of the sweep: each site adds its entropy as it is set, the pairs are summed as
+#   the white sites are set, and the expected log-likelihood is q summed per distinct value
+#   times the points' log-probabilities in float64 (exact for any theta).
+# * Partial sweeps.  Once the shapes are settled a sweep changes little but the sites along
+#   boundaries that still move; the next sweep updates only the sites near the last moves, and
+#   carries L forward exactly.  Resting sites do not follow theta, so every site is swept at
+#   least every full_sweep_every iterations, and only sweeps of every site count for the
+#   stopping rule (MeanField.counts).
+# * Coarse to fine.  A grid larger than coarsest_grid_pixels starts from the fit of its 2 x 2
+#   subsampled grid, copied to each 2 x 2 block.
+
+
+@dataclass(frozen=True)
+class SpatialSettings:
+    """How the spatial fit works its way through an image.  None of these changes what it
+    maximises; they set how fast it gets there (the defaults measured: docs/method.md)."""
+
+    coarsest_grid_pixels: int = 1 << 18  # start on a grid subsampled to at most this many pixels
+    max_over_relaxation: float = 1.9  # the largest step of a site towards its update (1: plain)
+    relaxation_gain: float = 1e-6  # over-relax a site only where that gains more than float32 errs
+    active_change: float = 1e-3  # a site that moved less than this rests until a neighbour moves
+    max_active_fraction: float = 0.2  # partial sweeps only while fewer sites are near a move
+    full_sweep_every: int = 20  # every site is swept at least every this many iterations
+    partial_chunk: int = 1 << 14  # sites a block in a partial sweep
+    partial_batch: int = 1 << 18  # its changes kept (K float64 a site) before adding them up
 
 
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
 
 
-def _bands(height, width, n_components):
-    """(top, bottom) of the row bands a pass works in, every top even."""
-    rows = max(2, SWEEP_BAND_BYTES // (4 * n_components * max(width, 1)))
-    rows += rows % 2
-    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+@dataclass(frozen=True)
+class SpatialFit:
+    """The record of a spatial fit, as the JSON keeps it: the objective per pixel after each
+    iteration of the full-size grid, its EM steps and sweeps of every site, and the iterations
+    of the coarser grids it started from, coarsest first."""
+
+    beta: float
+    objective: list
+    n_iter: int
+    converged: bool
+    em_steps: int
+    full_sweeps: int
+    coarser_grids: list  # of CoarserGrid
+
+    def to_json(self):
+        return asdict(self)
 
 
-def _site_update(old, neighbours, logp, beta, relaxation):
+@dataclass(frozen=True)
+class CoarserGrid:
+    height: int
+    width: int
+    n_iter: int
+    converged: bool
+
+
+def _site_update(old, neighbours, logp, beta, relaxation, settings):
     """The over-relaxed mean-field update of independent sites (no two of them neighbours):
     q + relaxation (q* - q) where that is nearer q* in KL, else the plain q*.
 
@@ -1943,7 +1917,7 @@ def _site_update(old, neighbours, logp, beta, relaxation):
     log_relaxed = np.log(np.maximum(relaxed, tiny))
     gap_old = np.sum(old * (np.log(np.maximum(old, tiny)) - log_target), axis=0)
     gap = np.sum(relaxed * (log_relaxed - log_target), axis=0)
-    better = (gap <= gap_old - RELAXATION_GAIN) & (relaxed.min(axis=0) >= 0)
+    better = (gap <= gap_old - settings.relaxation_gain) & (relaxed.min(axis=0) >= 0)
     return np.where(better, relaxed, target), np.where(better, log_relaxed, log_target)
 
 
@@ -1952,77 +1926,88 @@ def _entropy(q, log_q):
     return -float(np.sum(q * log_q, dtype=np.float64))
 
 
-def _moved(new, old):
-    """(...) bool: the sites whose q moved by more than ACTIVE_CHANGE in some component."""
-    return np.abs(new - old).max(axis=0) > ACTIVE_CHANGE
+def _moved(new, old, settings):
+    """(...) bool: the sites whose q moved by more than active_change in some component."""
+    return np.abs(new - old).max(axis=0) > settings.active_change
 
 
-def _update_sites(padded, rows, cols, beta, site_logp, inside, relaxation, pairs, moved):
+@dataclass(frozen=True)
+class Sweep:
+    """What a checkerboard sweep needs besides q: BETA, the sites' log-probabilities
+    site_logp(rows, cols) -> (K, h, w) (rows, cols: slices of the image), the mask, the
+    over-relaxation, and where to mark the sites that moved ((H, W) bool, or None)."""
+
+    beta: float
+    site_logp: object
+    inside: np.ndarray | None = None
+    relaxation: float = 1.0
+    moved: np.ndarray | None = None
+    settings: SpatialSettings = SpatialSettings()
+    passes: Passes = Passes()
+
+
+def _update_sites(padded, rows, cols, sweep, pairs):
     """_site_update of the sites rows x cols (image coordinates, stride 2), in place.
 
     padded is (K, H + 2, W + 2), q inside a border of zeros, so the neighbours are four strided
-    views and outside the image counts 0; so do the pixels outside a mask (inside: (H, W)
-    bool), whose q stays 0.  Returns the sites' entropy -sum q log q and, with pairs, the sum
-    of their new q . their neighbours' q: L's terms but the expected log-likelihood.  moved:
-    an (H, W) bool array to mark the sites that moved in (or None).
+    views and outside the image counts 0; so do the pixels outside a mask, whose q stays 0.
+    Returns the sites' entropy -sum q log q and, with pairs, the sum of their new q . their
+    neighbours' q: L's terms but the expected log-likelihood.
     """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
     neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
     neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
     neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
-    old = centre.copy() if relaxation != 1.0 or moved is not None else centre
-    target, log_target = _site_update(old, neighbours, site_logp(rows, cols), beta, relaxation)
-    if inside is not None:
-        target *= inside[rows, cols]  # and so adds no entropy there
-    if moved is not None:
-        moved[rows, cols] = _moved(target, old)
+    keep_old = sweep.relaxation != 1.0 or sweep.moved is not None
+    old = centre.copy() if keep_old else centre
+    target, log_target = _site_update(
+        old, neighbours, sweep.site_logp(rows, cols), sweep.beta, sweep.relaxation, sweep.settings
+    )
+    if sweep.inside is not None:
+        target *= sweep.inside[rows, cols]  # and so adds no entropy there
+    if sweep.moved is not None:
+        sweep.moved[rows, cols] = _moved(target, old, sweep.settings)
     centre[...] = target
     agreement = float(np.sum(target * neighbours, dtype=np.float64)) if pairs else 0.0
     return _entropy(target, log_target), agreement
 
 
-def _sweep(padded, beta, site_logp, inside, relaxation=1.0, moved=None):
+def _sweep(padded, sweep):
     """One checkerboard sweep of q in place.  Returns L(new q) but its expected log-likelihood
     sum_i q_i . log w p(x_i): every neighbour pair has one white site, so the pairs are summed
     as the white sites are updated.  The sites of one colour are independent: a colour's row
-    bands may be updated in any order, or at once.  moved: as _update_sites'."""
+    bands may be updated in any order, or at once."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     objective = 0.0
     for colour, sites in enumerate(CHECKERBOARD):
 
-        def update_band(band, sites=sites, pairs=colour == 1 and beta != 0):
+        def update_band(band, sites=sites, pairs=colour == 1 and sweep.beta != 0):
             top, bottom = band
             total = 0.0
             for row, col in sites:
                 entropy, agreement = _update_sites(
-                    padded,
-                    slice(top + row, bottom, 2),
-                    slice(col, width, 2),
-                    beta,
-                    site_logp,
-                    inside,
-                    relaxation,
-                    pairs,
-                    moved,
+                    padded, slice(top + row, bottom, 2), slice(col, width, 2), sweep, pairs
                 )
-                total += entropy + beta * agreement
+                total += entropy + sweep.beta * agreement
             return total
 
-        objective += sum(_map_bands(update_band, _bands(height, width, n_components)))
+        bands = sweep.passes.bands(height, width, n_components)
+        objective += sum(sweep.passes.map(update_band, bands))
     return objective
 
 
-def _partial_sweep(padded, beta, table, index, relaxation, sites):
+def _partial_sweep(padded, sweep, table, index, sites):
     """A checkerboard sweep of the given sites only (image-flat indices, inside any mask), in
-    place.  Returns the change of L's entropy and pair terms, the change of q summed per point
-    (K, M) and the sites that moved.  Updating some sites is still coordinate ascent: L never
-    decreases."""
+    place, their log-probabilities looked up in table (K, M) by index (H, W).  Returns the
+    change of L's entropy and pair terms, the change of q summed per point (K, M) and the sites
+    that moved.  Updating some sites is still coordinate ascent: L never decreases."""
     n_components, width = padded.shape[0], padded.shape[2] - 2
     flat = padded.reshape(n_components, -1)
     points = index.reshape(-1)
     rows = sites // width
     black = (sites - rows * (width - 1)) % 2 == 0  # (row + column) even, as CHECKERBOARD's
+    settings = sweep.settings
 
     def update_chunk(chunk):
         at = chunk + 2 * (chunk // width) + width + 3  # in padded
@@ -2031,40 +2016,56 @@ def _partial_sweep(padded, beta, table, index, relaxation, sites):
         neighbours += np.take(flat, at - width - 2, axis=1)
         neighbours += np.take(flat, at + width + 2, axis=1)
         logp = np.take(table, points[chunk], axis=1)
-        target, log_target = _site_update(old, neighbours, logp, beta, relaxation)
+        target, log_target = _site_update(
+            old, neighbours, logp, sweep.beta, sweep.relaxation, settings
+        )
         flat[:, at] = target
         tiny = np.finfo(np.float32).tiny
         change = _entropy(target, log_target) - _entropy(old, np.log(np.maximum(old, tiny)))
         delta = target.astype(np.float64) - old
-        change += beta * float(np.sum(delta * neighbours))
-        return change, points[chunk], delta, chunk[_moved(target, old)]
+        change += sweep.beta * float(np.sum(delta * neighbours))
+        return change, points[chunk], delta, chunk[_moved(target, old, settings)]
 
-    n_points = table.shape[1]
-    sums = np.zeros((n_components, n_points))
-    pending, n_pending = [], 0  # changes not yet added to sums: each bincount costs O(M)
-
-    def add_pending():
-        updated = np.concatenate([chunk_points for chunk_points, _ in pending])
-        delta = np.concatenate([delta for _, delta in pending], axis=1)
-        for k in range(n_components):
-            sums[k] += np.bincount(updated, weights=delta[k], minlength=n_points)
-        pending.clear()
-
+    sums = _PointSums(n_components, table.shape[1], settings.partial_batch)
     change, moved = 0.0, []
     for colour in (black, ~black):
         of_colour = sites[colour]
-        chunks = [of_colour[i : i + PARTIAL_CHUNK] for i in range(0, len(of_colour), PARTIAL_CHUNK)]
-        for chunk_change, chunk_points, delta, chunk_moved in _map_bands(update_chunk, chunks):
+        step = settings.partial_chunk
+        chunks = [of_colour[i : i + step] for i in range(0, len(of_colour), step)]
+        for chunk_change, chunk_points, delta, chunk_moved in sweep.passes.map(
+            update_chunk, chunks
+        ):
             change += chunk_change
             moved.append(chunk_moved)
-            pending.append((chunk_points, delta))
-            n_pending += len(chunk_points)
-            if n_pending >= max(n_points, PARTIAL_BATCH):
-                add_pending()
-                n_pending = 0
-    if pending:
-        add_pending()
-    return change, sums, np.concatenate(moved) if moved else sites[:0]
+            sums.add(chunk_points, delta)
+    return change, sums.total(), np.concatenate(moved) if moved else sites[:0]
+
+
+class _PointSums:
+    """Changes of q at sites, added up per point (K, M), a batch at a time: each bincount costs
+    O(M), and holding every change (K float64 a site) would cost memory."""
+
+    def __init__(self, n_components, n_points, batch):
+        self.sums = np.zeros((n_components, n_points))
+        self.batch, self.pending, self.n_pending = max(n_points, batch), [], 0
+
+    def add(self, points, delta):
+        self.pending.append((points, delta))
+        self.n_pending += len(points)
+        if self.n_pending >= self.batch:
+            self._flush()
+
+    def _flush(self):
+        updated = np.concatenate([points for points, _ in self.pending])
+        delta = np.concatenate([delta for _, delta in self.pending], axis=1)
+        for k in range(len(self.sums)):
+            self.sums[k] += np.bincount(updated, weights=delta[k], minlength=self.sums.shape[1])
+        self.pending, self.n_pending = [], 0
+
+    def total(self):
+        if self.pending:
+            self._flush()
+        return self.sums
 
 
 def _around(sites, shape, inside):
@@ -2084,14 +2085,14 @@ def _around(sites, shape, inside):
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside):
+def _dilate(moved, inside, passes):
     """moved (H, W) bool |= its 4-neighbours, &= inside (a mask, or None), in place.
 
     Band by band from the top, keeping the band's original rows and the one above it, so no
     second image is made (a byte a pixel at the moment memory peaks)."""
     height, width = moved.shape
     above = np.zeros(width, bool)  # the original row above the band
-    for top, bottom in _bands(height, width, 1):
+    for top, bottom in passes.bands(height, width, 1):
         band = moved[top:bottom].copy()
         near = moved[top:bottom]
         near[1:] |= band[:-1]
@@ -2106,7 +2107,7 @@ def _dilate(moved, inside):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp):
+def _mean_field_objective(padded, beta, site_logp, passes):
     """L(q, theta) computed from its definition, band by band (at the start of a fit).
 
     Outside a mask q is 0, so those pixels add nothing.
@@ -2125,19 +2126,25 @@ def _mean_field_objective(padded, beta, site_logp):
         pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
         return objective + beta * pairs
 
-    return float(sum(_map_bands(band_objective, _bands(height, width, n_components))))
+    bands = passes.bands(height, width, n_components)
+    return float(sum(passes.map(band_objective, bands)))
 
 
-def _no_data(n_components, shape):
-    """A site_logp of zeros: _mean_field_objective then gives L's entropy and pair terms."""
-    height, width = range(shape[0]), range(shape[1])
-    return lambda rows, cols: np.zeros((n_components, len(height[rows]), len(width[cols])))
+def _prior_terms(padded, beta, passes):
+    """L's entropy and pair terms (L without the expected log-likelihood) of q."""
+    n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+    rows, cols = range(height), range(width)
+
+    def no_data(row_slice, col_slice):
+        return np.zeros((n_components, len(rows[row_slice]), len(cols[col_slice])))
+
+    return _mean_field_objective(padded, beta, no_data, passes)
 
 
-def _posterior_start(padded, site_logp, inside):
+def _posterior_start(padded, site_logp, inside, passes):
     """q = the plain mixture's posterior (0 outside the mask), in place, band by band."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
-    for top, bottom in _bands(height, width, n_components):
+    for top, bottom in passes.bands(height, width, n_components):
         q = site_logp(slice(top, bottom), slice(0, width))
         _softmax_over_components(q)
         if inside is not None:
@@ -2145,7 +2152,7 @@ def _posterior_start(padded, site_logp, inside):
         padded[:, top + 1 : bottom + 1, 1:-1] = q
 
 
-def _copy_to_blocks(q, coarse_q):
+def _copy_to_blocks(q, coarse_q, passes):
     """q (K, H, W) = a coarser grid's q (K, ceil(H/2), ceil(W/2)) copied to each 2 x 2 block,
     a band of whole rows at a time (writing every other column is four times slower)."""
     width = q.shape[2]
@@ -2157,7 +2164,7 @@ def _copy_to_blocks(q, coarse_q):
             rows = q[:, 2 * top + parity : 2 * bottom : 2]
             rows[...] = doubled[:, : rows.shape[1]]
 
-    _for_each_band(copy_band, _bands(coarse_q.shape[1], width, len(q)))
+    passes.run(copy_band, passes.bands(coarse_q.shape[1], width, len(q)))
 
 
 def _softmax_over_components(logits):
@@ -2168,7 +2175,7 @@ def _softmax_over_components(logits):
     return logits
 
 
-def _argmax_over_components(q):
+def _argmax_over_components(q, passes):
     """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow),
     band by band."""
     labels = np.zeros(q.shape[1:], dtype=np.uint8 if len(q) <= 256 else np.uint16)
@@ -2181,26 +2188,167 @@ def _argmax_over_components(q):
             labels[rows][better] = k
             np.maximum(best, q[k, rows], out=best)
 
-    _for_each_band(band_argmax, _bands(q.shape[1], q.shape[2], len(q)))
+    passes.run(band_argmax, passes.bands(q.shape[1], q.shape[2], len(q)))
     return labels
 
 
+@dataclass(frozen=True, eq=False)
+class SiteLedger:
+    """What a sweep of a mixture of distinct values carries to the next: the points'
+    log-probabilities (K, M) float64, L's entropy and pair terms, q summed over the pixels of
+    every point (K, M), the sites the next sweep updates (image-flat; None: every site) and the
+    partial sweeps since the last sweep of every site."""
+
+    table: np.ndarray
+    terms: float
+    sums: np.ndarray
+    active: np.ndarray | None = None
+    partial_sweeps: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class MeanField:
+    """A state of mean-field EM: the parameters its sweep takes the sites' log-probabilities
+    from (a GaussianMixtureFit, or a BiasState: a mixture with its field), q (K, H, W) inside a
+    zero border, updated in place (a copy would not fit at 24 megapixels, so a state is used
+    once), and L(q, parameters) summed over the pixels."""
+
+    parameters: object
+    padded: np.ndarray  # (K, H + 2, W + 2) float32
+    total: float
+    n_pixels: int
+    relaxation: float = 1.0  # of the next sweep
+    gain: float | None = None  # of the total in the last iteration
+    counts: bool = True  # the sweep that reached this state updated every site
+    full_sweeps: int = 0  # sweeps of every site so far
+    ledger: SiteLedger | None = None  # the distinct values' fit (not the bias field's)
+
+    @property
+    def objective(self):
+        return self.total / self.n_pixels
+
+    @property
+    def q(self):
+        return self.padded[:, 1:-1, 1:-1]
+
+
+def _advanced(state, parameters, total, clear_gain, settings, swept_all, ledger=None):
+    """The state after an iteration that reached total, with the next sweep's relaxation."""
+    gain = total - state.total
+    relaxation = state.relaxation
+    if state.gain is not None and clear_gain < gain < state.gain:
+        relaxation = _best_relaxation(relaxation, gain / state.gain, settings.max_over_relaxation)
+    return replace(
+        state,
+        parameters=parameters,
+        total=total,
+        relaxation=relaxation,
+        gain=gain,
+        counts=swept_all,
+        full_sweeps=state.full_sweeps + swept_all,
+        ledger=ledger,
+    )
+
+
+def _best_relaxation(relaxation, gain_ratio, most):
+    """The over-relaxation for the next sweeps, from how fast the objective's gains shrink.
+
+    Adaptive SOR (Hageman and Young, Applied Iterative Methods, 1981, ch. 9): the distance to
+    the maximum is quadratic in the error, so errors shrink by lam = sqrt(gain ratio) a sweep;
+    below the best relaxation w, lam and the plain update's rate mu^2 satisfy
+    (lam + w - 1)^2 = lam w^2 mu^2, and the best w is 2 / (1 + sqrt(1 - mu^2)).  At or above
+    the best w, lam = w - 1: keep w.  Asked only while the gains are clear of round-off.
+    """
+    rate = math.sqrt(gain_ratio)
+    if rate <= relaxation - 1:
+        return relaxation
+    plain_rate = (rate + relaxation - 1) ** 2 / (rate * relaxation**2)
+    if plain_rate >= 1:
+        return most
+    return min(most, 2 / (1 + math.sqrt(1 - plain_rate)))
+
+
+def _coarse_to_fine(fit, parameters, on_iteration=None):
+    """Mean-field EM of fit (a PointsMeanField or a BiasMeanField) from parameters, started on
+    the grid of every other row and column when the grid is large.
+
+    Mean-field EM moves label boundaries a pixel or so an iteration, so on a large image it
+    spends hundreds of iterations on shapes a coarser grid settles cheaply: a grid larger than
+    coarsest_grid_pixels first fits its 2 x 2 subsampled grid (recursively), then starts from
+    those parameters and that q, copied to each 2 x 2 block.  Returns the run and the
+    CoarserGrid records, coarsest first.
+    """
+    coarser, start_q, (height, width) = [], None, fit.shape
+    coarse = fit.coarser()
+    if height * width > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
+        run, coarser = _coarse_to_fine(coarse, parameters)
+        coarser.append(CoarserGrid(*coarse.shape, run.n_iter, run.converged))
+        parameters, start_q = run.state.parameters, run.state.q
+        del run
+    del coarse
+    padded = np.zeros((len(parameters.weights), height + 2, width + 2), np.float32)
+    from_posterior = start_q is None
+    if start_q is not None:
+        _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q, fit.passes)
+        if fit.inside is not None:
+            padded[:, 1:-1, 1:-1] *= fit.inside
+        del start_q  # the coarse grid's q goes before the fine grid's arrays are made
+    run = run_em(
+        fit.start(parameters, padded, from_posterior),
+        fit.step,
+        fit.options,
+        full_step=fit.full_step,
+        on_iteration=on_iteration,
+    )
+    return run, coarser
+
+
+def _spatial_record(beta, run, coarser):
+    return SpatialFit(
+        beta,
+        run.history,
+        run.n_iter,
+        run.converged,
+        run.n_em_steps,
+        run.state.full_sweeps,
+        coarser,
+    )
+
+
 @dataclass(frozen=True)
-class PixelGrid:
-    """What the spatial fit knows of the pixels: the points and the point of every pixel."""
+class PointsMeanField:
+    """The spatial fit of a mixture of distinct values: the points, the point of every pixel
+    (H, W) in the smallest unsigned type that holds it, the mask, BETA, and how it runs.
+    update_parameters False keeps the mixture (a shared model): the prior only smooths."""
 
     data: _Data
-    index: np.ndarray  # (H, W) point of every pixel, the smallest unsigned type that holds it
-    inside: np.ndarray | None = None  # (H, W) bool: the pixels of a mask; None: every pixel
+    index: np.ndarray
+    inside: np.ndarray | None
+    beta: float
+    options: FitOptions
+    settings: SpatialSettings
+    update_parameters: bool = True
+
+    @property
+    def shape(self):
+        return self.index.shape
+
+    @property
+    def passes(self):
+        return self.options.passes
 
     @property
     def n_pixels(self):
         """The pixels that count: those inside the mask."""
         return int(np.count_nonzero(self.inside)) if self.inside is not None else self.index.size
 
+    def coarser(self):
+        inside = None if self.inside is None else self.inside[::2, ::2]
+        return replace(self, index=np.ascontiguousarray(self.index[::2, ::2]), inside=inside)
+
     def point_sums(self, q):
         """(K, M) q summed over the pixels of every point, by bincounts in row chunks."""
-        n_points, (height, width) = len(self.data), self.index.shape
+        n_points, (height, width) = len(self.data), self.shape
         rows = max(1, max(PIXEL_CHUNK // 4, 4 * n_points) // max(width, 1))
 
         def chunk_sums(band):
@@ -2212,9 +2360,69 @@ class PixelGrid:
 
         chunks = [(top, top + rows) for top in range(0, height, rows)]
         sums = np.zeros((len(q), n_points))
-        for partial_sums in _map_bands(chunk_sums, chunks):
+        for partial_sums in self.passes.map(chunk_sums, chunks):
             sums += partial_sums
         return sums
+
+    def start(self, model, padded, from_posterior):
+        table = _point_log_probabilities(model, self.data)
+        if from_posterior:
+            _posterior_start(padded, _looked_up(table, self.index), self.inside, self.passes)
+        terms = _prior_terms(padded, self.beta, self.passes)
+        sums = self.point_sums(padded[:, 1:-1, 1:-1])
+        total = terms + float(np.sum(sums * table))
+        return MeanField(model, padded, total, self.n_pixels, ledger=SiteLedger(table, terms, sums))
+
+    def step(self, state, sweep_all=False):
+        """One iteration: a checkerboard sweep of q (of every site, or of the sites near the last
+        sweep's moves), then the M-step for that q."""
+        ledger, settings = state.ledger, self.settings
+        swept_all = sweep_all or ledger.active is None
+        sweep = Sweep(
+            self.beta, None, self.inside, state.relaxation, settings=settings, passes=self.passes
+        )
+        swept = ledger.table.astype(np.float32)  # the sweep's, in cache
+        sweep_of = self._sweep_all if swept_all else self._sweep_some
+        terms, sums, active, partial_sweeps = sweep_of(state, sweep, swept)
+        model, table = state.parameters, ledger.table
+        if self.update_parameters:
+            model = _spatial_m_step(model, self.data, sums, self.options.reg_covar)
+            table = _point_log_probabilities(model, self.data)
+        total = terms + float(np.sum(sums * table))  # the expected log-likelihood, exactly
+        if partial_sweeps >= settings.full_sweep_every - 1:
+            active = None
+        ledger = SiteLedger(table, terms, sums, active, partial_sweeps)
+        clear_gain = self.options.tol * self.n_pixels
+        return _advanced(state, model, total, clear_gain, settings, swept_all, ledger)
+
+    def full_step(self, state):
+        """An iteration that sweeps every site, so that it counts for the stopping rule."""
+        return self.step(state, sweep_all=True)
+
+    def _sweep_all(self, state, sweep, swept):
+        moved = np.zeros(self.shape, bool)
+        sweep = replace(sweep, site_logp=_looked_up(swept, self.index), moved=moved)
+        terms = _sweep(state.padded, sweep)
+        _dilate(moved, self.inside, self.passes)
+        few = np.count_nonzero(moved) < self.settings.max_active_fraction * self.index.size
+        active = np.flatnonzero(moved) if few else None
+        del sweep, moved
+        return terms, self.point_sums(state.q), active, 0
+
+    def _sweep_some(self, state, sweep, swept):
+        ledger = state.ledger
+        change, change_of_sums, moved = _partial_sweep(
+            state.padded, sweep, swept, self.index, ledger.active
+        )
+        active = _around(moved, self.shape, self.inside)
+        if len(active) >= self.settings.max_active_fraction * self.index.size:
+            active = None
+        return (
+            ledger.terms + change,
+            ledger.sums + change_of_sums,
+            active,
+            ledger.partial_sweeps + 1,
+        )
 
 
 def _point_log_probabilities(model, data):
@@ -2249,198 +2457,33 @@ def _spatial_m_step(model, data, resp, reg_covar):
     return replace(model, weights=weights, means=data.uncentred(means), covariances=covariances)
 
 
-@dataclass
-class MeanField:
-    """The spatial fit's state: the model, q (K, H, W) inside a zero border (updated in place:
-    a copy would not fit at 24 megapixels, so a state is used once), the points'
-    log-probabilities under the model and L(q, model) summed over the pixels."""
-
-    model: GaussianMixtureFit
-    padded: np.ndarray  # (K, H + 2, W + 2) float32
-    table: np.ndarray  # (K, M) float64
-    objective: float
-    relaxation: float = 1.0  # of the next sweep
-    gain: float | None = None  # of the objective in the last iteration
-    # With a table model (not the bias field's), what a partial sweep carries forward:
-    terms: float = 0.0  # L's entropy and pair terms: L but the expected log-likelihood
-    sums: np.ndarray | None = None  # (K, M) q summed over the pixels of every point
-    active: np.ndarray | None = None  # image-flat sites the next sweep updates; None: all
-    partial_sweeps: int = 0  # since the last sweep of every site
-    swept_all: bool = True  # the last sweep updated every site
-    full_sweeps: int = 0  # sweeps of every site so far
-
-    @property
-    def q(self):
-        return self.padded[:, 1:-1, 1:-1]
-
-
-def _mean_field_score(state, n_pixels):
-    """The driver's E-step for the spatial fit: the objective per pixel (no statistics needed)."""
-    return None, state.objective / n_pixels
-
-
-def _mean_field_step(_, state, grid, beta, options, update_parameters):
-    """One mean-field EM iteration: a checkerboard sweep of q (of every site, or of the sites
-    near the last sweep's moves), then the M-step for that q."""
-    swept = state.table.astype(np.float32)  # the sweep's, in cache
-    if state.active is None:
-        moved = np.zeros(grid.index.shape, bool)
-        site_logp = _looked_up(swept, grid.index)
-        terms = _sweep(state.padded, beta, site_logp, grid.inside, state.relaxation, moved)
-        _dilate(moved, grid.inside)
-        few = np.count_nonzero(moved) < MAX_ACTIVE_FRACTION * grid.index.size
-        active = np.flatnonzero(moved) if few else None
-        del moved
-        sums = grid.point_sums(state.q)
-        partial_sweeps = 0
-    else:
-        change, change_of_sums, moved = _partial_sweep(
-            state.padded, beta, swept, grid.index, state.relaxation, state.active
-        )
-        terms, sums = state.terms + change, state.sums + change_of_sums
-        active = _around(moved, grid.index.shape, grid.inside)
-        if len(active) >= MAX_ACTIVE_FRACTION * grid.index.size:
-            active = None
-        partial_sweeps = state.partial_sweeps + 1
-    model, table = state.model, state.table
-    if update_parameters:
-        model = _spatial_m_step(state.model, grid.data, sums, options.reg_covar)
-        table = _point_log_probabilities(model, grid.data)
-    objective = terms + float(np.sum(sums * table))  # the expected log-likelihood, exactly
-    clear_gain = options.tol * grid.n_pixels
-    gain = objective - state.objective
-    previous_gain = math.inf if state.gain is None else state.gain
-    if aitken_distance(gain, previous_gain) < clear_gain or partial_sweeps >= FULL_SWEEP_EVERY - 1:
-        active = None  # the stopping rule may hold soon: it counts sweeps of every site only
-    advanced = _advanced(state, model, table, objective, clear_gain)
-    return replace(advanced, terms=terms, sums=sums, active=active, partial_sweeps=partial_sweeps)
-
-
-def _advanced(state, model, table, objective, clear_gain):
-    """The state after an iteration that reached objective, with the next sweep's relaxation."""
-    gain = objective - state.objective
-    relaxation = state.relaxation
-    if state.gain is not None and clear_gain < gain < state.gain:
-        relaxation = _best_relaxation(relaxation, gain / state.gain)
-    swept_all = state.active is None
-    return replace(
-        state,
-        model=model,
-        table=table,
-        objective=objective,
-        relaxation=relaxation,
-        gain=gain,
-        swept_all=swept_all,
-        full_sweeps=state.full_sweeps + swept_all,
-    )
-
-
-def _best_relaxation(relaxation, gain_ratio):
-    """The over-relaxation for the next sweeps, from how fast the objective's gains shrink.
-
-    Adaptive SOR (Hageman and Young, Applied Iterative Methods, 1981, ch. 9): the distance to
-    the maximum is quadratic in the error, so errors shrink by lam = sqrt(gain ratio) a sweep;
-    below the best relaxation w, lam and the plain update's rate mu^2 satisfy
-    (lam + w - 1)^2 = lam w^2 mu^2, and the best w is 2 / (1 + sqrt(1 - mu^2)).  At or above
-    the best w, lam = w - 1: keep w.  Asked only while the gains are clear of round-off.
-    """
-    rate = math.sqrt(gain_ratio)
-    if rate <= relaxation - 1:
-        return relaxation
-    plain_rate = (rate + relaxation - 1) ** 2 / (rate * relaxation**2)
-    if plain_rate >= 1:
-        return MAX_OVER_RELAXATION
-    return min(MAX_OVER_RELAXATION, 2 / (1 + math.sqrt(1 - plain_rate)))
-
-
 def spatial_fit(
-    model, data, index, beta, options, *, mask=None, update_parameters=True, on_iteration=None
+    model,
+    data,
+    index,
+    beta,
+    options=FitOptions(),
+    *,
+    mask=None,
+    update_parameters=True,
+    settings=SpatialSettings(),
+    on_iteration=None,
 ):
     """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture, coarse to fine.
 
-    index: (H, W) point of every pixel.  Returns the model, the labels (H, W), and the fit's
-    record: beta, the objective per pixel after each iteration, n_iter, converged, em_steps (of
-    the full-size grid) and the iterations of every coarser grid it started from.
-    mask: (H, W) bool, the pixels to segment; outside pixels have no label and no neighbours.
-    update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
+    index: (H, W) point of every pixel; mask: (H, W) bool, the pixels to segment (outside
+    pixels have no label and no neighbours).  update_parameters=False keeps the model (a shared
+    one); the prior only smooths the labels.  Returns the model, the labels (H, W), the
+    SpatialFit record and q (K, H, W) float32.
     """
     index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
-    run, coarser = _mean_field_em(
-        model, data, index, mask, beta, options, update_parameters, on_iteration
+    fit = PointsMeanField(
+        data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters
     )
-    record = _spatial_record(beta, run, coarser)
-    return run.state.model, _argmax_over_components(run.state.q), record, run.state.q
-
-
-def _spatial_record(beta, run, coarser):
-    """What the JSON records of a spatial fit."""
-    return {
-        "beta": beta,
-        "objective": run.history,
-        "n_iter": run.n_iter,
-        "converged": run.converged,
-        "em_steps": run.n_em_steps,
-        "full_sweeps": run.state.full_sweeps,
-        "coarser_grids": coarser,
-    }
-
-
-def _coarser_record(shape, run):
-    """What the record keeps of the fit on the 2 x 2-subsampled grid of a grid of this shape."""
-    return {
-        "height": -(-shape[0] // 2),
-        "width": -(-shape[1] // 2),
-        "n_iter": run.n_iter,
-        "converged": run.converged,
-    }
-
-
-def _mean_field_em(model, data, index, mask, beta, options, update_parameters, on_iteration=None):
-    """The spatial fit on one grid, started from the fit on the grid of every other row and column.
-
-    Mean-field EM moves label boundaries a pixel or so an iteration, so on a large image it
-    spends hundreds of iterations on shapes a coarser grid settles cheaply: a grid larger than
-    COARSEST_GRID_PIXELS first fits its 2 x 2 subsampled grid (recursively), then starts from
-    that model and those responsibilities, copied to each 2 x 2 block.  Returns the run and the
-    [{"height", "width", "n_iter", "converged"}] of the coarser grids, coarsest first.
-    """
-    coarser, start_model, start_q = [], model, None
-    coarse_mask = None if mask is None else mask[::2, ::2]
-    if index.size > COARSEST_GRID_PIXELS and (coarse_mask is None or coarse_mask.any()):
-        coarse, coarser = _mean_field_em(
-            model, data, index[::2, ::2], coarse_mask, beta, options, update_parameters
-        )
-        coarser.append(_coarser_record(index.shape, coarse))
-        start_model, start_q = coarse.state.model, coarse.state.q
-    grid = PixelGrid(data, np.ascontiguousarray(index), mask)
-    padded = np.zeros((model.n_components, index.shape[0] + 2, index.shape[1] + 2), np.float32)
-    table = _point_log_probabilities(start_model, data)
-    if start_q is not None:
-        _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q)
-        if mask is not None:
-            padded[:, 1:-1, 1:-1] *= mask
-        del coarse, start_q  # the coarse grid's arrays go before the fine grid's are made
-    else:
-        _posterior_start(padded, _looked_up(table, grid.index), mask)
-    terms = _mean_field_objective(padded, beta, _no_data(len(table), index.shape))
-    sums = grid.point_sums(padded[:, 1:-1, 1:-1])
-    start = MeanField(start_model, padded, table, terms + float(np.sum(sums * table)))
-    start = replace(start, terms=terms, sums=sums)
-    run = run_em(
-        start,
-        partial(_mean_field_score, n_pixels=grid.n_pixels),
-        partial(
-            _mean_field_step,
-            grid=grid,
-            beta=beta,
-            options=options,
-            update_parameters=update_parameters,
-        ),
-        options,
-        on_iteration,
-        may_stop=lambda state: state.swept_all,
-    )
-    return run, coarser
+    run, coarser = _coarse_to_fine(fit, model, on_iteration)
+    q = run.state.q
+    labels = _argmax_over_components(q, options.passes)
+    return run.state.parameters, labels, _spatial_record(beta, run, coarser), q
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
@@ -2460,6 +2503,9 @@ def _mean_field_em(model, data, index, mask, beta, options, update_parameters, o
 # separable, so a row band's moments are two small matrix products U^T h V.  The passes go
 # through the image in row bands; the per-pixel arrays are the intensities (float32), the
 # mask, and with --spatial q: no basis, field or responsibilities are kept per pixel.
+
+
+BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before it waits
 
 
 def bias_monomials(degree):
@@ -2501,26 +2547,28 @@ class BiasField:
         v = coordinate_powers(cols, self.shape[1], self.degree)
         return u @ grid @ v.T - self.shift
 
-    def image(self, stride=1):
+    def image(self, stride=1, passes=Passes()):
         """The field at every stride-th pixel of every stride-th row, float32 (stride 1: (H, W);
         a figure asks only for its downsampled copy's pixels)."""
         rows = np.arange(0, self.shape[0], stride)
         cols = np.arange(0, self.shape[1], stride)
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
-        for top, bottom in _bands(len(rows), len(cols), 1):
+        for top, bottom in passes.bands(len(rows), len(cols), 1):
             out[top:bottom] = np.exp(self.log_field(rows[top:bottom], cols))
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BiasImage:
     """What a bias fit sees: the intensities (0..1) on the grid of every step-th row and column
-    of the image, which of them are inside the mask, and the image's size (the coordinates)."""
+    of the image, which of them are inside the mask, the image's size (the coordinates), and how
+    its passes run."""
 
     values: np.ndarray  # (h, w) float32
     inside: np.ndarray | None  # (h, w) bool; None: every pixel
     shape: tuple  # (H, W) of the image
     step: int = 1
+    passes: Passes = Passes()
 
     @property
     def n_pixels(self):
@@ -2535,31 +2583,48 @@ class BiasImage:
         """(w, degree + 1) powers of the scaled image coordinate of every column of the grid."""
         return coordinate_powers(np.arange(self.values.shape[1]) * self.step, self.shape[1], degree)
 
+    def bands(self, n_components):
+        return self.passes.bands(*self.values.shape, n_components)
+
     def coarser(self):
         """The grid of every other row and column of this one."""
         inside = None if self.inside is None else np.ascontiguousarray(self.inside[::2, ::2])
         values = np.ascontiguousarray(self.values[::2, ::2])
-        return BiasImage(values, inside, self.shape, 2 * self.step)
+        return replace(self, values=values, inside=inside, step=2 * self.step)
 
 
-def bias_image(picture):
+def bias_image(picture, passes=Passes()):
     """The bias fit's view of a gray picture: its intensities and its mask."""
     values = np.empty(picture.codes.shape, dtype=np.float32)
     np.multiply(picture.codes, np.float32(1 / picture.scale), out=values)
-    return BiasImage(values, picture.mask, picture.codes.shape)
+    return BiasImage(values, picture.mask, picture.codes.shape, passes=passes)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class BiasState:
-    """The bias fit's parameters: the mixture of corrected intensities and the field.
-    evaluation: the E-step's (moments, log-likelihood) at this state, when the M-step's line
-    search has already computed them."""
+    """The bias fit's parameters on an image: the mixture of corrected intensities and the
+    field's coefficients.  Its E-step (a pass over the image: the moments of the
+    responsibilities and the log-likelihood per pixel) is computed once, when first asked for."""
 
     weights: np.ndarray  # (K,)
     means: np.ndarray  # (K,)
     variances: np.ndarray  # (K,)
     coefficients: np.ndarray  # (P,)
-    evaluation: tuple | None = None
+    image: BiasImage = field(repr=False)
+    degree: int = 3
+    counts = True
+
+    @cached_property
+    def evaluation(self):
+        return _bias_pass(self)
+
+    @property
+    def objective(self):
+        return self.evaluation[1]
+
+    @property
+    def moments(self):
+        return self.evaluation[0]
 
 
 def _bias_log_densities(state, z):
@@ -2575,10 +2640,10 @@ def _bias_log_densities(state, z):
 class _BandModel:
     """The field and the corrected intensities of a state, row band by row band."""
 
-    def __init__(self, state, image, degree):
-        self.state, self.image, self.degree = state, image, degree
-        v = image.column_powers(degree)
-        self.grid_v = coefficient_grid(state.coefficients, degree) @ v.T  # (D + 1, w)
+    def __init__(self, state):
+        self.state, self.image, self.degree = state, state.image, state.degree
+        v = self.image.column_powers(self.degree)
+        self.grid_v = coefficient_grid(state.coefficients, self.degree) @ v.T  # (D + 1, w)
 
     def corrected(self, rows, cols, dtype=np.float32):
         """(z, t) at the sites rows x cols of the grid (slices): z = y exp(-t), t the log field."""
@@ -2613,11 +2678,12 @@ def _add_moments(moments, r, z, u, v):
                 weighted *= z
 
 
-def _bias_pass(state, image, degree, labels=None, posteriors=None):
-    """One E-step over the image: the moments of the responsibilities (K, 3, 2D + 1, 2D + 1)
+def _bias_pass(state, labels=None, posteriors=None):
+    """The E-step over the image: the moments of the responsibilities (K, 3, 2D + 1, 2D + 1)
     and the log-likelihood per pixel.  labels (h, w) / posteriors (K, h, w): filled if given."""
-    bands = _BandModel(state, image, degree)
-    height, width = image.values.shape
+    image, degree, k = state.image, state.degree, len(state.weights)
+    bands = _BandModel(state)
+    width = image.values.shape[1]
     v = image.column_powers(2 * degree)
 
     def band_pass(band):
@@ -2628,27 +2694,19 @@ def _bias_pass(state, image, degree, labels=None, posteriors=None):
         inside = True if image.inside is None else image.inside[rows]
         if image.inside is not None:
             r *= inside
-        moments = np.zeros((len(state.weights), 3, 2 * degree + 1, 2 * degree + 1))
+        moments = np.zeros((k, 3, 2 * degree + 1, 2 * degree + 1))
         _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
         if labels is not None:
-            labels[rows] = _argmax_over_components(r)
+            labels[rows] = _argmax_over_components(r, Passes(threads=1))
         if posteriors is not None:
             posteriors[:, rows] = r
         return moments, float(np.sum(lse, where=inside))
 
     moments, total = 0.0, 0.0
-    for band_moments, band_total in _map_bands(
-        band_pass, _bands(height, width, len(state.weights))
-    ):
+    for band_moments, band_total in image.passes.map(band_pass, image.bands(k)):
         moments += band_moments
         total += band_total
     return moments, total / image.n_pixels
-
-
-def _bias_e_step(state, image, degree):
-    """The driver's E-step: (moments and log-likelihood, log-likelihood), computed once."""
-    evaluation = state.evaluation or _bias_pass(state, image, degree)
-    return evaluation, evaluation[1]
 
 
 def _bias_mixture(moments, reg_covar):
@@ -2681,19 +2739,31 @@ def _newton_step(moments, means, variances, degree):
         return np.linalg.lstsq(gauss_newton, gradient, rcond=None)[0]
 
 
-def _bias_m_step(stats, state, image, degree, reg_covar):
-    """The mixture's M-step, then the field's Newton step, halved until the log-likelihood is
-    no lower than state's; if none is, the mixture's step alone (the field waits)."""
-    moments, value = stats
-    weights, means, variances = _bias_mixture(moments, reg_covar)
-    mixture_step = BiasState(weights, means, variances, state.coefficients)
-    step = _newton_step(moments, means, variances, degree)
+def _field_line_search(state, step, score, at_least):
+    """The field moved by step, halved until score(trial) >= at_least (BIAS_HALVINGS tries):
+    (that trial, its score), or (state, None) when none is: the field waits."""
     for halving in range(BIAS_HALVINGS):
-        trial = replace(mixture_step, coefficients=state.coefficients + step / 2**halving)
-        evaluation = _bias_pass(trial, image, degree)
-        if evaluation[1] >= value:
-            return replace(trial, evaluation=evaluation)
-    return mixture_step
+        trial = replace(state, coefficients=state.coefficients + step / 2**halving)
+        value = score(trial)
+        if value >= at_least:
+            return trial, value
+    return state, None
+
+
+def _mixture_and_field(state, moments, reg_covar):
+    """The M-step's first half, the mixture on the corrected intensities, for responsibilities
+    with these moments, and the field's Newton step from there."""
+    weights, means, variances = _bias_mixture(moments, reg_covar)
+    mixture = replace(state, weights=weights, means=means, variances=variances)
+    return mixture, _newton_step(moments, means, variances, state.degree)
+
+
+def _bias_step(state, reg_covar):
+    """One ECM iteration: the E-step at state (its moments), the mixture's M-step on the
+    corrected intensities, then the field's Newton step, halved until the log-likelihood is no
+    lower than state's (a generalised EM)."""
+    mixture, newton = _mixture_and_field(state, state.moments, reg_covar)
+    return _field_line_search(mixture, newton, lambda trial: trial.objective, state.objective)[0]
 
 
 def _bias_coordinates(k):
@@ -2705,75 +2775,89 @@ def _bias_coordinates(k):
 
     def from_vector(vector, like):
         weights = np.exp(vector[:k] - vector[:k].max())
-        return BiasState(
-            weights / weights.sum(),
-            vector[k : 2 * k],
-            np.exp(vector[2 * k : 3 * k]),
-            vector[3 * k :],
+        return replace(
+            like,
+            weights=weights / weights.sum(),
+            means=vector[k : 2 * k],
+            variances=np.exp(vector[2 * k : 3 * k]),
+            coefficients=vector[3 * k :],
         )
 
-    return to_vector, from_vector
+    return Coordinates(to_vector, from_vector)
 
 
-def fit_bias_field(
-    picture,
-    n_components,
-    options,
-    *,
-    degree=DEFAULTS["bias_degree"],
-    spatial=0.0,
-    keep_posteriors=False,
-    on_iteration=None,
-):
-    """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
-
-    Starts from the plain mixture of the intensities (on their distinct values) and no field;
-    with options.n_init > 1, from that many plain starts, keeping the fit with the highest
-    final log-likelihood (a start misled by the field can end in a poorer maximum).  spatial:
-    BETA of the Potts prior, fitted by mean-field EM with the field from the converged plain
-    fit on.  Returns (model, field, labels, record, posteriors): the mixture of corrected
-    intensities, numbered from the darkest, the BiasField, the component of every pixel
-    (H, W), the spatial fit's record (None without one) and, with keep_posteriors, every
-    component's posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
-    """
-    image = bias_image(picture)
+def _plain_bias_fit(picture, image, n_components, degree, options, on_iteration):
+    """ECM of the mixture and the field from the plain mixture of the intensities (on their
+    distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
+    the run with the highest final log-likelihood."""
     inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
     levels, counts = np.unique(inside_codes, return_counts=True)
     k = min(n_components, len(levels))
     data = _Data(levels / picture.scale, counts.astype(np.float64))
     rng = np.random.default_rng(options.random_state)
-    n_terms = len(bias_monomials(degree))
-    run = None
-    for _ in range(options.n_init):
-        start = _em(
-            data, k, options, _initial_statistics(data, k, options.init, rng), [None] * 3, None
+    no_field = np.zeros(len(bias_monomials(degree)))
+
+    def fit_one():
+        stats = _initial_statistics(data, k, options.init, rng)
+        start = _starting_parameters(
+            data, k, options.covariance_type, options.reg_covar, stats, (None, None, None)
         )
+        plain = _density_em(data, start, options)
         state = BiasState(
-            start.weights,
-            start.means[:, 0],
-            start.covariances.reshape(k, -1)[:, 0],
-            np.zeros(n_terms),
+            plain.weights,
+            plain.means[:, 0],
+            plain.covariances.reshape(k, -1)[:, 0],
+            no_field,
+            image,
+            degree,
         )
-        candidate = run_em(
+        return run_em(
             state,
-            partial(_bias_e_step, image=image, degree=degree),
-            partial(_bias_m_step, image=image, degree=degree, reg_covar=options.reg_covar),
+            partial(_bias_step, reg_covar=options.reg_covar),
             options,
-            on_iteration,
-            _bias_coordinates(k),
+            coordinates=_bias_coordinates(k),
+            on_iteration=on_iteration,
         )
-        if run is None or candidate.history[-1] > run.history[-1]:
-            run = candidate
-    state, record = run.state, None
+
+    return _best_of_starts(options.n_init, fit_one, score=lambda run: run.history[-1])
+
+
+def fit_bias_field(
+    picture,
+    n_components,
+    options=FitOptions(),
+    *,
+    degree=3,
+    spatial=0.0,
+    keep_posteriors=False,
+    settings=SpatialSettings(),
+    on_iteration=None,
+):
+    """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
+
+    Starts from the plain mixture of the intensities and no field (options.n_init starts).
+    spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
+    plain fit on.  Returns (model, field, labels, record, posteriors): the mixture of corrected
+    intensities, numbered from the darkest, the BiasField, the component of every pixel
+    (H, W), the SpatialFit (None without one) and, with keep_posteriors, every component's
+    posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
+    """
+    image = bias_image(picture, options.passes)
+    run = _plain_bias_fit(picture, image, n_components, degree, options, on_iteration)
+    state, record, k = run.state, None, len(run.state.weights)
     if spatial > 0:
-        state, q, record = _spatial_bias_fit(state, image, degree, spatial, options, on_iteration)
-        labels = _argmax_over_components(q)
+        fit = BiasMeanField(image, spatial, options, settings)
+        spatial_run, coarser = _coarse_to_fine(fit, state, on_iteration)
+        state, q = spatial_run.state.parameters, spatial_run.state.q
+        record = _spatial_record(spatial, spatial_run, coarser)
+        del spatial_run
+        labels = _argmax_over_components(q, options.passes)
     else:  # the labels (and posteriors) from one more pass of the fitted state
         labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
-        _bias_pass(state, image, degree, labels=labels, posteriors=q)
+        _bias_pass(state, labels=labels, posteriors=q)
     order = np.argsort(state.means, kind="stable")
-    labels = np.argsort(order).astype(labels.dtype)[labels]
+    labels = _relabelled(labels, order)
     if picture.mask is not None:
         labels[~picture.mask] = 0
     posteriors = q[order] if keep_posteriors else None
@@ -2791,13 +2875,8 @@ def fit_bias_field(
         run.converged,
         n_em_steps=run.n_em_steps,
     )
-    return (
-        model,
-        BiasField(degree, coefficients, picture.codes.shape, shift),
-        labels,
-        record,
-        posteriors,
-    )
+    field = BiasField(degree, coefficients, picture.codes.shape, shift)
+    return model, field, labels, record, posteriors
 
 
 def _inside_moments(image, degree):
@@ -2805,7 +2884,7 @@ def _inside_moments(image, degree):
     height, width = image.values.shape
     v = image.column_powers(degree)
     sums = np.zeros((degree + 1, degree + 1))
-    for top, bottom in _bands(height, width, 1):
+    for top, bottom in image.bands(1):
         u = image.row_powers(slice(top, bottom), degree)
         inside = (
             np.ones((bottom - top, width)) if image.inside is None else image.inside[top:bottom]
@@ -2814,9 +2893,10 @@ def _inside_moments(image, degree):
     return sums.ravel() / image.n_pixels
 
 
-def _expected_log_likelihood(moments, state, degree):
+def _expected_log_likelihood(moments, state):
     """sum_i sum_k q_ik log(w_k N(z_i | k)) - sum_i t_i, from the moments of q at the state's
     field (whose Jacobian term is the moments' constant-weight ones times the coefficients)."""
+    degree = state.degree
     mass, first, second = moments[:, :, 0, 0].T
     const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
     spread = (second - 2 * state.means * first + state.means**2 * mass) / (2 * state.variances)
@@ -2827,13 +2907,12 @@ def _expected_log_likelihood(moments, state, degree):
     return float(np.sum(mass * const - spread) - jacobian)
 
 
-def _bias_data_term(q, state, image, degree):
+def _bias_data_term(q, state):
     """sum_i sum_k q_ik log(w_k N(z_i | k)) - t_i sum_k q_ik, band by band (q: (K, h, w)).
 
     In float64: the field's line search compares it with the same sum from the moments.
     """
-    bands = _BandModel(state, image, degree)
-    height, width = image.values.shape
+    bands, width = _BandModel(state), state.image.values.shape[1]
 
     def band_term(band):
         rows = slice(*band)
@@ -2842,14 +2921,14 @@ def _bias_data_term(q, state, image, degree):
         logp -= t
         return float(np.sum(logp * q[:, rows], dtype=np.float64))
 
-    return sum(_map_bands(band_term, _bands(height, width, len(q))))
+    return sum(state.image.passes.map(band_term, state.image.bands(len(q))))
 
 
-def _moments_of(q, state, image, degree):
+def _moments_of(q, state):
     """The moments (K, 3, 2D + 1, 2D + 1) of given responsibilities q (K, h, w) at the state's
     field."""
-    bands = _BandModel(state, image, degree)
-    height, width = image.values.shape
+    image, degree = state.image, state.degree
+    bands, width = _BandModel(state), image.values.shape[1]
     v = image.column_powers(2 * degree)
 
     def band_moments(band):
@@ -2859,162 +2938,180 @@ def _moments_of(q, state, image, degree):
         _add_moments(moments, q[:, rows], z, image.row_powers(rows, 2 * degree), v)
         return moments
 
-    return sum(_map_bands(band_moments, _bands(height, width, len(q))))
+    return sum(image.passes.map(band_moments, image.bands(len(q))))
 
 
-def _spatial_bias_fit(state, image, degree, beta, options, on_iteration=None):
-    """Mean-field EM of the Potts prior with the field.  Returns the state, q (K, H, W) and the
-    fit's record, as spatial_fit's."""
-    run, coarser = _spatial_bias_run(state, image, degree, beta, options, on_iteration)
-    return run.state.model, run.state.q, _spatial_record(beta, run, coarser)
+@dataclass(frozen=True)
+class BiasMeanField:
+    """The spatial fit with the field: each iteration a checkerboard sweep of q, then the
+    mixture's M-step and the field's Newton step (halved until the objective does not fall),
+    both for that q.  Every sweep updates every site."""
 
+    image: BiasImage
+    beta: float
+    options: FitOptions
+    settings: SpatialSettings
+    full_step = None
 
-def _spatial_bias_run(state, image, degree, beta, options, on_iteration=None):
-    """The spatial fit with the field on one grid: each iteration a checkerboard sweep of q,
-    then the mixture's M-step and the field's Newton step (halved until the objective does not
-    fall), both for q.  Coarse to fine, as _mean_field_em: a large grid starts from the fit of
-    its 2 x 2-subsampled grid.  Returns the run and the coarser grids' records."""
-    k, shape = len(state.weights), image.values.shape
-    coarser, start_q = [], None
-    coarse = image.coarser()
-    if image.values.size > COARSEST_GRID_PIXELS and coarse.n_pixels:
-        run, coarser = _spatial_bias_run(state, coarse, degree, beta, options)
-        coarser.append(_coarser_record(shape, run))
-        state, start_q = run.state.model, run.state.q
-    del coarse
-    padded = np.zeros((k, shape[0] + 2, shape[1] + 2), dtype=np.float32)
-    q = padded[:, 1:-1, 1:-1]
-    if start_q is not None:
-        _copy_to_blocks(q, start_q)
-        if image.inside is not None:
-            q *= image.inside
-        del start_q
-    else:
-        _posterior_start(padded, _BandModel(state, image, degree).site_logp, image.inside)
+    @property
+    def shape(self):
+        return self.image.values.shape
 
-    def step(_, mean_field):
-        objective = _sweep(
-            mean_field.padded,
-            beta,
-            _BandModel(mean_field.model, image, degree).site_logp,
-            image.inside,
-            mean_field.relaxation,
+    @property
+    def inside(self):
+        return self.image.inside
+
+    @property
+    def n_pixels(self):
+        return self.image.n_pixels
+
+    @property
+    def passes(self):
+        return self.image.passes
+
+    def coarser(self):
+        return replace(self, image=self.image.coarser())
+
+    def start(self, parameters, padded, from_posterior):
+        state = replace(parameters, image=self.image)
+        if from_posterior:
+            _posterior_start(padded, _BandModel(state).site_logp, self.inside, self.passes)
+        total = _prior_terms(padded, self.beta, self.passes)
+        total += _bias_data_term(padded[:, 1:-1, 1:-1], state)
+        return MeanField(state, padded, total, self.n_pixels)
+
+    def step(self, state):
+        parameters, q = state.parameters, state.q
+        sweep = Sweep(
+            self.beta,
+            _BandModel(parameters).site_logp,
+            self.inside,
+            state.relaxation,
+            settings=self.settings,
+            passes=self.passes,
         )
-        moments = _moments_of(mean_field.q, mean_field.model, image, degree)
-        weights, means, variances = _bias_mixture(moments, options.reg_covar)
-        new = BiasState(weights, means, variances, mean_field.model.coefficients)
-        data = _expected_log_likelihood(moments, new, degree)
-        newton = _newton_step(moments, means, variances, degree)
-        for halving in range(BIAS_HALVINGS):
-            trial = replace(new, coefficients=new.coefficients + newton / 2**halving)
-            trial_data = _bias_data_term(mean_field.q, trial, image, degree)
-            if trial_data >= data:
-                new, data = trial, trial_data
-                break
-        return _advanced(mean_field, new, None, objective + data, options.tol * image.n_pixels)
-
-    start_objective = _mean_field_objective(padded, beta, _no_data(k, shape))
-    start_objective += _bias_data_term(q, state, image, degree)
-    run = run_em(
-        MeanField(state, padded, None, start_objective),
-        partial(_mean_field_score, n_pixels=image.n_pixels),
-        step,
-        options,
-        on_iteration,
-    )
-    return run, coarser
+        terms = _sweep(state.padded, sweep)
+        moments = _moments_of(q, parameters)
+        mixture, newton = _mixture_and_field(parameters, moments, self.options.reg_covar)
+        data = _expected_log_likelihood(moments, mixture)
+        new, found = _field_line_search(
+            mixture, newton, lambda trial: _bias_data_term(q, trial), data
+        )
+        data = data if found is None else found
+        clear_gain = self.options.tol * self.n_pixels
+        return _advanced(state, new, terms + data, clear_gain, self.settings, True)
 
 
 # --- 5d. Putting it together ---------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What is fitted to an image beyond EM's own FitOptions; the defaults of the API and of
+    the command line alike.
+
+    k_max: the largest K that n_components="auto" tries.  quantized: fit integer gray levels as
+    bins (section 4b).  spatial: BETA of a Potts prior on the labels (section 5b; 0 = off).
+    bias_field: fit a multiplicative field of polynomial degree bias_degree with the mixture
+    (section 5c; 8- and 16-bit gray images, a number of components, no shared model, not
+    quantized).  keep_posteriors: keep the per-pixel responsibilities of a spatial or bias fit
+    for posterior_maps (K float32 a pixel; the plain model's come from the distinct values).
+    """
+
+    k_max: int = 10
+    quantized: bool = False
+    spatial: float = 0.0
+    bias_field: bool = False
+    bias_degree: int = 3
+    keep_posteriors: bool = False
+    spatial_settings: SpatialSettings = SpatialSettings()
+    fit: FitOptions = FitOptions()
+
+
+def segment_options(options=None, **overrides):
+    """options (SegmentOptions; default its defaults) with overrides of its fields or of its
+    FitOptions' fields (covariance_type=, tol=, ...)."""
+    options = SegmentOptions() if options is None else options
+    fit_names = {f.name for f in fields(FitOptions)}
+    fit_overrides = {name: overrides.pop(name) for name in list(overrides) if name in fit_names}
+    if fit_overrides:
+        overrides["fit"] = replace(overrides.get("fit", options.fit), **fit_overrides)
+    return replace(options, **overrides)
+
+
+def _luminance_order(means):
+    """The components' order from the darkest mean (stable: equal means keep their order)."""
+    return np.argsort(luminance(means), kind="stable")
+
+
+def _relabelled(labels, order):
+    """Labels of components renumbered so that component order[j] becomes j."""
+    return np.argsort(order).astype(labels.dtype)[labels]
+
+
 def segment_points(
-    picture,
-    points,
-    n_components,
-    options=FitOptions(),
-    *,
-    k_max=DEFAULTS["k_max"],
-    shared=None,
-    quantized=False,
-    spatial=0.0,
-    bias_degree=None,
-    keep_posteriors=False,
-    on_iteration=None,
+    picture, points, n_components, options=None, *, shared=None, on_iteration=None, **overrides
 ):
     """Fit on the distinct values (or take a batch's shared model), then label every pixel.
 
-    n_components and quantized as fit_points.  spatial: the strength BETA of a Potts prior on the
-    labels (section 5b); 0 labels each pixel alone.  With a shared model the spatial prior only
-    smooths the labels: the model is the batch's.  bias_degree: fit a multiplicative bias field
-    of that polynomial degree with the mixture (section 5c; 8- and 16-bit gray images, a number
-    of components, no shared model, not quantized).  keep_posteriors: keep the per-pixel
-    responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel); the plain
-    model's are computed from the distinct values whenever asked.
+    n_components as fit_points; options: SegmentOptions, or overrides of its fields and of
+    FitOptions' (spatial=1.0, tol=1e-6, ...).  With a shared model the spatial prior only
+    smooths the labels: the model is the batch's.
     """
-    if bias_degree is not None:
-        return _segment_with_bias(
-            picture,
-            points,
-            n_components,
-            options,
-            bias_degree,
-            spatial,
-            keep_posteriors,
-            on_iteration,
-        )
+    options = segment_options(options, **overrides)
+    if options.bias_field:
+        return _segment_with_bias(picture, points, n_components, options, on_iteration)
     data = _Data(points.values, points.weights, points.scale)
     if shared is None:
-        model, table = _fit_model(
-            data,
-            gray_level_top(points) if quantized else None,
-            n_components,
-            options,
-            k_max,
-            on_iteration,
-        )
+        model, table = fit_points(points, n_components, options, on_iteration)
     else:
         model, table = shared.model, shared.bic_table
-    if spatial > 0:
-        model, labels, prior, q = spatial_fit(
-            model,
-            data,
-            point_index(picture, points),
-            spatial,
-            options,
-            mask=picture.mask,
-            update_parameters=shared is None,
-            on_iteration=on_iteration,
+    segmentation = Segmentation(
+        picture, points, model, None, n_components, bic_table=table, shared=shared
+    )
+    if options.spatial <= 0:
+        labels = label_pixels(
+            picture, points, _most_likely(data, model), model.n_components, options.fit.passes
         )
-        order = np.argsort(luminance(model.means), kind="stable")
-        model, labels = model.reordered(order), np.argsort(order).astype(labels.dtype)[labels]
-        kept = q[order] if keep_posteriors else None
-        del q
-        return Segmentation(
-            picture, points, model, labels, n_components, table, shared, prior, kept
-        )
-    labels = label_pixels(picture, points, _most_likely(data, model), model.n_components)
-    return Segmentation(picture, points, model, labels, n_components, table, shared)
+        return replace(segmentation, labels=labels)
+    model, labels, record, q = spatial_fit(
+        model,
+        data,
+        point_index(picture, points, options.fit.passes),
+        options.spatial,
+        options.fit,
+        mask=picture.mask,
+        update_parameters=shared is None,
+        settings=options.spatial_settings,
+        on_iteration=on_iteration,
+    )
+    order = _luminance_order(model.means)
+    return replace(
+        segmentation,
+        model=model.reordered(order),
+        labels=_relabelled(labels, order),
+        spatial=record,
+        posteriors=q[order] if options.keep_posteriors else None,
+    )
 
 
-def _segment_with_bias(
-    picture, points, n_components, options, degree, spatial, keep_posteriors, on_iteration
-):
+def _segment_with_bias(picture, points, n_components, options, on_iteration):
     if picture.kind != "gray" or points.mode != "gray":
         raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
     if not _is_integer(n_components):
         raise ValueError("a bias field needs a number of components (not 'auto')")
-    model, field, labels, prior, q = fit_bias_field(
+    model, field, labels, record, q = fit_bias_field(
         picture,
         n_components,
-        options,
-        degree=degree,
-        spatial=spatial,
-        keep_posteriors=keep_posteriors,
+        options.fit,
+        degree=options.bias_degree,
+        spatial=options.spatial,
+        keep_posteriors=options.keep_posteriors,
+        settings=options.spatial_settings,
         on_iteration=on_iteration,
     )
     return Segmentation(
-        picture, points, model, labels, n_components, spatial=prior, posteriors=q, bias=field
+        picture, points, model, labels, n_components, spatial=record, posteriors=q, bias=field
     )
 
 
@@ -3082,17 +3179,7 @@ def palette(segmentation):
     return values[:, 0] if values.shape[1] == 1 else values
 
 
-def segment_image(
-    array,
-    n_components,
-    *,
-    mode="auto",
-    k_max=DEFAULTS["k_max"],
-    quantized=False,
-    spatial=0.0,
-    mask=None,
-    **fit_options,
-):
+def segment_image(array, n_components, *, mode="auto", mask=None, options=None, **overrides):
     """Segment an in-memory image.
 
     Parameters
@@ -3105,18 +3192,15 @@ def segment_image(
         1..k_max by BIC.
     mode : {"auto", "gray", "color"}
         auto: gray when the image has one channel or all channels are equal.
-    k_max : int
-        The largest K that "auto" tries.
-    quantized : bool
-        Fit integer gray levels as bins (fit_quantized_gmm); ignored for other values.
-    spatial : float
-        BETA of a Potts prior on the labels (mean-field EM); 0 labels each pixel alone.
     mask : array of shape (H, W) or (H, W, C), or "nonzero", optional
         Segment only inside: nonzero mask pixels, or with "nonzero" the pixels that are not 0 in
         every channel.  Outside pixels never reach the model; their label is 0 and inside
         labels are 1..K.
-    **fit_options
-        FitOptions' fields, as fit_gmm takes them (covariance_type, tol, ...).
+    options : SegmentOptions, optional
+        What is fitted (k_max, quantized, spatial, bias_field, ...) and how EM runs (its fit).
+    **overrides
+        SegmentOptions' fields (spatial=1.0, quantized=True, ...) and FitOptions' fields
+        (covariance_type=, tol=, ...), over options.
 
     Returns
     -------
@@ -3126,14 +3210,12 @@ def segment_image(
         Every pixel's component mean: uint8/uint16 like the input, float64 otherwise.
     model : GaussianMixtureFit
     """
-    options = FitOptions(**fit_options)
+    options = segment_options(options, **overrides)
     picture = picture_from_array(array)
     if mask is not None:
         picture = with_mask(picture, nonzero_mask(picture) if _is_nonzero(mask) else mask)
     points = distinct_values(picture, mode)
-    segmentation = segment_points(
-        picture, points, n_components, options, k_max=k_max, quantized=quantized, spatial=spatial
-    )
+    segmentation = segment_points(picture, points, n_components, options)
     labels = label_map(segmentation)
     if picture.kind == "table":
         means = segmentation.model.means
@@ -3309,7 +3391,7 @@ def model_record(segmentation, source, settings, notes, seconds):
             "then of the corrected intensities (image / field)",
         }
     if segmentation.spatial is not None:
-        record["spatial"] = segmentation.spatial
+        record["spatial"] = segmentation.spatial.to_json()
     record["shared"] = segmentation.shared is not None
     if segmentation.shared is not None:
         record["shared_images"] = [shown(p) for p in segmentation.shared.images]
@@ -3338,10 +3420,10 @@ def plot_log_likelihood(segmentation, title):
     if segmentation.spatial is not None:
         fit = segmentation.spatial
         history, n_iter, em_steps, converged = (
-            fit["objective"],
-            fit["n_iter"],
-            fit["em_steps"],
-            fit["converged"],
+            fit.objective,
+            fit.n_iter,
+            fit.em_steps,
+            fit.converged,
         )
         name = "mean-field objective"
     else:
@@ -3591,7 +3673,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    d = DEFAULTS
     parser = _Parser(
         prog="ImageSegmentation.py",
         description="Segment images with a Gaussian mixture fitted by EM; save the segmented "
@@ -3612,41 +3693,41 @@ def build_parser():
         type=_components,
         default=None,
         metavar="K",
-        help=f"number of Gaussians (default {d['gray_components']} for gray images, "
-        f"{d['color_components']} for colour), or 'auto': the K in 1..--k-max with "
+        help=f"number of Gaussians (default {DEFAULT_COMPONENTS['gray']} for gray images, "
+        f"{DEFAULT_COMPONENTS['color']} for colour), or 'auto': the K in 1..--k-max with "
         f"the lowest BIC",
     )
     parser.add_argument(
         "--k-max",
         type=_integer_at_least(1),
-        default=d["k_max"],
+        default=SegmentOptions.k_max,
         metavar="N",
         help="largest K tried by -k auto (default %(default)s)",
     )
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default=d["mode"],
+        default=RunConfig.mode,
         help="auto: gray when the image has one channel or all channels are equal; "
         "gray: fit luminance; color: fit RGB vectors (default auto)",
     )
     parser.add_argument(
         "--covariance",
         choices=COVARIANCE_TYPES,
-        default=d["covariance"],
+        default=FitOptions.covariance_type,
         help="covariance type of each component, as scikit-learn (default full)",
     )
     parser.add_argument(
         "--max-iter",
         type=_integer_at_least(1),
-        default=d["max_iter"],
+        default=FitOptions.max_iter,
         metavar="N",
         help="at most N EM iterations (default %(default)s)",
     )
     parser.add_argument(
         "--tol",
         type=_float_at_least(0),
-        default=d["tol"],
+        default=FitOptions.tol,
         metavar="T",
         help="stop when the mean log-likelihood per pixel is estimated (Aitken) to be "
         "within T of its limit, two iterations in a row (default %(default)s; 0 runs "
@@ -3655,7 +3736,7 @@ def build_parser():
     parser.add_argument(
         "--accelerate",
         choices=ACCELERATIONS,
-        default=d["accelerate"],
+        default=FitOptions.accelerate,
         help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
         "falls; none: plain EM, one E- and one M-step an iteration (default squarem)",
     )
@@ -3664,49 +3745,49 @@ def build_parser():
         type=_integer_at_least(1),
         default=None,
         metavar="N",
-        help=f"run EM from N starts and keep the best log-likelihood (default {d['n_init']}; "
-        f"{d['auto_n_init']} with -k auto, where a start that merges two classes would "
+        help=f"run EM from N starts and keep the best log-likelihood (default {FitOptions.n_init}; "
+        f"{AUTO_N_INIT} with -k auto, where a start that merges two classes would "
         f"pick the wrong K)",
     )
     parser.add_argument(
         "--init",
         choices=INIT_METHODS,
-        default=d["init"],
+        default=FitOptions.init,
         help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
         "responsibilities (default %(default)s)",
     )
     parser.add_argument(
         "--seed",
         type=_integer_at_least(0),
-        default=d["seed"],
+        default=FitOptions.random_state,
         metavar="S",
         help="random seed: the same command writes the same images (default %(default)s)",
     )
     parser.add_argument(
         "--reg-covar",
         type=_float_at_least(0),
-        default=d["reg_covar"],
+        default=FitOptions.reg_covar,
         metavar="R",
         help="added to every covariance's diagonal, as scikit-learn (default %(default)s); "
         "far below it (a variance of 1e-10) the densities lose digits, about 1e-6 relative",
     )
     parser.add_argument(
         "--out",
-        default=d["out"],
+        default=RunConfig.out,
         metavar="DIR",
         help="output folder, created if needed (default %(default)s)",
     )
     parser.add_argument(
         "--max-pixels",
         type=_integer_at_least(1),
-        default=d["max_pixels"],
+        default=RunConfig.max_pixels,
         metavar="N",
         help="refuse images with more pixels than this (default %(default)s)",
     )
     parser.add_argument(
         "--spatial",
         type=_float_at_least(0),
-        default=d["spatial"],
+        default=SegmentOptions.spatial,
         metavar="BETA",
         help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
         "mean-field EM from the plain mixture (0 = off, the default; 1 is strong)",
@@ -3719,7 +3800,7 @@ def build_parser():
     )
     parser.add_argument(
         "--mask",
-        default=d["mask"],
+        default=RunConfig.mask,
         metavar="{auto,none,nonzero,PATH}",
         help="segment only inside a mask: nonzero = the pixels not 0 in every channel (as "
         "skull-stripped scans); PATH = an image of the same size, nonzero inside; auto = nonzero "
@@ -3736,7 +3817,7 @@ def build_parser():
     parser.add_argument(
         "--bias-degree",
         type=_integer_at_least(1),
-        default=d["bias_degree"],
+        default=SegmentOptions.bias_degree,
         metavar="N",
         help="the log field is a polynomial of this degree in the pixel coordinates; higher "
         "follows faster variation (default %(default)s)",
@@ -3841,45 +3922,83 @@ def prepare_output_folder(out):
     return folder
 
 
-def _settings(args, options):
-    """Every option of the run, as the JSON records them (n_init as it was used)."""
-    return dict(
-        components=args.components,
-        k_max=args.k_max,
-        mode=args.mode,
-        covariance=args.covariance,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        n_init=options.n_init,
-        init=args.init,
-        seed=args.seed,
-        reg_covar=args.reg_covar,
-        out=shown(args.out),
-        max_pixels=args.max_pixels,
-        shared=args.shared,
-        quantized=args.quantized,
-        spatial=args.spatial,
-        accelerate=args.accelerate,
-        mask=shown(args.mask),
-        probabilities=args.probabilities,
-        bias_field=args.bias_field,
-        bias_degree=args.bias_degree,
-    )
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the command line, made once from its arguments (from_arguments): nothing
+    below the command line sees argparse, and settings() is what every JSON record says of it.
+    The defaults are the options objects' own."""
 
+    inputs: tuple = ()
+    components: int | str | None = None  # None: DEFAULT_COMPONENTS of the image's mode
+    mode: str = "auto"
+    out: str = "output"
+    max_pixels: int = MAX_PIXELS
+    mask: str = "auto"
+    probabilities: bool = False
+    shared: bool = False
+    jobs: int | None = None  # None: one worker a core
+    show: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    segment: SegmentOptions = SegmentOptions()
 
-def fit_options_from(args):
-    several = args.components == "auto"  # where one start that merges two classes misleads
-    n_init = args.n_init or DEFAULTS["auto_n_init" if several else "n_init"]
-    return FitOptions(
-        covariance_type=args.covariance,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        reg_covar=args.reg_covar,
-        n_init=n_init,
-        init=args.init,
-        random_state=args.seed,
-        accelerate=args.accelerate,
-    )
+    @classmethod
+    def from_arguments(cls, args):
+        several = args.components == "auto"  # where one start that merges two classes misleads
+        fit = FitOptions(
+            covariance_type=args.covariance,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            reg_covar=args.reg_covar,
+            n_init=args.n_init or (AUTO_N_INIT if several else FitOptions.n_init),
+            init=args.init,
+            random_state=args.seed,
+            accelerate=args.accelerate,
+        )
+        segment = SegmentOptions(
+            k_max=args.k_max,
+            quantized=args.quantized,
+            spatial=args.spatial,
+            bias_field=args.bias_field,
+            bias_degree=args.bias_degree,
+            keep_posteriors=args.probabilities,
+            fit=fit,
+        )
+        names = [f.name for f in fields(cls) if f.name not in ("inputs", "segment")]
+        return cls(
+            inputs=tuple(args.inputs),
+            segment=segment,
+            **{name: getattr(args, name) for name in names},
+        )
+
+    def components_for(self, mode):
+        return self.components or DEFAULT_COMPONENTS[mode]
+
+    def settings(self):
+        """Every option of the run, as the JSON records them (n_init as it was used)."""
+        segment, fit = self.segment, self.segment.fit
+        return dict(
+            components=self.components,
+            k_max=segment.k_max,
+            mode=self.mode,
+            covariance=fit.covariance_type,
+            max_iter=fit.max_iter,
+            tol=fit.tol,
+            n_init=fit.n_init,
+            init=fit.init,
+            seed=fit.random_state,
+            reg_covar=fit.reg_covar,
+            out=shown(self.out),
+            max_pixels=self.max_pixels,
+            shared=self.shared,
+            quantized=segment.quantized,
+            spatial=segment.spatial,
+            accelerate=fit.accelerate,
+            mask=shown(self.mask),
+            probabilities=self.probabilities,
+            bias_field=segment.bias_field,
+            bias_degree=segment.bias_degree,
+        )
 
 
 def _write_line(stream, text):
@@ -3965,29 +4084,24 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Batch:
-    """What every image of a run shares: the parsed options and the fit options made of them,
-    the input files never to be written over, and the batch's own model (--shared)."""
+    """What every image of a run shares: its configuration, the input files never to be
+    written over, and the batch's own model (--shared)."""
 
-    args: argparse.Namespace
-    options: FitOptions
+    config: RunConfig
     inputs: frozenset
     shared: SharedModel | None = None
 
 
 def _segment_file(path, stem, batch, say, console):
     """Read, segment and write one image; returns its summary line."""
-    args, clock = batch.args, time.perf_counter()
-    picture = read_image(path, args.max_pixels)
+    config, clock = batch.config, time.perf_counter()
+    picture = read_image(path, config.max_pixels)
     loaded = time.perf_counter()
-    paths = output_paths(args.out, stem)
-    for target in paths.values():
-        if target.exists() and target.resolve() in batch.inputs:
-            raise ImageError(
-                f"output {shown(target)} would overwrite an input file; choose another --out"
-            )
+    paths = output_paths(config.out, stem)
+    _refuse_overwriting_inputs(paths.values(), batch.inputs)
 
     def on_iteration(n_iter, log_likelihood):
-        if args.verbose:
+        if config.verbose:
             say(f"{shown(path)}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
         elif console is not None:
             console.iteration(path, n_iter)
@@ -3995,72 +4109,73 @@ def _segment_file(path, stem, batch, say, console):
     segmentation, notes = segment_picture(picture, batch, on_iteration)
     fitted = time.perf_counter()
     probabilities = None
-    if args.probabilities:
-        probabilities = probability_paths(args.out, stem, segmentation)
-        for target in probabilities.values():
-            if target.exists() and target.resolve() in batch.inputs:
-                raise ImageError(
-                    f"output {shown(target)} would overwrite an input file; choose another --out"
-                )
+    if config.probabilities:
+        probabilities = probability_paths(config.out, stem, segmentation)
+        _refuse_overwriting_inputs(probabilities.values(), batch.inputs)
     record = model_record(
         segmentation,
         path,
-        _settings(args, batch.options),
+        config.settings(),
         notes,
         {"load": loaded - clock, "fit": fitted - loaded},
     )
     write_outputs(segmentation, paths, figure_title(path, segmentation), record, probabilities)
-    if not args.quiet:
+    if not config.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")
     return summary_line(path, segmentation, record["seconds"]["total"])
 
 
+def _refuse_overwriting_inputs(targets, inputs):
+    for target in targets:
+        if target.exists() and target.resolve() in inputs:
+            raise ImageError(
+                f"output {shown(target)} would overwrite an input file; choose another --out"
+            )
+
+
 def segment_picture(picture, batch, on_iteration=None):
     """The segmentation of one read image as the options ask, and the notes a user should see."""
-    args, shared = batch.args, batch.shared
-    picture, mask_note = masked(picture, args)
-    points = distinct_values(picture, shared.mode if shared else args.mode)
-    bias = args.bias_field and picture.kind == "gray" and points.mode == "gray"
-    if args.bias_field and not bias:
+    config, shared = batch.config, batch.shared
+    picture, mask_note = masked(picture, config)
+    points = distinct_values(picture, shared.mode if shared else config.mode)
+    options = config.segment
+    if options.bias_field and not (picture.kind == "gray" and points.mode == "gray"):
         picture.notes.append("--bias-field applies to 8- and 16-bit gray images; ignored here")
+        options = replace(options, bias_field=False)
     try:
         segmentation = segment_points(
             picture,
             points,
-            args.components or DEFAULTS[f"{points.mode}_components"],
-            batch.options,
-            k_max=args.k_max,
+            config.components_for(points.mode),
+            options,
             shared=shared,
-            quantized=args.quantized,
-            spatial=args.spatial,
-            bias_degree=args.bias_degree if bias else None,
-            keep_posteriors=args.probabilities,
             on_iteration=on_iteration,
         )
     except FitFailed as error:
         raise ImageError(str(error)) from None
     notes = picture.notes + [mask_note] * bool(mask_note)
-    notes += fit_notes(segmentation, args.quantized and shared is None, args.reg_covar)
+    notes += fit_notes(segmentation, options.quantized and shared is None, options.fit.reg_covar)
     return segmentation, notes
 
 
-def masked(picture, args):
-    """The picture with the mask --mask asks for, and a note when auto chose one."""
-    if args.mask == "none" or (args.mask == "auto" and not border_is_zero(picture)):
+def masked(picture, config):
+    """The picture with the mask config.mask asks for, and a note when auto chose one."""
+    mask_option = config.mask
+    if mask_option == "none" or (mask_option == "auto" and not border_is_zero(picture)):
         return picture, None
-    if args.mask in ("auto", "nonzero"):
+    if mask_option in ("auto", "nonzero"):
         mask, source = nonzero_mask(picture), None
     else:
         try:
-            mask, source = nonzero_mask(read_image(args.mask, args.max_pixels)), args.mask
+            mask, source = nonzero_mask(read_image(mask_option, config.max_pixels)), mask_option
         except ImageError as error:
-            raise ImageError(f"mask {shown(args.mask)}: {error}") from None
+            raise ImageError(f"mask {shown(mask_option)}: {error}") from None
     try:
         picture = with_mask(picture, mask)
     except ValueError as error:
         raise ImageError(f"{error}" + (f" ({shown(source)})" if source else "")) from None
-    if args.mask != "auto":
+    if mask_option != "auto":
         return picture, None
     inside = int(picture.mask.sum())
     return picture, (
@@ -4113,7 +4228,7 @@ def figure_title(path, segmentation):
         f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", shared model" if segmentation.shared else "")
-        + (f", spatial prior {prior['beta']:g}" if prior else "")
+        + (f", spatial prior {prior.beta:g}" if prior else "")
     )
 
 
@@ -4124,8 +4239,8 @@ def summary_line(path, segmentation, seconds):
         ""
         if prior is None
         else (
-            f"spatial-iterations={prior['n_iter']} {_stop_word(prior['converged'])} "
-            f"objective={prior['objective'][-1]:.6f} "
+            f"spatial-iterations={prior.n_iter} {_stop_word(prior.converged)} "
+            f"objective={prior.objective[-1]:.6f} "
         )
     )
     return (
@@ -4172,33 +4287,40 @@ def segment_file(path, stem, batch, console=None):
 # end; a worker killed from outside (the out-of-memory killer) breaks the pool, and the images
 # it left unfinished are run again, each in a fresh process of its own.
 
-_WORKER_STATE = {"busy": False, "interrupted": False}  # of a worker process
+
+class _WorkerSignals:
+    """A worker process's answer to SIGINT and SIGTERM, installed as their handler (which is where
+    the worker keeps this state): the first one interrupts the image in progress as
+    KeyboardInterrupt, so its clean-up runs to the end; later ones, or one between images, only
+    mark the worker interrupted, and it starts no other image."""
+
+    def __init__(self):
+        self.busy = self.interrupted = False
+
+    def __call__(self, signum, frame):
+        first = not self.interrupted
+        self.interrupted = True
+        if first and self.busy:
+            raise KeyboardInterrupt
 
 
 def _worker_started():
-    global PASS_THREADS
-    PASS_THREADS = 1  # the worker processes share the cores already
-    signal.signal(signal.SIGINT, _worker_interrupted)
-    signal.signal(signal.SIGTERM, _worker_interrupted)
-
-
-def _worker_interrupted(signum, frame):
-    first = not _WORKER_STATE["interrupted"]
-    _WORKER_STATE["interrupted"] = True
-    if first and _WORKER_STATE["busy"]:
-        raise KeyboardInterrupt
+    handler = _WorkerSignals()
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _segment_in_worker(task):
-    if _WORKER_STATE["interrupted"]:
+    worker = signal.getsignal(signal.SIGINT)
+    if worker.interrupted:
         return Outcome(task[0], error="interrupted")
-    _WORKER_STATE["busy"] = True
+    worker.busy = True
     try:
         return segment_file(*task)
     except KeyboardInterrupt:  # its temporaries are already gone (OutputSet)
         return Outcome(task[0], error="interrupted")
     finally:
-        _WORKER_STATE["busy"] = False
+        worker.busy = False
 
 
 def _process_pool(workers):
@@ -4269,7 +4391,7 @@ def _stop_workers(pool):
 # --- The run ---------------------------------------------------------------------------------
 
 
-def shared_model(files, args, report):
+def shared_model(files, config, report):
     """--shared: read every image once, pool the distinct values, fit one model.
 
     Returns the SharedModel (None when nothing could be read or fitted) and the files read.
@@ -4279,27 +4401,25 @@ def shared_model(files, args, report):
     def point_sets():
         for path in files:
             try:
-                picture = masked(read_image(path, args.max_pixels), args)[0]
+                picture = masked(read_image(path, config.max_pixels), config)[0]
             except ImageError as error:
                 report(path, str(error))
                 continue
             readable.append(path)
-            yield distinct_values(picture, args.mode)
+            yield distinct_values(picture, config.mode)
 
     pooled = pool_points(point_sets())
     if pooled is None:
         return None, readable
-    if args.quantized and gray_level_top(pooled) is None:
+    if config.segment.quantized and gray_level_top(pooled) is None:
         report(
             None,
             "note: --quantized ignored for this batch: its values are not gray levels of one "
             "bit depth",
         )
-    k = args.components or DEFAULTS[f"{pooled.mode}_components"]
+    k = config.components_for(pooled.mode)
     try:
-        model, table = fit_points(
-            pooled, k, fit_options_from(args), k_max=args.k_max, quantized=args.quantized
-        )
+        model, table = fit_points(pooled, k, config.segment)
     except FitFailed as error:
         for path in readable:
             report(path, str(error))
@@ -4330,10 +4450,10 @@ def _signals_as_interrupts():
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    config = RunConfig.from_arguments(build_parser().parse_args(argv))
     with _signals_as_interrupts():
         try:
-            return _run(args)
+            return _run(config)
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
             _write_line(
@@ -4342,29 +4462,35 @@ def main(argv=None):
             return 128 + signum
 
 
-def check_combinations(args):
+def check_combinations(config):
     """Options that cannot work together: bad usage, before any work."""
-    if args.bias_field:
+    if config.segment.bias_field:
         for clash, why in (
-            (args.quantized, "--quantized: corrected values are no longer bins"),
-            (args.components == "auto", "-k auto: choose K without the field first"),
-            (args.shared, "--shared: every image has its own field"),
+            (config.segment.quantized, "--quantized: corrected values are no longer bins"),
+            (config.components == "auto", "-k auto: choose K without the field first"),
+            (config.shared, "--shared: every image has its own field"),
         ):
             if clash:
                 raise UsageError(f"usage: --bias-field does not combine with {why}")
 
 
-def _run(args):
+def _one_thread_a_worker(config):
+    """The configuration for worker processes, which share the cores already."""
+    fit = replace(config.segment.fit, passes=replace(config.segment.fit.passes, threads=1))
+    return replace(config, segment=replace(config.segment, fit=fit))
+
+
+def _run(config):
     try:
-        check_combinations(args)
-        prepare_output_folder(args.out)
+        check_combinations(config)
+        prepare_output_folder(config.out)
     except UsageError as error:
         _write_line(sys.stderr, f"error: {error}")
         return 2
-    jobs = 1 if args.show else (args.jobs or os.cpu_count() or 1)
+    jobs = 1 if config.show else (config.jobs or os.cpu_count() or 1)
     started = time.perf_counter()
-    files, errors = collect_inputs(args.inputs)
-    console = Console(len(files), sys.stderr.isatty() and not args.quiet)
+    files, errors = collect_inputs(config.inputs)
+    console = Console(len(files), sys.stderr.isatty() and not config.quiet)
     failures = 0
 
     def report(path, message):
@@ -4379,11 +4505,12 @@ def _run(args):
         report(argument, message)
     inputs = {p.resolve() for p in files if p.exists()}  # never to be written over, readable or not
     shared = None
-    if args.shared and files:
-        shared, files = shared_model(files, args, report)
-    batch = Batch(args, fit_options_from(args), frozenset(inputs), shared)
+    if config.shared and files:
+        shared, files = shared_model(files, config, report)
+    parallel = jobs > 1 and len(files) > 1
+    batch = Batch(_one_thread_a_worker(config) if parallel else config, frozenset(inputs), shared)
     tasks = [(path, stem, batch) for path, stem in zip(files, unique_stems(files))]
-    if jobs > 1 and len(tasks) > 1:
+    if parallel:
         outcomes = segment_in_workers(tasks, min(jobs, len(tasks)))
     else:
         outcomes = (segment_file(*task, console=console) for task in tasks)
@@ -4396,17 +4523,17 @@ def _run(args):
         else:
             done += 1
             written.append(outcome.path)
-            if not args.quiet:
+            if not config.quiet:
                 console.out(outcome.line)
         console.image_done()
     console.finish()
-    if not args.quiet:
+    if not config.quiet:
         console.say(
             f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
-            f"outputs in {shown(args.out)}"
+            f"outputs in {shown(config.out)}"
         )
-    if args.show:
-        show_figures(args.out, [stem for (path, stem, *_) in tasks if path in written], console)
+    if config.show:
+        show_figures(config.out, [stem for (path, stem, *_) in tasks if path in written], console)
     return 1 if failures or console.failed else 0
 
 
