@@ -3,10 +3,11 @@
 Not collected by pytest.  A refactoring must not change a byte of what the program writes:
 run this before and after and compare the two listings (`diff`).  Each line is
 `RUN/FILE sha256`; a JSON record is digested without its "seconds" (the one field that changes
-from run to run) and with the scratch folder's and the repository's names replaced.  The runs cover every model and option that changes the arithmetic: the
-bundled samples with the defaults, every covariance type, plain EM, random starts, -k auto,
---quantized, --spatial (coarse to fine and partial sweeps on an enlarged image), --mask,
---bias-field with and without --spatial, --probabilities, --shared, 16-bit and float images.
+from run to run), the names of the scratch folder and of the repository replaced.  The runs
+cover every model and option that changes the arithmetic: the bundled samples with the
+defaults, every covariance type, plain EM, random starts, -k auto, --quantized, --spatial
+(coarse to fine and partial sweeps on an enlarged image), --mask, --bias-field with and
+without --spatial, --probabilities, --shared, 16-bit and float images.
 About two minutes.
 """
 
@@ -40,7 +41,9 @@ def make_inputs(folder):
     deep = (camera.astype(np.uint16) * 257 + rng.integers(0, 257, camera.shape)).astype(np.uint16)
     Image.fromarray(deep).save(folder / "deep.png")
     Image.fromarray((camera / 255.0).astype(np.float32)).save(folder / "float.tif")
-    return {name: folder / name for name in ("camera_big.png", "brain.png", "deep.png", "float.tif")}
+    return {
+        name: folder / name for name in ("camera_big.png", "brain.png", "deep.png", "float.tif")
+    }
 
 
 def runs(images, made):
