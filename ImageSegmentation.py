@@ -2085,7 +2085,7 @@ def _around(sites, shape, inside):
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside, passes):
+def _dilate(moved, inside, passes=Passes()):
     """moved (H, W) bool |= its 4-neighbours, &= inside (a mask, or None), in place.
 
     Band by band from the top, keeping the band's original rows and the one above it, so no
@@ -2107,7 +2107,7 @@ def _dilate(moved, inside, passes):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes):
+def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
     """L(q, theta) computed from its definition, band by band (at the start of a fit).
 
     Outside a mask q is 0, so those pixels add nothing.
@@ -2130,7 +2130,7 @@ def _mean_field_objective(padded, beta, site_logp, passes):
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes):
+def _prior_terms(padded, beta, passes=Passes()):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -2141,7 +2141,7 @@ def _prior_terms(padded, beta, passes):
     return _mean_field_objective(padded, beta, no_data, passes)
 
 
-def _posterior_start(padded, site_logp, inside, passes):
+def _posterior_start(padded, site_logp, inside, passes=Passes()):
     """q = the plain mixture's posterior (0 outside the mask), in place, band by band."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     for top, bottom in passes.bands(height, width, n_components):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 from PIL import Image
+from scipy.stats import norm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,3 +126,99 @@ def class_scene(rng, means, sd, shape=(96, 128)):
 # sd 0.07) and a 3-class gray one.
 OVERLAPPING_COLOUR = [[0.35, 0.35, 0.45], [0.5, 0.45, 0.4], [0.45, 0.6, 0.5], [0.6, 0.55, 0.65]]
 OVERLAPPING_GRAY = [[0.3], [0.45], [0.6]]
+
+
+# --- Clipped gray images (--quantized) ---------------------------------------------------------
+
+CLIPPED = {
+    "dark class clipped at 0": ([0.0, 0.25, 0.5], [0.05, 0.07, 0.07]),
+    "bright class clipped at 255": ([0.5, 0.75, 1.0], [0.07, 0.07, 0.05]),
+}
+
+
+def clipped_image(means, sds, rng, size=(96, 128)):
+    """Gray pixels of a known mixture on a 4 x 4 grid of classes, rounded and clipped."""
+    cells = rng.permutation(np.resize(np.arange(len(means)), 16)).reshape(4, 4)
+    labels = np.kron(cells, np.ones((size[0] // 4, size[1] // 4), dtype=int))
+    values = rng.normal(np.asarray(means)[labels], np.asarray(sds)[labels])
+    return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8), labels
+
+
+def bayes_of_levels(labels, means, sds, top=255):
+    """Per-pixel Bayes-optimal label of every level 0..top: the true mixture's bin probabilities."""
+    weights = np.bincount(labels.ravel(), minlength=len(means)) / labels.size
+    levels = np.arange(top + 1.0)
+    lower = np.where(levels == 0, -np.inf, (levels - 0.5) / top)
+    upper = np.where(levels == top, np.inf, (levels + 0.5) / top)
+    m, s = np.asarray(means)[:, None], np.asarray(sds)[:, None]
+    return np.argmax(
+        weights[:, None] * (norm.cdf((upper - m) / s) - norm.cdf((lower - m) / s)), axis=0
+    )
+
+
+# --- Noisy scenes (--spatial) ---------------------------------------------------------------------
+
+
+def noisy_scene(n_features, rng):
+    """A piecewise-constant 3-class scene, noisy enough for a ~91-95 % per-pixel Bayes limit."""
+    labels = block_labels(96, 128, 3, rng)
+    if n_features == 1:
+        means, sd = np.array([[0.3], [0.5], [0.7]]), 0.06
+    else:
+        means, sd = np.array([[0.3, 0.4, 0.5], [0.5, 0.45, 0.4], [0.4, 0.6, 0.55]]), 0.07
+    covariances = np.array([np.eye(n_features) * sd**2] * 3)
+    image = mixture_image(labels, means, covariances, rng)
+    weights = np.bincount(labels.ravel(), minlength=3) / labels.size
+    return (
+        image,
+        labels,
+        matched_accuracy(bayes_labels(image, weights, means, covariances), labels, 3),
+    )
+
+
+def random_responsibilities(rng, shape, n_components):
+    """A zero-bordered (K, H + 2, W + 2) float32 q, random inside, summing to 1 per pixel."""
+    q = rng.random((n_components,) + shape).astype(np.float32)
+    padded = np.zeros((n_components, shape[0] + 2, shape[1] + 2), np.float32)
+    padded[:, 1:-1, 1:-1] = q / q.sum(axis=0)
+    return padded
+
+
+# --- Brain-like phantoms (--mask, --bias-field) -------------------------------------------------
+
+
+def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6, rician=False):
+    """A 3-class piecewise-constant 'brain' inside an ellipse on an exactly black background.
+
+    The classes fill cells of cell x cell pixels at random, interleaved as tissues are: no
+    smooth field can pass for a class.  rician: the noise of a magnitude image, |mean + complex
+    Gaussian noise of sd in each part|, as MRI's.
+    """
+    cells = rng.integers(0, 3, size=(-(-shape[0] // cell), -(-shape[1] // cell)))
+    labels = np.kron(cells, np.ones((cell, cell), dtype=int))[: shape[0], : shape[1]]
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    inside = ((rows - shape[0] / 2) / (0.42 * shape[0])) ** 2 + (
+        (cols - shape[1] / 2) / (0.42 * shape[1])
+    ) ** 2 < 1
+    values = rng.normal(np.asarray(means)[labels], sd)
+    if rician:
+        values = np.hypot(values, rng.normal(0, sd, values.shape))
+    image = np.clip(np.rint(values * 255), 1, 255).astype(np.uint8)  # nothing inside is 0
+    image[~inside] = 0
+    return image, labels, inside
+
+
+def smooth_field(shape, amplitude=0.25):
+    """A known multiplicative field of about +-25 %: exp of a quadratic in the coordinates."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    u, v = 2 * rows / (shape[0] - 1) - 1, 2 * cols / (shape[1] - 1) - 1
+    log_field = amplitude * (0.8 * u + 0.5 * v * v - 0.3 * u * v)
+    return np.exp(log_field - log_field.mean())
+
+
+def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6, rician=False):
+    image, labels, inside = phantom(rng, shape=shape, sd=sd, cell=cell, rician=rician)
+    field = smooth_field(shape)
+    biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
+    biased[~inside] = 0
+    return image, biased, labels, inside, field

@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, matched_accuracy, seg  # noqa: E402
-from test_better_models import CLIPPED, bayes_of_levels, clipped_image, noisy_scene  # noqa: E402
+from conftest import (  # noqa: E402
+    CLIPPED,
+    ROOT,
+    bayes_of_levels,
+    clipped_image,
+    matched_accuracy,
+    noisy_scene,
+    seg,
+)
 
 DOCS = ROOT / "docs"
 

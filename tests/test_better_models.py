@@ -3,44 +3,21 @@
 import numpy as np
 import pytest
 from conftest import (
-    bayes_labels,
-    block_labels,
+    CLIPPED,
+    bayes_of_levels,
+    biased_phantom,
+    clipped_image,
     matched_accuracy,
-    mixture_image,
+    noisy_scene,
+    random_responsibilities,
     record_of,
     run,
     seg,
 )
 from PIL import Image
-from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
 # --- --quantized ----------------------------------------------------------------------------------
-
-CLIPPED = {
-    "dark class clipped at 0": ([0.0, 0.25, 0.5], [0.05, 0.07, 0.07]),
-    "bright class clipped at 255": ([0.5, 0.75, 1.0], [0.07, 0.07, 0.05]),
-}
-
-
-def clipped_image(means, sds, rng, size=(96, 128)):
-    """Gray pixels of a known mixture on a 4 x 4 grid of classes, rounded and clipped."""
-    cells = rng.permutation(np.resize(np.arange(len(means)), 16)).reshape(4, 4)
-    labels = np.kron(cells, np.ones((size[0] // 4, size[1] // 4), dtype=int))
-    values = rng.normal(np.asarray(means)[labels], np.asarray(sds)[labels])
-    return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8), labels
-
-
-def bayes_of_levels(labels, means, sds, top=255):
-    """Per-pixel Bayes-optimal label of every level 0..top: the true mixture's bin probabilities."""
-    weights = np.bincount(labels.ravel(), minlength=len(means)) / labels.size
-    levels = np.arange(top + 1.0)
-    lower = np.where(levels == 0, -np.inf, (levels - 0.5) / top)
-    upper = np.where(levels == top, np.inf, (levels + 0.5) / top)
-    m, s = np.asarray(means)[:, None], np.asarray(sds)[:, None]
-    return np.argmax(
-        weights[:, None] * (norm.cdf((upper - m) / s) - norm.cdf((lower - m) / s)), axis=0
-    )
 
 
 @pytest.mark.parametrize("case", list(CLIPPED))
@@ -133,23 +110,6 @@ def test_quantized_on_the_command_line(tmp_path, rng, capsys):
 # --- --spatial ------------------------------------------------------------------------------------
 
 
-def noisy_scene(n_features, rng):
-    """A piecewise-constant 3-class scene, noisy enough for a ~91-95 % per-pixel Bayes limit."""
-    labels = block_labels(96, 128, 3, rng)
-    if n_features == 1:
-        means, sd = np.array([[0.3], [0.5], [0.7]]), 0.06
-    else:
-        means, sd = np.array([[0.3, 0.4, 0.5], [0.5, 0.45, 0.4], [0.4, 0.6, 0.55]]), 0.07
-    covariances = np.array([np.eye(n_features) * sd**2] * 3)
-    image = mixture_image(labels, means, covariances, rng)
-    weights = np.bincount(labels.ravel(), minlength=3) / labels.size
-    return (
-        image,
-        labels,
-        matched_accuracy(bayes_labels(image, weights, means, covariances), labels, 3),
-    )
-
-
 @pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
 def test_spatial_prior_beats_the_per_pixel_bayes_limit(rng, n_features):
     image, labels, bayes = noisy_scene(n_features, rng)
@@ -168,12 +128,12 @@ def test_spatial_objective_never_decreases(rng, quantized):
         picture,
         seg.distinct_values(picture),
         3,
-        seg.FitOptions(tol=0, max_iter=30),
+        fit=seg.FitOptions(tol=0, max_iter=30),
         spatial=0.7,
         quantized=quantized,
     )
-    objective = np.asarray(result.spatial["objective"])
-    assert len(objective) == 30 == result.spatial["n_iter"] and not result.spatial["converged"]
+    objective = np.asarray(result.spatial.objective)
+    assert len(objective) == 30 == result.spatial.n_iter and not result.spatial.converged
     assert np.all(np.diff(objective) >= -1e-7)  # q is float32: round-off at that level
     assert (result.model.quantized_top is not None) == quantized
     assert result.labels.shape == image.shape and result.labels.max() < 3
@@ -218,18 +178,10 @@ def test_spatial_with_a_shared_model_keeps_the_model(tmp_path, rng, capsys):
         )
 
 
-def random_responsibilities(rng, shape, n_components):
-    """A zero-bordered (K, H + 2, W + 2) float32 q, random inside, summing to 1 per pixel."""
-    q = rng.random((n_components,) + shape).astype(np.float32)
-    padded = np.zeros((n_components, shape[0] + 2, shape[1] + 2), np.float32)
-    padded[:, 1:-1, 1:-1] = q / q.sum(axis=0)
-    return padded
-
-
 @pytest.mark.parametrize("shape", [(7, 9), (8, 5), (1, 6), (5, 1)])
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask, monkeypatch):
+def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask):
     """What a sweep computes on the way (the entropy, the pairs as the white sites are updated),
     plus the expected log-likelihood, is the mean-field objective of its result, never below the
     start's; outside a mask q stays 0; the row bands a sweep works in do not change its result."""
@@ -243,7 +195,7 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask,
         start[:, 1:-1, 1:-1] *= mask
     before = seg._mean_field_objective(start, beta, site_logp)
     one_band = start.copy()
-    reported = seg._sweep(one_band, beta, site_logp, mask)
+    reported = seg._sweep(one_band, seg.Sweep(beta, site_logp, mask))
     reported += np.sum(one_band[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
     assert reported == pytest.approx(seg._mean_field_objective(one_band, beta, site_logp), 1e-6)
     assert reported >= before - 1e-5
@@ -252,9 +204,9 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask,
     assert np.all(one_band[:, :, [0, -1]] == 0)
     inside = mask if with_mask else np.ones(shape, bool)
     assert np.allclose(q.sum(axis=0)[inside], 1, atol=1e-5) and np.all(q[:, ~inside] == 0)
-    monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1)  # bands of two rows
     banded = start.copy()
-    swept = seg._sweep(banded, beta, site_logp, mask)
+    two_rows = seg.Passes(band_bytes=1)  # bands of two rows
+    swept = seg._sweep(banded, seg.Sweep(beta, site_logp, mask, passes=two_rows))
     assert swept + np.sum(banded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64) == (
         pytest.approx(reported, 1e-9)
     )
@@ -270,65 +222,63 @@ def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
     seg._posterior_start(padded, seg._looked_up(table, index), None)
     posterior = padded.copy()
     loglik = np.logaddexp(table[0], table[1])[index].sum()
-    entropy = seg._sweep(padded, 0.0, seg._looked_up(table, index), None)
+    entropy = seg._sweep(padded, seg.Sweep(0.0, seg._looked_up(table, index)))
     assert np.allclose(padded, posterior, atol=1e-6)
     expected = np.sum(padded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
     assert entropy + expected == pytest.approx(loglik)
 
 
 def table_grid(index, n_points):
-    """A PixelGrid over points 0..n_points-1 (their values do not matter to a sweep)."""
+    """The spatial fit of points 0..n_points-1 (their values do not matter to a sweep)."""
     data = seg._Data(np.arange(n_points, dtype=np.float64), np.ones(n_points))
-    return seg.PixelGrid(data, index)
+    return seg.PointsMeanField(data, index, None, 0.0, seg.FitOptions(), seg.SpatialSettings())
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.5])
 @pytest.mark.parametrize("relaxation", [1.0, 1.7])
-def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation, monkeypatch):
+def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
     """Sweeping some sites leaves the others' q as it was; the change it reports of L's entropy
     and pair terms and of the per-point sums is what they are after it, computed afresh; L does
     not fall; the sites reported moved are the swept ones whose q moved more than ACTIVE_CHANGE;
     and a partial sweep of every site is the full sweep."""
-    monkeypatch.setattr(seg, "PARTIAL_CHUNK", 8)  # several blocks a colour,
-    monkeypatch.setattr(seg, "PARTIAL_BATCH", 10)  # their sums added a few blocks at a time
+    # several blocks a colour, their sums added a few blocks at a time
+    settings = seg.SpatialSettings(partial_chunk=8, partial_batch=10)
+    sweep = seg.Sweep(beta, None, relaxation=relaxation, settings=settings)
     shape, n_components, n_points = (9, 11), 3, 6
     index = rng.integers(0, n_points, shape).astype(np.uint8)
     table = rng.normal(size=(n_components, n_points)).astype(np.float32)
-    grid, no_data = table_grid(index, n_points), seg._no_data(n_components, shape)
+    grid = table_grid(index, n_points)
     start = random_responsibilities(rng, shape, n_components)
     start[:, 1:-1, 1:-1] += 0.2 * start[:, 1:-1, 1:-1] ** 2  # some sites far from q*, some near
     start[:, 1:-1, 1:-1] /= start[:, 1:-1, 1:-1].sum(axis=0)
     sites = np.flatnonzero(rng.random(shape) < 0.4)
     padded = start.copy()
-    change, change_of_sums, moved = seg._partial_sweep(
-        padded, beta, table, index, relaxation, sites
-    )
+    change, change_of_sums, moved = seg._partial_sweep(padded, sweep, table, index, sites)
     before, after = start[:, 1:-1, 1:-1], padded[:, 1:-1, 1:-1]
     resting = np.ones(index.size, bool)
     resting[sites] = False
     flat_before, flat_after = before.reshape(3, -1), after.reshape(3, -1)
     assert np.array_equal(flat_after[:, resting], flat_before[:, resting])
     assert np.all(padded[:, [0, -1], :] == 0) and np.all(padded[:, :, [0, -1]] == 0)
-    terms_before = seg._mean_field_objective(start, beta, no_data)
-    terms_after = seg._mean_field_objective(padded, beta, no_data)
+    terms_before = seg._prior_terms(start, beta)
+    terms_after = seg._prior_terms(padded, beta)
     assert terms_before + change == pytest.approx(terms_after, abs=1e-5)
     sums_before = grid.point_sums(before)
     assert np.allclose(sums_before + change_of_sums, grid.point_sums(after), rtol=0, atol=1e-12)
     objective_before = terms_before + np.sum(sums_before * table, dtype=np.float64)
     assert terms_after + np.sum(grid.point_sums(after) * table) >= objective_before - 1e-5
     moved_by = np.abs(flat_after - flat_before).max(axis=0)
-    assert np.array_equal(np.sort(moved), sites[moved_by[sites] > seg.ACTIVE_CHANGE])
+    assert np.array_equal(np.sort(moved), sites[moved_by[sites] > settings.active_change])
     everywhere, full = start.copy(), start.copy()
-    seg._partial_sweep(everywhere, beta, table, index, relaxation, np.arange(index.size))
-    seg._sweep(full, beta, seg._looked_up(table, index), None, relaxation)
+    seg._partial_sweep(everywhere, sweep, table, index, np.arange(index.size))
+    seg._sweep(full, seg.Sweep(beta, seg._looked_up(table, index), relaxation=relaxation))
     assert np.allclose(everywhere, full, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_the_sites_around_some_sites(rng, with_mask, monkeypatch):
+def test_the_sites_around_some_sites(rng, with_mask):
     """_around (from a list of sites) and _dilate (of a mask of them, in place, in row bands)
     give the same sites: those and their 4-neighbours in the image, inside the mask."""
-    monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1)  # bands of two rows
     shape = (7, 10)
     chosen = np.zeros(shape, bool)
     chosen[0, 0] = chosen[-1, -1] = chosen[3, 0] = chosen[5, -1] = chosen[4, 4] = True
@@ -341,7 +291,7 @@ def test_the_sites_around_some_sites(rng, with_mask, monkeypatch):
     if with_mask:
         expected &= inside
     dilated = chosen.copy()
-    seg._dilate(dilated, inside)
+    seg._dilate(dilated, inside, seg.Passes(band_bytes=1))  # in bands of two rows
     assert np.array_equal(dilated, expected)
     assert np.array_equal(
         seg._around(np.flatnonzero(chosen), shape, inside), np.flatnonzero(expected)
@@ -350,90 +300,85 @@ def test_the_sites_around_some_sites(rng, with_mask, monkeypatch):
 
 def test_partial_sweeps_reach_the_maximum_of_full_sweeps(monkeypatch):
     """Sweeping only the sites near the last moves reaches the objective and labels of sweeping
-    every site every time, with most iterations partial; a converged run's last two iterations
-    swept every site (the stopping rule counts no partial sweep)."""
+    every site every time, with fewer sweeps of every site; a converged run's last two
+    iterations swept every site (the stopping rule counts no partial sweep)."""
     from skimage import data
 
     small = Image.fromarray(data.camera()).resize((256, 256), Image.BICUBIC)
     picture = seg.picture_from_array(np.asarray(small.resize((512, 512), Image.BICUBIC)))
     points = seg.distinct_values(picture)
-    swept_all = []
-    step = seg._mean_field_step
+    counted = []
+    step = seg.PointsMeanField.step
 
-    def recorded_step(*args, **kwargs):
-        state = step(*args, **kwargs)
-        swept_all.append(state.swept_all)
-        return state
+    def recorded_step(fit, state, sweep_all=False):
+        new = step(fit, state, sweep_all)
+        counted.append(new.counts)
+        return new
 
-    monkeypatch.setattr(seg, "_mean_field_step", recorded_step)
+    monkeypatch.setattr(seg.PointsMeanField, "step", recorded_step)  # a spy: the same step
     partial = seg.segment_points(picture, points, 3, spatial=1.0)
-    fine = swept_all[-partial.spatial["n_iter"] :]
-    monkeypatch.setattr(seg, "MAX_ACTIVE_FRACTION", 0.0)
-    full = seg.segment_points(picture, points, 3, spatial=1.0)
-    assert partial.spatial["converged"] and full.spatial["converged"]
-    assert fine[-2:] == [True, True] and sum(fine) == partial.spatial["full_sweeps"]
-    assert partial.spatial["full_sweeps"] <= partial.spatial["n_iter"] / 2
-    assert full.spatial["full_sweeps"] == full.spatial["n_iter"]
-    assert partial.spatial["objective"][-1] == pytest.approx(
-        full.spatial["objective"][-1], abs=1e-6
-    )
+    fine = counted[-partial.spatial.n_iter :]
+    never_partial = seg.SpatialSettings(max_active_fraction=0.0)
+    full = seg.segment_points(picture, points, 3, spatial=1.0, spatial_settings=never_partial)
+    assert partial.spatial.converged and full.spatial.converged
+    assert fine[-2:] == [True, True] and sum(fine) == partial.spatial.full_sweeps
+    assert partial.spatial.full_sweeps < partial.spatial.n_iter
+    assert full.spatial.full_sweeps == full.spatial.n_iter
+    assert partial.spatial.objective[-1] == pytest.approx(full.spatial.objective[-1], abs=1e-6)
     assert np.mean(partial.labels == full.labels) >= 0.999
 
 
-def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum(monkeypatch):
+def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum():
     """On smooth ramps (camera enlarged) mean-field boundaries crawl; the adaptively
     over-relaxed sweep (the default) gets there in fewer iterations, to the same objective and
     labels; on a noisy scene that converges fast anyway it costs at most two iterations more
     (where the gains are round-off).  Every sweep updates every site here: this is about the
-    update, not about which sites rest."""
+    update, not about which sites rest.  (How many fewer: tests/benchmark.py.)"""
     from skimage import data
-
-    monkeypatch.setattr(seg, "MAX_ACTIVE_FRACTION", 0.0)
 
     small = Image.fromarray(data.camera()).resize((256, 256), Image.BICUBIC)
     image = np.asarray(small.resize((512, 512), Image.BICUBIC))
     fast, _, _ = noisy_scene(1, np.random.default_rng(0))
-    runs, default = {}, seg.MAX_OVER_RELAXATION
-    for most in (default, 1.0):  # 1.0: the plain mean-field update
-        monkeypatch.setattr(seg, "MAX_OVER_RELAXATION", most)
+    runs = {}
+    for most in (seg.SpatialSettings.max_over_relaxation, 1.0):  # 1.0: the plain update
+        settings = seg.SpatialSettings(max_active_fraction=0.0, max_over_relaxation=most)
         for name, scene in (("ramps", image), ("noisy", fast)):
             picture = seg.picture_from_array(scene)
-            runs[name, most] = seg.segment_points(
-                picture, seg.distinct_values(picture), 3, spatial=1.0
+            runs[name, most > 1] = seg.segment_points(
+                picture, seg.distinct_values(picture), 3, spatial=1.0, spatial_settings=settings
             )
     for name in ("ramps", "noisy"):
-        relaxed, plain = runs[name, default], runs[name, 1.0]
-        assert relaxed.spatial["converged"] and plain.spatial["converged"]
-        assert relaxed.spatial["objective"][-1] == pytest.approx(
-            plain.spatial["objective"][-1], abs=1e-6
-        )
+        relaxed, plain = runs[name, True], runs[name, False]
+        assert relaxed.spatial.converged and plain.spatial.converged
+        assert relaxed.spatial.objective[-1] == pytest.approx(plain.spatial.objective[-1], abs=1e-6)
         assert np.mean(relaxed.labels == plain.labels) >= 0.999
-    assert runs["ramps", default].spatial["n_iter"] <= 0.6 * runs["ramps", 1.0].spatial["n_iter"]
-    assert runs["noisy", default].spatial["n_iter"] <= runs["noisy", 1.0].spatial["n_iter"] + 2
+    assert runs["ramps", True].spatial.n_iter < runs["ramps", False].spatial.n_iter
+    assert runs["noisy", True].spatial.n_iter <= runs["noisy", False].spatial.n_iter + 2
 
 
-def test_threads_do_not_change_a_bit(monkeypatch):
-    """The row bands of a pass run on PASS_THREADS threads; the results are summed in band order,
-    so one thread and several give the same objective, labels and field to the last digit."""
-    from test_mri import biased_phantom
-
+def test_threads_do_not_change_a_bit():
+    """The row bands of a pass run on Passes.threads threads; the results are summed in band
+    order, so one thread and several give the same objective, labels and field to the last
+    digit."""
     _, biased, _, inside, _ = biased_phantom(np.random.default_rng(3), shape=(150, 130))
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
     points = seg.distinct_values(picture)
-    monkeypatch.setattr(seg, "SWEEP_BAND_BYTES", 1 << 12)  # many bands even on a small image
-    monkeypatch.setattr(seg, "PARTIAL_CHUNK", 64)  # and many chunks of a partial sweep
+    many_chunks = seg.SpatialSettings(partial_chunk=64)  # many chunks of a partial sweep
     runs = []
     for threads in (1, 3):
-        monkeypatch.setattr(seg, "PASS_THREADS", threads)
+        many_bands = seg.Passes(threads=threads, band_bytes=1 << 12)  # even on a small image
+        options = seg.SegmentOptions(
+            spatial=1.0, spatial_settings=many_chunks, fit=seg.FitOptions(passes=many_bands)
+        )
         runs.append(
             (
-                seg.segment_points(picture, points, 3, spatial=1.0),
-                seg.segment_points(picture, points, 3, bias_degree=3, spatial=0.5),
+                seg.segment_points(picture, points, 3, options),
+                seg.segment_points(picture, points, 3, options, bias_field=True, spatial=0.5),
             )
         )
     for one, several in zip(*runs):
-        assert one.spatial["n_iter"] > 3 and one.spatial["converged"]
-        assert one.spatial["objective"] == several.spatial["objective"]
+        assert one.spatial.n_iter > 3 and one.spatial.converged
+        assert one.spatial.objective == several.spatial.objective
         assert np.array_equal(one.labels, several.labels)
         assert one.model.log_likelihood == several.model.log_likelihood
     assert np.array_equal(runs[0][1].bias.coefficients, runs[1][1].bias.coefficients)

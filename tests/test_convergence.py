@@ -3,16 +3,18 @@
 import numpy as np
 import pytest
 from conftest import (
+    CLIPPED,
     OVERLAPPING_COLOUR,
     OVERLAPPING_GRAY,
+    bayes_of_levels,
     class_scene,
+    clipped_image,
     matched_accuracy,
     record_of,
     run,
     seg,
 )
 from PIL import Image
-from test_better_models import CLIPPED, bayes_of_levels, clipped_image
 
 SCENES = {
     "colour, 4 classes": (OVERLAPPING_COLOUR, 0.07),
@@ -32,9 +34,9 @@ def test_default_run_reaches_the_bayes_limit_where_classes_overlap(rng, scene):
 
 def _same_start_tighter(picture, points, k, options, **kwargs):
     """The default run and the same start run with a tolerance a thousand times smaller."""
-    default = seg.segment_points(picture, points, k, options, **kwargs)
+    default = seg.segment_points(picture, points, k, fit=options, **kwargs)
     tight = seg.segment_points(
-        picture, points, k, seg.FitOptions(tol=options.tol / 1000, max_iter=100_000), **kwargs
+        picture, points, k, fit=seg.FitOptions(tol=options.tol / 1000, max_iter=100_000), **kwargs
     )
     return default, tight
 
@@ -61,8 +63,8 @@ def test_default_stop_is_at_the_maximum(rng, case):
         quantized=case == "quantized",
         spatial=1.0 if case == "spatial" else 0.0,
     )
-    history = default.spatial["objective"] if case == "spatial" else default.model.log_likelihood
-    limit = tight.spatial["objective"] if case == "spatial" else tight.model.log_likelihood
+    history = default.spatial.objective if case == "spatial" else default.model.log_likelihood
+    limit = tight.spatial.objective if case == "spatial" else tight.model.log_likelihood
     assert default.model.converged and tight.model.converged
     assert abs(limit[-1] - history[-1]) <= 2e-5
     assert np.mean(default.labels == tight.labels) >= 0.999
@@ -84,7 +86,7 @@ def test_squarem_reaches_the_fixed_point_of_plain_em(rng, covariance_type, reg_c
     plain = seg.fit_gmm(X, 4, accelerate="none", tol=1e-13, max_iter=100_000, **common, **given)
     fast = seg.fit_gmm(X, 4, tol=1e-13, **common, **given)
     assert plain.converged and fast.converged
-    assert fast.n_em_steps <= plain.n_em_steps / 2
+    assert fast.n_em_steps < plain.n_em_steps  # how many fewer: tests/benchmark.py
     for a, b in [
         (fast.weights, plain.weights),
         (fast.means, plain.means),
@@ -139,7 +141,7 @@ def test_spatial_default_run_is_five_points_above_the_per_pixel_limit(rng, scene
     image, labels, bayes = class_scene(rng, means, sd)
     picture = seg.picture_from_array(image)
     result = seg.segment_points(picture, seg.distinct_values(picture), len(means), spatial=1.0)
-    assert result.spatial["converged"]
+    assert result.spatial.converged
     assert matched_accuracy(result.labels, labels, len(means)) >= bayes + 0.05
 
 
@@ -178,18 +180,18 @@ def test_cap_collapse_and_cost_are_reported(tmp_path, rng, capsys):
     assert record["collapsed_components"] == [] and "collapsed" not in err
 
 
-def test_spatial_fit_coarse_to_fine(rng, monkeypatch):
+def test_spatial_fit_coarse_to_fine(rng):
     """A large grid starts from its subsampled grids' fits: same quality, every grid converged."""
     image, labels, bayes = class_scene(rng, OVERLAPPING_GRAY, 0.06)
     picture = seg.picture_from_array(image)
     points = seg.distinct_values(picture)
     cold = seg.segment_points(picture, points, 3, spatial=1.0)
-    monkeypatch.setattr(seg, "COARSEST_GRID_PIXELS", 1000)
-    warm = seg.segment_points(picture, points, 3, spatial=1.0)
-    grids = warm.spatial["coarser_grids"]
-    assert [(g["height"], g["width"]) for g in grids] == [(24, 32), (48, 64)]
-    assert all(g["converged"] for g in grids) and warm.spatial["converged"]
-    assert cold.spatial["coarser_grids"] == []
-    assert warm.spatial["objective"][-1] >= cold.spatial["objective"][-1] - 1e-4
+    small_grids = seg.SpatialSettings(coarsest_grid_pixels=1000)
+    warm = seg.segment_points(picture, points, 3, spatial=1.0, spatial_settings=small_grids)
+    grids = warm.spatial.coarser_grids
+    assert [(g.height, g.width) for g in grids] == [(24, 32), (48, 64)]
+    assert all(g.converged for g in grids) and warm.spatial.converged
+    assert cold.spatial.coarser_grids == []
+    assert warm.spatial.objective[-1] >= cold.spatial.objective[-1] - 1e-4
     assert matched_accuracy(warm.labels, labels, 3) >= bayes + 0.05
-    assert np.all(np.diff(warm.spatial["objective"]) >= -1e-6)
+    assert np.all(np.diff(warm.spatial.objective) >= -1e-6)

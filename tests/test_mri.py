@@ -2,29 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import ROOT, matched_accuracy, record_of, run, seg
+from conftest import ROOT, biased_phantom, matched_accuracy, phantom, record_of, run, seg
 from PIL import Image
-
-
-def phantom(rng, shape=(80, 100), means=(0.3, 0.55, 0.8), sd=0.05, cell=6, rician=False):
-    """A 3-class piecewise-constant 'brain' inside an ellipse on an exactly black background.
-
-    The classes fill cells of cell x cell pixels at random, interleaved as tissues are: no
-    smooth field can pass for a class.  rician: the noise of a magnitude image, |mean + complex
-    Gaussian noise of sd in each part|, as MRI's.
-    """
-    cells = rng.integers(0, 3, size=(-(-shape[0] // cell), -(-shape[1] // cell)))
-    labels = np.kron(cells, np.ones((cell, cell), dtype=int))[: shape[0], : shape[1]]
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    inside = ((rows - shape[0] / 2) / (0.42 * shape[0])) ** 2 + (
-        (cols - shape[1] / 2) / (0.42 * shape[1])
-    ) ** 2 < 1
-    values = rng.normal(np.asarray(means)[labels], sd)
-    if rician:
-        values = np.hypot(values, rng.normal(0, sd, values.shape))
-    image = np.clip(np.rint(values * 255), 1, 255).astype(np.uint8)  # nothing inside is 0
-    image[~inside] = 0
-    return image, labels, inside
 
 
 def test_outside_pixels_never_change_the_model(tmp_path, rng, capsys):
@@ -178,22 +157,6 @@ def test_the_default_run_segments_the_brain_sample_into_three_tissues(tmp_path, 
 # --- --bias-field ---------------------------------------------------------------------------------
 
 
-def smooth_field(shape, amplitude=0.25):
-    """A known multiplicative field of about +-25 %: exp of a quadratic in the coordinates."""
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    u, v = 2 * rows / (shape[0] - 1) - 1, 2 * cols / (shape[1] - 1) - 1
-    log_field = amplitude * (0.8 * u + 0.5 * v * v - 0.3 * u * v)
-    return np.exp(log_field - log_field.mean())
-
-
-def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6, rician=False):
-    image, labels, inside = phantom(rng, shape=shape, sd=sd, cell=cell, rician=rician)
-    field = smooth_field(shape)
-    biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
-    biased[~inside] = 0
-    return image, biased, labels, inside, field
-
-
 @pytest.mark.parametrize("rician", [False, True], ids=["gaussian", "rician"])
 def test_bias_field_recovers_the_field_and_the_accuracy(rng, rician):
     clean, biased, labels, inside, field = biased_phantom(rng, rician=rician)
@@ -205,7 +168,7 @@ def test_bias_field_recovers_the_field_and_the_accuracy(rng, rician):
         seg.segment_image(biased, 3, mask=inside)[0][inside] - 1, labels[inside], 3
     )
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
-    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_field=True)
     found = seg.label_map(segmentation)
     with_field = matched_accuracy(found[inside] - 1, labels[inside], 3)
     assert without < reference - 0.02  # the field costs accuracy ...
@@ -224,7 +187,7 @@ def test_a_constant_field_gives_the_plain_fit(rng, constant):
     scaled = np.clip(np.rint(clean * constant), 0, 255).astype(np.uint8)
     picture = seg.with_mask(seg.picture_from_array(scaled), inside)
     points = seg.distinct_values(picture)
-    with_field = seg.segment_points(picture, points, 3, bias_degree=3)
+    with_field = seg.segment_points(picture, points, 3, bias_field=True)
     assert np.abs(np.log(with_field.bias.image()[inside])).max() < 0.02
     plain = seg.segment_points(picture, points, 3)  # the same model without a field
     assert np.mean(seg.label_map(with_field) == seg.label_map(plain)) > 0.999
@@ -237,14 +200,14 @@ def test_bias_field_with_the_spatial_prior(rng):
     _, biased, labels, inside, field = biased_phantom(rng, sd=0.07, cell=8)
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
     points = seg.distinct_values(picture)
-    alone = seg.segment_points(picture, points, 3, bias_degree=3)
-    smooth = seg.segment_points(picture, points, 3, bias_degree=3, spatial=1.0)
+    alone = seg.segment_points(picture, points, 3, bias_field=True)
+    smooth = seg.segment_points(picture, points, 3, bias_field=True, spatial=1.0)
     accuracy = [
         matched_accuracy(seg.label_map(s)[inside] - 1, labels[inside], 3) for s in (alone, smooth)
     ]
     assert accuracy[1] >= accuracy[0] + 0.03 and accuracy[1] >= 0.98
-    objective = np.asarray(smooth.spatial["objective"])
-    assert smooth.spatial["converged"] and np.all(np.diff(objective) >= -1e-6)
+    objective = np.asarray(smooth.spatial.objective)
+    assert smooth.spatial.converged and np.all(np.diff(objective) >= -1e-6)
     assert np.corrcoef(np.log(smooth.bias.image()[inside]), np.log(field[inside]))[0, 1] >= 0.95
 
 
@@ -326,7 +289,7 @@ def test_bias_field_at_heavier_noise_reaches_the_maximum(tmp_path, capsys):
             np.random.default_rng(seed), sd=0.07, cell=8
         )
         picture = seg.with_mask(seg.picture_from_array(biased), inside)
-        fit = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+        fit = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_field=True)
         clean_picture = seg.with_mask(seg.picture_from_array(clean), inside)
         plain = seg.segment_points(clean_picture, seg.distinct_values(clean_picture), 3)
         gaps.append(

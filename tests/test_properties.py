@@ -37,18 +37,18 @@ def smallest_variance(covariances, covariance_type):
     return covariances.min()
 
 
-def assert_never_decreasing(history, covariances, covariance_type, reg_covar=1e-6):
-    """EM's guarantee, where it holds: reg_covar (added as scikit-learn does) is no longer an exact
-    EM step once a component has collapsed onto a single value (variance ~ reg_covar)."""
-    if smallest_variance(covariances, covariance_type) > 100 * reg_covar:
-        assert np.all(np.diff(history) >= -1e-9)
+def assert_never_decreasing(history):
+    """The recorded objective of an accelerated (default) fit never falls: SQUAREM takes a step
+    only where it loses nothing, and where even plain EM would lose (reg_covar makes the M-step
+    of a collapsing component inexact) the fit stops at the last value."""
+    assert np.all(np.diff(history) >= 0)
 
 
 def check_model(model, k):
     assert model.n_components <= k
     for values in (model.weights, model.means, model.covariances, model.log_likelihood):
         assert np.all(np.isfinite(values))
-    assert_never_decreasing(model.log_likelihood, model.covariances, model.covariance_type)
+    assert_never_decreasing(model.log_likelihood)
     assert np.all(np.diff(seg.luminance(model.means)) >= 0)
 
 
@@ -106,7 +106,7 @@ def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance)
     assert record["k"] == min(k, record["distinct_values"])
     for key in ("weights", "means", "covariances", "log_likelihood"):
         assert np.all(np.isfinite(np.asarray(record[key], dtype=float)))
-    assert_never_decreasing(record["log_likelihood"], record["covariances"], covariance)
+    assert_never_decreasing(record["log_likelihood"])
 
 
 @st.composite
