@@ -298,6 +298,7 @@ def test_the_sites_around_some_sites(rng, with_mask):
     )
 
 
+@pytest.mark.slow
 def test_partial_sweeps_reach_the_maximum_of_full_sweeps(monkeypatch):
     """Sweeping only the sites near the last moves reaches the objective and labels of sweeping
     every site every time, with fewer sweeps of every site; a converged run's last two
@@ -328,6 +329,7 @@ def test_partial_sweeps_reach_the_maximum_of_full_sweeps(monkeypatch):
     assert np.mean(partial.labels == full.labels) >= 0.999
 
 
+@pytest.mark.slow
 def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum():
     """On smooth ramps (camera enlarged) mean-field boundaries crawl; the adaptively
     over-relaxed sweep (the default) gets there in fewer iterations, to the same objective and
@@ -356,6 +358,7 @@ def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum():
     assert runs["noisy", True].spatial.n_iter <= runs["noisy", False].spatial.n_iter + 2
 
 
+@pytest.mark.slow
 def test_threads_do_not_change_a_bit():
     """The row bands of a pass run on Passes.threads threads; the results are summed in band
     order, so one thread and several give the same objective, labels and field to the last

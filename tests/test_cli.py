@@ -176,6 +176,7 @@ def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
     )
 
 
+@pytest.mark.slow
 def test_default_run_from_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()

@@ -107,6 +107,7 @@ def deep_images(folder):
     two_tone(folder / "colour.png", rng, color=True)
 
 
+@pytest.mark.slow
 def test_colour_mode_and_shared_batches_of_deep_images(tmp_path, capsys):
     deep_images(tmp_path)
     status, out, err = run(
@@ -311,6 +312,7 @@ def batch(folder, n, size=(120, 160)):
     return [folder / f"img{i:02d}.png" for i in range(n)]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
     files = batch(tmp_path, 24, size=(200, 260))
     out = tmp_path / "o"
@@ -340,6 +342,7 @@ def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
     assert 1 <= sum(done) < len(files)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_batch_completes(tmp_path, capsys, monkeypatch):
     files = batch(tmp_path, 4)
     marker = tmp_path / "killed-once"
@@ -361,6 +364,7 @@ def test_a_killed_worker_is_retried_and_the_batch_completes(tmp_path, capsys, mo
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_twice_fails_alone(tmp_path, capsys, monkeypatch):
     files = batch(tmp_path, 4)
     real = seg.segment_file
@@ -385,6 +389,7 @@ def test_a_worker_that_dies_twice_fails_alone(tmp_path, capsys, monkeypatch):
     assert no_temporaries(tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_is_quiet_and_the_batch_completes(tmp_path):
     files = batch(tmp_path, 3)
     process = subprocess.Popen(
@@ -398,6 +403,7 @@ def test_a_closed_stdout_is_quiet_and_the_batch_completes(tmp_path):
     assert all(complete_or_absent(tmp_path / "o", f.stem) for f in files)
 
 
+@pytest.mark.slow
 def test_stdout_on_a_full_device(tmp_path):
     files = batch(tmp_path, 3)
     with open("/dev/full", "w") as full:

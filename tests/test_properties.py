@@ -1,6 +1,7 @@
 """Property-based: small images of random kinds, sizes and K never break the API or CLI."""
 
 import numpy as np
+import pytest
 from conftest import record_of, seg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,6 +88,7 @@ def test_api_on_any_small_image(image, k, covariance, init, quantized, spatial):
     assert np.all(np.isfinite(recoloured.astype(float)))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -27,6 +27,7 @@ def separated_mixture(k, n_features, rng, size=(64, 80)):
     return mixture_image(labels, means, covariances, rng)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
 def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_features):
@@ -117,6 +118,7 @@ def test_shared_batch_of_gray_and_colour_is_colour(tmp_path, rng, capsys):
     assert (tmp_path / "o" / "g_bic.png").exists()
 
 
+@pytest.mark.slow
 def test_parallel_batch_writes_the_same_bytes_in_input_order(tmp_path, rng, capsys):
     names = []
     for i in range(5):
@@ -153,6 +155,7 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys, monkeypatch):
     for name in ("a.png", "b.png"):
         two_tone(tmp_path / name, rng)
@@ -184,6 +187,7 @@ def test_batch_summary(tmp_path, rng, capsys):
     assert err.strip().endswith(f"outputs in {tmp_path / 'out'}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
     """SIGINT to the process group (as Ctrl-C): status 130, one line, nothing half-written."""
     import os
