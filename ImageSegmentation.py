@@ -10,17 +10,24 @@ iteration is plotted.
 
 The file reads top to bottom in the order the data flows:
 
-    1. settings
+    1. settings                  -> the command line's defaults; Passes (bands, threads)
     2. reading an image          -> integer codes, one per pixel (and a mask)
     3. distinct values           -> the points EM sees, with their counts as weights
-    4. the Gaussian mixture      -> pure NumPy EM, exact and cheap per iteration; the one
-                                    EM driver (SQUAREM, a stopping rule at the maximum)
-       4b. quantized gray levels -> the exact likelihood of binned, clipped pixels
-    5. labels                    -> components numbered by luminance, pixels by lookup
-       5b. a spatial prior       -> a Potts prior on the labels, mean-field EM
-       5c. a bias field          -> MRI's smooth multiplicative field, fitted with the mixture
+    4. the Gaussian mixture      -> the E-step (_e_step_statistics) and M-step (_m_step) on
+                                    weighted points; the one EM driver (run_em: SQUAREM, a
+                                    stopping rule at the maximum), which every model uses
+       4b. quantized gray levels -> binned, clipped pixels: E-step _quantized_pass
+    5. labels                    -> components numbered by luminance, pixels by lookup; K by BIC
+       5b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
+                                    _partial_sweep), PointsMeanField.step
+       5c. a bias field          -> MRI's smooth field with the mixture: E-step _bias_pass,
+                                    _bias_step; with the prior, BiasMeanField.step
+       5d. putting it together   -> SegmentOptions; segment_points, segment_image
     6. outputs and plots         -> PNG, JSON and figures, per image all or nothing
-    7. the command line          -> parse, dispatch, report; workers and signals
+    7. the command line          -> RunConfig; parse, dispatch, report; workers and signals
+
+Every model is a state and a step (see "The EM driver" in section 4): step(state) is one
+E-step and one M-step, state.objective the value the driver watches.
 
 Why distinct values: an 8-bit gray image has at most 256 of them, a photo a few
 hundred thousand colours among millions of pixels.  EM on the distinct values,
@@ -32,7 +39,6 @@ number of distinct values instead of the number of pixels.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -93,18 +99,6 @@ INIT_METHODS = ("kmeans++", "random")
 ACCELERATIONS = ("squarem", "none")
 MODES = ("auto", "gray", "color")
 SAMPLE_FOLDER = Path(__file__).resolve().parent / "images"
-LLOYD_STEPS = 5  # weighted k-means refinement after k-means++ seeding
-BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in cache
-FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
-PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
-EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
-EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
-LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
-DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
-PANEL_INCHES = 4.5  # widest panel of the comparison figure
-PANEL_MAX_HEIGHT = 6.0  # tallest panel: a tall, narrow image gets a narrow panel
-FIGURE_DPI = 100
-PNG_COMPRESS_LEVEL = 1  # zlib level: label maps and palettes compress well even at 1
 
 
 @dataclass(frozen=True)
@@ -150,9 +144,19 @@ class Passes:
 # in one uint32 (read straight from Pillow's 4-byte pixels, no H x W x 3 copy),
 # anything else (32-bit integer, float) as an index into a table of its values.
 
+PIXEL_CHUNK = 1 << 22  # pixels per block when counting and labelling
+
 
 class ImageError(Exception):
     """Something is wrong with one input image; the batch goes on without it."""
+
+
+def shown(path):
+    """A file name as one printable line: non-UTF-8 bytes as \\xNN, control characters escaped."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 @dataclass
@@ -228,6 +232,20 @@ def unpack_rgb(codes):
     """uint32 codes -> (..., 3) uint8 channels."""
     codes = np.asarray(codes, dtype=np.uint32)
     return np.stack([codes & 255, (codes >> 8) & 255, codes >> 16], axis=-1).astype(np.uint8)
+
+
+def lookup_codes(picture, lut, passes=Passes()):
+    """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
+    codes = picture.codes.reshape(-1)
+    out = np.empty(codes.size, dtype=lut.dtype)
+
+    block = PIXEL_CHUNK // 4  # take's index copy (intp) of a block, a thread: 8 MB
+
+    def look_up(start):
+        np.take(lut, codes[start : start + block], out=out[start : start + block])
+
+    passes.run(look_up, range(0, codes.size, block))
+    return out.reshape(picture.codes.shape)
 
 
 def _table_picture(values, scale_by_range):
@@ -375,7 +393,7 @@ def _pillow_without_pixel_limit():
 
 
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples a pixel
-ADAM7 = [
+ADAM7 = (
     (0, 0, 8, 8),
     (4, 0, 8, 8),
     (0, 4, 4, 8),
@@ -383,7 +401,7 @@ ADAM7 = [
     (0, 2, 2, 4),
     (1, 0, 2, 2),
     (0, 1, 1, 2),
-]
+)
 
 
 def _check_png_data(path):
@@ -460,6 +478,8 @@ def _picture_from_pil(img):
 # row per distinct value, with its pixel count as weight) and, for every distinct
 # code, which point it became, so labels go back to pixels by table lookup.
 
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's convert("L")
+
 
 @dataclass
 class Points:
@@ -474,9 +494,11 @@ class Points:
 def code_histogram(codes, n_codes):
     """The distinct codes and their pixel counts.
 
-    Large images: bincount in blocks (no int64 copy of the image is made), the fastest way
-    from about 4 megapixels up (tests/benchmark.py); smaller ones: a sort (np.unique), which
-    does not pay for zeroing and scanning a 2**24-entry table.
+    Large images: bincount in blocks, which makes no int64 copy of the image and no sort, so
+    it holds the table of every code and nothing that grows with the image (np.unique sorts a
+    copy; with NumPy 2.4 that sort was measured faster on a 50-megapixel photo, at more memory:
+    docs/benchmarks.md).  Small images: np.unique, which does not pay for zeroing and scanning a
+    2**24-entry table.
     """
     flat = codes.reshape(-1)
     if flat.size * 4 < n_codes:
@@ -603,6 +625,12 @@ def pool_points(point_sets):
 # reg_covar added to the diagonal, 10 * eps added to every component's mass, so
 # that from the same start both give the same model to round-off.
 
+LLOYD_STEPS = 5  # weighted k-means refinement after k-means++ seeding
+BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in cache
+FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
+EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
+EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
+
 
 def _logsumexp(values, axis, keepdims=False):
     """log(sum(exp(values))) along an axis, without overflow: SciPy's, imported on first use
@@ -620,7 +648,7 @@ class FitFailed(ValueError):
     """
 
 
-class _Data:
+class _PointFeatures:
     """Weighted points and their feature rows, stored transposed: phi is (P, M).
 
     Transposed, every per-point reduction over the K components (max, sum, argmax) runs
@@ -949,7 +977,7 @@ class GaussianMixtureFit:
     def _log_weighted_densities(self, X):
         """(n, K) log(w_k p(x | k)): Gaussian densities, or a binned model's bin probabilities."""
         X = np.asarray(X, dtype=np.float64)
-        data = _Data(X, np.ones(len(X)))
+        data = _PointFeatures(X, np.ones(len(X)))
         logp = np.empty((len(X), self.n_components))
         for start, block in log_density_blocks(self, data):
             logp[start : start + block.shape[1]] = block.T
@@ -980,6 +1008,23 @@ class GaussianMixtureFit:
         return replace(
             self, weights=self.weights[order], means=self.means[order], covariances=covariances
         )
+
+
+def log_density_blocks(model, data):
+    """(start, (K, m) block of log(w_k p(x | k))) over the points of data, from its features.
+
+    Gaussian densities for the density model; bin probabilities for a quantized one (whose
+    points are gray levels, a few hundred or thousand, so one block).
+    """
+    if model.quantized_top is not None:
+        levels = np.rint(data.values[:, 0] / data.scale * model.quantized_top)
+        yield 0, log_bin_probabilities(model, levels, model.quantized_top)
+        return
+    coefficients = log_density_coefficients(
+        model.weights, data.centred(model.means), model.covariances, model.covariance_type
+    )
+    for start, phi, _ in data.blocks():
+        yield start, coefficients.T @ phi
 
 
 @dataclass(frozen=True)
@@ -1450,7 +1495,7 @@ def fit_gmm(
             "sample_weight must be finite, non-negative, positive in sum, one per sample"
         )
     return _fit_data(
-        _Data(X, weights),
+        _PointFeatures(X, weights),
         n_components,
         options,
         (weights_init, means_init, covariances_init),
@@ -1602,7 +1647,7 @@ def fit_quantized_gmm(
 
 
 def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None):
-    data = _Data(levels, counts, top)
+    data = _PointFeatures(levels, counts, top)
     _check_n_components(n_components, _n_distinct(data))
     rng = np.random.default_rng(options.random_state)
     covariance_type = options.covariance_type
@@ -1683,41 +1728,20 @@ def collapsed_components(model, reg_covar):
 # distinct value gets its most likely component, and pixels get theirs by lookup.
 
 
-@dataclass
-class Segmentation:
-    picture: Picture
-    points: Points
-    model: GaussianMixtureFit  # components ordered by luminance
-    labels: np.ndarray  # (H, W) component index of every pixel
-    requested_k: object  # an int, or "auto"
-    bic_table: list | None = None  # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
-    shared: SharedModel | None = None  # the batch's model, when the image was labelled with one
-    spatial: SpatialFit | None = None  # the Potts-prior fit's record, with --spatial
-    posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
-    bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
-
-
 def luminance(means):
     """BT.601 luma of colour means; the mean itself for gray."""
     means = np.asarray(means)
     return means @ LUMA if means.shape[1] == 3 else means[:, 0]
 
 
-def log_density_blocks(model, data):
-    """(start, (K, m) block of log(w_k p(x | k))) over the points of data, from its features.
+def _luminance_order(means):
+    """The components' order from the darkest mean (stable: equal means keep their order)."""
+    return np.argsort(luminance(means), kind="stable")
 
-    Gaussian densities for the density model; bin probabilities for a quantized one (whose
-    points are gray levels, a few hundred or thousand, so one block).
-    """
-    if model.quantized_top is not None:
-        levels = np.rint(data.values[:, 0] / data.scale * model.quantized_top)
-        yield 0, log_bin_probabilities(model, levels, model.quantized_top)
-        return
-    coefficients = log_density_coefficients(
-        model.weights, data.centred(model.means), model.covariances, model.covariance_type
-    )
-    for start, phi, _ in data.blocks():
-        yield start, coefficients.T @ phi
+
+def _relabelled(labels, order):
+    """Labels of components renumbered so that component order[j] becomes j."""
+    return np.argsort(order).astype(labels.dtype)[labels]
 
 
 def _most_likely(data, model):
@@ -1733,20 +1757,6 @@ def label_pixels(picture, points, label_of_point, n_components, passes=Passes())
     lut = np.zeros(picture.n_codes, dtype=np.uint8 if n_components <= 256 else np.uint16)
     lut[points.keys] = label_of_point[points.point_of_key]
     return lookup_codes(picture, lut, passes)
-
-
-def lookup_codes(picture, lut, passes=Passes()):
-    """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
-    codes = picture.codes.reshape(-1)
-    out = np.empty(codes.size, dtype=lut.dtype)
-
-    block = PIXEL_CHUNK // 4  # take's index copy (intp) of a block, a thread: 8 MB
-
-    def look_up(start):
-        np.take(lut, codes[start : start + block], out=out[start : start + block])
-
-    passes.run(look_up, range(0, codes.size, block))
-    return out.reshape(picture.codes.shape)
 
 
 def point_index(picture, points, passes=Passes()):
@@ -1789,36 +1799,6 @@ def gray_level_top(points):
     if points.mode == "gray" and np.issubdtype(points.values.dtype, np.integer):
         return int(points.scale)
     return None
-
-
-def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
-    """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
-
-    n_components: an int (lowered to the number of distinct values when there are fewer), or
-    "auto" to choose K in 1..options.k_max by BIC (the table lists every K tried; None
-    otherwise).  options: SegmentOptions (or overrides of its fields and of FitOptions'); its
-    quantized fits integer gray levels as bins (section 4b), ignored for any other values.
-    """
-    options = segment_options(options, **overrides)
-    data = _Data(points.values, points.weights, points.scale)
-    top = gray_level_top(points) if options.quantized else None
-
-    def fit_k(k):
-        return fit_components(data, k, options.fit, top, on_iteration)
-
-    if n_components == "auto":
-        return select_components(fit_k, data, options.k_max)
-    return fit_k(n_components), None
-
-
-@dataclass(frozen=True)
-class SharedModel:
-    """One model for a batch (--shared), its BIC table (K = auto) and the images it saw."""
-
-    model: GaussianMixtureFit
-    bic_table: list | None
-    images: tuple
-    mode: str  # "gray" or "color": the batch is colour when any image is
 
 
 # --- 5b. A spatial prior (--spatial BETA) -------------------------------------
@@ -2199,8 +2179,8 @@ class SiteLedger:
     every point (K, M), the sites the next sweep updates (image-flat; None: every site) and the
     partial sweeps since the last sweep of every site."""
 
-    table: np.ndarray
-    terms: float
+    point_logp: np.ndarray
+    prior_terms: float
     sums: np.ndarray
     active: np.ndarray | None = None
     partial_sweeps: int = 0
@@ -2232,7 +2212,7 @@ class MeanField:
         return self.padded[:, 1:-1, 1:-1]
 
 
-def _advanced(state, parameters, total, clear_gain, settings, swept_all, ledger=None):
+def _after_iteration(state, parameters, total, clear_gain, settings, swept_all, ledger=None):
     """The state after an iteration that reached total, with the next sweep's relaxation."""
     gain = total - state.total
     relaxation = state.relaxation
@@ -2321,7 +2301,7 @@ class PointsMeanField:
     (H, W) in the smallest unsigned type that holds it, the mask, BETA, and how it runs.
     update_parameters False keeps the mixture (a shared model): the prior only smooths."""
 
-    data: _Data
+    data: _PointFeatures
     index: np.ndarray
     inside: np.ndarray | None
     beta: float
@@ -2381,10 +2361,10 @@ class PointsMeanField:
         sweep = Sweep(
             self.beta, None, self.inside, state.relaxation, settings=settings, passes=self.passes
         )
-        swept = ledger.table.astype(np.float32)  # the sweep's, in cache
+        swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
         terms, sums, active, partial_sweeps = sweep_of(state, sweep, swept)
-        model, table = state.parameters, ledger.table
+        model, table = state.parameters, ledger.point_logp
         if self.update_parameters:
             model = _spatial_m_step(model, self.data, sums, self.options.reg_covar)
             table = _point_log_probabilities(model, self.data)
@@ -2393,7 +2373,7 @@ class PointsMeanField:
             active = None
         ledger = SiteLedger(table, terms, sums, active, partial_sweeps)
         clear_gain = self.options.tol * self.n_pixels
-        return _advanced(state, model, total, clear_gain, settings, swept_all, ledger)
+        return _after_iteration(state, model, total, clear_gain, settings, swept_all, ledger)
 
     def full_step(self, state):
         """An iteration that sweeps every site, so that it counts for the stopping rule."""
@@ -2418,7 +2398,7 @@ class PointsMeanField:
         if len(active) >= self.settings.max_active_fraction * self.index.size:
             active = None
         return (
-            ledger.terms + change,
+            ledger.prior_terms + change,
             ledger.sums + change_of_sums,
             active,
             ledger.partial_sweeps + 1,
@@ -2793,7 +2773,7 @@ def _plain_bias_fit(picture, image, n_components, degree, options, on_iteration)
     inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
     levels, counts = np.unique(inside_codes, return_counts=True)
     k = min(n_components, len(levels))
-    data = _Data(levels / picture.scale, counts.astype(np.float64))
+    data = _PointFeatures(levels / picture.scale, counts.astype(np.float64))
     rng = np.random.default_rng(options.random_state)
     no_field = np.zeros(len(bias_monomials(degree)))
 
@@ -2999,7 +2979,7 @@ class BiasMeanField:
         )
         data = data if found is None else found
         clear_gain = self.options.tol * self.n_pixels
-        return _advanced(state, new, terms + data, clear_gain, self.settings, True)
+        return _after_iteration(state, new, terms + data, clear_gain, self.settings, True)
 
 
 # --- 5d. Putting it together ---------------------------------------------------
@@ -3039,14 +3019,48 @@ def segment_options(options=None, **overrides):
     return replace(options, **overrides)
 
 
-def _luminance_order(means):
-    """The components' order from the darkest mean (stable: equal means keep their order)."""
-    return np.argsort(luminance(means), kind="stable")
+@dataclass
+class Segmentation:
+    picture: Picture
+    points: Points
+    model: GaussianMixtureFit  # components ordered by luminance
+    labels: np.ndarray  # (H, W) component index of every pixel
+    requested_k: object  # an int, or "auto"
+    bic_table: list | None = None  # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
+    shared: SharedModel | None = None  # the batch's model, when the image was labelled with one
+    spatial: SpatialFit | None = None  # the Potts-prior fit's record, with --spatial
+    posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
+    bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
 
 
-def _relabelled(labels, order):
-    """Labels of components renumbered so that component order[j] becomes j."""
-    return np.argsort(order).astype(labels.dtype)[labels]
+def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
+    """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
+
+    n_components: an int (lowered to the number of distinct values when there are fewer), or
+    "auto" to choose K in 1..options.k_max by BIC (the table lists every K tried; None
+    otherwise).  options: SegmentOptions (or overrides of its fields and of FitOptions'); its
+    quantized fits integer gray levels as bins (section 4b), ignored for any other values.
+    """
+    options = segment_options(options, **overrides)
+    data = _PointFeatures(points.values, points.weights, points.scale)
+    top = gray_level_top(points) if options.quantized else None
+
+    def fit_k(k):
+        return fit_components(data, k, options.fit, top, on_iteration)
+
+    if n_components == "auto":
+        return select_components(fit_k, data, options.k_max)
+    return fit_k(n_components), None
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """One model for a batch (--shared), its BIC table (K = auto) and the images it saw."""
+
+    model: GaussianMixtureFit
+    bic_table: list | None
+    images: tuple
+    mode: str  # "gray" or "color": the batch is colour when any image is
 
 
 def segment_points(
@@ -3061,7 +3075,7 @@ def segment_points(
     options = segment_options(options, **overrides)
     if options.bias_field:
         return _segment_with_bias(picture, points, n_components, options, on_iteration)
-    data = _Data(points.values, points.weights, points.scale)
+    data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
         model, table = fit_points(points, n_components, options, on_iteration)
     else:
@@ -3141,7 +3155,7 @@ def posterior_maps(segmentation):
         for k, qk in enumerate(segmentation.posteriors):
             yield k + first, np.rint(qk * 65535).astype(np.uint16)
         return
-    data = _Data(points.values, points.weights, points.scale)
+    data = _PointFeatures(points.values, points.weights, points.scale)
     probabilities = np.empty((model.n_components, len(data)))
     for start, block in log_density_blocks(model, data):
         probabilities[:, start : start + block.shape[1]] = block
@@ -3236,6 +3250,11 @@ def segment_image(array, n_components, *, mode="auto", mask=None, options=None, 
 OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
 OPTIONAL_SUFFIXES = ("bic.png", "bias.png", "corrected.png")  # -k auto; --bias-field
 BIAS_SCALE = 32768  # STEM_bias.png holds field x BIAS_SCALE: 1.0 is 32768, 2.0 is 65535
+DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
+PANEL_INCHES = 4.5  # widest panel of the comparison figure
+PANEL_MAX_HEIGHT = 6.0  # tallest panel: a tall, narrow image gets a narrow panel
+FIGURE_DPI = 100
+PNG_COMPRESS_LEVEL = 1  # zlib level: label maps and palettes compress well even at 1
 
 
 def output_paths(out_dir, stem):
@@ -3243,17 +3262,6 @@ def output_paths(out_dir, stem):
         suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}"
         for suffix in OUTPUT_SUFFIXES + OPTIONAL_SUFFIXES
     }
-
-
-def shown(path):
-    """A file name as one printable line: non-UTF-8 bytes as \\xNN, control characters escaped."""
-    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
-
-
-_TEMPORARY_NUMBERS = itertools.count(1)
 
 
 class OutputSet:
@@ -3264,8 +3272,9 @@ class OutputSet:
             outputs.commit()                 # rename every file into place, in staging order
 
     Leaving the block without commit(), or with an exception, removes what was staged and
-    what was renamed.  Temporary names are short (the pid and a counter), so an output name
-    that fits the file system's limit always has a temporary that fits too.
+    what was renamed.  Temporary names are short (the pid, the set and a counter), so an output
+    name that fits the file system's limit always has a temporary that fits too; they are unique
+    among the sets alive in the process, and a set removes its own before it ends.
     """
 
     def __init__(self):
@@ -3278,7 +3287,8 @@ class OutputSet:
         path = Path(path)
         if path.is_dir():
             raise ImageError(f"cannot write {shown(path)}: it is a folder")
-        temporary = path.with_name(f".is-{os.getpid()}-{next(_TEMPORARY_NUMBERS)}.tmp")
+        number = f"{os.getpid()}-{id(self):x}-{len(self.staged) + len(self.committed)}"
+        temporary = path.with_name(f".is-{number}.tmp")
         self.staged.append((temporary, path))
         try:
             write(temporary)
@@ -3308,13 +3318,6 @@ def _remove(path):
         os.unlink(path)
     except OSError:
         pass
-
-
-def write_atomically(path, write):
-    """One file, all or nothing: write(temporary_path), then rename onto path."""
-    with OutputSet() as outputs:
-        outputs.stage(path, write)
-        outputs.commit()
 
 
 def _png_writer(image):

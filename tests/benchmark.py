@@ -51,7 +51,7 @@ def our_fit(array, k, **options):
     start = time.perf_counter()
     picture = seg.picture_from_array(array)
     points = seg.distinct_values(picture, "color" if array.ndim == 3 else "gray")
-    data = seg._Data(points.values, points.weights, points.scale)
+    data = seg._PointFeatures(points.values, points.weights, points.scale)
     model = seg._fit_data(data, k, seg.FitOptions(**options))
     return (
         time.perf_counter() - start,

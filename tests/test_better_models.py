@@ -230,7 +230,7 @@ def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
 
 def table_grid(index, n_points):
     """The spatial fit of points 0..n_points-1 (their values do not matter to a sweep)."""
-    data = seg._Data(np.arange(n_points, dtype=np.float64), np.ones(n_points))
+    data = seg._PointFeatures(np.arange(n_points, dtype=np.float64), np.ones(n_points))
     return seg.PointsMeanField(data, index, None, 0.0, seg.FitOptions(), seg.SpatialSettings())
 
 
