@@ -106,10 +106,18 @@ class Passes:
     """How a pass over every pixel runs: in row bands of about band_bytes of K float32 a pixel
     (its temporaries stay in cache), on `threads` threads (NumPy lets go of the GIL in its
     loops), the results taken in band order, so every sum is the same with any number of
-    threads.  A worker process of a batch runs its passes on one thread."""
+    threads.  A worker process of a batch runs its passes on one thread.  A fit opens its
+    threads once (opened) rather than for every pass."""
 
     threads: int = os.cpu_count() or 1
     band_bytes: int = 1 << 20
+    executor: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not (_is_integer(self.threads) and self.threads >= 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if not (_is_integer(self.band_bytes) and self.band_bytes >= 1):
+            raise ValueError(f"band_bytes must be an integer >= 1, got {self.band_bytes!r}")
 
     def bands(self, height, width, n_components):
         """(top, bottom) of the row bands of a (K, height, width) pass, every top even."""
@@ -117,23 +125,38 @@ class Passes:
         rows += rows % 2
         return [(top, min(top + rows, height)) for top in range(0, height, rows)]
 
+    @contextmanager
+    def opened(self):
+        """These passes with their threads started, for the length of a with block."""
+        if self.threads <= 1 or self.executor is not None:
+            yield self
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="bands") as pool:
+            yield replace(self, executor=pool)
+
     def map(self, function, items):
         """function(item) for every item, yielded in order; a sum taken as they come holds only
         the results not yet added."""
         if self.threads <= 1 or len(items) <= 1:
             return map(function, items)
+        if self.executor is not None:
+            return self.executor.map(function, items)
         return self._in_threads(function, items)
 
     def _in_threads(self, function, items):
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(self.threads, len(items))) as pool:
-            yield from pool.map(function, items)
+        with self.opened() as passes:
+            yield from passes.executor.map(function, items)
 
     def run(self, function, items):
         """map for a function that writes its part and returns nothing."""
         for _ in self.map(function, items):
             pass
+
+
+def _is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------
@@ -1075,10 +1098,6 @@ class FitOptions:
             raise ValueError(
                 f"random_state must be an integer >= 0 or None, got {self.random_state!r}"
             )
-
-
-def _is_integer(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_n_components(n_components, n_distinct):
@@ -3073,6 +3092,12 @@ def segment_points(
     smooths the labels: the model is the batch's.
     """
     options = segment_options(options, **overrides)
+    with options.fit.passes.opened() as passes:
+        options = replace(options, fit=replace(options.fit, passes=passes))
+        return _segment(picture, points, n_components, options, shared, on_iteration)
+
+
+def _segment(picture, points, n_components, options, shared, on_iteration):
     if options.bias_field:
         return _segment_with_bias(picture, points, n_components, options, on_iteration)
     data = _PointFeatures(points.values, points.weights, points.scale)
