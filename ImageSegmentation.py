@@ -62,6 +62,7 @@ __version__ = "1.1.0"
 __all__ = [
     # the mixture
     "FitOptions",
+    "Passes",
     "GaussianMixtureFit",
     "FitFailed",
     "fit_gmm",
@@ -74,9 +75,12 @@ __all__ = [
     "distinct_values",
     "pool_points",
     "fit_points",
+    "SegmentOptions",
+    "SpatialSettings",
     "segment_points",
     "segment_image",
     "Segmentation",
+    "SpatialFit",
     "SharedModel",
     # the command line
     "main",
@@ -993,6 +997,23 @@ class GaussianMixtureFit:
     quantized_top: int | None = None
     n_em_steps: int = 0
 
+    @classmethod
+    def of_run(cls, parameters, covariance_type, run, quantized_top=None):
+        """The fit that an EMRun of a mixture ended with: parameters = (weights, means on the
+        0..1 scale, covariances), and the run's record."""
+        weights, means, covariances = parameters
+        return cls(
+            weights,
+            means,
+            covariances,
+            covariance_type,
+            run.history,
+            run.n_iter,
+            run.converged,
+            quantized_top,
+            run.n_em_steps,
+        )
+
     @property
     def n_components(self):
         return len(self.weights)
@@ -1435,16 +1456,8 @@ def _density_em(data, start, options, on_iteration=None):
 
     run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration)
     weights, means, covariances = run.state.parameters
-    return GaussianMixtureFit(
-        weights,
-        data.uncentred(means),
-        covariances,
-        covariance_type,
-        run.history,
-        run.n_iter,
-        run.converged,
-        n_em_steps=run.n_em_steps,
-    )
+    parameters = (weights, data.uncentred(means), covariances)
+    return GaussianMixtureFit.of_run(parameters, covariance_type, run)
 
 
 def fit_gmm(
@@ -1689,15 +1702,7 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
         )
         start = MixtureState(weights, data.uncentred(means), np.maximum(covariances, floor), e_step)
         run = run_mixture_em(start, m_step, options, on_iteration)
-        return GaussianMixtureFit(
-            *run.state.parameters,
-            covariance_type,
-            run.history,
-            run.n_iter,
-            run.converged,
-            quantized_top=top,
-            n_em_steps=run.n_em_steps,
-        )
+        return GaussianMixtureFit.of_run(run.state.parameters, covariance_type, run, top)
 
     return _best_of_starts(options.n_init, fit_one, score=lambda fit: fit.log_likelihood[-1])
 
@@ -2364,13 +2369,15 @@ class PointsMeanField:
         return sums
 
     def start(self, model, padded, from_posterior):
-        table = _point_log_probabilities(model, self.data)
+        point_logp = _point_log_probabilities(model, self.data)
         if from_posterior:
-            _posterior_start(padded, _looked_up(table, self.index), self.inside, self.passes)
-        terms = _prior_terms(padded, self.beta, self.passes)
+            _posterior_start(padded, _looked_up(point_logp, self.index), self.inside, self.passes)
+        prior_terms = _prior_terms(padded, self.beta, self.passes)
         sums = self.point_sums(padded[:, 1:-1, 1:-1])
-        total = terms + float(np.sum(sums * table))
-        return MeanField(model, padded, total, self.n_pixels, ledger=SiteLedger(table, terms, sums))
+        total = prior_terms + float(np.sum(sums * point_logp))
+        return MeanField(
+            model, padded, total, self.n_pixels, ledger=SiteLedger(point_logp, prior_terms, sums)
+        )
 
     def step(self, state, sweep_all=False):
         """One iteration: a checkerboard sweep of q (of every site, or of the sites near the last
@@ -2382,15 +2389,16 @@ class PointsMeanField:
         )
         swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
-        terms, sums, active, partial_sweeps = sweep_of(state, sweep, swept)
-        model, table = state.parameters, ledger.point_logp
+        prior_terms, sums, active, partial_sweeps = sweep_of(state, sweep, swept)
+        model, point_logp = state.parameters, ledger.point_logp
         if self.update_parameters:
             model = _spatial_m_step(model, self.data, sums, self.options.reg_covar)
-            table = _point_log_probabilities(model, self.data)
-        total = terms + float(np.sum(sums * table))  # the expected log-likelihood, exactly
+            point_logp = _point_log_probabilities(model, self.data)
+        expected = float(np.sum(sums * point_logp))  # the expected log-likelihood, exactly
+        total = prior_terms + expected
         if partial_sweeps >= settings.full_sweep_every - 1:
             active = None
-        ledger = SiteLedger(table, terms, sums, active, partial_sweeps)
+        ledger = SiteLedger(point_logp, prior_terms, sums, active, partial_sweeps)
         clear_gain = self.options.tol * self.n_pixels
         return _after_iteration(state, model, total, clear_gain, settings, swept_all, ledger)
 
@@ -2864,16 +2872,12 @@ def fit_bias_field(
     coefficients = state.coefficients
     shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
     scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
-    model = GaussianMixtureFit(
+    corrected = (
         state.weights[order],
         state.means[order, None] * scale,
         state.variances[order, None, None] * scale**2,
-        "full",
-        run.history,
-        run.n_iter,
-        run.converged,
-        n_em_steps=run.n_em_steps,
     )
+    model = GaussianMixtureFit.of_run(corrected, "full", run)
     field = BiasField(degree, coefficients, picture.codes.shape, shift)
     return model, field, labels, record, posteriors
 
@@ -3062,6 +3066,12 @@ def fit_points(points, n_components, options=None, on_iteration=None, **override
     """
     options = segment_options(options, **overrides)
     data = _PointFeatures(points.values, points.weights, points.scale)
+    return _fit_features(data, points, n_components, options, on_iteration)
+
+
+def _fit_features(data, points, n_components, options, on_iteration):
+    """fit_points on the points' features, made once by the caller (they can be the largest
+    array of a fit: ten float64 a distinct colour)."""
     top = gray_level_top(points) if options.quantized else None
 
     def fit_k(k):
@@ -3102,11 +3112,17 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         return _segment_with_bias(picture, points, n_components, options, on_iteration)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
-        model, table = fit_points(points, n_components, options, on_iteration)
+        model, table = _fit_features(data, points, n_components, options, on_iteration)
     else:
         model, table = shared.model, shared.bic_table
     segmentation = Segmentation(
-        picture, points, model, None, n_components, bic_table=table, shared=shared
+        picture=picture,
+        points=points,
+        model=model,
+        labels=None,
+        requested_k=n_components,
+        bic_table=table,
+        shared=shared,
     )
     if options.spatial <= 0:
         labels = label_pixels(
@@ -3150,7 +3166,14 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration):
         on_iteration=on_iteration,
     )
     return Segmentation(
-        picture, points, model, labels, n_components, spatial=record, posteriors=q, bias=field
+        picture=picture,
+        points=points,
+        model=model,
+        labels=labels,
+        requested_k=n_components,
+        spatial=record,
+        posteriors=q,
+        bias=field,
     )
 
 

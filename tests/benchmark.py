@@ -210,6 +210,24 @@ def spatial_updates():
         )
 
 
+def figure_sizes(workdir):
+    """The figures' sizes in pixels for a square, a wide and a tall image (the tests assert only
+    their shape: the convergence plot wide, the comparison's panels at the image's aspect)."""
+    print("\n| figure | 512 x 512 | 2000 x 100 | 100 x 2000 |")
+    print("|---|---|---|---|")
+    sizes = {}
+    for width, height in ((512, 512), (2000, 100), (100, 2000)):
+        path = workdir / f"figure_{width}x{height}.png"
+        Image.fromarray(samples.camera()).resize((width, height), Image.BICUBIC).save(path)
+        out = workdir / "figures"
+        seg.main([str(path), "-q", "--out", str(out), "--jobs", "1"])
+        for kind in ("loglik", "comparison"):
+            size = Image.open(out / f"{path.stem}_{kind}.png").size
+            sizes.setdefault(kind, []).append(f"{size[0]} x {size[1]}")
+    for kind, row in sizes.items():
+        print(f"| STEM_{kind}.png | " + " | ".join(row) + " |")
+
+
 def counting_options(megapixels=50):
     """Seconds to count distinct values at the given size, each way we considered."""
     side = int((megapixels * 1e6) ** 0.5)
@@ -251,7 +269,7 @@ def main():
         "--only",
         metavar="TEXT",
         default=None,
-        help="run only the end-to-end rows whose name contains TEXT (to remeasure a row)",
+        help="run only the rows whose name contains TEXT (to remeasure a row)",
     )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gmm-bench-"))
@@ -262,14 +280,14 @@ def main():
         f"Python {platform.python_version()}, NumPy {np.__version__}"
     )
     fits = [("astronaut.png", samples.astronaut())]
-    if args.only:
-        fits = []
-    elif not args.quick:
+    if not args.quick:
         fits = (
             [("retina.jpg", samples.retina())]
             + fits
             + [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
         )
+    if args.only:
+        fits = [row for row in fits if args.only in row[0]]
     if fits:
         header(
             "image",
@@ -323,7 +341,7 @@ def main():
     if args.quick:
         scenes = scenes[:1]
     if args.only:
-        scenes = []
+        scenes = [row for row in scenes if args.only in row[0]]
     if scenes:
         header(
             "to the maximum",
@@ -373,19 +391,20 @@ def main():
         ]
     if args.only:
         ends = [row for row in ends if args.only in row[0]]
-    header(
-        "end to end",
-        "size",
-        "distinct values",
-        "K",
-        "iterations (EM steps)",
-        "spatial iterations (full sweeps)",
-        "ours s",
-        "I/O floor s",
-        "ratio",
-        "ours peak MB",
-        "bytes/pixel",
-    )
+    if ends:
+        header(
+            "end to end",
+            "size",
+            "distinct values",
+            "K",
+            "iterations (EM steps)",
+            "spatial iterations (full sweeps)",
+            "ours s",
+            "I/O floor s",
+            "ratio",
+            "ours peak MB",
+            "bytes/pixel",
+        )
     for name, source, megapixels, options in ends:
         path = workdir / f"{name.split(',')[0]}_{megapixels}mp.png"
         if isinstance(source, str):
@@ -411,8 +430,13 @@ def main():
         )
         path.unlink()
 
-    if not args.quick and not args.only:
+    if args.quick:
+        return
+    if not args.only or args.only in "spatial fit on ramps":
         spatial_updates()
+    if not args.only or args.only in "figure sizes":
+        figure_sizes(workdir)
+    if not args.only or args.only in "counting distinct values":
         pixels, rows = counting_options()
         print(f"\n| counting distinct values, {pixels / 1e6:.0f} MP | seconds |")
         print("|---|---|")
