@@ -98,6 +98,16 @@ __all__ = [
 DEFAULT_COMPONENTS = {"gray": 3, "color": 5}  # K when none is asked for (3: the original script's)
 AUTO_N_INIT = 2  # starts per K with -k auto, where one start that merges two classes misleads
 MAX_PIXELS = 200_000_000  # refuse larger images (decompression bombs)
+# --brain: skull-stripped T1-weighted scans, labels 1, 2, 3 = CSF, grey, white matter (measured on
+# the ICBM 2009a template's slices: docs/brain.md).  Options given after --brain override it.
+BRAIN_PRESET = (
+    ("mask", "nonzero"),
+    ("components", 3),
+    ("covariance", "tied"),
+    ("spatial", 0.5),
+    ("bias_field", True),
+    ("bias_reg", 1.0),
+)
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 INIT_METHODS = ("kmeans++", "random")
 ACCELERATIONS = ("squarem", "none")
@@ -2546,6 +2556,7 @@ class BiasField:
     coefficients: np.ndarray  # (P,)
     shape: tuple  # (H, W) of the image
     shift: float = 0.0
+    regularisation: float = 0.0  # lambda of the prior it was fitted with
 
     def log_field(self, rows, cols):
         """The log field on the grid rows x cols (image coordinates), float64."""
@@ -2619,6 +2630,7 @@ class BiasState:
     coefficients: np.ndarray  # (P,)
     image: BiasImage = field(repr=False)
     degree: int = 3
+    regularisation: float = 0.0  # the prior on the field: lambda of penalty()
     counts = True
 
     @cached_property
@@ -2627,7 +2639,16 @@ class BiasState:
 
     @property
     def objective(self):
-        return self.evaluation[1]
+        """The log-likelihood per pixel, less the field's penalty: a MAP fit's objective."""
+        return self.evaluation[1] - self.penalty()
+
+    def penalty(self):
+        """(lambda / 2) c^T R c, R the field's roughness (field_roughness): per pixel, so that a
+        scan enlarged or reduced gets the same field."""
+        if not self.regularisation:
+            return 0.0
+        c = self.coefficients
+        return 0.5 * self.regularisation * float(c @ field_roughness(self.degree) @ c)
 
     @property
     def moments(self):
@@ -2716,18 +2737,38 @@ def _bias_pass(state, labels=None, posteriors=None):
     return moments, total / image.n_pixels
 
 
-def _bias_mixture(moments, reg_covar):
-    """The mixture's M-step on the corrected intensities, from the moments' constant terms."""
+def _bias_mixture(moments, options):
+    """The mixture's M-step on the corrected intensities, from the moments' constant terms: a
+    variance per component, or one for all with covariance_type "tied"."""
     mass, first, second = moments[:, :, 0, 0].T
     mass = mass + 10 * np.finfo(np.float64).eps
     means = first / mass
-    variances = np.maximum(second / mass - means**2, 0.0) + reg_covar
-    return mass / mass.sum(), means, variances
+    scatter = np.maximum(second / mass - means**2, 0.0)
+    if options.covariance_type == "tied":
+        scatter = np.full_like(scatter, scatter @ mass / mass.sum())
+    return mass / mass.sum(), means, scatter + options.reg_covar
 
 
-def _newton_step(moments, means, variances, degree):
+def field_roughness(degree):
+    """R with c^T R c = the mean over the square [-1, 1]^2 of |grad t|^2, t = sum c_ab u^a v^b
+    (the membrane energy of the log field), by Gauss-Legendre quadrature, exact for these
+    polynomials.  A constant field costs nothing, and any slope or curve does."""
+    nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
+    powers = np.vander(nodes, degree + 1, increasing=True)  # (n, D + 1): u^a at the nodes
+    slopes = np.zeros_like(powers)
+    slopes[:, 1:] = powers[:, :-1] * np.arange(1, degree + 1)  # a u^(a - 1)
+    exponents = bias_monomials(degree)
+    du = np.stack([np.outer(slopes[:, a], powers[:, b]).ravel() for a, b in exponents])
+    dv = np.stack([np.outer(powers[:, a], slopes[:, b]).ravel() for a, b in exponents])
+    w = np.outer(weights, weights).ravel() / 4.0  # the mean over the square's area 4
+    return (du * w) @ du.T + (dv * w) @ dv.T
+
+
+def _newton_step(moments, means, variances, degree, prior=None):
     """The Newton step of the field's coefficients for responsibilities (their moments) and a
-    mixture: the expected log-likelihood's gradient and curvature are moments up to 2D."""
+    mixture: the expected log-likelihood's gradient and curvature are moments up to 2D.
+    prior: (lambda R summed over the pixels, the coefficients), whose penalty the step takes
+    off."""
     exponents = np.array(bias_monomials(degree))
     a, b = exponents[:, 0], exponents[:, 1]
     pair_a, pair_b = a[:, None] + a[None, :], b[:, None] + b[None, :]
@@ -2738,6 +2779,10 @@ def _newton_step(moments, means, variances, degree):
         mass, first, second = moments[k]
         gradient += precision[k] * (second[a, b] - means[k] * first[a, b]) - mass[a, b]
         curvature += precision[k] * (2 * second[pair_a, pair_b] - means[k] * first[pair_a, pair_b])
+    if prior is not None:
+        penalty, coefficients = prior
+        gradient -= penalty @ coefficients
+        curvature += penalty
     try:
         np.linalg.cholesky(curvature)  # concave along every direction: Newton's step ascends
         return np.linalg.solve(curvature, gradient)
@@ -2757,19 +2802,23 @@ def _field_line_search(state, step, score, at_least):
     return state, None
 
 
-def _mixture_and_field(state, moments, reg_covar):
+def _mixture_and_field(state, moments, options):
     """The M-step's first half, the mixture on the corrected intensities, for responsibilities
     with these moments, and the field's Newton step from there."""
-    weights, means, variances = _bias_mixture(moments, reg_covar)
+    weights, means, variances = _bias_mixture(moments, options)
     mixture = replace(state, weights=weights, means=means, variances=variances)
-    return mixture, _newton_step(moments, means, variances, state.degree)
+    prior = None
+    if state.regularisation:
+        penalty = state.regularisation * state.image.n_pixels * field_roughness(state.degree)
+        prior = (penalty, state.coefficients)
+    return mixture, _newton_step(moments, means, variances, state.degree, prior)
 
 
-def _bias_step(state, reg_covar):
+def _bias_step(state, options):
     """One ECM iteration: the E-step at state (its moments), the mixture's M-step on the
     corrected intensities, then the field's Newton step, halved until the log-likelihood is no
     lower than state's (a generalised EM)."""
-    mixture, newton = _mixture_and_field(state, state.moments, reg_covar)
+    mixture, newton = _mixture_and_field(state, state.moments, options)
     return _field_line_search(mixture, newton, lambda trial: trial.objective, state.objective)[0]
 
 
@@ -2793,7 +2842,7 @@ def _bias_coordinates(k):
     return Coordinates(to_vector, from_vector)
 
 
-def _plain_bias_fit(picture, image, n_components, degree, options, on_iteration):
+def _plain_bias_fit(picture, image, n_components, degree, regularisation, options, on_iteration):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
     the run with the highest final log-likelihood."""
@@ -2813,14 +2862,15 @@ def _plain_bias_fit(picture, image, n_components, degree, options, on_iteration)
         state = BiasState(
             plain.weights,
             plain.means[:, 0],
-            plain.covariances.reshape(k, -1)[:, 0],
+            np.array(np.broadcast_to(plain.covariances.reshape(-1), (k,))),
             no_field,
             image,
             degree,
+            regularisation,
         )
         return run_em(
             state,
-            partial(_bias_step, reg_covar=options.reg_covar),
+            partial(_bias_step, options=options),
             options,
             coordinates=_bias_coordinates(k),
             on_iteration=on_iteration,
@@ -2835,12 +2885,16 @@ def fit_bias_field(
     options=FitOptions(),
     *,
     degree=3,
+    regularisation=0.0,
     spatial=0.0,
     keep_posteriors=False,
     settings=SpatialSettings(),
     on_iteration=None,
 ):
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
+
+    regularisation: lambda of the field's prior, a penalty (lambda / 2) c^T R c per pixel on
+    its roughness (BiasState.penalty); 0 fits the field by maximum likelihood.
 
     Starts from the plain mixture of the intensities and no field (options.n_init starts).
     spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
@@ -2850,7 +2904,9 @@ def fit_bias_field(
     posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
     """
     image = bias_image(picture, options.passes)
-    run = _plain_bias_fit(picture, image, n_components, degree, options, on_iteration)
+    run = _plain_bias_fit(
+        picture, image, n_components, degree, regularisation, options, on_iteration
+    )
     state, record, k = run.state, None, len(run.state.weights)
     if spatial > 0:
         fit = BiasMeanField(image, spatial, options, settings)
@@ -2872,13 +2928,13 @@ def fit_bias_field(
     coefficients = state.coefficients
     shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
     scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
-    corrected = (
-        state.weights[order],
-        state.means[order, None] * scale,
-        state.variances[order, None, None] * scale**2,
-    )
-    model = GaussianMixtureFit.of_run(corrected, "full", run)
-    field = BiasField(degree, coefficients, picture.codes.shape, shift)
+    variances = state.variances[order, None, None] * scale**2
+    tied = options.covariance_type == "tied"
+    corrected = (state.weights[order], state.means[order, None] * scale, variances)
+    if tied:  # one variance: scikit-learn's tied shape, (D, D)
+        corrected = corrected[:2] + (variances[0],)
+    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
+    field = BiasField(degree, coefficients, picture.codes.shape, shift, regularisation)
     return model, field, labels, record, posteriors
 
 
@@ -2980,8 +3036,12 @@ class BiasMeanField:
         if from_posterior:
             _posterior_start(padded, _BandModel(state).site_logp, self.inside, self.passes)
         total = _prior_terms(padded, self.beta, self.passes)
-        total += _bias_data_term(padded[:, 1:-1, 1:-1], state)
+        total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
+
+    def data_term(self, q, state):
+        """The objective's terms of the data and the field's prior, summed over the pixels."""
+        return _bias_data_term(q, state) - state.penalty() * self.n_pixels
 
     def step(self, state):
         parameters, q = state.parameters, state.q
@@ -2995,10 +3055,11 @@ class BiasMeanField:
         )
         terms = _sweep(state.padded, sweep)
         moments = _moments_of(q, parameters)
-        mixture, newton = _mixture_and_field(parameters, moments, self.options.reg_covar)
-        data = _expected_log_likelihood(moments, mixture)
+        mixture, newton = _mixture_and_field(parameters, moments, self.options)
+        n_pixels = self.n_pixels
+        data = _expected_log_likelihood(moments, mixture) - mixture.penalty() * n_pixels
         new, found = _field_line_search(
-            mixture, newton, lambda trial: _bias_data_term(q, trial), data
+            mixture, newton, lambda trial: self.data_term(q, trial), data
         )
         data = data if found is None else found
         clear_gain = self.options.tol * self.n_pixels
@@ -3026,6 +3087,7 @@ class SegmentOptions:
     spatial: float = 0.0
     bias_field: bool = False
     bias_degree: int = 3
+    bias_reg: float = 1.0
     keep_posteriors: bool = False
     spatial_settings: SpatialSettings = SpatialSettings()
     fit: FitOptions = FitOptions()
@@ -3160,6 +3222,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration):
         n_components,
         options.fit,
         degree=options.bias_degree,
+        regularisation=options.bias_reg,
         spatial=options.spatial,
         keep_posteriors=options.keep_posteriors,
         settings=options.spatial_settings,
@@ -3175,6 +3238,20 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration):
         posteriors=q,
         bias=field,
     )
+
+
+EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted pixels is empty
+
+
+def empty_components(segmentation):
+    """Components that ended with (almost) no pixels: fewer than EMPTY_SHARE of the fitted
+    pixels take their label.  A strong spatial prior can empty a small class (thin CSF); the
+    fit says so rather than pass off K - 1 classes as K."""
+    picture, labels = segmentation.picture, segmentation.labels
+    inside = labels if picture.mask is None else labels[picture.mask]
+    counts = np.bincount(inside.reshape(-1), minlength=segmentation.model.n_components)
+    n_components = segmentation.model.n_components
+    return [int(k) for k in np.flatnonzero(counts[:n_components] < EMPTY_SHARE * inside.size)]
 
 
 def label_map(segmentation):
@@ -3422,6 +3499,7 @@ def model_record(segmentation, source, settings, notes, seconds):
         "em_steps": model.n_em_steps,
         "converged": model.converged,
         "collapsed_components": collapsed_components(model, settings["reg_covar"]),
+        "empty_components": empty_components(segmentation),
         "seed": settings["seed"],
         "settings": settings,
         "notes": list(notes),
@@ -3434,6 +3512,7 @@ def model_record(segmentation, source, settings, notes, seconds):
         field = segmentation.bias
         record["bias_field"] = {
             "degree": field.degree,
+            "regularisation": field.regularisation,
             "coefficients": field.coefficients.tolist(),
             "shift": field.shift,
             "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
@@ -3723,6 +3802,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: usage: {shown(message)}{hint} (see --help)\n")
 
 
+class _BrainPreset(argparse.Action):
+    """--brain sets BRAIN_PRESET where it stands; an option after it overrides it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, value in BRAIN_PRESET:
+            setattr(namespace, name, value)
+        setattr(namespace, self.dest, True)
+
+
 def build_parser():
     parser = _Parser(
         prog="ImageSegmentation.py",
@@ -3874,6 +3965,25 @@ def build_parser():
         "follows faster variation (default %(default)s)",
     )
     parser.add_argument(
+        "--bias-reg",
+        type=_float_at_least(0),
+        default=SegmentOptions.bias_reg,
+        metavar="LAMBDA",
+        help="the field's prior: a penalty LAMBDA / 2 x the mean squared slope of the log field, "
+        "per pixel, so that the field does not absorb anatomy (as SPM's bias regularisation); "
+        "0 fits it by maximum likelihood (default %(default)s)",
+    )
+    parser.add_argument(
+        "--brain",
+        action=_BrainPreset,
+        help="skull-stripped T1-weighted brain scans: "
+        + ", ".join(
+            f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+            for name, value in BRAIN_PRESET
+        )
+        + " (labels 1, 2, 3 = CSF, grey and white matter, 0 outside); options after it override",
+    )
+    parser.add_argument(
         "--probabilities",
         action="store_true",
         help="also write each component's posterior probability at every pixel, "
@@ -3991,6 +4101,7 @@ class RunConfig:
     show: bool = False
     quiet: bool = False
     verbose: bool = False
+    brain: bool = False  # --brain set the options BRAIN_PRESET names (those after it won)
     segment: SegmentOptions = SegmentOptions()
 
     @classmethod
@@ -4012,6 +4123,7 @@ class RunConfig:
             spatial=args.spatial,
             bias_field=args.bias_field,
             bias_degree=args.bias_degree,
+            bias_reg=args.bias_reg,
             keep_posteriors=args.probabilities,
             fit=fit,
         )
@@ -4049,6 +4161,8 @@ class RunConfig:
             probabilities=self.probabilities,
             bias_field=segment.bias_field,
             bias_degree=segment.bias_degree,
+            bias_reg=segment.bias_reg,
+            brain=self.brain,
         )
 
 
@@ -4251,7 +4365,20 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     collapsed = collapsed_components(model, reg_covar) if len(points.values) > k else []
     if collapsed:
         notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1))
+    empty = empty_components(segmentation)
+    if empty:
+        notes.append(empty_note(empty, segmentation))
     return notes
+
+
+def empty_note(empty, segmentation):
+    first = 0 if segmentation.picture.mask is None else 1  # as the label map numbers them
+    which = ", ".join(str(k + first) for k in empty)
+    smaller = " (a smaller --spatial BETA keeps it)" if segmentation.spatial else ""
+    return (
+        f"label{'s' if len(empty) > 1 else ''} {which} ended with (almost) no pixels: the fit "
+        f"has {len(empty)} component{'s' if len(empty) > 1 else ''} fewer in effect{smaller}"
+    )
 
 
 def fewer_components_note(distinct, requested):

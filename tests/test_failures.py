@@ -436,7 +436,7 @@ def test_a_numerical_warning_reaches_the_user_in_one_line(tmp_path, capsys, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(seg, "segment_points", warns)
-    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
+    status, out, err = run([tmp_path / "a.png", "-k", "2", "--out", tmp_path / "o"], capsys)
     assert status == 0
     assert (
         f"warning: {tmp_path / 'a.png'}: RuntimeWarning: divide by zero encountered in log\n" in err
