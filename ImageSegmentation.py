@@ -2842,10 +2842,13 @@ def _bias_coordinates(k):
     return Coordinates(to_vector, from_vector)
 
 
-def _plain_bias_fit(picture, image, n_components, degree, regularisation, options, on_iteration):
+def _plain_bias_fit(picture, image, field, options, on_iteration):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
-    the run with the highest final log-likelihood."""
+    the run with the highest final log-likelihood.  field = (K, degree, regularisation,
+    with_field): without the field, the run is the plain mixture's, a start for the spatial
+    fit, which fits the field itself."""
+    n_components, degree, regularisation, with_field = field
     inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
     levels, counts = np.unique(inside_codes, return_counts=True)
     k = min(n_components, len(levels))
@@ -2868,6 +2871,10 @@ def _plain_bias_fit(picture, image, n_components, degree, regularisation, option
             degree,
             regularisation,
         )
+        if not with_field:
+            return EMRun(
+                state, plain.log_likelihood, plain.n_iter, plain.converged, plain.n_em_steps
+            )
         return run_em(
             state,
             partial(_bias_step, options=options),
@@ -2904,9 +2911,8 @@ def fit_bias_field(
     posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
     """
     image = bias_image(picture, options.passes)
-    run = _plain_bias_fit(
-        picture, image, n_components, degree, regularisation, options, on_iteration
-    )
+    field_model = (n_components, degree, regularisation, spatial == 0)
+    run = _plain_bias_fit(picture, image, field_model, options, on_iteration)
     state, record, k = run.state, None, len(run.state.weights)
     if spatial > 0:
         fit = BiasMeanField(image, spatial, options, settings)

@@ -1,0 +1,148 @@
+"""Brain MRI: the field's prior (--bias-reg), empty tissues, tied variances at partial-volume
+boundaries, and --brain (docs/brain.md has the evaluation on the ICBM template)."""
+
+import numpy as np
+import pytest
+from conftest import biased_phantom, matched_accuracy, record_of, run, seg
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+
+def trend_phantom(rng, shape=(120, 150), sd=0.07, cell=6):
+    """Three tissues in cells inside an ellipse, no field, but anatomy with a trend: the bright
+    tissue fills 60 % of the cells at the top and 20 % at the bottom, which a field free to take
+    any slope reads as a field."""
+    cells_shape = (-(-shape[0] // cell), -(-shape[1] // cell))
+    bright = 0.6 - 0.4 * np.arange(cells_shape[0])[:, None] * cell / shape[0]
+    draw = rng.random(cells_shape)
+    cells = np.where(draw < bright, 2, np.where(draw < bright + 0.2, 0, 1))
+    labels = np.kron(cells, np.ones((cell, cell), int))[: shape[0], : shape[1]]
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    inside = ((rows - shape[0] / 2) / (0.42 * shape[0])) ** 2 + (
+        (cols - shape[1] / 2) / (0.42 * shape[1])
+    ) ** 2 < 1
+    values = rng.normal(np.array([0.3, 0.55, 0.8])[labels], sd)
+    image = np.clip(np.rint(values * 255), 1, 255).astype(np.uint8)
+    image[~inside] = 0
+    return image, labels, inside
+
+
+def thin_lines(rng, shape=(96, 128), sd=0.09, spacing=6):
+    """Grey matter left, white matter right, crossed by one-pixel-wide lines of CSF every
+    `spacing` rows: a thin class that a strong prior would rather not have."""
+    labels = np.ones(shape, int)
+    labels[:, shape[1] // 2 :] = 2
+    labels[::spacing, :] = 0
+    values = rng.normal(np.array([0.3, 0.6, 0.85])[labels], sd)
+    return np.clip(np.rint(values * 255), 1, 255).astype(np.uint8), labels
+
+
+def partial_volume_phantom(rng, shape=(120, 150), sd=0.03, blur=1.5, cell=8):
+    """Cells of three tissues blurred (every boundary pixel a mixture of two), with noise; the
+    truth is the tissue with the largest share of each pixel."""
+    cells = rng.choice(3, p=(0.15, 0.45, 0.4), size=(-(-shape[0] // cell), -(-shape[1] // cell)))
+    labels = np.kron(cells, np.ones((cell, cell), int))[: shape[0], : shape[1]]
+    shares = np.stack([gaussian_filter((labels == k).astype(float), blur) for k in range(3)])
+    values = np.tensordot([0.3, 0.65, 0.85], shares, axes=1) + rng.normal(0, sd, shape)
+    return np.clip(np.rint(values * 255), 1, 255).astype(np.uint8), shares.argmax(axis=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_prior_keeps_the_field_flat_where_there_is_none(seed):
+    """On a scan without a field whose anatomy has a trend, the field fitted with the prior
+    (the default --bias-reg) stays within 2 % everywhere and strays less than the maximum-
+    likelihood field, and the labels stay within half a point of the fit without a field."""
+    image, labels, inside = trend_phantom(np.random.default_rng(seed))
+    picture = seg.with_mask(seg.picture_from_array(image), inside)
+    points = seg.distinct_values(picture)
+    plain = seg.segment_points(picture, points, 3)
+    free = seg.segment_points(picture, points, 3, bias_field=True, bias_reg=0.0)
+    prior = seg.segment_points(picture, points, 3, bias_field=True)
+    assert seg.SegmentOptions().bias_reg > 0
+    strays = [np.abs(np.log(fit.bias.image()[inside])).max() for fit in (free, prior)]
+    assert strays[1] < 0.02 and strays[1] < strays[0]
+    accuracy = [matched_accuracy(s.labels[inside], labels[inside], 3) for s in (plain, prior)]
+    assert accuracy[1] >= accuracy[0] - 0.005
+
+
+@pytest.mark.parametrize("spatial", [0.0, 0.5])
+def test_the_penalised_objective_never_decreases(spatial):
+    """With the prior the fit maximises the log-likelihood less the field's penalty: that is
+    what log_likelihood (and with --spatial the mean-field objective) records, never falling;
+    the penalty is (lambda / 2) c^T R c with R the mean squared slope of the log field."""
+    _, biased, _, inside, _ = biased_phantom(np.random.default_rng(1), sd=0.06)
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    fit = seg.segment_points(
+        picture, seg.distinct_values(picture), 3, bias_field=True, bias_reg=2.0, spatial=spatial
+    )
+    history = fit.spatial.objective if spatial else fit.model.log_likelihood
+    assert np.all(np.diff(history) >= -1e-9) and len(history) > 3
+    c = fit.bias.coefficients
+    u, v = np.meshgrid(np.linspace(-1, 1, 401), np.linspace(-1, 1, 401), indexing="ij")
+    slope_u = c[1] + 2 * c[4] * u + c[3] * v + 3 * c[8] * u**2 + 2 * c[7] * u * v + c[6] * v**2
+    slope_v = c[0] + 2 * c[2] * v + c[3] * u + 3 * c[5] * v**2 + 2 * c[6] * u * v + c[7] * u**2
+    mean_squared_slope = np.mean(slope_u**2 + slope_v**2)
+    assert c @ seg.field_roughness(3) @ c == pytest.approx(mean_squared_slope, rel=1e-3)
+
+
+def test_a_thin_class_kept_by_brains_prior_and_emptied_by_a_strong_one(tmp_path, capsys):
+    """One-pixel lines of CSF: --brain's prior (BETA 0.5) keeps at least 90 % of them; BETA 2
+    empties the class, and the fit says so in a note and in the JSON."""
+    image, labels = thin_lines(np.random.default_rng(0))
+    brain = dict(covariance_type="tied", spatial=0.5)
+    found = seg.segment_image(image, 3, **brain)[0]
+    assert np.sum(found == 0) >= 0.9 * np.sum(labels == 0)
+    Image.fromarray(image).save(tmp_path / "lines.png")
+    status, out, err = run(
+        [tmp_path / "lines.png", "-k", "3", "--spatial", "2", "--out", tmp_path], capsys
+    )
+    assert status == 0, err
+    assert record_of(tmp_path, "lines")["empty_components"] == [0]
+    assert "label 0 ended with (almost) no pixels" in err and "smaller --spatial BETA" in err
+    status, out, err = run(
+        [tmp_path / "lines.png", "-k", "3", "--spatial", "0.5", "--out", tmp_path / "b"], capsys
+    )
+    assert record_of(tmp_path / "b", "lines")["empty_components"] == []
+    assert "no pixels" not in err
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tied_variance_at_partial_volume_boundaries(seed):
+    """Blurred boundaries put mixtures of two tissues between their intensities; one Gaussian
+    per tissue with a variance of its own narrows the brightest onto its pure peak and gives
+    its boundary to the middle one.  A variance shared by the tissues (--brain's) labels the
+    boundaries better."""
+    image, truth = partial_volume_phantom(np.random.default_rng(seed))
+    tied, full = (
+        matched_accuracy(seg.segment_image(image, 3, spatial=0.5, covariance_type=cov)[0], truth, 3)
+        for cov in ("tied", "full")
+    )
+    assert tied > full
+
+
+def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
+    """--brain: the mask of nonzero pixels, K = 3, a tied variance, BETA 0.5, the field with its
+    prior; labels 1, 2, 3 from the darkest (CSF, grey, white matter in T1), 0 outside."""
+    _, biased, _, inside, _ = biased_phantom(np.random.default_rng(2))
+    Image.fromarray(biased).save(tmp_path / "scan.png")
+    status, out, err = run([tmp_path / "scan.png", "--brain", "--out", tmp_path / "a"], capsys)
+    assert status == 0, err
+    record = record_of(tmp_path / "a", "scan")
+    settings = record["settings"]
+    assert settings["brain"] and settings["mask"] == "nonzero" and settings["components"] == 3
+    assert settings["covariance"] == "tied" and settings["spatial"] == 0.5
+    assert settings["bias_field"] and settings["bias_reg"] == 1.0
+    assert record["covariance_type"] == "tied" and record["bias_field"]["regularisation"] == 1.0
+    labels = np.asarray(Image.open(tmp_path / "a" / "scan_labels.png"))
+    assert np.all(labels[~inside] == 0) and set(np.unique(labels[inside])) == {1, 2, 3}
+    assert (tmp_path / "a" / "scan_bias.png").exists()
+    status, out, err = run(
+        [tmp_path / "scan.png", "--brain", "--spatial", "0.2", "-k", "2", "--out", tmp_path / "b"],
+        capsys,
+    )
+    later = record_of(tmp_path / "b", "scan")
+    assert later["settings"]["spatial"] == 0.2 and later["k"] == 2
+    assert later["settings"]["covariance"] == "tied"
+    with pytest.raises(SystemExit) as exit_info:
+        seg.main([str(tmp_path / "scan.png"), "--bias-reg", "-1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
