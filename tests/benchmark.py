@@ -388,6 +388,14 @@ def main():
             ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1")),
             ("brain, --bias-field", "brain", 24, ("--bias-field",)),
             ("brain, --bias-field --spatial 1", "brain", 24, ("--bias-field", "--spatial", "1")),
+            (
+                "brain 1 MP, plain (-k 3 --mask nonzero)",
+                "brain",
+                1,
+                ("-k", "3", "--mask", "nonzero"),
+            ),
+            ("brain 1 MP, --brain", "brain", 1, ("--brain",)),
+            ("brain, --brain", "brain", 24, ("--brain",)),
         ]
     if args.only:
         ends = [row for row in ends if args.only in row[0]]

@@ -122,7 +122,7 @@ def brain_bias():
     reference = seg.segment_image(brain, 3, mask=inside)[0]
     plain = seg.segment_image(biased, 3, mask=inside)[0]
     picture = seg.with_mask(seg.picture_from_array(biased), inside)
-    fitted = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_degree=3)
+    fitted = seg.segment_points(picture, seg.distinct_values(picture), 3, bias_field=True)
     corrected = seg.label_map(fitted)
 
     def agreement(labels):
