@@ -1880,6 +1880,9 @@ class SpatialSettings:
     full_sweep_every: int = 20  # every site is swept at least every this many iterations
     partial_chunk: int = 1 << 14  # sites a block in a partial sweep
     partial_batch: int = 1 << 18  # its changes kept (K float64 a site) before adding them up
+    estimate_pixels: int = 1 << 20  # BETA "auto" is estimated on a central window this large
+    most_beta: float = 4.0  # ... and at most this
+    beta_halvings: int = 6  # halved at most this often while a component ends with no pixels
 
 
 CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: black, then white
@@ -1898,6 +1901,7 @@ class SpatialFit:
     em_steps: int
     full_sweeps: int
     coarser_grids: list  # of CoarserGrid
+    beta_estimate: float | None = None  # with BETA "auto": the pseudo-likelihood estimate
 
     def to_json(self):
         return asdict(self)
@@ -2317,7 +2321,7 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
     return run, coarser
 
 
-def _spatial_record(beta, run, coarser):
+def _spatial_record(beta, run, coarser, estimate=None):
     return SpatialFit(
         beta,
         run.history,
@@ -2326,7 +2330,78 @@ def _spatial_record(beta, run, coarser):
         run.n_em_steps,
         run.state.full_sweeps,
         coarser,
+        estimate,
     )
+
+
+def spatial_on(beta):
+    """Whether a spatial prior is asked for: BETA > 0, or "auto"."""
+    return beta == "auto" or beta > 0
+
+
+def _spatial_run(fit, parameters, on_iteration=None):
+    """The spatial fit at fit.beta, or with BETA "auto" at the pseudo-likelihood estimate
+    (estimate_beta, from the plain fit's posterior), halved while a component ends with (almost)
+    no pixels: a prior that would erase a tissue is too strong for it.  Each fit runs at one
+    BETA, so its objective is the mean-field objective of that BETA.  Returns the run and the
+    SpatialFit record."""
+    if fit.beta != "auto":
+        return _recorded(fit, parameters, fit.beta, None, on_iteration)
+    rows, cols = _central_window(fit.shape, fit.settings.estimate_pixels)
+    q = fit.site_logp(parameters)(rows, cols)
+    _softmax_over_components(q)
+    inside = None if fit.inside is None else fit.inside[rows, cols]
+    estimate = estimate_beta(q, parameters.weights, inside, fit.settings.most_beta)
+    beta, halvings = estimate, 0
+    while True:
+        run, record = _recorded(fit, parameters, beta, estimate, on_iteration)
+        labels = _argmax_over_components(run.state.q, fit.passes)
+        empty = _empty_labels(labels, fit.inside, len(parameters.weights))
+        if not empty or halvings == fit.settings.beta_halvings:
+            return run, record
+        del run, labels
+        beta, halvings = beta / 2, halvings + 1
+
+
+def _recorded(fit, parameters, beta, estimate, on_iteration):
+    run, coarser = _coarse_to_fine(replace(fit, beta=beta), parameters, on_iteration)
+    return run, _spatial_record(beta, run, coarser, estimate)
+
+
+def _central_window(shape, most):
+    """(rows, cols) slices of the central window of at most `most` pixels, the image's shape."""
+    height, width = shape
+    scale = min(1.0, math.sqrt(most / max(height * width, 1)))
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    top, left = (height - h) // 2, (width - w) // 2
+    return slice(top, top + h), slice(left, left + w)
+
+
+def estimate_beta(q, weights, inside, most):
+    """BETA by maximum pseudo-likelihood of responsibilities q (K, h, w), the neighbours' q
+    standing in for their labels (the mean-field-like approximation of Celeux, Forbes and
+    Peyrard, Pattern Recognition 36, 2003): sum_i sum_k q_ik log p(k | neighbours), with
+    p(k | neighbours) proportional to w_k exp(BETA s_ik), s_i the neighbours' q summed.  It is
+    concave in BETA; Newton's method from 0, within [0, most]."""
+    padded = np.pad(q * (True if inside is None else inside), ((0, 0), (1, 1), (1, 1)))
+    s = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    sites = np.ones(q.shape[1:], bool) if inside is None else inside
+    s, q = s[:, sites], q[:, sites]
+    observed, log_w, beta = float(np.sum(q * s)), np.log(weights)[:, None], 0.0
+    for _ in range(100):
+        p = log_w + beta * s
+        _softmax_over_components(p)
+        expected = p * s
+        gradient = observed - float(expected.sum())
+        curvature = float(np.sum(expected * s) - np.sum(expected.sum(axis=0) ** 2))
+        if curvature <= 0:
+            break
+        step = gradient / curvature
+        new = min(max(beta + step, 0.0), most)
+        if abs(new - beta) < 1e-9:
+            break
+        beta = new
+    return beta
 
 
 @dataclass(frozen=True)
@@ -2377,6 +2452,9 @@ class PointsMeanField:
         for partial_sums in self.passes.map(chunk_sums, chunks):
             sums += partial_sums
         return sums
+
+    def site_logp(self, model):
+        return _looked_up(_point_log_probabilities(model, self.data), self.index)
 
     def start(self, model, padded, from_posterior):
         point_logp = _point_log_probabilities(model, self.data)
@@ -2442,6 +2520,16 @@ class PointsMeanField:
         )
 
 
+EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted pixels is empty
+
+
+def _empty_labels(labels, inside, n_components):
+    """The components that fewer than EMPTY_SHARE of the pixels inside take as their label."""
+    fitted = labels if inside is None else labels[inside]
+    counts = np.bincount(fitted.reshape(-1), minlength=n_components)[:n_components]
+    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * fitted.size)]
+
+
 def _point_log_probabilities(model, data):
     """(K, M) log(w_k p(x_m | k)) of every point: what a pixel's are looked up in."""
     table = np.empty((model.n_components, len(data)))
@@ -2497,10 +2585,10 @@ def spatial_fit(
     fit = PointsMeanField(
         data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters
     )
-    run, coarser = _coarse_to_fine(fit, model, on_iteration)
+    run, record = _spatial_run(fit, model, on_iteration)
     q = run.state.q
     labels = _argmax_over_components(q, options.passes)
-    return run.state.parameters, labels, _spatial_record(beta, run, coarser), q
+    return run.state.parameters, labels, record, q
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
@@ -2911,14 +2999,13 @@ def fit_bias_field(
     posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
     """
     image = bias_image(picture, options.passes)
-    field_model = (n_components, degree, regularisation, spatial == 0)
+    field_model = (n_components, degree, regularisation, not spatial_on(spatial))
     run = _plain_bias_fit(picture, image, field_model, options, on_iteration)
     state, record, k = run.state, None, len(run.state.weights)
-    if spatial > 0:
+    if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
-        spatial_run, coarser = _coarse_to_fine(fit, state, on_iteration)
+        spatial_run, record = _spatial_run(fit, state, on_iteration)
         state, q = spatial_run.state.parameters, spatial_run.state.q
-        record = _spatial_record(spatial, spatial_run, coarser)
         del spatial_run
         labels = _argmax_over_components(q, options.passes)
     else:  # the labels (and posteriors) from one more pass of the fitted state
@@ -3037,10 +3124,13 @@ class BiasMeanField:
     def coarser(self):
         return replace(self, image=self.image.coarser())
 
+    def site_logp(self, parameters):
+        return _BandModel(replace(parameters, image=self.image)).site_logp
+
     def start(self, parameters, padded, from_posterior):
         state = replace(parameters, image=self.image)
         if from_posterior:
-            _posterior_start(padded, _BandModel(state).site_logp, self.inside, self.passes)
+            _posterior_start(padded, self.site_logp(state), self.inside, self.passes)
         total = _prior_terms(padded, self.beta, self.passes)
         total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
@@ -3192,7 +3282,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         bic_table=table,
         shared=shared,
     )
-    if options.spatial <= 0:
+    if not spatial_on(options.spatial):
         labels = label_pixels(
             picture, points, _most_likely(data, model), model.n_components, options.fit.passes
         )
@@ -3246,18 +3336,13 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration):
     )
 
 
-EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted pixels is empty
-
-
 def empty_components(segmentation):
     """Components that ended with (almost) no pixels: fewer than EMPTY_SHARE of the fitted
     pixels take their label.  A strong spatial prior can empty a small class (thin CSF); the
     fit says so rather than pass off K - 1 classes as K."""
-    picture, labels = segmentation.picture, segmentation.labels
-    inside = labels if picture.mask is None else labels[picture.mask]
-    counts = np.bincount(inside.reshape(-1), minlength=segmentation.model.n_components)
-    n_components = segmentation.model.n_components
-    return [int(k) for k in np.flatnonzero(counts[:n_components] < EMPTY_SHARE * inside.size)]
+    return _empty_labels(
+        segmentation.labels, segmentation.picture.mask, segmentation.model.n_components
+    )
 
 
 def label_map(segmentation):
@@ -3800,6 +3885,10 @@ def _components(text):
     return "auto" if text == "auto" else _integer_at_least(1)(text)
 
 
+def _beta(text):
+    return "auto" if text == "auto" else _float_at_least(0)(text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         hint = ""
@@ -3934,11 +4023,12 @@ def build_parser():
     )
     parser.add_argument(
         "--spatial",
-        type=_float_at_least(0),
+        type=_beta,
         default=SegmentOptions.spatial,
         metavar="BETA",
         help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
-        "mean-field EM from the plain mixture (0 = off, the default; 1 is strong)",
+        "mean-field EM from the plain mixture (0 = off, the default; 1 is strong), or 'auto': "
+        "estimated from the image by pseudo-likelihood, halved while a class would be emptied",
     )
     parser.add_argument(
         "--quantized",

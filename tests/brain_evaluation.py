@@ -39,6 +39,7 @@ METHODS = {
     "--bias-field --spatial 1": ["-k", "3", "--bias-field", "--spatial", "1"],
     "--brain without its field": ["-k", "3", "--covariance", "tied", "--spatial", "0.5"],
     "--brain": ["--brain"],
+    "--brain --spatial auto": ["--brain", "--spatial", "auto"],
 }
 
 

@@ -146,3 +146,50 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         seg.main([str(tmp_path / "scan.png"), "--bias-reg", "-1", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_the_beta_estimate_reads_the_neighbourhoods():
+    """Pseudo-likelihood: responsibilities that ignore their neighbours give BETA ~ 0, blocks of
+    one class give a strong prior; a mask leaves the outside out."""
+    rng = np.random.default_rng(1)
+    noise = rng.random((3, 50, 60))
+    noise /= noise.sum(axis=0)
+    assert seg.estimate_beta(noise, np.ones(3) / 3, None, 4.0) < 0.05
+    blocks = np.kron(rng.integers(0, 3, (5, 6)), np.ones((10, 10), int))
+    smooth = np.stack([(blocks == k) * 0.9 + 0.05 for k in range(3)])
+    assert seg.estimate_beta(smooth, np.ones(3) / 3, None, 4.0) > 1.0
+    inside = np.zeros(blocks.shape, bool)
+    inside[:, :30] = True
+    mixed = np.where(inside, smooth, noise)
+    assert seg.estimate_beta(mixed, np.ones(3) / 3, inside, 4.0) > 1.0
+    assert seg.estimate_beta(smooth, np.ones(3) / 3, None, 0.5) == 0.5  # at most `most`
+
+
+def test_auto_beta_is_halved_rather_than_empty_a_thin_class(tmp_path, capsys):
+    """At this noise the estimate would empty the one-pixel CSF lines; --spatial auto fits at
+    half of it instead, keeps most of the class, and records both."""
+    image, labels = thin_lines(np.random.default_rng(0), sd=0.12)
+    picture = seg.picture_from_array(image)
+    fit = seg.segment_points(
+        picture, seg.distinct_values(picture), 3, spatial="auto", covariance_type="tied"
+    )
+    assert fit.spatial.beta == pytest.approx(fit.spatial.beta_estimate / 2)
+    assert seg.empty_components(fit) == [] and np.sum(fit.labels == 0) >= 0.5 * np.sum(labels == 0)
+    at_estimate = seg.segment_points(
+        picture,
+        seg.distinct_values(picture),
+        3,
+        spatial=fit.spatial.beta_estimate,
+        covariance_type="tied",
+    )
+    assert seg.empty_components(at_estimate) == [0]
+    Image.fromarray(image).save(tmp_path / "lines.png")
+    status, out, err = run(
+        [tmp_path / "lines.png", "-k", "3", "--covariance", "tied", "--spatial", "auto"]
+        + ["--out", tmp_path],
+        capsys,
+    )
+    record = record_of(tmp_path, "lines")
+    assert status == 0 and record["settings"]["spatial"] == "auto"
+    assert record["spatial"]["beta"] == pytest.approx(record["spatial"]["beta_estimate"] / 2)
+    assert record["empty_components"] == []
