@@ -3465,6 +3465,8 @@ def segment_image(array, n_components, *, mode="auto", mask=None, options=None, 
 
 OUTPUT_SUFFIXES = ("segmented.png", "labels.png", "loglik.png", "comparison.png", "model.json")
 OPTIONAL_SUFFIXES = ("bic.png", "bias.png", "corrected.png")  # -k auto; --bias-field
+OUTPUTS = tuple(suffix.split(".")[0] for suffix in OUTPUT_SUFFIXES + OPTIONAL_SUFFIXES)
+FIGURES = ("loglik", "comparison", "bic")  # the outputs that need matplotlib
 BIAS_SCALE = 32768  # STEM_bias.png holds field x BIAS_SCALE: 1.0 is 32768, 2.0 is 65535
 DISPLAY_PIXELS = 1024  # longest side of the images drawn in the comparison figure
 PANEL_INCHES = 4.5  # widest panel of the comparison figure
@@ -3799,8 +3801,9 @@ def corrected_image(picture, field):
     return Image.fromarray(corrected.astype(np.uint8 if top == 255 else np.uint16))
 
 
-def write_outputs(segmentation, paths, title, record, probabilities=None):
-    """Every output of one image, all or nothing, the JSON record last.
+def write_outputs(segmentation, paths, title, record, probabilities=None, wanted=OUTPUTS):
+    """The outputs of one image that are wanted (of OUTPUTS), all or nothing, the JSON record
+    last; a figure not wanted is not drawn (nor matplotlib imported for it).
 
     probabilities: the probability_paths to write the posterior maps to, or None.  The record's
     seconds get "write" (the images and figures) and the "total" grows by it.
@@ -3809,31 +3812,38 @@ def write_outputs(segmentation, paths, title, record, probabilities=None):
     with OutputSet() as outputs:
         for label, probability in posterior_maps(segmentation) if probabilities else ():
             outputs.stage(probabilities[label], _png_writer(Image.fromarray(probability)))
-        outputs.stage(paths["segmented"], _png_writer(segmented_image(segmentation)))
-        outputs.stage(paths["labels"], _png_writer(label_image(segmentation)))
-        outputs.stage(paths["loglik"], _figure_writer(plot_log_likelihood(segmentation, title)))
-        outputs.stage(paths["comparison"], _figure_writer(plot_comparison(segmentation, title)))
-        if segmentation.bic_table is not None:
-            outputs.stage(
-                paths["bic"],
-                _figure_writer(
-                    plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
-                ),
-            )
-        if segmentation.bias is not None:
-            field = segmentation.bias.image()
-            outputs.stage(paths["bias"], _png_writer(Image.fromarray(field_levels(field))))
-            outputs.stage(
-                paths["corrected"], _png_writer(corrected_image(segmentation.picture, field))
-            )
-            del field
+        for name, write in _output_writers(segmentation, title, wanted):
+            outputs.stage(paths[name], write)
         seconds = record["seconds"]
         seconds["write"] = time.perf_counter() - started
         seconds["total"] = seconds["load"] + seconds["fit"] + seconds["write"]
         record["seconds"] = {name: round(value, 4) for name, value in seconds.items()}
-        text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-        outputs.stage(paths["model"], lambda path: Path(path).write_text(text))
+        if "model" in wanted:
+            text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+            outputs.stage(paths["model"], lambda path: Path(path).write_text(text))
         outputs.commit()
+
+
+def _output_writers(segmentation, title, wanted):
+    """(output, write(path)) for every wanted output this segmentation has, but the JSON, made
+    one at a time as they are written."""
+    if "segmented" in wanted:
+        yield "segmented", _png_writer(segmented_image(segmentation))
+    if "labels" in wanted:
+        yield "labels", _png_writer(label_image(segmentation))
+    if "loglik" in wanted:
+        yield "loglik", _figure_writer(plot_log_likelihood(segmentation, title))
+    if "comparison" in wanted:
+        yield "comparison", _figure_writer(plot_comparison(segmentation, title))
+    if "bic" in wanted and segmentation.bic_table is not None:
+        bic_figure = plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
+        yield "bic", _figure_writer(bic_figure)
+    if segmentation.bias is not None and {"bias", "corrected"} & set(wanted):
+        field = segmentation.bias.image()
+        if "bias" in wanted:
+            yield "bias", _png_writer(Image.fromarray(field_levels(field)))
+        if "corrected" in wanted:
+            yield "corrected", _png_writer(corrected_image(segmentation.picture, field))
 
 
 # ----------------------------------------------------------------------------
@@ -3887,6 +3897,19 @@ def _components(text):
 
 def _beta(text):
     return "auto" if text == "auto" else _float_at_least(0)(text)
+
+
+def _outputs(text):
+    """A comma-separated list of OUTPUTS ("json" is "model", the JSON record), in OUTPUTS' order."""
+    names = {"json" if name == "model" else name: name for name in OUTPUTS}
+    asked = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in names and name not in OUTPUTS]
+    if unknown or not asked:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'nothing'}: choose from {', '.join(names)}"
+        )
+    chosen = {names.get(name, name) for name in asked}
+    return tuple(name for name in OUTPUTS if name in chosen)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -4086,6 +4109,15 @@ def build_parser():
         "STEM_prob_L.png for label L: 16-bit, 0..65535 = 0..1, 0 outside the mask",
     )
     parser.add_argument(
+        "--outputs",
+        type=_outputs,
+        default=RunConfig.outputs,
+        metavar="LIST",
+        help="write only these outputs, comma-separated: segmented, labels, loglik, comparison, "
+        "json, bic (-k auto), bias and corrected (--bias-field); the figures are not drawn when "
+        "not asked for (default: all)",
+    )
+    parser.add_argument(
         "--shared",
         action="store_true",
         help="fit one model to all the images together (their distinct-value counts "
@@ -4198,6 +4230,7 @@ class RunConfig:
     quiet: bool = False
     verbose: bool = False
     brain: bool = False  # --brain set the options BRAIN_PRESET names (those after it won)
+    outputs: tuple = OUTPUTS  # the outputs to write
     segment: SegmentOptions = SegmentOptions()
 
     @classmethod
@@ -4259,6 +4292,7 @@ class RunConfig:
             bias_degree=segment.bias_degree,
             bias_reg=segment.bias_reg,
             brain=self.brain,
+            outputs=["json" if name == "model" else name for name in self.outputs],
         )
 
 
@@ -4380,7 +4414,8 @@ def _segment_file(path, stem, batch, say, console):
         notes,
         {"load": loaded - clock, "fit": fitted - loaded},
     )
-    write_outputs(segmentation, paths, figure_title(path, segmentation), record, probabilities)
+    title = figure_title(path, segmentation)
+    write_outputs(segmentation, paths, title, record, probabilities, config.outputs)
     if not config.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")

@@ -388,6 +388,13 @@ def main():
             ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1")),
             ("brain, --bias-field", "brain", 24, ("--bias-field",)),
             ("brain, --bias-field --spatial 1", "brain", 24, ("--bias-field", "--spatial", "1")),
+            ("colour, astronaut 0.26 MP, every output", samples.astronaut(), 0.26, ()),
+            (
+                "colour, astronaut 0.26 MP, --outputs labels,json",
+                samples.astronaut(),
+                0.26,
+                ("--outputs", "labels,json"),
+            ),
             (
                 "brain 1 MP, plain (-k 3 --mask nonzero)",
                 "brain",

@@ -247,3 +247,35 @@ def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
     assert status == 0, err
     assert Image.open(tmp_path / "many_segmented.png").mode == "RGB"  # no palette holds 260 colours
     assert Image.open(tmp_path / "many_labels.png").mode.startswith("I")
+
+
+def test_outputs_writes_only_what_is_asked(tmp_path, rng, capsys):
+    """--outputs labels,json: those two files, the same bytes as in a full run, and no figure
+    drawn (matplotlib is not even imported); a name it does not know is bad usage."""
+    two_tone(tmp_path / "a.png", rng)
+    status, out, err = run(
+        [tmp_path / "a.png", "--outputs", "labels,json", "--out", tmp_path / "some"], capsys
+    )
+    assert status == 0 and "a.png: 60x40 gray K=3" in out
+    written = sorted(p.name for p in (tmp_path / "some").iterdir())
+    assert written == ["a_labels.png", "a_model.json"]
+    assert record_of(tmp_path / "some", "a")["settings"]["outputs"] == ["labels", "json"]
+    run([tmp_path / "a.png", "--out", tmp_path / "all"], capsys)
+    for name in written[:1]:
+        assert (tmp_path / "some" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+    status, out, err = run([tmp_path / "a.png", "--outputs", "labels", "--out", tmp_path], capsys)
+    assert status == 0 and (tmp_path / "a_labels.png").exists()
+    assert not (tmp_path / "a_model.json").exists()
+    code = (
+        "import sys, ImageSegmentation as seg; "
+        f"seg.main([{str(tmp_path / 'a.png')!r}, '--outputs', 'labels,json', '-q', "
+        f"'--out', {str(tmp_path / 'x')!r}, '--jobs', '1']); "
+        "print('matplotlib' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        seg.main([str(tmp_path / "a.png"), "--outputs", "labels,figures", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
