@@ -995,6 +995,10 @@ class GaussianMixtureFit:
         The binned model of gray levels 0..quantized_top (section 4b); None for densities.
     n_em_steps : int
         EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
+    subsample : dict or None
+        With more distinct values than FitOptions.subsample_above, EM started from a fit to a
+        draw of that many pixels: {"pixels", "points", "n_iter", "em_steps", "converged"} of
+        that fit; log_likelihood, n_iter and n_em_steps are those on every point.
     """
 
     weights: np.ndarray
@@ -1006,6 +1010,7 @@ class GaussianMixtureFit:
     converged: bool
     quantized_top: int | None = None
     n_em_steps: int = 0
+    subsample: dict | None = None  # the fit started from a fit to a draw of pixels: what ran there
 
     @classmethod
     def of_run(cls, parameters, covariance_type, run, quantized_top=None):
@@ -1100,6 +1105,7 @@ class FitOptions:
     init: str = "kmeans++"
     random_state: int | None = 0
     accelerate: str = "squarem"
+    subsample_above: int = 1 << 22  # more distinct values: start on a draw of a 16th as many
     passes: Passes = Passes()  # how per-pixel passes run (threads); never changes a result
 
     def __post_init__(self):
@@ -1112,6 +1118,10 @@ class FitOptions:
         choice("covariance_type", COVARIANCE_TYPES)
         choice("init", INIT_METHODS)
         choice("accelerate", ACCELERATIONS)
+        if not _is_integer(self.subsample_above) or self.subsample_above < 0:
+            raise ValueError(
+                f"subsample_above must be an integer >= 0, got {self.subsample_above!r}"
+            )
         for name in ("max_iter", "n_init"):
             if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -1153,12 +1163,61 @@ def _fit_data(data, n_components, options, given=(None, None, None), on_iteratio
 
     if all(value is not None for value in given):
         return fit_from(None)
+    if 16 <= options.subsample_above < len(data):
+        return _fit_from_a_subsample(data, n_components, options, on_iteration)
     rng = np.random.default_rng(options.random_state)
     return _best_of_starts(
         options.n_init,
         lambda: fit_from(_initial_statistics(data, n_components, options.init, rng)),
         score=lambda fit: fit.log_likelihood[-1],
     )
+
+
+def _fit_from_a_subsample(data, n_components, options, on_iteration):
+    """EM on many distinct values (a noisy photo's millions of colours, more than
+    options.subsample_above: their features no longer fit FEATURE_CACHE_BYTES, so every pass
+    makes them again) from the start it would have had, but its first iterations on a draw of a
+    sixteenth as many pixels, with the counts (an unbiased picture of the image, a few hundred
+    thousand points), until they settle; then EM goes on on every point to the same stopping
+    rule, so converged means at the full data's maximum.  Only those last iterations are the
+    fit's history; GaussianMixtureFit.subsample says what ran on the draw.  With several
+    starts, each runs on the draw and the best goes on."""
+    draw = np.random.default_rng(np.random.SeedSequence(options.random_state).spawn(1)[0])
+    on_sample = replace(options, subsample_above=0)
+    rng = np.random.default_rng(options.random_state)
+    drawn = []  # made after the first start's initialisation, whose passes are the peak
+
+    def fit_one():
+        stats = _initial_statistics(data, n_components, options.init, rng)
+        weights, means, covariances = _starting_parameters(
+            data, n_components, options.covariance_type, options.reg_covar, stats, (None,) * 3
+        )
+        del stats
+        if not drawn:
+            drawn.append(_drawn_sample(data, options.subsample_above // 16, draw))
+        sample = drawn[0]
+        start = (weights, sample.centred(data.uncentred(means)), covariances)
+        return _density_em(sample, start, on_sample)
+
+    rough = _best_of_starts(options.n_init, fit_one, score=lambda fit: fit.log_likelihood[-1])
+    start = (rough.weights, data.centred(rough.means), rough.covariances)
+    fit = _density_em(data, start, options, on_iteration)
+    record = {
+        "pixels": options.subsample_above // 16,
+        "points": len(drawn[0]),
+        "n_iter": rough.n_iter,
+        "em_steps": rough.n_em_steps,
+        "converged": rough.converged,
+    }
+    return replace(fit, subsample=record)
+
+
+def _drawn_sample(data, pixels, rng):
+    """The points that `pixels` pixels drawn with the counts fall on, each weighted by its
+    draws."""
+    picked = rng.choice(len(data), size=pixels, p=data.weights / data.total_weight)
+    points, counts = np.unique(picked, return_counts=True)
+    return _PointFeatures(data.values[points], counts.astype(np.float64), data.scale)
 
 
 def _n_distinct(data):
@@ -3600,6 +3659,8 @@ def model_record(segmentation, source, settings, notes, seconds):
     }
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
+    if model.subsample is not None:
+        record["subsample"] = model.subsample
     record["quantized"] = model.quantized_top is not None
     if segmentation.bias is not None:
         field = segmentation.bias
@@ -3661,6 +3722,9 @@ def plot_log_likelihood(segmentation, title):
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
     stop = "converged" if converged else "stopped at max_iter"
+    draw = segmentation.model.subsample if segmentation.spatial is None else None
+    if draw is not None:  # the iterations before these ran on a draw of pixels
+        stop += f", after {draw['n_iter']} on a draw of {draw['pixels']:,} pixels"
     figure = _figure(10, 4)
     axes = figure.subplots(1, 2)
     for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):

@@ -176,6 +176,27 @@ def biased_brain(megapixels, path):
     return size
 
 
+def noisy_photo(megapixels, path, seed=0):
+    """A camera's photo with millions of colours: smooth colour fields (three slow waves through
+    the colour cube) plus sensor noise of +-6 levels a channel, uniform, from a seed: 8.7 million
+    distinct colours at 24 MP."""
+    width = int(round((megapixels * 1e6 * 1.5) ** 0.5))
+    height = int(round(megapixels * 1e6 / width))
+    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = u / width, v / height
+    turn = 2 * np.pi
+    waves = [
+        np.sin(turn * (2.1 * u + 0.7 * v)),
+        np.sin(turn * (0.9 * u - 1.6 * v) + 1),
+        np.sin(turn * (1.7 * u + 1.9 * v) + 2),
+    ]
+    rgb = np.stack([np.rint(127.5 + 114.75 * wave) for wave in waves], axis=-1)
+    del u, v, waves
+    rgb += np.random.default_rng(seed).integers(-6, 7, size=rgb.shape)
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(path, compress_level=1)
+    return width, height
+
+
 def noisy(array, sigma):
     rng = np.random.default_rng(0)
     return np.clip(array + rng.normal(0, sigma, array.shape), 0, 255).astype(np.uint8)
@@ -384,6 +405,7 @@ def main():
             ("gray, from camera", samples.camera(), 24, ()),
             ("colour, from retina", samples.retina(), 24, ()),
             ("colour, from retina", samples.retina(), 50, ()),
+            ("colour, noisy photo", "noisy photo", 24, ()),
             ("gray, from camera, --spatial 1", samples.camera(), 24, ("--spatial", "1")),
             ("colour, from retina, --spatial 1", samples.retina(), 24, ("--spatial", "1")),
             ("brain, --bias-field", "brain", 24, ("--bias-field",)),
@@ -422,7 +444,9 @@ def main():
         )
     for name, source, megapixels, options in ends:
         path = workdir / f"{name.split(',')[0]}_{megapixels}mp.png"
-        if isinstance(source, str):
+        if isinstance(source, str) and source == "noisy photo":
+            width, height = noisy_photo(megapixels, path)
+        elif isinstance(source, str):
             width, height = biased_brain(megapixels, path)
         else:
             width, height = big_image(source, megapixels, path)

@@ -195,3 +195,57 @@ def test_spatial_fit_coarse_to_fine(rng):
     assert warm.spatial.objective[-1] >= cold.spatial.objective[-1] - 1e-4
     assert matched_accuracy(warm.labels, labels, 3) >= bayes + 0.05
     assert np.all(np.diff(warm.spatial.objective) >= -1e-6)
+
+
+def many_values(rng, n=6000):
+    """Colour points of four classes, one of them small (2 %) and far from the others: a draw of
+    a few hundred pixels sees a handful of its points."""
+    means = np.array([[0.2, 0.3, 0.4], [0.5, 0.5, 0.5], [0.7, 0.6, 0.3], [0.9, 0.1, 0.9]])
+    sizes = rng.multinomial(n, [0.38, 0.35, 0.25, 0.02])
+    X = np.concatenate([rng.normal(m, 0.06, size=(size, 3)) for m, size in zip(means, sizes)])
+    return X, rng.integers(1, 20, size=len(X)).astype(float)
+
+
+def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
+    """More distinct values than subsample_above: the start as always, its EM on a draw of a
+    sixteenth as many pixels, then EM goes on on every point to the same stopping rule.  The
+    draw's fit is visibly off the full data's maximum; the fit ends at it: EM on every point
+    from the returned model, with a thousand times smaller tolerance, gains under 2e-5 per
+    pixel."""
+    X, counts = many_values(np.random.default_rng(5))
+    starts = []
+    density_em = seg._density_em
+
+    def spy(data, start, options, on_iteration=None):
+        starts.append((data, start))
+        return density_em(data, start, options, on_iteration)
+
+    monkeypatch.setattr(seg, "_density_em", spy)
+    fit = seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800)
+    assert fit.converged and fit.subsample["pixels"] == 300
+    assert fit.subsample["points"] < 300 < len(X) and fit.subsample["converged"]
+    assert len(fit.log_likelihood) == fit.n_iter  # the iterations on every point only
+    data, (weights, centred_means, covariances) = starts[-1]
+    assert len(data) == len(X)
+    drawn = seg.GaussianMixtureFit(
+        weights, data.uncentred(centred_means), covariances, "full", [], 0, True
+    )
+    full = fit.score(X, sample_weight=counts)
+    assert full == pytest.approx(fit.log_likelihood[-1], abs=1e-12)
+    assert drawn.score(X, sample_weight=counts) < full - 1e-3  # the draw alone is off
+    given = dict(weights_init=fit.weights, means_init=fit.means, covariances_init=fit.covariances)
+    tight = seg.fit_gmm(X, 4, sample_weight=counts, tol=1e-11, max_iter=100_000, **given)
+    assert tight.log_likelihood[-1] - full < 2e-5
+
+
+def test_the_draw_is_the_seeds():
+    """The same seed draws the same pixels and gives the same fit, to the last digit."""
+    X, counts = many_values(np.random.default_rng(6))
+    one, two = (seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800) for _ in range(2))
+    assert one.subsample == two.subsample and np.array_equal(one.means, two.means)
+    other = seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800, random_state=1)
+    assert other.subsample["points"] != one.subsample["points"] or not np.array_equal(
+        other.means, one.means
+    )
+    with pytest.raises(ValueError, match="subsample_above"):
+        seg.fit_gmm(X, 4, subsample_above=-1)

@@ -323,6 +323,10 @@ def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
             *map(str, files),
             "--spatial",
             "1",
+            "--tol",
+            "0",  # every image a few seconds: the batch cannot end before the signal does
+            "--max-iter",
+            "300",
             "--jobs",
             "2",
             "--out",
