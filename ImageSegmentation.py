@@ -1059,6 +1059,35 @@ class GaussianMixtureFit:
         logp = self._log_weighted_densities(X)
         return np.exp(logp - _logsumexp(logp, axis=1, keepdims=True))
 
+    @classmethod
+    def from_record(cls, record):
+        """The mixture a STEM_model.json record holds (its weights, means, covariances,
+        covariance_type and quantized_top), checked: ValueError, naming what is wrong, for
+        anything that is no valid mixture (a hand-edited file included)."""
+        try:
+            covariance_type = record["covariance_type"]
+            weights = np.asarray(record["weights"], dtype=np.float64)
+            means = np.asarray(record["means"], dtype=np.float64)
+            covariances = np.asarray(record["covariances"], dtype=np.float64)
+            top = record.get("quantized_top")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a model record ({error})") from None
+        if covariance_type not in COVARIANCE_TYPES or means.ndim != 2 or weights.ndim != 1:
+            raise ValueError("not a model record (covariance_type, weights or means)")
+        k, d = means.shape
+        shapes = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}
+        if len(weights) != k or covariances.shape != shapes[covariance_type] or d not in (1, 3):
+            raise ValueError("the weights, means and covariances do not fit together")
+        values = (weights, means, covariances)
+        if not all(np.all(np.isfinite(v)) for v in values):
+            raise ValueError("a parameter is not finite")
+        if np.any(weights <= 0) or abs(weights.sum() - 1) > 1e-6:
+            raise ValueError("the weights are not positive with sum 1")
+        precision_matrices(covariances, covariance_type, k, d)  # FitFailed if not positive
+        if top is not None and (not _is_integer(top) or top not in (255, 65535) or d != 1):
+            raise ValueError("quantized_top is not 255 or 65535 for a gray model")
+        return cls(weights, means, covariances, covariance_type, [], 0, True, top)
+
     def reordered(self, order):
         """The same model with its components in the given order."""
         covariances = (
@@ -1835,6 +1864,14 @@ def _luminance_order(means):
 def _relabelled(labels, order):
     """Labels of components renumbered so that component order[j] becomes j."""
     return np.argsort(order).astype(labels.dtype)[labels]
+
+
+def _mean_log_likelihood(model, data):
+    """The model's mean log-likelihood per pixel of the points (of their bins, when binned)."""
+    total = 0.0
+    for start, block in log_density_blocks(model, data):
+        total += data.weights[start : start + block.shape[1]] @ _logsumexp(block, axis=0)
+    return float(total / data.total_weight)
 
 
 def _most_likely(data, model):
@@ -3301,12 +3338,14 @@ def _fit_features(data, points, n_components, options, on_iteration):
 
 @dataclass(frozen=True)
 class SharedModel:
-    """One model for a batch (--shared), its BIC table (K = auto) and the images it saw."""
+    """One model for a batch: fitted to it (--shared; its BIC table with K = auto, and the
+    images it saw), or read from a file (--model)."""
 
     model: GaussianMixtureFit
     bic_table: list | None
     images: tuple
     mode: str  # "gray" or "color": the batch is colour when any image is
+    file: str | None = None  # the STEM_model.json it was read from
 
 
 def segment_points(
@@ -3332,6 +3371,8 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         model, table = _fit_features(data, points, n_components, options, on_iteration)
     else:
         model, table = shared.model, shared.bic_table
+        if not model.log_likelihood:  # a model read from a file: how well it fits this image
+            model = replace(model, log_likelihood=[_mean_log_likelihood(model, data)])
     segmentation = Segmentation(
         picture=picture,
         points=points,
@@ -3662,6 +3703,7 @@ def model_record(segmentation, source, settings, notes, seconds):
     if model.subsample is not None:
         record["subsample"] = model.subsample
     record["quantized"] = model.quantized_top is not None
+    record["quantized_top"] = model.quantized_top
     if segmentation.bias is not None:
         field = segmentation.bias
         record["bias_field"] = {
@@ -3676,9 +3718,12 @@ def model_record(segmentation, source, settings, notes, seconds):
         }
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial.to_json()
-    record["shared"] = segmentation.shared is not None
-    if segmentation.shared is not None:
-        record["shared_images"] = [shown(p) for p in segmentation.shared.images]
+    shared = segmentation.shared
+    record["shared"] = shared is not None and shared.file is None
+    if record["shared"]:
+        record["shared_images"] = [shown(p) for p in shared.images]
+    if shared is not None and shared.file is not None:
+        record["model_file"] = shown(shared.file)
     return record
 
 
@@ -4173,6 +4218,13 @@ def build_parser():
         "STEM_prob_L.png for label L: 16-bit, 0..65535 = 0..1, 0 outside the mask",
     )
     parser.add_argument(
+        "--model",
+        metavar="FILE",
+        help="label the images with the model in FILE (a STEM_model.json this program wrote) "
+        "instead of fitting one: the same label means the same component in every image; with "
+        "--spatial the labels are smoothed with the model held fixed",
+    )
+    parser.add_argument(
         "--outputs",
         type=_outputs,
         default=RunConfig.outputs,
@@ -4295,6 +4347,7 @@ class RunConfig:
     verbose: bool = False
     brain: bool = False  # --brain set the options BRAIN_PRESET names (those after it won)
     outputs: tuple = OUTPUTS  # the outputs to write
+    model: str | None = None  # label with this STEM_model.json instead of fitting
     segment: SegmentOptions = SegmentOptions()
 
     @classmethod
@@ -4357,6 +4410,7 @@ class RunConfig:
             bias_reg=segment.bias_reg,
             brain=self.brain,
             outputs=["json" if name == "model" else name for name in self.outputs],
+            model=None if self.model is None else shown(self.model),
         )
 
 
@@ -4498,7 +4552,11 @@ def segment_picture(picture, batch, on_iteration=None):
     """The segmentation of one read image as the options ask, and the notes a user should see."""
     config, shared = batch.config, batch.shared
     picture, mask_note = masked(picture, config)
-    points = distinct_values(picture, shared.mode if shared else config.mode)
+    points = distinct_values(picture, config.mode)
+    if shared is not None and shared.file is not None:
+        _check_fits_the_model(points, shared)
+    elif shared is not None and points.mode != shared.mode:  # a gray image in a colour batch
+        points = distinct_values(picture, shared.mode)
     options = config.segment
     if options.bias_field and not (picture.kind == "gray" and points.mode == "gray"):
         picture.notes.append("--bias-field applies to 8- and 16-bit gray images; ignored here")
@@ -4507,7 +4565,9 @@ def segment_picture(picture, batch, on_iteration=None):
         segmentation = segment_points(
             picture,
             points,
-            config.components_for(points.mode),
+            shared.model.n_components
+            if shared and shared.file
+            else config.components_for(points.mode),
             options,
             shared=shared,
             on_iteration=on_iteration,
@@ -4517,6 +4577,31 @@ def segment_picture(picture, batch, on_iteration=None):
     notes = picture.notes + [mask_note] * bool(mask_note)
     notes += fit_notes(segmentation, options.quantized and shared is None, options.fit.reg_covar)
     return segmentation, notes
+
+
+def _check_fits_the_model(points, shared):
+    """ImageError unless the image is of the kind the model read by --model was fitted to."""
+    where = f"the model {shown(shared.file)}"
+    if points.mode != shared.mode:
+        raise ImageError(f"{where} is of {shared.mode} images; this image is {points.mode}")
+    top = shared.model.quantized_top
+    if top is not None and gray_level_top(points) != top:
+        raise ImageError(
+            f"{where} fits {top.bit_length()}-bit gray levels as bins; this image's differ"
+        )
+
+
+def read_model(path):
+    """--model: the SharedModel of a STEM_model.json, or the reason it is none (one line)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        model = GaussianMixtureFit.from_record(record)
+    except OSError as error:
+        return None, f"cannot read it ({error.strerror or error})"
+    except (ValueError, AttributeError) as error:
+        return None, f"no usable model ({shown(error)})"
+    mode = "color" if model.means.shape[1] == 3 else "gray"
+    return SharedModel(model, None, (), mode, file=str(path)), None
 
 
 def masked(picture, config):
@@ -4837,6 +4922,14 @@ def main(argv=None):
 
 def check_combinations(config):
     """Options that cannot work together: bad usage, before any work."""
+    if config.model is not None:
+        for clash, why in (
+            (config.shared, "--shared: the model is given"),
+            (config.segment.bias_field, "--bias-field: a field with a fixed mixture is not built"),
+            (config.components is not None, "-k: the model has its components"),
+        ):
+            if clash:
+                raise UsageError(f"usage: --model does not combine with {why}")
     if config.segment.bias_field:
         for clash, why in (
             (config.segment.quantized, "--quantized: corrected values are no longer bins"),
@@ -4880,6 +4973,11 @@ def _run(config):
     shared = None
     if config.shared and files:
         shared, files = shared_model(files, config, report)
+    if config.model is not None:
+        shared, why = read_model(config.model)
+        for path in files if why else ():
+            report(path, f"model {shown(config.model)}: {why}")
+        files = [] if why else files
     parallel = jobs > 1 and len(files) > 1
     batch = Batch(_one_thread_a_worker(config) if parallel else config, frozenset(inputs), shared)
     tasks = [(path, stem, batch) for path, stem in zip(files, unique_stems(files))]

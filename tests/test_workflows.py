@@ -254,3 +254,91 @@ def test_pooled_points_are_the_histogram_of_all_images_together(rng):
     )
     assert gray.mode == "gray" and seg.gray_level_top(gray) == 255 and gray.weights.sum() == 300
     assert seg.pool_points(iter([])) is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--covariance", "diag"], ["--quantized"], ["--mask", "nonzero"]],
+    ids=["full", "diag", "quantized", "mask"],
+)
+def test_a_saved_model_labels_its_own_image_as_its_run_did(tmp_path, rng, capsys, options):
+    """--model FILE: no fit, the file's components in its numbering; on the image it was
+    written for, the same label map and segmented image to the byte."""
+    image = two_tone(tmp_path / "scan.png", rng, color="--quantized" not in options)
+    if "--mask" in options:
+        image[:3] = 0
+        image[-3:] = 0
+        image[:, :3] = 0
+        image[:, -3:] = 0
+        Image.fromarray(image).save(tmp_path / "scan.png")
+    status, out, err = run([tmp_path / "scan.png", *options, "--out", tmp_path / "fit"], capsys)
+    assert status == 0, err
+    saved = tmp_path / "fit" / "scan_model.json"
+    status, out, err = run(
+        [tmp_path / "scan.png", "--model", saved, *options, "--out", tmp_path / "applied"], capsys
+    )
+    assert status == 0, err
+    for name in ("scan_labels.png", "scan_segmented.png"):
+        assert (tmp_path / "fit" / name).read_bytes() == (tmp_path / "applied" / name).read_bytes()
+    fitted, applied = record_of(tmp_path / "fit", "scan"), record_of(tmp_path / "applied", "scan")
+    assert applied["means"] == fitted["means"] and applied["n_iter"] == 0
+    assert applied["model_file"] == str(saved) and applied["shared"] is False
+    assert applied["log_likelihood"][0] == pytest.approx(fitted["log_likelihood"][-1], abs=1e-9)
+
+
+def test_a_saved_model_with_the_spatial_prior_keeps_its_components(tmp_path, rng, capsys):
+    two_tone(tmp_path / "a.png", rng)
+    run([tmp_path / "a.png", "-k", "2", "--out", tmp_path / "fit"], capsys)
+    saved = tmp_path / "fit" / "a_model.json"
+    status, out, err = run(
+        [tmp_path / "a.png", "--model", saved, "--spatial", "1", "--out", tmp_path / "s"], capsys
+    )
+    assert status == 0, err
+    assert record_of(tmp_path / "s", "a")["means"] == record_of(tmp_path / "fit", "a")["means"]
+
+
+def test_models_that_do_not_fit_fail_each_image_in_one_line(tmp_path, rng, capsys):
+    """A colour model on a gray image, an 8-bit binned model on a 16-bit image, a file that is
+    missing, not JSON, or holds no valid mixture: one error line per image, exit status 1;
+    --model with --shared, --bias-field or -k is bad usage."""
+    two_tone(tmp_path / "gray.png", rng)
+    two_tone(tmp_path / "colour.png", rng, color=True)
+    Image.fromarray((rng.integers(0, 4, (20, 30)) * 20000).astype(np.uint16)).save(
+        tmp_path / "deep.png"
+    )
+    run([tmp_path / "colour.png", "--out", tmp_path / "c"], capsys)
+    run([tmp_path / "gray.png", "--quantized", "--out", tmp_path / "q"], capsys)
+    good = record_of(tmp_path / "q", "gray")
+    broken = {
+        "nan.json": dict(good, means=[[float("nan")]] * good["k"]),
+        "singular.json": dict(good, covariances=[[[-1.0]]] * good["k"]),
+        "weights.json": dict(good, weights=[0.9] * good["k"]),
+        "shapes.json": dict(good, means=[[0.5, 0.5, 0.5]] * good["k"]),
+    }
+    for name, record in broken.items():
+        (tmp_path / name).write_text(json.dumps(record))
+    (tmp_path / "text.json").write_text("not json")
+    cases = [
+        (
+            "gray.png",
+            tmp_path / "c" / "colour_model.json",
+            "is of color images; this image is gray",
+        ),
+        ("deep.png", tmp_path / "q" / "gray_model.json", "8-bit gray levels as bins"),
+        ("gray.png", tmp_path / "missing.json", "cannot read it"),
+        ("gray.png", tmp_path / "text.json", "no usable model"),
+    ] + [("gray.png", tmp_path / name, "no usable model") for name in broken]
+    for image, model, words in cases:
+        status, out, err = run(
+            [tmp_path / image, "--model", model, "--out", tmp_path / "o"], capsys
+        )
+        lines = err.strip().splitlines()
+        assert status == 1 and lines[0].startswith(f"error: {tmp_path / image}: "), err
+        assert words in lines[0] and len(lines) == 2 and "Traceback" not in err
+    for clash in (["--shared"], ["--bias-field"], ["-k", "3"]):
+        status, out, err = run(
+            [tmp_path / "gray.png", "--model", tmp_path / "q" / "gray_model.json", *clash]
+            + ["--out", tmp_path / "o"],
+            capsys,
+        )
+        assert status == 2 and err.startswith("error: usage: --model does not combine with")
