@@ -1059,6 +1059,17 @@ class GaussianMixtureFit:
         logp = self._log_weighted_densities(X)
         return np.exp(logp - _logsumexp(logp, axis=1, keepdims=True))
 
+    def to_record(self):
+        """The model as JSON-ready values, the keys of a STEM_model.json that from_record reads:
+        a model saved by the API is applied by --model as one saved by a run."""
+        return {
+            "covariance_type": self.covariance_type,
+            "weights": self.weights.tolist(),
+            "means": self.means.tolist(),
+            "covariances": np.asarray(self.covariances).tolist(),
+            "quantized_top": self.quantized_top,
+        }
+
     @classmethod
     def from_record(cls, record):
         """The mixture a STEM_model.json record holds (its weights, means, covariances,
