@@ -2826,6 +2826,7 @@ class BiasState:
     image: BiasImage = field(repr=False)
     degree: int = 3
     regularisation: float = 0.0  # the prior on the field: lambda of penalty()
+    mixture_fixed: bool = False  # a model read from a file: only the field is fitted
     counts = True
 
     @cached_property
@@ -3000,7 +3001,10 @@ def _field_line_search(state, step, score, at_least):
 def _mixture_and_field(state, moments, options):
     """The M-step's first half, the mixture on the corrected intensities, for responsibilities
     with these moments, and the field's Newton step from there."""
-    weights, means, variances = _bias_mixture(moments, options)
+    if state.mixture_fixed:
+        weights, means, variances = state.weights, state.means, state.variances
+    else:
+        weights, means, variances = _bias_mixture(moments, options)
     mixture = replace(state, weights=weights, means=means, variances=variances)
     prior = None
     if state.regularisation:
@@ -3037,12 +3041,13 @@ def _bias_coordinates(k):
     return Coordinates(to_vector, from_vector)
 
 
-def _plain_bias_fit(picture, image, field, options, on_iteration):
+def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
     the run with the highest final log-likelihood.  field = (K, degree, regularisation,
     with_field): without the field, the run is the plain mixture's, a start for the spatial
-    fit, which fits the field itself."""
+    fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
+    by --model): the start, and only the field is fitted."""
     n_components, degree, regularisation, with_field = field
     inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
     levels, counts = np.unique(inside_codes, return_counts=True)
@@ -3052,19 +3057,24 @@ def _plain_bias_fit(picture, image, field, options, on_iteration):
     no_field = np.zeros(len(bias_monomials(degree)))
 
     def fit_one():
-        stats = _initial_statistics(data, k, options.init, rng)
-        start = _starting_parameters(
-            data, k, options.covariance_type, options.reg_covar, stats, (None, None, None)
-        )
-        plain = _density_em(data, start, options)
+        if fixed is not None:
+            plain = replace(fixed, log_likelihood=[_mean_log_likelihood(fixed, data)])
+        else:
+            stats = _initial_statistics(data, k, options.init, rng)
+            start = _starting_parameters(
+                data, k, options.covariance_type, options.reg_covar, stats, (None, None, None)
+            )
+            plain = _density_em(data, start, options)
+        k_fitted = plain.n_components
         state = BiasState(
             plain.weights,
             plain.means[:, 0],
-            np.array(np.broadcast_to(plain.covariances.reshape(-1), (k,))),
+            np.array(np.broadcast_to(plain.covariances.reshape(-1), (k_fitted,))),
             no_field,
             image,
             degree,
             regularisation,
+            fixed is not None,
         )
         if not with_field:
             return EMRun(
@@ -3074,11 +3084,12 @@ def _plain_bias_fit(picture, image, field, options, on_iteration):
             state,
             partial(_bias_step, options=options),
             options,
-            coordinates=_bias_coordinates(k),
+            coordinates=None if fixed is not None else _bias_coordinates(k_fitted),
             on_iteration=on_iteration,
         )
 
-    return _best_of_starts(options.n_init, fit_one, score=lambda run: run.history[-1])
+    starts = 1 if fixed is not None else options.n_init
+    return _best_of_starts(starts, fit_one, score=lambda run: run.history[-1])
 
 
 def fit_bias_field(
@@ -3091,9 +3102,13 @@ def fit_bias_field(
     spatial=0.0,
     keep_posteriors=False,
     settings=SpatialSettings(),
+    fixed=None,
     on_iteration=None,
 ):
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
+
+    fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
+    only the field is fitted then.
 
     regularisation: lambda of the field's prior, a penalty (lambda / 2) c^T R c per pixel on
     its roughness (BiasState.penalty); 0 fits the field by maximum likelihood.
@@ -3107,7 +3122,7 @@ def fit_bias_field(
     """
     image = bias_image(picture, options.passes)
     field_model = (n_components, degree, regularisation, not spatial_on(spatial))
-    run = _plain_bias_fit(picture, image, field_model, options, on_iteration)
+    run = _plain_bias_fit(picture, image, field_model, options, on_iteration, fixed)
     state, record, k = run.state, None, len(run.state.weights)
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
@@ -3376,7 +3391,11 @@ def segment_points(
 
 def _segment(picture, points, n_components, options, shared, on_iteration):
     if options.bias_field:
-        return _segment_with_bias(picture, points, n_components, options, on_iteration)
+        fixed = None if shared is None else shared.model
+        segmentation = _segment_with_bias(
+            picture, points, n_components, options, on_iteration, fixed
+        )
+        return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
         model, table = _fit_features(data, points, n_components, options, on_iteration)
@@ -3419,7 +3438,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
     )
 
 
-def _segment_with_bias(picture, points, n_components, options, on_iteration):
+def _segment_with_bias(picture, points, n_components, options, on_iteration, fixed=None):
     if picture.kind != "gray" or points.mode != "gray":
         raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
     if not _is_integer(n_components):
@@ -3433,6 +3452,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration):
         spatial=options.spatial,
         keep_posteriors=options.keep_posteriors,
         settings=options.spatial_settings,
+        fixed=fixed,
         on_iteration=on_iteration,
     )
     return Segmentation(
@@ -4233,7 +4253,8 @@ def build_parser():
         metavar="FILE",
         help="label the images with the model in FILE (a STEM_model.json this program wrote) "
         "instead of fitting one: the same label means the same component in every image; with "
-        "--spatial the labels are smoothed with the model held fixed",
+        "--spatial the labels are smoothed with the model held fixed, with --bias-field only "
+        "the field is fitted",
     )
     parser.add_argument(
         "--outputs",
@@ -4936,7 +4957,6 @@ def check_combinations(config):
     if config.model is not None:
         for clash, why in (
             (config.shared, "--shared: the model is given"),
-            (config.segment.bias_field, "--bias-field: a field with a fixed mixture is not built"),
             (config.components is not None, "-k: the model has its components"),
         ):
             if clash:
