@@ -1881,7 +1881,9 @@ def _mean_log_likelihood(model, data):
     """The model's mean log-likelihood per pixel of the points (of their bins, when binned)."""
     total = 0.0
     for start, block in log_density_blocks(model, data):
-        total += data.weights[start : start + block.shape[1]] @ _logsumexp(block, axis=0)
+        top = block.max(axis=0)
+        lse = np.log(np.exp(block - top).sum(axis=0)) + top  # NumPy's: SciPy costs 0.1 s to import
+        total += data.weights[start : start + block.shape[1]] @ lse
     return float(total / data.total_weight)
 
 
