@@ -1228,11 +1228,7 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
     drawn = []  # made after the first start's initialisation, whose passes are the peak
 
     def fit_one():
-        stats = _initial_statistics(data, n_components, options.init, rng)
-        weights, means, covariances = _starting_parameters(
-            data, n_components, options.covariance_type, options.reg_covar, stats, (None,) * 3
-        )
-        del stats
+        weights, means, covariances = _fresh_start(data, n_components, options, rng)
         if not drawn:
             drawn.append(_drawn_sample(data, options.subsample_above // 16, draw))
         sample = drawn[0]
@@ -1263,6 +1259,14 @@ def _drawn_sample(data, pixels, rng):
 def _n_distinct(data):
     """Points with positive weight: the most components the data can hold apart."""
     return int(np.count_nonzero(data.weights > 0))
+
+
+def _fresh_start(data, n_components, options, rng):
+    """theta_0 of a new start (centred): the M-step of options.init's initial responsibilities."""
+    stats = _initial_statistics(data, n_components, options.init, rng)
+    return _starting_parameters(
+        data, n_components, options.covariance_type, options.reg_covar, stats, (None,) * 3
+    )
 
 
 def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, given):
@@ -1801,14 +1805,7 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
         return quantized_m_step(state.statistics, covariance_type, floor, state)
 
     def fit_one():
-        weights, means, covariances = _starting_parameters(
-            data,
-            n_components,
-            covariance_type,
-            options.reg_covar,
-            _initial_statistics(data, n_components, options.init, rng),
-            (None, None, None),
-        )
+        weights, means, covariances = _fresh_start(data, n_components, options, rng)
         start = MixtureState(weights, data.uncentred(means), np.maximum(covariances, floor), e_step)
         run = run_mixture_em(start, m_step, options, on_iteration)
         return GaussianMixtureFit.of_run(run.state.parameters, covariance_type, run, top)
@@ -3062,11 +3059,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None):
         if fixed is not None:
             plain = replace(fixed, log_likelihood=[_mean_log_likelihood(fixed, data)])
         else:
-            stats = _initial_statistics(data, k, options.init, rng)
-            start = _starting_parameters(
-                data, k, options.covariance_type, options.reg_covar, stats, (None, None, None)
-            )
-            plain = _density_em(data, start, options)
+            plain = _density_em(data, _fresh_start(data, k, options, rng), options)
         k_fitted = plain.n_components
         state = BiasState(
             plain.weights,
