@@ -104,6 +104,7 @@ BRAIN_PRESET = (
     ("mask", "nonzero"),
     ("components", 3),
     ("covariance", "tied"),
+    ("partial_volume", True),
     ("spatial", 0.5),
     ("bias_field", True),
     ("bias_reg", 1.0),
@@ -890,6 +891,106 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
     return weights, means, covariances
 
 
+# --- partial volume: Gaussians that are mixtures of tissues (--partial-volume) ----------
+# A pixel on the border of two tissues holds some of each, and its intensity is in between
+# (FSL FAST's partial volume; Santago and Gage, IEEE TMI 12, 1993).  One Gaussian a tissue
+# bends to fit those pixels: at its maximum, white matter's Gaussian narrows to its bright
+# peak and the white matter next to grey goes to grey.  So next to each tissue's pure
+# Gaussian there are mixels: Gaussians at the fractions MIXEL_FRACTIONS of the way between two
+# tissues adjacent in intensity, their mean fixed by the tissues' (mu_g = sum_t F_gt mu_t), one
+# covariance for all.  The M-step for the means is a weighted least squares in the tissues'
+# means; a pixel's tissue is the one with most of it: each Gaussian belongs to the tissue of
+# its largest fraction, and the label maps and spatial prior are over tissues.
+
+
+@dataclass(frozen=True, eq=False)
+class PartialVolume:
+    """Which tissues each of G Gaussians mixes: fractions (G, T), each row summing to 1, the T
+    pure tissues first, in order.  tissue_of: the tissue with most of each Gaussian."""
+
+    fractions: np.ndarray
+
+    @property
+    def n_tissues(self):
+        return self.fractions.shape[1]
+
+    @property
+    def tissue_of(self):
+        return np.argmax(self.fractions, axis=1)
+
+    @property
+    def membership(self):
+        """(G, T) 1 where a Gaussian belongs to a tissue (its largest fraction), else 0."""
+        return np.eye(self.n_tissues)[self.tissue_of]
+
+    def tissue_sums(self, values):
+        """(T, ...) values (G, ...) summed over each tissue's Gaussians."""
+        return _grouped_sums(values, self.tissue_of, self.n_tissues)
+
+    def tissue_log_probabilities(self, logp):
+        """(T, ...) log sum over each tissue's Gaussians of (G, ...) log(w_g p(x | g))."""
+        tissue_of = self.tissue_of
+        return np.stack(
+            [_logsumexp(logp[tissue_of == t], axis=0) for t in range(self.n_tissues)]
+        ).astype(logp.dtype, copy=False)
+
+    def expected_fractions(self, posteriors):
+        """(T, ...) each tissue's expected share of a pixel, from (G, ...) posteriors: FAST's
+        partial volume maps."""
+        return np.tensordot(self.fractions.T.astype(posteriors.dtype), posteriors, axes=1)
+
+    def means(self, mass, first, previous):
+        """The mixels' constrained means (G, D) from the moment sums: the tissues' means by
+        weighted least squares, sum_g mass_g F_g F_g^T mu = sum_g F_g first_g.  A tissue
+        with no mass keeps its mean (a ridge of EMPTY_COMPONENT towards previous (G, D))."""
+        f = self.fractions
+        tissues = previous[: self.n_tissues]
+        normal = (f * mass[:, None]).T @ f + EMPTY_COMPONENT * np.eye(self.n_tissues)
+        right = f.T @ first + EMPTY_COMPONENT * tissues
+        return f @ np.linalg.solve(normal, right)
+
+    def reordered(self, order):
+        """The same structure with its tissues in the given order: (it, the Gaussians' order)."""
+        rows = np.concatenate([order, np.arange(self.n_tissues, len(self.fractions))])
+        return PartialVolume(self.fractions[rows][:, order]), rows
+
+
+MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
+
+
+def _grouped_sums(values, groups, n_groups):
+    """(n_groups, ...) the rows of values (K, ...) summed by their group (K,)."""
+    out = np.zeros((n_groups,) + values.shape[1:], dtype=values.dtype)
+    for k, group in enumerate(groups):
+        out[group] += values[k]
+    return out
+
+
+def partial_volume(n_tissues, fractions=MIXEL_FRACTIONS):
+    """The PartialVolume of n_tissues ordered by intensity: pure tissues, then the mixels of
+    each pair of neighbours in that order (CSF-grey and grey-white, not CSF-white)."""
+    rows = list(np.eye(n_tissues))
+    for t in range(n_tissues - 1):
+        for f in fractions:
+            row = np.zeros(n_tissues)
+            row[t], row[t + 1] = 1.0 - f, f
+            rows.append(row)
+    return PartialVolume(np.array(rows))
+
+
+def _partial_volume_m_step(stats, pv, reg_covar, previous_means):
+    """The M-step of a partial-volume mixture: weights as any mixture's, the means constrained
+    (PartialVolume.means), one covariance: the scatter about each Gaussian's own mean."""
+    n_features = previous_means.shape[1]
+    mass, first, second = _unpack_moments(stats, n_features)
+    means = pv.means(mass, first, previous_means)
+    cross = np.einsum("gi,gj->ij", first, means)
+    scatter = second.sum(axis=0) - cross - cross.T + np.einsum("g,gi,gj->ij", mass, means, means)
+    covariance = scatter / mass.sum() + reg_covar * np.eye(n_features)
+    resp_mass = mass + 10 * np.finfo(np.float64).eps
+    return resp_mass / resp_mass.sum(), means, covariance
+
+
 def _hard_statistics(data, centers):
     """Weighted k-means pass: moment sums of each point's nearest centre."""
     coefficients = np.zeros((data.n_params, len(centers)))
@@ -999,6 +1100,9 @@ class GaussianMixtureFit:
         With more distinct values than FitOptions.subsample_above, EM started from a fit to a
         draw of that many pixels: {"pixels", "points", "n_iter", "em_steps", "converged"} of
         that fit; log_likelihood, n_iter and n_em_steps are those on every point.
+    partial_volume : PartialVolume or None
+        A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
+        T tissues, and labels, predict and predict_proba are of the tissues.
     """
 
     weights: np.ndarray
@@ -1011,6 +1115,7 @@ class GaussianMixtureFit:
     quantized_top: int | None = None
     n_em_steps: int = 0
     subsample: dict | None = None  # the fit started from a fit to a draw of pixels: what ran there
+    partial_volume: PartialVolume | None = None
 
     @classmethod
     def of_run(cls, parameters, covariance_type, run, quantized_top=None):
@@ -1033,12 +1138,28 @@ class GaussianMixtureFit:
     def n_components(self):
         return len(self.weights)
 
+    @property
+    def n_labels(self):
+        """The labels of a segmentation: the components, or a partial-volume model's tissues."""
+        pv = self.partial_volume
+        return self.n_components if pv is None else pv.n_tissues
+
+    @property
+    def label_weights(self):
+        pv = self.partial_volume
+        return self.weights if pv is None else self.weights @ pv.membership
+
+    @property
+    def label_means(self):
+        """The colour of each label: its component's mean, or the pure tissue's."""
+        return self.means[: self.n_labels]
+
     def _log_weighted_densities(self, X):
-        """(n, K) log(w_k p(x | k)): Gaussian densities, or a binned model's bin probabilities."""
+        """(n, L) log(w p(x | label)): Gaussian densities, or a binned model's bin probabilities."""
         X = np.asarray(X, dtype=np.float64)
         data = _PointFeatures(X, np.ones(len(X)))
-        logp = np.empty((len(X), self.n_components))
-        for start, block in log_density_blocks(self, data):
+        logp = np.empty((len(X), self.n_labels))
+        for start, block in log_label_blocks(self, data):
             logp[start : start + block.shape[1]] = block.T
         return logp
 
@@ -1068,7 +1189,7 @@ class GaussianMixtureFit:
             "means": self.means.tolist(),
             "covariances": np.asarray(self.covariances).tolist(),
             "quantized_top": self.quantized_top,
-        }
+        } | _partial_volume_record(self)
 
     @classmethod
     def from_record(cls, record):
@@ -1097,16 +1218,51 @@ class GaussianMixtureFit:
         precision_matrices(covariances, covariance_type, k, d)  # FitFailed if not positive
         if top is not None and (not _is_integer(top) or top not in (255, 65535) or d != 1):
             raise ValueError("quantized_top is not 255 or 65535 for a gray model")
-        return cls(weights, means, covariances, covariance_type, [], 0, True, top)
+        pv = _partial_volume_of_record(record.get("partial_volume"), k, covariance_type, top)
+        return cls(weights, means, covariances, covariance_type, [], 0, True, top, 0, None, pv)
 
     def reordered(self, order):
-        """The same model with its components in the given order."""
+        """The same model with its components (a partial-volume model: tissues) in that order."""
+        if self.partial_volume is not None:
+            pv, rows = self.partial_volume.reordered(order)
+            weights, means = self.weights[rows], self.means[rows]
+            return replace(self, weights=weights, means=means, partial_volume=pv)
         covariances = (
             self.covariances if self.covariance_type == "tied" else self.covariances[order]
         )
         return replace(
             self, weights=self.weights[order], means=self.means[order], covariances=covariances
         )
+
+
+def _partial_volume_record(model):
+    """The model record's "partial_volume" key, for a partial-volume model only."""
+    if model.partial_volume is None:
+        return {}
+    return {"partial_volume": {"fractions": model.partial_volume.fractions.tolist()}}
+
+
+def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
+    """The PartialVolume a model record's "partial_volume" holds (None: none), checked."""
+    if value is None:
+        return None
+    try:
+        fractions = np.asarray(value["fractions"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"not a partial-volume record ({error})") from None
+    if fractions.ndim != 2 or len(fractions) != n_gaussians or fractions.shape[1] < 1:
+        raise ValueError("the partial volume's fractions do not fit the weights")
+    t = fractions.shape[1]
+    if (
+        not np.all(np.isfinite(fractions))
+        or np.any(fractions < 0)
+        or np.any(np.abs(fractions.sum(axis=1) - 1) > 1e-9)
+        or not np.array_equal(fractions[:t], np.eye(t))
+    ):
+        raise ValueError("the partial volume's fractions are not shares of its tissues")
+    if covariance_type != "tied" or top is not None:
+        raise ValueError("a partial-volume model has one (tied) covariance and no bins")
+    return PartialVolume(fractions)
 
 
 def log_density_blocks(model, data):
@@ -1124,6 +1280,13 @@ def log_density_blocks(model, data):
     )
     for start, phi, _ in data.blocks():
         yield start, coefficients.T @ phi
+
+
+def log_label_blocks(model, data):
+    """log_density_blocks of the labels: a partial-volume model's summed over each tissue."""
+    for start, block in log_density_blocks(model, data):
+        pv = model.partial_volume
+        yield start, block if pv is None else pv.tissue_log_probabilities(block)
 
 
 @dataclass(frozen=True)
@@ -1552,8 +1715,9 @@ def _best_of_starts(n_starts, fit_one, score):
     return best
 
 
-def _density_em(data, start, options, on_iteration=None):
-    """EM of the density model from centred parameters start = (weights, means, covariances)."""
+def _density_em(data, start, options, on_iteration=None, partial_volume=None):
+    """EM of the density model from centred parameters start = (weights, means, covariances);
+    of a partial-volume mixture (tied) with that PartialVolume."""
     covariance_type = options.covariance_type
 
     def e_step(state):
@@ -1563,6 +1727,10 @@ def _density_em(data, start, options, on_iteration=None):
         )
 
     def m_step(state):
+        if partial_volume is not None:
+            return _partial_volume_m_step(
+                state.statistics, partial_volume, options.reg_covar, state.means
+            )
         return _m_step(
             state.statistics, covariance_type, options.reg_covar, state.means, state.covariances
         )
@@ -1570,7 +1738,20 @@ def _density_em(data, start, options, on_iteration=None):
     run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration)
     weights, means, covariances = run.state.parameters
     parameters = (weights, data.uncentred(means), covariances)
-    return GaussianMixtureFit.of_run(parameters, covariance_type, run)
+    fit = GaussianMixtureFit.of_run(parameters, covariance_type, run)
+    return replace(fit, partial_volume=partial_volume)
+
+
+def _partial_volume_fit(data, tissues, options, on_iteration=None):
+    """The partial-volume mixture of a tied mixture of its tissues (numbered by luminance): EM
+    from the tissues' means and covariance, every pure Gaussian and mixel weighted alike."""
+    if options.covariance_type != "tied":
+        raise ValueError("a partial-volume model has one covariance: covariance_type 'tied'")
+    pv = partial_volume(tissues.n_components)
+    n_gaussians = len(pv.fractions)
+    means = data.centred(pv.fractions @ tissues.means)
+    start = (np.full(n_gaussians, 1.0 / n_gaussians), means, tissues.covariances)
+    return _density_em(data, start, options, on_iteration, partial_volume=pv)
 
 
 def fit_gmm(
@@ -1885,9 +2066,9 @@ def _mean_log_likelihood(model, data):
 
 
 def _most_likely(data, model):
-    """Index of the most likely component of every point, block by block."""
+    """Index of the most likely label (component, or tissue) of every point, block by block."""
     labels = np.empty(len(data), dtype=np.int64)
-    for start, block in log_density_blocks(model, data):
+    for start, block in log_label_blocks(model, data):
         labels[start : start + block.shape[1]] = np.argmax(block, axis=0)
     return labels
 
@@ -1907,18 +2088,25 @@ def point_index(picture, points, passes=Passes()):
     return lookup_codes(picture, lut, passes)
 
 
-def fit_components(data, n_components, options, quantized_top=None, on_iteration=None):
+def fit_components(
+    data, n_components, options, quantized_top=None, on_iteration=None, partial_volume=False
+):
     """K components (at most one per distinct value), numbered by luminance.
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
+    partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component fit.
     """
     k = min(n_components, _n_distinct(data))
     if quantized_top is not None:
         levels = data.values[:, 0].astype(np.float64)
         fit = _fit_quantized(levels, data.weights, k, quantized_top, options, on_iteration)
+    elif partial_volume:
+        tissues = _fit_data(data, k, options)
+        tissues = tissues.reordered(_luminance_order(tissues.means))
+        fit = _partial_volume_fit(data, tissues, options, on_iteration)
     else:
         fit = _fit_data(data, k, options, on_iteration=on_iteration)
-    return fit.reordered(_luminance_order(fit.means))
+    return fit.reordered(_luminance_order(fit.label_means))
 
 
 def select_components(fit_k, data, k_max):
@@ -2068,6 +2256,16 @@ class Sweep:
     moved: np.ndarray | None = None
     settings: SpatialSettings = SpatialSettings()
     passes: Passes = Passes()
+    groups: np.ndarray | None = None  # the label of each component (partial volume), or None
+
+
+def _coupled(neighbours, groups):
+    """The prior's pull on each component from its neighbours' q (K, ...): their q of the
+    component itself (Potts), or with groups, of every component of its label (a label's
+    Gaussians agree with one another: a partial-volume model's prior is on the tissues)."""
+    if groups is None:
+        return neighbours
+    return _grouped_sums(neighbours, groups, int(groups.max()) + 1)[groups]
 
 
 def _update_sites(padded, rows, cols, sweep, pairs):
@@ -2083,6 +2281,7 @@ def _update_sites(padded, rows, cols, sweep, pairs):
     neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
     neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
     neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+    neighbours = _coupled(neighbours, sweep.groups)
     keep_old = sweep.relaxation != 1.0 or sweep.moved is not None
     old = centre.copy() if keep_old else centre
     target, log_target = _site_update(
@@ -2139,6 +2338,7 @@ def _partial_sweep(padded, sweep, table, index, sites):
         neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
         neighbours += np.take(flat, at - width - 2, axis=1)
         neighbours += np.take(flat, at + width + 2, axis=1)
+        neighbours = _coupled(neighbours, sweep.groups)
         logp = np.take(table, points[chunk], axis=1)
         target, log_target = _site_update(
             old, neighbours, logp, sweep.beta, sweep.relaxation, settings
@@ -2231,8 +2431,9 @@ def _dilate(moved, inside, passes=Passes()):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
-    """L(q, theta) computed from its definition, band by band (at the start of a fit).
+def _mean_field_objective(padded, beta, site_logp, passes=Passes(), groups=None):
+    """L(q, theta) computed from its definition, band by band (at the start of a fit); with
+    groups, the pairs agree on labels (_coupled).
 
     Outside a mask q is 0, so those pixels add nothing.
     """
@@ -2246,6 +2447,9 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
         expected -= np.log(np.maximum(q, tiny))
         objective = np.sum(q * expected, dtype=np.float64)
         below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
+        if groups is not None:
+            n_labels = int(groups.max()) + 1
+            q, below = _grouped_sums(q, groups, n_labels), _grouped_sums(below, groups, n_labels)
         pairs = np.sum(q * below, dtype=np.float64)
         pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
         return objective + beta * pairs
@@ -2254,7 +2458,7 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes=Passes()):
+def _prior_terms(padded, beta, passes=Passes(), groups=None):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -2262,7 +2466,7 @@ def _prior_terms(padded, beta, passes=Passes()):
     def no_data(row_slice, col_slice):
         return np.zeros((n_components, len(rows[row_slice]), len(cols[col_slice])))
 
-    return _mean_field_objective(padded, beta, no_data, passes)
+    return _mean_field_objective(padded, beta, no_data, passes, groups)
 
 
 def _posterior_start(padded, site_logp, inside, passes=Passes()):
@@ -2299,18 +2503,21 @@ def _softmax_over_components(logits):
     return logits
 
 
-def _argmax_over_components(q, passes):
+def _argmax_over_components(q, passes, groups=None):
     """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow),
-    band by band."""
+    band by band; with groups (K,), of the q summed over each label's components."""
     labels = np.zeros(q.shape[1:], dtype=np.uint8 if len(q) <= 256 else np.uint16)
 
     def band_argmax(band):
         rows = slice(*band)
-        best = q[0, rows].copy()
-        for k in range(1, len(q)):
-            better = q[k, rows] > best
+        of_rows = q[:, rows]
+        if groups is not None:
+            of_rows = _grouped_sums(of_rows, groups, groups.max() + 1)
+        best = of_rows[0].copy()
+        for k in range(1, len(of_rows)):
+            better = of_rows[k] > best
             labels[rows][better] = k
-            np.maximum(best, q[k, rows], out=best)
+            np.maximum(best, of_rows[k], out=best)
 
     passes.run(band_argmax, passes.bands(q.shape[1], q.shape[2], len(q)))
     return labels
@@ -2457,16 +2664,25 @@ def _spatial_run(fit, parameters, on_iteration=None):
     q = fit.site_logp(parameters)(rows, cols)
     _softmax_over_components(q)
     inside = None if fit.inside is None else fit.inside[rows, cols]
-    estimate = estimate_beta(q, parameters.weights, inside, fit.settings.most_beta)
+    groups = _groups_of(parameters)
+    if groups is not None:
+        q = _grouped_sums(q, groups, groups.max() + 1)
+    estimate = estimate_beta(q, parameters.label_weights, inside, fit.settings.most_beta)
     beta, halvings = estimate, 0
     while True:
         run, record = _recorded(fit, parameters, beta, estimate, on_iteration)
-        labels = _argmax_over_components(run.state.q, fit.passes)
-        empty = _empty_labels(labels, fit.inside, len(parameters.weights))
+        labels = _argmax_over_components(run.state.q, fit.passes, groups)
+        empty = _empty_labels(labels, fit.inside, len(parameters.label_weights))
         if not empty or halvings == fit.settings.beta_halvings:
             return run, record
         del run, labels
         beta, halvings = beta / 2, halvings + 1
+
+
+def _groups_of(parameters):
+    """The label of each component for the spatial prior: a partial-volume model's tissues."""
+    pv = parameters.partial_volume
+    return None if pv is None else pv.tissue_of
 
 
 def _recorded(fit, parameters, beta, estimate, on_iteration):
@@ -2566,7 +2782,7 @@ class PointsMeanField:
         point_logp = _point_log_probabilities(model, self.data)
         if from_posterior:
             _posterior_start(padded, _looked_up(point_logp, self.index), self.inside, self.passes)
-        prior_terms = _prior_terms(padded, self.beta, self.passes)
+        prior_terms = _prior_terms(padded, self.beta, self.passes, _groups_of(model))
         sums = self.point_sums(padded[:, 1:-1, 1:-1])
         total = prior_terms + float(np.sum(sums * point_logp))
         return MeanField(
@@ -2579,7 +2795,13 @@ class PointsMeanField:
         ledger, settings = state.ledger, self.settings
         swept_all = sweep_all or ledger.active is None
         sweep = Sweep(
-            self.beta, None, self.inside, state.relaxation, settings=settings, passes=self.passes
+            self.beta,
+            None,
+            self.inside,
+            state.relaxation,
+            settings=settings,
+            passes=self.passes,
+            groups=_groups_of(state.parameters),
         )
         swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
@@ -2662,9 +2884,14 @@ def _spatial_m_step(model, data, resp, reg_covar):
         )
         return replace(model, weights=weights, means=means, covariances=covariances)
     stats = sum(resp[:, start : start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
-    weights, means, covariances = _m_step(
-        stats, model.covariance_type, reg_covar, data.centred(model.means), model.covariances
-    )
+    if model.partial_volume is not None:
+        weights, means, covariances = _partial_volume_m_step(
+            stats, model.partial_volume, reg_covar, data.centred(model.means)
+        )
+    else:
+        weights, means, covariances = _m_step(
+            stats, model.covariance_type, reg_covar, data.centred(model.means), model.covariances
+        )
     return replace(model, weights=weights, means=data.uncentred(means), covariances=covariances)
 
 
@@ -2692,9 +2919,11 @@ def spatial_fit(
         data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters
     )
     run, record = _spatial_run(fit, model, on_iteration)
-    q = run.state.q
-    labels = _argmax_over_components(q, options.passes)
-    return run.state.parameters, labels, record, q
+    q, model = run.state.q, run.state.parameters
+    labels = _argmax_over_components(q, options.passes, _groups_of(model))
+    if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
+        q = model.partial_volume.expected_fractions(q)
+    return model, labels, record, q
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
@@ -2826,7 +3055,13 @@ class BiasState:
     degree: int = 3
     regularisation: float = 0.0  # the prior on the field: lambda of penalty()
     mixture_fixed: bool = False  # a model read from a file: only the field is fitted
+    partial_volume: PartialVolume | None = None  # the Gaussians mix these tissues
     counts = True
+
+    @property
+    def label_weights(self):
+        pv = self.partial_volume
+        return self.weights if pv is None else self.weights @ pv.membership
 
     @cached_property
     def evaluation(self):
@@ -2881,6 +3116,14 @@ class _BandModel:
         return _bias_log_densities(self.state, self.corrected(rows, cols)[0])
 
 
+def _labels_and_posteriors(r, pv):
+    """(L, h, w) posteriors of the labels from the Gaussians' r (K, h, w): r itself, or for a
+    partial-volume model each tissue's summed; and those kept (its expected fractions)."""
+    if pv is None:
+        return r, r
+    return pv.tissue_sums(r), pv.expected_fractions(r)
+
+
 def _softmax_and_lse(logp):
     """(responsibilities float32, log-sum-exp float64) over axis 0 of logp, which is reused."""
     top = logp.max(axis=0)
@@ -2919,10 +3162,11 @@ def _bias_pass(state, labels=None, posteriors=None):
             r *= inside
         moments = np.zeros((k, 3, 2 * degree + 1, 2 * degree + 1))
         _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
+        of_labels, kept = _labels_and_posteriors(r, state.partial_volume)
         if labels is not None:
-            labels[rows] = _argmax_over_components(r, Passes(threads=1))
+            labels[rows] = _argmax_over_components(of_labels, Passes(threads=1))
         if posteriors is not None:
-            posteriors[:, rows] = r
+            posteriors[:, rows] = kept
         return moments, float(np.sum(lse, where=inside))
 
     moments, total = 0.0, 0.0
@@ -2932,10 +3176,17 @@ def _bias_pass(state, labels=None, posteriors=None):
     return moments, total / image.n_pixels
 
 
-def _bias_mixture(moments, options):
+def _bias_mixture(moments, options, state):
     """The mixture's M-step on the corrected intensities, from the moments' constant terms: a
-    variance per component, or one for all with covariance_type "tied"."""
+    variance per component, or one for all with covariance_type "tied"; a partial-volume
+    model's means constrained (PartialVolume.means)."""
     mass, first, second = moments[:, :, 0, 0].T
+    pv = state.partial_volume
+    if pv is not None:
+        means = pv.means(mass, first[:, None], state.means[:, None])[:, 0]
+        spread = np.sum(second - 2 * means * first + means**2 * mass) / mass.sum()
+        mass = mass + 10 * np.finfo(np.float64).eps
+        return mass / mass.sum(), means, np.full_like(means, spread + options.reg_covar)
     mass = mass + 10 * np.finfo(np.float64).eps
     means = first / mass
     scatter = np.maximum(second / mass - means**2, 0.0)
@@ -3003,7 +3254,7 @@ def _mixture_and_field(state, moments, options):
     if state.mixture_fixed:
         weights, means, variances = state.weights, state.means, state.variances
     else:
-        weights, means, variances = _bias_mixture(moments, options)
+        weights, means, variances = _bias_mixture(moments, options, state)
     mixture = replace(state, weights=weights, means=means, variances=variances)
     prior = None
     if state.regularisation:
@@ -3040,13 +3291,14 @@ def _bias_coordinates(k):
     return Coordinates(to_vector, from_vector)
 
 
-def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None):
+def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv=False):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
     the run with the highest final log-likelihood.  field = (K, degree, regularisation,
     with_field): without the field, the run is the plain mixture's, a start for the spatial
     fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
-    by --model): the start, and only the field is fitted."""
+    by --model): the start, and only the field is fitted.  pv: the plain mixture is the
+    partial-volume model of its components (_partial_volume_fit)."""
     n_components, degree, regularisation, with_field = field
     inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
     levels, counts = np.unique(inside_codes, return_counts=True)
@@ -3060,6 +3312,9 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None):
             plain = replace(fixed, log_likelihood=[_mean_log_likelihood(fixed, data)])
         else:
             plain = _density_em(data, _fresh_start(data, k, options, rng), options)
+            if pv:
+                tissues = plain.reordered(_luminance_order(plain.means))
+                plain = _partial_volume_fit(data, tissues, options)
         k_fitted = plain.n_components
         state = BiasState(
             plain.weights,
@@ -3070,6 +3325,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None):
             degree,
             regularisation,
             fixed is not None,
+            plain.partial_volume,
         )
         if not with_field:
             return EMRun(
@@ -3098,12 +3354,14 @@ def fit_bias_field(
     keep_posteriors=False,
     settings=SpatialSettings(),
     fixed=None,
+    pv=False,
     on_iteration=None,
 ):
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
 
     fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
-    only the field is fitted then.
+    only the field is fitted then.  pv: n_components tissues and their mixels (section 4's
+    partial volume); the labels are the tissues, the posteriors their expected fractions.
 
     regularisation: lambda of the field's prior, a penalty (lambda / 2) c^T R c per pixel on
     its roughness (BiasState.penalty); 0 fits the field by maximum likelihood.
@@ -3117,35 +3375,40 @@ def fit_bias_field(
     """
     image = bias_image(picture, options.passes)
     field_model = (n_components, degree, regularisation, not spatial_on(spatial))
-    run = _plain_bias_fit(picture, image, field_model, options, on_iteration, fixed)
-    state, record, k = run.state, None, len(run.state.weights)
+    run = _plain_bias_fit(picture, image, field_model, options, on_iteration, fixed, pv)
+    state, record, k = run.state, None, len(run.state.label_weights)
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
+        if state.partial_volume is not None:  # the prior smooths the tissues, not the mixture
+            state = replace(state, mixture_fixed=True)
         spatial_run, record = _spatial_run(fit, state, on_iteration)
         state, q = spatial_run.state.parameters, spatial_run.state.q
         del spatial_run
-        labels = _argmax_over_components(q, options.passes)
+        labels = _argmax_over_components(q, options.passes, _groups_of(state))
+        if keep_posteriors and state.partial_volume is not None:
+            q = state.partial_volume.expected_fractions(q)
     else:  # the labels (and posteriors) from one more pass of the fitted state
         labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
         _bias_pass(state, labels=labels, posteriors=q)
-    order = np.argsort(state.means, kind="stable")
+    coefficients = state.coefficients
+    shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
+    scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
+    variances = state.variances[:, None, None] * scale**2
+    tied = options.covariance_type == "tied"
+    corrected = (state.weights, state.means[:, None] * scale, variances)
+    if tied:  # one variance: scikit-learn's tied shape, (D, D)
+        corrected = corrected[:2] + (variances[0],)
+    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
+    model = replace(model, partial_volume=state.partial_volume)
+    order = _luminance_order(model.label_means)
     labels = _relabelled(labels, order)
     if picture.mask is not None:
         labels[~picture.mask] = 0
     posteriors = q[order] if keep_posteriors else None
     del q
-    coefficients = state.coefficients
-    shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
-    scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
-    variances = state.variances[order, None, None] * scale**2
-    tied = options.covariance_type == "tied"
-    corrected = (state.weights[order], state.means[order, None] * scale, variances)
-    if tied:  # one variance: scikit-learn's tied shape, (D, D)
-        corrected = corrected[:2] + (variances[0],)
-    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
     field = BiasField(degree, coefficients, picture.codes.shape, shift, regularisation)
-    return model, field, labels, record, posteriors
+    return model.reordered(order), field, labels, record, posteriors
 
 
 def _inside_moments(image, degree):
@@ -3248,7 +3511,7 @@ class BiasMeanField:
         state = replace(parameters, image=self.image)
         if from_posterior:
             _posterior_start(padded, self.site_logp(state), self.inside, self.passes)
-        total = _prior_terms(padded, self.beta, self.passes)
+        total = _prior_terms(padded, self.beta, self.passes, _groups_of(state))
         total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
 
@@ -3265,6 +3528,7 @@ class BiasMeanField:
             state.relaxation,
             settings=self.settings,
             passes=self.passes,
+            groups=_groups_of(parameters),
         )
         terms = _sweep(state.padded, sweep)
         moments = _moments_of(q, parameters)
@@ -3291,12 +3555,15 @@ class SegmentOptions:
     bins (section 4b).  spatial: BETA of a Potts prior on the labels (section 5b; 0 = off).
     bias_field: fit a multiplicative field of polynomial degree bias_degree with the mixture
     (section 5c; 8- and 16-bit gray images, a number of components, no shared model, not
-    quantized).  keep_posteriors: keep the per-pixel responsibilities of a spatial or bias fit
-    for posterior_maps (K float32 a pixel; the plain model's come from the distinct values).
+    quantized).  partial_volume: K tissues and the mixels between them (PartialVolume; tied
+    covariance, a number of components, not quantized).  keep_posteriors: keep the per-pixel
+    responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel; the plain
+    model's come from the distinct values; a partial-volume model's: expected fractions).
     """
 
     k_max: int = 10
     quantized: bool = False
+    partial_volume: bool = False
     spatial: float = 0.0
     bias_field: bool = False
     bias_degree: int = 3
@@ -3349,8 +3616,11 @@ def _fit_features(data, points, n_components, options, on_iteration):
     array of a fit: ten float64 a distinct colour)."""
     top = gray_level_top(points) if options.quantized else None
 
+    if options.partial_volume and (top is not None or n_components == "auto"):
+        raise ValueError("a partial-volume model needs a number of tissues and no bins")
+
     def fit_k(k):
-        return fit_components(data, k, options.fit, top, on_iteration)
+        return fit_components(data, k, options.fit, top, on_iteration, options.partial_volume)
 
     if n_components == "auto":
         return select_components(fit_k, data, options.k_max)
@@ -3409,7 +3679,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
     )
     if not spatial_on(options.spatial):
         labels = label_pixels(
-            picture, points, _most_likely(data, model), model.n_components, options.fit.passes
+            picture, points, _most_likely(data, model), model.n_labels, options.fit.passes
         )
         return replace(segmentation, labels=labels)
     model, labels, record, q = spatial_fit(
@@ -3419,11 +3689,11 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         options.spatial,
         options.fit,
         mask=picture.mask,
-        update_parameters=shared is None,
+        update_parameters=shared is None and model.partial_volume is None,
         settings=options.spatial_settings,
         on_iteration=on_iteration,
     )
-    order = _luminance_order(model.means)
+    order = _luminance_order(model.label_means)
     return replace(
         segmentation,
         model=model.reordered(order),
@@ -3448,6 +3718,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration, fix
         keep_posteriors=options.keep_posteriors,
         settings=options.spatial_settings,
         fixed=fixed,
+        pv=options.partial_volume,
         on_iteration=on_iteration,
     )
     return Segmentation(
@@ -3467,7 +3738,7 @@ def empty_components(segmentation):
     pixels take their label.  A strong spatial prior can empty a small class (thin CSF); the
     fit says so rather than pass off K - 1 classes as K."""
     return _empty_labels(
-        segmentation.labels, segmentation.picture.mask, segmentation.model.n_components
+        segmentation.labels, segmentation.picture.mask, segmentation.model.n_labels
     )
 
 
@@ -3477,7 +3748,7 @@ def label_map(segmentation):
     labels, mask = segmentation.labels, segmentation.picture.mask
     if mask is None:
         return labels
-    fits = segmentation.model.n_components < 256
+    fits = segmentation.model.n_labels < 256
     out = labels.astype(np.uint8 if fits else np.uint16)
     out += 1
     out[~mask] = 0
@@ -3498,11 +3769,11 @@ def posterior_maps(segmentation):
             yield k + first, np.rint(qk * 65535).astype(np.uint16)
         return
     data = _PointFeatures(points.values, points.weights, points.scale)
-    probabilities = np.empty((model.n_components, len(data)))
-    for start, block in log_density_blocks(model, data):
-        probabilities[:, start : start + block.shape[1]] = block
+    probabilities = _point_log_probabilities(model, data)
     probabilities = np.exp(probabilities - _logsumexp(probabilities, axis=0))
-    for k in range(model.n_components):
+    if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
+        probabilities = model.partial_volume.expected_fractions(probabilities)
+    for k in range(model.n_labels):
         lut = np.zeros(picture.n_codes, dtype=np.uint16)
         lut[points.keys] = np.rint(probabilities[k, points.point_of_key] * 65535)
         out = lookup_codes(picture, lut)
@@ -3529,7 +3800,7 @@ def palette(segmentation):
     """
     picture, model = segmentation.picture, segmentation.model
     top = 255 if picture.bits == 8 or model.means.shape[1] == 3 else 65535
-    values = np.clip(np.rint(model.means * top), 0, top).astype(
+    values = np.clip(np.rint(model.label_means * top), 0, top).astype(
         np.uint8 if top == 255 else np.uint16
     )
     return values[:, 0] if values.shape[1] == 1 else values
@@ -3574,7 +3845,7 @@ def segment_image(array, n_components, *, mode="auto", mask=None, options=None, 
     segmentation = segment_points(picture, points, n_components, options)
     labels = label_map(segmentation)
     if picture.kind == "table":
-        means = segmentation.model.means
+        means = segmentation.model.label_means
         colours = _with_outside(means[:, 0] if means.shape[1] == 1 else means, picture.mask)
     else:
         colours = label_colours(segmentation)
@@ -3706,7 +3977,7 @@ def model_record(segmentation, source, settings, notes, seconds):
         "mask": None if picture.mask is None else settings["mask"],
         "inside_pixels": int(segmentation.points.weights.sum()),
         "mode": segmentation.points.mode,
-        "k": model.n_components,
+        "k": model.n_labels,
         "requested_k": segmentation.requested_k,
         "covariance_type": model.covariance_type,
         "distinct_values": int(len(segmentation.points.values)),
@@ -3726,6 +3997,7 @@ def model_record(segmentation, source, settings, notes, seconds):
     }
     if segmentation.bic_table is not None:
         record["bic"] = segmentation.bic_table
+    record |= _partial_volume_record(model)
     if model.subsample is not None:
         record["subsample"] = model.subsample
     record["quantized"] = model.quantized_top is not None
@@ -3846,7 +4118,7 @@ def plot_comparison(segmentation, title):
     original, step = _display_copy(segmentation.picture)
     labels = label_map(segmentation)[::step, ::step]
     colours = label_colours(segmentation)
-    k = segmentation.model.n_components
+    k = segmentation.model.n_labels
     first = 0 if segmentation.picture.mask is None else 1  # the label of the darkest component
     aspect = labels.shape[0] / labels.shape[1]
     panel_width = min(PANEL_INCHES, PANEL_MAX_HEIGHT / aspect)
@@ -3916,7 +4188,7 @@ def plot_bic(table, chosen, title):
 def probability_paths(out_dir, stem, segmentation):
     """STEM_prob_L.png for every label L of the label map (1..K with a mask, 0..K-1 without)."""
     first = 0 if segmentation.picture.mask is None else 1
-    labels = range(first, first + segmentation.model.n_components)
+    labels = range(first, first + segmentation.model.n_labels)
     return {label: Path(out_dir) / f"{stem}_prob_{label}.png" for label in labels}
 
 
@@ -4204,8 +4476,17 @@ def build_parser():
         "never reach the model; their label is 0, inside labels are 1..K",
     )
     parser.add_argument(
+        "--partial-volume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="K tissues and the mixels between tissues neighbouring in intensity (pixels that are "
+        "part one, part the other, as FSL FAST); labels are the tissues, --probabilities their "
+        "expected fractions; needs --covariance tied",
+    )
+    parser.add_argument(
         "--bias-field",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="gray images: fit a smooth multiplicative intensity field (MRI's bias field) with the "
         "mixture, which then models the corrected intensities; writes STEM_bias.png and "
         "STEM_corrected.png",
@@ -4393,6 +4674,7 @@ class RunConfig:
         segment = SegmentOptions(
             k_max=args.k_max,
             quantized=args.quantized,
+            partial_volume=args.partial_volume,
             spatial=args.spatial,
             bias_field=args.bias_field,
             bias_degree=args.bias_degree,
@@ -4428,6 +4710,7 @@ class RunConfig:
             max_pixels=self.max_pixels,
             shared=self.shared,
             quantized=segment.quantized,
+            partial_volume=segment.partial_volume,
             spatial=segment.spatial,
             accelerate=fit.accelerate,
             mask=shown(self.mask),
@@ -4592,9 +4875,7 @@ def segment_picture(picture, batch, on_iteration=None):
         segmentation = segment_points(
             picture,
             points,
-            shared.model.n_components
-            if shared and shared.file
-            else config.components_for(points.mode),
+            shared.model.n_labels if shared and shared.file else config.components_for(points.mode),
             options,
             shared=shared,
             on_iteration=on_iteration,
@@ -4659,7 +4940,7 @@ def masked(picture, config):
 def fit_notes(segmentation, quantized_asked, reg_covar):
     """What a user should know of a fit: fewer components, --quantized ignored, a collapse."""
     model, points, notes = segmentation.model, segmentation.points, []
-    requested, k = segmentation.requested_k, model.n_components
+    requested, k = segmentation.requested_k, model.n_labels
     if (
         requested != "auto" and k < requested and segmentation.shared is None
     ):  # a batch says it once
@@ -4709,7 +4990,7 @@ def collapse_note(collapsed, reg_covar, gray):
 def figure_title(path, segmentation):
     model, prior = segmentation.model, segmentation.spatial
     return (
-        f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_components}, "
+        f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_labels}, "
         f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", shared model" if segmentation.shared else "")
@@ -4730,7 +5011,7 @@ def summary_line(path, segmentation, seconds):
     )
     return (
         f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} "
-        f"K={model.n_components} distinct={len(segmentation.points.values)} "
+        f"K={model.n_labels} distinct={len(segmentation.points.values)} "
         f"iterations={model.n_iter} em-steps={model.n_em_steps} {_stop_word(model.converged)} "
         f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s"
     )
@@ -4909,7 +5190,7 @@ def shared_model(files, config, report):
         for path in readable:
             report(path, str(error))
         return None, []
-    if k != "auto" and model.n_components < k:
+    if k != "auto" and model.n_labels < k:
         report(None, f"note: the batch has {fewer_components_note(len(pooled.values), k)}")
     return SharedModel(model, table, tuple(readable), pooled.mode), readable
 
@@ -4956,6 +5237,14 @@ def check_combinations(config):
         ):
             if clash:
                 raise UsageError(f"usage: --model does not combine with {why}")
+    if config.segment.partial_volume:
+        for clash, why in (
+            (config.segment.fit.covariance_type != "tied", "--covariance other than tied"),
+            (config.segment.quantized, "--quantized: mixels are densities, not bins"),
+            (config.components == "auto", "-k auto: give the number of tissues"),
+        ):
+            if clash:
+                raise UsageError(f"usage: --partial-volume does not combine with {why}")
     if config.segment.bias_field:
         for clash, why in (
             (config.segment.quantized, "--quantized: corrected values are no longer bins"),

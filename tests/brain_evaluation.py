@@ -37,7 +37,8 @@ METHODS = {
     "plain mixture": ["-k", "3"],
     "--spatial 1": ["-k", "3", "--spatial", "1"],
     "--bias-field --spatial 1": ["-k", "3", "--bias-field", "--spatial", "1"],
-    "--brain without its field": ["-k", "3", "--covariance", "tied", "--spatial", "0.5"],
+    "--brain without its field": ["--brain", "--no-bias-field"],
+    "--brain without partial volume": ["--brain", "--no-partial-volume"],
     "--brain": ["--brain"],
     "--brain --spatial auto": ["--brain", "--spatial", "auto"],
 }

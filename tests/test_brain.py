@@ -121,8 +121,9 @@ def test_tied_variance_at_partial_volume_boundaries(seed):
 
 
 def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
-    """--brain: the mask of nonzero pixels, K = 3, a tied variance, BETA 0.5, the field with its
-    prior; labels 1, 2, 3 from the darkest (CSF, grey, white matter in T1), 0 outside."""
+    """--brain: the mask of nonzero pixels, K = 3, a tied variance, partial volume, BETA 0.5, the
+    field with its prior; labels 1, 2, 3 from the darkest (CSF, grey, white matter in T1), 0
+    outside.  --no-partial-volume and --no-bias-field take those off."""
     _, biased, _, inside, _ = biased_phantom(np.random.default_rng(2))
     Image.fromarray(biased).save(tmp_path / "scan.png")
     status, out, err = run([tmp_path / "scan.png", "--brain", "--out", tmp_path / "a"], capsys)
@@ -131,8 +132,9 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     settings = record["settings"]
     assert settings["brain"] and settings["mask"] == "nonzero" and settings["components"] == 3
     assert settings["covariance"] == "tied" and settings["spatial"] == 0.5
-    assert settings["bias_field"] and settings["bias_reg"] == 1.0
+    assert settings["bias_field"] and settings["bias_reg"] == 1.0 and settings["partial_volume"]
     assert record["covariance_type"] == "tied" and record["bias_field"]["regularisation"] == 1.0
+    assert record["k"] == 3 and len(record["partial_volume"]["fractions"]) == 7
     labels = np.asarray(Image.open(tmp_path / "a" / "scan_labels.png"))
     assert np.all(labels[~inside] == 0) and set(np.unique(labels[inside])) == {1, 2, 3}
     assert (tmp_path / "a" / "scan_bias.png").exists()
@@ -143,6 +145,14 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     later = record_of(tmp_path / "b", "scan")
     assert later["settings"]["spatial"] == 0.2 and later["k"] == 2
     assert later["settings"]["covariance"] == "tied"
+    status, out, err = run(
+        [tmp_path / "scan.png", "--brain", "--no-partial-volume", "--no-bias-field"]
+        + ["--out", tmp_path / "c"],
+        capsys,
+    )
+    without = record_of(tmp_path / "c", "scan")
+    assert "partial_volume" not in without and "bias_field" not in without
+    assert not (tmp_path / "c" / "scan_bias.png").exists() and len(without["weights"]) == 3
     with pytest.raises(SystemExit) as exit_info:
         seg.main([str(tmp_path / "scan.png"), "--bias-reg", "-1", "--out", str(tmp_path)])
     assert exit_info.value.code == 2

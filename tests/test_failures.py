@@ -314,7 +314,7 @@ def batch(folder, n, size=(120, 160)):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
-    files = batch(tmp_path, 24, size=(200, 260))
+    files = batch(tmp_path, 120, size=(200, 260))  # several seconds of work, even on a fast machine
     out = tmp_path / "o"
     process = subprocess.Popen(
         [
@@ -326,7 +326,7 @@ def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
             "--tol",
             "0",  # every image a few seconds: the batch cannot end before the signal does
             "--max-iter",
-            "300",
+            "1000",
             "--jobs",
             "2",
             "--out",

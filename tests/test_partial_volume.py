@@ -1,0 +1,201 @@
+"""Partial volume (--partial-volume, part of --brain): tissues and the mixels between them,
+labels of the tissue with most of each pixel, fractional maps, and a prior on the tissues."""
+
+import numpy as np
+import pytest
+from conftest import matched_accuracy, record_of, run, seg
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+
+def blurred_cells(rng, shape=(120, 150), sd=0.03, blur=1.5, cell=8):
+    """Cells of three tissues blurred (every boundary pixel a mixture of two), with noise: the
+    image, each tissue's true share (3, H, W), and the tissue with most of each pixel."""
+    cells = rng.choice(3, p=(0.15, 0.45, 0.4), size=(-(-shape[0] // cell), -(-shape[1] // cell)))
+    labels = np.kron(cells, np.ones((cell, cell), int))[: shape[0], : shape[1]]
+    shares = np.stack([gaussian_filter((labels == k).astype(float), blur) for k in range(3)])
+    values = np.tensordot([0.3, 0.65, 0.85], shares, axes=1) + rng.normal(0, sd, shape)
+    image = np.clip(np.rint(values * 255), 1, 255).astype(np.uint8)
+    return image, shares, shares.argmax(axis=0)
+
+
+def fit(image, **options):
+    picture = seg.picture_from_array(image)
+    points = seg.distinct_values(picture)
+    return seg.segment_points(picture, points, 3, covariance_type="tied", **options)
+
+
+def layers(rng, shape=(120, 150), sd=0.06, blur=1.5):
+    """Bent bands of three tissues, blurred, with noise, in which only tissues neighbouring in
+    intensity touch (as CSF, grey and white matter do): the image and the tissue with most of
+    each pixel."""
+    sequence, widths = [1], []
+    while sum(widths) < 1.6 * shape[1]:
+        widths.append(rng.integers(3, 12))
+        sequence.append(sequence[-1] + rng.choice([-1, 1]) if sequence[-1] == 1 else 1)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    band = np.searchsorted(np.cumsum(widths), cols + 8 * np.sin(rows / 9.0) + 0.3 * rows)
+    labels = np.array(sequence)[band]
+    shares = np.stack([gaussian_filter((labels == k).astype(float), blur) for k in range(3)])
+    values = np.tensordot([0.3, 0.65, 0.85], shares, axes=1) + rng.normal(0, sd, shape)
+    return np.clip(np.rint(values * 255), 1, 255).astype(np.uint8), shares.argmax(axis=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("spatial", [0.0, 0.5])
+def test_mixels_label_blurred_boundaries_better(seed, spatial):
+    """One Gaussian a tissue gives boundaries to the wrong tissue; with the mixels each boundary
+    pixel goes to the tissue with most of it more often, with the prior as without (by 1.1 to
+    18 points here)."""
+    image, truth = layers(np.random.default_rng(seed))
+    plain, mixels = (
+        matched_accuracy(fit(image, spatial=spatial, partial_volume=pv).labels, truth, 3)
+        for pv in (False, True)
+    )
+    assert mixels > plain + 0.01
+
+
+def test_the_mixels_are_mixtures_of_the_tissues_and_the_fit_ascends():
+    """The mixels' means are their fractions of the tissues' means (to round-off), one
+    covariance for all, the log-likelihood never falls, and the labels are the 3 tissues."""
+    image, _, _ = blurred_cells(np.random.default_rng(0))
+    model = fit(image, partial_volume=True).model
+    fractions = model.partial_volume.fractions
+    assert fractions.shape == (3 + 2 * len(seg.MIXEL_FRACTIONS), 3)
+    assert np.array_equal(fractions[:3], np.eye(3)) and np.allclose(fractions.sum(axis=1), 1)
+    assert np.allclose(model.means, fractions @ model.means[:3], rtol=0, atol=1e-12)
+    assert model.covariance_type == "tied" and model.n_labels == 3 and model.n_components == 7
+    assert np.all(np.diff(model.means[:3, 0]) > 0)  # the tissues by luminance
+    assert np.all(np.diff(model.log_likelihood) >= -1e-12) and model.converged
+    assert model.predict(model.means[:3]).tolist() == [0, 1, 2]
+
+
+def test_the_m_step_is_the_constrained_maximum():
+    """For any responsibilities the M-step's tissue means and covariance maximise the expected
+    complete log-likelihood among mixtures whose mixels mix the tissues: every small move of
+    the tissues' means or of the variance lowers it."""
+    rng = np.random.default_rng(3)
+    x = rng.random(400)
+    resp = rng.dirichlet(np.ones(7), size=400).T * rng.random(400)
+    pv = seg.partial_volume(3)
+    data = seg._PointFeatures(x[:, None], np.ones(400))
+    stats = sum(resp[:, s : s + phi.shape[1]] @ phi.T for s, phi, _ in data.blocks())
+    weights, means, covariance = seg._partial_volume_m_step(stats, pv, 0.0, np.zeros((7, 1)))
+    means = data.uncentred(means)
+
+    def expected(tissue_means, variance):
+        mu = pv.fractions @ tissue_means
+        logp = -0.5 * np.log(2 * np.pi * variance) - 0.5 * (x[None] - mu[:, None]) ** 2 / variance
+        return float(np.sum(resp * logp))
+
+    best = expected(means[:3, 0], covariance[0, 0])
+    for _ in range(20):
+        step = rng.normal(size=3) * 1e-3
+        assert expected(means[:3, 0] + step, covariance[0, 0]) < best
+    for factor in (0.99, 1.01):
+        assert expected(means[:3, 0], covariance[0, 0] * factor) < best
+    assert weights == pytest.approx(resp.sum(axis=1) / resp.sum())
+
+
+def test_the_prior_is_a_potts_prior_on_the_tissues():
+    """With a partial-volume model the prior's pairs agree on tissues: the objective's pair
+    terms are those of the tissues' summed q, and a site's pull from its neighbours is the
+    same for every Gaussian of a tissue."""
+    rng = np.random.default_rng(4)
+    groups = seg.partial_volume(3).tissue_of
+    q = rng.dirichlet(np.ones(7), size=(6, 8)).transpose(2, 0, 1).astype(np.float32)
+    padded = np.pad(q, ((0, 0), (1, 1), (1, 1)))
+    tissues = np.stack([q[groups == t].sum(axis=0) for t in range(3)])
+    pairs = np.sum(tissues[:, 1:] * tissues[:, :-1]) + np.sum(
+        tissues[:, :, 1:] * tissues[:, :, :-1]
+    )
+    entropy = -np.sum(q * np.log(q))
+    objective = seg._prior_terms(padded, 0.7, groups=groups)
+    assert objective == pytest.approx(entropy + 0.7 * pairs, rel=1e-6)
+    pull = seg._coupled(q, groups)
+    for g, t in enumerate(groups):
+        assert np.allclose(pull[g], tissues[t])
+
+
+def test_the_spatial_fit_with_mixels_ascends_and_keeps_the_mixture():
+    """With --spatial the prior smooths the tissues: the mixture is the partial-volume fit's
+    (measured: as accurate as refitting it, in a tenth of the iterations), and the mean-field
+    objective never falls."""
+    image, _, _ = blurred_cells(np.random.default_rng(1), sd=0.06)
+    plain, smooth = fit(image, partial_volume=True), fit(image, partial_volume=True, spatial=0.5)
+    assert np.array_equal(plain.model.means, smooth.model.means)
+    assert np.all(np.diff(smooth.spatial.objective) >= -1e-7) and smooth.spatial.converged
+
+
+def test_fractional_maps_and_the_record(tmp_path, capsys):
+    """--probabilities writes each tissue's expected share of every pixel (FAST's partial
+    volume maps): they add up to 1 at every pixel, are near 1 inside a cell and follow the true
+    shares; the JSON has K = 3 tissues and the mixels' fractions."""
+    image, shares, _ = blurred_cells(np.random.default_rng(2))
+    Image.fromarray(image).save(tmp_path / "cells.png")
+    for options, folder in (([], "plain"), (["--spatial", "0.5"], "spatial")):
+        status, out, err = run(
+            [tmp_path / "cells.png", "-k", "3", "--covariance", "tied", "--partial-volume"]
+            + ["--probabilities", *options, "--out", tmp_path / folder],
+            capsys,
+        )
+        assert status == 0, err
+        maps = np.stack(
+            [np.asarray(Image.open(tmp_path / folder / f"cells_prob_{k}.png")) for k in range(3)]
+        ).astype(np.float64)
+        assert np.all(np.abs(maps.sum(axis=0) - 65535) <= 3)
+        found = maps / 65535
+        assert np.mean(np.abs(found - shares)) < 0.1
+        assert np.corrcoef(found.ravel(), shares.ravel())[0, 1] > 0.9
+        record = record_of(tmp_path / folder, "cells")
+        assert record["k"] == 3 and len(record["weights"]) == 7
+        assert record["partial_volume"]["fractions"][3] == [0.75, 0.25, 0.0]
+        assert record["settings"]["partial_volume"] is True
+
+
+def test_a_saved_partial_volume_model_labels_its_image_again(tmp_path, capsys):
+    """--model with a partial-volume model's JSON: the same labels on its own image; a file
+    whose fractions are not shares of its tissues is a one-line error for the image."""
+    image, _, _ = blurred_cells(np.random.default_rng(5))
+    Image.fromarray(image).save(tmp_path / "cells.png")
+    options = ["-k", "3", "--covariance", "tied", "--partial-volume"]
+    status, _, err = run([tmp_path / "cells.png", *options, "--out", tmp_path / "a"], capsys)
+    assert status == 0, err
+    saved = tmp_path / "a" / "cells_model.json"
+    status, _, err = run(
+        [tmp_path / "cells.png", "--model", saved, "--out", tmp_path / "b"], capsys
+    )
+    assert status == 0, err
+    first, again = (np.asarray(Image.open(tmp_path / d / "cells_labels.png")) for d in ("a", "b"))
+    assert np.array_equal(first, again)
+    record = record_of(tmp_path / "a", "cells")
+    model = seg.GaussianMixtureFit.from_record(record)
+    assert np.array_equal(
+        model.partial_volume.fractions, np.array(record["partial_volume"]["fractions"])
+    )
+    record["partial_volume"]["fractions"][4] = [0.5, 0.6, 0.0]
+    (tmp_path / "bad.json").write_text(__import__("json").dumps(record))
+    status, _, err = run(
+        [tmp_path / "cells.png", "--model", tmp_path / "bad.json", "--out", tmp_path / "c"], capsys
+    )
+    assert status == 1 and len(err.strip().splitlines()) == 2
+    assert "fractions are not shares of its tissues" in err
+
+
+@pytest.mark.parametrize(
+    "options, why",
+    [
+        (["--covariance", "full"], "--covariance other than tied"),
+        (["--covariance", "tied", "--quantized"], "--quantized"),
+        (["--covariance", "tied", "-k", "auto"], "-k auto"),
+    ],
+)
+def test_partial_volume_usage_errors(tmp_path, capsys, options, why):
+    image, _, _ = blurred_cells(np.random.default_rng(0), shape=(20, 20))
+    Image.fromarray(image).save(tmp_path / "c.png")
+    status, out, err = run([tmp_path / "c.png", "--partial-volume", *options], capsys)
+    assert status == 2 and out == ""
+    assert err.strip() == f"error: usage: --partial-volume does not combine with {why}" or (
+        err.startswith("error: usage: --partial-volume does not combine with " + why)
+        and len(err.strip().splitlines()) == 1
+    )
