@@ -925,14 +925,23 @@ class PartialVolume:
 
     def tissue_sums(self, values):
         """(T, ...) values (G, ...) summed over each tissue's Gaussians."""
-        return _grouped_sums(values, self.tissue_of, self.n_tissues)
+        out = np.zeros((self.n_tissues,) + values.shape[1:], dtype=values.dtype)
+        for g, tissue in enumerate(self.tissue_of):
+            out[tissue] += values[g]
+        return out
 
     def tissue_log_probabilities(self, logp):
         """(T, ...) log sum over each tissue's Gaussians of (G, ...) log(w_g p(x | g))."""
         tissue_of = self.tissue_of
-        return np.stack(
-            [_logsumexp(logp[tissue_of == t], axis=0) for t in range(self.n_tissues)]
-        ).astype(logp.dtype, copy=False)
+        out = np.empty((self.n_tissues,) + logp.shape[1:], dtype=logp.dtype)
+        for t in range(self.n_tissues):
+            members = logp[tissue_of == t]  # a copy, reused in place
+            top = members.max(axis=0)
+            members -= top
+            np.exp(members, out=members)
+            np.log(members.sum(axis=0), out=out[t])
+            out[t] += top
+        return out
 
     def expected_fractions(self, posteriors):
         """(T, ...) each tissue's expected share of a pixel, from (G, ...) posteriors: FAST's
@@ -956,14 +965,6 @@ class PartialVolume:
 
 
 MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
-
-
-def _grouped_sums(values, groups, n_groups):
-    """(n_groups, ...) the rows of values (K, ...) summed by their group (K,)."""
-    out = np.zeros((n_groups,) + values.shape[1:], dtype=values.dtype)
-    for k, group in enumerate(groups):
-        out[group] += values[k]
-    return out
 
 
 def partial_volume(n_tissues, fractions=MIXEL_FRACTIONS):
@@ -2256,16 +2257,6 @@ class Sweep:
     moved: np.ndarray | None = None
     settings: SpatialSettings = SpatialSettings()
     passes: Passes = Passes()
-    groups: np.ndarray | None = None  # the label of each component (partial volume), or None
-
-
-def _coupled(neighbours, groups):
-    """The prior's pull on each component from its neighbours' q (K, ...): their q of the
-    component itself (Potts), or with groups, of every component of its label (a label's
-    Gaussians agree with one another: a partial-volume model's prior is on the tissues)."""
-    if groups is None:
-        return neighbours
-    return _grouped_sums(neighbours, groups, int(groups.max()) + 1)[groups]
 
 
 def _update_sites(padded, rows, cols, sweep, pairs):
@@ -2281,7 +2272,6 @@ def _update_sites(padded, rows, cols, sweep, pairs):
     neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
     neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
     neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
-    neighbours = _coupled(neighbours, sweep.groups)
     keep_old = sweep.relaxation != 1.0 or sweep.moved is not None
     old = centre.copy() if keep_old else centre
     target, log_target = _site_update(
@@ -2338,7 +2328,6 @@ def _partial_sweep(padded, sweep, table, index, sites):
         neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
         neighbours += np.take(flat, at - width - 2, axis=1)
         neighbours += np.take(flat, at + width + 2, axis=1)
-        neighbours = _coupled(neighbours, sweep.groups)
         logp = np.take(table, points[chunk], axis=1)
         target, log_target = _site_update(
             old, neighbours, logp, sweep.beta, sweep.relaxation, settings
@@ -2431,9 +2420,8 @@ def _dilate(moved, inside, passes=Passes()):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes=Passes(), groups=None):
-    """L(q, theta) computed from its definition, band by band (at the start of a fit); with
-    groups, the pairs agree on labels (_coupled).
+def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
+    """L(q, theta) computed from its definition, band by band (at the start of a fit).
 
     Outside a mask q is 0, so those pixels add nothing.
     """
@@ -2447,9 +2435,6 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes(), groups=None)
         expected -= np.log(np.maximum(q, tiny))
         objective = np.sum(q * expected, dtype=np.float64)
         below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
-        if groups is not None:
-            n_labels = int(groups.max()) + 1
-            q, below = _grouped_sums(q, groups, n_labels), _grouped_sums(below, groups, n_labels)
         pairs = np.sum(q * below, dtype=np.float64)
         pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
         return objective + beta * pairs
@@ -2458,7 +2443,7 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes(), groups=None)
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes=Passes(), groups=None):
+def _prior_terms(padded, beta, passes=Passes()):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -2466,7 +2451,7 @@ def _prior_terms(padded, beta, passes=Passes(), groups=None):
     def no_data(row_slice, col_slice):
         return np.zeros((n_components, len(rows[row_slice]), len(cols[col_slice])))
 
-    return _mean_field_objective(padded, beta, no_data, passes, groups)
+    return _mean_field_objective(padded, beta, no_data, passes)
 
 
 def _posterior_start(padded, site_logp, inside, passes=Passes()):
@@ -2503,21 +2488,18 @@ def _softmax_over_components(logits):
     return logits
 
 
-def _argmax_over_components(q, passes, groups=None):
+def _argmax_over_components(q, passes):
     """argmax over axis 0 of (K, H, W) by K comparisons (NumPy's over a leading axis is slow),
-    band by band; with groups (K,), of the q summed over each label's components."""
+    band by band."""
     labels = np.zeros(q.shape[1:], dtype=np.uint8 if len(q) <= 256 else np.uint16)
 
     def band_argmax(band):
         rows = slice(*band)
-        of_rows = q[:, rows]
-        if groups is not None:
-            of_rows = _grouped_sums(of_rows, groups, groups.max() + 1)
-        best = of_rows[0].copy()
-        for k in range(1, len(of_rows)):
-            better = of_rows[k] > best
+        best = q[0, rows].copy()
+        for k in range(1, len(q)):
+            better = q[k, rows] > best
             labels[rows][better] = k
-            np.maximum(best, of_rows[k], out=best)
+            np.maximum(best, q[k, rows], out=best)
 
     passes.run(band_argmax, passes.bands(q.shape[1], q.shape[2], len(q)))
     return labels
@@ -2617,7 +2599,7 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
         parameters, start_q = run.state.parameters, run.state.q
         del run
     del coarse
-    padded = np.zeros((len(parameters.weights), height + 2, width + 2), np.float32)
+    padded = np.zeros((len(parameters.label_weights), height + 2, width + 2), np.float32)
     from_posterior = start_q is None
     if start_q is not None:
         _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q, fit.passes)
@@ -2664,25 +2646,16 @@ def _spatial_run(fit, parameters, on_iteration=None):
     q = fit.site_logp(parameters)(rows, cols)
     _softmax_over_components(q)
     inside = None if fit.inside is None else fit.inside[rows, cols]
-    groups = _groups_of(parameters)
-    if groups is not None:
-        q = _grouped_sums(q, groups, groups.max() + 1)
     estimate = estimate_beta(q, parameters.label_weights, inside, fit.settings.most_beta)
     beta, halvings = estimate, 0
     while True:
         run, record = _recorded(fit, parameters, beta, estimate, on_iteration)
-        labels = _argmax_over_components(run.state.q, fit.passes, groups)
+        labels = _argmax_over_components(run.state.q, fit.passes)
         empty = _empty_labels(labels, fit.inside, len(parameters.label_weights))
         if not empty or halvings == fit.settings.beta_halvings:
             return run, record
         del run, labels
         beta, halvings = beta / 2, halvings + 1
-
-
-def _groups_of(parameters):
-    """The label of each component for the spatial prior: a partial-volume model's tissues."""
-    pv = parameters.partial_volume
-    return None if pv is None else pv.tissue_of
 
 
 def _recorded(fit, parameters, beta, estimate, on_iteration):
@@ -2782,7 +2755,7 @@ class PointsMeanField:
         point_logp = _point_log_probabilities(model, self.data)
         if from_posterior:
             _posterior_start(padded, _looked_up(point_logp, self.index), self.inside, self.passes)
-        prior_terms = _prior_terms(padded, self.beta, self.passes, _groups_of(model))
+        prior_terms = _prior_terms(padded, self.beta, self.passes)
         sums = self.point_sums(padded[:, 1:-1, 1:-1])
         total = prior_terms + float(np.sum(sums * point_logp))
         return MeanField(
@@ -2795,13 +2768,7 @@ class PointsMeanField:
         ledger, settings = state.ledger, self.settings
         swept_all = sweep_all or ledger.active is None
         sweep = Sweep(
-            self.beta,
-            None,
-            self.inside,
-            state.relaxation,
-            settings=settings,
-            passes=self.passes,
-            groups=_groups_of(state.parameters),
+            self.beta, None, self.inside, state.relaxation, settings=settings, passes=self.passes
         )
         swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
@@ -2859,9 +2826,10 @@ def _empty_labels(labels, inside, n_components):
 
 
 def _point_log_probabilities(model, data):
-    """(K, M) log(w_k p(x_m | k)) of every point: what a pixel's are looked up in."""
-    table = np.empty((model.n_components, len(data)))
-    for start, block in log_density_blocks(model, data):
+    """(L, M) log(w p(x_m | label)) of every point, what a pixel's are looked up in: of each
+    component, or of each tissue of a partial-volume model."""
+    table = np.empty((model.n_labels, len(data)))
+    for start, block in log_label_blocks(model, data):
         table[:, start : start + block.shape[1]] = block
     return table
 
@@ -2911,19 +2879,37 @@ def spatial_fit(
 
     index: (H, W) point of every pixel; mask: (H, W) bool, the pixels to segment (outside
     pixels have no label and no neighbours).  update_parameters=False keeps the model (a shared
-    one); the prior only smooths the labels.  Returns the model, the labels (H, W), the
-    SpatialFit record and q (K, H, W) float32.
+    one); the prior only smooths the labels.  A partial-volume model is always kept: the prior
+    smooths its tissues, and q is theirs.  Returns the model, the labels (H, W), the
+    SpatialFit record and q (L, H, W) float32 of the labels.
     """
     index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
+    update_parameters = update_parameters and model.partial_volume is None
     fit = PointsMeanField(
         data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters
     )
     run, record = _spatial_run(fit, model, on_iteration)
-    q, model = run.state.q, run.state.parameters
-    labels = _argmax_over_components(q, options.passes, _groups_of(model))
-    if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
-        q = model.partial_volume.expected_fractions(q)
-    return model, labels, record, q
+    q = run.state.q
+    labels = _argmax_over_components(q, options.passes)
+    return run.state.parameters, labels, record, q
+
+
+def _point_expected_fractions(q, model, data, index):
+    """(T, H, W) float32: each tissue's expected share of every pixel (FAST's partial volume
+    maps), from the tissues' posteriors q (T, H, W) of a partial-volume model: a tissue's
+    posterior is split over its Gaussians as their densities at the pixel's point."""
+    pv = model.partial_volume
+    logp = np.empty((model.n_components, len(data)))
+    for start, block in log_density_blocks(model, data):
+        logp[:, start : start + block.shape[1]] = block
+    logp -= pv.tissue_log_probabilities(logp)[pv.tissue_of]
+    split = np.exp(logp).astype(np.float32)  # (G, M)
+    out = np.empty_like(q)
+    for top in range(0, q.shape[1], 64):
+        rows = slice(top, top + 64)
+        shares = np.take(split, index[rows], axis=1) * q[pv.tissue_of, rows]
+        out[:, rows] = pv.expected_fractions(shares)
+    return out
 
 
 # --- 5c. A bias field (--bias-field) ---------------------------------------------
@@ -3113,7 +3099,14 @@ class _BandModel:
 
     def site_logp(self, rows, cols):
         """The spatial sweep's log(w_k N(z | k)) at the sites (the Jacobian is every k's)."""
-        return _bias_log_densities(self.state, self.corrected(rows, cols)[0])
+        return _label_log_densities(self.state, self.corrected(rows, cols)[0])
+
+
+def _label_log_densities(state, z):
+    """_bias_log_densities of the labels (L, h, w): of the tissues of a partial-volume model."""
+    logp = _bias_log_densities(state, z)
+    pv = state.partial_volume
+    return logp if pv is None else pv.tissue_log_probabilities(logp)
 
 
 def _labels_and_posteriors(r, pv):
@@ -3379,14 +3372,14 @@ def fit_bias_field(
     state, record, k = run.state, None, len(run.state.label_weights)
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
-        if state.partial_volume is not None:  # the prior smooths the tissues, not the mixture
+        if state.partial_volume is not None:  # the prior smooths the tissues (docs/method.md)
             state = replace(state, mixture_fixed=True)
         spatial_run, record = _spatial_run(fit, state, on_iteration)
         state, q = spatial_run.state.parameters, spatial_run.state.q
         del spatial_run
-        labels = _argmax_over_components(q, options.passes, _groups_of(state))
+        labels = _argmax_over_components(q, options.passes)
         if keep_posteriors and state.partial_volume is not None:
-            q = state.partial_volume.expected_fractions(q)
+            q = _expected_fractions(q, replace(state, image=image))
     else:  # the labels (and posteriors) from one more pass of the fitted state
         labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
@@ -3449,7 +3442,7 @@ def _bias_data_term(q, state):
     def band_term(band):
         rows = slice(*band)
         z, t = bands.corrected(rows, slice(0, width), np.float64)
-        logp = _bias_log_densities(state, z)
+        logp = _label_log_densities(state, z)
         logp -= t
         return float(np.sum(logp * q[:, rows], dtype=np.float64))
 
@@ -3457,20 +3450,62 @@ def _bias_data_term(q, state):
 
 
 def _moments_of(q, state):
-    """The moments (K, 3, 2D + 1, 2D + 1) of given responsibilities q (K, h, w) at the state's
-    field."""
+    """The moments (K, 3, 2D + 1, 2D + 1) of given responsibilities q (L, h, w) at the state's
+    field, of each Gaussian's share of them (_gaussian_shares); and for a partial-volume model
+    the data term (as _bias_data_term's) from the same pass, else None."""
     image, degree = state.image, state.degree
     bands, width = _BandModel(state), image.values.shape[1]
     v = image.column_powers(2 * degree)
 
     def band_moments(band):
         rows = slice(*band)
-        z, _ = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
-        moments = np.zeros((len(q), 3, 2 * degree + 1, 2 * degree + 1))
-        _add_moments(moments, q[:, rows], z, image.row_powers(rows, 2 * degree), v)
-        return moments
+        z, t = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
+        r, label_logp = _gaussian_shares(q[:, rows], state, z)
+        moments = np.zeros((len(r), 3, 2 * degree + 1, 2 * degree + 1))
+        _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
+        if label_logp is None:
+            return moments, 0.0
+        label_logp -= t
+        return moments, float(np.sum(label_logp * q[:, rows], dtype=np.float64))
 
-    return sum(image.passes.map(band_moments, image.bands(len(q))))
+    moments, data = 0.0, 0.0
+    for band_moments_, band_data in image.passes.map(band_moments, image.bands(len(state.weights))):
+        moments += band_moments_
+        data += band_data
+    return moments, (data if state.partial_volume is not None else None)
+
+
+def _gaussian_shares(q, state, z):
+    """Each Gaussian's share of the labels' q (L, h, w) at corrected intensities z, and the
+    labels' log(w p(z | label)): (q, None), or for a partial-volume model each tissue's
+    posterior split over its Gaussians as their densities at z (the responsibilities whose
+    expected log-likelihood has the objective's gradient in the field) and the tissues'."""
+    pv = state.partial_volume
+    if pv is None:
+        return q, None
+    logp = _bias_log_densities(state, z)
+    label_logp = pv.tissue_log_probabilities(logp)
+    logp -= label_logp[pv.tissue_of]
+    np.exp(logp, out=logp)
+    logp *= q[pv.tissue_of]
+    return logp, label_logp
+
+
+def _expected_fractions(q, state):
+    """(T, H, W) float32: each tissue's expected share of every pixel from the tissues'
+    posteriors q (T, H, W) of a partial-volume model's spatial fit (FAST's partial volume
+    maps)."""
+    image, width = state.image, state.image.values.shape[1]
+    bands, out = _BandModel(state), np.empty_like(q)
+
+    def band_fractions(band):
+        rows = slice(*band)
+        z, _ = bands.corrected(rows, slice(0, width))
+        shares = _gaussian_shares(q[:, rows], state, z)[0]
+        out[:, rows] = state.partial_volume.expected_fractions(shares)
+
+    image.passes.run(band_fractions, image.bands(len(state.weights)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -3511,7 +3546,7 @@ class BiasMeanField:
         state = replace(parameters, image=self.image)
         if from_posterior:
             _posterior_start(padded, self.site_logp(state), self.inside, self.passes)
-        total = _prior_terms(padded, self.beta, self.passes, _groups_of(state))
+        total = _prior_terms(padded, self.beta, self.passes)
         total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
 
@@ -3528,13 +3563,14 @@ class BiasMeanField:
             state.relaxation,
             settings=self.settings,
             passes=self.passes,
-            groups=_groups_of(parameters),
         )
         terms = _sweep(state.padded, sweep)
-        moments = _moments_of(q, parameters)
+        moments, data = _moments_of(q, parameters)
         mixture, newton = _mixture_and_field(parameters, moments, self.options)
-        n_pixels = self.n_pixels
-        data = _expected_log_likelihood(moments, mixture) - mixture.penalty() * n_pixels
+        if data is None:
+            data = _expected_log_likelihood(moments, mixture)
+        # else: a partial-volume model's mixture is held, and the data term is the pass's
+        data -= mixture.penalty() * self.n_pixels
         new, found = _field_line_search(
             mixture, newton, lambda trial: self.data_term(q, trial), data
         )
@@ -3694,6 +3730,8 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         on_iteration=on_iteration,
     )
     order = _luminance_order(model.label_means)
+    if options.keep_posteriors and model.partial_volume is not None:
+        q = _point_expected_fractions(q, model, data, point_index(picture, points))
     return replace(
         segmentation,
         model=model.reordered(order),
@@ -3769,7 +3807,9 @@ def posterior_maps(segmentation):
             yield k + first, np.rint(qk * 65535).astype(np.uint16)
         return
     data = _PointFeatures(points.values, points.weights, points.scale)
-    probabilities = _point_log_probabilities(model, data)
+    probabilities = np.empty((model.n_components, len(data)))
+    for start, block in log_density_blocks(model, data):
+        probabilities[:, start : start + block.shape[1]] = block
     probabilities = np.exp(probabilities - _logsumexp(probabilities, axis=0))
     if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
         probabilities = model.partial_volume.expected_fractions(probabilities)

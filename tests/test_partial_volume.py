@@ -97,24 +97,23 @@ def test_the_m_step_is_the_constrained_maximum():
     assert weights == pytest.approx(resp.sum(axis=1) / resp.sum())
 
 
-def test_the_prior_is_a_potts_prior_on_the_tissues():
-    """With a partial-volume model the prior's pairs agree on tissues: the objective's pair
-    terms are those of the tissues' summed q, and a site's pull from its neighbours is the
-    same for every Gaussian of a tissue."""
-    rng = np.random.default_rng(4)
-    groups = seg.partial_volume(3).tissue_of
-    q = rng.dirichlet(np.ones(7), size=(6, 8)).transpose(2, 0, 1).astype(np.float32)
-    padded = np.pad(q, ((0, 0), (1, 1), (1, 1)))
-    tissues = np.stack([q[groups == t].sum(axis=0) for t in range(3)])
-    pairs = np.sum(tissues[:, 1:] * tissues[:, :-1]) + np.sum(
-        tissues[:, :, 1:] * tissues[:, :, :-1]
-    )
-    entropy = -np.sum(q * np.log(q))
-    objective = seg._prior_terms(padded, 0.7, groups=groups)
-    assert objective == pytest.approx(entropy + 0.7 * pairs, rel=1e-6)
-    pull = seg._coupled(q, groups)
-    for g, t in enumerate(groups):
-        assert np.allclose(pull[g], tissues[t])
+def test_the_prior_is_on_the_tissues():
+    """With a partial-volume model the spatial fit's labels are the tissues: a pixel's
+    log-probability of a tissue is the log-sum of its Gaussians' (the mixels with most of it),
+    and q holds one value a tissue."""
+    image, _, _ = blurred_cells(np.random.default_rng(4))
+    smooth = fit(image, partial_volume=True, spatial=0.5, keep_posteriors=True)
+    model = smooth.model
+    data = seg._PointFeatures(smooth.points.values, smooth.points.weights, smooth.points.scale)
+    table = seg._point_log_probabilities(model, data)
+    x = data.values[:, 0] / data.scale
+    variance = model.covariances[0, 0]
+    densities = model.weights[:, None] * np.exp(-0.5 * (x - model.means) ** 2 / variance)
+    densities /= np.sqrt(2 * np.pi * variance)
+    tissue_of = model.partial_volume.tissue_of
+    by_hand = np.log([densities[tissue_of == t].sum(axis=0) for t in range(3)])
+    assert table.shape == (3, len(x)) and np.allclose(table, by_hand, rtol=0, atol=1e-9)
+    assert sorted(set(tissue_of[3:])) == [0, 1, 2] and smooth.posteriors.shape[0] == 3
 
 
 def test_the_spatial_fit_with_mixels_ascends_and_keeps_the_mixture():
