@@ -197,23 +197,43 @@ def shown(path):
     )
 
 
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """What a 3-D picture carries besides its voxels: the spacing of its three axes (the
+    axes of the codes, in the file's order), and the file it came from, so that the outputs
+    are of the same kind: a NIfTI's affine and header (nifti2: its version), or a TIFF stack."""
+
+    spacing: tuple = (1.0, 1.0, 1.0)
+    format: str | None = None  # "nifti", "tiff", or None (an array)
+    affine: np.ndarray | None = None
+    header: object = None
+    nifti2: bool = False
+
+
 @dataclass
 class Picture:
-    codes: np.ndarray  # (H, W) integer code of every pixel
+    codes: np.ndarray  # (H, W) integer code of every pixel; (D, H, W) of a volume's voxels
     kind: str  # "gray": code = level; "rgb": packed; "table": index into `table`
     n_codes: int  # every code is below this (size of a lookup table)
     scale: float  # level / scale = intensity on the 0..1 scale
     table: np.ndarray | None = None  # "table": (M,) or (M, 3) values of each code, already 0..1
     notes: list = field(default_factory=list)
     mask: np.ndarray | None = None  # (H, W) bool: the pixels to segment; None: every pixel
+    volume: Volume | None = None  # a 3-D picture's spacing and source
 
     @property
     def height(self):
-        return self.codes.shape[0]
+        return self.codes.shape[-2]
 
     @property
     def width(self):
-        return self.codes.shape[1]
+        return self.codes.shape[-1]
+
+    @property
+    def size_text(self):
+        """W x H, or a volume's shape in its axes' order."""
+        shape = self.codes.shape
+        return "x".join(map(str, shape if self.volume else shape[::-1]))
 
     @property
     def bits(self):
@@ -235,13 +255,18 @@ def _is_nonzero(mask):
 
 def with_mask(picture, mask):
     """The picture, to be segmented inside mask only (nonzero = inside); ValueError if it can't."""
-    mask = np.asarray(mask)
-    if mask.shape[:2] != picture.codes.shape:
+    mask, ndim = np.asarray(mask), picture.codes.ndim
+    if mask.shape[:ndim] != picture.codes.shape or mask.ndim > ndim + 1:
+        if picture.volume is not None:
+            raise ValueError(
+                f"the mask is {'x'.join(map(str, mask.shape))} voxels, "
+                f"the volume {picture.size_text}"
+            )
         raise ValueError(
             f"the mask is {mask.shape[1] if mask.ndim > 1 else 1}x{mask.shape[0]} pixels, "
             f"the image {picture.width}x{picture.height}"
         )
-    inside = mask if mask.ndim == 2 else np.any(mask != 0, axis=2)
+    inside = mask if mask.ndim == ndim else np.any(mask != 0, axis=ndim)
     inside = inside != 0
     if not inside.any():
         raise ValueError("the mask has no inside pixel")
@@ -251,7 +276,13 @@ def with_mask(picture, mask):
 def border_is_zero(picture):
     """Whether every pixel on the image's border is 0 in every channel (and some pixel is not)."""
     codes = picture.codes
-    border = np.concatenate([codes[0], codes[-1], codes[:, 0], codes[:, -1]])
+    border = np.concatenate(
+        [
+            side.reshape(-1)
+            for axis in range(codes.ndim)
+            for side in (np.take(codes, 0, axis), np.take(codes, -1, axis))
+        ]
+    )
     zero = (
         border == 0
         if picture.kind != "table"
@@ -286,8 +317,9 @@ def lookup_codes(picture, lut, passes=Passes()):
     return out.reshape(picture.codes.shape)
 
 
-def _table_picture(values, scale_by_range):
-    """Codes for values that are not small integers: an index into the sorted distinct values."""
+def _table_picture(values, scale_by_range, ndim=2):
+    """Codes for values that are not small integers: an index into the sorted distinct values.
+    ndim: the axes of the pixels (3 for a volume); any further axis is the channels."""
     values = np.asarray(values, dtype=np.float64)
     notes = []
     if not np.isfinite(values).all():
@@ -306,8 +338,8 @@ def _table_picture(values, scale_by_range):
     if scale_by_range:
         low, high = values.min(), values.max()
         values = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    shape = values.shape[:2]
-    flat = values.reshape(shape[0] * shape[1], -1)
+    shape = values.shape[:ndim]
+    flat = values.reshape(math.prod(shape), -1)
     table, inverse = np.unique(
         flat if flat.shape[1] > 1 else flat[:, 0], axis=0, return_inverse=True
     )
@@ -347,26 +379,142 @@ def picture_from_array(array):
     return _table_picture(array, scale_by_range=False)
 
 
+def picture_from_volume(array, spacing=(1.0, 1.0, 1.0)):
+    """An in-memory volume (D x H x W gray, D x H x W x 3 colour) as a Picture, with the
+    spacing of its three axes; values as picture_from_array takes them."""
+    array = np.asarray(array)
+    if array.ndim not in (3, 4) or array.size == 0 or (array.ndim == 4 and array.shape[3] != 3):
+        raise ValueError(f"expected a D x H x W or D x H x W x 3 volume, got shape {array.shape}")
+    spacing = tuple(float(step) for step in np.broadcast_to(spacing, 3))
+    if not all(0 < step < math.inf for step in spacing):
+        raise ValueError(f"the spacing must be 3 positive numbers, got {spacing}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    volume = Volume(spacing)
+    if array.dtype in (np.uint8, np.uint16) and array.ndim == 3:
+        top = np.iinfo(array.dtype).max
+        return Picture(array, "gray", top + 1, float(top), volume=volume)
+    if array.dtype == np.uint8:
+        return Picture(pack_rgb(array), "rgb", 1 << 24, 255.0, volume=volume)
+    return replace(_table_picture(array, scale_by_range=False, ndim=3), volume=volume)
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path):
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _optional(module, purpose):
+    """An optional package, imported when a feature needs it; ImageError naming the install
+    command when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImageError(f"{purpose} needs {module}: pip install {module}") from None
+
+
+def _read_nifti(path, max_pixels):
+    """A NIfTI-1 or -2 volume (.nii, .nii.gz) through nibabel, with its spacing, affine and
+    header; its values scaled as the header says.  4-D series are refused, not guessed at."""
+    nibabel = _optional("nibabel", "reading NIfTI")
+    try:
+        image = nibabel.load(path)
+        shape = tuple(int(n) for n in image.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) > 3:
+            raise ImageError(
+                f"a {len(shape)}-D NIfTI ({'x'.join(map(str, shape))}), a series of volumes: "
+                f"this program segments one 3-D volume a file"
+            )
+        shape = shape + (1,) * (3 - len(shape))
+        if math.prod(shape) > max_pixels:
+            raise ImageError(
+                f"{'x'.join(map(str, shape))} is {math.prod(shape):,} voxels, above the limit "
+                f"of {max_pixels:,} (raise it with --max-pixels)"
+            )
+        if math.prod(shape) == 0:
+            raise ImageError("volume has no voxels")
+        data = np.asarray(image.dataobj).reshape(shape)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:  # nibabel's own errors, zlib's, gzip's, a short file's
+        raise ImageError(f"truncated or corrupt NIfTI ({shown(error)})") from None
+    if data.dtype.fields is not None or data.dtype.kind == "c":
+        raise ImageError(f"NIfTI of {data.dtype} values: gray volumes only")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    zooms = zooms + (1.0,) * (3 - len(zooms))
+    volume = Volume(
+        tuple(z if z > 0 else 1.0 for z in zooms),
+        "nifti",
+        np.asarray(image.affine, dtype=np.float64),
+        image.header,
+        isinstance(image, nibabel.Nifti2Image),
+    )
+    if data.dtype in (np.uint8, np.uint16):
+        top = np.iinfo(data.dtype).max
+        return Picture(data, "gray", top + 1, float(top), volume=volume)
+    return replace(_table_picture(data, scale_by_range=True, ndim=3), volume=volume)
+
+
+def _read_tiff_stack(img, max_pixels):
+    """The pages of a multi-page TIFF as one volume (pages first), when they are all of one
+    size and mode; the voxel limit checked before any page is decoded."""
+    width, height, mode, pages = *img.size, img.mode, img.n_frames
+    if width * height * pages > max_pixels:
+        raise ImageError(
+            f"{pages}x{height}x{width} is {width * height * pages:,} voxels, above the limit "
+            f"of {max_pixels:,} (raise it with --max-pixels)"
+        )
+    slices = []
+    for page in range(pages):
+        img.seek(page)
+        if img.size != (width, height) or img.mode != mode:
+            raise ImageError(
+                f"page {page + 1} is {img.size[0]}x{img.size[1]} {img.mode}, page 1 "
+                f"{width}x{height} {mode}: not one volume"
+            )
+        img.load()
+        slices.append(np.asarray(img) if mode in ("I", "F") else _picture_from_pil(img))
+    volume = Volume(format="tiff")
+    if mode in ("I", "F"):
+        return replace(_table_picture(np.stack(slices), True, ndim=3), volume=volume)
+    first = slices[0]
+    codes = np.stack([page.codes for page in slices])
+    return Picture(codes, first.kind, first.n_codes, first.scale, volume=volume)
+
+
 def read_image(path, max_pixels=MAX_PIXELS):
     """Decode an image file into a Picture, refusing anything we cannot trust.
 
     The pixel limit is checked on the header, before any pixel memory is allocated.
-    EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame.
+    EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame,
+    but a multi-page TIFF is a volume, as is a NIfTI file (section 2's Volume).
     """
     path = Path(path)
     try:
         _check_regular_file(path)
+        if is_nifti(path):
+            return _read_nifti(path, max_pixels)
         with _pillow_without_pixel_limit(), Image.open(path) as img:
             width, height = img.size
+            if width * height == 0:
+                raise ImageError("image has no pixels")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format == "TIFF":
+                return _read_tiff_stack(img, max_pixels)
             if width * height > max_pixels:
                 raise ImageError(
                     f"{width}x{height} is {width * height:,} pixels, above the limit of "
                     f"{max_pixels:,} (raise it with --max-pixels)"
                 )
-            if width * height == 0:
-                raise ImageError("image has no pixels")
             notes = []
-            frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 notes.append(f"{frames} frames: segmenting the first")
             if img.mode in ("RGB", "RGBA") and img.tile and "16" in str(img.tile[0].args):
@@ -2184,6 +2332,55 @@ CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: blac
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A volume (D, H, W) laid out as one image, so that the 2-D sweep serves it: its slices
+    one under another, each followed by empty rows (outside every mask) that make a slice's
+    block of rows odd, so that a voxel and its neighbours in the next slice, a block away, have
+    opposite colours on the checkerboard; and an empty block above and below, so that every
+    slice has one on each side.  The sweeps go through the rows of the slices' blocks.
+    Neighbours count with weights (slices, rows, columns): the finest spacing's 1, a coarser
+    axis's its spacing's inverse in those units (its neighbours are farther away)."""
+
+    shape: tuple  # (D, H, W)
+    weights: tuple = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def of(cls, shape, spacing):
+        finest = min(spacing)
+        return cls(tuple(shape), tuple(finest / step for step in spacing))
+
+    @property
+    def block(self):
+        """Rows of one slice and its separator: odd."""
+        return self.shape[1] + (1 if self.shape[1] % 2 == 0 else 2)
+
+    @property
+    def image_shape(self):
+        return ((self.shape[0] + 2) * self.block, self.shape[2])
+
+    @property
+    def swept_rows(self):
+        """(first, stop): the rows a sweep goes through, those of the slices' blocks."""
+        return self.block, (self.shape[0] + 1) * self.block
+
+    def stacked(self, volume, fill=0):
+        """The stacked image (..., rows, W) of a (..., D, H, W) array, fill between slices."""
+        lead = volume.shape[:-3]
+        out = np.full(lead + self.image_shape, fill, dtype=volume.dtype)
+        self.volume_view(out)[...] = volume
+        return out
+
+    def volume_view(self, image):
+        """The (..., D, H, W) view of the voxels in a stacked image (..., rows, W)."""
+        depth, height, width = self.shape
+        blocks = image.reshape(image.shape[:-2] + (depth + 2, self.block, width))
+        return blocks[..., 1 : depth + 1, :height, :]
+
+    def coarser(self):
+        return replace(self, shape=tuple(-(-n // 2) for n in self.shape))
+
+
+@dataclass(frozen=True)
 class SpatialFit:
     """The record of a spatial fit, as the JSON keeps it: the objective per pixel after each
     iteration of the full-size grid, its EM steps and sweeps of every site, and the iterations
@@ -2199,7 +2396,11 @@ class SpatialFit:
     beta_estimate: float | None = None  # with BETA "auto": the pseudo-likelihood estimate
 
     def to_json(self):
-        return asdict(self)
+        record = asdict(self)
+        for grid in record["coarser_grids"]:
+            if grid["depth"] is None:  # an image's
+                del grid["depth"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -2208,6 +2409,7 @@ class CoarserGrid:
     width: int
     n_iter: int
     converged: bool
+    depth: int | None = None  # a volume's slices
 
 
 def _site_update(old, neighbours, logp, beta, relaxation, settings):
@@ -2257,6 +2459,21 @@ class Sweep:
     moved: np.ndarray | None = None
     settings: SpatialSettings = SpatialSettings()
     passes: Passes = Passes()
+    stack: Stack | None = None  # a volume's layout, or None for an image
+
+
+def _weighted_neighbours(padded, box, offsets, weights):
+    """sum over the axes of weight x (the q one step back + one step forward) of the sites
+    padded[:, r0:r1:2, c0:c1:2], box = (r0, r1, c0, c1), offsets (row, column) steps."""
+    r0, r1, c0, c1 = box
+    total = None
+    for (dr, dc), weight in zip(offsets, weights):
+        pair = padded[:, r0 - dr : r1 - dr : 2, c0 - dc : c1 - dc : 2]
+        pair = pair + padded[:, r0 + dr : r1 + dr : 2, c0 + dc : c1 + dc : 2]
+        if weight != 1.0:
+            pair *= np.float32(weight)
+        total = pair if total is None else total + pair
+    return total
 
 
 def _update_sites(padded, rows, cols, sweep, pairs):
@@ -2269,9 +2486,15 @@ def _update_sites(padded, rows, cols, sweep, pairs):
     """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
-    neighbours = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
-    neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
-    neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+    if sweep.stack is None:
+        neighbours = (
+            padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
+        )
+        neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
+        neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+    else:
+        offsets = ((sweep.stack.block, 0), (1, 0), (0, 1))  # slices, rows, columns
+        neighbours = _weighted_neighbours(padded, (r0, r1, c0, c1), offsets, sweep.stack.weights)
     keep_old = sweep.relaxation != 1.0 or sweep.moved is not None
     old = centre.copy() if keep_old else centre
     target, log_target = _site_update(
@@ -2305,9 +2528,21 @@ def _sweep(padded, sweep):
                 total += entropy + sweep.beta * agreement
             return total
 
-        bands = sweep.passes.bands(height, width, n_components)
+        bands = _swept_bands(sweep.passes, height, width, n_components, sweep.stack)
         objective += sum(sweep.passes.map(update_band, bands))
     return objective
+
+
+def _swept_bands(passes, height, width, n_components, stack):
+    """The row bands a pass over q goes through: every row of an image; a stacked volume's
+    slice blocks (each band's top odd there, so the checkerboard's colours are one for all)."""
+    if stack is None:
+        return passes.bands(height, width, n_components)
+    first, stop = stack.swept_rows
+    return [
+        (top + first, bottom + first)
+        for top, bottom in passes.bands(stop - first, width, n_components)
+    ]
 
 
 def _partial_sweep(padded, sweep, table, index, sites):
@@ -2320,14 +2555,23 @@ def _partial_sweep(padded, sweep, table, index, sites):
     points = index.reshape(-1)
     rows = sites // width
     black = (sites - rows * (width - 1)) % 2 == 0  # (row + column) even, as CHECKERBOARD's
-    settings = sweep.settings
+    settings, stack = sweep.settings, sweep.stack
 
     def update_chunk(chunk):
         at = chunk + 2 * (chunk // width) + width + 3  # in padded
         old = np.take(flat, at, axis=1)
-        neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
-        neighbours += np.take(flat, at - width - 2, axis=1)
-        neighbours += np.take(flat, at + width + 2, axis=1)
+        if stack is None:
+            neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
+            neighbours += np.take(flat, at - width - 2, axis=1)
+            neighbours += np.take(flat, at + width + 2, axis=1)
+        else:
+            steps = (stack.block * (width + 2), width + 2, 1)  # slices, rows, columns
+            neighbours = None
+            for step, weight in zip(steps, stack.weights):
+                pair = np.take(flat, at - step, axis=1) + np.take(flat, at + step, axis=1)
+                if weight != 1.0:
+                    pair *= np.float32(weight)
+                neighbours = pair if neighbours is None else neighbours + pair
         logp = np.take(table, points[chunk], axis=1)
         target, log_target = _site_update(
             old, neighbours, logp, sweep.beta, sweep.relaxation, settings
@@ -2381,8 +2625,9 @@ class _PointSums:
         return self.sums
 
 
-def _around(sites, shape, inside):
-    """The sites (image-flat) and their 4-neighbours, inside the image and any mask, in order.
+def _around(sites, shape, inside, stack=None):
+    """The sites (image-flat) and their 4-neighbours (a stacked volume's 6), inside the image
+    and any mask, in order.
 
     Marked in an (H, W) bool image, which costs less than sorting the candidates."""
     height, width = shape
@@ -2393,16 +2638,29 @@ def _around(sites, shape, inside):
     near[sites[column < width - 1] + 1] = True
     near[sites[sites >= width] - width] = True
     near[sites[sites < (height - 1) * width] + width] = True
+    if stack is not None:  # the sites are a slice's voxels: both neighbouring blocks exist
+        near[sites - stack.block * width] = True
+        near[sites + stack.block * width] = True
     if inside is not None:
         near &= inside.reshape(-1)
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside, passes=Passes()):
-    """moved (H, W) bool |= its 4-neighbours, &= inside (a mask, or None), in place.
+def _dilate(moved, inside, passes=Passes(), stack=None):
+    """moved (H, W) bool |= its 4-neighbours (a stacked volume's 6), &= inside (a mask, or
+    None), in place.
 
     Band by band from the top, keeping the band's original rows and the one above it, so no
-    second image is made (a byte a pixel at the moment memory peaks)."""
+    second image is made (a byte a pixel at the moment memory peaks).  A volume's neighbours
+    across slices are a block away: its dilation keeps a copy."""
+    if stack is not None:
+        original, block = moved.copy(), stack.block
+        _dilate(moved, None, passes)
+        moved[block:] |= original[:-block]
+        moved[:-block] |= original[block:]
+        if inside is not None:
+            moved &= inside
+        return
     height, width = moved.shape
     above = np.zeros(width, bool)  # the original row above the band
     for top, bottom in passes.bands(height, width, 1):
@@ -2420,8 +2678,9 @@ def _dilate(moved, inside, passes=Passes()):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
-    """L(q, theta) computed from its definition, band by band (at the start of a fit).
+def _mean_field_objective(padded, beta, site_logp, passes=Passes(), stack=None):
+    """L(q, theta) computed from its definition, band by band (at the start of a fit); of a
+    stacked volume with its neighbours across slices, weighted.
 
     Outside a mask q is 0, so those pixels add nothing.
     """
@@ -2435,15 +2694,22 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes()):
         expected -= np.log(np.maximum(q, tiny))
         objective = np.sum(q * expected, dtype=np.float64)
         below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
-        pairs = np.sum(q * below, dtype=np.float64)
-        pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+        if stack is None:
+            pairs = np.sum(q * below, dtype=np.float64)
+            pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+            return objective + beta * pairs
+        w_slices, w_rows, w_cols = stack.weights
+        next_slice = padded[:, top + 1 + stack.block : bottom + 1 + stack.block, 1:-1]
+        pairs = w_rows * np.sum(q * below, dtype=np.float64)
+        pairs += w_cols * np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+        pairs += w_slices * np.sum(q * next_slice, dtype=np.float64)
         return objective + beta * pairs
 
-    bands = passes.bands(height, width, n_components)
+    bands = _swept_bands(passes, height, width, n_components, stack)
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes=Passes()):
+def _prior_terms(padded, beta, passes=Passes(), stack=None):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -2451,7 +2717,7 @@ def _prior_terms(padded, beta, passes=Passes()):
     def no_data(row_slice, col_slice):
         return np.zeros((n_components, len(rows[row_slice]), len(cols[col_slice])))
 
-    return _mean_field_objective(padded, beta, no_data, passes)
+    return _mean_field_objective(padded, beta, no_data, passes, stack)
 
 
 def _posterior_start(padded, site_logp, inside, passes=Passes()):
@@ -2478,6 +2744,14 @@ def _copy_to_blocks(q, coarse_q, passes):
             rows[...] = doubled[:, : rows.shape[1]]
 
     passes.run(copy_band, passes.bands(coarse_q.shape[1], width, len(q)))
+
+
+def _copy_to_cubes(q, coarse_q):
+    """q (K, D, H, W) = a coarser grid's q copied to each 2 x 2 x 2 cube, slice by slice."""
+    depth, height, width = q.shape[1:]
+    for z in range(depth):
+        plane = np.repeat(np.repeat(coarse_q[:, z // 2], 2, axis=1), 2, axis=2)
+        q[:, z] = plane[:, :height, :width]
 
 
 def _softmax_over_components(logits):
@@ -2592,17 +2866,27 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
     CoarserGrid records, coarsest first.
     """
     coarser, start_q, (height, width) = [], None, fit.shape
+    stack = getattr(fit, "stack", None)
+    grid_pixels = height * width if stack is None else math.prod(stack.shape)
     coarse = fit.coarser()
-    if height * width > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
+    if grid_pixels > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
         run, coarser = _coarse_to_fine(coarse, parameters)
-        coarser.append(CoarserGrid(*coarse.shape, run.n_iter, run.converged))
+        if stack is None:
+            coarser.append(CoarserGrid(*coarse.shape, run.n_iter, run.converged))
+        else:
+            slices, rows, cols = coarse.stack.shape
+            coarser.append(CoarserGrid(rows, cols, run.n_iter, run.converged, slices))
         parameters, start_q = run.state.parameters, run.state.q
         del run
     del coarse
     padded = np.zeros((len(parameters.label_weights), height + 2, width + 2), np.float32)
     from_posterior = start_q is None
     if start_q is not None:
-        _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q, fit.passes)
+        if stack is None:
+            _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q, fit.passes)
+        else:
+            fine = stack.volume_view(padded[:, 1:-1, 1:-1])
+            _copy_to_cubes(fine, stack.coarser().volume_view(start_q))
         if fit.inside is not None:
             padded[:, 1:-1, 1:-1] *= fit.inside
         del start_q  # the coarse grid's q goes before the fine grid's arrays are made
@@ -2642,11 +2926,24 @@ def _spatial_run(fit, parameters, on_iteration=None):
     SpatialFit record."""
     if fit.beta != "auto":
         return _recorded(fit, parameters, fit.beta, None, on_iteration)
-    rows, cols = _central_window(fit.shape, fit.settings.estimate_pixels)
+    stack = getattr(fit, "stack", None)
+    if stack is None:
+        rows, cols = _central_window(fit.shape, fit.settings.estimate_pixels)
+    else:  # whole central slices, as many as the window holds
+        depth, height, width = stack.shape
+        n = min(depth, max(1, fit.settings.estimate_pixels // (height * width)))
+        first = (1 + (depth - n) // 2) * stack.block
+        rows, cols = slice(first, first + n * stack.block), slice(0, width)
     q = fit.site_logp(parameters)(rows, cols)
     _softmax_over_components(q)
     inside = None if fit.inside is None else fit.inside[rows, cols]
-    estimate = estimate_beta(q, parameters.label_weights, inside, fit.settings.most_beta)
+    weights = None
+    if stack is not None:
+        window = replace(stack, shape=(n,) + stack.shape[1:])
+        q = window.volume_view(np.pad(q, ((0, 0), (stack.block, stack.block), (0, 0))))
+        inside = window.volume_view(np.pad(inside, ((stack.block, stack.block), (0, 0))))
+        weights = stack.weights
+    estimate = estimate_beta(q, parameters.label_weights, inside, fit.settings.most_beta, weights)
     beta, halvings = estimate, 0
     while True:
         run, record = _recorded(fit, parameters, beta, estimate, on_iteration)
@@ -2672,14 +2969,21 @@ def _central_window(shape, most):
     return slice(top, top + h), slice(left, left + w)
 
 
-def estimate_beta(q, weights, inside, most):
+def estimate_beta(q, weights, inside, most, axis_weights=None):
     """BETA by maximum pseudo-likelihood of responsibilities q (K, h, w), the neighbours' q
     standing in for their labels (the mean-field-like approximation of Celeux, Forbes and
     Peyrard, Pattern Recognition 36, 2003): sum_i sum_k q_ik log p(k | neighbours), with
     p(k | neighbours) proportional to w_k exp(BETA s_ik), s_i the neighbours' q summed.  It is
-    concave in BETA; Newton's method from 0, within [0, most]."""
-    padded = np.pad(q * (True if inside is None else inside), ((0, 0), (1, 1), (1, 1)))
-    s = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    concave in BETA; Newton's method from 0, within [0, most].  A volume's q is (K, d, h, w),
+    its neighbours along the three axes weighted by axis_weights."""
+    padded = np.pad(q * (True if inside is None else inside), [(0, 0)] + [(1, 1)] * (q.ndim - 1))
+    if q.ndim == 3:
+        s = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    else:
+        s = sum(
+            weight * (np.roll(padded, 1, axis) + np.roll(padded, -1, axis))[:, 1:-1, 1:-1, 1:-1]
+            for axis, weight in zip((1, 2, 3), axis_weights)
+        )
     sites = np.ones(q.shape[1:], bool) if inside is None else inside
     s, q = s[:, sites], q[:, sites]
     observed, log_w, beta = float(np.sum(q * s)), np.log(weights)[:, None], 0.0
@@ -2712,6 +3016,7 @@ class PointsMeanField:
     options: FitOptions
     settings: SpatialSettings
     update_parameters: bool = True
+    stack: Stack | None = None  # a volume's layout: index and inside are stacked images
 
     @property
     def shape(self):
@@ -2727,6 +3032,11 @@ class PointsMeanField:
         return int(np.count_nonzero(self.inside)) if self.inside is not None else self.index.size
 
     def coarser(self):
+        if self.stack is not None:
+            stack, view = self.stack.coarser(), self.stack.volume_view
+            index = stack.stacked(view(self.index)[::2, ::2, ::2])
+            inside = stack.stacked(view(self.inside)[::2, ::2, ::2], False)
+            return replace(self, index=index, inside=inside, stack=stack)
         inside = None if self.inside is None else self.inside[::2, ::2]
         return replace(self, index=np.ascontiguousarray(self.index[::2, ::2]), inside=inside)
 
@@ -2755,7 +3065,7 @@ class PointsMeanField:
         point_logp = _point_log_probabilities(model, self.data)
         if from_posterior:
             _posterior_start(padded, _looked_up(point_logp, self.index), self.inside, self.passes)
-        prior_terms = _prior_terms(padded, self.beta, self.passes)
+        prior_terms = _prior_terms(padded, self.beta, self.passes, self.stack)
         sums = self.point_sums(padded[:, 1:-1, 1:-1])
         total = prior_terms + float(np.sum(sums * point_logp))
         return MeanField(
@@ -2768,7 +3078,13 @@ class PointsMeanField:
         ledger, settings = state.ledger, self.settings
         swept_all = sweep_all or ledger.active is None
         sweep = Sweep(
-            self.beta, None, self.inside, state.relaxation, settings=settings, passes=self.passes
+            self.beta,
+            None,
+            self.inside,
+            state.relaxation,
+            settings=settings,
+            passes=self.passes,
+            stack=self.stack,
         )
         swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
@@ -2793,7 +3109,7 @@ class PointsMeanField:
         moved = np.zeros(self.shape, bool)
         sweep = replace(sweep, site_logp=_looked_up(swept, self.index), moved=moved)
         terms = _sweep(state.padded, sweep)
-        _dilate(moved, self.inside, self.passes)
+        _dilate(moved, self.inside, self.passes, self.stack)
         few = np.count_nonzero(moved) < self.settings.max_active_fraction * self.index.size
         active = np.flatnonzero(moved) if few else None
         del sweep, moved
@@ -2804,7 +3120,7 @@ class PointsMeanField:
         change, change_of_sums, moved = _partial_sweep(
             state.padded, sweep, swept, self.index, ledger.active
         )
-        active = _around(moved, self.shape, self.inside)
+        active = _around(moved, self.shape, self.inside, self.stack)
         if len(active) >= self.settings.max_active_fraction * self.index.size:
             active = None
         return (
@@ -2873,24 +3189,33 @@ def spatial_fit(
     mask=None,
     update_parameters=True,
     settings=SpatialSettings(),
+    spacing=None,
     on_iteration=None,
 ):
     """Mean-field EM of the Potts-prior mixture, from a fitted plain mixture, coarse to fine.
 
     index: (H, W) point of every pixel; mask: (H, W) bool, the pixels to segment (outside
-    pixels have no label and no neighbours).  update_parameters=False keeps the model (a shared
-    one); the prior only smooths the labels.  A partial-volume model is always kept: the prior
-    smooths its tissues, and q is theirs.  Returns the model, the labels (H, W), the
-    SpatialFit record and q (L, H, W) float32 of the labels.
+    pixels have no label and no neighbours).  A volume's index and mask are (D, H, W), its 6
+    neighbours weighted by spacing (Stack), and so are its labels and q.
+    update_parameters=False keeps the model (a shared one); the prior only smooths the labels.
+    A partial-volume model is always kept: the prior smooths its tissues, and q is theirs.
+    Returns the model, the labels (H, W), the SpatialFit record and q (L, H, W) float32.
     """
     index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
     update_parameters = update_parameters and model.partial_volume is None
+    stack = None
+    if index.ndim == 3:
+        stack = Stack.of(index.shape, spacing or (1.0, 1.0, 1.0))
+        inside = np.ones(index.shape, bool) if mask is None else mask
+        index, mask = stack.stacked(index), stack.stacked(inside, False)
     fit = PointsMeanField(
-        data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters
+        data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters, stack
     )
     run, record = _spatial_run(fit, model, on_iteration)
     q = run.state.q
     labels = _argmax_over_components(q, options.passes)
+    if stack is not None:
+        labels, q = np.ascontiguousarray(stack.volume_view(labels)), stack.volume_view(q)
     return run.state.parameters, labels, record, q
 
 
@@ -3727,6 +4052,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         mask=picture.mask,
         update_parameters=shared is None and model.partial_volume is None,
         settings=options.spatial_settings,
+        spacing=None if picture.volume is None else picture.volume.spacing,
         on_iteration=on_iteration,
     )
     order = _luminance_order(model.label_means)
@@ -3879,6 +4205,31 @@ def segment_image(array, n_components, *, mode="auto", mask=None, options=None, 
     """
     options = segment_options(options, **overrides)
     picture = picture_from_array(array)
+    return _segmented_array(picture, n_components, mode, mask, options)
+
+
+def segment_volume(
+    array,
+    n_components,
+    *,
+    spacing=(1.0, 1.0, 1.0),
+    mode="auto",
+    mask=None,
+    options=None,
+    **overrides,
+):
+    """Segment an in-memory volume as one: segment_image's contract in 3-D.
+
+    array: (D, H, W) gray or (D, H, W, 3) colour, values as segment_image takes them;
+    spacing: the voxels' size along the three axes (the spatial prior weighs neighbours by
+    it); mask: (D, H, W) or "nonzero".  Returns the labels (D, H, W), the recoloured volume
+    and the model.
+    """
+    options = segment_options(options, **overrides)
+    return _segmented_array(picture_from_volume(array, spacing), n_components, mode, mask, options)
+
+
+def _segmented_array(picture, n_components, mode, mask, options):
     if mask is not None:
         picture = with_mask(picture, nonzero_mask(picture) if _is_nonzero(mask) else mask)
     points = distinct_values(picture, mode)
@@ -3912,11 +4263,25 @@ FIGURE_DPI = 100
 PNG_COMPRESS_LEVEL = 1  # zlib level: label maps and palettes compress well even at 1
 
 
-def output_paths(out_dir, stem):
-    return {
-        suffix.split(".")[0]: Path(out_dir) / f"{stem}_{suffix}"
-        for suffix in OUTPUT_SUFFIXES + OPTIONAL_SUFFIXES
-    }
+VOLUME_OUTPUTS = ("segmented", "labels", "bias", "corrected")  # a volume's, as volumes
+
+
+def image_suffix(picture):
+    """The file type of the image outputs: PNG, or a volume's: NIfTI (gzipped) for a NIfTI
+    input, a multi-page TIFF otherwise."""
+    if picture.volume is None:
+        return ".png"
+    return ".nii.gz" if picture.volume.format == "nifti" else ".tif"
+
+
+def output_paths(out_dir, stem, suffix=".png"):
+    """The path of every output; suffix (image_suffix) that of the image outputs."""
+    paths = {}
+    for name in OUTPUT_SUFFIXES + OPTIONAL_SUFFIXES:
+        output, extension = name.split(".")
+        extension = suffix if output in VOLUME_OUTPUTS else "." + extension
+        paths[output] = Path(out_dir) / f"{stem}_{output}{extension}"
+    return paths
 
 
 class OutputSet:
@@ -3979,13 +4344,47 @@ def _png_writer(image):
     return lambda path: image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
+def _image_writer(array, picture):
+    """write(path) of an output image (H, W[, 3]) as PNG, or of a volume (D, H, W[, 3]) in the
+    kind of file it came from (image_suffix)."""
+    if picture.volume is None:
+        return _png_writer(Image.fromarray(array))
+    if picture.volume.format == "nifti":
+        return lambda path: Path(path).write_bytes(_nifti_bytes(array, picture.volume))
+    return partial(_write_tiff_stack, array)
+
+
+def _nifti_bytes(array, volume):
+    """A volume as a gzipped NIfTI with the input's affine and header (so that it overlays the
+    input in FSLeyes, ITK-SNAP or 3D Slicer), its own data type, no scaling; the same bytes
+    every time (gzip's time stamp is 0)."""
+    import gzip
+
+    nibabel = _optional("nibabel", "writing NIfTI")
+    kind = nibabel.Nifti2Image if volume.nifti2 else nibabel.Nifti1Image
+    header = volume.header.copy() if volume.header is not None else None
+    image = kind(array, volume.affine, header)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+
+
+def _write_tiff_stack(array, path):
+    """A volume as a multi-page TIFF, one page a slice of its first axis."""
+    pages = [Image.fromarray(page) for page in array]
+    pages[0].save(path, format="TIFF", save_all=True, append_images=pages[1:])
+
+
 def _figure_writer(figure):
     return lambda path: figure.savefig(path, format="png", dpi=FIGURE_DPI)
 
 
 def segmented_image(segmentation):
-    """The recoloured picture as a Pillow image: gray levels, or a palette image for colour."""
+    """The recoloured picture as a Pillow image: gray levels, or a palette image for colour;
+    a volume's as an array (D, H, W[, 3])."""
     colours, labels = label_colours(segmentation), label_map(segmentation)
+    if segmentation.picture.volume is not None:
+        return colours[labels]
     if colours.ndim == 1:
         return Image.fromarray(colours[labels])  # L, or I;16 for deep gray
     if len(colours) <= 256:
@@ -4004,7 +4403,14 @@ def segmented_image(segmentation):
 
 
 def label_image(segmentation):
-    return Image.fromarray(label_map(segmentation))  # uint8 -> L, uint16 -> I;16
+    """The label map as a Pillow image (uint8 -> L, uint16 -> I;16); a volume's as an array."""
+    labels = label_map(segmentation)
+    return labels if segmentation.picture.volume is not None else Image.fromarray(labels)
+
+
+def _image_output(image, picture):
+    """write(path) of segmented_image's or label_image's result."""
+    return _png_writer(image) if picture.volume is None else _image_writer(image, picture)
 
 
 def model_record(segmentation, source, settings, notes, seconds):
@@ -4014,6 +4420,13 @@ def model_record(segmentation, source, settings, notes, seconds):
         "image": shown(source),
         "width": picture.width,
         "height": picture.height,
+    }
+    if picture.volume is not None:
+        volume = picture.volume
+        record["shape"] = list(picture.codes.shape)
+        record["spacing"] = list(volume.spacing)
+        record["affine"] = None if volume.affine is None else volume.affine.tolist()
+    record |= {
         "mask": None if picture.mask is None else settings["mask"],
         "inside_pixels": int(segmentation.points.weights.sum()),
         "mode": segmentation.points.mode,
@@ -4200,6 +4613,60 @@ def plot_comparison(segmentation, title):
     return figure
 
 
+def _middle_slices(volume_array, picture):
+    """The three orthogonal middle slices of a (D, H, W[, ...]) array, each with the spacing of
+    its rows and columns; a NIfTI's turned a quarter (its first axis runs left to right)."""
+    spacing = picture.volume.spacing
+    for axis in range(3):
+        plane = np.take(volume_array, volume_array.shape[axis] // 2, axis=axis)
+        rows, cols = [a for a in range(3) if a != axis]
+        if picture.volume.format == "nifti":
+            plane, rows, cols = np.rot90(plane), cols, rows
+        yield axis, plane, spacing[rows] / spacing[cols]
+
+
+def plot_volume_comparison(segmentation, title):
+    """Original | segmented | label map on the three orthogonal middle slices of a volume, each
+    drawn at its voxels' aspect."""
+    import matplotlib
+
+    picture = segmentation.picture
+    labels, colours = label_map(segmentation), label_colours(segmentation)
+    k, first = segmentation.model.n_labels, 0 if picture.mask is None else 1
+    cmap = matplotlib.colormaps["viridis"].resampled(k)
+    if first:
+        from matplotlib.colors import ListedColormap
+
+        cmap = ListedColormap(np.vstack([[0, 0, 0, 1], cmap(np.arange(k))]))
+    figure = _figure(3 * PANEL_INCHES, 3 * PANEL_INCHES * 0.9)
+    axes = figure.subplots(3, 3, squeeze=False)
+    gray = dict(cmap="gray", vmin=0, vmax=1)
+    codes = _middle_slices(picture.codes, picture)
+    for (axis, plane, aspect), (_, label_plane, _) in zip(codes, _middle_slices(labels, picture)):
+        flat = replace(picture, codes=np.ascontiguousarray(plane), mask=None, volume=None)
+        original, step = _display_copy(flat)
+        label_plane = label_plane[::step, ::step]
+        recoloured = colours[label_plane] / (255 if colours.dtype == np.uint8 else 65535)
+        row = axes[axis]
+        row[0].imshow(original, **(gray if original.ndim == 2 else {}), aspect=aspect)
+        row[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), aspect=aspect)
+        row[2].imshow(
+            label_plane,
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=k + first - 0.5,
+            aspect=aspect,
+            interpolation="nearest",
+        )
+        row[0].set_ylabel(f"middle slice across axis {axis}")
+        for ax, name in zip(row, ("original", f"segmented, K = {k}", "label map")):
+            ax.set_title(name if axis == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.suptitle(title)
+    return figure
+
+
 def plot_bic(table, chosen, title):
     """BIC against K, the chosen K marked."""
     ks = [row["k"] for row in table]
@@ -4226,10 +4693,12 @@ def plot_bic(table, chosen, title):
 
 
 def probability_paths(out_dir, stem, segmentation):
-    """STEM_prob_L.png for every label L of the label map (1..K with a mask, 0..K-1 without)."""
+    """STEM_prob_L.png (a volume's: image_suffix) for every label L of the label map (1..K
+    with a mask, 0..K-1 without)."""
     first = 0 if segmentation.picture.mask is None else 1
     labels = range(first, first + segmentation.model.n_labels)
-    return {label: Path(out_dir) / f"{stem}_prob_{label}.png" for label in labels}
+    suffix = image_suffix(segmentation.picture)
+    return {label: Path(out_dir) / f"{stem}_prob_{label}{suffix}" for label in labels}
 
 
 def field_levels(field):
@@ -4257,8 +4726,9 @@ def write_outputs(segmentation, paths, title, record, probabilities=None, wanted
     """
     started = time.perf_counter()
     with OutputSet() as outputs:
+        picture = segmentation.picture
         for label, probability in posterior_maps(segmentation) if probabilities else ():
-            outputs.stage(probabilities[label], _png_writer(Image.fromarray(probability)))
+            outputs.stage(probabilities[label], _image_writer(probability, picture))
         for name, write in _output_writers(segmentation, title, wanted):
             outputs.stage(paths[name], write)
         seconds = record["seconds"]
@@ -4274,14 +4744,16 @@ def write_outputs(segmentation, paths, title, record, probabilities=None, wanted
 def _output_writers(segmentation, title, wanted):
     """(output, write(path)) for every wanted output this segmentation has, but the JSON, made
     one at a time as they are written."""
+    picture = segmentation.picture
     if "segmented" in wanted:
-        yield "segmented", _png_writer(segmented_image(segmentation))
+        yield "segmented", _image_output(segmented_image(segmentation), picture)
     if "labels" in wanted:
-        yield "labels", _png_writer(label_image(segmentation))
+        yield "labels", _image_output(label_image(segmentation), picture)
     if "loglik" in wanted:
         yield "loglik", _figure_writer(plot_log_likelihood(segmentation, title))
     if "comparison" in wanted:
-        yield "comparison", _figure_writer(plot_comparison(segmentation, title))
+        comparison = plot_comparison if picture.volume is None else plot_volume_comparison
+        yield "comparison", _figure_writer(comparison(segmentation, title))
     if "bic" in wanted and segmentation.bic_table is not None:
         bic_figure = plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
         yield "bic", _figure_writer(bic_figure)
@@ -4344,6 +4816,19 @@ def _components(text):
 
 def _beta(text):
     return "auto" if text == "auto" else _float_at_least(0)(text)
+
+
+def _spacing(text):
+    """Z,Y,X: a volume's voxel size along its three axes (one number: the same for all)."""
+    try:
+        steps = tuple(float(step) for step in text.split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) == 1:
+        steps *= 3
+    if len(steps) != 3 or not all(0 < step < math.inf for step in steps):
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive numbers, Z,Y,X")
+    return steps
 
 
 def _outputs(text):
@@ -4489,7 +4974,16 @@ def build_parser():
         type=_integer_at_least(1),
         default=RunConfig.max_pixels,
         metavar="N",
-        help="refuse images with more pixels than this (default %(default)s)",
+        help="refuse images with more pixels (a volume: voxels) than this (default %(default)s)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=_spacing,
+        default=None,
+        metavar="Z,Y,X",
+        help="a volume's voxel size along its three axes, in the order of its pages (a TIFF "
+        "stack) or of its array (a NIfTI); the spatial prior weighs neighbours by it "
+        "(default: a NIfTI's header, 1,1,1 for a TIFF stack)",
     )
     parser.add_argument(
         "--spatial",
@@ -4636,7 +5130,9 @@ def collect_inputs(arguments):
                 found = sorted(
                     p
                     for p in path.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+                    if p.is_file()
+                    and not p.name.startswith(".")
+                    and (p.suffix.lower() in extensions or is_nifti(p))
                 )
             except OSError as error:
                 errors.append((argument, f"cannot list folder ({error.strerror})"))
@@ -4653,10 +5149,11 @@ def unique_stems(files):
     """Output stem of each input: its file stem, -2, -3, ... added where a stem repeats."""
     taken, stems = set(), []
     for path in files:
-        candidate, count = path.stem, 1
+        stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+        candidate, count = stem, 1
         while candidate in taken:
             count += 1
-            candidate = f"{path.stem}-{count}"
+            candidate = f"{stem}-{count}"
         taken.add(candidate)
         stems.append(candidate)
     return stems
@@ -4696,6 +5193,7 @@ class RunConfig:
     brain: bool = False  # --brain set the options BRAIN_PRESET names (those after it won)
     outputs: tuple = OUTPUTS  # the outputs to write
     model: str | None = None  # label with this STEM_model.json instead of fitting
+    spacing: tuple | None = None  # a volume's voxel size, over its file's
     segment: SegmentOptions = SegmentOptions()
 
     @classmethod
@@ -4761,7 +5259,7 @@ class RunConfig:
             brain=self.brain,
             outputs=["json" if name == "model" else name for name in self.outputs],
             model=None if self.model is None else shown(self.model),
-        )
+        ) | ({} if self.spacing is None else {"spacing": list(self.spacing)})
 
 
 def _write_line(stream, text):
@@ -4859,8 +5357,13 @@ def _segment_file(path, stem, batch, say, console):
     """Read, segment and write one image; returns its summary line."""
     config, clock = batch.config, time.perf_counter()
     picture = read_image(path, config.max_pixels)
+    if config.spacing is not None:
+        if picture.volume is None:
+            picture.notes.append("--spacing applies to volumes; ignored for this image")
+        else:
+            picture.volume = replace(picture.volume, spacing=config.spacing)
     loaded = time.perf_counter()
-    paths = output_paths(config.out, stem)
+    paths = output_paths(config.out, stem, image_suffix(picture))
     _refuse_overwriting_inputs(paths.values(), batch.inputs)
 
     def on_iteration(n_iter, log_likelihood):
@@ -5033,6 +5536,7 @@ def figure_title(path, segmentation):
         f"{shown(path.name)}: {segmentation.points.mode}, K = {model.n_labels}, "
         f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
+        + (", partial volume" if model.partial_volume is not None else "")
         + (", shared model" if segmentation.shared else "")
         + (f", spatial prior {prior.beta:g}" if prior else "")
     )
@@ -5050,7 +5554,7 @@ def summary_line(path, segmentation, seconds):
         )
     )
     return (
-        f"{shown(path)}: {picture.width}x{picture.height} {segmentation.points.mode} "
+        f"{shown(path)}: {picture.size_text} {segmentation.points.mode} "
         f"K={model.n_labels} distinct={len(segmentation.points.values)} "
         f"iterations={model.n_iter} em-steps={model.n_em_steps} {_stop_word(model.converged)} "
         f"loglik={model.log_likelihood[-1]:.6f} {spatial}{seconds:.2f}s"

@@ -251,7 +251,9 @@ def test_every_pillow_mode_is_segmented(tmp_path, capsys, kind):
         assert 0 <= np.min(record["means"]) and np.max(record["means"]) <= 1
 
 
-def test_multi_frame_files_use_the_first_frame(tmp_path, capsys):
+def test_an_animation_gives_its_first_frame_and_a_tiff_stack_is_a_volume(tmp_path, capsys):
+    """A GIF's frames are an animation: the first is segmented, with a note.  A multi-page
+    TIFF's pages are a volume: segmented as one, its label map a multi-page TIFF."""
     frames = [Image.fromarray(gradient()), Image.fromarray(255 - gradient())]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
@@ -259,13 +261,16 @@ def test_multi_frame_files_use_the_first_frame(tmp_path, capsys):
         [tmp_path / "anim.gif", tmp_path / "stack.tif", "-k", "2", "--out", tmp_path / "o"], capsys
     )
     assert status == 0, err
-    for stem in ("anim", "stack"):
-        assert (
-            f"note: {tmp_path / (stem + ('.gif' if stem == 'anim' else '.tif'))}: "
-            "2 frames: segmenting the first" in err
-        )
-        labels = np.asarray(Image.open(tmp_path / "o" / f"{stem}_labels.png"))
-        assert labels[0, 0] == 0 and labels[-1, -1] == 1  # the first frame: dark at the top left
+    assert f"note: {tmp_path / 'anim.gif'}: 2 frames: segmenting the first" in err
+    assert "stack.tif: 2 frames" not in err
+    labels = np.asarray(Image.open(tmp_path / "o" / "anim_labels.png"))
+    assert labels[0, 0] == 0 and labels[-1, -1] == 1  # the first frame: dark at the top left
+    with Image.open(tmp_path / "o" / "stack_labels.tif") as stack:
+        assert stack.n_frames == 2
+        first = np.asarray(stack)
+        stack.seek(1)
+        second = np.asarray(stack)
+    assert first[0, 0] == 0 and first[-1, -1] == 1 and second[0, 0] == 1 and second[-1, -1] == 0
 
 
 def test_exif_orientation_is_applied(tmp_path, capsys):

@@ -1,0 +1,300 @@
+"""Volumes: NIfTI files and multi-page TIFFs segmented as one volume, with the spatial prior's
+six neighbours across slices (weighted by the spacing), and outputs a volume user can open."""
+
+import gzip
+
+import nibabel
+import numpy as np
+import pytest
+from conftest import record_of, run, seg
+from PIL import Image
+
+MEANS = np.array([0.3, 0.55, 0.8])
+
+
+def cubes(rng, shape=(24, 48, 48), sd=0.08, cell=6):
+    """Cubes of three classes with noise: the volume (uint8) and its classes."""
+    cells = rng.integers(0, 3, tuple(-(-n // cell) for n in shape))
+    truth = np.kron(cells, np.ones((cell,) * 3, int))[: shape[0], : shape[1], : shape[2]]
+    values = rng.normal(MEANS[truth], sd)
+    return np.clip(np.rint(values * 255), 1, 255).astype(np.uint8), truth
+
+
+def save_nifti(path, volume, zooms=(1.0, 1.0, 1.0), nifti2=False):
+    """A NIfTI with an affine that is neither the identity nor axis-aligned in its origin."""
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = (-90.0, -126.0, -72.0)
+    kind = nibabel.Nifti2Image if nifti2 else nibabel.Nifti1Image
+    image = kind(volume, affine)
+    image.header.set_zooms(zooms)
+    nibabel.save(image, path)
+    return affine
+
+
+def test_the_3d_prior_beats_slice_by_slice():
+    """One model and the prior's neighbours across slices: far more right than the same prior
+    slice by slice (each slice its own model and no neighbours above or below), and than no
+    prior."""
+    for seed in range(2):
+        volume, truth = cubes(np.random.default_rng(seed), sd=0.12)
+        plain = seg.segment_volume(volume, 3, covariance_type="tied")[0]
+        whole = seg.segment_volume(volume, 3, spatial=0.5, covariance_type="tied")[0]
+        slices = np.stack(
+            [seg.segment_image(v, 3, spatial=0.5, covariance_type="tied")[0] for v in volume]
+        )
+        accuracy = [np.mean(labels == truth) for labels in (plain, slices, whole)]
+        assert accuracy[2] > accuracy[1] + 0.05 and accuracy[2] > accuracy[0] + 0.1, accuracy
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
+def test_a_sweep_of_a_volume_is_the_3d_mean_field_update(spacing):
+    """A checkerboard sweep of the stacked volume sets every voxel to softmax(log p + BETA x
+    the weighted sum of its six neighbours' q), the two colours in turn, exactly as computed
+    here on the volume itself; and the objective's pair terms are the weighted pairs along
+    every axis.  (An axis left out, or weighed wrongly, fails here.)"""
+    rng = np.random.default_rng(0)
+    shape, k, beta = (3, 4, 5), 3, 0.7
+    stack = seg.Stack.of(shape, spacing)
+    q = rng.dirichlet(np.ones(k), size=shape).transpose(3, 0, 1, 2).astype(np.float32)
+    logp = rng.normal(size=(k, *shape)).astype(np.float32)
+    weights = min(spacing) / np.array(spacing)
+    assert stack.weights == pytest.approx(tuple(weights))
+    padded = np.pad(stack.stacked(q), ((0, 0), (1, 1), (1, 1)))
+    pairs = sum(
+        w * np.sum(np.take(q, range(1, n), axis + 1) * np.take(q, range(n - 1), axis + 1))
+        for axis, (w, n) in enumerate(zip(weights, shape))
+    )
+    entropy = -np.sum(q * np.log(q))
+    prior = seg._prior_terms(padded, beta, seg.Passes(threads=1), stack)
+    assert prior == pytest.approx(entropy + beta * pairs, rel=1e-6)
+    table = stack.stacked(logp)
+    inside = stack.stacked(np.ones(shape, bool), False)
+    sweep = seg.Sweep(
+        beta, lambda r, c: table[:, r, c].copy(), inside, passes=seg.Passes(threads=1), stack=stack
+    )
+    seg._sweep(padded, sweep)
+    expected = q.copy()
+    z, r, c = np.meshgrid(*map(range, shape), indexing="ij")
+    colour = ((1 + z) * stack.block + r + c) % 2  # the stacked image's checkerboard
+    for turn in (1, 0):  # the sweep's first colour has odd (row + column) in the stack
+        p = np.pad(expected, ((0, 0), (1, 1), (1, 1), (1, 1)))
+        neighbours = sum(
+            w * (np.roll(p, 1, axis + 1) + np.roll(p, -1, axis + 1))[:, 1:-1, 1:-1, 1:-1]
+            for axis, w in enumerate(weights)
+        )
+        field = logp + beta * neighbours
+        update = np.exp(field - field.max(axis=0))
+        expected = np.where(colour == turn, update / update.sum(axis=0), expected)
+    assert np.allclose(stack.volume_view(padded[:, 1:-1, 1:-1]), expected, atol=1e-6)
+
+
+def test_a_coarser_axis_counts_less():
+    """Neighbours along an axis declared coarser (--spacing) pull less: where the classes
+    alternate every row, so that every neighbour along the rows disagrees, the labels get
+    better as the rows' spacing grows."""
+    rng = np.random.default_rng(0)
+    truth = np.broadcast_to((np.arange(48) % 2)[None, :, None], (16, 48, 40))
+    volume = np.clip(np.rint(rng.normal(np.array([0.35, 0.65])[truth], 0.12) * 255), 1, 255)
+    volume = volume.astype(np.uint8)
+    accuracy = [
+        np.mean(
+            seg.segment_volume(volume, 2, spacing=s, spatial=0.3, covariance_type="tied")[0]
+            == truth
+        )
+        for s in ((1, 1, 1), (1, 2, 1), (1, 4, 1))
+    ]
+    assert accuracy[0] < accuracy[1] < accuracy[2], accuracy
+
+
+def test_a_large_volume_goes_coarse_to_fine_and_threads_change_nothing():
+    volume, truth = cubes(np.random.default_rng(3), shape=(40, 96, 80), cell=8)
+    picture = seg.picture_from_volume(volume)
+    points = seg.distinct_values(picture)
+    fits = [
+        seg.segment_points(
+            picture,
+            points,
+            3,
+            spatial=0.5,
+            covariance_type="tied",
+            passes=seg.Passes(threads=threads),
+            spatial_settings=seg.SpatialSettings(coarsest_grid_pixels=40_000),
+        )
+        for threads in (1, 2)
+    ]
+    grids = fits[0].spatial.coarser_grids
+    assert [(g.depth, g.height, g.width) for g in grids] == [(20, 48, 40)]
+    assert np.array_equal(fits[0].labels, fits[1].labels)
+    assert fits[0].spatial.objective == fits[1].spatial.objective
+    assert np.mean(fits[0].labels == truth) > 0.95
+
+
+def test_nifti_in_and_out(tmp_path, capsys):
+    """A NIfTI volume: one model, the 3-D prior with the header's spacing, and the label map,
+    segmented volume and probabilities as gzipped NIfTI with the input's affine (so that they
+    overlay it), the same bytes every run; the JSON has the shape, spacing and affine."""
+    volume, truth = cubes(np.random.default_rng(1), shape=(12, 30, 36))
+    affine = save_nifti(tmp_path / "scan.nii.gz", volume, zooms=(1.0, 1.0, 2.0))
+    command = [tmp_path / "scan.nii.gz", "-k", "3", "--spatial", "0.5", "--probabilities"]
+    command += ["--covariance", "tied"]
+    status, out, err = run([*command, "--out", tmp_path / "a"], capsys)
+    assert status == 0, err
+    assert out.startswith(f"{tmp_path / 'scan.nii.gz'}: 12x30x36 gray K=3")
+    labels = nibabel.load(tmp_path / "a" / "scan_labels.nii.gz")
+    assert labels.shape == (12, 30, 36) and np.allclose(labels.affine, affine)
+    assert labels.get_data_dtype() == np.uint8
+    assert np.mean(np.asarray(labels.dataobj) == truth) > 0.95
+    segmented = np.asarray(nibabel.load(tmp_path / "a" / "scan_segmented.nii.gz").dataobj)
+    means = np.rint(np.array(record_of(tmp_path / "a", "scan")["means"])[:, 0] * 255)
+    assert set(np.unique(segmented)) == set(means.astype(int))
+    maps = [
+        np.asarray(nibabel.load(tmp_path / "a" / f"scan_prob_{k}.nii.gz").dataobj) for k in range(3)
+    ]
+    assert all(m.dtype == np.uint16 for m in maps)
+    assert np.all(np.abs(np.sum(maps, axis=0, dtype=np.int64) - 65535) <= 3)
+    record = record_of(tmp_path / "a", "scan")
+    assert record["shape"] == [12, 30, 36] and record["spacing"] == [1.0, 1.0, 2.0]
+    assert np.allclose(record["affine"], affine) and record["spatial"]["beta"] == 0.5
+    for name in ("scan_comparison.png", "scan_loglik.png"):
+        assert (tmp_path / "a" / name).exists()
+    status, _, err = run([*command, "--out", tmp_path / "b"], capsys)
+    for name in ("scan_labels.nii.gz", "scan_segmented.nii.gz", "scan_prob_1.nii.gz"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_nifti_kinds_and_masks(tmp_path, capsys):
+    """NIfTI-2, signed 16-bit and float volumes (scaled by their range), a mask volume
+    (--mask PATH) and --mask auto on a volume whose faces are 0."""
+    volume, truth = cubes(np.random.default_rng(2), shape=(10, 20, 24))
+    save_nifti(tmp_path / "two.nii", volume, nifti2=True)
+    save_nifti(tmp_path / "signed.nii.gz", (volume.astype(np.int16) - 100) * 7)
+    save_nifti(tmp_path / "float.nii.gz", volume.astype(np.float32) / 3.0)
+    status, out, err = run(
+        [tmp_path / "two.nii", tmp_path / "signed.nii.gz", tmp_path / "float.nii.gz", "-k", "3"]
+        + ["--covariance", "tied", "--out", tmp_path / "o"],
+        capsys,
+    )
+    assert status == 0, err
+    for stem in ("two", "signed", "float"):
+        labels = np.asarray(nibabel.load(tmp_path / "o" / f"{stem}_labels.nii.gz").dataobj)
+        assert np.mean(labels == truth) > 0.9, stem
+    assert isinstance(nibabel.load(tmp_path / "o" / "two_labels.nii.gz"), nibabel.Nifti2Image)
+    inside = np.zeros(volume.shape, np.uint8)
+    inside[2:8, 4:16, 4:20] = 1
+    save_nifti(tmp_path / "mask.nii.gz", inside)
+    status, _, err = run(
+        [
+            tmp_path / "two.nii",
+            "-k",
+            "3",
+            "--mask",
+            tmp_path / "mask.nii.gz",
+            "--out",
+            tmp_path / "m",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    labels = np.asarray(nibabel.load(tmp_path / "m" / "two_labels.nii.gz").dataobj)
+    assert np.all(labels[inside == 0] == 0) and np.all(labels[inside == 1] > 0)
+    framed = np.where(inside == 1, volume, 0).astype(np.uint8)
+    save_nifti(tmp_path / "framed.nii.gz", framed)
+    status, _, err = run([tmp_path / "framed.nii.gz", "-k", "3", "--out", tmp_path / "f"], capsys)
+    assert status == 0 and "the border is entirely 0" in err
+    assert record_of(tmp_path / "f", "framed")["inside_pixels"] == int(inside.sum())
+
+
+def test_tiff_stacks_in_and_out(tmp_path, capsys):
+    """A multi-page 16-bit TIFF is a volume (spacing 1,1,1 unless --spacing says otherwise):
+    its label map and segmented volume are multi-page TIFFs of as many pages."""
+    volume, truth = cubes(np.random.default_rng(4), shape=(8, 24, 30))
+    deep = volume.astype(np.uint16) * 257
+    pages = [Image.fromarray(page) for page in deep]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    status, out, err = run(
+        [tmp_path / "stack.tif", "-k", "3", "--spacing", "2,1,1", "--spatial", "0.5"]
+        + ["--covariance", "tied"]
+        + ["--out", tmp_path / "o"],
+        capsys,
+    )
+    assert status == 0, err
+    with Image.open(tmp_path / "o" / "stack_labels.tif") as labels:
+        assert labels.n_frames == 8
+        found = []
+        for page in range(8):
+            labels.seek(page)
+            found.append(np.asarray(labels))
+    assert np.mean(np.stack(found) == truth) > 0.95
+    with Image.open(tmp_path / "o" / "stack_segmented.tif") as segmented:
+        assert segmented.n_frames == 8 and segmented.mode == "I;16"
+    record = record_of(tmp_path / "o", "stack")
+    assert record["spacing"] == [2.0, 1.0, 1.0] and record["settings"]["spacing"] == [2, 1, 1]
+    assert record["affine"] is None
+
+
+def test_bad_volumes_are_one_line_errors(tmp_path, capsys):
+    """A 4-D NIfTI (a time series), pages of different sizes, a truncated .nii.gz and a volume
+    above --max-pixels (which counts voxels) each fail in one line; the rest go on."""
+    volume, _ = cubes(np.random.default_rng(5), shape=(6, 10, 12))
+    save_nifti(tmp_path / "good.nii.gz", volume)
+    nibabel.save(
+        nibabel.Nifti1Image(np.stack([volume, volume], axis=3), np.eye(4)),
+        tmp_path / "series.nii.gz",
+    )
+    pages = [Image.fromarray(volume[0]), Image.fromarray(volume[1, :5])]
+    pages[0].save(tmp_path / "mixed.tif", save_all=True, append_images=pages[1:])
+    data = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "short.nii.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notgz.nii.gz").write_bytes(gzip.compress(b"not a NIfTI header"))
+    inputs = ["good.nii.gz", "series.nii.gz", "mixed.tif", "short.nii.gz", "notgz.nii.gz"]
+    status, out, err = run(
+        [*(tmp_path / n for n in inputs), "-k", "2", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 5 and "Traceback" not in err  # four errors and the summary
+    assert f"error: {tmp_path / 'series.nii.gz'}: a 4-D NIfTI (6x10x12x2)" in err
+    assert (
+        f"error: {tmp_path / 'mixed.tif'}: page 2 is 12x5 L, page 1 12x10 L: not one volume" in err
+    )
+    assert f"error: {tmp_path / 'short.nii.gz'}: truncated or corrupt NIfTI" in err
+    assert f"error: {tmp_path / 'notgz.nii.gz'}: truncated or corrupt NIfTI" in err
+    assert (tmp_path / "o" / "good_labels.nii.gz").exists()
+    status, _, err = run(
+        [tmp_path / "good.nii.gz", "--max-pixels", "719", "--out", tmp_path / "p"], capsys
+    )
+    assert status == 1 and "6x10x12 is 720 voxels, above the limit of 719" in err
+
+
+def test_nifti_without_nibabel_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    volume, _ = cubes(np.random.default_rng(6), shape=(4, 8, 8))
+    save_nifti(tmp_path / "scan.nii.gz", volume)
+    import importlib
+
+    real = importlib.import_module
+
+    def without_nibabel(name, *args):
+        if name == "nibabel":
+            raise ImportError("no nibabel here")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_nibabel)
+    status, out, err = run([tmp_path / "scan.nii.gz", "--out", tmp_path / "o"], capsys)
+    assert status == 1
+    assert (
+        f"error: {tmp_path / 'scan.nii.gz'}: reading NIfTI needs nibabel: pip install nibabel"
+        in err
+    )
+
+
+def test_segment_volume_api():
+    volume, truth = cubes(np.random.default_rng(7), shape=(10, 16, 20))
+    labels, recoloured, model = seg.segment_volume(
+        volume, 3, spacing=(2, 1, 1), spatial=0.5, covariance_type="tied"
+    )
+    assert labels.shape == volume.shape == recoloured.shape and labels.dtype == np.uint8
+    assert np.mean(labels == truth) > 0.95 and np.allclose(model.means[:, 0], MEANS, atol=0.02)
+    with pytest.raises(ValueError, match="D x H x W"):
+        seg.segment_volume(volume[0], 3)
+    with pytest.raises(ValueError, match="spacing"):
+        seg.segment_volume(volume, 3, spacing=(1, 0, 1))
