@@ -1080,16 +1080,25 @@ class PartialVolume:
 
     def tissue_log_probabilities(self, logp):
         """(T, ...) log sum over each tissue's Gaussians of (G, ...) log(w_g p(x | g))."""
-        tissue_of = self.tissue_of
         out = np.empty((self.n_tissues,) + logp.shape[1:], dtype=logp.dtype)
-        for t in range(self.n_tissues):
-            members = logp[tissue_of == t]  # a copy, reused in place
-            top = members.max(axis=0)
-            members -= top
-            np.exp(members, out=members)
-            np.log(members.sum(axis=0), out=out[t])
-            out[t] += top
+        scratch = np.empty(logp.shape[1:], dtype=logp.dtype)
+        for t, members in enumerate(self.members):
+            top = logp[members[0]].copy()
+            for g in members[1:]:
+                np.maximum(top, logp[g], out=top)
+            total = out[t]
+            total[...] = 0
+            for g in members:
+                np.subtract(logp[g], top, out=scratch)
+                total += np.exp(scratch, out=scratch)
+            np.log(total, out=total)
+            total += top
         return out
+
+    @property
+    def members(self):
+        """Each tissue's Gaussians."""
+        return [np.flatnonzero(self.tissue_of == t) for t in range(self.n_tissues)]
 
     def expected_fractions(self, posteriors):
         """(T, ...) each tissue's expected share of a pixel, from (G, ...) posteriors: FAST's
@@ -2878,6 +2887,8 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
             coarser.append(CoarserGrid(rows, cols, run.n_iter, run.converged, slices))
         parameters, start_q = run.state.parameters, run.state.q
         del run
+        if hasattr(fit, "held"):
+            fit = fit.held(parameters)
     del coarse
     padded = np.zeros((len(parameters.label_weights), height + 2, width + 2), np.float32)
     from_posterior = start_q is None
@@ -3219,6 +3230,37 @@ def spatial_fit(
     return run.state.parameters, labels, record, q
 
 
+def _mask_box(picture):
+    """A masked volume's bounding box of the mask (slices), when it is smaller than the volume:
+    the spatial and bias fits of a volume go through the box only (a brain fills half of a
+    scan's box, and a fifth of its voxels).  None for images and for a mask that fills it."""
+    if picture.volume is None or picture.mask is None:
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        inside = np.flatnonzero(picture.mask.any(axis=other))
+        box.append(slice(int(inside[0]), int(inside[-1]) + 1))
+    box = tuple(box)
+    return None if picture.mask[box].shape == picture.mask.shape else box
+
+
+def _uncropped(segmentation, picture, box):
+    """The segmentation of a volume's box put back into the whole volume: labels and
+    posteriors 0 outside it, the field's coordinates those of the box (BiasField.box)."""
+    labels = np.zeros(picture.codes.shape, segmentation.labels.dtype)
+    labels[box] = segmentation.labels
+    posteriors = segmentation.posteriors
+    if posteriors is not None:
+        whole = np.zeros((len(posteriors),) + picture.codes.shape, np.float32)
+        whole[(slice(None),) + box] = posteriors
+        posteriors = whole
+    bias = segmentation.bias
+    if bias is not None:
+        bias = replace(bias, shape=picture.codes.shape, box=tuple((b.start, b.stop) for b in box))
+    return replace(segmentation, picture=picture, labels=labels, posteriors=posteriors, bias=bias)
+
+
 def _point_expected_fractions(q, model, data, index):
     """(T, H, W) float32: each tissue's expected share of every pixel (FAST's partial volume
     maps), from the tissues' posteriors q (T, H, W) of a partial-volume model: a tissue's
@@ -3259,9 +3301,28 @@ def _point_expected_fractions(q, model, data, index):
 BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before it waits
 
 
-def bias_monomials(degree):
-    """The exponents (a, b) of the field's basis u^a v^b, 1 <= a + b <= degree, in order."""
-    return [(a, total - a) for total in range(1, degree + 1) for a in range(total + 1)]
+def bias_monomials(degree, dims=2):
+    """The exponents (a, b) of the field's basis u^a v^b, 1 <= a + b <= degree, in order; of a
+    volume's, (a, b, c) of u^a v^b w^c, 1 <= a + b + c <= degree."""
+    if dims == 2:
+        return [(a, total - a) for total in range(1, degree + 1) for a in range(total + 1)]
+    return [
+        (a, b, total - a - b)
+        for total in range(1, degree + 1)
+        for a in range(total + 1)
+        for b in range(total - a + 1)
+    ]
+
+
+def _grid_positions(degree, dims, base=None):
+    """(rows, cols): where each monomial's coefficient (or moment) sits in the field's matrices:
+    rows index the row features (u^a; a volume's u^a v^b at a * base + b, base = degree + 1 for
+    coefficients, 2 degree + 1 for moments, where these sums add without carry), cols w^c."""
+    exponents = np.array(bias_monomials(degree, dims))
+    if dims == 2:
+        return exponents[:, 0], exponents[:, 1]
+    base = degree + 1 if base is None else base
+    return exponents[:, 0] * base + exponents[:, 1], exponents[:, 2]
 
 
 def coordinate_powers(coordinates, size, degree):
@@ -3270,12 +3331,19 @@ def coordinate_powers(coordinates, size, degree):
     return np.vander(u, degree + 1, increasing=True)
 
 
-def coefficient_grid(coefficients, degree):
-    """The coefficients as a (degree + 1) x (degree + 1) matrix C: log field = U C V^T."""
-    grid = np.zeros((degree + 1, degree + 1))
-    for (a, b), coefficient in zip(bias_monomials(degree), coefficients):
-        grid[a, b] = coefficient
+def coefficient_grid(coefficients, degree, dims=2):
+    """The coefficients as a matrix C with log field = U C V^T: U the row features (an image's
+    rows' powers u^a, a volume's rows' u^a v^b), V the columns' powers: (degree + 1)^(dims - 1)
+    x (degree + 1)."""
+    grid = np.zeros(((degree + 1) ** (dims - 1), degree + 1))
+    rows, cols = _grid_positions(degree, dims)
+    grid[rows, cols] = coefficients
     return grid
+
+
+def _row_features(powers_a, powers_b):
+    """(n, F) features u^a v^b of rows with powers (n, A) and (n, B): a major."""
+    return (powers_a[:, :, None] * powers_b[:, None, :]).reshape(len(powers_a), -1)
 
 
 @dataclass(frozen=True)
@@ -3288,25 +3356,46 @@ class BiasField:
 
     degree: int
     coefficients: np.ndarray  # (P,)
-    shape: tuple  # (H, W) of the image
+    shape: tuple  # (H, W) of the image; (D, H, W) of a volume
     shift: float = 0.0
     regularisation: float = 0.0  # lambda of the prior it was fitted with
+    box: tuple | None = None  # a volume's: ((start, stop),) * 3 its coordinates scale to
 
-    def log_field(self, rows, cols):
-        """The log field on the grid rows x cols (image coordinates), float64."""
-        grid = coefficient_grid(self.coefficients, self.degree)
-        u = coordinate_powers(rows, self.shape[0], self.degree)
-        v = coordinate_powers(cols, self.shape[1], self.degree)
-        return u @ grid @ v.T - self.shift
+    def log_field(self, rows, cols, slice_=None):
+        """The log field on the grid rows x cols (image coordinates; a volume's in slice_),
+        float64."""
+        dims, degree = len(self.shape), self.degree
+        grid = coefficient_grid(self.coefficients, degree, dims)
+        box = self.box or tuple((0, n) for n in self.shape)
+
+        def powers(indices, axis):
+            start, stop = box[axis]
+            return coordinate_powers(np.asarray(indices) - start, stop - start, degree)
+
+        u = powers(rows, -2)
+        if dims == 3:
+            u = _row_features(np.repeat(powers([slice_], 0), len(u), axis=0), u)
+        return u @ grid @ powers(cols, -1).T - self.shift
 
     def image(self, stride=1, passes=Passes()):
         """The field at every stride-th pixel of every stride-th row, float32 (stride 1: (H, W);
-        a figure asks only for its downsampled copy's pixels)."""
+        a figure asks only for its downsampled copy's pixels); a volume's (D, H, W)."""
+        if len(self.shape) == 3:
+            return self._volume_image(stride)
         rows = np.arange(0, self.shape[0], stride)
         cols = np.arange(0, self.shape[1], stride)
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
         for top, bottom in passes.bands(len(rows), len(cols), 1):
             out[top:bottom] = np.exp(self.log_field(rows[top:bottom], cols))
+        return out
+
+    def _volume_image(self, stride):
+        rows = np.arange(0, self.shape[1], stride)
+        cols = np.arange(0, self.shape[2], stride)
+        slices = np.arange(0, self.shape[0], stride)
+        out = np.empty((len(slices), len(rows), len(cols)), dtype=np.float32)
+        for i, z in enumerate(slices):
+            out[i] = np.exp(self.log_field(rows, cols, z))
         return out
 
 
@@ -3316,40 +3405,77 @@ class BiasImage:
     of the image, which of them are inside the mask, the image's size (the coordinates), and how
     its passes run."""
 
-    values: np.ndarray  # (h, w) float32
+    values: np.ndarray  # (h, w) float32; a volume's stacked (Stack)
     inside: np.ndarray | None  # (h, w) bool; None: every pixel
-    shape: tuple  # (H, W) of the image
+    shape: tuple  # (H, W) of the image; (D, H, W) of a volume
     step: int = 1
     passes: Passes = Passes()
+    stack: Stack | None = None  # a volume's layout of values and inside
+
+    @property
+    def dims(self):
+        return len(self.shape)
 
     @property
     def n_pixels(self):
         return self.values.size if self.inside is None else int(np.count_nonzero(self.inside))
 
     def row_powers(self, rows, degree):
-        """(h, degree + 1) powers of the scaled image coordinate of the grid's rows (a slice)."""
+        """(h, F) features of the grid's rows (a slice): the powers of the scaled image
+        coordinate, (h, degree + 1); a volume's u^a v^b of its slice and row, (h, (degree + 1)^2)
+        (a separator row's as its slice's last row: it is outside)."""
         grid_rows = np.arange(self.values.shape[0])[rows]
-        return coordinate_powers(grid_rows * self.step, self.shape[0], degree)
+        if self.stack is None:
+            return coordinate_powers(grid_rows * self.step, self.shape[0], degree)
+        slices, within = np.divmod(grid_rows, self.stack.block)
+        within = np.minimum(within, self.stack.shape[1] - 1)
+        slices = np.clip(slices - 1, 0, self.stack.shape[0] - 1)
+        return _row_features(
+            coordinate_powers(slices * self.step, self.shape[0], degree),
+            coordinate_powers(within * self.step, self.shape[1], degree),
+        )
 
     def column_powers(self, degree):
         """(w, degree + 1) powers of the scaled image coordinate of every column of the grid."""
-        return coordinate_powers(np.arange(self.values.shape[1]) * self.step, self.shape[1], degree)
+        width = self.shape[-1]
+        return coordinate_powers(np.arange(self.values.shape[1]) * self.step, width, degree)
+
+    def moment_shape(self, degree):
+        """The shape of one moment matrix: the row features of degree 2 degree x the columns'."""
+        return ((2 * degree + 1) ** (self.dims - 1), 2 * degree + 1)
+
+    def low_rows(self, degree):
+        """The rows of the degree-`degree` row features among those of degree 2 degree."""
+        if self.stack is None:
+            return np.arange(degree + 1)
+        return (np.arange(degree + 1)[:, None] * (2 * degree + 1) + np.arange(degree + 1)).ravel()
 
     def bands(self, n_components):
         return self.passes.bands(*self.values.shape, n_components)
 
     def coarser(self):
-        """The grid of every other row and column of this one."""
+        """The grid of every other row and column (a volume's: and slice) of this one."""
+        if self.stack is not None:
+            stack, view = self.stack.coarser(), self.stack.volume_view
+            values = stack.stacked(view(self.values)[::2, ::2, ::2])
+            inside = stack.stacked(view(self.inside)[::2, ::2, ::2], False)
+            return replace(self, values=values, inside=inside, step=2 * self.step, stack=stack)
         inside = None if self.inside is None else np.ascontiguousarray(self.inside[::2, ::2])
         values = np.ascontiguousarray(self.values[::2, ::2])
         return replace(self, values=values, inside=inside, step=2 * self.step)
 
 
 def bias_image(picture, passes=Passes()):
-    """The bias fit's view of a gray picture: its intensities and its mask."""
+    """The bias fit's view of a gray picture: its intensities and its mask; a volume's stacked
+    as one image (Stack), its separators outside."""
     values = np.empty(picture.codes.shape, dtype=np.float32)
     np.multiply(picture.codes, np.float32(1 / picture.scale), out=values)
-    return BiasImage(values, picture.mask, picture.codes.shape, passes=passes)
+    if picture.volume is None:
+        return BiasImage(values, picture.mask, picture.codes.shape, passes=passes)
+    stack = Stack.of(values.shape, picture.volume.spacing)
+    inside = np.ones(values.shape, bool) if picture.mask is None else picture.mask
+    stacked, inside = stack.stacked(values), stack.stacked(inside, False)
+    return BiasImage(stacked, inside, values.shape, passes=passes, stack=stack)
 
 
 @dataclass(frozen=True, eq=False)
@@ -3389,7 +3515,8 @@ class BiasState:
         if not self.regularisation:
             return 0.0
         c = self.coefficients
-        return 0.5 * self.regularisation * float(c @ field_roughness(self.degree) @ c)
+        roughness = field_roughness(self.degree, self.image.dims)
+        return 0.5 * self.regularisation * float(c @ roughness @ c)
 
     @property
     def moments(self):
@@ -3412,7 +3539,8 @@ class _BandModel:
     def __init__(self, state):
         self.state, self.image, self.degree = state, state.image, state.degree
         v = self.image.column_powers(self.degree)
-        self.grid_v = coefficient_grid(state.coefficients, self.degree) @ v.T  # (D + 1, w)
+        grid = coefficient_grid(state.coefficients, self.degree, self.image.dims)
+        self.grid_v = grid @ v.T  # (F, w)
 
     def corrected(self, rows, cols, dtype=np.float32):
         """(z, t) at the sites rows x cols of the grid (slices): z = y exp(-t), t the log field."""
@@ -3478,7 +3606,7 @@ def _bias_pass(state, labels=None, posteriors=None):
         inside = True if image.inside is None else image.inside[rows]
         if image.inside is not None:
             r *= inside
-        moments = np.zeros((k, 3, 2 * degree + 1, 2 * degree + 1))
+        moments = np.zeros((k, 3) + image.moment_shape(degree))
         _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
         of_labels, kept = _labels_and_posteriors(r, state.partial_volume)
         if labels is not None:
@@ -3513,28 +3641,41 @@ def _bias_mixture(moments, options, state):
     return mass / mass.sum(), means, scatter + options.reg_covar
 
 
-def field_roughness(degree):
+def field_roughness(degree, dims=2):
     """R with c^T R c = the mean over the square [-1, 1]^2 of |grad t|^2, t = sum c_ab u^a v^b
     (the membrane energy of the log field), by Gauss-Legendre quadrature, exact for these
-    polynomials.  A constant field costs nothing, and any slope or curve does."""
+    polynomials; a volume's over the cube.  A constant field costs nothing, and any slope or
+    curve does."""
     nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
     powers = np.vander(nodes, degree + 1, increasing=True)  # (n, D + 1): u^a at the nodes
     slopes = np.zeros_like(powers)
     slopes[:, 1:] = powers[:, :-1] * np.arange(1, degree + 1)  # a u^(a - 1)
-    exponents = bias_monomials(degree)
-    du = np.stack([np.outer(slopes[:, a], powers[:, b]).ravel() for a, b in exponents])
-    dv = np.stack([np.outer(powers[:, a], slopes[:, b]).ravel() for a, b in exponents])
-    w = np.outer(weights, weights).ravel() / 4.0  # the mean over the square's area 4
-    return (du * w) @ du.T + (dv * w) @ dv.T
+    exponents = bias_monomials(degree, dims)
+    if dims == 2:
+        du = np.stack([np.outer(slopes[:, a], powers[:, b]).ravel() for a, b in exponents])
+        dv = np.stack([np.outer(powers[:, a], slopes[:, b]).ravel() for a, b in exponents])
+        w = np.outer(weights, weights).ravel() / 4.0  # the mean over the square's area 4
+        return (du * w) @ du.T + (dv * w) @ dv.T
+    w = np.einsum("i,j,k->ijk", weights, weights, weights).ravel() / 8.0  # the cube's volume 8
+    roughness = 0.0
+    for axis in range(3):  # the slope along each axis in turn
+        rows = []
+        for exponent in exponents:
+            factors = [slopes if i == axis else powers for i in range(3)]
+            columns = [factors[i][:, e] for i, e in enumerate(exponent)]
+            rows.append(np.einsum("i,j,k->ijk", *columns).ravel())
+        d = np.stack(rows)
+        roughness = roughness + (d * w) @ d.T
+    return roughness
 
 
-def _newton_step(moments, means, variances, degree, prior=None):
+def _newton_step(moments, means, variances, degree, prior=None, dims=2):
     """The Newton step of the field's coefficients for responsibilities (their moments) and a
     mixture: the expected log-likelihood's gradient and curvature are moments up to 2D.
     prior: (lambda R summed over the pixels, the coefficients), whose penalty the step takes
-    off."""
-    exponents = np.array(bias_monomials(degree))
-    a, b = exponents[:, 0], exponents[:, 1]
+    off.  a, b: each monomial's place among the moments (_grid_positions); a product of two
+    monomials' is at the sums."""
+    a, b = _grid_positions(degree, dims, base=2 * degree + 1)
     pair_a, pair_b = a[:, None] + a[None, :], b[:, None] + b[None, :]
     precision = 1.0 / variances
     gradient = np.zeros(len(a))
@@ -3576,9 +3717,10 @@ def _mixture_and_field(state, moments, options):
     mixture = replace(state, weights=weights, means=means, variances=variances)
     prior = None
     if state.regularisation:
-        penalty = state.regularisation * state.image.n_pixels * field_roughness(state.degree)
-        prior = (penalty, state.coefficients)
-    return mixture, _newton_step(moments, means, variances, state.degree, prior)
+        roughness = field_roughness(state.degree, state.image.dims)
+        prior = (state.regularisation * state.image.n_pixels * roughness, state.coefficients)
+    step = _newton_step(moments, means, variances, state.degree, prior, state.image.dims)
+    return mixture, step
 
 
 def _bias_step(state, options):
@@ -3623,7 +3765,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
     k = min(n_components, len(levels))
     data = _PointFeatures(levels / picture.scale, counts.astype(np.float64))
     rng = np.random.default_rng(options.random_state)
-    no_field = np.zeros(len(bias_monomials(degree)))
+    no_field = np.zeros(len(bias_monomials(degree, image.dims)))
 
     def fit_one():
         if fixed is not None:
@@ -3706,11 +3848,15 @@ def fit_bias_field(
         if keep_posteriors and state.partial_volume is not None:
             q = _expected_fractions(q, replace(state, image=image))
     else:  # the labels (and posteriors) from one more pass of the fitted state
-        labels = np.zeros(picture.codes.shape, dtype=np.uint8 if k <= 256 else np.uint16)
+        labels = np.zeros(image.values.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
         _bias_pass(state, labels=labels, posteriors=q)
+    if image.stack is not None:  # back from the stacked layout
+        labels = np.ascontiguousarray(image.stack.volume_view(labels))
+        q = None if q is None else image.stack.volume_view(q)
     coefficients = state.coefficients
-    shift = float(coefficient_grid(coefficients, degree).ravel() @ _inside_moments(image, degree))
+    grid = coefficient_grid(coefficients, degree, image.dims)
+    shift = float(grid.ravel() @ _inside_moments(image, degree))
     scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
     variances = state.variances[:, None, None] * scale**2
     tied = options.covariance_type == "tied"
@@ -3733,7 +3879,7 @@ def _inside_moments(image, degree):
     """The mean over the fitted pixels of u^a v^b, a, b <= degree, flattened as the grid."""
     height, width = image.values.shape
     v = image.column_powers(degree)
-    sums = np.zeros((degree + 1, degree + 1))
+    sums = 0.0
     for top, bottom in image.bands(1):
         u = image.row_powers(slice(top, bottom), degree)
         inside = (
@@ -3750,9 +3896,10 @@ def _expected_log_likelihood(moments, state):
     mass, first, second = moments[:, :, 0, 0].T
     const = np.log(state.weights) - 0.5 * np.log(2 * np.pi * state.variances)
     spread = (second - 2 * state.means * first + state.means**2 * mass) / (2 * state.variances)
+    low = state.image.low_rows(degree)
     jacobian = (
-        coefficient_grid(state.coefficients, degree).ravel()
-        @ moments[:, 0].sum(axis=0)[: degree + 1, : degree + 1].ravel()
+        coefficient_grid(state.coefficients, degree, state.image.dims).ravel()
+        @ moments[:, 0].sum(axis=0)[low, : degree + 1].ravel()
     )
     return float(np.sum(mass * const - spread) - jacobian)
 
@@ -3786,7 +3933,7 @@ def _moments_of(q, state):
         rows = slice(*band)
         z, t = bands.corrected(rows, slice(0, width), np.float64)  # as _bias_data_term's
         r, label_logp = _gaussian_shares(q[:, rows], state, z)
-        moments = np.zeros((len(r), 3, 2 * degree + 1, 2 * degree + 1))
+        moments = np.zeros((len(r), 3) + image.moment_shape(degree))
         _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
         if label_logp is None:
             return moments, 0.0
@@ -3810,9 +3957,10 @@ def _gaussian_shares(q, state, z):
         return q, None
     logp = _bias_log_densities(state, z)
     label_logp = pv.tissue_log_probabilities(logp)
-    logp -= label_logp[pv.tissue_of]
-    np.exp(logp, out=logp)
-    logp *= q[pv.tissue_of]
+    for g, t in enumerate(pv.tissue_of):  # in place: no (G, h, w) temporaries
+        logp[g] -= label_logp[t]
+        np.exp(logp[g], out=logp[g])
+        logp[g] *= q[t]
     return logp, label_logp
 
 
@@ -3861,8 +4009,28 @@ class BiasMeanField:
     def passes(self):
         return self.image.passes
 
+    @property
+    def stack(self):
+        return self.image.stack
+
     def coarser(self):
         return replace(self, image=self.image.coarser())
+
+    def held(self, parameters):
+        """A volume's fit on every voxel, after its coarser grid's: the field and the mixture of
+        that grid held (fitted on every other voxel along each axis, an eighth of them, as SPM
+        fits its model on voxels sampled every few millimetres), the labels swept with them
+        (HeldMeanField).  An image's: this fit itself."""
+        if self.stack is None:
+            return self
+        state = replace(parameters, image=self.image)
+        bands, width = _BandModel(state), self.image.values.shape[1]
+        table = np.empty((len(state.label_weights),) + self.image.values.shape, np.float32)
+        for top, bottom in self.image.bands(len(state.weights)):
+            table[:, top:bottom] = bands.site_logp(slice(top, bottom), slice(0, width))
+            z, t = bands.corrected(slice(top, bottom), slice(0, width))
+            table[:, top:bottom] -= t  # the Jacobian: the objective is the image's likelihood
+        return HeldMeanField(table, self.image, self.beta, self.options, self.settings)
 
     def site_logp(self, parameters):
         return _BandModel(replace(parameters, image=self.image)).site_logp
@@ -3871,7 +4039,7 @@ class BiasMeanField:
         state = replace(parameters, image=self.image)
         if from_posterior:
             _posterior_start(padded, self.site_logp(state), self.inside, self.passes)
-        total = _prior_terms(padded, self.beta, self.passes)
+        total = _prior_terms(padded, self.beta, self.passes, self.stack)
         total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
 
@@ -3888,6 +4056,7 @@ class BiasMeanField:
             state.relaxation,
             settings=self.settings,
             passes=self.passes,
+            stack=self.stack,
         )
         terms = _sweep(state.padded, sweep)
         moments, data = _moments_of(q, parameters)
@@ -3902,6 +4071,59 @@ class BiasMeanField:
         data = data if found is None else found
         clear_gain = self.options.tol * self.n_pixels
         return _after_iteration(state, new, terms + data, clear_gain, self.settings, True)
+
+
+@dataclass(frozen=True)
+class HeldMeanField:
+    """The spatial fit of labels whose sites' log-probabilities are fixed: table (L, h, w)
+    float32, each voxel's log(w p(y | label)) with its Jacobian (BiasMeanField.held).  Each
+    iteration is a checkerboard sweep of every site; the objective's data term is q . table
+    summed in float64.  The parameters are kept as they came."""
+
+    table: np.ndarray
+    image: BiasImage
+    beta: float
+    options: FitOptions
+    settings: SpatialSettings
+    full_step = None
+
+    shape = property(lambda self: self.image.values.shape)
+    inside = property(lambda self: self.image.inside)
+    n_pixels = property(lambda self: self.image.n_pixels)
+    passes = property(lambda self: self.image.passes)
+    stack = property(lambda self: self.image.stack)
+
+    def site_logp(self, parameters):
+        return lambda rows, cols: self.table[:, rows, cols].copy()
+
+    def data_term(self, q):
+        def band_term(band):
+            rows = slice(*band)
+            return float(np.sum(q[:, rows] * self.table[:, rows], dtype=np.float64))
+
+        return sum(self.passes.map(band_term, self.image.bands(len(q))))
+
+    def start(self, parameters, padded, from_posterior):
+        if from_posterior:
+            _posterior_start(padded, self.site_logp(parameters), self.inside, self.passes)
+        total = _prior_terms(padded, self.beta, self.passes, self.stack)
+        total += self.data_term(padded[:, 1:-1, 1:-1]) - parameters.penalty() * self.n_pixels
+        return MeanField(parameters, padded, total, self.n_pixels)
+
+    def step(self, state):
+        sweep = Sweep(
+            self.beta,
+            self.site_logp(state.parameters),
+            self.inside,
+            state.relaxation,
+            settings=self.settings,
+            passes=self.passes,
+            stack=self.stack,
+        )
+        total = _sweep(state.padded, sweep) + self.data_term(state.q)
+        total -= state.parameters.penalty() * self.n_pixels
+        clear_gain = self.options.tol * self.n_pixels
+        return _after_iteration(state, state.parameters, total, clear_gain, self.settings, True)
 
 
 # --- 5d. Putting it together ---------------------------------------------------
@@ -4016,6 +4238,11 @@ def segment_points(
 
 
 def _segment(picture, points, n_components, options, shared, on_iteration):
+    box = _mask_box(picture)
+    if box is not None and (options.bias_field or spatial_on(options.spatial)):
+        inner = replace(picture, codes=picture.codes[box], mask=picture.mask[box])
+        segmentation = _segment(inner, points, n_components, options, shared, on_iteration)
+        return _uncropped(segmentation, picture, box)
     if options.bias_field:
         fixed = None if shared is None else shared.model
         segmentation = _segment_with_bias(
@@ -4463,10 +4690,18 @@ def model_record(segmentation, source, settings, notes, seconds):
             "coefficients": field.coefficients.tolist(),
             "shift": field.shift,
             "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
-            "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1",
+            "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1"
+            if picture.volume is None
+            else "monomials u^a v^b w^c, 1 <= a + b + c <= degree, in the order a + b + c = "
+            "1, 2, ..., then a = 0.., then b = 0..; u, v, w = 2 (i - start) / (stop - start - 1)"
+            " - 1 of the index i along the volume's first, second and third axis, (start, stop) "
+            "of that axis in box (the mask's bounding box, or the whole volume)",
             "field": "exp(coefficients . basis - shift); weights, means and covariances are "
             "then of the corrected intensities (image / field)",
         }
+        if picture.volume is not None:
+            box = field.box or tuple((0, n) for n in field.shape)
+            record["bias_field"]["box"] = [list(axis) for axis in box]
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial.to_json()
     shared = segmentation.shared
@@ -4709,12 +4944,12 @@ def field_levels(field):
 
 
 def corrected_image(picture, field):
-    """The image divided by the field, at the image's own bit depth (gray images only)."""
+    """The image (a volume) divided by the field, at its own bit depth (gray only), an array."""
     top = 255 if picture.bits == 8 else 65535
     corrected = picture.codes.astype(np.float32)
     corrected /= field
     np.clip(np.rint(corrected, out=corrected), 0, top, out=corrected)
-    return Image.fromarray(corrected.astype(np.uint8 if top == 255 else np.uint16))
+    return corrected.astype(np.uint8 if top == 255 else np.uint16)
 
 
 def write_outputs(segmentation, paths, title, record, probabilities=None, wanted=OUTPUTS):
@@ -4760,9 +4995,9 @@ def _output_writers(segmentation, title, wanted):
     if segmentation.bias is not None and {"bias", "corrected"} & set(wanted):
         field = segmentation.bias.image()
         if "bias" in wanted:
-            yield "bias", _png_writer(Image.fromarray(field_levels(field)))
+            yield "bias", _image_writer(field_levels(field), picture)
         if "corrected" in wanted:
-            yield "corrected", _png_writer(corrected_image(segmentation.picture, field))
+            yield "corrected", _image_writer(corrected_image(picture, field), picture)
 
 
 # ----------------------------------------------------------------------------

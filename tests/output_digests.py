@@ -41,9 +41,10 @@ def make_inputs(folder):
     deep = (camera.astype(np.uint16) * 257 + rng.integers(0, 257, camera.shape)).astype(np.uint16)
     Image.fromarray(deep).save(folder / "deep.png")
     Image.fromarray((camera / 255.0).astype(np.float32)).save(folder / "float.tif")
-    return {
-        name: folder / name for name in ("camera_big.png", "brain.png", "deep.png", "float.tif")
-    }
+    slices = [Image.fromarray(np.roll(biased, shift, axis=1)) for shift in range(0, 24, 2)]
+    slices[0].save(folder / "stack.tif", save_all=True, append_images=slices[1:])
+    names = ("camera_big.png", "brain.png", "deep.png", "float.tif", "stack.tif")
+    return {name: folder / name for name in names}
 
 
 def runs(images, made):
@@ -67,6 +68,9 @@ def runs(images, made):
         "shared": [camera, coffee, made["deep.png"], "--shared"],
         "shared_spatial": [camera, made["camera_big.png"], "--shared", "--spatial", "1"],
         "float": [made["float.tif"], "-k", "2"],
+        "brain": [brain, made["brain.png"], "--brain", "--probabilities"],
+        "volume": [made["stack.tif"], "--brain", "--probabilities", "--spacing", "2,1,1"],
+        "volume_spatial": [made["stack.tif"], "-k", "3", "--spatial", "0.5", "--mask", "nonzero"],
     }
 
 
