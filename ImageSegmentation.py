@@ -199,15 +199,23 @@ def shown(path):
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """What a 3-D picture carries besides its voxels: the spacing of its three axes (the
-    axes of the codes, in the file's order), and the file it came from, so that the outputs
-    are of the same kind: a NIfTI's affine and header (nifti2: its version), or a TIFF stack."""
+    """What a 3-D picture carries besides its voxels: the spacing of its three axes (those of
+    the codes), and the file it came from, so that the outputs are of the same kind: a NIfTI's
+    affine and header (nifti2: its version), or a TIFF stack.  A NIfTI's voxels are stored
+    first axis fastest, so its codes are its array transposed (file_axes_reversed): C order
+    without a copy, the last file axis (axial slices, as a rule) first."""
 
     spacing: tuple = (1.0, 1.0, 1.0)
     format: str | None = None  # "nifti", "tiff", or None (an array)
     affine: np.ndarray | None = None
     header: object = None
     nifti2: bool = False
+    file_axes_reversed: bool = False
+
+    def in_file_order(self, values):
+        """Per-axis values (of the codes' axes) in the order of the file's axes."""
+        values = list(values)
+        return values[::-1] if self.file_axes_reversed else values
 
 
 @dataclass
@@ -231,9 +239,9 @@ class Picture:
 
     @property
     def size_text(self):
-        """W x H, or a volume's shape in its axes' order."""
+        """W x H, or a volume's shape in its file's axes' order."""
         shape = self.codes.shape
-        return "x".join(map(str, shape if self.volume else shape[::-1]))
+        return "x".join(map(str, self.volume.in_file_order(shape) if self.volume else shape[::-1]))
 
     @property
     def bits(self):
@@ -276,13 +284,8 @@ def with_mask(picture, mask):
 def border_is_zero(picture):
     """Whether every pixel on the image's border is 0 in every channel (and some pixel is not)."""
     codes = picture.codes
-    border = np.concatenate(
-        [
-            side.reshape(-1)
-            for axis in range(codes.ndim)
-            for side in (np.take(codes, 0, axis), np.take(codes, -1, axis))
-        ]
-    )
+    ends = [(slice(None),) * axis + (end,) for axis in range(codes.ndim) for end in (0, -1)]
+    border = np.concatenate([codes[end].reshape(-1) for end in ends])  # views: no strided take
     zero = (
         border == 0
         if picture.kind != "table"
@@ -451,12 +454,14 @@ def _read_nifti(path, max_pixels):
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     zooms = zooms + (1.0,) * (3 - len(zooms))
     volume = Volume(
-        tuple(z if z > 0 else 1.0 for z in zooms),
+        tuple(z if z > 0 else 1.0 for z in zooms[::-1]),
         "nifti",
         np.asarray(image.affine, dtype=np.float64),
         image.header,
         isinstance(image, nibabel.Nifti2Image),
+        file_axes_reversed=True,
     )
+    data = np.ascontiguousarray(data.T)  # a view: nibabel's array is in the file's order
     if data.dtype in (np.uint8, np.uint16):
         top = np.iinfo(data.dtype).max
         return Picture(data, "gray", top + 1, float(top), volume=volume)
@@ -3147,9 +3152,16 @@ EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted 
 
 def _empty_labels(labels, inside, n_components):
     """The components that fewer than EMPTY_SHARE of the pixels inside take as their label."""
-    fitted = labels if inside is None else labels[inside]
-    counts = np.bincount(fitted.reshape(-1), minlength=n_components)[:n_components]
-    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * fitted.size)]
+    counts, total = np.zeros(n_components, np.int64), 0
+    flat_labels = labels.reshape(-1)
+    flat_inside = None if inside is None else inside.reshape(-1)
+    for start in range(0, flat_labels.size, PIXEL_CHUNK):  # bincount's index copy: a block's
+        block = flat_labels[start : start + PIXEL_CHUNK]
+        if flat_inside is not None:
+            block = block[flat_inside[start : start + PIXEL_CHUNK]]
+        counts += np.bincount(block, minlength=n_components)[:n_components]
+        total += block.size
+    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * total)]
 
 
 def _point_log_probabilities(model, data):
@@ -4577,23 +4589,27 @@ def _image_writer(array, picture):
     if picture.volume is None:
         return _png_writer(Image.fromarray(array))
     if picture.volume.format == "nifti":
-        return lambda path: Path(path).write_bytes(_nifti_bytes(array, picture.volume))
+        return partial(_write_nifti, array, picture.volume)
     return partial(_write_tiff_stack, array)
 
 
-def _nifti_bytes(array, volume):
+def _write_nifti(array, volume, path):
     """A volume as a gzipped NIfTI with the input's affine and header (so that it overlays the
-    input in FSLeyes, ITK-SNAP or 3D Slicer), its own data type, no scaling; the same bytes
-    every time (gzip's time stamp is 0)."""
+    input in FSLeyes, ITK-SNAP or 3D Slicer), its own data type, no scaling; streamed through
+    gzip (level 1) by nibabel, no copy of the volume in memory; the same bytes every time
+    (gzip's time stamp 0, no file name in its header)."""
     import gzip
 
     nibabel = _optional("nibabel", "writing NIfTI")
     kind = nibabel.Nifti2Image if volume.nifti2 else nibabel.Nifti1Image
     header = volume.header.copy() if volume.header is not None else None
-    image = kind(array, volume.affine, header)
+    image = kind(array.T if volume.file_axes_reversed else array, volume.affine, header)
     image.header.set_data_dtype(array.dtype)
     image.header.set_slope_inter(1.0, 0.0)
-    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+    with open(path, "wb") as file, gzip.GzipFile("", "wb", 1, file, mtime=0) as compressed:
+        file_map = image.make_file_map()
+        file_map["image"].fileobj = compressed
+        image.to_file_map(file_map)
 
 
 def _write_tiff_stack(array, path):
@@ -4650,8 +4666,8 @@ def model_record(segmentation, source, settings, notes, seconds):
     }
     if picture.volume is not None:
         volume = picture.volume
-        record["shape"] = list(picture.codes.shape)
-        record["spacing"] = list(volume.spacing)
+        record["shape"] = volume.in_file_order(picture.codes.shape)
+        record["spacing"] = volume.in_file_order(volume.spacing)
         record["affine"] = None if volume.affine is None else volume.affine.tolist()
     record |= {
         "mask": None if picture.mask is None else settings["mask"],
@@ -4694,14 +4710,20 @@ def model_record(segmentation, source, settings, notes, seconds):
             if picture.volume is None
             else "monomials u^a v^b w^c, 1 <= a + b + c <= degree, in the order a + b + c = "
             "1, 2, ..., then a = 0.., then b = 0..; u, v, w = 2 (i - start) / (stop - start - 1)"
-            " - 1 of the index i along the volume's first, second and third axis, (start, stop) "
-            "of that axis in box (the mask's bounding box, or the whole volume)",
+            " - 1 of the index i along the volume's "
+            + (
+                "third, second and first"
+                if picture.volume.file_axes_reversed
+                else "first, second and third"
+            )
+            + " axis, (start, stop) of that axis in box (the mask's bounding box, or the whole "
+            "volume; in the file's axis order)",
             "field": "exp(coefficients . basis - shift); weights, means and covariances are "
             "then of the corrected intensities (image / field)",
         }
         if picture.volume is not None:
             box = field.box or tuple((0, n) for n in field.shape)
-            record["bias_field"]["box"] = [list(axis) for axis in box]
+            record["bias_field"]["box"] = picture.volume.in_file_order(list(a) for a in box)
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial.to_json()
     shared = segmentation.shared
@@ -4849,15 +4871,17 @@ def plot_comparison(segmentation, title):
 
 
 def _middle_slices(volume_array, picture):
-    """The three orthogonal middle slices of a (D, H, W[, ...]) array, each with the spacing of
-    its rows and columns; a NIfTI's turned a quarter (its first axis runs left to right)."""
-    spacing = picture.volume.spacing
+    """The three orthogonal middle slices of a (D, H, W[, ...]) array: (the file's axis it
+    crosses, the slice, its rows' spacing over its columns'); a NIfTI's upside down, so that
+    the higher index of its rows is up (superior, anterior in the usual orientation)."""
+    volume = picture.volume
+    file_axis = volume.in_file_order(range(3))
     for axis in range(3):
-        plane = np.take(volume_array, volume_array.shape[axis] // 2, axis=axis)
+        plane = volume_array[(slice(None),) * axis + (volume_array.shape[axis] // 2,)]
         rows, cols = [a for a in range(3) if a != axis]
-        if picture.volume.format == "nifti":
-            plane, rows, cols = np.rot90(plane), cols, rows
-        yield axis, plane, spacing[rows] / spacing[cols]
+        if volume.file_axes_reversed:
+            plane = plane[::-1]
+        yield file_axis.index(axis), plane, volume.spacing[rows] / volume.spacing[cols]
 
 
 def plot_volume_comparison(segmentation, title):
@@ -5595,8 +5619,9 @@ def _segment_file(path, stem, batch, say, console):
     if config.spacing is not None:
         if picture.volume is None:
             picture.notes.append("--spacing applies to volumes; ignored for this image")
-        else:
-            picture.volume = replace(picture.volume, spacing=config.spacing)
+        else:  # given in the file's axis order
+            spacing = tuple(picture.volume.in_file_order(config.spacing))
+            picture.volume = replace(picture.volume, spacing=spacing)
     loaded = time.perf_counter()
     paths = output_paths(config.out, stem, image_suffix(picture))
     _refuse_overwriting_inputs(paths.values(), batch.inputs)
