@@ -10,6 +10,9 @@ template is skull-stripped: outside the brain every voxel is exactly 0.
 It also prints how the default run's labels agree with the template's own tissue probability
 maps (grey and white matter shipped beside it; CSF = the rest of the brain), the figure the
 README quotes.
+
+With --volume it makes docs/brain_volume_comparison.png instead, the README's picture of a
+volume: the whole template written as NIfTI, segmented by --brain, its three middle slices.
 """
 
 import subprocess
@@ -37,7 +40,25 @@ def axial(volume):
     return np.rot90(volume[:, :, SLICE])
 
 
+def volume_figure():
+    path = DATA / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    with tempfile.TemporaryDirectory() as folder:
+        scan = Path(folder) / "icbm_t1.nii.gz"
+        source = nibabel.load(path)
+        nibabel.save(nibabel.Nifti1Image(np.asarray(source.dataobj), source.affine), scan)
+        subprocess.run(
+            [sys.executable, ROOT / "ImageSegmentation.py", scan, "--brain", "--out", folder],
+            check=True,
+        )
+        figure = ROOT / "docs" / "brain_volume_comparison.png"
+        figure.write_bytes((Path(folder) / "icbm_t1_comparison.png").read_bytes())
+        print(f"{figure}: written")
+
+
 def main():
+    if "--volume" in sys.argv[1:]:
+        volume_figure()
+        return
     t1 = axial(template("t1"))
     out = ROOT / "images" / "brain_t1.png"
     Image.fromarray(t1).save(out, optimize=True)

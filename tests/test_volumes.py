@@ -382,3 +382,25 @@ def test_brain_on_a_nifti_volume(tmp_path, capsys):
     assert record["bias_field"]["box"] == [[2, 18], [3, 33], [3, 29]]
     assert len(record["bias_field"]["coefficients"]) == len(seg.bias_monomials(3, 3)) == 19
     assert "u^a v^b w^c" in record["bias_field"]["basis"] and record["k"] == 3
+
+
+def test_the_other_options_take_volumes_too(tmp_path, capsys):
+    """--shared (the volumes' counts pooled), -k auto (BIC), --quantized and --probabilities
+    on two TIFF stacks: K = 3 found, the label maps and probability maps multi-page TIFFs."""
+    for seed in (11, 12):
+        volume, _ = cubes(np.random.default_rng(seed), shape=(8, 24, 24))
+        pages = [Image.fromarray(page) for page in volume]
+        pages[0].save(tmp_path / f"v{seed}.tif", save_all=True, append_images=pages[1:])
+    status, out, err = run(
+        [tmp_path / "v11.tif", tmp_path / "v12.tif", "--shared", "-k", "auto", "--k-max", "4"]
+        + ["--quantized", "--probabilities", "--out", tmp_path / "o"],
+        capsys,
+    )
+    assert status == 0, err
+    for stem in ("v11", "v12"):
+        record = record_of(tmp_path / "o", stem)
+        assert record["k"] == 3 and record["shared"] and record["quantized"]
+        assert [row["k"] for row in record["bic"]] == [1, 2, 3, 4]
+        for name in ("labels", "prob_0", "prob_2"):
+            with Image.open(tmp_path / "o" / f"{stem}_{name}.tif") as stack:
+                assert stack.n_frames == 8 and stack.size == (24, 24)
