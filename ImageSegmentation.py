@@ -11,19 +11,24 @@ iteration is plotted.
 The file reads top to bottom in the order the data flows:
 
     1. settings                  -> the command line's defaults; Passes (bands, threads)
-    2. reading an image          -> integer codes, one per pixel (and a mask)
+    2. reading an image          -> integer codes, one per pixel (and a mask); a NIfTI file or
+                                    a TIFF stack: one per voxel of a volume
     3. distinct values           -> the points EM sees, with their counts as weights
     4. the Gaussian mixture      -> the E-step (_e_step_statistics) and M-step (_m_step) on
                                     weighted points; the one EM driver (run_em: SQUAREM, a
                                     stopping rule at the maximum), which every model uses
+       (partial volume)          -> tissues and mixels: PartialVolume, the constrained M-step
        4b. quantized gray levels -> binned, clipped pixels: E-step _quantized_pass
     5. labels                    -> components numbered by luminance, pixels by lookup; K by BIC
        5b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
-                                    _partial_sweep), PointsMeanField.step
+                                    _partial_sweep), PointsMeanField.step; a volume stacked
+                                    as one image (Stack) for 6 neighbours
        5c. a bias field          -> MRI's smooth field with the mixture: E-step _bias_pass,
                                     _bias_step; with the prior, BiasMeanField.step
-       5d. putting it together   -> SegmentOptions; segment_points, segment_image
-    6. outputs and plots         -> PNG, JSON and figures, per image all or nothing
+       5d. putting it together   -> SegmentOptions; segment_points, segment_image,
+                                    segment_volume
+    6. outputs and plots         -> PNG (a volume's NIfTI or TIFF), JSON and figures, per
+                                    image all or nothing
     7. the command line          -> RunConfig; parse, dispatch, report; workers and signals
 
 Every model is a state and a step (see "The EM driver" in section 4): step(state) is one
@@ -79,6 +84,8 @@ __all__ = [
     "SpatialSettings",
     "segment_points",
     "segment_image",
+    "segment_volume",
+    "picture_from_volume",
     "Segmentation",
     "SpatialFit",
     "SharedModel",
