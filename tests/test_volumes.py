@@ -107,6 +107,8 @@ def test_a_coarser_axis_counts_less():
 
 
 def test_a_large_volume_goes_coarse_to_fine_and_threads_change_nothing():
+    """Coarse to fine (the grid of every other voxel first), partial sweeps (some iterations
+    sweep only the voxels near the last moves) and threads on a volume as on an image."""
     volume, truth = cubes(np.random.default_rng(3), shape=(40, 96, 80), cell=8)
     picture = seg.picture_from_volume(volume)
     points = seg.distinct_values(picture)
@@ -124,6 +126,7 @@ def test_a_large_volume_goes_coarse_to_fine_and_threads_change_nothing():
     ]
     grids = fits[0].spatial.coarser_grids
     assert [(g.depth, g.height, g.width) for g in grids] == [(20, 48, 40)]
+    assert fits[0].spatial.full_sweeps < fits[0].spatial.n_iter
     assert np.array_equal(fits[0].labels, fits[1].labels)
     assert fits[0].spatial.objective == fits[1].spatial.objective
     assert np.mean(fits[0].labels == truth) > 0.95
