@@ -1136,6 +1136,11 @@ class PartialVolume:
 MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
 
 
+def _label_weights(weights, pv):
+    """The weight of each label: of each component, or of each tissue (its Gaussians')."""
+    return weights if pv is None else pv.tissue_sums(weights)
+
+
 def partial_volume(n_tissues, fractions=MIXEL_FRACTIONS):
     """The PartialVolume of n_tissues ordered by intensity: pure tissues, then the mixels of
     each pair of neighbours in that order (CSF-grey and grey-white, not CSF-white)."""
@@ -1316,8 +1321,7 @@ class GaussianMixtureFit:
 
     @property
     def label_weights(self):
-        pv = self.partial_volume
-        return self.weights if pv is None else self.weights @ pv.membership
+        return _label_weights(self.weights, self.partial_volume)
 
     @property
     def label_means(self):
@@ -3516,8 +3520,7 @@ class BiasState:
 
     @property
     def label_weights(self):
-        pv = self.partial_volume
-        return self.weights if pv is None else self.weights @ pv.membership
+        return _label_weights(self.weights, self.partial_volume)
 
     @cached_property
     def evaluation(self):

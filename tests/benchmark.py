@@ -329,7 +329,8 @@ def volumes(workdir):
 
         t1, gm, wm = (brain_evaluation.template(n) for n in ("t1", "gm", "wm"))
         truth = brain_evaluation.truth_of(gm, wm, t1 > 0)
-        brain = brain_evaluation.volume_conditions(t1, truth)["biased"]
+        volumes = brain_evaluation.conditions(t1, truth, 0, brain_evaluation.volume_field)
+        brain = volumes["biased"]
         rows.append(("ICBM 2009a template (197x233x189), --brain", brain, ("--brain",)))
     except ImportError:
         print("(nilearn not installed: no brain volume row)", file=sys.stderr)

@@ -83,13 +83,14 @@ def smooth_field(shape, rng):
     return np.exp(log_field - np.log1p(FIELD))
 
 
-def conditions(t1, truth, seed):
-    """The three 8-bit images of one slice: clean, noisy, noisy and biased."""
+def conditions(t1, truth, seed, field=smooth_field):
+    """The three 8-bit images of one slice (volumes of a volume, field=volume_field): clean,
+    noisy, noisy and biased."""
     rng = np.random.default_rng(seed)
     inside = t1 > 0
     sd = NOISE * t1[truth == 3].mean()
     noisy = np.hypot(t1 + rng.normal(0, sd, t1.shape), rng.normal(0, sd, t1.shape))
-    biased = noisy * smooth_field(t1.shape, rng)
+    biased = noisy * field(t1.shape, rng)
     images = {}
     for name, values in (("clean", t1), ("noisy", noisy), ("biased", biased)):
         image = np.clip(np.rint(values), 1, 255).astype(np.uint8)  # nothing inside is 0
@@ -110,21 +111,6 @@ def volume_field(shape, rng):
     return np.exp(log_field - np.log1p(FIELD))
 
 
-def volume_conditions(t1, truth, seed=0):
-    """The three 8-bit volumes: clean, Rician noise, noise and a smooth 3-D field."""
-    rng = np.random.default_rng(seed)
-    inside = t1 > 0
-    sd = NOISE * t1[truth == 3].mean()
-    noisy = np.hypot(t1 + rng.normal(0, sd, t1.shape), rng.normal(0, sd, t1.shape))
-    biased = noisy * volume_field(t1.shape, rng)
-    volumes = {}
-    for name, values in (("clean", t1), ("noisy", noisy), ("biased", biased)):
-        volume = np.clip(np.rint(values), 1, 255).astype(np.uint8)
-        volume[~inside] = 0
-        volumes[name] = volume
-    return volumes
-
-
 def evaluate_volume(methods):
     """The whole-volume table: accuracy and seconds of each method in each condition."""
     import nibabel
@@ -137,7 +123,7 @@ def evaluate_volume(methods):
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        for condition, volume in volume_conditions(t1, truth).items():
+        for condition, volume in conditions(t1, truth, 0, volume_field).items():
             path = scratch / f"{condition}.nii.gz"
             nibabel.save(nibabel.Nifti1Image(volume, affine), path)
             for method, options in methods.items():
@@ -201,35 +187,30 @@ def kept(labels, truth):
     return float(min(found / np.bincount(truth[scored], minlength=4)[1:4]))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", default=",".join(map(str, SLICES)))
-    parser.add_argument("--methods", default=None, help="only the methods whose name has this")
-    parser.add_argument("--volume", action="store_true", help="the whole volume instead")
-    arguments = parser.parse_args()
-    if arguments.volume:
-        methods = dict(VOLUME_METHODS)
-        try:
-            import ants  # noqa: F401
-
-            methods["ANTs Atropos"] = None
-        except ImportError:
-            print("(antspyx not installed: no Atropos row)", file=sys.stderr)
-        if arguments.methods:
-            methods = {k: v for k, v in methods.items() if arguments.methods in k}
-        evaluate_volume(methods)
-        return
-    slices = [int(z) for z in arguments.slices.split(",")]
-    t1_volume, gm_volume, wm_volume = (template(name) for name in ("t1", "gm", "wm"))
-    methods = dict(METHODS)
+def with_atropos(methods, only):
+    """The methods, Atropos's row added when antspyx is installed, those whose name has `only`."""
+    methods = dict(methods)
     try:
         import ants  # noqa: F401
 
         methods["ANTs Atropos"] = None
     except ImportError:
         print("(antspyx not installed: no Atropos row)", file=sys.stderr)
-    if arguments.methods:
-        methods = {k: v for k, v in methods.items() if arguments.methods in k}
+    return {k: v for k, v in methods.items() if not only or only in k}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", default=",".join(map(str, SLICES)))
+    parser.add_argument("--methods", default=None, help="only the methods whose name has this")
+    parser.add_argument("--volume", action="store_true", help="the whole volume instead")
+    arguments = parser.parse_args()
+    methods = with_atropos(VOLUME_METHODS if arguments.volume else METHODS, arguments.methods)
+    if arguments.volume:
+        evaluate_volume(methods)
+        return
+    slices = [int(z) for z in arguments.slices.split(",")]
+    t1_volume, gm_volume, wm_volume = (template(name) for name in ("t1", "gm", "wm"))
     scores, shares = {}, {}  # (method, condition) -> [accuracy, least tissue share per slice]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
