@@ -784,14 +784,31 @@ def pool_points(point_sets):
     values (gray levels stay levels, for --quantized); mixed scales are put on 0..1.  Returns
     Points without keys (None for an empty iterable).
     """
-    groups = {}  # (mode, scale) -> (raw values, weights)
+    groups = {}
     for points in point_sets:
-        key = (points.mode, points.scale)
-        groups[key] = (
-            merge_points(*groups[key], points.values, points.weights)
-            if key in groups
-            else (points.values, points.weights)
+        groups = merged_groups(groups, point_groups(points))
+    return pooled_points(groups)
+
+
+def point_groups(points):
+    """One image's distinct values as pool_points keeps them: {(mode, scale): (raw values,
+    weights)}.  merged_groups adds two such sets up, in any order and grouping to the same
+    bits (a sorted union, integer counts), which is what lets a cluster reduce them as a tree."""
+    return {(points.mode, points.scale): (points.values, points.weights)}
+
+
+def merged_groups(a, b):
+    """Two sets of point groups added up, group by group (keys in a's order, then b's new)."""
+    merged = dict(a)
+    for key, (values, weights) in b.items():
+        merged[key] = (
+            merge_points(*merged[key], values, weights) if key in merged else (values, weights)
         )
+    return merged
+
+
+def pooled_points(groups):
+    """The Points of merged groups: one scale, colour when any group is (None for none)."""
     if not groups:
         return None
     mode = "color" if any(group_mode == "color" for group_mode, _ in groups) else "gray"
@@ -4546,8 +4563,9 @@ class OutputSet:
     among the sets alive in the process, and a set removes its own before it ends.
     """
 
-    def __init__(self):
+    def __init__(self, token=""):
         self.staged, self.committed = [], []
+        self.token = token  # a batch's on a cluster: what it left behind can be found
 
     def __enter__(self):
         return self
@@ -4556,7 +4574,7 @@ class OutputSet:
         path = Path(path)
         if path.is_dir():
             raise ImageError(f"cannot write {shown(path)}: it is a folder")
-        number = f"{os.getpid()}-{id(self):x}-{len(self.staged) + len(self.committed)}"
+        number = f"{self.token}{os.getpid()}-{id(self):x}-{len(self.staged) + len(self.committed)}"
         temporary = path.with_name(f".is-{number}.tmp")
         self.staged.append((temporary, path))
         try:
@@ -4986,15 +5004,16 @@ def corrected_image(picture, field):
     return corrected.astype(np.uint8 if top == 255 else np.uint16)
 
 
-def write_outputs(segmentation, paths, title, record, probabilities=None, wanted=OUTPUTS):
+def write_outputs(segmentation, paths, title, record, probabilities=None, wanted=OUTPUTS, token=""):
     """The outputs of one image that are wanted (of OUTPUTS), all or nothing, the JSON record
     last; a figure not wanted is not drawn (nor matplotlib imported for it).
 
     probabilities: the probability_paths to write the posterior maps to, or None.  The record's
-    seconds get "write" (the images and figures) and the "total" grows by it.
+    seconds get "write" (the images and figures) and the "total" grows by it.  token: starts
+    the temporaries' names (OutputSet).
     """
     started = time.perf_counter()
-    with OutputSet() as outputs:
+    with OutputSet(token) as outputs:
         picture = segmentation.picture
         for label, probability in posterior_maps(segmentation) if probabilities else ():
             outputs.stage(probabilities[label], _image_writer(probability, picture))
@@ -5360,6 +5379,15 @@ def build_parser():
         "1: in this process); outputs are the same bytes as with 1",
     )
     parser.add_argument(
+        "--dask",
+        type=_dask_spec,
+        default=None,
+        metavar="ADDRESS|local[:N]",
+        help='segment the batch on a Dask cluster (pip install "dask[distributed]"): a '
+        "running scheduler's address (tcp://host:8786), or local:N for N worker processes here; "
+        "each image is a task, written by its worker into --out, which every worker must see",
+    )
+    parser.add_argument(
         "--show",
         action="store_true",
         help="also open the figures in windows (by default they are only saved)",
@@ -5456,6 +5484,7 @@ class RunConfig:
     probabilities: bool = False
     shared: bool = False
     jobs: int | None = None  # None: one worker a core
+    dask: str | None = None  # a Dask scheduler's address, or local[:N]
     show: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -5620,6 +5649,7 @@ class Batch:
     config: RunConfig
     inputs: frozenset
     shared: SharedModel | None = None
+    token: str = ""  # on a Dask cluster: starts the names of the batch's temporaries
 
 
 def _segment_file(path, stem, batch, say, console):
@@ -5656,7 +5686,7 @@ def _segment_file(path, stem, batch, say, console):
         {"load": loaded - clock, "fit": fitted - loaded},
     )
     title = figure_title(path, segmentation)
-    write_outputs(segmentation, paths, title, record, probabilities, config.outputs)
+    write_outputs(segmentation, paths, title, record, probabilities, config.outputs, batch.token)
     if not config.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")
@@ -5968,6 +5998,139 @@ def _stop_workers(pool):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+# --- A Dask cluster (--dask) -----------------------------------------------------------------
+# Each image is a task: the worker reads it, segments it, writes its outputs into --out (a
+# folder every worker sees) and sends back its Outcome, a few hundred bytes; the batch (the
+# configuration and any shared or saved model) goes to every worker once.  With --shared, each
+# image's point groups are a task, added up pairwise on the workers (merged_groups, a tree: no
+# worker holds more than two sums), and the model is fitted once, on a worker, from the total.
+# The scheduler runs a dead worker's tasks again elsewhere (up to its allowed failures); the
+# temporaries such a worker left are found by the batch's token and removed at the end.
+
+
+def dask_client(spec):
+    """(client, cluster or None) for --dask: "local" or "local:N" starts N worker processes on
+    this machine (one thread each), anything else is a scheduler's address.  The workers get
+    this file (Client.upload_file), so a cluster needs only Python and its packages.  Raises
+    UsageError when dask is missing or the scheduler cannot be reached."""
+    import logging
+
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError('--dask needs dask.distributed: pip install "dask[distributed]"') from None
+    for name in ("distributed", "tornado", "asyncio"):  # the batch's lines are ours to print
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    cluster = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if spec == "local" or spec.startswith("local:"):
+                workers = int(spec.split(":")[1]) if ":" in spec else os.cpu_count() or 1
+                cluster = distributed.LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.CRITICAL,
+                )
+                client = distributed.Client(cluster)
+            else:
+                client = distributed.Client(spec, timeout="10s")
+            client.upload_file(__file__)
+    except (OSError, TimeoutError, ValueError) as error:
+        if cluster is not None:
+            cluster.close()
+        raise UsageError(f"--dask {shown(spec)}: cannot connect ({shown(error)})") from None
+    return client, cluster
+
+
+def _dask_spec(text):
+    """--dask's value: local, local:N (N >= 1) or a scheduler's address."""
+    if text.startswith("local:"):
+        _integer_at_least(1)(text.split(":", 1)[1])
+    return text
+
+
+def _cluster_module():
+    """The module the workers import (this file, by name), whose functions and classes a task
+    is made of: pickled by reference, not by value from __main__."""
+    import importlib
+
+    return importlib.import_module(Path(__file__).stem)
+
+
+def segment_on_dask(tasks, client):
+    """Outcomes of the tasks in input order, each image a task on the cluster."""
+    from distributed import KilledWorker
+
+    module = _cluster_module()
+    batch = tasks[0][2]
+    [shared_batch] = client.scatter([batch], broadcast=True, hash=False)
+    futures = [
+        client.submit(module.segment_file, path, stem, shared_batch, pure=False)
+        for path, stem, _ in tasks
+    ]
+    try:
+        for (path, _, _), future in zip(tasks, futures):
+            try:
+                yield future.result()
+            except KilledWorker:
+                yield Outcome(
+                    path, error="its Dask worker died each time (killed, or out of memory)"
+                )
+    finally:
+        client.cancel(futures)
+
+
+def shared_model_on_dask(files, config, client, report):
+    """--shared on the cluster: each image's point groups a task, summed as a tree, the model
+    fitted on a worker; the same SharedModel as shared_model's, bit for bit."""
+    module = _cluster_module()
+    [shared_config] = client.scatter([config], broadcast=True, hash=False)
+    level = [
+        client.submit(module.groups_or_error, index, path, shared_config, pure=False)
+        for index, path in enumerate(files)
+    ]
+    while len(level) > 1:
+        pairs = [level[i : i + 2] for i in range(0, len(level), 2)]
+        level = [
+            client.submit(module.merged_results, *pair) if len(pair) == 2 else pair[0]
+            for pair in pairs
+        ]
+    fitted = client.submit(module.fit_pooled_result, level[0], shared_config, pure=False)
+    result, notes, failure, errors, readable = fitted.result()
+    for index, message in errors:
+        report(files[index], message)
+    readable = [files[index] for index in readable]
+    return shared_of_fit(result, notes, failure, readable, report)
+
+
+def groups_or_error(index, path, config):
+    """A --shared task: (the image's point groups, its errors [(index, why)], readable [index])."""
+    try:
+        return image_groups(path, config), [], [index]
+    except ImageError as error:
+        return {}, [(index, str(error))], []
+
+
+def merged_results(a, b):
+    """Two groups_or_error results (or sums of them) added up: a node of the tree."""
+    return merged_groups(a[0], b[0]), a[1] + b[1], sorted(a[2] + b[2])
+
+
+def fit_pooled_result(total, config):
+    """The tree's root: fit_pooled of the total, with the errors and readable images."""
+    groups, errors, readable = total
+    return (*fit_pooled(groups, config), sorted(errors), readable)
+
+
+def remove_leftovers(out, token):
+    """A batch's temporaries left in --out by workers that died mid-write."""
+    for path in Path(out).glob(f".is-{token}*.tmp"):
+        _remove(path)
+
+
 # --- The run ---------------------------------------------------------------------------------
 
 
@@ -5976,37 +6139,59 @@ def shared_model(files, config, report):
 
     Returns the SharedModel (None when nothing could be read or fitted) and the files read.
     """
-    readable = []
+    groups, readable = {}, []
+    for path in files:
+        try:
+            groups = merged_groups(groups, image_groups(path, config))
+        except ImageError as error:
+            report(path, str(error))
+            continue
+        readable.append(path)
+    fitted, notes, failure = fit_pooled(groups, config)
+    return shared_of_fit(fitted, notes, failure, readable, report)
 
-    def point_sets():
-        for path in files:
-            try:
-                picture = masked(read_image(path, config.max_pixels), config)[0]
-            except ImageError as error:
-                report(path, str(error))
-                continue
-            readable.append(path)
-            yield distinct_values(picture, config.mode)
 
-    pooled = pool_points(point_sets())
+def image_groups(path, config):
+    """One image's point groups (point_groups), as --shared pools them."""
+    return point_groups(
+        distinct_values(masked(read_image(path, config.max_pixels), config)[0], config.mode)
+    )
+
+
+def fit_pooled(groups, config):
+    """--shared's one fit of the batch's pooled groups: ((model, BIC table, mode) or None, the
+    batch's notes, the fit's failure or None); a pure function, run where the groups are."""
+    pooled = pooled_points(groups)
     if pooled is None:
-        return None, readable
+        return None, [], None
+    notes = []
     if config.segment.quantized and gray_level_top(pooled) is None:
-        report(
-            None,
+        notes.append(
             "note: --quantized ignored for this batch: its values are not gray levels of one "
-            "bit depth",
+            "bit depth"
         )
     k = config.components_for(pooled.mode)
     try:
         model, table = fit_points(pooled, k, config.segment)
     except FitFailed as error:
-        for path in readable:
-            report(path, str(error))
-        return None, []
+        return None, notes, str(error)
     if k != "auto" and model.n_labels < k:
-        report(None, f"note: the batch has {fewer_components_note(len(pooled.values), k)}")
-    return SharedModel(model, table, tuple(readable), pooled.mode), readable
+        notes.append(f"note: the batch has {fewer_components_note(len(pooled.values), k)}")
+    return (model, table, pooled.mode), notes, None
+
+
+def shared_of_fit(fitted, notes, failure, readable, report):
+    """The SharedModel of fit_pooled's result and the files it covers, its notes reported."""
+    for note in notes:
+        report(None, note)
+    if failure is not None:
+        for path in readable:
+            report(path, failure)
+        return None, []
+    if fitted is None:
+        return None, readable
+    model, table, mode = fitted
+    return SharedModel(model, table, tuple(readable), mode), readable
 
 
 @contextmanager
@@ -6044,6 +6229,13 @@ def main(argv=None):
 
 def check_combinations(config):
     """Options that cannot work together: bad usage, before any work."""
+    if config.dask is not None:
+        for clash, why in (
+            (config.jobs is not None, "--jobs: the cluster's workers do the work"),
+            (config.show, "--show: the figures are the workers'"),
+        ):
+            if clash:
+                raise UsageError(f"usage: --dask does not combine with {why}")
     if config.model is not None:
         for clash, why in (
             (config.shared, "--shared: the model is given"),
@@ -6082,59 +6274,95 @@ def _run(config):
     except UsageError as error:
         _write_line(sys.stderr, f"error: {error}")
         return 2
-    jobs = 1 if config.show else (config.jobs or os.cpu_count() or 1)
     started = time.perf_counter()
     files, errors = collect_inputs(config.inputs)
     console = Console(len(files), sys.stderr.isatty() and not config.quiet)
-    failures = 0
-
-    def report(path, message):
-        nonlocal failures
-        if path is None:
-            console.say(message)
-            return
-        failures += 1
-        console.say(f"error: {shown(path)}: {message}")
-
+    report = Report(console)
     for argument, message in errors:
         report(argument, message)
     inputs = {p.resolve() for p in files if p.exists()}  # never to be written over, readable or not
+    client = cluster = None
+    if config.dask is not None and files:
+        try:
+            client, cluster = dask_client(config.dask)
+        except UsageError as error:
+            _write_line(sys.stderr, f"error: {error}")
+            return 2
+    try:
+        return _run_batch(config, files, inputs, client, console, report, started)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class Report:
+    """Says an image's error (counting it) or a batch's note, on the console."""
+
+    def __init__(self, console):
+        self.console, self.failures = console, 0
+
+    def __call__(self, path, message):
+        if path is None:
+            self.console.say(message)
+            return
+        self.failures += 1
+        self.console.say(f"error: {shown(path)}: {message}")
+
+
+def _run_batch(config, files, inputs, client, console, report, started):
+    """The batch's images, one by one, in worker processes or on a Dask cluster."""
+    jobs = 1 if config.show else (config.jobs or os.cpu_count() or 1)
     shared = None
     if config.shared and files:
-        shared, files = shared_model(files, config, report)
+        if client is not None:
+            shared, files = shared_model_on_dask(files, config, client, report)
+        else:
+            shared, files = shared_model(files, config, report)
     if config.model is not None:
         shared, why = read_model(config.model)
         for path in files if why else ():
             report(path, f"model {shown(config.model)}: {why}")
         files = [] if why else files
-    parallel = jobs > 1 and len(files) > 1
-    batch = Batch(_one_thread_a_worker(config) if parallel else config, frozenset(inputs), shared)
+    parallel = client is not None or (jobs > 1 and len(files) > 1)
+    token = os.urandom(4).hex() + "-" if client is not None else ""
+    batch = Batch(
+        _one_thread_a_worker(config) if parallel else config, frozenset(inputs), shared, token
+    )
     tasks = [(path, stem, batch) for path, stem in zip(files, unique_stems(files))]
-    if parallel:
+    if client is not None and tasks:
+        outcomes = segment_on_dask(tasks, client)
+    elif parallel:
         outcomes = segment_in_workers(tasks, min(jobs, len(tasks)))
     else:
         outcomes = (segment_file(*task, console=console) for task in tasks)
     done, written = 0, []
-    for outcome in outcomes:
-        for message in outcome.messages:
-            console.say(message)
-        if outcome.error is not None:
-            report(outcome.path, outcome.error)
-        else:
-            done += 1
-            written.append(outcome.path)
-            if not config.quiet:
-                console.out(outcome.line)
-        console.image_done()
+    try:
+        for outcome in outcomes:
+            for message in outcome.messages:
+                console.say(message)
+            if outcome.error is not None:
+                report(outcome.path, outcome.error)
+            else:
+                done += 1
+                written.append(outcome.path)
+                if not config.quiet:
+                    console.out(outcome.line)
+            console.image_done()
+    finally:
+        if token:
+            outcomes.close()  # the tasks not yet run are cancelled
+            remove_leftovers(config.out, token)
     console.finish()
     if not config.quiet:
         console.say(
-            f"{done} images segmented, {failures} failed, in {time.perf_counter() - started:.1f}s; "
-            f"outputs in {shown(config.out)}"
+            f"{done} images segmented, {report.failures} failed, in "
+            f"{time.perf_counter() - started:.1f}s; outputs in {shown(config.out)}"
         )
     if config.show:
         show_figures(config.out, [stem for (path, stem, *_) in tasks if path in written], console)
-    return 1 if failures or console.failed else 0
+    return 1 if report.failures or console.failed else 0
 
 
 def show_figures(out, stems, console):
@@ -6160,4 +6388,6 @@ def show_figures(out, stems, console):
 
 
 if __name__ == "__main__":
+    if any(arg == "--dask" or arg.startswith("--dask=") for arg in sys.argv[1:]):
+        sys.exit(_cluster_module().main())  # the objects a cluster's workers unpickle are its
     sys.exit(main())

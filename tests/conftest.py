@@ -76,9 +76,11 @@ def rng():
 
 def run(argv, capsys):
     """The command line in this process: (status, stdout, stderr).  One process unless argv asks for
-    --jobs, so a test's process pool never depends on the machine's core count."""
+    --jobs (or --dask), so a test's process pool never depends on the machine's core count."""
     argv = [str(a) for a in argv]
-    if not any(a in ("-j", "--jobs") or a.startswith("--jobs=") for a in argv):
+    if not any(
+        a in ("-j", "--jobs", "--dask") or a.startswith(("--jobs=", "--dask=")) for a in argv
+    ):
         argv += ["--jobs", "1"]
     status = seg.main(argv)
     out, err = capsys.readouterr()
