@@ -348,6 +348,29 @@ def volumes(workdir):
         path.unlink()
 
 
+def dask_throughput(workdir, n_images=200):
+    """A batch of small images (every output written) with --jobs 1 and on a local Dask
+    cluster of 2 worker processes (its start included), and --shared both ways."""
+    folder = workdir / "batch"
+    folder.mkdir(exist_ok=True)
+    camera, coffee = samples.camera(), samples.coffee()
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        source = coffee if i % 2 else camera
+        top, left = rng.integers(0, 200, 2)
+        Image.fromarray(source[top : top + 160, left : left + 200]).save(folder / f"{i:03d}.png")
+    print(f"\n| {n_images} small images (200 x 160, all outputs) | seconds | images a second |")
+    print("|---|---|---|")
+    for name, options in (
+        ("--jobs 1", ("--jobs", "1")),
+        ("--dask local:2", ("--dask", "local:2")),
+        ("--shared --jobs 1", ("--shared", "--jobs", "1")),
+        ("--shared --dask local:2", ("--shared", "--dask", "local:2")),
+    ):
+        seconds, _ = end_to_end(folder, workdir, *options)
+        print(f"| {name} | {seconds:.1f} | {n_images / seconds:.1f} |")
+
+
 def counting_options(megapixels=50):
     """Seconds to count distinct values at the given size, each way we considered."""
     side = int((megapixels * 1e6) ** 0.5)
@@ -578,6 +601,8 @@ def main():
         applying_a_model(workdir)
     if not args.only or args.only in "volumes":
         volumes(workdir)
+    if not args.only or args.only in "dask throughput":
+        dask_throughput(workdir)
     if not args.only or args.only in "counting distinct values":
         pixels, rows = counting_options()
         print(f"\n| counting distinct values, {pixels / 1e6:.0f} MP | seconds |")
