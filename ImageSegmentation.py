@@ -1230,16 +1230,13 @@ def _kmeans_plus_plus(data, n_components, rng):
                 f"the samples have {found} distinct values with positive weight: "
                 f"too few for {n_components} components"
             )
-        best_potential, best = np.inf, None
-        for candidate in rng.choice(len(data), size=n_trials, p=scores / scores.sum()):
-            trial = np.minimum(
-                nearest, _squared_distances(data, data.x(candidate, candidate + 1))[0]
-            )
-            potential = trial @ data.weights
-            if potential < best_potential:
-                best_potential, best, best_nearest = potential, candidate, trial
-        centers = np.vstack([centers, data.x(best, best + 1)])
-        nearest = best_nearest
+        candidates = rng.choice(len(data), size=n_trials, p=scores / scores.sum())
+        trials = _squared_distances(data, np.vstack([data.x(c, c + 1) for c in candidates]))
+        np.minimum(trials, nearest, out=trials)  # one pass for every candidate of the round
+        best = int(np.argmin(trials @ data.weights))  # the first on a tie, as one by one
+        centers = np.vstack([centers, data.x(candidates[best], candidates[best] + 1)])
+        nearest = trials[best].copy()
+        del trials
     return centers
 
 
