@@ -4063,8 +4063,8 @@ class BiasMeanField:
         bands, width = _BandModel(state), self.image.values.shape[1]
         table = np.empty((len(state.label_weights),) + self.image.values.shape, np.float32)
         for top, bottom in self.image.bands(len(state.weights)):
-            table[:, top:bottom] = bands.site_logp(slice(top, bottom), slice(0, width))
             z, t = bands.corrected(slice(top, bottom), slice(0, width))
+            table[:, top:bottom] = _label_log_densities(state, z)
             table[:, top:bottom] -= t  # the Jacobian: the objective is the image's likelihood
         return HeldMeanField(table, self.image, self.beta, self.options, self.settings)
 
