@@ -378,15 +378,20 @@ def picture_from_array(array):
         raise ValueError(f"expected an H x W or H x W x 3|4 image, got shape {array.shape}")
     if array.ndim == 3:
         array = array[..., 0] if array.shape[2] == 1 else array[..., :3]  # alpha dropped
+    return _coded(array, ndim=2, scale_by_range=False)
+
+
+def _coded(array, ndim, scale_by_range, volume=None):
+    """The Picture of pixel values with ndim axes (a further axis of 3: colour): 8- and 16-bit
+    gray levels as they are, 8-bit RGB packed, booleans as 0 and 255, anything else a table."""
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
-    if array.dtype == np.uint8 and array.ndim == 2:
-        return Picture(codes=array, kind="gray", n_codes=256, scale=255.0)
-    if array.dtype == np.uint16 and array.ndim == 2:
-        return Picture(codes=array, kind="gray", n_codes=65536, scale=65535.0)
+    if array.dtype in (np.uint8, np.uint16) and array.ndim == ndim:
+        top = np.iinfo(array.dtype).max
+        return Picture(array, "gray", top + 1, float(top), volume=volume)
     if array.dtype == np.uint8:
-        return Picture(codes=pack_rgb(array), kind="rgb", n_codes=1 << 24, scale=255.0)
-    return _table_picture(array, scale_by_range=False)
+        return Picture(pack_rgb(array), "rgb", 1 << 24, 255.0, volume=volume)
+    return replace(_table_picture(array, scale_by_range, ndim), volume=volume)
 
 
 def picture_from_volume(array, spacing=(1.0, 1.0, 1.0)):
@@ -398,15 +403,7 @@ def picture_from_volume(array, spacing=(1.0, 1.0, 1.0)):
     spacing = tuple(float(step) for step in np.broadcast_to(spacing, 3))
     if not all(0 < step < math.inf for step in spacing):
         raise ValueError(f"the spacing must be 3 positive numbers, got {spacing}")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    volume = Volume(spacing)
-    if array.dtype in (np.uint8, np.uint16) and array.ndim == 3:
-        top = np.iinfo(array.dtype).max
-        return Picture(array, "gray", top + 1, float(top), volume=volume)
-    if array.dtype == np.uint8:
-        return Picture(pack_rgb(array), "rgb", 1 << 24, 255.0, volume=volume)
-    return replace(_table_picture(array, scale_by_range=False, ndim=3), volume=volume)
+    return _coded(array, ndim=3, scale_by_range=False, volume=Volume(spacing))
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -469,10 +466,7 @@ def _read_nifti(path, max_pixels):
         file_axes_reversed=True,
     )
     data = np.ascontiguousarray(data.T)  # a view: nibabel's array is in the file's order
-    if data.dtype in (np.uint8, np.uint16):
-        top = np.iinfo(data.dtype).max
-        return Picture(data, "gray", top + 1, float(top), volume=volume)
-    return replace(_table_picture(data, scale_by_range=True, ndim=3), volume=volume)
+    return _coded(data, ndim=3, scale_by_range=True, volume=volume)
 
 
 def _read_tiff_stack(img, max_pixels):
@@ -1095,11 +1089,6 @@ class PartialVolume:
     def tissue_of(self):
         return np.argmax(self.fractions, axis=1)
 
-    @property
-    def membership(self):
-        """(G, T) 1 where a Gaussian belongs to a tissue (its largest fraction), else 0."""
-        return np.eye(self.n_tissues)[self.tissue_of]
-
     def tissue_sums(self, values):
         """(T, ...) values (G, ...) summed over each tissue's Gaussians."""
         out = np.zeros((self.n_tissues,) + values.shape[1:], dtype=values.dtype)
@@ -1123,6 +1112,15 @@ class PartialVolume:
             np.log(total, out=total)
             total += top
         return out
+
+    def shares_within_tissues(self, logp):
+        """In place: (G, ...) log(w_g p(x | g)) -> each Gaussian's share of its tissue's
+        probability at x.  Returns the tissues' log-probabilities (T, ...)."""
+        tissue_logp = self.tissue_log_probabilities(logp)
+        for g, t in enumerate(self.tissue_of):  # no (G, ...) temporaries
+            logp[g] -= tissue_logp[t]
+            np.exp(logp[g], out=logp[g])
+        return tissue_logp
 
     @property
     def members(self):
@@ -3189,11 +3187,13 @@ def _empty_labels(labels, inside, n_components):
     return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * total)]
 
 
-def _point_log_probabilities(model, data):
+def _point_log_probabilities(model, data, of_labels=True):
     """(L, M) log(w p(x_m | label)) of every point, what a pixel's are looked up in: of each
-    component, or of each tissue of a partial-volume model."""
-    table = np.empty((model.n_labels, len(data)))
-    for start, block in log_label_blocks(model, data):
+    component, or of each tissue of a partial-volume model; of_labels False: of each component
+    (a partial-volume model's Gaussians), (K, M)."""
+    blocks = log_label_blocks if of_labels else log_density_blocks
+    table = np.empty((model.n_labels if of_labels else model.n_components, len(data)))
+    for start, block in blocks(model, data):
         table[:, start : start + block.shape[1]] = block
     return table
 
@@ -3303,11 +3303,9 @@ def _point_expected_fractions(q, model, data, index):
     maps), from the tissues' posteriors q (T, H, W) of a partial-volume model: a tissue's
     posterior is split over its Gaussians as their densities at the pixel's point."""
     pv = model.partial_volume
-    logp = np.empty((model.n_components, len(data)))
-    for start, block in log_density_blocks(model, data):
-        logp[:, start : start + block.shape[1]] = block
-    logp -= pv.tissue_log_probabilities(logp)[pv.tissue_of]
-    split = np.exp(logp).astype(np.float32)  # (G, M)
+    split = _point_log_probabilities(model, data, of_labels=False)
+    pv.shares_within_tissues(split)
+    split = split.astype(np.float32)  # (G, M)
     out = np.empty_like(q)
     for top in range(0, q.shape[1], 64):
         rows = slice(top, top + 64)
@@ -3991,13 +3989,11 @@ def _gaussian_shares(q, state, z):
     pv = state.partial_volume
     if pv is None:
         return q, None
-    logp = _bias_log_densities(state, z)
-    label_logp = pv.tissue_log_probabilities(logp)
-    for g, t in enumerate(pv.tissue_of):  # in place: no (G, h, w) temporaries
-        logp[g] -= label_logp[t]
-        np.exp(logp[g], out=logp[g])
-        logp[g] *= q[t]
-    return logp, label_logp
+    shares = _bias_log_densities(state, z)
+    label_logp = pv.shares_within_tissues(shares)
+    for g, t in enumerate(pv.tissue_of):
+        shares[g] *= q[t]
+    return shares, label_logp
 
 
 def _expected_fractions(q, state):
@@ -4314,21 +4310,23 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
             picture, points, _most_likely(data, model), model.n_labels, options.fit.passes
         )
         return replace(segmentation, labels=labels)
+    index = point_index(picture, points, options.fit.passes)
     model, labels, record, q = spatial_fit(
         model,
         data,
-        point_index(picture, points, options.fit.passes),
+        index,
         options.spatial,
         options.fit,
         mask=picture.mask,
-        update_parameters=shared is None and model.partial_volume is None,
+        update_parameters=shared is None,
         settings=options.spatial_settings,
         spacing=None if picture.volume is None else picture.volume.spacing,
         on_iteration=on_iteration,
     )
     order = _luminance_order(model.label_means)
     if options.keep_posteriors and model.partial_volume is not None:
-        q = _point_expected_fractions(q, model, data, point_index(picture, points))
+        q = _point_expected_fractions(q, model, data, index)
+    del index  # before q is reordered: the peak of a large image's spatial fit
     return replace(
         segmentation,
         model=model.reordered(order),
@@ -4400,9 +4398,7 @@ def posterior_maps(segmentation):
             yield k + first, np.rint(qk * 65535).astype(np.uint16)
         return
     data = _PointFeatures(points.values, points.weights, points.scale)
-    probabilities = np.empty((model.n_components, len(data)))
-    for start, block in log_density_blocks(model, data):
-        probabilities[:, start : start + block.shape[1]] = block
+    probabilities = _point_log_probabilities(model, data, of_labels=False)
     probabilities = np.exp(probabilities - _logsumexp(probabilities, axis=0))
     if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
         probabilities = model.partial_volume.expected_fractions(probabilities)
@@ -6127,7 +6123,8 @@ def fit_pooled_result(total, config):
 
 
 def remove_leftovers(out, token):
-    """A batch's temporaries left in --out by workers that died mid-write."""
+    """A batch's temporaries left in --out by workers stopped mid-write (killed, or a local
+    cluster closed under them): swept once the batch's client and cluster are closed."""
     for path in Path(out).glob(f".is-{token}*.tmp"):
         _remove(path)
 
@@ -6289,13 +6286,16 @@ def _run(config):
         except UsageError as error:
             _write_line(sys.stderr, f"error: {error}")
             return 2
+    token = os.urandom(4).hex() + "-" if client is not None else ""
     try:
-        return _run_batch(config, files, inputs, client, console, report, started)
+        return _run_batch(config, files, inputs, client, token, console, report, started)
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
-            cluster.close()
+            cluster.close()  # its workers stopped: what they were writing is left now
+        if token:
+            remove_leftovers(config.out, token)
 
 
 class Report:
@@ -6312,7 +6312,7 @@ class Report:
         self.console.say(f"error: {shown(path)}: {message}")
 
 
-def _run_batch(config, files, inputs, client, console, report, started):
+def _run_batch(config, files, inputs, client, token, console, report, started):
     """The batch's images, one by one, in worker processes or on a Dask cluster."""
     jobs = 1 if config.show else (config.jobs or os.cpu_count() or 1)
     shared = None
@@ -6327,7 +6327,6 @@ def _run_batch(config, files, inputs, client, console, report, started):
             report(path, f"model {shown(config.model)}: {why}")
         files = [] if why else files
     parallel = client is not None or (jobs > 1 and len(files) > 1)
-    token = os.urandom(4).hex() + "-" if client is not None else ""
     batch = Batch(
         _one_thread_a_worker(config) if parallel else config, frozenset(inputs), shared, token
     )
@@ -6354,7 +6353,6 @@ def _run_batch(config, files, inputs, client, console, report, started):
     finally:
         if token:
             outcomes.close()  # the tasks not yet run are cancelled
-            remove_leftovers(config.out, token)
     console.finish()
     if not config.quiet:
         console.say(

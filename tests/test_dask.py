@@ -109,6 +109,7 @@ def test_sigterm_cancels_a_dask_batch(tmp_path, rng):
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in stderr
     assert time.perf_counter() - started < 60
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
     stems = {p.name.split("_")[0] for p in out.iterdir()}
     assert len(stems) < 30  # cancelled: not every image was done
     for stem in stems:  # and those that were are complete

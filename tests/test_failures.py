@@ -314,7 +314,7 @@ def batch(folder, n, size=(120, 160)):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
-    files = batch(tmp_path, 120, size=(200, 260))  # several seconds of work, even on a fast machine
+    files = batch(tmp_path, 120, size=(400, 520))  # a minute of work, but the signal ends it
     out = tmp_path / "o"
     process = subprocess.Popen(
         [
