@@ -1290,6 +1290,11 @@ class GaussianMixtureFit:
     partial_volume : PartialVolume or None
         A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
         T tissues, and labels, predict and predict_proba are of the tissues.
+    fell_at : int or None
+        The iteration at which plain EM's own step lowered the log-likelihood by more than tol
+        (reg_covar makes the M-step inexact where a variance sits at it or a component empties):
+        log_likelihood never falls before it, and from it the fit followed EM to its fixed
+        point.  None: EM never lost.
     """
 
     weights: np.ndarray
@@ -1303,6 +1308,7 @@ class GaussianMixtureFit:
     n_em_steps: int = 0
     subsample: dict | None = None  # the fit started from a fit to a draw of pixels: what ran there
     partial_volume: PartialVolume | None = None
+    fell_at: int | None = None  # EM itself lost more than tol at this iteration (see run_em)
 
     @classmethod
     def of_run(cls, parameters, covariance_type, run, quantized_top=None):
@@ -1319,6 +1325,7 @@ class GaussianMixtureFit:
             run.converged,
             quantized_top,
             run.n_em_steps,
+            fell_at=run.fell_at,
         )
 
     @property
@@ -1672,6 +1679,7 @@ class EMRun:
     n_iter: int
     converged: bool
     n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
+    fell_at: int | None = None  # the iteration at which the map itself lost more than tol
 
 
 @dataclass(frozen=True)
@@ -1681,39 +1689,62 @@ class Coordinates:
 
     to_vector: object
     from_vector: object
+    importance: object = None  # importance(state) -> each coordinate's weight in a step's size
 
 
-def run_em(start, step, options, *, coordinates=None, full_step=None, on_iteration=None):
+def run_em(
+    start,
+    step,
+    options,
+    *,
+    coordinates=None,
+    full_step=None,
+    on_iteration=None,
+    ascent=True,
+):
     """Iterate step from start until the objective is at its limit or options.max_iter.
 
     With coordinates and options.accelerate == "squarem" every iteration is one safeguarded
     SQUAREM cycle.  Converged: the stopping rule held on two iterations in a row that count,
     or no step gains any more.  full_step: the model's iteration that always counts, taken
     after an iteration at which the rule held.
+
+    ascent=False (a mixture's map): the map itself may lose, since reg_covar, added to every
+    covariance as scikit-learn does, makes the M-step inexact; a little near any fixed point,
+    much where a component's variance sits at reg_covar or a component empties.  A loss smaller
+    than tol is where the map has stopped gaining (and with tol = 0 a loss keeps the state, as
+    for ascent=True).  A larger one is a step like any other: the run follows the map to its
+    fixed point, taking an extrapolation where the stabilising EM step moves it less than the
+    first step moved theta0 (the objective cannot judge one there), and the distance to the
+    limit is measured on the size of the changes.
     """
     state, value = start, _finite(start.objective)
     values, n_em_steps, step_max, streak, stalled, near = [value], 0, 1.0, 0, False, False
     squarem = options.accelerate == "squarem" and coordinates is not None
+    fell_at = None  # the map lost more than tol here: from then on, follow it to its fixed point
     while len(values) <= options.max_iter and streak < 2:
         if squarem:
-            new, step_max, used = _squarem_cycle(state, step, step_max, coordinates)
+            following = fell_at is not None  # the objective no longer judges an extrapolation
+            new, step_max, used = _squarem_cycle(state, step, step_max, coordinates, following)
             n_em_steps += used
-            stalled = not new.objective >= value
-            if not stalled:
-                state, value = new, new.objective
-            # else even plain EM lost: reg_covar, added to every covariance as scikit-learn does,
-            # makes the M-step inexact, so its fixed point lies a hair off the maximum (or round-off
-            # decides).  The iteration keeps the state it started from; no step gains any more.
         else:
-            state = (full_step if near and full_step is not None else step)(state)
-            value = state.objective
+            new = (full_step if near and full_step is not None else step)(state)
             n_em_steps += 1
+        loss = value - new.objective if math.isfinite(new.objective) else math.inf
+        if fell_at is None and not ascent and 0 < options.tol < loss < math.inf:
+            fell_at = len(values)
+        stalled = squarem and (loss == math.inf or (loss > 0 and fell_at is None))
+        if not stalled:
+            state, value = new, new.objective
+        # else the map has stopped gaining (round-off at the fixed point, or reg_covar's inexact
+        # M-step within tol of it): the iteration keeps the state it started from.
         values.append(_finite(value))
         if on_iteration is not None:
             on_iteration(len(values) - 1, value)
         if stalled and options.tol > 0:
             break
-        near = options.tol > 0 and distance_to_limit(values) < options.tol
+        distance = distance_to_limit(values) if fell_at is None else distance_of_changes(values)
+        near = options.tol > 0 and distance < options.tol
         streak = streak + 1 if near and state.counts else 0
     return EMRun(
         state,
@@ -1721,6 +1752,7 @@ def run_em(start, step, options, *, coordinates=None, full_step=None, on_iterati
         len(values) - 1,
         bool(streak >= 2 or stalled),
         n_em_steps,
+        fell_at,
     )
 
 
@@ -1753,10 +1785,25 @@ def aitken_distance(gain, previous_gain):
     return gain / (1.0 - gain / previous_gain)
 
 
+def distance_of_changes(values):
+    """Aitken's distance to the limit of a sequence that may approach it from either side: the
+    last change's size, extrapolated while the changes shrink with one sign, the change itself
+    where the sign turns (the limit lies between), infinity while they do not shrink."""
+    change = values[-1] - values[-2]
+    previous = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    if change == 0:
+        return 0.0
+    if previous == 0 or (change > 0) != (previous > 0):
+        return abs(change)
+    if abs(previous) <= abs(change):
+        return math.inf
+    return abs(change) / (1.0 - change / previous)
+
+
 SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
 
 
-def _squarem_cycle(state, step, step_max, coordinates):
+def _squarem_cycle(state, step, step_max, coordinates, by_residual=False):
     """One SQUAREM cycle (scheme S3 of Varadhan and Roland 2008), safeguarded.
 
     Two EM steps theta1 = M(theta0), theta2 = M(theta1) give r = theta1 - theta0 and
@@ -1764,7 +1811,9 @@ def _squarem_cycle(state, step, step_max, coordinates):
     a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
     when both its objective and the stabilised one are at least theta0's, so the recorded
     objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2
-    itself.  Returns the new state, the next step_max and the number of EM steps evaluated.
+    itself.  by_residual (a map that does not raise the objective): the stabilised point is
+    taken where that EM step moves it less than the first step moved theta0.  Returns the new
+    state, the next step_max and the number of EM steps evaluated.
     """
     value = state.objective
     first = step(state)
@@ -1774,8 +1823,16 @@ def _squarem_cycle(state, step, step_max, coordinates):
     length = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
     length = min(max(length, 1.0), step_max) if math.isfinite(length) else 1.0
     if length > 1.01:
-        trial = _try_state(coordinates, x0 + 2 * length * r + length**2 * v, second)
-        if trial is not None and trial.objective >= value:
+        point = x0 + 2 * length * r + length**2 * v
+        trial = _try_state(coordinates, point, second)
+        if by_residual:
+            if trial is not None:
+                new = step(trial)
+                scale = 1.0 if coordinates.importance is None else coordinates.importance(new)
+                moved, first_move = scale * (coordinates.to_vector(new) - point), scale * r
+                if math.isfinite(new.objective) and moved @ moved <= first_move @ first_move:
+                    return new, _next_step_max(length, step_max), 3
+        elif trial is not None and trial.objective >= value:
             new = step(trial)
             if new.objective >= value:  # False for NaN too
                 return new, _next_step_max(length, step_max), 3
@@ -1847,6 +1904,7 @@ def run_mixture_em(start, m_step, options, on_iteration=None):
         options,
         coordinates=mixture_coordinates(options.covariance_type),
         on_iteration=on_iteration,
+        ascent=False,
     )
 
 
@@ -1888,7 +1946,24 @@ def mixture_coordinates(covariance_type):
             covariances = np.exp(spread).reshape(covariances.shape)
         return like.with_parameters((weights, means, covariances))
 
-    return Coordinates(to_vector, from_vector)
+    def importance(state):
+        """A component's coordinates count by the square root of its weight (as in the Fisher
+        metric of the weights): an emptying component's log-weight falls without end, and its
+        mean follows a handful of pixels; neither says whether the mixture still moves."""
+        root = np.sqrt(state.weights)
+        n_components, n_features = state.means.shape
+        per_component = {
+            "full": n_features * (n_features + 1) // 2,
+            "diag": n_features,
+            "spherical": 1,
+            "tied": 0,
+        }[covariance_type]
+        tied = n_features * (n_features + 1) // 2 if covariance_type == "tied" else 0
+        return np.concatenate(
+            [root, np.repeat(root, n_features), np.repeat(root, per_component), np.ones(tied)]
+        )
+
+    return Coordinates(to_vector, from_vector, importance)
 
 
 def _best_of_starts(n_starts, fit_one, score):
@@ -3823,7 +3898,12 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
         )
         if not with_field:
             return EMRun(
-                state, plain.log_likelihood, plain.n_iter, plain.converged, plain.n_em_steps
+                state,
+                plain.log_likelihood,
+                plain.n_iter,
+                plain.converged,
+                plain.n_em_steps,
+                plain.fell_at,
             )
         return run_em(
             state,
@@ -4709,6 +4789,7 @@ def model_record(segmentation, source, settings, notes, seconds):
         "n_iter": model.n_iter,
         "em_steps": model.n_em_steps,
         "converged": model.converged,
+        "em_fell_at": model.fell_at,
         "collapsed_components": collapsed_components(model, settings["reg_covar"]),
         "empty_components": empty_components(segmentation),
         "seed": settings["seed"],
@@ -4803,10 +4884,19 @@ def plot_log_likelihood(segmentation, title):
     draw = segmentation.model.subsample if segmentation.spatial is None else None
     if draw is not None:  # the iterations before these ran on a draw of pixels
         stop += f", after {draw['n_iter']} on a draw of {draw['pixels']:,} pixels"
+    fell_at = segmentation.model.fell_at if segmentation.spatial is None else None
     figure = _figure(10, 4)
     axes = figure.subplots(1, 2)
     for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):
         ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
+        if fell_at is not None:  # EM's own step lost here; the fit followed it to its fixed point
+            ax.axvline(
+                fell_at,
+                color="tab:orange",
+                linestyle="--",
+                linewidth=1,
+                label="EM's own step fell (reg_covar)",
+            )
         ax.plot(
             iterations[-1],
             values[-1],

@@ -237,8 +237,8 @@ def test_more_than_256_components_write_16_bit_label_maps(tmp_path, capsys):
     assert labels.mode.startswith("I") and np.asarray(labels).max() > 255
     record = record_of(tmp_path, "deep")
     assert record["k"] == 300
-    # Every level keeps its own component but for a few that share: at least 250 labels are used.
-    assert 250 <= len(np.unique(np.asarray(labels))) <= 300
+    # Most levels keep a component of their own: more than 200 labels are used.
+    assert 200 <= len(np.unique(np.asarray(labels))) <= 300
     colour = np.stack([levels % 256, levels // 256, (levels // 7) % 256], axis=-1).astype(np.uint8)
     Image.fromarray(colour).save(tmp_path / "many.png")
     status, out, err = run(

@@ -135,16 +135,18 @@ def test_tol_zero_runs_exactly_max_iter():
 
 @pytest.mark.parametrize("accelerate", ["squarem", "none"])
 def test_tol_is_a_distance_to_the_maximum(accelerate):
-    """A converged fit is within tol of the log-likelihood the same start reaches run to the end."""
+    """A converged fit is within tol of the log-likelihood the same start reaches run to the end
+    (from either side: where EM's own step falls, the fit follows it down to its fixed point)."""
     X = gray_pixels()
     fit = seg.fit_gmm(X, 3, tol=1e-6, accelerate=accelerate, max_iter=5000)
     limit = seg.fit_gmm(X, 3, tol=1e-12, accelerate=accelerate, max_iter=20000)
     assert fit.converged and limit.converged and fit.n_iter <= limit.n_iter
-    assert 0 <= limit.log_likelihood[-1] - fit.log_likelihood[-1] < 1e-6
+    assert abs(limit.log_likelihood[-1] - fit.log_likelihood[-1]) < 1e-6
     # It stopped on the estimate (below tol twice, not before), or where no step gained any more.
     history = fit.log_likelihood
-    assert seg.distance_to_limit(history) < 1e-6 or history[-1] == history[-2]
-    assert seg.distance_to_limit(history[:-2]) >= 1e-6
+    distance = seg.distance_to_limit if fit.fell_at is None else seg.distance_of_changes
+    assert distance(history) < 1e-6 or history[-1] == history[-2]
+    assert distance(history[:-2]) >= 1e-6
 
 
 def test_distance_to_limit_cases():
@@ -156,6 +158,19 @@ def test_distance_to_limit_cases():
     assert seg.distance_to_limit([0.0, 1.0, 1.0]) == 0.0
     assert seg.distance_to_limit([0.0, 1.0, 1.0 - 1e-12]) == 0.0
     assert seg.distance_to_limit([1.0, 1.0 - 1e-12, 1.0 + 1e-12]) == pytest.approx(2e-12)
+
+
+def test_distance_of_changes_cases():
+    """After EM's own step has fallen the sequence may approach its limit from above: Aitken's
+    estimate on the sizes of the changes, exact on a geometric sequence from either side; a
+    change of sign brackets the limit; changes that grow are not there yet."""
+    falling = [1 + 0.5**n for n in range(6)]
+    assert seg.distance_of_changes(falling) == pytest.approx(falling[-2] - 1)
+    rising = [1 - 0.5**n for n in range(6)]
+    assert seg.distance_of_changes(rising) == pytest.approx(seg.distance_to_limit(rising))
+    assert seg.distance_of_changes([0.0, 1e-3, 1e-3 - 1e-6]) == pytest.approx(1e-6)
+    assert seg.distance_of_changes([0.0, -1e-3, -3e-3]) == math.inf
+    assert seg.distance_of_changes([0.0, 1.0, 1.0]) == 0.0
 
 
 def test_n_init_keeps_the_best_start():
