@@ -839,6 +839,7 @@ BLOCK_POINTS = 1 << 14  # points per block in every pass: temporaries stay in ca
 FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours between passes
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
+DRAW_GROWTH = 4  # each draw of pixels for a fit on many distinct values this many times the last
 
 
 def _logsumexp(values, axis, keepdims=False):
@@ -1501,7 +1502,7 @@ class FitOptions:
     init: str = "kmeans++"
     random_state: int | None = 0
     accelerate: str = "squarem"
-    subsample_above: int = 1 << 22  # more distinct values: start on a draw of a 16th as many
+    subsample_above: int = 1 << 19  # more distinct values: start on draws of pixels
     passes: Passes = Passes()  # how per-pixel passes run (threads); never changes a result
 
     def __post_init__(self):
@@ -1571,43 +1572,66 @@ def _fit_data(data, n_components, options, given=(None, None, None), on_iteratio
 
 def _fit_from_a_subsample(data, n_components, options, on_iteration):
     """EM on many distinct values (a noisy photo's millions of colours, more than
-    options.subsample_above: their features no longer fit FEATURE_CACHE_BYTES, so every pass
-    makes them again) from the start it would have had, but its first iterations on a draw of a
-    sixteenth as many pixels, with the counts (an unbiased picture of the image, a few hundred
-    thousand points), until they settle; then EM goes on on every point to the same stopping
-    rule, so converged means at the full data's maximum.  Only those last iterations are the
-    fit's history; GaussianMixtureFit.subsample says what ran on the draw.  With several
-    starts, each runs on the draw and the best goes on."""
-    draw = np.random.default_rng(np.random.SeedSequence(options.random_state).spawn(1)[0])
-    on_sample = replace(options, subsample_above=0)
+    options.subsample_above), whose every pass is a pass over millions of points, started on
+    draws of pixels made with the counts (unbiased pictures of the image): the start
+    (options.init) and EM on the smallest draw, options.subsample_above // 16 pixels, then EM on
+    draws DRAW_GROWTH times larger in turn, each from the last one's fit, up to a quarter of the
+    pixels; then EM on every point to the same stopping rule, so converged means at the full
+    data's maximum, which a start next to it reaches in a few iterations.  A draw of n pixels
+    knows the maximum only to about (free parameters) / n per pixel, so its EM stops at that
+    distance (or tol, if larger).  Only the iterations on every point are the fit's history;
+    GaussianMixtureFit.subsample says what ran on each draw.  With several starts, each runs
+    on the smallest draw and the best goes on."""
+    draw_rng = np.random.default_rng(np.random.SeedSequence(options.random_state).spawn(1)[0])
+    cumulative = np.cumsum(data.weights)  # made once for every draw
+    sizes = _draw_sizes(data.total_weight, options.subsample_above // 16)
     rng = np.random.default_rng(options.random_state)
-    drawn = []  # made after the first start's initialisation, whose passes are the peak
+    free = n_parameters(n_components, data.n_features, options.covariance_type)
+
+    def on_draw(pixels):
+        return replace(options, subsample_above=0, tol=max(options.tol, free / pixels))
+
+    first = _drawn_sample(data, sizes[0], cumulative, draw_rng)
 
     def fit_one():
-        weights, means, covariances = _fresh_start(data, n_components, options, rng)
-        if not drawn:
-            drawn.append(_drawn_sample(data, options.subsample_above // 16, draw))
-        sample = drawn[0]
-        start = (weights, sample.centred(data.uncentred(means)), covariances)
-        return _density_em(sample, start, on_sample)
+        start = _fresh_start(first, n_components, options, rng)
+        return _density_em(first, start, on_draw(sizes[0]))
 
-    rough = _best_of_starts(options.n_init, fit_one, score=lambda fit: fit.log_likelihood[-1])
-    start = (rough.weights, data.centred(rough.means), rough.covariances)
-    fit = _density_em(data, start, options, on_iteration)
-    record = {
-        "pixels": options.subsample_above // 16,
-        "points": len(drawn[0]),
-        "n_iter": rough.n_iter,
-        "em_steps": rough.n_em_steps,
-        "converged": rough.converged,
-    }
-    return replace(fit, subsample=record)
+    fit = _best_of_starts(options.n_init, fit_one, score=lambda f: f.log_likelihood[-1])
+    sample, draws = first, []
+    for pixels in sizes:
+        if pixels != sizes[0]:
+            sample = _drawn_sample(data, pixels, cumulative, draw_rng)
+            start = (fit.weights, sample.centred(fit.means), fit.covariances)
+            fit = _density_em(sample, start, on_draw(pixels))
+        draws.append(
+            {
+                "pixels": pixels,
+                "points": len(sample),
+                "n_iter": fit.n_iter,
+                "em_steps": fit.n_em_steps,
+                "converged": fit.converged,
+            }
+        )
+    del cumulative, sample
+    start = (fit.weights, data.centred(fit.means), fit.covariances)
+    return replace(_density_em(data, start, options, on_iteration), subsample=draws)
 
 
-def _drawn_sample(data, pixels, rng):
+def _draw_sizes(total_pixels, first):
+    """Pixels in each draw: first, then DRAW_GROWTH times more while a draw is at most a
+    DRAW_GROWTH-th of all pixels."""
+    sizes = [first]
+    while sizes[-1] * DRAW_GROWTH <= total_pixels / DRAW_GROWTH:
+        sizes.append(sizes[-1] * DRAW_GROWTH)
+    return sizes
+
+
+def _drawn_sample(data, pixels, cumulative, rng):
     """The points that `pixels` pixels drawn with the counts fall on, each weighted by its
-    draws."""
-    picked = rng.choice(len(data), size=pixels, p=data.weights / data.total_weight)
+    draws: `cumulative` is the running sum of the counts, a pixel the point whose share of it
+    a uniform number falls in."""
+    picked = np.searchsorted(cumulative, rng.random(pixels) * cumulative[-1], side="right")
     points, counts = np.unique(picked, return_counts=True)
     return _PointFeatures(data.values[points], counts.astype(np.float64), data.scale)
 
@@ -4881,9 +4905,11 @@ def plot_log_likelihood(segmentation, title):
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
     stop = "converged" if converged else "stopped at max_iter"
-    draw = segmentation.model.subsample if segmentation.spatial is None else None
-    if draw is not None:  # the iterations before these ran on a draw of pixels
-        stop += f", after {draw['n_iter']} on a draw of {draw['pixels']:,} pixels"
+    draws = segmentation.model.subsample if segmentation.spatial is None else None
+    if draws is not None:  # the iterations before these ran on draws of pixels
+        ran = sum(draw["n_iter"] for draw in draws)
+        sizes = " to ".join(f"{draw['pixels']:,}" for draw in (draws[0], draws[-1])[: len(draws)])
+        stop += f", after {ran} on draws of {sizes} pixels"
     fell_at = segmentation.model.fell_at if segmentation.spatial is None else None
     figure = _figure(10, 4)
     axes = figure.subplots(1, 2)

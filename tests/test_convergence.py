@@ -233,35 +233,44 @@ def many_values(rng, n=6000):
 
 
 def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
-    """More distinct values than subsample_above: the start as always, its EM on a draw of a
-    sixteenth as many pixels, then EM goes on on every point to the same stopping rule.  The
-    draw's fit is visibly off the full data's maximum; the fit ends at it: EM on every point
-    from the returned model, with a thousand times smaller tolerance, gains under 2e-5 per
-    pixel."""
+    """More distinct values than subsample_above: the start and EM on a draw of a sixteenth as
+    many pixels, EM on draws four times larger in turn, then on every point to the same stopping
+    rule.  The draws' fit is visibly off the full data's maximum; the fit ends at it: EM on
+    every point from the returned model, with a thousand times smaller tolerance, gains under
+    2e-5 per pixel, and it is where EM on every point from the same start ends."""
     X, counts = many_values(np.random.default_rng(5))
     starts = []
     density_em = seg._density_em
 
     def spy(data, start, options, on_iteration=None):
-        starts.append((data, start))
+        starts.append((data, start, options))
         return density_em(data, start, options, on_iteration)
 
     monkeypatch.setattr(seg, "_density_em", spy)
     fit = seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800)
-    assert fit.converged and fit.subsample["pixels"] == 300
-    assert fit.subsample["points"] < 300 < len(X) and fit.subsample["converged"]
+    pixels = [draw["pixels"] for draw in fit.subsample]
+    assert fit.converged and pixels == [300, 1200, 4800] and 4 * 4 * 4800 > counts.sum()
+    assert all(draw["points"] <= draw["pixels"] < len(X) for draw in fit.subsample)
     assert len(fit.log_likelihood) == fit.n_iter  # the iterations on every point only
-    data, (weights, centred_means, covariances) = starts[-1]
-    assert len(data) == len(X)
+    assert [len(data) for data, _, _ in starts] == [d["points"] for d in fit.subsample] + [len(X)]
+    data, (weights, centred_means, covariances), options = starts[-1]
+    assert options.tol == 1e-8 and starts[-2][2].tol > 1e-8  # a draw stops at its precision
     drawn = seg.GaussianMixtureFit(
         weights, data.uncentred(centred_means), covariances, "full", [], 0, True
     )
     full = fit.score(X, sample_weight=counts)
     assert full == pytest.approx(fit.log_likelihood[-1], abs=1e-12)
-    assert drawn.score(X, sample_weight=counts) < full - 1e-3  # the draw alone is off
+    assert drawn.score(X, sample_weight=counts) < full - 1e-3  # the draws alone are off
     given = dict(weights_init=fit.weights, means_init=fit.means, covariances_init=fit.covariances)
     tight = seg.fit_gmm(X, 4, sample_weight=counts, tol=1e-11, max_iter=100_000, **given)
     assert tight.log_likelihood[-1] - full < 2e-5
+    first, start, _ = starts[0]
+    weights, means, covariances = start
+    same_start = dict(
+        weights_init=weights, means_init=first.uncentred(means), covariances_init=covariances
+    )
+    everywhere = seg.fit_gmm(X, 4, sample_weight=counts, **same_start)
+    assert abs(everywhere.log_likelihood[-1] - full) < 2e-5
 
 
 def test_the_draw_is_the_seeds():
@@ -270,8 +279,6 @@ def test_the_draw_is_the_seeds():
     one, two = (seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800) for _ in range(2))
     assert one.subsample == two.subsample and np.array_equal(one.means, two.means)
     other = seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800, random_state=1)
-    assert other.subsample["points"] != one.subsample["points"] or not np.array_equal(
-        other.means, one.means
-    )
+    assert other.subsample != one.subsample or not np.array_equal(other.means, one.means)
     with pytest.raises(ValueError, match="subsample_above"):
         seg.fit_gmm(X, 4, subsample_above=-1)
