@@ -241,6 +241,57 @@ def noisy(array, sigma):
     return np.clip(array + rng.normal(0, sigma, array.shape), 0, 255).astype(np.uint8)
 
 
+def draws_against_every_point(workdir):
+    """The fit on draws of pixels against EM on every point from the same start (the draws'
+    first start): seconds of each fit, the log-likelihoods per pixel and their difference."""
+    header(
+        "fit on draws",
+        "distinct values",
+        "on draws s",
+        "every point s",
+        "loglik/px on draws",
+        "every point",
+        "difference",
+    )
+    cases = [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
+    path = workdir / "noisy_24mp.png"
+    noisy_photo(24, path)
+    cases.append(("noisy photo, 24 MP", seg.read_image(path)))
+    path.unlink()
+    for name, source in cases:
+        picture = seg.picture_from_array(source) if isinstance(source, np.ndarray) else source
+        points = seg.distinct_values(picture, "color")
+        data = seg._PointFeatures(points.values, points.weights, points.scale)
+        del picture, points
+        starts = []
+        density_em = seg._density_em
+
+        def spy(sample, start, options, on_iteration=None):
+            starts.append((sample, start))
+            return density_em(sample, start, options, on_iteration)
+
+        seg._density_em = spy
+        began = time.perf_counter()
+        drawn = seg._fit_data(data, 5, seg.FitOptions())
+        drawn_s = time.perf_counter() - began
+        seg._density_em = density_em
+        first, (weights, means, covariances) = starts[0]
+        began = time.perf_counter()
+        start = (weights, data.centred(first.uncentred(means)), covariances)
+        every = seg._density_em(data, start, seg.FitOptions(subsample_above=0))
+        every_s = time.perf_counter() - began
+        ours, theirs = drawn.log_likelihood[-1], every.log_likelihood[-1]
+        row(
+            name,
+            f"{len(data):,}",
+            f"{drawn_s:.2f}",
+            f"{every_s:.2f}",
+            f"{ours:.10f}",
+            f"{theirs:.10f}",
+            f"{ours - theirs:.1e}",
+        )
+
+
 def spatial_updates():
     """What over-relaxation and partial sweeps save, on the tests' smooth ramps (camera resized
     to 256 x 256 and back up to 512 x 512 bicubically, --spatial 1): the tests assert only the
@@ -593,6 +644,8 @@ def main():
 
     if args.quick:
         return
+    if not args.only or args.only in "fit on draws":
+        draws_against_every_point(workdir)
     if not args.only or args.only in "spatial fit on ramps":
         spatial_updates()
     if not args.only or args.only in "figure sizes":

@@ -273,6 +273,33 @@ def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
     assert abs(everywhere.log_likelihood[-1] - full) < 2e-5
 
 
+def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum(monkeypatch):
+    """-k auto over a batch's pooled noisy colours: every K starts on draws of pixels, and the
+    chosen model ends at the full pool's maximum."""
+    rng = np.random.default_rng(7)
+    images = [
+        np.clip(rng.normal(centre, 30, (60, 80, 3)), 0, 255).astype(np.uint8)
+        for centre in ((60, 90, 120), (170, 140, 110))
+    ]
+    pooled = seg.pool_points(
+        seg.distinct_values(seg.picture_from_array(image), "color") for image in images
+    )
+    calls = []
+    from_draws = seg._fit_from_a_subsample
+    monkeypatch.setattr(
+        seg, "_fit_from_a_subsample", lambda *args: calls.append(args[1]) or from_draws(*args)
+    )
+    model, table = seg.fit_points(pooled, "auto", k_max=3, subsample_above=2000)
+    assert len(pooled.values) > 2000 and calls == [1, 2, 3] and len(table) == 3
+    assert model.converged and model.subsample[0]["pixels"] == 125
+    X = pooled.values / pooled.scale
+    given = dict(
+        weights_init=model.weights, means_init=model.means, covariances_init=model.covariances
+    )
+    tight = seg.fit_gmm(X, model.n_components, sample_weight=pooled.weights, tol=1e-11, **given)
+    assert tight.log_likelihood[-1] - model.log_likelihood[-1] < 2e-5
+
+
 def test_the_draw_is_the_seeds():
     """The same seed draws the same pixels and gives the same fit, to the last digit."""
     X, counts = many_values(np.random.default_rng(6))
