@@ -15,6 +15,8 @@ script prints one table (Markdown), the numbers the README quotes:
              process, its peak memory, and the I/O floor: Pillow decoding the image
              and writing one RGB and one 8-bit PNG of its size (default settings);
              also with --spatial 1 (the Potts-prior fit), whose floor is the same;
+  fit on draws  a fit on many distinct colours, started on draws of pixels, against EM on
+             every point from the same start;
   counting   the ways to count distinct colours at 50 megapixels.
 
 --quick runs a subset (astronaut against scikit-learn, end to end at 4 megapixels)
