@@ -55,6 +55,7 @@ import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property, partial
@@ -153,8 +154,6 @@ class Passes:
         if self.threads <= 1 or self.executor is not None:
             yield self
             return
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(self.threads, thread_name_prefix="bands") as pool:
             yield replace(self, executor=pool)
 
@@ -527,9 +526,11 @@ def read_image(path, max_pixels=MAX_PIXELS):
                 notes.append(
                     "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour as 8-bit"
                 )
-            img.load()
-            if img.format == "PNG":
-                _check_png_data(path)
+            with ThreadPoolExecutor(1) as background:  # a PNG checked while Pillow decodes it
+                check = background.submit(_check_png_data, path) if img.format == "PNG" else None
+                img.load()
+                if check is not None:
+                    check.result()
             if img.getexif().get(0x0112, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             picture = _picture_from_pil(img)
@@ -657,9 +658,9 @@ def _picture_from_pil(img):
     if img.mode != "RGB":
         img = img.convert("RGB")  # P, RGBA, CMYK, YCbCr, LAB, HSV, ...: alpha dropped
     raw = img.tobytes("raw", "RGBX")  # 4 bytes a pixel, the layout of one uint32
-    codes = np.frombuffer(raw, dtype="<u4").reshape(img.size[1], img.size[0]).copy()
+    codes = np.bitwise_and(np.frombuffer(raw, dtype="<u4"), 0x00FFFFFF, dtype=np.uint32)
     del raw
-    codes &= 0x00FFFFFF
+    codes = codes.reshape(img.size[1], img.size[0])
     return Picture(codes=codes, kind="rgb", n_codes=1 << 24, scale=255.0)
 
 
@@ -4315,14 +4316,21 @@ class Segmentation:
     spatial: SpatialFit | None = None  # the Potts-prior fit's record, with --spatial
     posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
     bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
+    point_labels: np.ndarray | None = None  # each point's label, where a pixel takes its point's
 
     @cached_property
     def empty_components(self):
         """Components that ended with (almost) no pixels: fewer than EMPTY_SHARE of the fitted
         pixels take their label.  A strong spatial prior can empty a small class (thin CSF);
-        the fit says so rather than pass off K - 1 classes as K.  Counted once (a pass over
-        the label map), asked for by the notes and the JSON."""
-        return _empty_labels(self.labels, self.picture.mask, self.model.n_labels)
+        the fit says so rather than pass off K - 1 classes as K.  Counted once (from the
+        points' counts where a pixel's label is its point's, else a pass over the label map),
+        asked for by the notes and the JSON."""
+        if self.point_labels is None:
+            return _empty_labels(self.labels, self.picture.mask, self.model.n_labels)
+        counts = np.bincount(
+            self.point_labels, weights=self.points.weights, minlength=self.model.n_labels
+        )
+        return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * counts.sum())]
 
 
 def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
@@ -4410,10 +4418,9 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         shared=shared,
     )
     if not spatial_on(options.spatial):
-        labels = label_pixels(
-            picture, points, _most_likely(data, model), model.n_labels, options.fit.passes
-        )
-        return replace(segmentation, labels=labels)
+        point_labels = _most_likely(data, model)
+        labels = label_pixels(picture, points, point_labels, model.n_labels, options.fit.passes)
+        return replace(segmentation, labels=labels, point_labels=point_labels)
     index = point_index(picture, points, options.fit.passes)
     model, labels, record, q = spatial_fit(
         model,
