@@ -1285,10 +1285,10 @@ class GaussianMixtureFit:
         The binned model of gray levels 0..quantized_top (section 4b); None for densities.
     n_em_steps : int
         EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
-    subsample : dict or None
-        With more distinct values than FitOptions.subsample_above, EM started from a fit to a
-        draw of that many pixels: {"pixels", "points", "n_iter", "em_steps", "converged"} of
-        that fit; log_likelihood, n_iter and n_em_steps are those on every point.
+    subsample : list of dict or None
+        With more distinct values than FitOptions.subsample_above, EM started from fits to
+        draws of pixels, smallest first: {"pixels", "points", "n_iter", "em_steps",
+        "converged"} of each; log_likelihood, n_iter and n_em_steps are those on every point.
     partial_volume : PartialVolume or None
         A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
         T tissues, and labels, predict and predict_proba are of the tissues.
@@ -1308,7 +1308,7 @@ class GaussianMixtureFit:
     converged: bool
     quantized_top: int | None = None
     n_em_steps: int = 0
-    subsample: dict | None = None  # the fit started from a fit to a draw of pixels: what ran there
+    subsample: list | None = None  # the fit started from fits to draws of pixels: what ran there
     partial_volume: PartialVolume | None = None
     fell_at: int | None = None  # EM itself lost more than tol at this iteration (see run_em)
 
@@ -1710,7 +1710,8 @@ class EMRun:
 @dataclass(frozen=True)
 class Coordinates:
     """A model's unconstrained real coordinates, which SQUAREM extrapolates in:
-    to_vector(state) -> 1-D array; from_vector(vector, like) -> a state shaped like `like`."""
+    to_vector(state) -> 1-D array; from_vector(vector, like) -> a state shaped like `like`;
+    importance(state) -> how much each coordinate counts in the size of a step (None: alike)."""
 
     to_vector: object
     from_vector: object
