@@ -684,18 +684,33 @@ class Points:
     mode: str  # "gray" or "color"
 
 
-def code_histogram(codes, n_codes):
+def code_histogram(codes, n_codes, passes=Passes()):
     """The distinct codes and their pixel counts.
 
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
     bincount's two tables of every code (16 bytes a code: the running sum and a block's): for
     colour, images below 53 megapixels, where it is also several times faster (24 MP: 0.15 s
-    against 0.9 s).  Larger: bincount in blocks, which holds the tables and nothing that grows
-    with the image.
+    against 0.9 s); a part of the pixels on each of passes' threads, their histograms merged
+    (the same keys and counts).  Larger: bincount in blocks, which holds the tables and nothing
+    that grows with the image.
     """
     flat = codes.reshape(-1)
     if flat.size * 5 < 16 * n_codes:
-        return np.unique(flat, return_counts=True)
+        parts = min(passes.threads, max(1, flat.size // PIXEL_CHUNK))
+        if parts == 1:
+            return np.unique(flat, return_counts=True)
+        bounds = np.linspace(0, flat.size, parts + 1).astype(np.int64)
+        histograms = list(
+            passes.map(
+                lambda part: np.unique(flat[bounds[part] : bounds[part + 1]], return_counts=True),
+                range(parts),
+            )
+        )
+        keys, index = np.unique(
+            np.concatenate([keys for keys, _ in histograms]), return_inverse=True
+        )
+        counts = np.bincount(index, weights=np.concatenate([n for _, n in histograms]))
+        return keys, counts.astype(np.int64)
     counts = np.zeros(n_codes, dtype=np.int64)
     for start in range(0, flat.size, PIXEL_CHUNK):
         counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
@@ -711,13 +726,14 @@ def _is_gray(picture, keys):
     return picture.table.ndim == 1 or bool(np.all(picture.table == picture.table[:, :1]))
 
 
-def distinct_values(picture, mode="auto"):
+def distinct_values(picture, mode="auto", passes=Passes()):
     """The weighted points EM fits, in the requested mode ("auto", "gray" or "color").
 
-    With a mask, only the pixels inside count: outside never reaches the model.
+    With a mask, only the pixels inside count: outside never reaches the model.  passes: the
+    threads that count them (the same points with any number).
     """
     codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
-    keys, counts = code_histogram(codes, picture.n_codes)
+    keys, counts = code_histogram(codes, picture.n_codes, passes)
     if mode == "auto":
         mode = "gray" if _is_gray(picture, keys) else "color"
     identity = np.arange(len(keys))
@@ -4607,7 +4623,7 @@ def segment_volume(
 def _segmented_array(picture, n_components, mode, mask, options):
     if mask is not None:
         picture = with_mask(picture, nonzero_mask(picture) if _is_nonzero(mask) else mask)
-    points = distinct_values(picture, mode)
+    points = distinct_values(picture, mode, options.fit.passes)
     segmentation = segment_points(picture, points, n_components, options)
     labels = label_map(segmentation)
     if picture.kind == "table":
@@ -5826,12 +5842,12 @@ def segment_picture(picture, batch, on_iteration=None):
     """The segmentation of one read image as the options ask, and the notes a user should see."""
     config, shared = batch.config, batch.shared
     picture, mask_note = masked(picture, config)
-    points = distinct_values(picture, config.mode)
+    options = config.segment
+    points = distinct_values(picture, config.mode, options.fit.passes)
     if shared is not None and shared.file is not None:
         _check_fits_the_model(points, shared)
     elif shared is not None and points.mode != shared.mode:  # a gray image in a colour batch
-        points = distinct_values(picture, shared.mode)
-    options = config.segment
+        points = distinct_values(picture, shared.mode, options.fit.passes)
     if options.bias_field and not (picture.kind == "gray" and points.mode == "gray"):
         picture.notes.append("--bias-field applies to 8- and 16-bit gray images; ignored here")
         options = replace(options, bias_field=False)
@@ -6275,9 +6291,8 @@ def shared_model(files, config, report):
 
 def image_groups(path, config):
     """One image's point groups (point_groups), as --shared pools them."""
-    return point_groups(
-        distinct_values(masked(read_image(path, config.max_pixels), config)[0], config.mode)
-    )
+    picture = masked(read_image(path, config.max_pixels), config)[0]
+    return point_groups(distinct_values(picture, config.mode, config.segment.fit.passes))
 
 
 def fit_pooled(groups, config):

@@ -385,3 +385,21 @@ def test_threads_do_not_change_a_bit():
         assert np.array_equal(one.labels, several.labels)
         assert one.model.log_likelihood == several.model.log_likelihood
     assert np.array_equal(runs[0][1].bias.coefficients, runs[1][1].bias.coefficients)
+
+
+def test_colours_are_counted_alike_on_any_number_of_threads(monkeypatch):
+    """A colour image's histogram is counted a part of the pixels a thread and merged: the same
+    codes and counts as np.unique on one thread."""
+    monkeypatch.setattr(seg, "PIXEL_CHUNK", 1000)  # parts even on a small image
+    rng = np.random.default_rng(4)
+    picture = seg.picture_from_array(rng.integers(0, 40, (90, 110, 3)).astype(np.uint8))
+    expected = np.unique(picture.codes, return_counts=True)
+    parts, map_ = [], seg.Passes.map
+    monkeypatch.setattr(
+        seg.Passes, "map", lambda self, f, items: parts.append(len(items)) or map_(self, f, items)
+    )
+    for threads in (1, 2, 3, 7):
+        keys, counts = seg.code_histogram(picture.codes, 1 << 24, seg.Passes(threads=threads))
+        assert np.array_equal(keys, expected[0]) and np.array_equal(counts, expected[1])
+        assert counts.dtype == np.int64
+    assert parts == [2, 3, 7]  # one thread: np.unique itself
