@@ -697,7 +697,7 @@ def code_histogram(codes, n_codes, passes=Passes()):
     flat = codes.reshape(-1)
     if flat.size * 5 < 16 * n_codes:
         parts = min(passes.threads, max(1, flat.size // PIXEL_CHUNK))
-        if parts == 1:
+        if parts == 1 or _mostly_distinct(flat):
             return np.unique(flat, return_counts=True)
         bounds = np.linspace(0, flat.size, parts + 1).astype(np.int64)
         histograms = list(
@@ -716,6 +716,14 @@ def code_histogram(codes, n_codes, passes=Passes()):
         counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
     keys = np.flatnonzero(counts)
     return keys, counts[keys]
+
+
+def _mostly_distinct(flat, step=64):
+    """Whether most of every step-th pixel's codes are distinct (a noisy photo's): then the
+    parts' histograms are nearly as long as the parts, and merging them would cost what the
+    threads save."""
+    sample = flat[::step]
+    return 2 * len(np.unique(sample)) > len(sample)
 
 
 def _is_gray(picture, keys):
