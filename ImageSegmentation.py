@@ -935,12 +935,16 @@ class _PointFeatures:
         return means + self.center
 
     def _features(self, start, stop, out=None):
-        x = self.x(start, stop).T
-        rows, cols = np.triu_indices(self.n_features)
+        """phi of points start..stop, written row by row in place (no temporaries: above
+        FEATURE_CACHE_BYTES this runs in every pass)."""
         phi = np.empty((self.n_params, stop - start)) if out is None else out
         phi[0] = 1.0
-        phi[1 : 1 + self.n_features] = x
-        np.multiply(x[rows], x[cols], out=phi[1 + self.n_features :])
+        x = phi[1 : 1 + self.n_features]
+        np.divide(self.values[start:stop].T, self.scale, out=x)  # as x(): centred values
+        x -= self.center[:, None]
+        pairs = zip(*np.triu_indices(self.n_features))
+        for row, (i, j) in enumerate(pairs, start=1 + self.n_features):
+            np.multiply(x[i], x[j], out=phi[row])
         return phi
 
     def blocks(self):
