@@ -690,32 +690,20 @@ def code_histogram(codes, n_codes, passes=Passes()):
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
     bincount's two tables of every code (16 bytes a code: the running sum and a block's): for
     colour, images below 53 megapixels, where it is also several times faster (24 MP: 0.15 s
-    against 0.9 s); a part of the pixels on each of passes' threads, their histograms merged
-    (the same keys and counts).  Larger: bincount in blocks, which holds the tables and nothing
-    that grows with the image.
+    against 0.9 s).  Larger: bincount in blocks, which holds the tables and nothing that grows
+    with the image.
     """
     flat = codes.reshape(-1)
-    if flat.size * 5 < 16 * n_codes:
-        parts = min(passes.threads, max(1, flat.size // PIXEL_CHUNK))
-        if parts == 1 or _mostly_distinct(flat):
-            return np.unique(flat, return_counts=True)
-        bounds = np.linspace(0, flat.size, parts + 1).astype(np.int64)
-        histograms = list(
-            passes.map(
-                lambda part: np.unique(flat[bounds[part] : bounds[part + 1]], return_counts=True),
-                range(parts),
-            )
-        )
-        keys, index = np.unique(
-            np.concatenate([keys for keys, _ in histograms]), return_inverse=True
-        )
-        counts = np.bincount(index, weights=np.concatenate([n for _, n in histograms]))
-        return keys, counts.astype(np.int64)
-    counts = np.zeros(n_codes, dtype=np.int64)
-    for start in range(0, flat.size, PIXEL_CHUNK):
-        counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
-    keys = np.flatnonzero(counts)
-    return keys, counts[keys]
+    if flat.size * 5 >= 16 * n_codes:
+        counts = np.zeros(n_codes, dtype=np.int64)
+        for start in range(0, flat.size, PIXEL_CHUNK):
+            counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
+        keys = np.flatnonzero(counts)
+        return keys, counts[keys]
+    parts = min(passes.threads, max(1, flat.size // PIXEL_CHUNK))
+    if parts == 1 or _mostly_distinct(flat):
+        return np.unique(flat, return_counts=True)
+    return _merged_histograms(flat, parts, passes)
 
 
 def _mostly_distinct(flat, step=64):
@@ -724,6 +712,21 @@ def _mostly_distinct(flat, step=64):
     threads save."""
     sample = flat[::step]
     return 2 * len(np.unique(sample)) > len(sample)
+
+
+def _merged_histograms(flat, parts, passes):
+    """np.unique's keys and counts, of `parts` runs of the pixels on passes' threads, merged:
+    the same keys and counts."""
+    bounds = np.linspace(0, flat.size, parts + 1).astype(np.int64)
+    histograms = list(
+        passes.map(
+            lambda part: np.unique(flat[bounds[part] : bounds[part + 1]], return_counts=True),
+            range(parts),
+        )
+    )
+    keys, index = np.unique(np.concatenate([keys for keys, _ in histograms]), return_inverse=True)
+    counts = np.bincount(index, weights=np.concatenate([n for _, n in histograms]))
+    return keys, counts.astype(np.int64)
 
 
 def _is_gray(picture, keys):
