@@ -526,11 +526,15 @@ def read_image(path, max_pixels=MAX_PIXELS):
                 notes.append(
                     "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour as 8-bit"
                 )
-            with ThreadPoolExecutor(1) as background:  # a PNG checked while Pillow decodes it
-                check = background.submit(_check_png_data, path) if img.format == "PNG" else None
-                img.load()
-                if check is not None:
+            if img.format == "PNG" and width * height >= PIXEL_CHUNK:  # checked while decoded
+                with ThreadPoolExecutor(1) as background:
+                    check = background.submit(_check_png_data, path)
+                    img.load()
                     check.result()
+            else:  # a small image's thread would cost more than it saves, in a batch's workers
+                img.load()
+                if img.format == "PNG":
+                    _check_png_data(path)
             if img.getexif().get(0x0112, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             picture = _picture_from_pil(img)

@@ -153,6 +153,22 @@ def png(width, height, rows, bit_depth=8, colour_type=0):
     )
 
 
+def test_a_large_pngs_data_are_checked_while_it_is_decoded(tmp_path, monkeypatch):
+    """From PIXEL_CHUNK pixels a PNG's data are counted on a thread while Pillow decodes them:
+    a short stream is the same error, a whole one the same picture."""
+    (tmp_path / "short.png").write_bytes(png(50, 100, 5))
+    (tmp_path / "whole.png").write_bytes(png(50, 100, 100))
+    inline = seg.read_image(tmp_path / "whole.png")
+    monkeypatch.setattr(seg, "PIXEL_CHUNK", 100)  # these are large now
+    threads = []
+    executor = seg.ThreadPoolExecutor
+    monkeypatch.setattr(seg, "ThreadPoolExecutor", lambda n: threads.append(n) or executor(n))
+    with pytest.raises(seg.ImageError, match="its image data end after 255 of 5,100 bytes"):
+        seg.read_image(tmp_path / "short.png")
+    assert np.array_equal(seg.read_image(tmp_path / "whole.png").codes, inline.codes)
+    assert threads == [1, 1]
+
+
 def test_short_png_data_is_corrupt_and_48_bit_colour_is_noted(tmp_path, capsys):
     (tmp_path / "short.png").write_bytes(png(50, 100, 5))
     (tmp_path / "whole.png").write_bytes(png(50, 100, 100))
