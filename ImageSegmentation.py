@@ -1633,23 +1633,24 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
         start = _fresh_start(first, n_components, options, rng)
         return _density_em(first, start, on_draw(sizes[0]))
 
+    def record(pixels, sample, fit):
+        return {
+            "pixels": pixels,
+            "points": len(sample),
+            "n_iter": fit.n_iter,
+            "em_steps": fit.n_em_steps,
+            "converged": fit.converged,
+        }
+
     fit = _best_of_starts(options.n_init, fit_one, score=lambda f: f.log_likelihood[-1])
-    sample, draws = first, []
-    for pixels in sizes:
-        if pixels != sizes[0]:
-            sample = _drawn_sample(data, pixels, cumulative, draw_rng)
-            start = (fit.weights, sample.centred(fit.means), fit.covariances)
-            fit = _density_em(sample, start, on_draw(pixels))
-        draws.append(
-            {
-                "pixels": pixels,
-                "points": len(sample),
-                "n_iter": fit.n_iter,
-                "em_steps": fit.n_em_steps,
-                "converged": fit.converged,
-            }
-        )
-    del cumulative, sample
+    draws = [record(sizes[0], first, fit)]
+    for pixels in sizes[1:]:
+        sample = _drawn_sample(data, pixels, cumulative, draw_rng)
+        start = (fit.weights, sample.centred(fit.means), fit.covariances)
+        fit = _density_em(sample, start, on_draw(pixels))
+        draws.append(record(pixels, sample, fit))
+        del sample
+    del cumulative
     start = (fit.weights, data.centred(fit.means), fit.covariances)
     return replace(_density_em(data, start, options, on_iteration), subsample=draws)
 
@@ -1856,9 +1857,7 @@ def distance_of_changes(values):
         return 0.0
     if previous == 0 or (change > 0) != (previous > 0):
         return abs(change)
-    if abs(previous) <= abs(change):
-        return math.inf
-    return abs(change) / (1.0 - change / previous)
+    return aitken_distance(abs(change), abs(previous))
 
 
 SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
@@ -1883,19 +1882,21 @@ def _squarem_cycle(state, step, step_max, coordinates, by_residual=False):
     r, v = x1 - x0, x2 - 2 * x1 + x0
     length = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
     length = min(max(length, 1.0), step_max) if math.isfinite(length) else 1.0
+
+    def kept(new, point):
+        """The stabilised point is taken (False for a NaN objective)."""
+        if not by_residual:
+            return new.objective >= value
+        scale = 1.0 if coordinates.importance is None else coordinates.importance(new)
+        moved, first_move = scale * (coordinates.to_vector(new) - point), scale * r
+        return math.isfinite(new.objective) and moved @ moved <= first_move @ first_move
+
     if length > 1.01:
         point = x0 + 2 * length * r + length**2 * v
         trial = _try_state(coordinates, point, second)
-        if by_residual:
-            if trial is not None:
-                new = step(trial)
-                scale = 1.0 if coordinates.importance is None else coordinates.importance(new)
-                moved, first_move = scale * (coordinates.to_vector(new) - point), scale * r
-                if math.isfinite(new.objective) and moved @ moved <= first_move @ first_move:
-                    return new, _next_step_max(length, step_max), 3
-        elif trial is not None and trial.objective >= value:
+        if trial is not None and (by_residual or trial.objective >= value):
             new = step(trial)
-            if new.objective >= value:  # False for NaN too
+            if kept(new, point):
                 return new, _next_step_max(length, step_max), 3
         if length == step_max:  # the longest step failed: allow less next time
             step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
@@ -2013,16 +2014,12 @@ def mixture_coordinates(covariance_type):
         mean follows a handful of pixels; neither says whether the mixture still moves."""
         root = np.sqrt(state.weights)
         n_components, n_features = state.means.shape
-        per_component = {
-            "full": n_features * (n_features + 1) // 2,
-            "diag": n_features,
-            "spherical": 1,
-            "tied": 0,
-        }[covariance_type]
-        tied = n_features * (n_features + 1) // 2 if covariance_type == "tied" else 0
-        return np.concatenate(
-            [root, np.repeat(root, n_features), np.repeat(root, per_component), np.ones(tied)]
-        )
+        spread = covariance_parameters(n_components, n_features, covariance_type)
+        if covariance_type == "tied":  # one covariance, shared: it counts whole
+            spreads = np.ones(spread)
+        else:
+            spreads = np.repeat(root, spread // n_components)
+        return np.concatenate([root, np.repeat(root, n_features), spreads])
 
     return Coordinates(to_vector, from_vector, importance)
 
@@ -2318,13 +2315,18 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
 
 def n_parameters(n_components, n_features, covariance_type):
     """Free parameters of a mixture: weights (K - 1), means (K D) and covariances."""
-    covariance = {
+    covariance = covariance_parameters(n_components, n_features, covariance_type)
+    return covariance + n_components * n_features + n_components - 1
+
+
+def covariance_parameters(n_components, n_features, covariance_type):
+    """Free parameters of a mixture's covariances."""
+    return {
         "full": n_components * n_features * (n_features + 1) // 2,
         "diag": n_components * n_features,
         "spherical": n_components,
         "tied": n_features * (n_features + 1) // 2,
     }[covariance_type]
-    return covariance + n_components * n_features + n_components - 1
 
 
 def bic(model, n_samples):
@@ -4951,7 +4953,7 @@ def plot_log_likelihood(segmentation, title):
     draws = segmentation.model.subsample if segmentation.spatial is None else None
     if draws is not None:  # the iterations before these ran on draws of pixels
         ran = sum(draw["n_iter"] for draw in draws)
-        sizes = " to ".join(f"{draw['pixels']:,}" for draw in (draws[0], draws[-1])[: len(draws)])
+        sizes = f"{draws[0]['pixels']:,}" + (f" to {draws[-1]['pixels']:,}" if draws[1:] else "")
         stop += f", after {ran} on draws of {sizes} pixels"
     fell_at = segmentation.model.fell_at if segmentation.spatial is None else None
     figure = _figure(10, 4)

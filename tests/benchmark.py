@@ -273,10 +273,12 @@ def draws_against_every_point(workdir):
             return density_em(sample, start, options, on_iteration)
 
         seg._density_em = spy
-        began = time.perf_counter()
-        drawn = seg._fit_data(data, 5, seg.FitOptions())
-        drawn_s = time.perf_counter() - began
-        seg._density_em = density_em
+        try:
+            began = time.perf_counter()
+            drawn = seg._fit_data(data, 5, seg.FitOptions())
+            drawn_s = time.perf_counter() - began
+        finally:
+            seg._density_em = density_em
         first, (weights, means, covariances) = starts[0]
         began = time.perf_counter()
         start = (weights, data.centred(first.uncentred(means)), covariances)
