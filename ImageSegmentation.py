@@ -3313,7 +3313,7 @@ EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted 
 
 def _empty_labels(labels, inside, n_components):
     """The components that fewer than EMPTY_SHARE of the pixels inside take as their label."""
-    counts, total = np.zeros(n_components, np.int64), 0
+    counts = np.zeros(n_components, np.int64)
     flat_labels = labels.reshape(-1)
     flat_inside = None if inside is None else inside.reshape(-1)
     for start in range(0, flat_labels.size, PIXEL_CHUNK):  # bincount's index copy: a block's
@@ -3321,8 +3321,12 @@ def _empty_labels(labels, inside, n_components):
         if flat_inside is not None:
             block = block[flat_inside[start : start + PIXEL_CHUNK]]
         counts += np.bincount(block, minlength=n_components)[:n_components]
-        total += block.size
-    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * total)]
+    return _empty_of_counts(counts)
+
+
+def _empty_of_counts(counts):
+    """The labels that fewer than EMPTY_SHARE of all the counted pixels take."""
+    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * counts.sum())]
 
 
 def _point_log_probabilities(model, data, of_labels=True):
@@ -4365,10 +4369,10 @@ class Segmentation:
         asked for by the notes and the JSON."""
         if self.point_labels is None:
             return _empty_labels(self.labels, self.picture.mask, self.model.n_labels)
-        counts = np.bincount(
-            self.point_labels, weights=self.points.weights, minlength=self.model.n_labels
+        n_labels = self.model.n_labels
+        return _empty_of_counts(
+            np.bincount(self.point_labels, weights=self.points.weights, minlength=n_labels)
         )
-        return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * counts.sum())]
 
 
 def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
