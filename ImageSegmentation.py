@@ -6106,7 +6106,8 @@ def _process_pool(workers):
 
 
 def segment_in_workers(tasks, workers):
-    """Outcomes of the tasks in input order, each as soon as it and those before it are done."""
+    """Outcomes of the tasks in input order, each as soon as it and those before it are done.
+    Closing it early (an interrupt while the caller prints a line) stops the workers at once."""
     from concurrent.futures.process import BrokenProcessPool
 
     done, broken, next_index = {}, [], 0
@@ -6121,7 +6122,7 @@ def segment_in_workers(tasks, workers):
                 while next_index in done:
                     yield done.pop(next_index)
                     next_index += 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, GeneratorExit):  # a signal, or the caller stopped listening
             _stop_workers(pool)
             raise
     for index in broken:  # each in a fresh process of its own: one that dies again fails alone
@@ -6138,7 +6139,7 @@ def segment_in_workers(tasks, workers):
                     path,
                     error="its worker process died twice (killed from outside, or out of memory)",
                 )
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, GeneratorExit):
                 _stop_workers(pool)
                 raise
         while next_index in done:
@@ -6514,9 +6515,8 @@ def _run_batch(config, files, inputs, client, token, console, report, started):
                 if not config.quiet:
                     console.out(outcome.line)
             console.image_done()
-    finally:
-        if token:
-            outcomes.close()  # the tasks not yet run are cancelled
+    finally:  # at once, not when the generator is collected: the tasks not yet run are cancelled
+        outcomes.close()
     console.finish()
     if not config.quiet:
         console.say(

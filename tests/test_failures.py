@@ -363,6 +363,25 @@ def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_while_a_line_is_printed_stops_the_workers(tmp_path, capsys, monkeypatch):
+    # The signal lands outside the pool's own wait: the batch must not run to its end first.
+    files = batch(tmp_path, 12)
+    printed = seg.Console.out
+
+    def terminated(console, text):
+        printed(console, text)
+        raise seg.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(seg.Console, "out", terminated)
+    slow = ["--spatial", "1", "--tol", "0", "--max-iter", "400", "--jobs", "2"]
+    status, out, err = run([*files, *slow, "--out", tmp_path / "o"], capsys)
+    assert status == 143 and err.strip().splitlines()[-1] == "error: terminated"
+    assert no_temporaries(tmp_path / "o")
+    done = [complete_or_absent(tmp_path / "o", path.stem) for path in files]
+    assert 1 <= sum(done) <= 4  # the first, and at most the two in progress and one queued
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_batch_completes(tmp_path, capsys, monkeypatch):
     files = batch(tmp_path, 4)
     marker = tmp_path / "killed-once"
