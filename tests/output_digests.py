@@ -74,10 +74,15 @@ def runs(images, made):
     }
 
 
-def digest(path, base):
+def digest(path, base, pixels=False):
     """The file's SHA-256; a JSON record's without its seconds, and with the names of the scratch
-    folder and of the repository made the same in every run."""
+    folder and of the repository made the same in every run.  pixels: a PNG's decoded content
+    instead (its mode, size, palette and pixels), for a change of how images are encoded."""
     data = path.read_bytes()
+    if pixels and path.suffix == ".png":
+        with Image.open(path) as image:
+            palette = image.getpalette() if image.mode == "P" else None
+            data = repr((image.mode, image.size, palette)).encode() + image.tobytes()
     if path.suffix == ".json":
         text = data.decode().replace(str(base), "BASE").replace(str(ROOT), "ROOT")
         record = json.loads(text)
@@ -89,6 +94,9 @@ def digest(path, base):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="keep the outputs here (default: a temporary folder)")
+    parser.add_argument(
+        "--pixels", action="store_true", help="digest PNGs by their pixels, not their bytes"
+    )
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(arguments.out or scratch)
@@ -100,7 +108,7 @@ def main():
             status = seg.main([str(a) for a in argv] + ["--out", str(out), "-q", "--jobs", "1"])
             print(f"{name} status {status}", flush=True)
             for path in sorted(out.iterdir()):
-                print(f"{name}/{path.name} {digest(path, base)}", flush=True)
+                print(f"{name}/{path.name} {digest(path, base, arguments.pixels)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -388,21 +388,22 @@ def test_threads_do_not_change_a_bit():
 
 
 def test_colours_are_counted_alike_on_any_number_of_threads(monkeypatch):
-    """A colour image's histogram is counted a part of the pixels a thread and merged: the same
-    codes and counts as np.unique on one thread.  An image of mostly distinct colours (whose
-    parts' histograms would cost as much to merge) is counted on one."""
+    """A large colour image's histogram is counted in parts of PIXEL_CHUNK pixels, on the
+    threads there are, and merged: the same codes and counts as np.unique, with any number of
+    threads.  An image of mostly distinct colours (whose parts' histograms would cost as much
+    to merge) is counted in one piece."""
     monkeypatch.setattr(seg, "PIXEL_CHUNK", 1000)  # parts even on a small image
     parts, map_ = [], seg.Passes.map
     monkeypatch.setattr(
         seg.Passes, "map", lambda self, f, items: parts.append(len(items)) or map_(self, f, items)
     )
     rng = np.random.default_rng(4)
-    for levels, expected_parts in ((4, [2, 3, 7]), (256, [])):
+    for levels, expected_parts in ((4, [9, 9, 9, 9]), (256, [])):  # 9,900 pixels
         picture = seg.picture_from_array(rng.integers(0, levels, (90, 110, 3)).astype(np.uint8))
         expected = np.unique(picture.codes, return_counts=True)
         for threads in (1, 2, 3, 7):
             keys, counts = seg.code_histogram(picture.codes, 1 << 24, seg.Passes(threads=threads))
             assert np.array_equal(keys, expected[0]) and np.array_equal(counts, expected[1])
             assert counts.dtype == np.int64
-        assert parts == expected_parts  # one thread: np.unique itself
+        assert parts == expected_parts
         parts.clear()

@@ -251,6 +251,46 @@ def test_every_pillow_mode_is_segmented(tmp_path, capsys, kind):
         assert 0 <= np.min(record["means"]) and np.max(record["means"]) <= 1
 
 
+def test_rgb_codes_are_read_a_band_at_a_time(monkeypatch, rng):
+    """RGB codes are made from Pillow's 4-byte pixels a band of rows at a time: the same codes
+    as packing the channels, with bands that do not divide the height."""
+    pixels = rng.integers(0, 256, (23, 10, 3)).astype(np.uint8)
+    monkeypatch.setattr(seg, "PIXEL_CHUNK", 4 * 10 * 5)  # bands of 5 rows
+    codes = seg._rgb_codes(Image.fromarray(pixels))
+    assert codes.dtype == np.uint32 and np.array_equal(codes, seg.pack_rgb(pixels))
+
+
+@pytest.mark.parametrize(
+    "dtype, channels, palette, mode",
+    [
+        (np.uint8, 1, False, "L"),
+        (np.uint16, 1, False, "I;16"),
+        (np.uint8, 3, False, "RGB"),
+        (np.uint8, 1, True, "P"),
+    ],
+)
+def test_png_outputs_read_back_as_written(
+    tmp_path, monkeypatch, rng, dtype, channels, palette, mode
+):
+    """Our PNG writer, in blocks of rows that do not divide the height: Pillow reads back every
+    pixel (the "up" filter wraps byte by byte, random pixels wrap often) and the palette, the
+    file passes the completeness check inputs get, and a second writing is the same bytes."""
+    monkeypatch.setattr(seg, "PNG_BLOCK_BYTES", 7 * 40)  # a few rows a block
+    top = np.iinfo(dtype).max if not palette else 4
+    shape = (37, 13) if channels == 1 else (37, 13, channels)
+    pixels = rng.integers(0, top + 1, shape).astype(dtype)
+    colours = rng.integers(0, 256, (5, 3)).astype(np.uint8) if palette else None
+    seg.write_png(tmp_path / "a.png", pixels, colours)
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.mode == mode and image.size == (13, 37)
+        assert np.array_equal(np.asarray(image), pixels)
+        if palette:
+            assert image.getpalette()[:15] == colours.reshape(-1).tolist()
+    seg._check_png_data(tmp_path / "a.png")
+    seg.write_png(tmp_path / "b.png", pixels, colours)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
 def test_an_animation_gives_its_first_frame_and_a_tiff_stack_is_a_volume(tmp_path, capsys):
     """A GIF's frames are an animation: the first is segmented, with a note.  A multi-page
     TIFF's pages are a volume: segmented as one, its label map a multi-page TIFF."""
