@@ -4802,7 +4802,9 @@ def write_png(path, pixels, palette=None):
             filtered[:, 1:] = rows[top:bottom]
             first = max(top, 1)
             filtered[first - top :, 1:] -= rows[first - 1 : bottom - 1]
-            file.write(_png_chunk(b"IDAT", deflate.compress(filtered)))
+            compressed = deflate.compress(filtered)
+            if compressed:  # zlib may hold a small block back: no empty IDAT chunk
+                file.write(_png_chunk(b"IDAT", compressed))
         file.write(_png_chunk(b"IDAT", deflate.flush()) + _png_chunk(b"IEND", b""))
 
 

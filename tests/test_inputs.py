@@ -287,6 +287,15 @@ def test_png_outputs_read_back_as_written(
         if palette:
             assert image.getpalette()[:15] == colours.reshape(-1).tolist()
     seg._check_png_data(tmp_path / "a.png")
+    data, kinds, at = (tmp_path / "a.png").read_bytes(), [], 8
+    while at < len(data):  # every chunk whole, its CRC right, no empty image-data chunk
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        body, crc = data[at + 8 : at + 8 + length], data[at + 8 + length : at + 12 + length]
+        assert struct.unpack(">I", crc)[0] == zlib.crc32(kind + body)
+        assert length > 0 or kind == b"IEND"
+        kinds.append(kind)
+        at += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and kinds.count(b"IDAT") > 1
     seg.write_png(tmp_path / "b.png", pixels, colours)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
