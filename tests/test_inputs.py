@@ -266,6 +266,7 @@ def test_rgb_codes_are_read_a_band_at_a_time(monkeypatch, rng):
         (np.uint8, 1, False, "L"),
         (np.uint16, 1, False, "I;16"),
         (np.uint8, 3, False, "RGB"),
+        (np.uint8, 4, False, "RGBA"),
         (np.uint8, 1, True, "P"),
     ],
 )
@@ -298,6 +299,24 @@ def test_png_outputs_read_back_as_written(
     assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and kinds.count(b"IDAT") > 1
     seg.write_png(tmp_path / "b.png", pixels, colours)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+@pytest.mark.parametrize("opaque", [True, False])
+def test_a_figure_has_the_pixels_savefig_gives_it(tmp_path, opaque):
+    """Figures are drawn by Agg and written by write_png: savefig's pixels, as RGB where the
+    figure is opaque (always, by default), with their alpha where a figure is not."""
+    figure = seg._figure(4, 3)
+    axes = figure.add_subplot()
+    axes.plot([0, 1, 2], [1, 0, 2], label="a line")
+    axes.set_title("a title")
+    axes.legend()
+    if not opaque:
+        figure.patch.set_alpha(0.5)
+    seg._figure_writer(figure)(tmp_path / "ours.png")
+    figure.savefig(tmp_path / "savefig.png", format="png", dpi=seg.FIGURE_DPI)
+    with Image.open(tmp_path / "ours.png") as ours, Image.open(tmp_path / "savefig.png") as theirs:
+        assert ours.mode == ("RGB" if opaque else "RGBA") and theirs.mode == "RGBA"
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert(ours.mode)))
 
 
 def test_an_animation_gives_its_first_frame_and_a_tiff_stack_is_a_volume(tmp_path, capsys):
@@ -406,11 +425,11 @@ def test_outputs_are_written_atomically(tmp_path, rng, capsys, monkeypatch):
     assert run([tmp_path / "a.png", "--out", out_dir], capsys)[0] == 0
     previous = {p.name: p.read_bytes() for p in out_dir.iterdir()}
 
-    def disk_full(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"\x89PNG half a file")
+    def disk_full(path, *args, **kwargs):  # every image and figure is written by write_png
+        Path(path).write_bytes(b"\x89PNG half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Image.Image, "save", disk_full)
+    monkeypatch.setattr(seg, "write_png", disk_full)
     status, out, err = run([tmp_path / "a.png", "--out", out_dir, "-k", "2"], capsys)
     assert status == 1 and "No space left on device" in err
     assert {
