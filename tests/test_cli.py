@@ -177,6 +177,25 @@ def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
 
 
 @pytest.mark.slow
+def test_blas_threads_asked_for_change_no_bit(tmp_path):
+    """As a command, BLAS runs on one thread whatever the environment asks: its own threads
+    changed the coffee fit's log-likelihood in its last digits (8.9e-16) with their number, so
+    with the machine's cores, and set a Dask worker (one BLAS thread) apart from --jobs 1."""
+    records = []
+    for threads in ("1", "2"):
+        names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        environment = dict(os.environ, **dict.fromkeys(names, threads))
+        out = tmp_path / "out"  # the same folder: the record names it
+        command = [sys.executable, ROOT / "ImageSegmentation.py", ROOT / "images" / "coffee.png"]
+        subprocess.run(
+            [*command, "-q", "--outputs", "json", "--out", out], env=environment, check=True
+        )
+        record = record_of(out, "coffee")
+        record.pop("seconds")
+        records.append(record)
+    assert records[0] == records[1]
+
+
 def test_default_run_from_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()
