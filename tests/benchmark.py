@@ -427,6 +427,7 @@ def dask_throughput(workdir, n_images=200):
     print("|---|---|---|")
     for name, options in (
         ("--jobs 1", ("--jobs", "1")),
+        ("--jobs 2", ("--jobs", "2")),
         ("--dask local:2", ("--dask", "local:2")),
         ("--shared --jobs 1", ("--shared", "--jobs", "1")),
         ("--shared --dask local:2", ("--shared", "--dask", "local:2")),
