@@ -117,6 +117,31 @@ def test_sigterm_cancels_a_dask_batch(tmp_path, rng):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
+def test_a_local_clusters_workers_are_set_for_a_batch():
+    """--dask local: workers with BLAS on one thread, glibc's own trimming of freed memory (not
+    Dask's 64 kB MALLOC_TRIM_THRESHOLD_) and no statistical profiler: each cost a batch of
+    small images time (docs/benchmarks.md)."""
+
+    def settings(names):  # runs in the worker (nested: sent by value)
+        import os
+
+        import dask
+
+        blas = {name: os.environ.get(name) for name in names}
+        trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+        return blas, trim, dask.config.get("distributed.worker.profile.enabled")
+
+    client, cluster = seg.dask_client("local:1")
+    try:
+        [(blas, trim, profile)] = client.run(settings, seg.BLAS_THREAD_VARIABLES).values()
+    finally:
+        client.close()
+        cluster.close()
+    assert blas == dict.fromkeys(seg.BLAS_THREAD_VARIABLES, "1")
+    assert trim is None and profile is False
+
+
 def children(pid):
     found = []
     for entry in os.listdir("/proc"):
