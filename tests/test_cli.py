@@ -183,8 +183,7 @@ def test_blas_threads_asked_for_change_no_bit(tmp_path):
     with the machine's cores, and set a Dask worker (one BLAS thread) apart from --jobs 1."""
     records = []
     for threads in ("1", "2"):
-        names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        environment = dict(os.environ, **dict.fromkeys(names, threads))
+        environment = dict(os.environ, **dict.fromkeys(seg.BLAS_THREAD_VARIABLES, threads))
         out = tmp_path / "out"  # the same folder: the record names it
         command = [sys.executable, ROOT / "ImageSegmentation.py", ROOT / "images" / "coffee.png"]
         subprocess.run(
