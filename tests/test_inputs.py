@@ -270,13 +270,14 @@ def test_rgb_codes_are_read_a_band_at_a_time(monkeypatch, rng):
         (np.uint8, 1, True, "P"),
     ],
 )
+@pytest.mark.parametrize("block_bytes", [7 * 40, 8])  # a few rows a block; one (rows > 8 bytes)
 def test_png_outputs_read_back_as_written(
-    tmp_path, monkeypatch, rng, dtype, channels, palette, mode
+    tmp_path, monkeypatch, rng, dtype, channels, palette, mode, block_bytes
 ):
     """Our PNG writer, in blocks of rows that do not divide the height: Pillow reads back every
     pixel (the "up" filter wraps byte by byte, random pixels wrap often) and the palette, the
     file passes the completeness check inputs get, and a second writing is the same bytes."""
-    monkeypatch.setattr(seg, "PNG_BLOCK_BYTES", 7 * 40)  # a few rows a block
+    monkeypatch.setattr(seg, "PNG_BLOCK_BYTES", block_bytes)
     top = np.iinfo(dtype).max if not palette else 4
     shape = (37, 13) if channels == 1 else (37, 13, channels)
     pixels = rng.integers(0, top + 1, shape).astype(dtype)
