@@ -713,8 +713,8 @@ def code_histogram(codes, n_codes, passes=Passes()):
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
     bincount's two tables of every code (16 bytes a code: the running sum and a block's): for
     colour, images below 53 megapixels, where it is also several times faster (24 MP: 0.15 s
-    against 0.9 s).  Larger: bincount in blocks, which holds the tables and nothing that grows
-    with the image.
+    against 0.9 s), in parts of PIXEL_CHUNK pixels merged (_merged_histograms).  Larger:
+    bincount in blocks, which holds the tables and nothing that grows with the image.
     """
     flat = codes.reshape(-1)
     if flat.size * 5 >= 16 * n_codes:
@@ -732,7 +732,7 @@ def code_histogram(codes, n_codes, passes=Passes()):
 def _mostly_distinct(flat, step=64):
     """Whether most of every step-th pixel's codes are distinct (a noisy photo's): then the
     parts' histograms are nearly as long as the parts, and merging them would cost what the
-    threads save."""
+    parts save."""
     sample = np.sort(flat[::step])  # not np.unique, whose first call imports numpy.ma (5 ms)
     return 2 * (1 + np.count_nonzero(sample[1:] != sample[:-1])) > len(sample)
 
