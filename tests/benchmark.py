@@ -277,9 +277,9 @@ def draws_against_every_point(workdir):
         starts = []
         density_em = seg._density_em
 
-        def spy(sample, start, options, on_iteration=None):
+        def spy(sample, start, options, on_iteration=None, **newton):
             starts.append((sample, start))
-            return density_em(sample, start, options, on_iteration)
+            return density_em(sample, start, options, on_iteration, **newton)
 
         seg._density_em = spy
         try:

@@ -242,9 +242,9 @@ def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
     starts = []
     density_em = seg._density_em
 
-    def spy(data, start, options, on_iteration=None):
+    def spy(data, start, options, on_iteration=None, **newton):
         starts.append((data, start, options))
-        return density_em(data, start, options, on_iteration)
+        return density_em(data, start, options, on_iteration, **newton)
 
     monkeypatch.setattr(seg, "_density_em", spy)
     fit = seg.fit_gmm(X, 4, sample_weight=counts, subsample_above=4800)
