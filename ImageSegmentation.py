@@ -1994,6 +1994,7 @@ def _try_state(coordinates, vector, like):
 # a coordinate; with it each Newton step on every point costs one pass.
 
 JACOBIAN_STEP = 1e-6  # forward differences: each coordinate moved by this (times its size, >= 1)
+NEWTON_SHRINK = 0.5  # a Newton step is taken where it shrinks the residual at least this much
 
 
 def em_map_jacobian(state, step, coordinates):
@@ -2014,11 +2015,13 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
     """Newton steps x <- x + (I - J)^+ (F(x) - x) on the fixed point of the map F = step in
     coordinates, J its Jacobian measured elsewhere: one evaluation of the map (one pass) an
     iteration.  A step is taken while it shrinks the residual F(x) - x (components weighted as
-    SQUAREM's by_residual); the first that does not, or that leaves the model's space, ends
-    the run unconverged at the last state taken, for run_em to go on from.  The objective
-    judges no step (Newton aims at the fixed point, which reg_covar can put below a state on
-    the way): fell_at is the first iteration at which it fell, and the stopping rule is
-    distance_of_changes, on two iterations in a row; a zero residual is the fixed point."""
+    SQUAREM's by_residual) to NEWTON_SHRINK of what it was: with a poor Jacobian, Newton's
+    steps can shrink it more slowly than EM's.  The first that does not, or that leaves the
+    model's space, ends the run unconverged at the last state taken, for run_em to go on
+    from.  The objective judges no step (Newton aims at the fixed point, which reg_covar can
+    put below a state on the way): fell_at is the first iteration at which it fell, and the
+    stopping rule is distance_of_changes, on two iterations in a row; a zero residual is the
+    fixed point."""
     solve = np.linalg.pinv(np.eye(len(jacobian)) - jacobian)  # frozen components: singular
 
     def residual(state):
@@ -2034,7 +2037,7 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
         if trial is None:
             break
         (trial_change, trial_size), n_em_steps = residual(trial), n_em_steps + 1
-        if not trial_size < size:
+        if not trial_size <= NEWTON_SHRINK * size:
             break
         state, change, size = trial, trial_change, trial_size
         values.append(state.objective)

@@ -271,6 +271,102 @@ def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
     )
     everywhere = seg.fit_gmm(X, 4, sample_weight=counts, **same_start)
     assert abs(everywhere.log_likelihood[-1] - full) < 2e-5
+    # Newton's steps did the work on every point: the Jacobian was measured on the second draw
+    # (one EM step a coordinate and one at the draw's fit), and SQUAREM from the same start on
+    # every point takes more than twice the EM steps to the same stopping rule.
+    assert [draw["jacobian_steps"] for draw in fit.subsample] == [0, 4 + 4 * 3 + 4 * 6 + 1, 0]
+    assert fit.newton_iter == fit.n_iter and fit.n_em_steps == fit.n_iter + 1
+    squarem = density_em(data, (weights, centred_means, covariances), options)
+    assert squarem.n_em_steps > 2 * fit.n_em_steps
+    assert abs(squarem.log_likelihood[-1] - full) < 1e-8
+
+
+class Point:
+    """A state of the linear map below: a vector, the objective -|x - x*|^2 / 2."""
+
+    counts = True
+
+    def __init__(self, x, fixed):
+        self.x, self.fixed = x, fixed
+        self.objective = -0.5 * float((x - fixed) @ (x - fixed))
+
+
+def test_newton_on_a_linear_map_measures_it_and_lands_on_its_fixed_point(rng):
+    """On x -> A x + b the measured Jacobian is A, and one Newton step lands on the fixed point
+    (I - A)^-1 b, which plain iteration of the map (rate 0.97) approaches only slowly."""
+    A = np.diag([0.97, 0.8, 0.5, 0.1]) + 0.01 * rng.random((4, 4))
+    b = rng.random(4)
+    fixed = np.linalg.solve(np.eye(4) - A, b)
+
+    def step(state):
+        return Point(A @ state.x + b, fixed)
+
+    coordinates = seg.Coordinates(lambda state: state.x, lambda x, like: Point(x, fixed))
+    start = Point(np.zeros(4), fixed)
+    jacobian = seg.em_map_jacobian(start, step, coordinates)
+    assert np.allclose(jacobian, A, rtol=0, atol=1e-8)
+    options = seg.FitOptions()
+    run = seg.run_em(start, step, options, coordinates=coordinates, jacobian=jacobian)
+    assert run.converged and run.newton_iter >= 1
+    assert np.allclose(run.state.x, fixed, rtol=0, atol=1e-12)
+    plain = seg.run_em(start, step, seg.FitOptions(accelerate="none"), coordinates=coordinates)
+    assert plain.n_iter > 10 * run.n_iter
+
+
+def overlapping_pair():
+    """Two overlapping 1-D Gaussians, 5,000 points: EM's rate there is 0.98; the EM map (e_step,
+    step), the data and a start 20 EM steps from k-means++'s."""
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(0.4, 0.1, 3000), rng.normal(0.65, 0.1, 2000)])[:, None]
+    data = seg._PointFeatures(X, np.ones(len(X)))
+    options = seg.FitOptions(accelerate="none")
+    e_step, m_step = seg._density_map(data, options)
+    step = seg.mixture_step(m_step)
+    state = seg.MixtureState(*seg._fresh_start(data, 2, options, np.random.default_rng(0)), e_step)
+    for _ in range(20):
+        state = step(state)
+    return data, step, state
+
+
+def as_fit(data, state):
+    return seg.GaussianMixtureFit(
+        state.weights, data.uncentred(state.means), state.covariances, "full", [], 0, True
+    )
+
+
+def test_the_measured_jacobian_has_ems_rate():
+    """EM converges at the rate of its map's largest eigenvalue: the ratio of its successive
+    steps, late in a run, is the spectral radius of the Jacobian measured where it ends."""
+    data, step, state = overlapping_pair()
+    coordinates = seg.mixture_coordinates("full")
+    sizes = []
+    for _ in range(300):
+        new = step(state)
+        sizes.append(np.linalg.norm(coordinates.to_vector(new) - coordinates.to_vector(state)))
+        state = new
+    rate = sizes[-1] / sizes[-2]
+    jacobian = seg._density_jacobian(data, as_fit(data, state), seg.FitOptions())
+    assert 0.95 < rate < 1 and abs(np.abs(np.linalg.eigvals(jacobian)).max() - rate) < 1e-3
+
+
+def test_newton_reaches_ems_fixed_point_and_hands_over_with_a_wrong_jacobian():
+    """From 20 EM steps in, Newton's steps with the Jacobian measured there end where 3,000
+    plain EM steps end, in a few passes; with a wrong Jacobian a step stops shrinking the
+    residual, and SQUAREM goes on from there to the same fixed point."""
+    data, step, state = overlapping_pair()
+    start = state.parameters
+    plain = seg._density_em(data, start, seg.FitOptions(accelerate="none", tol=0, max_iter=3000))
+    options = seg.FitOptions(tol=1e-13)
+    jacobian = seg._density_jacobian(data, as_fit(data, state), options)
+    newton = seg._density_em(data, start, options, jacobian=jacobian)
+    assert newton.converged and newton.newton_iter == newton.n_iter <= 15
+    wrong = seg._density_em(data, start, options, jacobian=-3 * jacobian)
+    assert wrong.converged and wrong.newton_iter < wrong.n_iter
+    for fit in (newton, wrong):
+        assert np.allclose(fit.means, plain.means, rtol=0, atol=1e-7)
+        assert np.allclose(fit.covariances, plain.covariances, rtol=0, atol=1e-7)
+        assert abs(fit.log_likelihood[-1] - plain.log_likelihood[-1]) < 1e-12
+    assert newton.n_em_steps < seg._density_em(data, start, options).n_em_steps
 
 
 def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum(monkeypatch):
