@@ -405,3 +405,27 @@ def test_the_draw_is_the_seeds():
     assert other.subsample != one.subsample or not np.array_equal(other.means, one.means)
     with pytest.raises(ValueError, match="subsample_above"):
         seg.fit_gmm(X, 4, subsample_above=-1)
+
+
+def test_a_noisy_photos_record_says_what_ran_on_draws_and_what_newton_did(tmp_path, capsys):
+    """A scene with more distinct colours than the draws' threshold, on the command line: the
+    JSON lists the draws, the Jacobian measured on the second (51 EM steps for K = 5, full),
+    Newton's iterations on every point (one EM step each, and one at the start), and the
+    log-likelihood rises until the first iteration it fell on; the plot is written."""
+    means = [[0.3, 0.3, 0.3], [0.7, 0.3, 0.3], [0.3, 0.7, 0.3], [0.3, 0.3, 0.7], [0.7, 0.7, 0.7]]
+    image, _, _ = class_scene(np.random.default_rng(11), means, 0.07, shape=(900, 900))
+    Image.fromarray(image).save(tmp_path / "noisy.png")
+    status, out, err = run([tmp_path / "noisy.png", "--out", tmp_path / "out"], capsys)
+    assert status == 0, err
+    record = record_of(tmp_path / "out", "noisy")
+    assert record["distinct_values"] > 1 << 19 and record["converged"]
+    draws = record["subsample"]
+    assert [d["pixels"] for d in draws] == [32768, 131072]
+    assert [d["jacobian_steps"] for d in draws] == [0, 51]
+    assert record["newton_iter"] == record["n_iter"] == record["em_steps"] - 1 >= 2
+    history, fell_at = record["log_likelihood"], record["em_fell_at"]
+    before = history if fell_at is None else history[: fell_at - 1]
+    assert np.all(np.diff(before) >= 0)
+    if fell_at is not None:
+        assert history[fell_at - 1] < history[fell_at - 2]
+    assert (tmp_path / "out" / "noisy_loglik.png").stat().st_size > 0
