@@ -1555,8 +1555,10 @@ class FitOptions:
     tol is the stopping rule's distance to the maximum: EM stops once the Aitken estimate of
     the limit of the mean log-likelihood per sample is within tol of it, on two iterations in
     a row (tol=0 runs exactly max_iter iterations).  accelerate="squarem" extrapolates the EM
-    map (Varadhan and Roland 2008) with a safeguard that never lets the log-likelihood fall;
-    "none" is plain EM, one E-step and one M-step an iteration, as scikit-learn.
+    map (Varadhan and Roland 2008) with a safeguard that never lets the log-likelihood fall,
+    and on more than subsample_above distinct values begins with Newton steps on EM's fixed
+    point (run_newton); "none" is plain EM, one E-step and one M-step an iteration, as
+    scikit-learn.
     """
 
     covariance_type: str = "full"
@@ -5603,7 +5605,8 @@ def build_parser():
         choices=ACCELERATIONS,
         default=FitOptions.accelerate,
         help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
-        "falls; none: plain EM, one E- and one M-step an iteration (default squarem)",
+        "falls (above 524,288 distinct values, Newton steps on EM's fixed point first); none: "
+        "plain EM, one E- and one M-step an iteration (default squarem)",
     )
     parser.add_argument(
         "--n-init",
