@@ -893,6 +893,7 @@ FEATURE_CACHE_BYTES = 1 << 28  # keep the features of up to ~3 million colours b
 EXP_FLOOR = 300.0  # responsibilities below e^-300 are computed as e^-300 (subnormals are slow)
 EMPTY_COMPONENT = 1e-8  # a component holding less than this many pixels is frozen
 DRAW_GROWTH = 4  # each draw of pixels for a fit on many distinct values this many times the last
+JACOBIAN_DRAW_TOL = 1e-3  # the draw the Jacobian is measured on: EM this much nearer its maximum
 
 
 def _logsumexp(values, axis, keepdims=False):
@@ -1645,12 +1646,14 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
     draws DRAW_GROWTH times larger in turn, each from the last one's fit, up to
     options.subsample_above pixels and a quarter of the image.  A draw of n pixels knows the
     maximum only to about (free parameters) / n per pixel, so its EM stops at that distance
-    (or tol, if larger).  On the second draw (or the only one) the Jacobian of EM's map is
-    measured, and the later draws and every point begin with Newton steps on EM's fixed point
-    (run_newton): on every point to the same stopping rule, so converged means at the full
-    data's fixed point, which Newton's steps from next to it reach in a few passes.  Only the
-    iterations on every point are the fit's history; GaussianMixtureFit.subsample says what ran
-    on each draw.  With several starts, each runs on the smallest draw and the best goes on."""
+    (or tol, if larger).  On the second draw (or the only one), its EM run JACOBIAN_DRAW_TOL
+    times nearer its maximum (where EM still moves, the map's Jacobian is not its fixed
+    point's), the Jacobian of EM's map is measured, and the later draws and every point begin
+    with Newton steps on EM's fixed point (run_newton): on every point to the same stopping
+    rule, so converged means at the full data's fixed point, which Newton's steps from next
+    to it reach in a few passes.  Only the iterations on every point are the fit's history;
+    GaussianMixtureFit.subsample says what ran on each draw.  With several starts, each runs
+    on the smallest draw and the best goes on."""
     draw_rng = np.random.default_rng(np.random.SeedSequence(options.random_state).spawn(1)[0])
     cumulative = np.cumsum(data.weights)  # made once for every draw
     sizes = _draw_sizes(data.total_weight, options.subsample_above)
@@ -1660,7 +1663,8 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
     jacobian = None
 
     def on_draw(pixels):
-        return replace(options, subsample_above=0, tol=max(options.tol, free / pixels))
+        precision = free / pixels * (JACOBIAN_DRAW_TOL if pixels == measured_on else 1.0)
+        return replace(options, subsample_above=0, tol=max(options.tol, precision))
 
     def record(pixels, sample, fit):
         nonlocal jacobian
@@ -1996,7 +2000,7 @@ def _try_state(coordinates, vector, like):
 # a coordinate; with it each Newton step on every point costs one pass.
 
 JACOBIAN_STEP = 1e-6  # forward differences: each coordinate moved by this (times its size, >= 1)
-NEWTON_SHRINK = 0.5  # a Newton step is taken where it shrinks the residual at least this much
+NEWTON_SHRINK = 0.5  # Newton's steps go on while each shrinks the residual this much (3 on average)
 
 
 def em_map_jacobian(state, step, coordinates):
@@ -2016,14 +2020,14 @@ def em_map_jacobian(state, step, coordinates):
 def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
     """Newton steps x <- x + (I - J)^+ (F(x) - x) on the fixed point of the map F = step in
     coordinates, J its Jacobian measured elsewhere: one evaluation of the map (one pass) an
-    iteration.  A step is taken while it shrinks the residual F(x) - x (components weighted as
-    SQUAREM's by_residual) to NEWTON_SHRINK of what it was: with a poor Jacobian, Newton's
-    steps can shrink it more slowly than EM's.  The first that does not, or that leaves the
-    model's space, ends the run unconverged at the last state taken, for run_em to go on
-    from.  The objective judges no step (Newton aims at the fixed point, which reg_covar can
-    put below a state on the way): fell_at is the first iteration at which it fell, and the
-    stopping rule is distance_of_changes, on two iterations in a row; a zero residual is the
-    fixed point."""
+    iteration.  A step is taken where it shrinks the residual F(x) - x (components weighted as
+    SQUAREM's by_residual), and the steps go on while the last three shrank it to at most
+    NEWTON_SHRINK ** 3 (with a poor Jacobian, Newton's steps can shrink it more slowly than
+    EM's).  A step that does not shrink it, or leaves the model's space, or a slow three end
+    the run unconverged at the last state taken, for run_em to go on from.  The objective
+    judges no step (Newton aims at the fixed point, which reg_covar can put below a state on
+    the way): fell_at is the first iteration at which it fell, and the stopping rule is
+    distance_of_changes, on two iterations in a row; a zero residual is the fixed point."""
     solve = np.linalg.pinv(np.eye(len(jacobian)) - jacobian)  # frozen components: singular
 
     def residual(state):
@@ -2034,14 +2038,18 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
 
     state, values = start, [_finite(start.objective)]
     (change, size), n_em_steps, streak, fell_at = residual(state), 1, 0, None
+    sizes = [size]
     while len(values) <= options.max_iter and streak < 2 and size > 0:
+        if len(sizes) > 3 and sizes[-1] > NEWTON_SHRINK**3 * sizes[-4]:
+            break
         trial = _try_state(coordinates, coordinates.to_vector(state) + solve @ change, state)
         if trial is None:
             break
         (trial_change, trial_size), n_em_steps = residual(trial), n_em_steps + 1
-        if not trial_size <= NEWTON_SHRINK * size:
+        if not trial_size < size:
             break
         state, change, size = trial, trial_change, trial_size
+        sizes.append(size)
         values.append(state.objective)
         if on_iteration is not None:
             on_iteration(len(values) - 1, state.objective)
