@@ -2000,7 +2000,7 @@ def _try_state(coordinates, vector, like):
 # a coordinate; with it each Newton step on every point costs one pass.
 
 JACOBIAN_STEP = 1e-6  # forward differences: each coordinate moved by this (times its size, >= 1)
-NEWTON_SHRINK = 0.5  # Newton's steps go on while each shrinks the residual this much (3 on average)
+NEWTON_SHRINK = 0.5  # Newton goes on while its last 3 steps shrank the residual this much each
 
 
 def em_map_jacobian(state, step, coordinates):
