@@ -396,6 +396,15 @@ def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum(monkeyp
     assert tight.log_likelihood[-1] - model.log_likelihood[-1] < 2e-5
 
 
+def test_draws_grow_to_the_threshold_and_to_a_quarter_of_the_image():
+    """Draws of a sixteenth of subsample_above, four times larger in turn, up to subsample_above
+    pixels (larger ones cost more than the passes they save) and a quarter of the image."""
+    assert seg._draw_sizes(24_000_000, 1 << 19) == [32768, 131072, 524288]
+    assert seg._draw_sizes(2_000_000, 1 << 19) == [32768, 131072]
+    assert seg._draw_sizes(524_288, 1 << 19) == [32768, 131072]
+    assert seg._draw_sizes(400_000, 1 << 19) == [32768]
+
+
 def test_the_draw_is_the_seeds():
     """The same seed draws the same pixels and gives the same fit, to the last digit."""
     X, counts = many_values(np.random.default_rng(6))
