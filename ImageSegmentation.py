@@ -1666,7 +1666,8 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
         precision = free / pixels * (JACOBIAN_DRAW_TOL if pixels == measured_on else 1.0)
         return replace(options, subsample_above=0, tol=max(options.tol, precision))
 
-    def record(pixels, sample, fit):
+    def after_draw(pixels, sample, fit):
+        """The draw's record, the Jacobian measured first where this is the draw for it."""
         nonlocal jacobian
         if pixels == measured_on:
             jacobian = _density_jacobian(sample, fit, options)
@@ -1686,12 +1687,12 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
         return _density_em(first, start, on_draw(sizes[0]))
 
     fit = _best_of_starts(options.n_init, fit_one, score=lambda f: f.log_likelihood[-1])
-    draws = [record(sizes[0], first, fit)]
+    draws = [after_draw(sizes[0], first, fit)]
     for pixels in sizes[1:]:
         sample = _drawn_sample(data, pixels, cumulative, draw_rng)
         start = (fit.weights, sample.centred(fit.means), fit.covariances)
         fit = _density_em(sample, start, on_draw(pixels), jacobian=jacobian)
-        draws.append(record(pixels, sample, fit))
+        draws.append(after_draw(pixels, sample, fit))
         del sample
     del cumulative
     start = (fit.weights, data.centred(fit.means), fit.covariances)
@@ -2038,17 +2039,17 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
 
     state, values = start, [_finite(start.objective)]
     (change, size), n_em_steps, streak, fell_at = residual(state), 1, 0, None
-    sizes = [size]
-    while len(values) <= options.max_iter and streak < 2 and size > 0:
+    sizes = [size]  # the residual's size at every state taken
+    while len(values) <= options.max_iter and streak < 2 and sizes[-1] > 0:
         if len(sizes) > 3 and sizes[-1] > NEWTON_SHRINK**3 * sizes[-4]:
             break
         trial = _try_state(coordinates, coordinates.to_vector(state) + solve @ change, state)
         if trial is None:
             break
-        (trial_change, trial_size), n_em_steps = residual(trial), n_em_steps + 1
-        if not trial_size < size:
+        (trial_change, size), n_em_steps = residual(trial), n_em_steps + 1
+        if not size < sizes[-1]:
             break
-        state, change, size = trial, trial_change, trial_size
+        state, change = trial, trial_change
         sizes.append(size)
         values.append(state.objective)
         if on_iteration is not None:
@@ -2062,7 +2063,7 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
         state,
         [float(v) for v in values[1:]],
         n_iter,
-        streak >= 2 or size == 0,
+        streak >= 2 or sizes[-1] == 0,
         n_em_steps,
         fell_at,
         n_iter,
