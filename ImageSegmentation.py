@@ -1804,6 +1804,11 @@ class Coordinates:
     from_vector: object
     importance: object = None  # importance(state) -> each coordinate's weight in a step's size
 
+    def weighted(self, state, change):
+        """A change of the coordinates, each scaled by its importance at state: what a step's
+        size is measured on."""
+        return change if self.importance is None else self.importance(state) * change
+
 
 def run_em(
     start,
@@ -1959,8 +1964,8 @@ def _squarem_cycle(state, step, step_max, coordinates, by_residual=False):
         """The stabilised point is taken (False for a NaN objective)."""
         if not by_residual:
             return new.objective >= value
-        scale = 1.0 if coordinates.importance is None else coordinates.importance(new)
-        moved, first_move = scale * (coordinates.to_vector(new) - point), scale * r
+        moved = coordinates.weighted(new, coordinates.to_vector(new) - point)
+        first_move = coordinates.weighted(new, r)
         return math.isfinite(new.objective) and moved @ moved <= first_move @ first_move
 
     if length > 1.01:
@@ -2034,8 +2039,7 @@ def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
     def residual(state):
         """F(x) - x at state, and its weighted size."""
         change = coordinates.to_vector(step(state)) - coordinates.to_vector(state)
-        scale = 1.0 if coordinates.importance is None else coordinates.importance(state)
-        return change, float(np.linalg.norm(scale * change))
+        return change, float(np.linalg.norm(coordinates.weighted(state, change)))
 
     state, values = start, [_finite(start.objective)]
     (change, size), n_em_steps, streak, fell_at = residual(state), 1, 0, None
@@ -5186,14 +5190,15 @@ def plot_log_likelihood(segmentation, title):
     fell_at = None if model is None else model.fell_at
     newton = 0 if model is None else model.newton_iter
     fell = "fell on a Newton step" if fell_at and fell_at <= newton else "EM's own step fell"
-    caption = [  # what an iteration is, below both plots (a legend this long squeezes them)
-        "each iteration one EM step"
-        if em_steps == n_iter
-        else f"iterations 1-{newton}: Newton steps on EM's fixed point, one EM step each"
-        + (", then cycles of 2-3 EM steps" if newton < n_iter else "")
-        if newton
-        else "each iteration an accelerated cycle of 2-3 EM steps"
-    ]
+    # what an iteration is, in a caption below both plots (a legend this long squeezes them)
+    if em_steps == n_iter:
+        iteration = "each iteration one EM step"
+    elif newton:
+        iteration = f"iterations 1-{newton}: Newton steps on EM's fixed point, one EM step each"
+        iteration += ", then cycles of 2-3 EM steps" if newton < n_iter else ""
+    else:
+        iteration = "each iteration an accelerated cycle of 2-3 EM steps"
+    caption = [iteration]
     if model is not None and model.subsample is not None:  # iterations before these, on draws
         draws = model.subsample
         sizes = f"{draws[0]['pixels']:,}" + (f" to {draws[-1]['pixels']:,}" if draws[1:] else "")
