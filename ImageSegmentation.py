@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -353,6 +355,8 @@ def _table_picture(values, scale_by_range, ndim=2):
         values = np.nan_to_num(values, nan=low, neginf=low, posinf=high)
     if scale_by_range:
         low, high = values.min(), values.max()
+        if high / 2 - low / 2 > np.finfo(np.float64).max / 2:  # near float64's limits: halved
+            values, low, high = values / 2, low / 2, high / 2
         values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     shape = values.shape[:ndim]
     flat = values.reshape(math.prod(shape), -1)
@@ -407,8 +411,9 @@ def picture_from_volume(array, spacing=(1.0, 1.0, 1.0)):
     if array.ndim not in (3, 4) or array.size == 0 or (array.ndim == 4 and array.shape[3] != 3):
         raise ValueError(f"expected a D x H x W or D x H x W x 3 volume, got shape {array.shape}")
     spacing = tuple(float(step) for step in np.broadcast_to(spacing, 3))
-    if not all(0 < step < math.inf for step in spacing):
-        raise ValueError(f"the spacing must be 3 positive numbers, got {spacing}")
+    why = spacing_problem(spacing)
+    if why:
+        raise ValueError(f"the spacing {_steps_text(spacing)} {why}")
     return _coded(array, ndim=3, scale_by_range=False, volume=Volume(spacing))
 
 
@@ -434,6 +439,41 @@ def _read_nifti(path, max_pixels):
     """A NIfTI-1 or -2 volume (.nii, .nii.gz) through nibabel, with its spacing, affine and
     header; its values scaled as the header says.  4-D series are refused, not guessed at."""
     nibabel = _optional("nibabel", "reading NIfTI")
+    with _log_lines("nibabel.global") as fixes:
+        data, image = _nifti_data(nibabel, path, max_pixels)
+    if data.dtype.fields is not None or data.dtype.kind == "c":
+        raise ImageError(f"NIfTI of {data.dtype} values: gray volumes only")
+    notes = [f"the NIfTI header: {shown(line)}" for line in dict.fromkeys(fixes)]
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    zooms = zooms + (1.0,) * (3 - len(zooms))
+    spacing, why = zooms, spacing_problem(zooms)
+    if why:
+        spacing = (1.0, 1.0, 1.0)
+        notes.append(f"the header's voxel size {_steps_text(zooms)} {why}: taken as 1 x 1 x 1")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not (np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0):
+        affine = np.diag(spacing + (1.0,))
+        notes.append(
+            "the header's affine is not finite and invertible: the outputs carry the voxel "
+            "size alone (no position or orientation)"
+        )
+    volume = Volume(
+        spacing[::-1],
+        "nifti",
+        affine,
+        image.header,
+        isinstance(image, nibabel.Nifti2Image),
+        file_axes_reversed=True,
+    )
+    data = np.ascontiguousarray(data.T)  # a view: nibabel's array is in the file's order
+    picture = _coded(data, ndim=3, scale_by_range=True, volume=volume)
+    picture.notes[:0] = notes
+    return picture
+
+
+def _nifti_data(nibabel, path, max_pixels):
+    """(voxels in the file's axis order, nibabel's image), the voxel limit checked on the header
+    before any array is made; ImageError for what nibabel cannot read."""
     try:
         image = nibabel.load(path)
         shape = tuple(int(n) for n in image.shape)
@@ -452,46 +492,88 @@ def _read_nifti(path, max_pixels):
             )
         if math.prod(shape) == 0:
             raise ImageError("volume has no voxels")
-        data = np.asarray(image.dataobj).reshape(shape)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what a header's scaling overflows to is checked
+            data = np.asarray(image.dataobj).reshape(shape)
     except ImageError:
         raise
     except MemoryError:
         raise
     except Exception as error:  # nibabel's own errors, zlib's, gzip's, a short file's
         raise ImageError(f"truncated or corrupt NIfTI ({shown(error)})") from None
-    if data.dtype.fields is not None or data.dtype.kind == "c":
-        raise ImageError(f"NIfTI of {data.dtype} values: gray volumes only")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    zooms = zooms + (1.0,) * (3 - len(zooms))
-    volume = Volume(
-        tuple(z if z > 0 else 1.0 for z in zooms[::-1]),
-        "nifti",
-        np.asarray(image.affine, dtype=np.float64),
-        image.header,
-        isinstance(image, nibabel.Nifti2Image),
-        file_axes_reversed=True,
-    )
-    data = np.ascontiguousarray(data.T)  # a view: nibabel's array is in the file's order
-    return _coded(data, ndim=3, scale_by_range=True, volume=volume)
+    return data, image
+
+
+@contextmanager
+def _log_lines(name):
+    """The lines a library logs (nibabel: fixes to a header) collected instead of printed bare
+    on stderr: the program says them as its own notes."""
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    lines, logger = [], logging.getLogger(name)
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [Collect()], False
+    try:
+        yield lines
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+MAX_SPACING_RATIO = 1000.0  # a voxel's longest side over its shortest: MRI's are within 20
+
+
+def spacing_problem(steps):
+    """Why a voxel size cannot be used (None: it can): each step finite and positive, the
+    largest at most MAX_SPACING_RATIO times the smallest."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        return "is not three finite positive numbers"
+    if steps.max() > MAX_SPACING_RATIO * steps.min():
+        return f"has a side over {MAX_SPACING_RATIO:g} times another"
+    return None
+
+
+def _steps_text(steps):
+    return " x ".join(f"{step:g}" for step in steps)
 
 
 def _read_tiff_stack(img, max_pixels):
     """The pages of a multi-page TIFF as one volume (pages first), when they are all of one
-    size and mode; the voxel limit checked before any page is decoded."""
-    width, height, mode, pages = *img.size, img.mode, img.n_frames
-    if width * height * pages > max_pixels:
+    size and mode; the voxel limit checked before any page is decoded.  Pages that differ (a
+    thumbnail, a pyramid, a scanner's preview) make no volume: the largest page (the first of
+    the largest) is the image, with a note."""
+    pages = []
+    for page in range(img.n_frames):
+        img.seek(page)
+        pages.append((img.size, img.mode))
+    (width, height), mode = pages[0]
+    if any(page != pages[0] for page in pages):
+        largest = max(range(len(pages)), key=lambda i: (math.prod(pages[i][0]), -i))
+        (width, height), mode = pages[largest]
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{width}x{height} is {width * height:,} pixels, above the limit of "
+                f"{max_pixels:,} (raise it with --max-pixels)"
+            )
+        img.seek(largest)
+        img.load()
+        picture = _picture_from_pil(img)
+        picture.notes.append(
+            f"{len(pages)} pages of different sizes or modes, no volume: segmenting page "
+            f"{largest + 1} ({width}x{height} {mode}), the largest"
+        )
+        return picture
+    if width * height * len(pages) > max_pixels:
         raise ImageError(
-            f"{pages}x{height}x{width} is {width * height * pages:,} voxels, above the limit "
-            f"of {max_pixels:,} (raise it with --max-pixels)"
+            f"{len(pages)}x{height}x{width} is {width * height * len(pages):,} voxels, above "
+            f"the limit of {max_pixels:,} (raise it with --max-pixels)"
         )
     slices = []
-    for page in range(pages):
+    for page in range(len(pages)):
         img.seek(page)
-        if img.size != (width, height) or img.mode != mode:
-            raise ImageError(
-                f"page {page + 1} is {img.size[0]}x{img.size[1]} {img.mode}, page 1 "
-                f"{width}x{height} {mode}: not one volume"
-            )
         img.load()
         slices.append(np.asarray(img) if mode in ("I", "F") else _picture_from_pil(img))
     volume = Volume(format="tiff")
@@ -553,8 +635,8 @@ def read_image(path, max_pixels=MAX_PIXELS):
         raise ImageError("not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
-    except (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error) as error:
-        raise ImageError(f"truncated or corrupt image ({shown(error)})") from None
+    except (OSError, SyntaxError, EOFError, ValueError, TypeError, struct.error, zlib.error) as e:
+        raise ImageError(f"truncated or corrupt image ({shown(e)})") from None
     picture.notes[:0] = notes
     return picture
 
@@ -1475,6 +1557,11 @@ class GaussianMixtureFit:
             raise ValueError("a parameter is not finite")
         if np.any(weights <= 0) or abs(weights.sum() - 1) > 1e-6:
             raise ValueError("the weights are not positive with sum 1")
+        if covariance_type in ("full", "tied"):
+            matrices = covariances.reshape(-1, d, d)
+            scale = np.abs(matrices).max(axis=(1, 2), keepdims=True)
+            if np.any(np.abs(matrices - matrices.swapaxes(1, 2)) > 1e-9 * scale):
+                raise ValueError("a covariance matrix is not symmetric")
         precision_matrices(covariances, covariance_type, k, d)  # FitFailed if not positive
         if top is not None and (not _is_integer(top) or top not in (255, 65535) or d != 1):
             raise ValueError("quantized_top is not 255 or 65535 for a gray model")
@@ -4552,6 +4639,11 @@ class Segmentation:
     bias: BiasField | None = None  # with --bias-field: the field; the model is of image / field
     point_labels: np.ndarray | None = None  # each point's label, where a pixel takes its point's
 
+    @property
+    def saved_model(self):
+        """The file of the model the image was labelled with (--model), or None: fitted here."""
+        return None if self.shared is None else self.shared.file
+
     @cached_property
     def empty_components(self):
         """Components that ended with (almost) no pixels: fewer than EMPTY_SHARE of the fitted
@@ -5500,11 +5592,21 @@ def _float_at_least(minimum):
 
 
 def _components(text):
-    return "auto" if text == "auto" else _integer_at_least(1)(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return _integer_at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1, or auto") from None
 
 
 def _beta(text):
-    return "auto" if text == "auto" else _float_at_least(0)(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return _float_at_least(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, or auto") from None
 
 
 def _spacing(text):
@@ -5515,8 +5617,11 @@ def _spacing(text):
         steps = ()
     if len(steps) == 1:
         steps *= 3
-    if len(steps) != 3 or not all(0 < step < math.inf for step in steps):
+    if len(steps) != 3:
         raise argparse.ArgumentTypeError(f"{text!r}: give three positive numbers, Z,Y,X")
+    why = spacing_problem(steps)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text!r} {why}")
     return steps
 
 
@@ -5533,276 +5638,355 @@ def _outputs(text):
     return tuple(name for name in OUTPUTS if name in chosen)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as a reader wants it: option names never broken at their hyphens, the help
+    column wide enough for them, the epilog's examples kept line by line."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=min(100, _terminal_width()))
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+
+def _terminal_width():
+    import shutil
+
+    return max(60, shutil.get_terminal_size((100, 24)).columns - 2)
+
+
+def _nearest(word, candidates):
+    """The candidate closest to a mistyped word ("did you mean"), or None."""
+    import difflib
+
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        hint = ""
-        if "unrecognized arguments: -" in message:
-            hint = "; a file whose name starts with '-' is given as ./-NAME or after --"
-        self.exit(2, f"error: usage: {shown(message)}{hint} (see --help)\n")
+        self.exit(2, f"error: usage: {shown(message)}{self._hint(message)} (see --help)\n")
+
+    def _hint(self, message):
+        """What the user most likely meant: the nearest option or choice, else how to name a
+        file that starts with '-'."""
+        options = [name for action in self._actions for name in action.option_strings]
+        if "unrecognized arguments: " in message:
+            for word in message.split("unrecognized arguments: ", 1)[1].split():
+                near = _nearest(word.split("=", 1)[0], options) if word.startswith("-") else None
+                if near:
+                    return f"; did you mean {near}?"
+            if "unrecognized arguments: -" in message:
+                return "; a file whose name starts with '-' is given as ./-NAME or after --"
+        if "invalid choice: " in message:
+            word = message.split("invalid choice: ", 1)[1].split(" (", 1)[0].strip("'\"")
+            choices = [c for action in self._actions if action.choices for c in action.choices]
+            near = _nearest(word, [str(c) for c in choices])
+            if near:
+                return f"; did you mean {near}?"
+        return ""
 
 
-class _BrainPreset(argparse.Action):
-    """--brain sets BRAIN_PRESET where it stands; an option after it overrides it."""
+HELP_EXAMPLES = """\
+examples:
+  ImageSegmentation.py photo.jpg -k 4            a colour photo in 4 classes
+  ImageSegmentation.py scan.png --spatial 1      a noisy image: neighbours share labels
+  ImageSegmentation.py t1.nii.gz --brain         CSF, grey and white matter of a brain scan
+  ImageSegmentation.py scans/ --shared -k 3      one model for a folder: same labels everywhere
+  ImageSegmentation.py new/ --model output/scan_model.json   apply a saved model
 
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+formats: whatever Pillow reads (PNG, JPEG, TIFF, BMP, GIF, WebP, ...); a multi-page TIFF of
+  equal pages is a volume; NIfTI volumes (.nii, .nii.gz) need nibabel (pip install nibabel).
+rules: --partial-volume needs --covariance tied; --bias-field and --partial-volume take a
+  number -k, not auto; --model replaces -k and --shared; --dask replaces --jobs and --show.
+  --brain sets defaults: any option you type wins, before or after it.
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        for name, value in BRAIN_PRESET:
-            setattr(namespace, name, value)
-        setattr(namespace, self.dest, True)
+exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 interrupted
+  (Ctrl-C), 143 terminated (SIGTERM).
+"""
 
 
 def build_parser():
     parser = _Parser(
         prog="ImageSegmentation.py",
-        description="Segment images with a Gaussian mixture fitted by EM; save the segmented "
-        "image, the label map, the convergence plot, a side-by-side comparison and the model.",
-        epilog="Exit status: 0 all images segmented, 1 some image failed, 2 bad usage, "
-        "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+        description="Segment images with a Gaussian mixture fitted by EM: every pixel gets the\n"
+        "class it most likely belongs to.  Writes the segmented image, the label map, the\n"
+        "convergence plot, a side-by-side comparison and the model (JSON) into --out.",
+        epilog=HELP_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "inputs",
         nargs="*",
         metavar="IMAGE_OR_FOLDER",
-        help="image files, or folders whose image files (directly inside) are all "
-        "segmented; default: the bundled images/ folder",
+        help="image files, or folders whose image files are all segmented (default: the "
+        "bundled images/ folder)",
     )
-    parser.add_argument(
+    _input_options(parser.add_argument_group("input"))
+    _model_options(parser.add_argument_group("the model"))
+    _spatial_options(parser.add_argument_group("a spatial prior (noisy images)"))
+    _brain_options(parser.add_argument_group("brain MRI and uneven brightness"))
+    _output_options(parser.add_argument_group("outputs"))
+    _batch_options(parser.add_argument_group("batches"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _input_options(group):
+    group.add_argument(
+        "--mode",
+        choices=MODES,
+        default=RunConfig.mode,
+        help="gray: fit brightness; color: fit RGB colours; auto: gray when the image has one "
+        "channel or all its channels are equal (default %(default)s)",
+    )
+    group.add_argument(
+        "--mask",
+        default=RunConfig.mask,
+        metavar="{auto,none,nonzero,PATH}",
+        help="segment only part of the image: nonzero = the pixels that are not black; PATH = "
+        "an image of the same size, nonzero inside; auto = nonzero when the border is all "
+        "black (default %(default)s). Outside is label 0, inside 1..K",
+    )
+    group.add_argument(
+        "--spacing",
+        type=_spacing,
+        default=None,
+        metavar="Z,Y,X",
+        help="a volume's voxel size along its axes, in the file's order (default: a NIfTI's "
+        "header; 1,1,1 for a TIFF stack)",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=_integer_at_least(1),
+        default=RunConfig.max_pixels,
+        metavar="N",
+        help="refuse images (volumes) with more pixels (voxels) than N (default %(default)s)",
+    )
+
+
+def _model_options(group):
+    group.add_argument(
         "-k",
         "--components",
         type=_components,
         default=None,
         metavar="K",
-        help=f"number of Gaussians (default {DEFAULT_COMPONENTS['gray']} for gray images, "
-        f"{DEFAULT_COMPONENTS['color']} for colour), or 'auto': the K in 1..--k-max with "
-        f"the lowest BIC",
+        help=f"the number of classes (default {DEFAULT_COMPONENTS['gray']} for gray images, "
+        f"{DEFAULT_COMPONENTS['color']} for colour), or auto: chosen between 1 and --k-max",
     )
-    parser.add_argument(
+    group.add_argument(
         "--k-max",
         type=_integer_at_least(1),
         default=SegmentOptions.k_max,
         metavar="N",
-        help="largest K tried by -k auto (default %(default)s)",
+        help="the largest K that -k auto tries (default %(default)s)",
     )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default=RunConfig.mode,
-        help="auto: gray when the image has one channel or all channels are equal; "
-        "gray: fit luminance; color: fit RGB vectors (default auto)",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--covariance",
         choices=COVARIANCE_TYPES,
         default=FitOptions.covariance_type,
-        help="covariance type of each component, as scikit-learn (default full)",
+        help="the shape of each class's spread, as scikit-learn names them (default %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--quantized",
+        action="store_true",
+        help="gray images with a black background or blown highlights: fit each gray level as "
+        "a bin, so that no class collapses onto one level",
+    )
+    group.add_argument(
         "--max-iter",
         type=_integer_at_least(1),
         default=FitOptions.max_iter,
         metavar="N",
         help="at most N EM iterations (default %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--tol",
         type=_float_at_least(0),
         default=FitOptions.tol,
         metavar="T",
-        help="stop when the mean log-likelihood per pixel is estimated (Aitken) to be "
-        "within T of its limit, two iterations in a row (default %(default)s; 0 runs "
-        "all --max-iter iterations)",
+        help="stop when the log-likelihood per pixel is within T of its limit (default "
+        "%(default)s; 0 runs all --max-iter iterations)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--accelerate",
         choices=ACCELERATIONS,
         default=FitOptions.accelerate,
-        help="squarem: extrapolated EM steps, safeguarded so the log-likelihood never "
-        "falls (above 524,288 distinct values, Newton steps on EM's fixed point first); none: "
-        "plain EM, one E- and one M-step an iteration (default squarem)",
+        help="squarem: fewer, longer steps to the same maximum; none: plain EM steps "
+        "(default %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--n-init",
         type=_integer_at_least(1),
         default=None,
         metavar="N",
-        help=f"run EM from N starts and keep the best log-likelihood (default {FitOptions.n_init}; "
-        f"{AUTO_N_INIT} with -k auto, where a start that merges two classes would "
-        f"pick the wrong K)",
+        help=f"fit from N starts and keep the best (default {FitOptions.n_init}; "
+        f"{AUTO_N_INIT} with -k auto)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--init",
         choices=INIT_METHODS,
         default=FitOptions.init,
-        help="kmeans++: k-means++ seeding and weighted Lloyd steps; random: random "
-        "responsibilities (default %(default)s)",
+        help="how the starts are drawn (default %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--seed",
         type=_integer_at_least(0),
         default=FitOptions.random_state,
         metavar="S",
         help="random seed: the same command writes the same images (default %(default)s)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--reg-covar",
         type=_float_at_least(0),
         default=FitOptions.reg_covar,
         metavar="R",
-        help="added to every covariance's diagonal, as scikit-learn (default %(default)s); "
-        "far below it (a variance of 1e-10) the densities lose digits, about 1e-6 relative",
+        help="the smallest spread a class may have, added to every variance as scikit-learn "
+        "does (default %(default)s)",
     )
-    parser.add_argument(
+
+
+def _spatial_options(group):
+    group.add_argument(
+        "--spatial",
+        type=_beta,
+        default=SegmentOptions.spatial,
+        metavar="BETA",
+        help="how strongly neighbouring pixels share a label (a Potts prior): 0 off (the "
+        "default), 0.5 moderate, 1 strong, auto: estimated from the image",
+    )
+
+
+def _brain_options(group):
+    preset = ", ".join(
+        f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+        for name, value in BRAIN_PRESET
+    )
+    group.add_argument(
+        "--brain",
+        action="store_true",
+        help=f"skull-stripped T1-weighted brain scans, labels 1, 2, 3 = CSF, grey and white "
+        f"matter: sets {preset}; any of these you type wins",
+    )
+    group.add_argument(
+        "--bias-field",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="gray images with uneven brightness (MRI): fit a smooth brightness field with the "
+        "classes; writes the field and the corrected image",
+    )
+    group.add_argument(
+        "--bias-degree",
+        type=_integer_at_least(1),
+        default=SegmentOptions.bias_degree,
+        metavar="N",
+        help="the field's polynomial degree: higher follows faster variation (default %(default)s)",
+    )
+    group.add_argument(
+        "--bias-reg",
+        type=_float_at_least(0),
+        default=SegmentOptions.bias_reg,
+        metavar="LAMBDA",
+        help="how smooth the field must be, as SPM's bias regularisation; 0: no constraint "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--partial-volume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="pixels that are part one tissue, part another (as FSL FAST): K tissues and the "
+        "mixes of neighbouring ones; needs --covariance tied",
+    )
+
+
+def _output_options(group):
+    group.add_argument(
         "--out",
         default=RunConfig.out,
         metavar="DIR",
         help="output folder, created if needed (default %(default)s)",
     )
-    parser.add_argument(
-        "--max-pixels",
-        type=_integer_at_least(1),
-        default=RunConfig.max_pixels,
-        metavar="N",
-        help="refuse images with more pixels (a volume: voxels) than this (default %(default)s)",
-    )
-    parser.add_argument(
-        "--spacing",
-        type=_spacing,
-        default=None,
-        metavar="Z,Y,X",
-        help="a volume's voxel size along its three axes, in the order of its pages (a TIFF "
-        "stack) or of its array (a NIfTI); the spatial prior weighs neighbours by it "
-        "(default: a NIfTI's header, 1,1,1 for a TIFF stack)",
-    )
-    parser.add_argument(
-        "--spatial",
-        type=_beta,
-        default=SegmentOptions.spatial,
-        metavar="BETA",
-        help="strength of a Potts prior that neighbouring pixels share a label, fitted by "
-        "mean-field EM from the plain mixture (0 = off, the default; 1 is strong), or 'auto': "
-        "estimated from the image by pseudo-likelihood, halved while a class would be emptied",
-    )
-    parser.add_argument(
-        "--quantized",
-        action="store_true",
-        help="gray images: fit the probability of each gray level's bin (the end bins open, "
-        "as a camera clips) instead of a density at the level; ignored for colour",
-    )
-    parser.add_argument(
-        "--mask",
-        default=RunConfig.mask,
-        metavar="{auto,none,nonzero,PATH}",
-        help="segment only inside a mask: nonzero = the pixels not 0 in every channel (as "
-        "skull-stripped scans); PATH = an image of the same size, nonzero inside; auto = nonzero "
-        "when the image's border is entirely 0, else none (default %(default)s). Outside pixels "
-        "never reach the model; their label is 0, inside labels are 1..K",
-    )
-    parser.add_argument(
-        "--partial-volume",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="K tissues and the mixels between tissues neighbouring in intensity (pixels that are "
-        "part one, part the other, as FSL FAST); labels are the tissues, --probabilities their "
-        "expected fractions; needs --covariance tied",
-    )
-    parser.add_argument(
-        "--bias-field",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="gray images: fit a smooth multiplicative intensity field (MRI's bias field) with the "
-        "mixture, which then models the corrected intensities; writes STEM_bias.png and "
-        "STEM_corrected.png",
-    )
-    parser.add_argument(
-        "--bias-degree",
-        type=_integer_at_least(1),
-        default=SegmentOptions.bias_degree,
-        metavar="N",
-        help="the log field is a polynomial of this degree in the pixel coordinates; higher "
-        "follows faster variation (default %(default)s)",
-    )
-    parser.add_argument(
-        "--bias-reg",
-        type=_float_at_least(0),
-        default=SegmentOptions.bias_reg,
-        metavar="LAMBDA",
-        help="the field's prior: a penalty LAMBDA / 2 x the mean squared slope of the log field, "
-        "per pixel, so that the field does not absorb anatomy (as SPM's bias regularisation); "
-        "0 fits it by maximum likelihood (default %(default)s)",
-    )
-    parser.add_argument(
-        "--brain",
-        action=_BrainPreset,
-        help="skull-stripped T1-weighted brain scans: "
-        + ", ".join(
-            f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
-            for name, value in BRAIN_PRESET
-        )
-        + " (labels 1, 2, 3 = CSF, grey and white matter, 0 outside); options after it override",
-    )
-    parser.add_argument(
-        "--probabilities",
-        action="store_true",
-        help="also write each component's posterior probability at every pixel, "
-        "STEM_prob_L.png for label L: 16-bit, 0..65535 = 0..1, 0 outside the mask",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="FILE",
-        help="label the images with the model in FILE (a STEM_model.json this program wrote) "
-        "instead of fitting one: the same label means the same component in every image; with "
-        "--spatial the labels are smoothed with the model held fixed, with --bias-field only "
-        "the field is fitted",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--outputs",
         type=_outputs,
         default=RunConfig.outputs,
         metavar="LIST",
-        help="write only these outputs, comma-separated: segmented, labels, loglik, comparison, "
-        "json, bic (-k auto), bias and corrected (--bias-field); the figures are not drawn when "
-        "not asked for (default: all)",
+        help="write only these, comma-separated: segmented, labels, loglik, comparison, json, "
+        "bic (with -k auto), bias and corrected (with --bias-field) (default: all)",
     )
-    parser.add_argument(
-        "--shared",
+    group.add_argument(
+        "--probabilities",
         action="store_true",
-        help="fit one model to all the images together (their distinct-value counts "
-        "added up) and label every image with it, so a label means the same in all",
+        help="also write each label's probability at every pixel, STEM_prob_L.png (16-bit, "
+        "65535 = 1)",
     )
-    parser.add_argument(
-        "-j",
-        "--jobs",
-        type=_integer_at_least(1),
-        default=None,
-        metavar="N",
-        help="segment a batch in N worker processes (default: the number of cores; "
-        "1: in this process); outputs are the same bytes as with 1",
+    group.add_argument(
+        "--model",
+        metavar="FILE",
+        help="label with the model in FILE (a STEM_model.json this program wrote) instead of "
+        "fitting one: a label means the same in every image",
     )
-    parser.add_argument(
-        "--dask",
-        type=_dask_spec,
-        default=None,
-        metavar="ADDRESS|local[:N]",
-        help='segment the batch on a Dask cluster (pip install "dask[distributed]"): a '
-        "running scheduler's address (tcp://host:8786), or local:N for N worker processes here; "
-        "each image is a task, written by its worker into --out, which every worker must see",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--show",
         action="store_true",
         help="also open the figures in windows (by default they are only saved)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
-    parser.add_argument(
+    group.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
+    group.add_argument(
         "-v",
         "--verbose",
         action="store_true",
         help="print the log-likelihood of every iteration on stderr",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+
+
+def _batch_options(group):
+    group.add_argument(
+        "--shared",
+        action="store_true",
+        help="fit one model to all the images together and label every image with it, so "
+        "that a label means the same in all",
+    )
+    group.add_argument(
+        "-j",
+        "--jobs",
+        type=_integer_at_least(1),
+        default=None,
+        metavar="N",
+        help="segment a batch in N processes (default: one a core); the same bytes as with 1",
+    )
+    group.add_argument(
+        "--dask",
+        type=_dask_spec,
+        default=None,
+        metavar="ADDRESS|local[:N]",
+        help='segment the batch on a Dask cluster (pip install "dask[distributed]"): a '
+        "scheduler's address, or local:N for N processes here; --out must be seen by every "
+        "worker",
+    )
+
+
+def parse_command_line(argv=None):
+    """The RunConfig of a command line.  --brain's preset sets defaults: an option the user
+    typed wins wherever it stands, and with --model the preset's K gives way to the model's."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.brain:
+        typed = _typed_options(parser, argv)
+        for name, value in BRAIN_PRESET:
+            if name not in typed and not (name == "components" and args.model is not None):
+                setattr(args, name, value)
+    return RunConfig.from_arguments(args)
+
+
+def _typed_options(parser, argv):
+    """The destinations of the options on the command line (not their defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def _image_extensions():
@@ -5926,6 +6110,19 @@ class RunConfig:
             segment=segment,
             **{name: getattr(args, name) for name in names},
         )
+
+    def output_notes(self):
+        """Outputs asked for by --outputs that this run cannot write, one note each."""
+        if self.outputs == OUTPUTS:  # the default: every output the run makes
+            return []
+        needs = {"bic": ("-k auto", self.components == "auto")} | dict.fromkeys(
+            ("bias", "corrected"), ("--bias-field", self.segment.bias_field)
+        )
+        return [
+            f"--outputs {name}: written only with {option}; not written in this run"
+            for name, (option, made) in needs.items()
+            if name in self.outputs and not made
+        ]
 
     def components_for(self, mode):
         return self.components or DEFAULT_COMPONENTS[mode]
@@ -6128,8 +6325,31 @@ def segment_picture(picture, batch, on_iteration=None):
     except FitFailed as error:
         raise ImageError(str(error)) from None
     notes = picture.notes + [mask_note] * bool(mask_note)
+    notes += brain_notes(picture, points) if config.brain else []
     notes += fit_notes(segmentation, options.quantized and shared is None, options.fit.reg_covar)
     return segmentation, notes
+
+
+BRAIN_MIN_PIXELS = 3000  # fewer inside the brain: too few for three tissues and their mixes
+
+
+def brain_notes(picture, points):
+    """What makes an image unlike the skull-stripped gray scans --brain is made for."""
+    notes = []
+    if points.mode != "gray":
+        notes.append("--brain is made for gray scans; this image is in colour")
+    if not border_is_zero(picture):
+        notes.append(
+            "--brain is made for skull-stripped scans, black outside the brain; this image's "
+            "border is not black, so every pixel that is not black is taken for brain"
+        )
+    inside = picture.codes.size if picture.mask is None else int(picture.mask.sum())
+    if inside < BRAIN_MIN_PIXELS:
+        notes.append(
+            f"only {inside:,} pixels inside the brain: fewer than {BRAIN_MIN_PIXELS:,}, too few "
+            f"to tell three tissues apart reliably"
+        )
+    return notes
 
 
 def _check_fits_the_model(points, shared):
@@ -6144,13 +6364,27 @@ def _check_fits_the_model(points, shared):
         )
 
 
+MAX_MODEL_BYTES = 64 << 20  # a saved model is a few kB; a larger file is no model of ours
+
+
 def read_model(path):
-    """--model: the SharedModel of a STEM_model.json, or the reason it is none (one line)."""
+    """--model: the SharedModel of a STEM_model.json, or the reason it is none (one line).
+
+    The file is checked as an image is (a regular file, not empty) and its size before it is
+    read; JSON nested too deeply for the parser is refused, not a RecursionError."""
+    path = Path(path)
     try:
-        record = json.loads(Path(path).read_text())
+        _check_regular_file(path)
+        if path.stat().st_size > MAX_MODEL_BYTES:
+            raise ImageError(f"{path.stat().st_size:,} bytes: no saved model is that large")
+        record = json.loads(path.read_bytes())
         model = GaussianMixtureFit.from_record(record)
+    except ImageError as error:
+        return None, str(error)
     except OSError as error:
         return None, f"cannot read it ({error.strerror or error})"
+    except RecursionError:
+        return None, "no usable model (its JSON is nested too deeply)"
     except (ValueError, AttributeError) as error:
         return None, f"no usable model ({shown(error)})"
     mode = "color" if model.means.shape[1] == 3 else "gray"
@@ -6166,9 +6400,11 @@ def masked(picture, config):
         mask, source = nonzero_mask(picture), None
     else:
         try:
-            mask, source = nonzero_mask(read_image(mask_option, config.max_pixels)), mask_option
+            source = read_image(mask_option, config.max_pixels)
         except ImageError as error:
             raise ImageError(f"mask {shown(mask_option)}: {error}") from None
+        mask = _mask_of_file(source, picture, mask_option)
+        source = mask_option
     try:
         picture = with_mask(picture, mask)
     except ValueError as error:
@@ -6180,6 +6416,25 @@ def masked(picture, config):
         f"the border is entirely 0: segmenting the {inside:,} nonzero pixels inside "
         f"(--mask none segments every pixel)"
     )
+
+
+def _mask_of_file(mask_picture, picture, name):
+    """The nonzero pixels of a --mask file, in the picture's axis order.  Volumes meet in their
+    files' axis order (a NIfTI's reversed in its codes, a TIFF stack's as they are): a mask
+    fits a volume whose file has the same shape, whatever the two formats."""
+    mask = nonzero_mask(mask_picture)
+    if picture.volume is None:
+        return mask
+    in_file_order = mask_picture.volume is not None and mask_picture.volume.file_axes_reversed
+    mask = mask.T if in_file_order else mask
+    shape = tuple(picture.volume.in_file_order(picture.codes.shape))
+    if mask.shape != shape:
+        unit = "voxels" if mask_picture.volume is not None else "pixels"
+        raise ImageError(
+            f"the mask is {mask_picture.size_text} {unit}, the volume {picture.size_text} "
+            f"({shown(name)})"
+        )
+    return mask.T if picture.volume.file_axes_reversed else mask
 
 
 def fit_notes(segmentation, quantized_asked, reg_covar):
@@ -6196,7 +6451,9 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
             f"{'colour' if points.mode == 'color' else 'floating-point'} image"
         )
     collapsed = collapsed_components(model, reg_covar) if len(points.values) > k else []
-    if collapsed:
+    if collapsed and segmentation.saved_model:  # not fitted here: no --reg-covar floor
+        notes.append(saved_collapse_note(collapsed, reg_covar, segmentation.saved_model))
+    elif collapsed:
         notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1))
     empty = empty_components(segmentation)
     if empty:
@@ -6209,7 +6466,8 @@ def empty_note(empty, segmentation):
     which = ", ".join(str(k + first) for k in empty)
     smaller = " (a smaller --spatial BETA keeps it)" if segmentation.spatial else ""
     return (
-        f"label{'s' if len(empty) > 1 else ''} {which} ended with (almost) no pixels: the fit "
+        f"label{'s' if len(empty) > 1 else ''} {which} ended with (almost) no pixels: the "
+        f"{'model' if segmentation.saved_model else 'fit'} "
         f"has {len(empty)} component{'s' if len(empty) > 1 else ''} fewer in effect{smaller}"
     )
 
@@ -6229,6 +6487,16 @@ def collapse_note(collapsed, reg_covar, gray):
         f"(variance at the --reg-covar floor {reg_covar:g}), leaving the other components to fit "
         f"the rest of the image"
         + ("; --quantized fits gray levels as bins and cannot collapse" if gray else "")
+    )
+
+
+def saved_collapse_note(collapsed, reg_covar, file):
+    """collapse_note for a model read by --model, whose variances were not fitted here."""
+    which, several = ", ".join(map(str, collapsed)), len(collapsed) > 1
+    return (
+        f"component{'s' if several else ''} {which} of the model {shown(file)} "
+        f"{'have variances' if several else 'has a variance'} under {2 * reg_covar:g}: "
+        f"{'each labels' if several else 'it labels'} (almost) a single value"
     )
 
 
@@ -6429,8 +6697,6 @@ def dask_client(spec):
     this machine (one thread each), anything else is a scheduler's address.  The workers get
     this file (Client.upload_file), so a cluster needs only Python and its packages.  Raises
     UsageError when dask is missing or the scheduler cannot be reached."""
-    import logging
-
     try:
         import dask
         import distributed
@@ -6453,13 +6719,54 @@ def dask_client(spec):
                 )
                 client = distributed.Client(cluster)
             else:
-                client = distributed.Client(spec, timeout="10s")
+                _check_scheduler(spec, DASK_CONNECT_SECONDS)
+                client = distributed.Client(spec, timeout=f"{DASK_CONNECT_SECONDS}s")
             client.upload_file(__file__)
-    except (OSError, TimeoutError, ValueError) as error:
+    except UsageError:
+        raise
+    except (Exception, MemoryError) as error:  # whatever answered, it is no cluster of ours
         if cluster is not None:
             cluster.close()
         raise UsageError(f"--dask {shown(spec)}: cannot connect ({shown(error)})") from None
     return client, cluster
+
+
+DASK_CONNECT_SECONDS = 10
+
+
+def _check_scheduler(spec, seconds):
+    """UsageError unless a Dask scheduler answers at a TCP address within seconds.  A scheduler
+    speaks first: its handshake's frame header (two little-endian uint64s: its length, its
+    number of frames) arrives on connecting.  A listener that never answers, or a server of
+    another protocol (HTTP waits for a request; SSH's banner is text) is refused here, where
+    Dask's client would wait without end, or read text as a frame length of exabytes.
+    Addresses of other schemes (tls://, ucx://) are left to the client."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(spec)
+        host, port = parse_host_port(location)
+    except ValueError:
+        return  # no host and port: the client says what is wrong
+    if scheme != "tcp":
+        return
+    where, deadline = f"--dask {shown(spec)}: cannot connect", time.monotonic() + seconds
+    head = b""
+    try:
+        with socket.create_connection((host, port), timeout=seconds) as connection:
+            while len(head) < 16:
+                connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                chunk = connection.recv(16 - len(head))
+                if not chunk:
+                    raise UsageError(f"{where} (the connection was closed unanswered)")
+                head += chunk
+    except TimeoutError:
+        raise UsageError(f"{where} (no Dask scheduler answered within {seconds} s)") from None
+    except OSError as error:
+        raise UsageError(f"{where} ({shown(error.strerror or error)})") from None
+    length, frames = struct.unpack("<QQ", head)
+    if not (0 < frames <= 64 and 0 < length <= 1 << 20):
+        raise UsageError(f"{where} (what answers there is not a Dask scheduler)")
 
 
 def _dask_spec(text):
@@ -6632,7 +6939,7 @@ def _signals_as_interrupts():
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    config = RunConfig.from_arguments(build_parser().parse_args(argv))
+    config = parse_command_line(argv)
     with _signals_as_interrupts():
         try:
             return _run(config)
@@ -6697,6 +7004,8 @@ def _run(config):
     report = Report(console)
     for argument, message in errors:
         report(argument, message)
+    for note in config.output_notes():
+        console.say(f"note: {note}")
     inputs = {p.resolve() for p in files if p.exists()}  # never to be written over, readable or not
     client = cluster = None
     if config.dask is not None and files:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -299,7 +300,8 @@ def test_a_saved_model_with_the_spatial_prior_keeps_its_components(tmp_path, rng
 
 def test_models_that_do_not_fit_fail_each_image_in_one_line(tmp_path, rng, capsys):
     """A colour model on a gray image, an 8-bit binned model on a 16-bit image, a file that is
-    missing, not JSON, or holds no valid mixture: one error line per image, exit status 1;
+    missing, a FIFO, not JSON, JSON nested 100,000 deep, or holds no valid mixture (an
+    asymmetric covariance among them): one error line per image, exit status 1;
     --model with --shared or -k is bad usage."""
     two_tone(tmp_path / "gray.png", rng)
     two_tone(tmp_path / "colour.png", rng, color=True)
@@ -315,9 +317,15 @@ def test_models_that_do_not_fit_fail_each_image_in_one_line(tmp_path, rng, capsy
         "weights.json": dict(good, weights=[0.9] * good["k"]),
         "shapes.json": dict(good, means=[[0.5, 0.5, 0.5]] * good["k"]),
     }
+    colour = record_of(tmp_path / "c", "colour")
+    skewed = np.array(colour["covariances"])
+    skewed[0, 0, 1] += 1e-3  # no longer symmetric, still positive definite
+    broken["asymmetric.json"] = dict(colour, covariances=skewed.tolist())
     for name, record in broken.items():
         (tmp_path / name).write_text(json.dumps(record))
     (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "fifo.json")  # opened, it would wait for a writer for ever
     cases = [
         (
             "gray.png",
@@ -325,8 +333,11 @@ def test_models_that_do_not_fit_fail_each_image_in_one_line(tmp_path, rng, capsy
             "is of color images; this image is gray",
         ),
         ("deep.png", tmp_path / "q" / "gray_model.json", "8-bit gray levels as bins"),
-        ("gray.png", tmp_path / "missing.json", "cannot read it"),
+        ("gray.png", tmp_path / "missing.json", "no such file"),
+        ("gray.png", tmp_path / "fifo.json", "not a regular file (a FIFO)"),
         ("gray.png", tmp_path / "text.json", "no usable model"),
+        ("gray.png", tmp_path / "nested.json", "no usable model (its JSON is nested too deeply)"),
+        ("colour.png", tmp_path / "asymmetric.json", "a covariance matrix is not symmetric"),
     ] + [("gray.png", tmp_path / name, "no usable model") for name in broken]
     for image, model, words in cases:
         status, out, err = run(
