@@ -297,3 +297,103 @@ def test_outputs_writes_only_what_is_asked(tmp_path, rng, capsys):
     with pytest.raises(SystemExit) as exit_info:
         seg.main([str(tmp_path / "a.png"), "--outputs", "labels,figures", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def usage_error(argv, capsys):
+    """The one stderr line of a command line that is bad usage (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        seg.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_help_is_grouped_and_gives_examples(capsys):
+    """--help: the options in groups a user looks for, names never broken at a hyphen, the
+    examples, the formats and the combination rules in the epilog."""
+    with pytest.raises(SystemExit):
+        seg.main(["--help"])
+    text = capsys.readouterr().out
+    groups = ["input:", "the model:", "a spatial prior", "brain MRI", "outputs:", "batches:"]
+    assert all(f"\n{group}" in text for group in groups), text
+    assert text.index("\nthe model:") < text.index("--max-iter N ") < text.index("\noutputs:")
+    assert "examples:" in text and "nibabel" in text and "--covariance tied" in text
+    for line in text.splitlines():  # a line that ends in a hyphen broke an option's name
+        assert not line.rstrip().endswith("-"), line
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--componets", "4"], "did you mean --components?"),
+        (["--spatail", "1"], "did you mean --spatial?"),
+        (["--covariance", "ful"], "did you mean full?"),
+        (["-k", "fve"], "'fve': give a whole number >= 1, or auto"),
+        (["--spatial", "strong"], "'strong': give a number >= 0, or auto"),
+    ],
+)
+def test_a_typo_is_answered_with_the_nearest_valid_word(tmp_path, capsys, argv, hint):
+    err = usage_error([*argv, "--out", tmp_path], capsys)
+    assert err.startswith("error: usage: ") and hint in err, err
+    assert "./-NAME" not in err  # the hint for a file named with a dash is for files only
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["typed-before", "typed-after"])
+def test_a_typed_option_wins_over_brain_from_either_side(tmp_path, rng, capsys, before):
+    """--brain sets defaults: -k 4 and --spatial 0 typed before or after it both hold, and the
+    preset's other settings still apply."""
+    two_tone(tmp_path / "scan.png", rng)
+    typed = ["-k", "4", "--spatial", "0"]
+    argv = [*typed, "--brain"] if before else ["--brain", *typed]
+    status, out, err = run([tmp_path / "scan.png", *argv, "--out", tmp_path / "o"], capsys)
+    settings = record_of(tmp_path / "o", "scan")["settings"]
+    assert status == 0 and settings["components"] == 4 and settings["spatial"] == 0.0, err
+    assert settings["brain"] and settings["covariance"] == "tied" and settings["partial_volume"]
+
+
+def test_brain_with_a_saved_model_takes_the_models_classes(tmp_path, rng, capsys):
+    """--brain --model: the preset's K gives way to the model's (once a usage error about a -k
+    the user never typed); -k typed with --model is still bad usage, named as typed."""
+    two_tone(tmp_path / "scan.png", rng)
+    run([tmp_path / "scan.png", "--brain", "--out", tmp_path / "fit"], capsys)
+    model = tmp_path / "fit" / "scan_model.json"
+    status, out, err = run(
+        [tmp_path / "scan.png", "--brain", "--model", model, "--out", tmp_path / "o"], capsys
+    )
+    assert status == 0 and "usage" not in err, err
+    status, out, err = run(
+        [tmp_path / "scan.png", "--brain", "-k", "3", "--model", model, "--out", tmp_path / "o"],
+        capsys,
+    )
+    assert status == 2 and "--model does not combine with -k" in err
+
+
+def test_brain_on_an_image_unlike_a_brain_scan_says_so(tmp_path, rng, capsys):
+    """--brain on a colour photo, on an image with no black border, on a scan with few pixels
+    inside: a note each (the run goes on)."""
+    two_tone(tmp_path / "photo.png", rng, color=True)
+    small = np.zeros((40, 40), np.uint8)
+    small[10:30, 10:30] = rng.integers(60, 200, (20, 20))
+    Image.fromarray(small).save(tmp_path / "small.png")
+    status, out, err = run(
+        [tmp_path / "photo.png", tmp_path / "small.png", "--brain", "--out", tmp_path / "o"],
+        capsys,
+    )
+    photo, small = f"note: {tmp_path / 'photo.png'}: ", f"note: {tmp_path / 'small.png'}: "
+    assert status == 0, err
+    assert f"{photo}--brain is made for gray scans; this image is in colour" in err
+    assert f"{photo}--brain is made for skull-stripped scans" in err
+    assert f"{small}only 400 pixels inside the brain" in err
+    assert f"{small}--brain is made for skull-stripped" not in err
+
+
+def test_outputs_that_the_run_cannot_make_are_noted(tmp_path, rng, capsys):
+    """--outputs bias without --bias-field, bic without -k auto: one note each, not silence."""
+    two_tone(tmp_path / "gray.png", rng)
+    status, out, err = run(
+        [tmp_path / "gray.png", "--outputs", "labels,bic,bias", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 0
+    assert "note: --outputs bic: written only with -k auto; not written in this run" in err
+    assert "note: --outputs bias: written only with --bias-field; not written in this run" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gray_labels.png"]

@@ -176,3 +176,49 @@ def test_dask_usage_errors(tmp_path, rng, capsys, monkeypatch):
     assert status == 2
     assert err.strip() == 'error: --dask needs dask.distributed: pip install "dask[distributed]"'
     assert seg.dask_client  # the API's entry point
+
+
+def _answering(server, reply):
+    """Accept connections on a loopback server socket; send reply (None: never a byte)."""
+    held = []
+    while True:
+        try:
+            connection, _ = server.accept()
+        except OSError:  # the server closed: the test is over
+            break
+        held.append(connection)
+        if reply is not None:
+            connection.sendall(reply)
+    for connection in held:
+        connection.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "reply, words",
+    [
+        (None, "no Dask scheduler answered within 10 s"),
+        (
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+            "what answers there is not a Dask scheduler",
+        ),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "what answers there is not a Dask scheduler"),
+    ],
+)
+def test_a_dask_address_where_no_scheduler_answers(tmp_path, rng, capsys, reply, words):
+    """A listener that accepts and never answers (Dask's client once waited there without
+    end), or a server of another protocol (HTTP's text once read as a frame of 3 EiB): exit 2
+    with `cannot connect`, within the documented 10 s, one line, nothing written."""
+    import socket
+    import threading
+
+    images = small_batch(tmp_path / "in", 1, rng)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        threading.Thread(target=_answering, args=(server, reply), daemon=True).start()
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        started = time.monotonic()
+        status, out, err = run([images, "--dask", address, "--out", tmp_path / "o"], capsys)
+        took = time.monotonic() - started
+    assert status == 2 and took < 15, (status, took)
+    assert err.strip() == f"error: --dask {address}: cannot connect ({words})"
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

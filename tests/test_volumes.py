@@ -2,6 +2,7 @@
 six neighbours across slices (weighted by the spacing), and outputs a volume user can open."""
 
 import gzip
+import json
 
 import nibabel
 import numpy as np
@@ -402,3 +403,131 @@ def test_the_other_options_take_volumes_too(tmp_path, capsys):
         for name in ("labels", "prob_0", "prob_2"):
             with Image.open(tmp_path / "o" / f"{stem}_{name}.tif") as stack:
                 assert stack.n_frames == 8 and stack.size == (24, 24)
+
+
+def _patched_nifti(path, source, **changes):
+    """A copy of the NIfTI-1 file source with header fields changed as a broken writer would
+    (srow_x=(0, nan): one element of a field), the data as they were."""
+    raw = source.read_bytes()
+    header = nibabel.Nifti1Header(raw[:348])
+    for name, change in changes.items():
+        if isinstance(change, tuple):
+            values = header[name].copy()
+            values[change[0]] = change[1]
+            change = values
+        header[name] = change
+    path.write_bytes(header.binaryblock + raw[348:])
+    return path
+
+
+def test_broken_nifti_headers_are_noted_and_replaced(tmp_path, capsys):
+    """Headers no scanner should write but files carry: an affine with NaN or infinity, an
+    infinite or zero voxel size, a wrong sizeof_hdr.  Each volume is segmented (outputs, a
+    JSON with finite numbers only) with a `note:` that says what was replaced; nibabel's own
+    messages never reach stderr bare."""
+    volume, _ = cubes(np.random.default_rng(8), shape=(6, 10, 12))
+    good = tmp_path / "good.nii"
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), good)
+    cases = {
+        "nan_affine": (dict(sform_code=1, qform_code=0, srow_x=(0, np.nan)), "affine is not"),
+        "inf_affine": (dict(sform_code=1, qform_code=0, srow_y=(1, np.inf)), "affine is not"),
+        "inf_voxel": (dict(pixdim=(1, np.inf)), "voxel size inf x 1 x 1 is not three finite"),
+        "zero_voxel": (dict(pixdim=(2, 0.0)), "the NIfTI header: pixdim[1,2,3] should be"),
+        "sizeof_hdr": (dict(sizeof_hdr=340), "the NIfTI header: sizeof_hdr should be 348"),
+    }
+    for name, (changes, words) in cases.items():
+        path = _patched_nifti(tmp_path / f"{name}.nii", good, **changes)
+        status, out, err = run([path, "--spatial", "0.5", "--out", tmp_path / "o"], capsys)
+        lines = err.strip().splitlines()
+        assert status == 0 and f"note: {path}: " in err and words in err, (name, err)
+        assert all(line.startswith(("note: ", "1 images")) for line in lines), (name, err)
+        record = json.loads((tmp_path / "o" / f"{name}_model.json").read_text())
+        affine = np.array(record["affine"])
+        assert np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0, name
+        assert np.all(np.isfinite(record["spacing"])), name
+        labels = nibabel.load(tmp_path / "o" / f"{name}_labels.nii.gz")
+        assert np.isfinite(labels.affine).all() and labels.shape == (6, 10, 12), name
+
+
+def test_volume_values_at_float64s_limits_are_segmented(tmp_path, capsys):
+    """Voxels of +-1.7e308: their range overflows float64, so it is scaled from halves; the two
+    classes are found, without a warning."""
+    rng = np.random.default_rng(9)
+    classes = rng.integers(0, 2, (6, 10, 12))
+    values = np.where(classes == 1, 1.7e308, -1.7e308) * rng.uniform(0.9, 1.0, classes.shape)
+    nibabel.save(nibabel.Nifti1Image(values, np.eye(4)), tmp_path / "huge.nii")
+    status, out, err = run([tmp_path / "huge.nii", "-k", "2", "--out", tmp_path / "o"], capsys)
+    assert status == 0 and "warning" not in err and "error" not in err, err
+    labels = np.asarray(nibabel.load(tmp_path / "o" / "huge_labels.nii.gz").dataobj)
+    assert np.array_equal(labels, classes) or np.array_equal(labels, 1 - classes)
+
+
+def test_spacing_that_is_not_a_voxel_size_is_refused(tmp_path, capsys):
+    """--spacing must be finite, positive and within MAX_SPACING_RATIO of itself: 1e-300 and
+    1e300 (each finite) once made an aspect ratio of infinity in the volume figure."""
+    for text in ("1e-300,1,1e300", "1,1,0", "inf", "1,2"):
+        with pytest.raises(SystemExit) as exit_info:
+            seg.main(["x.nii", "--spacing", text, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, text
+        assert err.startswith("error: usage: argument --spacing: "), (text, err)
+    with pytest.raises(ValueError, match="has a side over 1000 times another"):
+        seg.picture_from_volume(np.zeros((2, 3, 4), np.uint8), spacing=(1, 1, 1e4))
+
+
+def test_a_masks_shape_is_said_and_matched_in_the_files_axis_order(tmp_path, capsys):
+    """A NIfTI mask of the wrong shape is named in its file's axis order (8x10x13, not
+    13x10x8); a TIFF-stack mask made from the same array as the NIfTI volume fits it, voxel for
+    voxel: outside the mask is label 0 in the NIfTI labels."""
+    volume, _ = cubes(np.random.default_rng(10), shape=(8, 10, 12))
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii")
+    nibabel.save(nibabel.Nifti1Image(np.ones((8, 10, 13), np.uint8), np.eye(4)), tmp_path / "m.nii")
+    status, _, err = run(
+        [tmp_path / "scan.nii", "--mask", tmp_path / "m.nii", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 1 and "the mask is 8x10x13 voxels, the volume 8x10x12" in err, err
+    inside = np.zeros((8, 10, 12), bool)
+    inside[2:7, 1:9, 3:] = True
+    pages = [Image.fromarray(page.astype(np.uint8) * 255) for page in inside]
+    pages[0].save(tmp_path / "mask.tif", save_all=True, append_images=pages[1:])
+    status, _, err = run(
+        [tmp_path / "scan.nii", "--mask", tmp_path / "mask.tif", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 0, err
+    labels = np.asarray(nibabel.load(tmp_path / "o" / "scan_labels.nii.gz").dataobj)
+    assert np.array_equal(labels > 0, inside)
+
+
+@pytest.mark.parametrize(
+    "sizes, modes, segmented",
+    [
+        ([(12, 10), (6, 5)], ["L", "L"], 1),  # a thumbnail after the image
+        ([(24, 20), (12, 10), (6, 5)], ["L", "L", "L"], 1),  # a pyramid
+        ([(6, 5), (24, 20)], ["L", "L"], 2),  # a scanner's preview before the scan
+        ([(12, 10), (12, 10)], ["L", "RGB"], 1),  # pages of one size, another mode
+    ],
+)
+def test_a_tiff_of_mixed_pages_is_its_largest_page(tmp_path, capsys, sizes, modes, segmented):
+    """Pages that differ in size or mode make no volume: the largest page (the first of the
+    largest) is segmented as an image, with a note naming it."""
+    rng = np.random.default_rng(11)
+    pages = [
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).convert(mode)
+        for (w, h), mode in zip(sizes, modes)
+    ]
+    pages[0].save(tmp_path / "mixed.tif", save_all=True, append_images=pages[1:])
+    status, out, err = run([tmp_path / "mixed.tif", "--out", tmp_path / "o"], capsys)
+    w, h = sizes[segmented - 1]
+    assert status == 0 and f"segmenting page {segmented} ({w}x{h} {modes[segmented - 1]})" in err
+    assert Image.open(tmp_path / "o" / "mixed_labels.png").size == (w, h)
+
+
+def test_a_tiff_stack_cut_short_is_a_corrupt_image(tmp_path, capsys):
+    volume, _ = cubes(np.random.default_rng(12), shape=(8, 10, 12))
+    pages = [Image.fromarray(page) for page in volume]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    data = (tmp_path / "stack.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    status, out, err = run([tmp_path / "cut.tif", "--out", tmp_path / "o"], capsys)
+    assert status == 1 and f"error: {tmp_path / 'cut.tif'}: truncated or corrupt image" in err
+    assert "internal error" not in err and not list((tmp_path / "o").glob("cut*"))

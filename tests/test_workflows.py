@@ -397,3 +397,18 @@ def test_a_saved_model_with_a_bias_field_fits_only_the_field(tmp_path, capsys):
         fitted = np.asarray(Image.open(tmp_path / "fit" / "scan_labels.png"))
         applied = np.asarray(Image.open(out_dir / "scan_labels.png"))
         assert np.mean(fitted[inside] == applied[inside]) > 0.99
+
+
+def test_a_saved_models_tiny_variance_is_not_called_a_reg_covar_collapse(tmp_path, rng, capsys):
+    """A --model whose component has a variance of 1e-300 was not fitted here: the note names
+    the model file, not the --reg-covar floor this run never applied."""
+    two_tone(tmp_path / "gray.png", rng)
+    run([tmp_path / "gray.png", "-k", "3", "--out", tmp_path / "fit"], capsys)
+    record = record_of(tmp_path / "fit", "gray")
+    record["covariances"][0] = [[1e-300]]
+    (tmp_path / "tiny.json").write_text(json.dumps(record))
+    status, out, err = run(
+        [tmp_path / "gray.png", "--model", tmp_path / "tiny.json", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 0 and "reg-covar" not in err and "the fit" not in err, err
+    assert f"component 0 of the model {tmp_path / 'tiny.json'} has a variance under 2e-06" in err
