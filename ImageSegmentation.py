@@ -296,10 +296,12 @@ def with_mask(picture, mask):
     return replace(picture, mask=inside)
 
 
-def border_is_zero(picture):
-    """Whether every pixel on the image's border is 0 in every channel (and some pixel is not)."""
+def border_is_zero(picture, axes=None):
+    """Whether every pixel on the image's border is 0 in every channel (and some pixel is not).
+    axes: the axes whose two ends are the border (default all; a volume's slices: (1, 2))."""
     codes = picture.codes
-    ends = [(slice(None),) * axis + (end,) for axis in range(codes.ndim) for end in (0, -1)]
+    axes = range(codes.ndim) if axes is None else [axis % codes.ndim for axis in axes]
+    ends = [(slice(None),) * axis + (end,) for axis in axes for end in (0, -1)]
     border = np.concatenate([codes[end].reshape(-1) for end in ends])  # views: no strided take
     zero = (
         border == 0
@@ -6338,7 +6340,7 @@ def brain_notes(picture, points):
     notes = []
     if points.mode != "gray":
         notes.append("--brain is made for gray scans; this image is in colour")
-    if not border_is_zero(picture):
+    if not border_is_zero(picture, axes=(-2, -1)):  # a volume: a slab's end slices are brain
         notes.append(
             "--brain is made for skull-stripped scans, black outside the brain; this image's "
             "border is not black, so every pixel that is not black is taken for brain"

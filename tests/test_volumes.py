@@ -381,6 +381,11 @@ def test_brain_on_a_nifti_volume(tmp_path, capsys):
     assert record["bias_field"]["box"] == [[2, 18], [3, 33], [3, 29]]
     assert len(record["bias_field"]["coefficients"]) == len(seg.bias_monomials(3, 3)) == 19
     assert "u^a v^b w^c" in record["bias_field"]["basis"] and record["k"] == 3
+    # an axial slab (the file's last axis cut): brain in its end slices, black around each
+    slab = tmp_path / "slab.nii.gz"
+    save_nifti(slab, volume[:, :, 3:29])
+    status, out, err = run([slab, "--brain", "--out", tmp_path / "o"], capsys)
+    assert status == 0 and "--brain is made for" not in err, err
 
 
 def test_the_other_options_take_volumes_too(tmp_path, capsys):
