@@ -58,7 +58,7 @@ import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -6045,8 +6045,10 @@ def unique_stems(files):
 
 
 def prepare_output_folder(out):
-    """Create the output folder and prove it is writable, before any work is done."""
+    """Create the output folder and prove it is writable, before any work is done; returns
+    whether it was created (a run that writes nothing removes it again)."""
     folder = Path(out)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -6054,7 +6056,7 @@ def prepare_output_folder(out):
         probe.unlink()
     except OSError as error:
         raise UsageError(f"{out}: cannot write output folder ({error.strerror or error})") from None
-    return folder
+    return created
 
 
 @dataclass(frozen=True)
@@ -6456,7 +6458,10 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     if collapsed and segmentation.saved_model:  # not fitted here: no --reg-covar floor
         notes.append(saved_collapse_note(collapsed, reg_covar, segmentation.saved_model))
     elif collapsed:
-        notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1))
+        black = segmentation.picture.mask is None and bool(  # within a quarter of a level
+            np.any(np.all(np.abs(model.means[collapsed]) < 1e-3, axis=1))
+        )
+        notes.append(collapse_note(collapsed, reg_covar, model.means.shape[1] == 1, black))
     empty = empty_components(segmentation)
     if empty:
         notes.append(empty_note(empty, segmentation))
@@ -6481,14 +6486,22 @@ def fewer_components_note(distinct, requested):
     )
 
 
-def collapse_note(collapsed, reg_covar, gray):
-    """One line on components that collapsed onto a single value, and what to do about it."""
+def collapse_note(collapsed, reg_covar, gray, on_black=False):
+    """One line on components that collapsed onto a single value, and what to do about it:
+    on black (a background, a volume's empty slices), leave it out with --mask nonzero; on
+    another gray level, fit the levels as bins."""
     which = ", ".join(map(str, collapsed))
+    remedies = []
+    if on_black:
+        remedies.append("black as a background: --mask nonzero leaves it out")
+    if gray:
+        quantized = "--quantized fits gray levels as bins and cannot collapse"
+        remedies.append(f"as a dark class: {quantized}" if on_black else quantized)
+    remedy = "".join(f"; {text}" for text in remedies)
     return (
         f"component{'s' if len(collapsed) > 1 else ''} {which} collapsed onto a single value "
         f"(variance at the --reg-covar floor {reg_covar:g}), leaving the other components to fit "
-        f"the rest of the image"
-        + ("; --quantized fits gray levels as bins and cannot collapse" if gray else "")
+        f"the rest of the image{remedy}"
     )
 
 
@@ -6996,7 +7009,7 @@ def _one_thread_a_worker(config):
 def _run(config):
     try:
         check_combinations(config)
-        prepare_output_folder(config.out)
+        created = prepare_output_folder(config.out)
     except UsageError as error:
         _write_line(sys.stderr, f"error: {error}")
         return 2
@@ -7020,6 +7033,9 @@ def _run(config):
     try:
         return _run_batch(config, files, inputs, client, token, console, report, started)
     finally:
+        if created:  # a run that wrote nothing leaves no empty folder behind
+            with suppress(OSError):
+                Path(config.out).rmdir()
         if client is not None:
             client.close()
         if cluster is not None:
@@ -7085,8 +7101,9 @@ def _run_batch(config, files, inputs, client, token, console, report, started):
     console.finish()
     if not config.quiet:
         console.say(
-            f"{done} images segmented, {report.failures} failed, in "
-            f"{time.perf_counter() - started:.1f}s; outputs in {shown(config.out)}"
+            f"{done} image{'s' if done != 1 else ''} segmented, {report.failures} failed, in "
+            f"{time.perf_counter() - started:.1f}s; "
+            + (f"outputs in {shown(config.out)}" if done else "nothing written")
         )
     if config.show:
         show_figures(config.out, [stem for (path, stem, *_) in tasks if path in written], console)

@@ -397,3 +397,20 @@ def test_outputs_that_the_run_cannot_make_are_noted(tmp_path, rng, capsys):
     assert "note: --outputs bic: written only with -k auto; not written in this run" in err
     assert "note: --outputs bias: written only with --bias-field; not written in this run" in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gray_labels.png"]
+
+
+def test_a_run_that_writes_nothing_leaves_no_folder_and_says_so(tmp_path, rng, capsys):
+    """Every image failed: the output folder the run created is gone, and the summary says
+    nothing was written; one image: "1 image segmented" (no plural s); a folder that was there
+    before stays."""
+    (tmp_path / "bad.png").write_text("not an image")
+    status, out, err = run([tmp_path / "bad.png", "--out", tmp_path / "new" / "o"], capsys)
+    assert status == 1 and not (tmp_path / "new" / "o").exists()
+    assert err.strip().splitlines()[-1].endswith("; nothing written"), err
+    two_tone(tmp_path / "good.png", rng)
+    status, out, err = run([tmp_path / "good.png", "--out", tmp_path / "o"], capsys)
+    assert err.strip().splitlines()[-1].startswith("1 image segmented, 0 failed, in "), err
+    assert err.strip().endswith(f"outputs in {tmp_path / 'o'}")
+    (tmp_path / "kept").mkdir()
+    run([tmp_path / "bad.png", "--out", tmp_path / "kept"], capsys)
+    assert (tmp_path / "kept").is_dir()

@@ -445,7 +445,7 @@ def test_broken_nifti_headers_are_noted_and_replaced(tmp_path, capsys):
         status, out, err = run([path, "--spatial", "0.5", "--out", tmp_path / "o"], capsys)
         lines = err.strip().splitlines()
         assert status == 0 and f"note: {path}: " in err and words in err, (name, err)
-        assert all(line.startswith(("note: ", "1 images")) for line in lines), (name, err)
+        assert all(line.startswith(("note: ", "1 image ")) for line in lines), (name, err)
         record = json.loads((tmp_path / "o" / f"{name}_model.json").read_text())
         affine = np.array(record["affine"])
         assert np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0, name
