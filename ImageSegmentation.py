@@ -44,6 +44,7 @@ number of distinct values instead of the number of pixels.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -5240,6 +5241,18 @@ def model_record(segmentation, source, settings, notes, seconds):
     return record
 
 
+@dataclass(frozen=True)
+class Captions:
+    """What an image's figures say beyond its data: the title, and the labels' names where they
+    are more than numbers (a --brain run's tissues), for labels 1..K inside the mask."""
+
+    title: str
+    label_names: tuple | None = None
+
+
+BRAIN_TISSUES = ("CSF", "grey matter", "white matter")  # --brain's labels 1, 2, 3
+
+
 def _figure(width, height):
     """A matplotlib Figure of its own: no pyplot, no global state, nothing to close."""
     from matplotlib.figure import Figure
@@ -5254,37 +5267,80 @@ def _integer_ticks(ax):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
-def plot_log_likelihood(segmentation, title):
-    """The objective per iteration and its negative, the stopping point marked.
-
-    The plain mixture's log-likelihood per pixel; with --spatial, the mean-field objective.
-    """
+def plot_log_likelihood(segmentation, captions):
+    """Left: the objective per iteration, the stopping point marked (the plain mixture's
+    log-likelihood per pixel; with --spatial, the mean-field objective).  Right: the negative
+    of it above its final value, on a log scale, where EM's linear convergence is a straight
+    line and a faster one bends down.  A model read by --model, not fitted here, gets a plot
+    that says so."""
+    if segmentation.spatial is None and segmentation.saved_model and not segmentation.model.n_iter:
+        return _plot_no_fit(segmentation, captions)
     if segmentation.spatial is not None:
-        fit = segmentation.spatial
+        fit, model, name = segmentation.spatial, None, "mean-field objective"
         history, n_iter, em_steps, converged = (
             fit.objective,
             fit.n_iter,
             fit.em_steps,
             fit.converged,
         )
-        name = "mean-field objective"
     else:
-        model = segmentation.model
-        history, n_iter, em_steps, converged = (
-            model.log_likelihood,
-            model.n_iter,
-            model.n_em_steps,
-            model.converged,
-        )
-        name = "log-likelihood"
+        model, name = segmentation.model, "log-likelihood"
+        history, n_iter = model.log_likelihood, model.n_iter
+        em_steps, converged = model.n_em_steps, model.converged
     history = np.asarray(history)
     iterations = np.arange(1, len(history) + 1)
-    stop = "converged" if converged else "stopped at max_iter"
-    model = segmentation.model if segmentation.spatial is None else None
+    stop = "converged" if converged else "stopped at --max-iter"
     fell_at = None if model is None else model.fell_at
     newton = 0 if model is None else model.newton_iter
-    fell = "fell on a Newton step" if fell_at and fell_at <= newton else "EM's own step fell"
-    # what an iteration is, in a caption below both plots (a legend this long squeezes them)
+    caption = [_iteration_caption(model, n_iter, em_steps, newton)]
+    if fell_at is not None and fell_at <= newton:
+        fell = "fell on a Newton step"
+        caption.append("Newton's steps aim at EM's fixed point: the log-likelihood may fall")
+    elif fell_at is not None:
+        fell = "fell: a variance at --reg-covar"
+        caption.append(f"from iteration {fell_at} the fit follows EM to its fixed point")
+    caption.append(
+        f"right: how far the negative {name} is above its final value; a straight line is "
+        f"steady (linear) convergence, a curve bending down a faster one"
+    )
+    figure = _figure(10, 4)
+    left, right = figure.subplots(1, 2)
+    left.plot(iterations, history, marker="o", markersize=3, color="tab:blue")
+    left.plot(
+        iterations[-1],
+        history[-1],
+        marker="o",
+        markersize=9,
+        markerfacecolor="none",
+        color="tab:red",
+        label=f"{stop} at iteration {n_iter} ({em_steps} EM steps)",
+    )
+    left.set_ylabel(f"{name} per pixel")
+    left.set_title(name[0].upper() + name[1:])
+    gap = history[-1] - history  # the negative objective above its final value
+    above = gap > 0
+    right.plot(iterations[above], gap[above], marker="o", markersize=3, color="tab:blue")
+    right.axvline(n_iter, color="tab:red", linewidth=1, label=f"{stop} at iteration {n_iter}")
+    if above.any():
+        right.set_yscale("log")
+    right.set_ylabel("above the final value, per pixel")
+    right.set_title(f"Negative {name} above its final value")
+    for ax in (left, right):
+        if fell_at is not None:
+            ax.axvline(fell_at, color="tab:orange", linestyle="--", linewidth=1, label=fell)
+        ax.set_xlabel("EM iteration" if em_steps == n_iter else "iteration")
+        ax.set_xlim(0.5, len(history) + 0.5)
+        _integer_ticks(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    figure.supxlabel("\n".join(caption), fontsize="small")
+    figure.suptitle(captions.title)
+    return figure
+
+
+def _iteration_caption(model, n_iter, em_steps, newton):
+    """What an iteration of the plot is, for the caption under both panels (a legend this long
+    squeezes them)."""
     if em_steps == n_iter:
         iteration = "each iteration one EM step"
     elif newton:
@@ -5292,40 +5348,32 @@ def plot_log_likelihood(segmentation, title):
         iteration += ", then cycles of 2-3 EM steps" if newton < n_iter else ""
     else:
         iteration = "each iteration an accelerated cycle of 2-3 EM steps"
-    caption = [iteration]
     if model is not None and model.subsample is not None:  # iterations before these, on draws
         draws = model.subsample
         sizes = f"{draws[0]['pixels']:,}" + (f" to {draws[-1]['pixels']:,}" if draws[1:] else "")
         ran = sum(draw["n_iter"] for draw in draws)
-        caption[0] += f", after {ran} iterations on draws of {sizes} pixels"
-    if fell_at is not None and fell_at <= newton:
-        caption.append("Newton's steps aim at EM's fixed point: the log-likelihood may fall")
-    elif fell_at is not None:
-        caption.append(f"from iteration {fell_at} the fit follows EM to its fixed point")
+        iteration += f", after {ran} iterations on draws of {sizes} pixels"
+    return iteration
+
+
+def _plot_no_fit(segmentation, captions):
+    """The convergence figure of an image labelled with a saved model: no fit ran, so no curve;
+    what the model scores on this image instead."""
     figure = _figure(10, 4)
-    axes = figure.subplots(1, 2)
-    for ax, values, label in ((axes[0], history, name), (axes[1], -history, f"negative {name}")):
-        ax.plot(iterations, values, marker="o", markersize=3, color="tab:blue")
-        if fell_at is not None:
-            ax.axvline(fell_at, color="tab:orange", linestyle="--", linewidth=1, label=fell)
-        ax.plot(
-            iterations[-1],
-            values[-1],
-            marker="o",
-            markersize=9,
-            markerfacecolor="none",
-            color="tab:red",
-            label=f"{stop} at iteration {n_iter} ({em_steps} EM steps)",
-        )
-        ax.set_xlabel("EM iteration" if em_steps == n_iter else "iteration")
-        ax.set_xlim(0.5, len(history) + 0.5)
-        ax.set_ylabel(f"{label} per pixel")
-        ax.set_title(label[0].upper() + label[1:])
-        _integer_ticks(ax)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-    figure.supxlabel("\n".join(caption), fontsize="small")
-    figure.suptitle(title)
+    ax = figure.subplots()
+    ax.axis("off")
+    ax.text(
+        0.5,
+        0.5,
+        f"No fit: the image was labelled with the saved model\n{shown(segmentation.saved_model)}"
+        f"\n\nits log-likelihood on this image: "
+        f"{segmentation.model.log_likelihood[-1]:.6f} per pixel",
+        ha="center",
+        va="center",
+        fontsize="large",
+        transform=ax.transAxes,
+    )
+    figure.suptitle(captions.title)
     return figure
 
 
@@ -5340,7 +5388,7 @@ def _display_copy(picture):
     return picture.table[codes], step
 
 
-def plot_comparison(segmentation, title):
+def plot_comparison(segmentation, captions):
     """Original | segmented | label map, side by side, drawn from downsampled copies.
 
     Each panel keeps the image's aspect inside a PANEL_INCHES x PANEL_MAX_HEIGHT box, so the
@@ -5372,13 +5420,7 @@ def plot_comparison(segmentation, title):
     shown_labels = axes[2].imshow(
         labels, cmap=cmap, vmin=-0.5, vmax=k + first - 0.5, interpolation="nearest"
     )
-    colorbar = figure.colorbar(
-        shown_labels,
-        ax=axes[2],
-        shrink=0.9,
-        label="component (0 = darkest)" if not first else "component (0 = outside, 1 = darkest)",
-    )
-    colorbar.set_ticks(range(k + first) if k <= 16 else np.linspace(0, k + first - 1, 9).round())
+    _label_colourbar(figure, shown_labels, axes[2], k, first, captions.label_names)
     if segmentation.bias is not None:
         field = segmentation.bias.image(stride=step)
         if segmentation.picture.mask is not None:
@@ -5389,8 +5431,18 @@ def plot_comparison(segmentation, title):
     for ax, name in zip(axes, names):
         ax.set_title(name)
         ax.axis("off")
-    figure.suptitle(title)
+    figure.suptitle(captions.title)
     return figure
+
+
+def _label_colourbar(figure, image, ax, k, first, names):
+    """The label map's colour bar: each label's number, or its name (tissues), 0 = outside."""
+    colorbar = figure.colorbar(image, ax=ax, shrink=0.9)
+    if names is not None and len(names) == k:
+        colorbar.set_ticks(range(k + first), labels=("outside",) * first + tuple(names))
+        return
+    colorbar.set_label("label (0 = darkest)" if not first else "label (0 = outside, 1 = darkest)")
+    colorbar.set_ticks(range(k + first) if k <= 16 else np.linspace(0, k + first - 1, 9).round())
 
 
 def _middle_slices(volume_array, picture):
@@ -5407,9 +5459,10 @@ def _middle_slices(volume_array, picture):
         yield file_axis.index(axis), plane, volume.spacing[rows] / volume.spacing[cols]
 
 
-def plot_volume_comparison(segmentation, title):
-    """Original | segmented | label map on the three orthogonal middle slices of a volume, each
-    drawn at its voxels' aspect."""
+def plot_volume_comparison(segmentation, captions):
+    """Original | segmented | label map (| bias field) on the three orthogonal middle slices of
+    a volume, each drawn at its voxels' aspect and named by its plane (sagittal, coronal,
+    axial, from a NIfTI's affine; a TIFF stack's page, rows, columns)."""
     import matplotlib
 
     picture = segmentation.picture
@@ -5420,11 +5473,21 @@ def plot_volume_comparison(segmentation, title):
         from matplotlib.colors import ListedColormap
 
         cmap = ListedColormap(np.vstack([[0, 0, 0, 1], cmap(np.arange(k))]))
-    figure = _figure(3 * PANEL_INCHES, 3 * PANEL_INCHES * 0.9)
-    axes = figure.subplots(3, 3, squeeze=False)
+    field = None if segmentation.bias is None else segmentation.bias.image()
+    if field is not None and picture.mask is not None:
+        field = np.where(picture.mask, field, np.nan)
+    columns = 3 if field is None else 4
+    figure = _figure(columns * PANEL_INCHES, 3 * PANEL_INCHES * 0.9)
+    axes = figure.subplots(3, columns, squeeze=False)
     gray = dict(cmap="gray", vmin=0, vmax=1)
-    codes = _middle_slices(picture.codes, picture)
-    for (axis, plane, aspect), (_, label_plane, _) in zip(codes, _middle_slices(labels, picture)):
+    planes = _plane_names(picture.volume)
+    no_field = itertools.repeat((None, None, None))
+    slices = zip(
+        _middle_slices(picture.codes, picture),
+        _middle_slices(labels, picture),
+        no_field if field is None else _middle_slices(field, picture),
+    )
+    for (axis, plane, aspect), (_, label_plane, _), (_, field_plane, _) in slices:
         flat = replace(picture, codes=np.ascontiguousarray(plane), mask=None, volume=None)
         original, step = _display_copy(flat)
         label_plane = label_plane[::step, ::step]
@@ -5432,7 +5495,7 @@ def plot_volume_comparison(segmentation, title):
         row = axes[axis]
         row[0].imshow(original, **(gray if original.ndim == 2 else {}), aspect=aspect)
         row[1].imshow(recoloured, **(gray if recoloured.ndim == 2 else {}), aspect=aspect)
-        row[2].imshow(
+        shown_labels = row[2].imshow(
             label_plane,
             cmap=cmap,
             vmin=-0.5,
@@ -5440,13 +5503,34 @@ def plot_volume_comparison(segmentation, title):
             aspect=aspect,
             interpolation="nearest",
         )
-        row[0].set_ylabel(f"middle slice across axis {axis}")
-        for ax, name in zip(row, ("original", f"segmented, K = {k}", "label map")):
+        _label_colourbar(figure, shown_labels, row[2], k, first, captions.label_names)
+        if field_plane is not None:
+            shown_field = row[3].imshow(
+                field_plane[::step, ::step], cmap="magma", aspect=aspect, interpolation="nearest"
+            )
+            figure.colorbar(shown_field, ax=row[3], shrink=0.9, label="multiplicative field")
+        row[0].set_ylabel(planes[axis])
+        titles = ("original", f"segmented, K = {k}", "label map", "bias field")
+        for ax, name in zip(row, titles):
             ax.set_title(name if axis == 0 else "")
             ax.set_xticks([])
             ax.set_yticks([])
-    figure.suptitle(title)
+    figure.suptitle(captions.title)
     return figure
+
+
+ANATOMICAL_PLANES = ("sagittal", "coronal", "axial")  # a slice across x (left-right), y, z
+
+
+def _plane_names(volume):
+    """The name of the middle slice across each of the file's axes: a NIfTI's plane by the
+    world axis its affine maps the file axis on most (x: sagittal, y: coronal, z: axial), a
+    TIFF stack's page, rows and columns."""
+    if volume.format == "nifti" and volume.affine is not None:
+        world = np.argmax(np.abs(volume.affine[:3, :3]), axis=0)
+        if len(set(world.tolist())) == 3:
+            return [f"{ANATOMICAL_PLANES[w]} (middle slice)" for w in world]
+    return ["middle page", "middle row (across pages)", "middle column (across pages)"]
 
 
 def plot_bic(table, chosen, title):
@@ -5499,7 +5583,9 @@ def corrected_image(picture, field):
     return corrected.astype(np.uint8 if top == 255 else np.uint16)
 
 
-def write_outputs(segmentation, paths, title, record, probabilities=None, wanted=OUTPUTS, token=""):
+def write_outputs(
+    segmentation, paths, captions, record, probabilities=None, wanted=OUTPUTS, token=""
+):
     """The outputs of one image that are wanted (of OUTPUTS), all or nothing, the JSON record
     last; a figure not wanted is not drawn (nor matplotlib imported for it).
 
@@ -5512,7 +5598,7 @@ def write_outputs(segmentation, paths, title, record, probabilities=None, wanted
         picture = segmentation.picture
         for label, probability in posterior_maps(segmentation) if probabilities else ():
             outputs.stage(probabilities[label], _image_writer(probability, picture))
-        for name, write in _output_writers(segmentation, title, wanted):
+        for name, write in _output_writers(segmentation, captions, wanted):
             outputs.stage(paths[name], write)
         seconds = record["seconds"]
         seconds["write"] = time.perf_counter() - started
@@ -5524,7 +5610,7 @@ def write_outputs(segmentation, paths, title, record, probabilities=None, wanted
         outputs.commit()
 
 
-def _output_writers(segmentation, title, wanted):
+def _output_writers(segmentation, captions, wanted):
     """(output, write(path)) for every wanted output this segmentation has, but the JSON, made
     one at a time as they are written."""
     picture = segmentation.picture
@@ -5533,12 +5619,13 @@ def _output_writers(segmentation, title, wanted):
     if "labels" in wanted:
         yield "labels", _image_writer(label_map(segmentation), picture)
     if "loglik" in wanted:
-        yield "loglik", _figure_writer(plot_log_likelihood(segmentation, title))
+        yield "loglik", _figure_writer(plot_log_likelihood(segmentation, captions))
     if "comparison" in wanted:
         comparison = plot_comparison if picture.volume is None else plot_volume_comparison
-        yield "comparison", _figure_writer(comparison(segmentation, title))
+        yield "comparison", _figure_writer(comparison(segmentation, captions))
     if "bic" in wanted and segmentation.bic_table is not None:
-        bic_figure = plot_bic(segmentation.bic_table, segmentation.model.n_components, title)
+        table, chosen = segmentation.bic_table, segmentation.model.n_components
+        bic_figure = plot_bic(table, chosen, captions.title)
         yield "bic", _figure_writer(bic_figure)
     if segmentation.bias is not None and {"bias", "corrected"} & set(wanted):
         field = segmentation.bias.image()
@@ -6288,8 +6375,9 @@ def _segment_file(path, stem, batch, say, console):
         notes,
         {"load": loaded - clock, "fit": fitted - loaded},
     )
-    title = figure_title(path, segmentation)
-    write_outputs(segmentation, paths, title, record, probabilities, config.outputs, batch.token)
+    names = BRAIN_TISSUES if config.brain and segmentation.model.n_labels == 3 else None
+    captions = Captions(figure_title(path, segmentation), names)
+    write_outputs(segmentation, paths, captions, record, probabilities, config.outputs, batch.token)
     if not config.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")
@@ -6522,7 +6610,13 @@ def figure_title(path, segmentation):
         f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", partial volume" if model.partial_volume is not None else "")
-        + (", shared model" if segmentation.shared else "")
+        + (
+            ", saved model"
+            if segmentation.saved_model
+            else ", shared model"
+            if segmentation.shared
+            else ""
+        )
         + (f", spatial prior {prior.beta:g}" if prior else "")
     )
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -414,3 +415,52 @@ def test_a_run_that_writes_nothing_leaves_no_folder_and_says_so(tmp_path, rng, c
     (tmp_path / "kept").mkdir()
     run([tmp_path / "bad.png", "--out", tmp_path / "kept"], capsys)
     assert (tmp_path / "kept").is_dir()
+
+
+def _colourbar_labels(figure):
+    """The tick labels of each colour bar of a drawn figure, in the figure's order."""
+    figure.canvas.draw()
+    return [
+        [tick.get_text() for tick in ax.get_yticklabels()]
+        for ax in figure.axes
+        if ax.get_label() == "<colorbar>"
+    ]
+
+
+def test_figures_name_what_they_show(rng):
+    """Tissue names on the label map's colour bar where the labels are tissues, numbers
+    otherwise; a NIfTI volume's rows named by their anatomical plane (from the affine), with
+    a colour bar; the convergence plot's second panel on a log scale; no curve for a model
+    that was not fitted here."""
+    from conftest import phantom
+
+    image, _, inside = phantom(rng)
+    picture = seg.with_mask(seg.picture_from_array(image), inside)
+    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3)
+    tissues = seg.Captions("brain", seg.BRAIN_TISSUES)
+    [bar] = _colourbar_labels(seg.plot_comparison(segmentation, tissues))
+    assert bar == ["outside", "CSF", "grey matter", "white matter"]
+    [bar] = _colourbar_labels(seg.plot_comparison(segmentation, seg.Captions("plain")))
+    assert bar == ["0", "1", "2", "3"]
+    loglik = seg.plot_log_likelihood(segmentation, tissues)
+    assert [ax.get_yscale() for ax in loglik.axes] == ["linear", "log"]
+
+    volume = np.stack([image] * 4)  # codes (4, H, W) of a NIfTI: the file's axes reversed
+    affine = np.array([[0, 0, 2.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    header = seg.Volume((1.0, 1.0, 2.0), "nifti", affine, None, file_axes_reversed=True)
+    picture = replace(seg.picture_from_volume(volume), volume=header)
+    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3)
+    figure = seg.plot_volume_comparison(segmentation, tissues)
+    rows = [ax.get_ylabel() for ax in figure.axes if ax.get_ylabel()]
+    # file axis 0 maps on world z (axial), 1 on y (coronal), 2 on x (sagittal)
+    assert rows == ["axial (middle slice)", "coronal (middle slice)", "sagittal (middle slice)"]
+    assert len(_colourbar_labels(figure)) == 3
+
+    saved = seg.SharedModel(segmentation.model, None, (), "gray", file="scan_model.json")
+    given = replace(segmentation, shared=saved, model=replace(segmentation.model, n_iter=0))
+    texts = [
+        text.get_text() for ax in seg.plot_log_likelihood(given, tissues).axes for text in ax.texts
+    ]
+    assert any(
+        text.startswith("No fit: the image was labelled with the saved model") for text in texts
+    )
