@@ -2289,6 +2289,27 @@ def mixture_coordinates(covariance_type):
     return Coordinates(to_vector, from_vector, importance)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """An on_iteration callback that also names the stage of the fit it reports on (a K that
+    -k auto tries), for the command line's progress line: report(stage, n_iter,
+    log_likelihood).  The API's plain callables get (n_iter, log_likelihood) only."""
+
+    report: object  # callable(stage, n_iter, log_likelihood)
+    stage: str = ""
+
+    def __call__(self, n_iter, log_likelihood):
+        self.report(self.stage, n_iter, log_likelihood)
+
+    def within(self, stage):
+        return replace(self, stage=f"{self.stage}, {stage}" if self.stage else stage)
+
+
+def staged(on_iteration, stage):
+    """on_iteration for a stage of the fit: a Progress names it; any other callback is as is."""
+    return on_iteration.within(stage) if isinstance(on_iteration, Progress) else on_iteration
+
+
 def _best_of_starts(n_starts, fit_one, score):
     """The fit with the highest score among n_starts calls of fit_one() (the first on a tie)."""
     best = None
@@ -4683,11 +4704,14 @@ def _fit_features(data, points, n_components, options, on_iteration):
     if options.partial_volume and (top is not None or n_components == "auto"):
         raise ValueError("a partial-volume model needs a number of tissues and no bins")
 
-    def fit_k(k):
+    def fit_k(k, on_iteration=on_iteration):
         return fit_components(data, k, options.fit, top, on_iteration, options.partial_volume)
 
     if n_components == "auto":
-        return select_components(fit_k, data, options.k_max)
+        k_max = min(options.k_max, _n_distinct(data))
+        return select_components(
+            lambda k: fit_k(k, staged(on_iteration, f"K = {k} of 1..{k_max}")), data, k_max
+        )
     return fit_k(n_components), None
 
 
@@ -4761,7 +4785,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         update_parameters=shared is None,
         settings=options.spatial_settings,
         spacing=None if picture.volume is None else picture.volume.spacing,
-        on_iteration=on_iteration,
+        on_iteration=staged(on_iteration, "spatial prior"),
     )
     order = _luminance_order(model.label_means)
     if options.keep_posteriors and model.partial_volume is not None:
@@ -4792,7 +4816,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration, fix
         settings=options.spatial_settings,
         fixed=fixed,
         pv=options.partial_volume,
-        on_iteration=on_iteration,
+        on_iteration=staged(on_iteration, "bias field"),
     )
     return Segmentation(
         picture=picture,
@@ -6259,6 +6283,10 @@ def _write_line(stream, text):
         pass
 
 
+PROGRESS_AFTER = 2.0  # seconds into an image before its fit's progress is drawn
+PROGRESS_EVERY = 0.25  # seconds between two drawings of the progress line
+
+
 class Console:
     """Where a run speaks: summary lines on stdout; messages and the progress line on stderr.
 
@@ -6269,7 +6297,8 @@ class Console:
 
     def __init__(self, total, progress):
         self.total, self.progress, self.done = total, progress, 0
-        self.started = time.perf_counter()
+        self.started = self.image_started = time.perf_counter()
+        self.drawn = -math.inf
         self.stdout_open, self.failed = True, False
 
     def _draw(self, text):
@@ -6310,12 +6339,22 @@ class Console:
 
     def image_done(self):
         self.done += 1
-        elapsed = time.perf_counter() - self.started
+        now = time.perf_counter()
+        elapsed, self.image_started = now - self.started, now
         left = elapsed / self.done * (self.total - self.done)
         self._draw(f"[{self.done}/{self.total}] {elapsed:.0f}s elapsed, about {left:.0f}s left")
 
-    def iteration(self, path, n_iter):
-        self._draw(f"[{self.done}/{self.total}] {shown(path.name)}: EM iteration {n_iter}")
+    def iteration(self, path, stage, n_iter):
+        """A fit's stage and iteration, once its image has taken PROGRESS_AFTER seconds, at
+        most every PROGRESS_EVERY: a quick image draws nothing but its count."""
+        now = time.perf_counter()
+        if now - self.image_started < PROGRESS_AFTER or now - self.drawn < PROGRESS_EVERY:
+            return
+        self.drawn = now
+        self._draw(
+            f"[{self.done}/{self.total}] {shown(path.name)}: {stage + ', ' if stage else ''}"
+            f"iteration {n_iter}, {now - self.image_started:.0f}s"
+        )
 
     def finish(self):
         self._draw("")
@@ -6356,11 +6395,13 @@ def _segment_file(path, stem, batch, say, console):
     paths = output_paths(config.out, stem, image_suffix(picture))
     _refuse_overwriting_inputs(paths.values(), batch.inputs)
 
-    def on_iteration(n_iter, log_likelihood):
+    def report(stage, n_iter, log_likelihood):
         if config.verbose:
             say(f"{shown(path)}: iteration {n_iter}: log-likelihood {log_likelihood:.8f}")
         elif console is not None:
-            console.iteration(path, n_iter)
+            console.iteration(path, stage, n_iter)
+
+    on_iteration = Progress(report)
 
     segmentation, notes = segment_picture(picture, batch, on_iteration)
     fitted = time.perf_counter()

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import ROOT, record_of, run, seg, two_tone
+from conftest import ROOT, mixture_image, record_of, run, seg, two_tone
 from PIL import Image
 
 JSON_KEYS = {
@@ -463,4 +463,80 @@ def test_figures_name_what_they_show(rng):
     ]
     assert any(
         text.startswith("No fit: the image was labelled with the saved model") for text in texts
+    )
+
+
+def test_a_fit_reports_its_stages_to_a_progress_callback(rng):
+    """-k auto names each K it tries, the spatial prior its own stage; a plain callable (the
+    API's) still gets (n_iter, log_likelihood) only."""
+    image = mixture_image(
+        np.repeat(np.arange(3), 400).reshape(30, 40), [[0.2], [0.5], [0.8]], [[[0.003]]] * 3, rng
+    )
+    picture = seg.picture_from_array(image)
+    stages = []
+    progress = seg.Progress(lambda stage, n_iter, log_likelihood: stages.append(stage))
+    seg.segment_points(
+        picture, seg.distinct_values(picture), "auto", k_max=3, spatial=0.5, on_iteration=progress
+    )
+    assert list(dict.fromkeys(stages)) == [
+        "K = 1 of 1..3",
+        "K = 2 of 1..3",
+        "K = 3 of 1..3",
+        "spatial prior",
+    ]
+    plain = []
+    seg.fit_points(
+        seg.distinct_values(picture), "auto", k_max=2, on_iteration=lambda *args: plain.append(args)
+    )
+    assert plain and {len(args) for args in plain} == {2}
+
+
+def test_progress_is_drawn_only_on_a_terminal(tmp_path, rng):
+    """On a terminal (a pseudo-terminal here), the batch's progress line is drawn on stderr,
+    each drawing erased before a line is written; piped, stderr has only the run's lines."""
+    import pty
+
+    for i in range(3):
+        two_tone(tmp_path / f"img{i}.png", rng)
+    argv = [sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path), "--jobs", "1"]
+    piped = subprocess.run([*argv, "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert "\r" not in piped.stderr and "[1/3]" not in piped.stderr
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=follower
+    ) as process:
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the program closed its end
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    os.close(leader)
+    text = drawn.decode()
+    assert process.returncode == 0
+    assert "\r\x1b[K[1/3] " in text and "\r\x1b[K[3/3] " in text, text
+    lines = [line.split("\x1b[K")[-1] for line in text.replace("\r\n", "\n").split("\n") if line]
+    assert lines[-1].startswith("3 images segmented, 0 failed"), lines
+    quiet = subprocess.run([*argv, "-q", "--out", str(tmp_path / "c")], capture_output=True)
+    assert quiet.stderr == b""
+
+
+def test_a_long_fit_draws_its_stage_and_a_quick_one_does_not(capsys):
+    """The progress line shows a fit's stage and iteration once its image has taken
+    PROGRESS_AFTER seconds, at most every PROGRESS_EVERY; before that, nothing."""
+    from pathlib import Path
+
+    console = seg.Console(2, progress=True)
+    console.iteration(Path("scan.png"), "K = 2 of 1..8", 5)
+    assert capsys.readouterr().err == ""  # the image has only just begun
+    console.image_started -= seg.PROGRESS_AFTER + 1
+    console.iteration(Path("scan.png"), "K = 2 of 1..8", 6)
+    console.iteration(Path("scan.png"), "K = 2 of 1..8", 7)  # too soon after the last drawing
+    err = capsys.readouterr().err
+    assert (
+        err == f"\r\x1b[K[0/2] scan.png: K = 2 of 1..8, iteration 6, {seg.PROGRESS_AFTER + 1:.0f}s"
     )
