@@ -170,7 +170,7 @@ def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys,
         "\r\033[K[1/2]" in shown
         and "[2/2]" in shown
         and "left" in shown
-        and "EM iteration" in shown
+        and "iteration" not in shown  # a quick image draws its count, not its fit's iterations
     )
     quiet = FakeTerminal()
     monkeypatch.setattr("sys.stderr", quiet)
