@@ -27,10 +27,15 @@ DOCS = ROOT / "docs"
 
 
 def sample_figures():
+    """The README's pictures of the default run (coffee, camera) and of --brain on the brain
+    sample, as the program draws them today."""
     out = Path(tempfile.mkdtemp())
     assert seg.main([str(ROOT / "images"), "--out", str(out), "-q"]) == 0
-    for name in ("coffee_comparison", "coffee_loglik", "camera_comparison", "brain_t1_comparison"):
+    brain = ROOT / "images" / "brain_t1.png"
+    assert seg.main([str(brain), "--brain", "--out", str(out / "brain"), "-q"]) == 0
+    for name in ("coffee_comparison", "coffee_loglik", "camera_comparison"):
         shutil.copy(out / f"{name}.png", DOCS / f"{name}.png")
+    shutil.copy(out / "brain" / "brain_t1_comparison.png", DOCS / "brain_t1_comparison.png")
 
 
 def before_after(title, image, rows, path, measure="correct"):
