@@ -503,7 +503,8 @@ def _nifti_data(nibabel, path, max_pixels):
     except MemoryError:
         raise
     except Exception as error:  # nibabel's own errors, zlib's, gzip's, a short file's
-        raise ImageError(f"truncated or corrupt NIfTI ({shown(error)})") from None
+        first = str(error).strip().split("\n", 1)[0]  # nibabel adds hints on further lines
+        raise ImageError(f"truncated or corrupt NIfTI ({shown(first)})") from None
     return data, image
 
 
