@@ -2717,12 +2717,20 @@ def point_index(picture, points, passes=Passes()):
 
 
 def fit_components(
-    data, n_components, options, quantized_top=None, on_iteration=None, partial_volume=False
+    data,
+    n_components,
+    options,
+    quantized_top=None,
+    on_iteration=None,
+    partial_volume=False,
+    start=None,
 ):
     """K components (at most one per distinct value), numbered by luminance.
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
     partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component fit.
+    start: (weights, means, covariances, on the 0..1 scale) to start from instead of fresh
+    starts (-k auto's split_start); a binned fit starts fresh.
     """
     k = min(n_components, _n_distinct(data))
     if quantized_top is not None:
@@ -2732,22 +2740,177 @@ def fit_components(
         tissues = _fit_data(data, k, options)
         tissues = tissues.reordered(_luminance_order(tissues.means))
         fit = _partial_volume_fit(data, tissues, options, on_iteration)
+    elif start is not None:
+        fit = _fit_data(data, k, options, given=start, on_iteration=on_iteration)
     else:
         fit = _fit_data(data, k, options, on_iteration=on_iteration)
     return fit.reordered(_luminance_order(fit.label_means))
 
 
-def select_components(fit_k, data, k_max):
-    """Fit K = 1..k_max with fit_k(K) and keep the lowest BIC; the distinct values make the
-    sweep cheap.  Returns the model and the table of every K tried."""
-    best, best_score, table = None, math.inf, []
-    for k in range(1, min(k_max, _n_distinct(data)) + 1):
-        model = fit_k(k)
-        score = bic(model, data.total_weight)
-        table.append({"k": k, "bic": score, "log_likelihood": model.log_likelihood[-1]})
-        if score < best_score:
-            best, best_score = model, score
-    return best, table
+# --- 5a. Choosing K (-k auto) ------------------------------------------------------------
+# BIC alone counts ways to fit an image, not its classes: at a million pixels any departure
+# from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
+# 0 or 255).  The default criterion, "classes", is BIC among the fits whose every component is
+# a class: one that fills regions of the image (most of its pixels' neighbours carry its label;
+# a blurred edge's mixels line the boundaries between two classes and fail this) and has not
+# collapsed onto one value.  "icl" is BIC plus twice the classification entropy (Biernacki,
+# Celeux and Govaert 2000), "bic" the plain BIC.  The climb stops once K_TURNED values of K past
+# the best have not improved on it; a K past the best is fitted from the best's split
+# (split_start) and capped at K_PROBE_MAX_ITER iterations, where EM crawls as two components
+# share one class; a capped K that would be chosen is fitted again in full.
+
+K_CRITERIA = ("classes", "bic", "icl")
+REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 5a)
+K_TURNED = 2  # values of K past the best with no better score: the climb stops
+K_PROBE_MAX_ITER = 20  # iterations of a K's first fits before it is judged (a best: fitted on)
+K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
+
+
+def region_shares(labels, n_labels, inside=None):
+    """(n_labels,) the share of each label's pixels whose every neighbour (4 in 2-D, 6 in a
+    volume; those inside) carries the same label: near 1 for a class that fills regions, low
+    for one that lines the boundaries between others; NaN for a label with no pixel."""
+    interior = np.ones(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        ahead = [slice(None)] * labels.ndim
+        behind = [slice(None)] * labels.ndim
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        ahead, behind = tuple(ahead), tuple(behind)
+        differs = labels[ahead] != labels[behind]
+        if inside is not None:
+            differs &= inside[ahead] & inside[behind]
+        interior[ahead] &= ~differs
+        interior[behind] &= ~differs
+    counted = labels if inside is None else labels[inside]
+    kept = labels[interior] if inside is None else labels[interior & inside]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (
+            np.bincount(kept.ravel(), minlength=n_labels)[:n_labels]
+            / np.bincount(counted.ravel(), minlength=n_labels)[:n_labels]
+        )
+
+
+def classification_entropy(model, data):
+    """-sum over points of weight x sum_k tau_k log tau_k: ICL's charge for overlapping labels."""
+    entropy = 0.0
+    for start, block in log_label_blocks(model, data):
+        log_tau = block - _logsumexp(block, axis=0, keepdims=True)
+        weights = data.weights[start : start + block.shape[1]]
+        entropy -= float(np.sum(weights * np.sum(np.exp(log_tau) * log_tau, axis=0)))
+    return entropy
+
+
+def split_start(model):
+    """(weights, means, covariances) of K + 1 components from a K-component fit: the component
+    with the most spread (weight x the geometric mean of its variances) split in two along its
+    widest axis, its means half a standard deviation either side, each with half its weight."""
+    d = model.means.shape[1]
+    full = full_covariances(model.covariances, model.covariance_type, model.n_components, d)
+    spread = model.weights * np.exp(np.linalg.slogdet(full)[1] / d)
+    j = int(np.argmax(spread))
+    values, vectors = np.linalg.eigh(full[j])
+    step = 0.5 * math.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
+    means = np.vstack([model.means, model.means[j] + step])
+    means[j] -= step
+    weights = np.append(model.weights, model.weights[j] / 2)
+    weights[j] /= 2
+    covariances = np.asarray(model.covariances)
+    if model.covariance_type != "tied":
+        covariances = np.concatenate([covariances, covariances[j : j + 1]])
+    return weights, means, covariances
+
+
+def full_covariances(covariances, covariance_type, n_components, n_features):
+    """(K, D, D) covariance matrices of any covariance type."""
+    covariances = np.asarray(covariances, dtype=np.float64)
+    if covariance_type == "full":
+        return covariances
+    if covariance_type == "tied":
+        return np.broadcast_to(covariances, (n_components, n_features, n_features))
+    if covariance_type == "diag":
+        return covariances[:, :, None] * np.eye(n_features)
+    return covariances[:, None, None] * np.eye(n_features)
+
+
+@dataclass(frozen=True)
+class KSearch:
+    """-k auto's record: the criterion, every K tried (rows of k, bic, icl, log_likelihood,
+    collapsed, region_share: the least of its components', counted: a candidate of the
+    criterion, capped: judged after K_PROBE_MAX_ITER iterations), the K chosen and why the climb
+    stopped."""
+
+    criterion: str
+    rows: list
+    chosen: int
+    stopped: str
+    k_max: int
+
+    def record(self):
+        return {
+            "criterion": self.criterion,
+            "chosen": self.chosen,
+            "k_max": self.k_max,
+            "stopped": self.stopped,
+        }
+
+
+def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, reg_covar=0.0):
+    """K in 1..k_max by the criterion (K_CRITERIA): (model, KSearch).
+
+    fit_k(k, start=None, max_iter=None) fits K components from start alone (the last K's
+    split_start, or a capped fit to go on with) or from fresh starts, at most max_iter
+    iterations; shares_of(model) the region_shares of its labels on the image, or None where
+    there is no image (a pooled batch): "classes" then judges by collapse alone."""
+    if criterion not in K_CRITERIA:
+        raise ValueError(f"criterion must be one of {K_CRITERIA}, got {criterion!r}")
+    rows, scores, fits, best = [], [], {}, 1
+    stopped = f"every K up to {k_max} was tried"
+    cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
+    for k in range(1, k_max + 1):
+        if k == 1:
+            fitted = [fit_k(1)]
+        else:  # from the last K's split, and from fresh starts, each capped; the better judged
+            split = fit_k(k, start=split_start(fits[k - 1]), max_iter=cap)
+            fitted = [split, fit_k(k, max_iter=cap)]
+        judged = [(_judged(fit, k, data, criterion, shares_of, reg_covar), fit) for fit in fitted]
+        (row, score), model = min(judged, key=lambda j: (j[0][1], -j[1].log_likelihood[-1]))
+        if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
+            model = fit_k(k, start=(model.weights, model.means, model.covariances))
+            row, score = _judged(model, k, data, criterion, shares_of, reg_covar)
+        row["capped"] = not model.converged and model.n_iter >= K_PROBE_MAX_ITER
+        fits[k] = model
+        rows.append(row)
+        scores.append(score)
+        if score < scores[best - 1]:
+            best = k
+        if k - best >= K_TURNED:
+            stopped = f"no better score in the {K_TURNED} values of K past {best}"
+            break
+    return fits[best], KSearch(criterion, rows, best, stopped, k_max)
+
+
+def _judged(model, k, data, criterion, shares_of, reg_covar):
+    """(row of the KSearch table, the criterion's score: lower is better, inf: not counted)."""
+    score_bic = bic(model, data.total_weight)
+    icl = score_bic + 2 * classification_entropy(model, data)
+    collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
+    shares = None if shares_of is None or k == 1 else shares_of(model)
+    least = None if shares is None else float(np.nanmin(shares, initial=1.0))
+    counted = criterion != "classes" or (
+        not collapsed and (least is None or least >= REGION_SHARE_MIN)
+    )
+    score = {"bic": score_bic, "icl": icl, "classes": score_bic}[criterion]
+    row = {
+        "k": k,
+        "bic": score_bic,
+        "icl": icl,
+        "log_likelihood": model.log_likelihood[-1],
+        "collapsed": collapsed,
+        "region_share": least,
+        "counted": counted,
+        "iterations": model.n_iter,
+    }
+    return row, score if counted else math.inf
 
 
 def gray_level_top(points):
@@ -4617,7 +4780,8 @@ class SegmentOptions:
     """What is fitted to an image beyond EM's own FitOptions; the defaults of the API and of
     the command line alike.
 
-    k_max: the largest K that n_components="auto" tries.  quantized: fit integer gray levels as
+    k_max: the largest K that n_components="auto" tries, criterion how it chooses (K_CRITERIA,
+    section 5a).  quantized: fit integer gray levels as
     bins (section 4b).  spatial: BETA of a Potts prior on the labels (section 5b; 0 = off).
     bias_field: fit a multiplicative field of polynomial degree bias_degree with the mixture
     (section 5c; 8- and 16-bit gray images, a number of components, no shared model, not
@@ -4628,6 +4792,7 @@ class SegmentOptions:
     """
 
     k_max: int = 10
+    criterion: str = "classes"
     quantized: bool = False
     partial_volume: bool = False
     spatial: float = 0.0
@@ -4637,6 +4802,10 @@ class SegmentOptions:
     keep_posteriors: bool = False
     spatial_settings: SpatialSettings = SpatialSettings()
     fit: FitOptions = FitOptions()
+
+    def __post_init__(self):
+        if self.criterion not in K_CRITERIA:
+            raise ValueError(f"criterion must be one of {K_CRITERIA}, got {self.criterion!r}")
 
 
 def segment_options(options=None, **overrides):
@@ -4657,7 +4826,7 @@ class Segmentation:
     model: GaussianMixtureFit  # components ordered by luminance
     labels: np.ndarray  # (H, W) component index of every pixel
     requested_k: object  # an int, or "auto"
-    bic_table: list | None = None  # [{"k", "bic", "log_likelihood"}] when K was chosen by BIC
+    k_search: KSearch | None = None  # how -k auto chose K
     shared: SharedModel | None = None  # the batch's model, when the image was labelled with one
     spatial: SpatialFit | None = None  # the Potts-prior fit's record, with --spatial
     posteriors: np.ndarray | None = None  # (K, H, W) float32 q of the spatial fit, when kept
@@ -4685,35 +4854,58 @@ class Segmentation:
 
 
 def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
-    """The model of weighted distinct values (one image's, or a batch's pooled): (model, BIC table).
+    """The model of weighted distinct values (one image's, or a batch's pooled): (model,
+    KSearch or None).
 
     n_components: an int (lowered to the number of distinct values when there are fewer), or
-    "auto" to choose K in 1..options.k_max by BIC (the table lists every K tried; None
-    otherwise).  options: SegmentOptions (or overrides of its fields and of FitOptions'); its
-    quantized fits integer gray levels as bins (section 4b), ignored for any other values.
+    "auto" to choose K in 1..options.k_max by options.criterion (section 5a; without an image,
+    "classes" judges a fit by collapse alone: segment_points and segment_image also look at
+    where its labels fall).  options: SegmentOptions (or overrides of its fields and of
+    FitOptions'); its quantized fits integer gray levels as bins (section 4b), ignored for any
+    other values.
     """
     options = segment_options(options, **overrides)
     data = _PointFeatures(points.values, points.weights, points.scale)
     return _fit_features(data, points, n_components, options, on_iteration)
 
 
-def _fit_features(data, points, n_components, options, on_iteration):
+def _fit_features(data, points, n_components, options, on_iteration, shares_of=None):
     """fit_points on the points' features, made once by the caller (they can be the largest
-    array of a fit: ten float64 a distinct colour)."""
+    array of a fit: ten float64 a distinct colour); shares_of: select_components' look at the
+    image, or None."""
     top = gray_level_top(points) if options.quantized else None
 
     if options.partial_volume and (top is not None or n_components == "auto"):
         raise ValueError("a partial-volume model needs a number of tissues and no bins")
+    if n_components != "auto":
+        pv = options.partial_volume
+        return fit_components(data, n_components, options.fit, top, on_iteration, pv), None
+    k_max = min(options.k_max, _n_distinct(data))
 
-    def fit_k(k, on_iteration=on_iteration):
-        return fit_components(data, k, options.fit, top, on_iteration, options.partial_volume)
+    def fit_k(k, start=None, max_iter=None):
+        fit_options = options.fit
+        if max_iter is not None and max_iter < fit_options.max_iter:
+            fit_options = replace(fit_options, max_iter=max_iter)
+        if start is not None:
+            fit_options = replace(fit_options, n_init=1)
+        elif k > 1:  # the last K's split is one of the n_init starts
+            fit_options = replace(fit_options, n_init=max(1, fit_options.n_init - 1))
+        stage = staged(on_iteration, f"K = {k} of 1..{k_max}")
+        return fit_components(data, k, fit_options, top, stage, start=start)
 
-    if n_components == "auto":
-        k_max = min(options.k_max, _n_distinct(data))
-        return select_components(
-            lambda k: fit_k(k, staged(on_iteration, f"K = {k} of 1..{k_max}")), data, k_max
-        )
-    return fit_k(n_components), None
+    return select_components(
+        fit_k, data, k_max, options.criterion, shares_of, options.fit.reg_covar
+    )
+
+
+def region_shares_of(picture, points, data):
+    """select_components' look at the image: the region_shares of a model's labels."""
+
+    def shares_of(model):
+        labels = label_pixels(picture, points, _most_likely(data, model), model.n_labels)
+        return region_shares(labels, model.n_labels, picture.mask)
+
+    return shares_of
 
 
 @dataclass(frozen=True)
@@ -4722,7 +4914,7 @@ class SharedModel:
     images it saw), or read from a file (--model)."""
 
     model: GaussianMixtureFit
-    bic_table: list | None
+    k_search: KSearch | None
     images: tuple
     mode: str  # "gray" or "color": the batch is colour when any image is
     file: str | None = None  # the STEM_model.json it was read from
@@ -4757,9 +4949,10 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
-        model, table = _fit_features(data, points, n_components, options, on_iteration)
+        shares_of = region_shares_of(picture, points, data)
+        model, search = _fit_features(data, points, n_components, options, on_iteration, shares_of)
     else:
-        model, table = shared.model, shared.bic_table
+        model, search = shared.model, shared.k_search
         if not model.log_likelihood:  # a model read from a file: how well it fits this image
             model = replace(model, log_likelihood=[_mean_log_likelihood(model, data)])
     segmentation = Segmentation(
@@ -4768,7 +4961,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         model=model,
         labels=None,
         requested_k=n_components,
-        bic_table=table,
+        k_search=search,
         shared=shared,
     )
     if not spatial_on(options.spatial):
@@ -5222,8 +5415,9 @@ def model_record(segmentation, source, settings, notes, seconds):
         "notes": list(notes),
         "seconds": seconds,
     }
-    if segmentation.bic_table is not None:
-        record["bic"] = segmentation.bic_table
+    if segmentation.k_search is not None:
+        record["bic"] = segmentation.k_search.rows
+        record["k_auto"] = segmentation.k_search.record()
     record |= _partial_volume_record(model)
     if model.subsample is not None:
         record["subsample"] = model.subsample
@@ -5558,28 +5752,47 @@ def _plane_names(volume):
     return ["middle page", "middle row (across pages)", "middle column (across pages)"]
 
 
-def plot_bic(table, chosen, title):
-    """BIC against K, the chosen K marked."""
-    ks = [row["k"] for row in table]
-    scores = [row["bic"] for row in table]
+def plot_bic(search, title):
+    """-k auto's criterion against K, the chosen K marked; with "classes", the K whose fit has a
+    component that is no class (a collapse, a boundary's mixels) hollow."""
+    rows = search.rows
+    key = "icl" if search.criterion == "icl" else "bic"
+    ks, scores = [row["k"] for row in rows], [row[key] for row in rows]
     figure = _figure(6, 4)
     ax = figure.subplots()
-    ax.plot(ks, scores, marker="o", color="tab:blue")
+    ax.plot(ks, scores, color="tab:blue", linewidth=1)
+    counted = [row["counted"] for row in rows]
     ax.plot(
-        chosen,
-        scores[ks.index(chosen)],
+        [k for k, c in zip(ks, counted) if c],
+        [v for v, c in zip(scores, counted) if c],
+        "o",
+        color="tab:blue",
+        label="every component a class" if search.criterion == "classes" else key.upper(),
+    )
+    if not all(counted):
+        ax.plot(
+            [k for k, c in zip(ks, counted) if not c],
+            [v for v, c in zip(scores, counted) if not c],
+            "o",
+            markerfacecolor="none",
+            color="tab:gray",
+            label="a component that is no class",
+        )
+    ax.plot(
+        search.chosen,
+        scores[ks.index(search.chosen)],
         marker="o",
         markersize=12,
         markerfacecolor="none",
         color="tab:red",
-        label=f"chosen: K = {chosen}",
+        label=f"chosen: K = {search.chosen}",
     )
     ax.set_xlabel("number of components K")
-    ax.set_ylabel("BIC (lower is better)")
+    ax.set_ylabel(f"{key.upper()} (lower is better)")
     _integer_ticks(ax)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n-k auto by {search.criterion}", fontsize="medium")
     return figure
 
 
@@ -5648,9 +5861,8 @@ def _output_writers(segmentation, captions, wanted):
     if "comparison" in wanted:
         comparison = plot_comparison if picture.volume is None else plot_volume_comparison
         yield "comparison", _figure_writer(comparison(segmentation, captions))
-    if "bic" in wanted and segmentation.bic_table is not None:
-        table, chosen = segmentation.bic_table, segmentation.model.n_components
-        bic_figure = plot_bic(table, chosen, captions.title)
+    if "bic" in wanted and segmentation.k_search is not None:
+        bic_figure = plot_bic(segmentation.k_search, captions.title)
         yield "bic", _figure_writer(bic_figure)
     if segmentation.bias is not None and {"bias", "corrected"} & set(wanted):
         field = segmentation.bias.image()
@@ -5897,6 +6109,14 @@ def _model_options(group):
         default=SegmentOptions.k_max,
         metavar="N",
         help="the largest K that -k auto tries (default %(default)s)",
+    )
+    group.add_argument(
+        "--criterion",
+        choices=K_CRITERIA,
+        default=SegmentOptions.criterion,
+        help="how -k auto chooses K: classes, the best BIC among fits whose every class fills "
+        "regions (not a blurred edge, not one clipped value); bic or icl alone (default "
+        "%(default)s)",
     )
     group.add_argument(
         "--covariance",
@@ -6211,6 +6431,7 @@ class RunConfig:
         )
         segment = SegmentOptions(
             k_max=args.k_max,
+            criterion=args.criterion,
             quantized=args.quantized,
             partial_volume=args.partial_volume,
             spatial=args.spatial,
@@ -6249,6 +6470,7 @@ class RunConfig:
         return dict(
             components=self.components,
             k_max=segment.k_max,
+            criterion=segment.criterion,
             mode=self.mode,
             covariance=fit.covariance_type,
             max_iter=fit.max_iter,
@@ -6595,6 +6817,26 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     empty = empty_components(segmentation)
     if empty:
         notes.append(empty_note(empty, segmentation))
+    if segmentation.k_search is not None and segmentation.shared is None:
+        notes += k_search_notes(segmentation.k_search)
+    return notes
+
+
+def k_search_notes(search):
+    """What a user should know of -k auto: K at its largest, fits judged before they converged."""
+    notes = []
+    if search.chosen == search.k_max:
+        notes.append(
+            f"-k auto chose K = {search.k_max}, the largest it may try: its criterion "
+            f"({search.criterion}) still fell there; a larger --k-max may find more"
+        )
+    capped = [row["k"] for row in search.rows if row["capped"]]
+    if capped:
+        which = ", ".join(map(str, capped))
+        notes.append(
+            f"-k auto judged K = {which} after {K_PROBE_MAX_ITER} iterations, as the fit stood "
+            f"(EM crawls where two components share one class)"
+        )
     return notes
 
 

@@ -224,3 +224,30 @@ def biased_phantom(rng, shape=(120, 150), sd=0.05, cell=6, rician=False):
     biased = np.clip(np.rint(image * field), 1, 255).astype(np.uint8)
     biased[~inside] = 0
     return image, biased, labels, inside, field
+
+
+# --- Images of a known number of classes (-k auto) ---------------------------------------------
+
+
+def blurred_regions(
+    rng, n_classes, shape=(240, 320), colour=False, sd=0.025, blur=1.5, levels=None
+):
+    """n_classes classes in Voronoi cells (three cells a class), their boundaries blurred by a
+    Gaussian of blur pixels, noise sd, clipped to 0..255: the image (uint8) a person would count
+    n_classes in.  levels: the classes' gray levels on the 0..1 scale (default evenly spread
+    from 0.15 to 0.85; a colour class's channels are three of them)."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    seeds = rng.uniform([0, 0], shape, size=(3 * n_classes, 2))
+    classes = np.resize(np.arange(n_classes), 3 * n_classes)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    _, nearest = cKDTree(seeds).query(np.stack([rows.ravel(), cols.ravel()], 1))
+    labels = classes[nearest].reshape(shape)
+    dim = 3 if colour else 1
+    levels = np.linspace(0.15, 0.85, n_classes) if levels is None else np.asarray(levels)
+    means = np.stack([levels, levels[::-1], np.roll(levels, 1)], 1)[:, :dim]
+    image = means[labels]
+    image = np.stack([ndimage.gaussian_filter(image[..., c], blur) for c in range(dim)], -1)
+    image = np.clip(np.rint((image + rng.normal(0, sd, image.shape)) * 255), 0, 255)
+    return image.astype(np.uint8)[..., : dim if colour else 1].squeeze()

@@ -41,9 +41,10 @@ def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_featu
     record = record_of(tmp_path, "mix")
     assert record["k"] == k and record["requested_k"] == "auto"
     assert record["settings"]["n_init"] == 2  # two starts per K unless told otherwise
-    assert [row["k"] for row in record["bic"]] == list(range(1, 9))
-    best = min(record["bic"], key=lambda row: row["bic"])
-    assert best["k"] == k
+    # the climb ends K_TURNED past the chosen K, at the lowest BIC of the fits it counted
+    assert [row["k"] for row in record["bic"]] == list(range(1, min(k + seg.K_TURNED, 8) + 1))
+    best = min((row for row in record["bic"] if row["counted"]), key=lambda row: row["bic"])
+    assert best["k"] == k and record["k_auto"]["chosen"] == k
     width, height = Image.open(tmp_path / "mix_bic.png").size
     assert width > height > 0
 

@@ -1,0 +1,108 @@
+"""-k auto: the number of classes a person would count, not the number of ways to fit
+boundaries and clipping; the climb stops where the criterion has turned; the same in the API,
+with masks, volumes and on the command line."""
+
+import numpy as np
+import pytest
+from conftest import blurred_regions, record_of, run, seg
+
+
+def auto(image, **options):
+    picture = seg.picture_from_array(image)
+    return seg.segment_points(picture, seg.distinct_values(picture), "auto", k_max=6, **options)
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["gray", "colour"])
+def test_a_blurred_three_class_image_has_three_classes(colour):
+    """Blurred boundaries make mixels that BIC counts as classes (a planted BIC-only criterion
+    gets more than 3 here); the default criterion counts the classes."""
+    image = blurred_regions(np.random.default_rng(1), 3, colour=colour, blur=1.5)
+    found = auto(image)
+    assert found.model.n_components == 3, found.k_search.rows
+    assert found.k_search.criterion == "classes" and found.k_search.chosen == 3
+    assert auto(image, criterion="bic").model.n_components > 3
+
+
+def test_a_spike_of_clipped_pixels_is_no_class():
+    """A class at 0 under noise of sd 0.05, clipped (12 % of the pixels black), and two classes
+    above: the component that collapses onto the black spike past K = 3 is not counted."""
+    image = blurred_regions(np.random.default_rng(2), 3, sd=0.05, levels=[0.0, 0.5, 0.8])
+    found = auto(image)
+    assert found.model.n_components == 3, found.k_search.rows
+    collapsed = [row for row in found.k_search.rows if row["collapsed"]]
+    assert collapsed and not any(row["counted"] for row in collapsed)
+    assert auto(image, criterion="bic").model.n_components > 3
+
+
+def test_the_climb_stops_once_the_criterion_has_turned():
+    """One class: K = 1 is best, and K = 2 and 3 (K_TURNED past it) end the climb, not k_max."""
+    rng = np.random.default_rng(3)
+    image = np.clip(rng.normal(128, 12, (120, 160)), 0, 255).astype(np.uint8)
+    picture = seg.picture_from_array(image)
+    found = seg.segment_points(picture, seg.distinct_values(picture), "auto", k_max=8)
+    assert found.model.n_components == 1
+    assert [row["k"] for row in found.k_search.rows] == [1, 2, 3]
+    assert found.k_search.stopped == "no better score in the 2 values of K past 1"
+
+
+def test_region_shares_tell_a_region_from_a_boundary():
+    """A block of label 0, a one-pixel line of label 1 between blocks of label 2: the line's
+    pixels all touch another label, the blocks' are mostly inside; outside a mask counts not."""
+    labels = np.zeros((20, 30), np.uint8)
+    labels[:, 15:] = 2
+    labels[:, 15] = 1
+    shares = seg.region_shares(labels, 4)
+    assert shares[1] == 0 and shares[0] > 0.9 and shares[2] > 0.9 and np.isnan(shares[3])
+    inside = np.ones_like(labels, bool)
+    inside[:, 14] = False  # the line's left neighbours are outside: only its right ones count
+    assert seg.region_shares(labels, 4, inside)[1] == 0
+    inside[:, 16] = False
+    assert seg.region_shares(labels, 4, inside)[1] == 1  # no neighbour inside but its own
+
+
+def test_a_split_start_halves_the_widest_component():
+    fit = seg.fit_gmm(np.concatenate([np.full(50, 0.1), np.linspace(0.4, 0.9, 200)]), 2)
+    weights, means, covariances = seg.split_start(fit)
+    wide = int(np.argmax(fit.covariances[:, 0, 0]))
+    assert len(weights) == 3 and weights.sum() == pytest.approx(1)
+    assert weights[wide] == weights[2] == pytest.approx(fit.weights[wide] / 2)
+    assert means[wide, 0] + means[2, 0] == pytest.approx(2 * fit.means[wide, 0])
+    assert means[2, 0] - means[wide, 0] == pytest.approx(np.sqrt(fit.covariances[wide, 0, 0]))
+
+
+def test_k_auto_on_a_masked_image_and_a_volume():
+    """Outside a mask counts for nothing; a volume's regions are judged in 3-D."""
+    rng = np.random.default_rng(4)
+    image = blurred_regions(rng, 3, blur=2.0)
+    mask = np.zeros(image.shape, bool)
+    mask[20:-20, 30:-30] = True
+    labels, _, model = seg.segment_image(image, "auto", mask=mask, k_max=6)
+    assert model.n_components == 3 and np.all(labels[~mask] == 0)
+    volume = np.stack([blurred_regions(np.random.default_rng(5), 3, shape=(60, 80))] * 6)
+    _, _, model = seg.segment_volume(volume, "auto", k_max=6)
+    assert model.n_components == 3
+
+
+def test_the_command_line_records_and_notes_the_search(tmp_path, capsys):
+    """The JSON's bic rows and k_auto; --criterion bic as asked; a note when K = --k-max."""
+    from PIL import Image
+
+    Image.fromarray(blurred_regions(np.random.default_rng(6), 4, blur=2.0)).save(
+        tmp_path / "four.png"
+    )
+    status, out, err = run([tmp_path / "four.png", "-k", "auto", "--out", tmp_path / "a"], capsys)
+    record = record_of(tmp_path / "a", "four")
+    assert status == 0 and record["k"] == 4 and record["k_auto"]["criterion"] == "classes"
+    assert record["k_auto"]["chosen"] == 4 and record["settings"]["criterion"] == "classes"
+    assert [row["k"] for row in record["bic"]] == list(range(1, len(record["bic"]) + 1))
+    assert {"bic", "icl", "region_share", "counted", "collapsed"} <= set(record["bic"][0])
+    assert (tmp_path / "a" / "four_bic.png").exists()
+    status, out, err = run(
+        [tmp_path / "four.png", "-k", "auto", "--k-max", "3", "--out", tmp_path / "b"], capsys
+    )
+    assert status == 0 and "-k auto chose K = 3, the largest it may try" in err
+    status, out, err = run(
+        [tmp_path / "four.png", "-k", "auto", "--criterion", "bic", "--out", tmp_path / "c"],
+        capsys,
+    )
+    assert record_of(tmp_path / "c", "four")["k_auto"]["criterion"] == "bic"
