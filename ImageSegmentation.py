@@ -3592,7 +3592,8 @@ def _spatial_run(fit, parameters, on_iteration=None):
     while True:
         run, record = _recorded(fit, parameters, beta, estimate, on_iteration)
         labels = _argmax_over_components(run.state.q, fit.passes)
-        empty = _empty_labels(labels, fit.inside, len(parameters.label_weights))
+        counts = _label_counts(labels, fit.inside, len(parameters.label_weights))
+        empty = _empty_of_counts(counts)
         if not empty or halvings == fit.settings.beta_halvings:
             return run, record
         del run, labels
@@ -3778,8 +3779,13 @@ class PointsMeanField:
 EMPTY_SHARE = 1e-4  # a component labelling fewer than this share of the fitted pixels is empty
 
 
-def _empty_labels(labels, inside, n_components):
-    """The components that fewer than EMPTY_SHARE of the pixels inside take as their label."""
+def _empty_of_counts(counts):
+    """The labels that fewer than EMPTY_SHARE of all the counted pixels take."""
+    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * counts.sum())]
+
+
+def _label_counts(labels, inside, n_components):
+    """How many of the pixels inside take each label, a block at a time."""
     counts = np.zeros(n_components, np.int64)
     flat_labels = labels.reshape(-1)
     flat_inside = None if inside is None else inside.reshape(-1)
@@ -3788,12 +3794,7 @@ def _empty_labels(labels, inside, n_components):
         if flat_inside is not None:
             block = block[flat_inside[start : start + PIXEL_CHUNK]]
         counts += np.bincount(block, minlength=n_components)[:n_components]
-    return _empty_of_counts(counts)
-
-
-def _empty_of_counts(counts):
-    """The labels that fewer than EMPTY_SHARE of all the counted pixels take."""
-    return [int(k) for k in np.flatnonzero(counts < EMPTY_SHARE * counts.sum())]
+    return counts
 
 
 def _point_log_probabilities(model, data, of_labels=True):
@@ -4839,18 +4840,21 @@ class Segmentation:
         return None if self.shared is None else self.shared.file
 
     @cached_property
+    def label_counts(self):
+        """(n_labels,) the pixels inside that take each label.  Counted once (from the points'
+        counts where a pixel's label is its point's, else a pass over the label map), asked
+        for by the notes and the JSON."""
+        n_labels = self.model.n_labels
+        if self.point_labels is None:
+            return _label_counts(self.labels, self.picture.mask, n_labels)
+        return np.bincount(self.point_labels, weights=self.points.weights, minlength=n_labels)
+
+    @property
     def empty_components(self):
         """Components that ended with (almost) no pixels: fewer than EMPTY_SHARE of the fitted
         pixels take their label.  A strong spatial prior can empty a small class (thin CSF);
-        the fit says so rather than pass off K - 1 classes as K.  Counted once (from the
-        points' counts where a pixel's label is its point's, else a pass over the label map),
-        asked for by the notes and the JSON."""
-        if self.point_labels is None:
-            return _empty_labels(self.labels, self.picture.mask, self.model.n_labels)
-        n_labels = self.model.n_labels
-        return _empty_of_counts(
-            np.bincount(self.point_labels, weights=self.points.weights, minlength=n_labels)
-        )
+        the fit says so rather than pass off K - 1 classes as K."""
+        return _empty_of_counts(self.label_counts)
 
 
 def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
@@ -6683,6 +6687,7 @@ def segment_picture(picture, batch, on_iteration=None):
     notes = picture.notes + [mask_note] * bool(mask_note)
     notes += brain_notes(picture, points) if config.brain else []
     notes += fit_notes(segmentation, options.quantized and shared is None, options.fit.reg_covar)
+    notes += brain_fit_notes(segmentation) if config.brain else []
     return segmentation, notes
 
 
@@ -6817,8 +6822,46 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     empty = empty_components(segmentation)
     if empty:
         notes.append(empty_note(empty, segmentation))
+    notes += cap_notes(segmentation)
     if segmentation.k_search is not None and segmentation.shared is None:
         notes += k_search_notes(segmentation.k_search)
+    return notes
+
+
+def cap_notes(segmentation):
+    """A fit that --max-iter stopped before it converged: its labels may not be its own yet."""
+    stopped = []
+    if segmentation.model.n_iter and not segmentation.model.converged:
+        stopped.append(f"the mixture's EM at {segmentation.model.n_iter} iterations")
+    prior = segmentation.spatial
+    if prior is not None and not prior.converged:
+        stopped.append(f"the spatial prior's at {prior.n_iter}")
+    if not stopped:
+        return []
+    return [
+        f"the fit stopped before it converged ({' and '.join(stopped)}, the --max-iter cap): "
+        f"its labels may still be wrong; a larger --max-iter lets it finish"
+    ]
+
+
+BRAIN_PLAUSIBLE = {"CSF": (0.0, 0.5), "grey matter": (0.1, 0.8), "white matter": (0.1, 0.8)}
+
+
+def brain_fit_notes(segmentation):
+    """--brain's fit checked against what a brain holds: each tissue's share of the brain within
+    BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least)."""
+    model, notes = segmentation.model, []
+    if model.n_labels != len(BRAIN_TISSUES):
+        return notes
+    counts = segmentation.label_counts
+    shares = counts / max(counts.sum(), 1)
+    for (tissue, (low, high)), share in zip(BRAIN_PLAUSIBLE.items(), shares):
+        if not low <= share <= high:
+            notes.append(
+                f"{tissue} is {100 * share:.1f} % of the brain, outside the {100 * low:.0f} to "
+                f"{100 * high:.0f} % a brain holds: the labels may not be the tissues (a strong "
+                f"field, or not a T1 scan?)"
+            )
     return notes
 
 

@@ -3,7 +3,7 @@ boundaries, and --brain (docs/brain.md has the evaluation on the ICBM template).
 
 import numpy as np
 import pytest
-from conftest import biased_phantom, matched_accuracy, record_of, run, seg
+from conftest import biased_phantom, matched_accuracy, phantom, record_of, run, seg
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -203,3 +203,25 @@ def test_auto_beta_is_halved_rather_than_empty_a_thin_class(tmp_path, capsys):
     assert status == 0 and record["settings"]["spatial"] == "auto"
     assert record["spatial"]["beta"] == pytest.approx(record["spatial"]["beta_estimate"] / 2)
     assert record["empty_components"] == []
+
+
+def test_a_brain_fit_no_brain_could_be_is_noted(tmp_path, rng, capsys):
+    """Tissue shares no brain has (CSF 80 % here) and a fit the --max-iter cap stopped each
+    get a note, on stderr and in the JSON; a plausible fit gets neither."""
+    image, labels, inside = phantom(rng)
+    csf_heavy = np.where(rng.random(labels.shape) < 0.7, 0, labels)  # most pixels CSF's level
+    levels = np.array([0.3, 0.55, 0.8])[csf_heavy] + rng.normal(0, 0.03, labels.shape)
+    scan = np.where(inside, np.clip(np.rint(levels * 255), 1, 255), 0).astype(np.uint8)
+    Image.fromarray(scan).save(tmp_path / "odd.png")
+    Image.fromarray(image).save(tmp_path / "fine.png")
+    status, out, err = run(
+        [tmp_path / "odd.png", tmp_path / "fine.png", "--brain", "--out", tmp_path / "o"], capsys
+    )
+    assert status == 0, err
+    assert f"note: {tmp_path / 'odd.png'}: CSF is " in err and "outside the 0 to 50 %" in err
+    assert any(note.startswith("CSF is ") for note in record_of(tmp_path / "o", "odd")["notes"])
+    assert f"note: {tmp_path / 'fine.png'}" not in err
+    status, out, err = run(
+        [tmp_path / "fine.png", "--brain", "--max-iter", "2", "--out", tmp_path / "c"], capsys
+    )
+    assert "the fit stopped before it converged (the mixture's EM at 2 iterations" in err
