@@ -5046,12 +5046,13 @@ def label_map(segmentation):
     return out
 
 
-def posterior_maps(segmentation):
+def posterior_maps(segmentation, passes):
     """(label, map) for every component: its posterior probability at every pixel as uint16,
     0..65535 = 0..1, 0 outside the mask; label is the component's value in the label map.
 
-    The plain model's posteriors come from the distinct values by lookup, one map at a time;
-    the spatial fit's are its mean-field responsibilities (segment_points(keep_posteriors=True)).
+    The plain model's posteriors come from the distinct values by lookup, one map at a time, on
+    passes' threads (a batch's worker: one); the spatial fit's are its mean-field
+    responsibilities (segment_points(keep_posteriors=True)).
     """
     picture, points, model = segmentation.picture, segmentation.points, segmentation.model
     first = 0 if picture.mask is None else 1
@@ -5067,7 +5068,7 @@ def posterior_maps(segmentation):
     for k in range(model.n_labels):
         lut = np.zeros(picture.n_codes, dtype=np.uint16)
         lut[points.keys] = np.rint(probabilities[k, points.point_of_key] * 65535)
-        out = lookup_codes(picture, lut)
+        out = lookup_codes(picture, lut, passes)
         if picture.mask is not None:
             out[~picture.mask] = 0
         yield k + first, out
@@ -5826,19 +5827,28 @@ def corrected_image(picture, field):
 
 
 def write_outputs(
-    segmentation, paths, captions, record, probabilities=None, wanted=OUTPUTS, token=""
+    segmentation,
+    paths,
+    captions,
+    record,
+    probabilities=None,
+    wanted=OUTPUTS,
+    token="",
+    *,
+    passes,
 ):
     """The outputs of one image that are wanted (of OUTPUTS), all or nothing, the JSON record
     last; a figure not wanted is not drawn (nor matplotlib imported for it).
 
     probabilities: the probability_paths to write the posterior maps to, or None.  The record's
     seconds get "write" (the images and figures) and the "total" grows by it.  token: starts
-    the temporaries' names (OutputSet).
+    the temporaries' names (OutputSet).  passes: the image's passes (a batch's worker: one
+    thread), for the posterior maps' lookups.
     """
     started = time.perf_counter()
     with OutputSet(token) as outputs:
         picture = segmentation.picture
-        for label, probability in posterior_maps(segmentation) if probabilities else ():
+        for label, probability in posterior_maps(segmentation, passes) if probabilities else ():
             outputs.stage(probabilities[label], _image_writer(probability, picture))
         for name, write in _output_writers(segmentation, captions, wanted):
             outputs.stage(paths[name], write)
@@ -6645,7 +6655,16 @@ def _segment_file(path, stem, batch, say, console):
     )
     names = BRAIN_TISSUES if config.brain and segmentation.model.n_labels == 3 else None
     captions = Captions(figure_title(path, segmentation), names)
-    write_outputs(segmentation, paths, captions, record, probabilities, config.outputs, batch.token)
+    write_outputs(
+        segmentation,
+        paths,
+        captions,
+        record,
+        probabilities,
+        config.outputs,
+        batch.token,
+        passes=config.segment.fit.passes,
+    )
     if not config.quiet:
         for note in notes:
             say(f"note: {shown(path)}: {note}")

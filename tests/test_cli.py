@@ -540,3 +540,23 @@ def test_a_long_fit_draws_its_stage_and_a_quick_one_does_not(capsys):
     assert (
         err == f"\r\x1b[K[0/2] scan.png: K = 2 of 1..8, iteration 6, {seg.PROGRESS_AFTER + 1:.0f}s"
     )
+
+
+def test_posterior_maps_run_on_the_passes_they_are_given(monkeypatch):
+    """A batch's worker runs on one thread: its --probabilities maps of an image above a
+    megapixel start no thread of their own (they once started one a core in every worker);
+    given two threads, they use them."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    image = np.repeat(rng.integers(0, 3, (120, 100)) * 100, 10, axis=0).repeat(10, axis=1)
+    picture = seg.picture_from_array(image.astype(np.uint8))  # 1.2 MP: two lookup blocks
+    segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3)
+    started, start = [], threading.Thread.start
+    monkeypatch.setattr(
+        threading.Thread, "start", lambda thread: started.append(thread.name) or start(thread)
+    )
+    maps = dict(seg.posterior_maps(segmentation, seg.Passes(threads=1)))
+    assert sorted(maps) == [0, 1, 2] and started == []
+    dict(seg.posterior_maps(segmentation, seg.Passes(threads=2)))
+    assert started and all(name.startswith("bands") for name in started)
