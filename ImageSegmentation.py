@@ -19,7 +19,9 @@ The file reads top to bottom in the order the data flows:
                                     stopping rule at the maximum), which every model uses
        (partial volume)          -> tissues and mixels: PartialVolume, the constrained M-step
        4b. quantized gray levels -> binned, clipped pixels: E-step _quantized_pass
-    5. labels                    -> components numbered by luminance, pixels by lookup; K by BIC
+    5. labels                    -> components numbered by luminance, pixels by lookup
+       5a. choosing K            -> -k auto: BIC among fits whose every component is a class
+                                    (select_components, region_shares), from split starts
        5b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
                                     _partial_sweep), PointsMeanField.step; a volume stacked
                                     as one image (Stack) for 6 neighbours
@@ -2747,6 +2749,13 @@ def fit_components(
     return fit.reordered(_luminance_order(fit.label_means))
 
 
+def gray_level_top(points):
+    """The top gray level (255 or 65535) when the points are integer gray levels, else None."""
+    if points.mode == "gray" and np.issubdtype(points.values.dtype, np.integer):
+        return int(points.scale)
+    return None
+
+
 # --- 5a. Choosing K (-k auto) ------------------------------------------------------------
 # BIC alone counts ways to fit an image, not its classes: at a million pixels any departure
 # from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
@@ -2911,13 +2920,6 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "iterations": model.n_iter,
     }
     return row, score if counted else math.inf
-
-
-def gray_level_top(points):
-    """The top gray level (255 or 65535) when the points are integer gray levels, else None."""
-    if points.mode == "gray" and np.issubdtype(points.values.dtype, np.integer):
-        return int(points.scale)
-    return None
 
 
 # --- 5b. A spatial prior (--spatial BETA) -------------------------------------
