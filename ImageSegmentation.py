@@ -2878,10 +2878,12 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
     for k in range(1, k_max + 1):
         if k == 1:
             fitted = [fit_k(1)]
-        else:  # from the last K's split, and from fresh starts, each capped; the better judged
-            split = fit_k(k, start=split_start(fits[k - 1]), max_iter=cap)
-            fitted = [split, fit_k(k, max_iter=cap)]
+        else:  # from the last K's split, capped; fresh starts too unless it is a new best
+            fitted = [fit_k(k, start=split_start(fits[k - 1]), max_iter=cap)]
         judged = [(_judged(fit, k, data, criterion, shares_of, reg_covar), fit) for fit in fitted]
+        if k > 1 and not judged[0][0][1] < scores[best - 1]:
+            fresh = fit_k(k, max_iter=cap)
+            judged.append((_judged(fresh, k, data, criterion, shares_of, reg_covar), fresh))
         (row, score), model = min(judged, key=lambda j: (j[0][1], -j[1].log_likelihood[-1]))
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
             model = fit_k(k, start=(model.weights, model.means, model.covariances))
