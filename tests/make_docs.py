@@ -1,8 +1,9 @@
 """Make the README's pictures and accuracy table: python tests/make_docs.py
 
 Not collected by pytest.  Runs the program on the bundled samples, and on synthetic images
-made here (the same kinds the tests use), and writes docs/*.png.  Prints the Markdown table
-of accuracies that the README quotes.
+made here (the same kinds the tests use), and writes docs/*.png; the volume's picture too
+where nilearn is installed (make_mri_sample.py).  Prints the Markdown table of accuracies
+that docs/method.md quotes.
 """
 
 import shutil
@@ -152,5 +153,16 @@ def brain_bias():
     )
 
 
+def volume_figure():
+    """docs/brain_volume_comparison.png, from the template nilearn ships (make_mri_sample.py)."""
+    try:
+        from make_mri_sample import volume_figure as make
+    except ImportError:
+        print("docs/brain_volume_comparison.png: not made (pip install nibabel nilearn)")
+        return
+    make()
+
+
 if __name__ == "__main__":
     main()
+    volume_figure()
