@@ -102,6 +102,8 @@ __all__ = [
     "Segmentation",
     "SpatialFit",
     "SharedModel",
+    "KSearch",
+    "Progress",
     # the command line
     "main",
     "COVARIANCE_TYPES",
@@ -2876,19 +2878,23 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
     for k in range(1, k_max + 1):
+
+        def judged(fit, k=k):  # (score, then the better log-likelihood first; row, fit)
+            row, score = _judged(fit, k, data, criterion, shares_of, reg_covar)
+            return score, -fit.log_likelihood[-1], row, fit
+
         if k == 1:
-            fitted = [fit_k(1)]
+            candidates = [judged(fit_k(1))]
         else:  # from the last K's split, capped; fresh starts too unless it is a new best
-            fitted = [fit_k(k, start=split_start(fits[k - 1]), max_iter=cap)]
-        judged = [(_judged(fit, k, data, criterion, shares_of, reg_covar), fit) for fit in fitted]
-        if k > 1 and not judged[0][0][1] < scores[best - 1]:
-            fresh = fit_k(k, max_iter=cap)
-            judged.append((_judged(fresh, k, data, criterion, shares_of, reg_covar), fresh))
-        (row, score), model = min(judged, key=lambda j: (j[0][1], -j[1].log_likelihood[-1]))
+            candidates = [judged(fit_k(k, start=split_start(fits[k - 1]), max_iter=cap))]
+            if not candidates[0][0] < scores[best - 1]:
+                candidates.append(judged(fit_k(k, max_iter=cap)))
+        score, _, row, model = min(candidates, key=lambda candidate: candidate[:2])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
-            model = fit_k(k, start=(model.weights, model.means, model.covariances))
-            row, score = _judged(model, k, data, criterion, shares_of, reg_covar)
-        row["capped"] = not model.converged and model.n_iter >= K_PROBE_MAX_ITER
+            score, _, row, model = judged(
+                fit_k(k, start=(model.weights, model.means, model.covariances))
+            )
+        row["capped"] = cap is not None and not model.converged and model.n_iter >= cap
         fits[k] = model
         rows.append(row)
         scores.append(score)
@@ -2906,7 +2912,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
     icl = score_bic + 2 * classification_entropy(model, data)
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
-    least = None if shares is None else float(np.nanmin(shares, initial=1.0))
+    least = None if shares is None else float(np.nan_to_num(shares, nan=0.0).min())
     counted = criterion != "classes" or (
         not collapsed and (least is None or least >= REGION_SHARE_MIN)
     )
