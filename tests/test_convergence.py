@@ -369,10 +369,10 @@ def test_newton_reaches_ems_fixed_point_and_hands_over_with_a_wrong_jacobian():
     assert newton.n_em_steps < seg._density_em(data, start, options).n_em_steps
 
 
-def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum(monkeypatch):
-    """-k auto over a batch's pooled noisy colours: every K's fresh start begins on draws of
-    pixels (its other start is the last K's fit, split), and the chosen model ends at the full
-    pool's maximum."""
+def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum():
+    """-k auto over a batch's pooled noisy colours: a fresh start begins on draws of pixels
+    (K = 1's here; a later K starts from the last K's fit, split), and the chosen model ends at
+    the full pool's maximum."""
     rng = np.random.default_rng(7)
     images = [
         np.clip(rng.normal(centre, 30, (60, 80, 3)), 0, 255).astype(np.uint8)
@@ -381,14 +381,10 @@ def test_k_auto_and_a_shared_batch_start_on_draws_and_end_at_the_maximum(monkeyp
     pooled = seg.pool_points(
         seg.distinct_values(seg.picture_from_array(image), "color") for image in images
     )
-    calls = []
-    from_draws = seg._fit_from_a_subsample
-    monkeypatch.setattr(
-        seg, "_fit_from_a_subsample", lambda *args: calls.append(args[1]) or from_draws(*args)
-    )
-    model, table = seg.fit_points(pooled, "auto", k_max=3, subsample_above=2000)
-    assert len(pooled.values) > 2000 and calls == [1, 2, 3] and len(table.rows) == 3
-    assert model.converged
+    one, _ = seg.fit_points(pooled, 1, subsample_above=2000)
+    assert len(pooled.values) > 2000 and one.subsample[0]["pixels"] == 125
+    model, search = seg.fit_points(pooled, "auto", k_max=3, subsample_above=2000)
+    assert [row["k"] for row in search.rows] == [1, 2, 3] and model.converged
     X = pooled.values / pooled.scale
     given = dict(
         weights_init=model.weights, means_init=model.means, covariances_init=model.covariances
