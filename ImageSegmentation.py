@@ -6333,15 +6333,17 @@ def parse_command_line(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.brain:
-        typed = _typed_options(parser, argv)
+        typed = _typed_options(argv)
         for name, value in BRAIN_PRESET:
             if name not in typed and not (name == "components" and args.model is not None):
                 setattr(args, name, value)
     return RunConfig.from_arguments(args)
 
 
-def _typed_options(parser, argv):
-    """The destinations of the options on the command line (not their defaults)."""
+def _typed_options(argv):
+    """The destinations of the options on the command line (not their defaults): parsed again
+    by a parser of its own whose every default is SUPPRESS."""
+    parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
