@@ -2772,6 +2772,8 @@ def gray_level_top(points):
 
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 5a)
+BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
+BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
 K_PROBE_MAX_ITER = 20  # iterations of a K's first fits before it is judged (a best: fitted on)
 K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
@@ -2799,6 +2801,45 @@ def region_shares(labels, n_labels, inside=None):
             np.bincount(kept.ravel(), minlength=n_labels)[:n_labels]
             / np.bincount(counted.ravel(), minlength=n_labels)[:n_labels]
         )
+
+
+def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
+    """(n_labels,) the share of each label's pixels that lie between two other labels: along
+    some axis, the nearest pixel of another label within depth on one side and the nearest on
+    the other side carry two different labels.  A blurred edge's mixels line the boundary
+    between the two classes they mix and so lie between them; a class's pixels near its edge
+    have their own class on one side.  Pixels outside count as no label."""
+    codes = labels.astype(np.int16)
+    if inside is not None:
+        codes[~inside] = -1
+    between = np.zeros(codes.shape, dtype=bool)
+    for axis in range(codes.ndim):
+        sides = [_nearest_other(codes, axis, step, depth) for step in (1, -1)]
+        between |= (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
+    counted = codes[codes >= 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (
+            np.bincount(codes[between & (codes >= 0)], minlength=n_labels)[:n_labels]
+            / np.bincount(counted, minlength=n_labels)[:n_labels]
+        )
+
+
+def _nearest_other(codes, axis, step, depth):
+    """The label of the nearest pixel within depth along axis (step +1 or -1) whose label is
+    another than the pixel's own (-1: none)."""
+    found = np.full(codes.shape, -1, dtype=np.int16)
+    for distance in range(1, depth + 1):
+        shifted = np.full(codes.shape, -1, dtype=np.int16)
+        source = [slice(None)] * codes.ndim
+        target = [slice(None)] * codes.ndim
+        if step > 0:
+            source[axis], target[axis] = slice(distance, None), slice(None, -distance)
+        else:
+            source[axis], target[axis] = slice(None, -distance), slice(distance, None)
+        shifted[tuple(target)] = codes[tuple(source)]
+        new = (found < 0) & (shifted >= 0) & (shifted != codes)
+        found[new] = shifted[new]
+    return found
 
 
 def classification_entropy(model, data):
@@ -2870,8 +2911,9 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
 
     fit_k(k, start=None, max_iter=None) fits K components from start alone (the last K's
     split_start, or a capped fit to go on with) or from fresh starts, at most max_iter
-    iterations; shares_of(model) the region_shares of its labels on the image, or None where
-    there is no image (a pooled batch): "classes" then judges by collapse alone."""
+    iterations; shares_of(model) the region_shares and boundary_shares of its labels on the
+    image, or None where there is no image (a pooled batch): "classes" then judges by collapse
+    alone."""
     if criterion not in K_CRITERIA:
         raise ValueError(f"criterion must be one of {K_CRITERIA}, got {criterion!r}")
     rows, scores, fits, best = [], [], {}, 1
@@ -2912,9 +2954,13 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
     icl = score_bic + 2 * classification_entropy(model, data)
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
-    least = None if shares is None else float(np.nan_to_num(shares, nan=0.0).min())
+    least = most = None
+    if shares is not None:
+        least = float(np.nan_to_num(shares[0], nan=0.0).min())
+        most = float(np.nan_to_num(shares[1], nan=1.0).max())
     counted = criterion != "classes" or (
-        not collapsed and (least is None or least >= REGION_SHARE_MIN)
+        not collapsed
+        and (least is None or (least >= REGION_SHARE_MIN and most <= BOUNDARY_SHARE_MAX))
     )
     score = {"bic": score_bic, "icl": icl, "classes": score_bic}[criterion]
     row = {
@@ -2924,6 +2970,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "log_likelihood": model.log_likelihood[-1],
         "collapsed": collapsed,
         "region_share": least,
+        "boundary_share": most,
         "counted": counted,
         "iterations": model.n_iter,
     }
@@ -4913,11 +4960,16 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
 
 
 def region_shares_of(picture, points, data):
-    """select_components' look at the image: the region_shares of a model's labels."""
+    """select_components' look at the image: the region_shares and boundary_shares of a
+    model's labels."""
 
     def shares_of(model):
         labels = label_pixels(picture, points, _most_likely(data, model), model.n_labels)
-        return region_shares(labels, model.n_labels, picture.mask)
+        inside = picture.mask
+        return (
+            region_shares(labels, model.n_labels, inside),
+            boundary_shares(labels, model.n_labels, inside),
+        )
 
     return shares_of
 

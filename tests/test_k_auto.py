@@ -60,6 +60,21 @@ def test_region_shares_tell_a_region_from_a_boundary():
     assert seg.region_shares(labels, 4, inside)[1] == 1  # no neighbour inside but its own
 
 
+def test_boundary_shares_find_what_lies_between_two_classes():
+    """A band of label 1, three pixels wide, between blocks of labels 0 and 2: every band pixel
+    has 0 within 3 pixels on one side and 2 on the other; the blocks' pixels have their own
+    label on one side.  A band beside one class only (at the image's edge) is no boundary."""
+    labels = np.zeros((20, 40), np.uint8)
+    labels[:, 20:] = 2
+    labels[:, 18:21] = 1
+    shares = seg.boundary_shares(labels, 3)
+    assert shares[1] == 1 and shares[0] == 0 and shares[2] == 0
+    assert seg.boundary_shares(labels, 3, depth=1)[1] == 0  # the band's middle sees only itself
+    edge = np.zeros((20, 40), np.uint8)
+    edge[:, :3] = 1
+    assert seg.boundary_shares(edge, 2)[1] == 0
+
+
 def test_a_split_start_halves_the_widest_component():
     fit = seg.fit_gmm(np.concatenate([np.full(50, 0.1), np.linspace(0.4, 0.9, 200)]), 2)
     weights, means, covariances = seg.split_start(fit)
@@ -95,7 +110,8 @@ def test_the_command_line_records_and_notes_the_search(tmp_path, capsys):
     assert status == 0 and record["k"] == 4 and record["k_auto"]["criterion"] == "classes"
     assert record["k_auto"]["chosen"] == 4 and record["settings"]["criterion"] == "classes"
     assert [row["k"] for row in record["bic"]] == list(range(1, len(record["bic"]) + 1))
-    assert {"bic", "icl", "region_share", "counted", "collapsed"} <= set(record["bic"][0])
+    keys = {"bic", "icl", "region_share", "boundary_share", "counted", "collapsed", "capped"}
+    assert keys <= set(record["bic"][0])
     assert (tmp_path / "a" / "four_bic.png").exists()
     status, out, err = run(
         [tmp_path / "four.png", "-k", "auto", "--k-max", "3", "--out", tmp_path / "b"], capsys
