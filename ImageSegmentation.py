@@ -2796,11 +2796,17 @@ def region_shares(labels, n_labels, inside=None):
         interior[behind] &= ~differs
     counted = labels if inside is None else labels[inside]
     kept = labels[interior] if inside is None else labels[interior & inside]
+    return _ratio(_counts(kept, n_labels), _counts(counted, n_labels))
+
+
+def _counts(labels, n_labels):
+    return np.bincount(labels.ravel(), minlength=n_labels)[:n_labels]
+
+
+def _ratio(part, whole):
+    """part / whole, NaN where whole is 0 (a label with no pixel)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (
-            np.bincount(kept.ravel(), minlength=n_labels)[:n_labels]
-            / np.bincount(counted.ravel(), minlength=n_labels)[:n_labels]
-        )
+        return part / whole
 
 
 def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
@@ -2816,12 +2822,8 @@ def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
     for axis in range(codes.ndim):
         sides = [_nearest_other(codes, axis, step, depth) for step in (1, -1)]
         between |= (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
-    counted = codes[codes >= 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (
-            np.bincount(codes[between & (codes >= 0)], minlength=n_labels)[:n_labels]
-            / np.bincount(counted, minlength=n_labels)[:n_labels]
-        )
+    counted = codes >= 0
+    return _ratio(_counts(codes[between & counted], n_labels), _counts(codes[counted], n_labels))
 
 
 def _nearest_other(codes, axis, step, depth):
@@ -2896,6 +2898,7 @@ class KSearch:
     chosen: int
     stopped: str
     k_max: int
+    regions: bool = True  # "classes" looked at where the labels fall (False: collapse alone)
 
     def record(self):
         return {
@@ -2903,6 +2906,7 @@ class KSearch:
             "chosen": self.chosen,
             "k_max": self.k_max,
             "stopped": self.stopped,
+            "regions": self.regions,
         }
 
 
@@ -2916,6 +2920,17 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
     alone."""
     if criterion not in K_CRITERIA:
         raise ValueError(f"criterion must be one of {K_CRITERIA}, got {criterion!r}")
+    model, search = _climb(fit_k, data, k_max, criterion, shares_of, reg_covar)
+    if search.chosen == 1 and shares_of is not None and len(search.rows) > 1:
+        if not search.rows[1]["collapsed"]:  # K = 2 failed only for where its labels fall
+            model, search = _climb(fit_k, data, k_max, criterion, None, reg_covar)
+            stopped = f"{search.stopped}; no fit's classes filled regions: judged by collapse"
+            search = replace(search, stopped=stopped, regions=False)
+    return model, search
+
+
+def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar):
+    """select_components' climb over K, with shares_of or without."""
     rows, scores, fits, best = [], [], {}, 1
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
@@ -2945,7 +2960,7 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
         if k - best >= K_TURNED:
             stopped = f"no better score in the {K_TURNED} values of K past {best}"
             break
-    return fits[best], KSearch(criterion, rows, best, stopped, k_max)
+    return fits[best], KSearch(criterion, rows, best, stopped, k_max, shares_of is not None)
 
 
 def _judged(model, k, data, criterion, shares_of, reg_covar):
@@ -4914,20 +4929,20 @@ class Segmentation:
         return _empty_of_counts(self.label_counts)
 
 
-def fit_points(points, n_components, options=None, on_iteration=None, **overrides):
+def fit_points(points, n_components, options=None, on_iteration=None, shares_of=None, **overrides):
     """The model of weighted distinct values (one image's, or a batch's pooled): (model,
     KSearch or None).
 
     n_components: an int (lowered to the number of distinct values when there are fewer), or
-    "auto" to choose K in 1..options.k_max by options.criterion (section 5a; without an image,
-    "classes" judges a fit by collapse alone: segment_points and segment_image also look at
-    where its labels fall).  options: SegmentOptions (or overrides of its fields and of
-    FitOptions'); its quantized fits integer gray levels as bins (section 4b), ignored for any
-    other values.
+    "auto" to choose K in 1..options.k_max by options.criterion (section 5a); shares_of: how
+    "classes" looks at where a model's labels fall (region_shares_of the images the points
+    came from; None: it judges a fit by collapse alone; segment_points looks at its image).
+    options: SegmentOptions (or overrides of its fields and of FitOptions'); its quantized fits
+    integer gray levels as bins (section 4b), ignored for any other values.
     """
     options = segment_options(options, **overrides)
     data = _PointFeatures(points.values, points.weights, points.scale)
-    return _fit_features(data, points, n_components, options, on_iteration)
+    return _fit_features(data, points, n_components, options, on_iteration, shares_of)
 
 
 def _fit_features(data, points, n_components, options, on_iteration, shares_of=None):
@@ -4959,17 +4974,23 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
     )
 
 
-def region_shares_of(picture, points, data):
-    """select_components' look at the image: the region_shares and boundary_shares of a
-    model's labels."""
+def region_shares_of(pictures):
+    """select_components' look at the images: the region_shares and boundary_shares of a
+    model's labels over every (picture, points) of pictures, an iterable made anew for each
+    model (a batch's images read again), their pixels counted together."""
 
     def shares_of(model):
-        labels = label_pixels(picture, points, _most_likely(data, model), model.n_labels)
-        inside = picture.mask
-        return (
-            region_shares(labels, model.n_labels, inside),
-            boundary_shares(labels, model.n_labels, inside),
-        )
+        n_labels, sums = model.n_labels, 0
+        for picture, points in pictures():
+            data = _PointFeatures(points.values, points.weights, points.scale)
+            labels = label_pixels(picture, points, _most_likely(data, model), n_labels)
+            inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
+            region = region_shares(labels, n_labels, inside)
+            boundary = boundary_shares(labels, n_labels, inside)
+            total = _counts(labels[inside], n_labels)
+            counts = np.stack([np.nan_to_num(region) * total, np.nan_to_num(boundary) * total])
+            sums = sums + np.vstack([counts, total])
+        return _ratio(sums[0], sums[2]), _ratio(sums[1], sums[2])
 
     return shares_of
 
@@ -5015,7 +5036,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
-        shares_of = region_shares_of(picture, points, data)
+        shares_of = region_shares_of(lambda: [(picture, points)])
         model, search = _fit_features(data, points, n_components, options, on_iteration, shares_of)
     else:
         model, search = shared.model, shared.k_search
@@ -6956,6 +6977,11 @@ def k_search_notes(search):
             f"-k auto chose K = {search.k_max}, the largest it may try: its criterion "
             f"({search.criterion}) still fell there; a larger --k-max may find more"
         )
+    if search.criterion == "classes" and not search.regions:
+        notes.append(
+            "-k auto: no fit's classes filled regions of the image (fine structures, or heavy "
+            "noise), so K was chosen by BIC among the fits that did not collapse"
+        )
     capped = [row["k"] for row in search.rows if row["capped"]]
     if capped:
         which = ", ".join(map(str, capped))
@@ -7341,7 +7367,9 @@ def shared_model_on_dask(files, config, client, report):
             client.submit(module.merged_results, *pair) if len(pair) == 2 else pair[0]
             for pair in pairs
         ]
-    fitted = client.submit(module.fit_pooled_result, level[0], shared_config, pure=False)
+    fitted = client.submit(
+        module.fit_pooled_result, level[0], shared_config, list(files), pure=False
+    )
     result, notes, failure, errors, readable = fitted.result()
     for index, message in errors:
         report(files[index], message)
@@ -7362,10 +7390,11 @@ def merged_results(a, b):
     return merged_groups(a[0], b[0]), a[1] + b[1], sorted(a[2] + b[2])
 
 
-def fit_pooled_result(total, config):
+def fit_pooled_result(total, config, files):
     """The tree's root: fit_pooled of the total, with the errors and readable images."""
     groups, errors, readable = total
-    return (*fit_pooled(groups, config), sorted(errors), readable)
+    paths = [files[index] for index in readable]
+    return (*fit_pooled(groups, config, paths), sorted(errors), readable)
 
 
 def remove_leftovers(out, token):
@@ -7391,7 +7420,7 @@ def shared_model(files, config, report):
             report(path, str(error))
             continue
         readable.append(path)
-    fitted, notes, failure = fit_pooled(groups, config)
+    fitted, notes, failure = fit_pooled(groups, config, readable)
     return shared_of_fit(fitted, notes, failure, readable, report)
 
 
@@ -7401,9 +7430,10 @@ def image_groups(path, config):
     return point_groups(distinct_values(picture, config.mode, config.segment.fit.passes))
 
 
-def fit_pooled(groups, config):
-    """--shared's one fit of the batch's pooled groups: ((model, BIC table, mode) or None, the
-    batch's notes, the fit's failure or None); a pure function, run where the groups are."""
+def fit_pooled(groups, config, paths=()):
+    """--shared's one fit of the batch's pooled groups: ((model, KSearch or None, mode) or
+    None, the batch's notes, the fit's failure or None), run where the groups are.  With -k
+    auto, "classes" looks at the labels of every image of paths, read again for each K."""
     pooled = pooled_points(groups)
     if pooled is None:
         return None, [], None
@@ -7414,13 +7444,25 @@ def fit_pooled(groups, config):
             "bit depth"
         )
     k = config.components_for(pooled.mode)
+    shares_of = region_shares_of(lambda: _batch_pictures(paths, config, pooled.mode))
     try:
-        model, table = fit_points(pooled, k, config.segment)
+        model, table = fit_points(pooled, k, config.segment, shares_of=shares_of)
     except FitFailed as error:
         return None, notes, str(error)
     if k != "auto" and model.n_labels < k:
         notes.append(f"note: the batch has {fewer_components_note(len(pooled.values), k)}")
+    notes += [f"note: the batch: {note}" for note in k_search_notes(table)] if table else []
     return (model, table, pooled.mode), notes, None
+
+
+def _batch_pictures(paths, config, mode):
+    """(picture, points) of each image of a batch that still reads, its points in mode."""
+    for path in paths:
+        try:
+            picture = masked(read_image(path, config.max_pixels), config)[0]
+        except ImageError:
+            continue
+        yield picture, distinct_values(picture, mode, config.segment.fit.passes)
 
 
 def shared_of_fit(fitted, notes, failure, readable, report):

@@ -389,8 +389,10 @@ def test_brain_on_a_nifti_volume(tmp_path, capsys):
 
 
 def test_the_other_options_take_volumes_too(tmp_path, capsys):
-    """--shared (the volumes' counts pooled), -k auto (BIC), --quantized and --probabilities
-    on two TIFF stacks: K = 3 found, the label maps and probability maps multi-page TIFFs."""
+    """--shared (the volumes' counts pooled), -k auto, --quantized and --probabilities on two
+    TIFF stacks: K = 3 found (cubes of 6 voxels under noise fill no regions that the classes
+    criterion recognises, so it judges by collapse alone, and says so), the label maps and
+    probability maps multi-page TIFFs."""
     for seed in (11, 12):
         volume, _ = cubes(np.random.default_rng(seed), shape=(8, 24, 24))
         pages = [Image.fromarray(page) for page in volume]
@@ -405,9 +407,11 @@ def test_the_other_options_take_volumes_too(tmp_path, capsys):
         record = record_of(tmp_path / "o", stem)
         assert record["k"] == 3 and record["shared"] and record["quantized"]
         assert [row["k"] for row in record["bic"]] == [1, 2, 3, 4]
+        assert record["k_auto"]["regions"] is False
         for name in ("labels", "prob_0", "prob_2"):
             with Image.open(tmp_path / "o" / f"{stem}_{name}.tif") as stack:
                 assert stack.n_frames == 8 and stack.size == (24, 24)
+    assert "no fit's classes filled regions of the image" in err
 
 
 def _patched_nifti(path, source, **changes):
