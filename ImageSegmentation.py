@@ -2783,20 +2783,49 @@ def region_shares(labels, n_labels, inside=None):
     """(n_labels,) the share of each label's pixels whose every neighbour (4 in 2-D, 6 in a
     volume; those inside) carries the same label: near 1 for a class that fills regions, low
     for one that lines the boundaries between others; NaN for a label with no pixel."""
+    inside = np.ones(labels.shape, dtype=bool) if inside is None else inside
+    return _ratio(
+        _counts(labels[_interior(labels, inside) & inside], n_labels),
+        _counts(labels[inside], n_labels),
+    )
+
+
+def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
+    """(n_labels,) the share of each label's pixels that lie between two other labels: along
+    some axis, the nearest pixel of another label within depth on one side and the nearest on
+    the other side carry two different labels.  A blurred edge's mixels line the boundary
+    between the two classes they mix and so lie between them; a class's pixels near its edge
+    have their own class on one side.  Pixels outside count as no label."""
+    inside = np.ones(labels.shape, dtype=bool) if inside is None else inside
+    return _ratio(
+        _counts(labels[_between(labels, inside, depth) & inside], n_labels),
+        _counts(labels[inside], n_labels),
+    )
+
+
+def _interior(labels, inside):
+    """Where every neighbour inside carries the pixel's own label."""
     interior = np.ones(labels.shape, dtype=bool)
     for axis in range(labels.ndim):
         ahead = [slice(None)] * labels.ndim
         behind = [slice(None)] * labels.ndim
         ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
         ahead, behind = tuple(ahead), tuple(behind)
-        differs = labels[ahead] != labels[behind]
-        if inside is not None:
-            differs &= inside[ahead] & inside[behind]
+        differs = (labels[ahead] != labels[behind]) & inside[ahead] & inside[behind]
         interior[ahead] &= ~differs
         interior[behind] &= ~differs
-    counted = labels if inside is None else labels[inside]
-    kept = labels[interior] if inside is None else labels[interior & inside]
-    return _ratio(_counts(kept, n_labels), _counts(counted, n_labels))
+    return interior
+
+
+def _between(labels, inside, depth):
+    """Where a pixel lies between two other labels (boundary_shares)."""
+    codes = labels.astype(np.int16)
+    codes[~inside] = -1
+    between = np.zeros(codes.shape, dtype=bool)
+    for axis in range(codes.ndim):
+        sides = [_nearest_other(codes, axis, step, depth) for step in (1, -1)]
+        between |= (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
+    return between
 
 
 def _counts(labels, n_labels):
@@ -2807,23 +2836,6 @@ def _ratio(part, whole):
     """part / whole, NaN where whole is 0 (a label with no pixel)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return part / whole
-
-
-def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
-    """(n_labels,) the share of each label's pixels that lie between two other labels: along
-    some axis, the nearest pixel of another label within depth on one side and the nearest on
-    the other side carry two different labels.  A blurred edge's mixels line the boundary
-    between the two classes they mix and so lie between them; a class's pixels near its edge
-    have their own class on one side.  Pixels outside count as no label."""
-    codes = labels.astype(np.int16)
-    if inside is not None:
-        codes[~inside] = -1
-    between = np.zeros(codes.shape, dtype=bool)
-    for axis in range(codes.ndim):
-        sides = [_nearest_other(codes, axis, step, depth) for step in (1, -1)]
-        between |= (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
-    counted = codes >= 0
-    return _ratio(_counts(codes[between & counted], n_labels), _counts(codes[counted], n_labels))
 
 
 def _nearest_other(codes, axis, step, depth):
@@ -4985,11 +4997,10 @@ def region_shares_of(pictures):
             data = _PointFeatures(points.values, points.weights, points.scale)
             labels = label_pixels(picture, points, _most_likely(data, model), n_labels)
             inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
-            region = region_shares(labels, n_labels, inside)
-            boundary = boundary_shares(labels, n_labels, inside)
-            total = _counts(labels[inside], n_labels)
-            counts = np.stack([np.nan_to_num(region) * total, np.nan_to_num(boundary) * total])
-            sums = sums + np.vstack([counts, total])
+            interior = _interior(labels, inside) & inside
+            between = _between(labels, inside, BOUNDARY_DEPTH) & inside
+            kept = (labels[interior], labels[between], labels[inside])
+            sums = sums + np.stack([_counts(part, n_labels) for part in kept])
         return _ratio(sums[0], sums[2]), _ratio(sums[1], sums[2])
 
     return shares_of
