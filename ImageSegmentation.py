@@ -492,11 +492,7 @@ def _nifti_data(nibabel, path, max_pixels):
                 f"this program segments one 3-D volume a file"
             )
         shape = shape + (1,) * (3 - len(shape))
-        if math.prod(shape) > max_pixels:
-            raise ImageError(
-                f"{'x'.join(map(str, shape))} is {math.prod(shape):,} voxels, above the limit "
-                f"of {max_pixels:,} (raise it with --max-pixels)"
-            )
+        _check_pixel_limit(shape, max_pixels, "voxels")
         if math.prod(shape) == 0:
             raise ImageError("volume has no voxels")
         with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -561,11 +557,7 @@ def _read_tiff_stack(img, max_pixels):
     if any(page != pages[0] for page in pages):
         largest = max(range(len(pages)), key=lambda i: (math.prod(pages[i][0]), -i))
         (width, height), mode = pages[largest]
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{width}x{height} is {width * height:,} pixels, above the limit of "
-                f"{max_pixels:,} (raise it with --max-pixels)"
-            )
+        _check_pixel_limit((width, height), max_pixels, "pixels")
         img.seek(largest)
         img.load()
         picture = _picture_from_pil(img)
@@ -574,11 +566,7 @@ def _read_tiff_stack(img, max_pixels):
             f"{largest + 1} ({width}x{height} {mode}), the largest"
         )
         return picture
-    if width * height * len(pages) > max_pixels:
-        raise ImageError(
-            f"{len(pages)}x{height}x{width} is {width * height * len(pages):,} voxels, above "
-            f"the limit of {max_pixels:,} (raise it with --max-pixels)"
-        )
+    _check_pixel_limit((len(pages), height, width), max_pixels, "voxels")
     slices = []
     for page in range(len(pages)):
         img.seek(page)
@@ -611,11 +599,7 @@ def read_image(path, max_pixels=MAX_PIXELS):
             frames = getattr(img, "n_frames", 1)
             if frames > 1 and img.format == "TIFF":
                 return _read_tiff_stack(img, max_pixels)
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{width}x{height} is {width * height:,} pixels, above the limit of "
-                    f"{max_pixels:,} (raise it with --max-pixels)"
-                )
+            _check_pixel_limit((width, height), max_pixels, "pixels")
             notes = []
             if frames > 1:
                 notes.append(f"{frames} frames: segmenting the first")
@@ -647,6 +631,17 @@ def read_image(path, max_pixels=MAX_PIXELS):
         raise ImageError(f"truncated or corrupt image ({shown(e)})") from None
     picture.notes[:0] = notes
     return picture
+
+
+def _check_pixel_limit(sizes, max_pixels, unit):
+    """ImageError when an image of these sizes (as the message names them: W, H; a volume's
+    axes in its file's order) holds more than max_pixels pixels (unit: "pixels" or "voxels")."""
+    count = math.prod(sizes)
+    if count > max_pixels:
+        raise ImageError(
+            f"{'x'.join(map(str, sizes))} is {count:,} {unit}, above the limit of "
+            f"{max_pixels:,} (raise it with --max-pixels)"
+        )
 
 
 def _check_regular_file(path):
@@ -2762,13 +2757,14 @@ def gray_level_top(points):
 # BIC alone counts ways to fit an image, not its classes: at a million pixels any departure
 # from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
 # 0 or 255).  The default criterion, "classes", is BIC among the fits whose every component is
-# a class: one that fills regions of the image (most of its pixels' neighbours carry its label;
-# a blurred edge's mixels line the boundaries between two classes and fail this) and has not
-# collapsed onto one value.  "icl" is BIC plus twice the classification entropy (Biernacki,
-# Celeux and Govaert 2000), "bic" the plain BIC.  The climb stops once K_TURNED values of K past
-# the best have not improved on it; a K past the best is fitted from the best's split
-# (split_start) and capped at K_PROBE_MAX_ITER iterations, where EM crawls as two components
-# share one class; a capped K that would be chosen is fitted again in full.
+# a class: one that fills regions of the image (region_shares), does not lie between two other
+# labels (boundary_shares: a blurred edge's mixels do) and has not collapsed onto one value;
+# where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice the
+# classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The climb
+# stops once K_TURNED values of K past the best have not improved on it.  Each K starts from
+# the last K's split (split_start), and from fresh starts where that is no new best, both
+# capped at K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where two
+# components share one class); a new best is fitted on to convergence.
 
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 5a)
@@ -2901,9 +2897,10 @@ def full_covariances(covariances, covariance_type, n_components, n_features):
 @dataclass(frozen=True)
 class KSearch:
     """-k auto's record: the criterion, every K tried (rows of k, bic, icl, log_likelihood,
-    collapsed, region_share: the least of its components', counted: a candidate of the
-    criterion, capped: judged after K_PROBE_MAX_ITER iterations), the K chosen and why the climb
-    stopped."""
+    collapsed, region_share: the least of its components', boundary_share: the largest,
+    counted: a candidate of the criterion, iterations, capped: judged after K_PROBE_MAX_ITER
+    iterations), the K chosen, the largest it might have tried, why the climb stopped, and
+    whether it looked at where the labels fall."""
 
     criterion: str
     rows: list
@@ -2923,15 +2920,14 @@ class KSearch:
 
 
 def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, reg_covar=0.0):
-    """K in 1..k_max by the criterion (K_CRITERIA): (model, KSearch).
+    """K in 1..k_max by the criterion (one of K_CRITERIA, as SegmentOptions checks it): (model,
+    KSearch).
 
     fit_k(k, start=None, max_iter=None) fits K components from start alone (the last K's
     split_start, or a capped fit to go on with) or from fresh starts, at most max_iter
     iterations; shares_of(model) the region_shares and boundary_shares of its labels on the
     image, or None where there is no image (a pooled batch): "classes" then judges by collapse
     alone."""
-    if criterion not in K_CRITERIA:
-        raise ValueError(f"criterion must be one of {K_CRITERIA}, got {criterion!r}")
     model, search = _climb(fit_k, data, k_max, criterion, shares_of, reg_covar)
     if search.chosen == 1 and shares_of is not None and len(search.rows) > 1:
         if not search.rows[1]["collapsed"]:  # K = 2 failed only for where its labels fall
@@ -6025,22 +6021,22 @@ def _float_at_least(minimum):
     return _number_at_least(float, minimum)
 
 
-def _components(text):
-    if text == "auto":
-        return "auto"
-    try:
-        return _integer_at_least(1)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1, or auto") from None
+def _auto_or(parse, what):
+    """An argparse type: "auto", or what parse accepts; refused naming both."""
+
+    def parse_or_auto(text):
+        if text == "auto":
+            return "auto"
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or auto") from None
+
+    return parse_or_auto
 
 
-def _beta(text):
-    if text == "auto":
-        return "auto"
-    try:
-        return _float_at_least(0)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, or auto") from None
+_components = _auto_or(_integer_at_least(1), "a whole number >= 1")
+_beta = _auto_or(_float_at_least(0), "a number >= 0")
 
 
 def _spacing(text):
@@ -7057,15 +7053,18 @@ def figure_title(path, segmentation):
         f"{model.covariance_type} covariance"
         + (", quantized" if model.quantized_top else "")
         + (", partial volume" if model.partial_volume is not None else "")
-        + (
-            ", saved model"
-            if segmentation.saved_model
-            else ", shared model"
-            if segmentation.shared
-            else ""
-        )
+        + _model_source(segmentation)
         + (f", spatial prior {prior.beta:g}" if prior else "")
     )
+
+
+def _model_source(segmentation):
+    """Where the model came from, for a figure's title: read by --model, or the batch's."""
+    if segmentation.saved_model:
+        return ", saved model"
+    if segmentation.shared:
+        return ", shared model"
+    return ""
 
 
 def summary_line(path, segmentation, seconds):
