@@ -6973,7 +6973,42 @@ def brain_fit_notes(segmentation):
                 f"{100 * high:.0f} % a brain holds: the labels may not be the tissues (a strong "
                 f"field, or not a T1 scan?)"
             )
+    for label, other in peaks_taken(model):
+        notes.append(
+            f"at {BRAIN_TISSUES[label]}'s own mean intensity the fit gives {BRAIN_TISSUES[other]}: "
+            f"its peak is taken by another label, so much of it may be labelled "
+            f"{BRAIN_TISSUES[other]} (a strong field, thick voxels, or a tissue this slice lacks?)"
+        )
+    for low, high in crossed_mixels(model):
+        notes.append(
+            f"the tissues' intensities crossed during the fit (a mixel between "
+            f"{BRAIN_TISSUES[low]} and {BRAIN_TISSUES[high]}, which are not neighbours): the "
+            f"labels may not be {', '.join(BRAIN_TISSUES)} in order"
+        )
     return notes
+
+
+def peaks_taken(model):
+    """[(label, other)]: the labels at whose own mean the model gives another label the highest
+    posterior (a mixel or a broad Gaussian has taken the label's peak, so the label's pixels go
+    to the other).  Labels ordered by intensity are each most probable at their own mean."""
+    own = model.predict(model.label_means)
+    return [(label, int(other)) for label, other in enumerate(own) if other != label]
+
+
+def crossed_mixels(model):
+    """[(low, high)]: a partial-volume model's mixels between labels that are not neighbours in
+    intensity order: the tissues' means crossed during the fit (they start ordered, and the
+    mixels are made between neighbours only)."""
+    pv = model.partial_volume
+    if pv is None:
+        return []
+    pairs = []
+    for row in pv.fractions[pv.n_tissues :]:
+        low, high = np.flatnonzero(row > 0)[[0, -1]]
+        if high - low > 1:
+            pairs.append((int(low), int(high)))
+    return sorted(set(pairs))
 
 
 def k_search_notes(search):

@@ -40,8 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ImageSegmentation as seg  # noqa: E402
 from brain_evaluation import template  # noqa: E402
+
+import ImageSegmentation as seg  # noqa: E402
 
 NOISE = (0, 1, 3, 5, 7, 9)  # % of white matter's mean
 INU = (0, 20, 40, 80)  # %: max/min inside the brain (1 + s/2) / (1 - s/2)
@@ -72,7 +73,11 @@ class Template:
         pick[axis] = take
         t1, brain = self.t1[tuple(pick)], self.brain[tuple(pick)]
         tissues = self.tissues[(slice(None),) + tuple(pick)]
-        return np.moveaxis(t1, axis, 0), np.moveaxis(tissues, axis + 1, 1), np.moveaxis(brain, axis, 0)
+        return (
+            np.moveaxis(t1, axis, 0),
+            np.moveaxis(tissues, axis + 1, 1),
+            np.moveaxis(brain, axis, 0),
+        )
 
     def positions(self, axis, voxel):
         """The block indices along axis whose slab's middle plane has enough brain pixels."""
@@ -194,7 +199,9 @@ BRAIN_OPTIONS = {  # BRAIN_PRESET as the API's options
 def ours(image, **overrides):
     """The program's labels and notes for an image, with --brain's settings and overrides (the
     command line's fit, through the API: one process, no PNG round trip)."""
-    preset = {BRAIN_OPTIONS[name]: value for name, value in seg.BRAIN_PRESET if name in BRAIN_OPTIONS}
+    preset = {
+        BRAIN_OPTIONS[name]: value for name, value in seg.BRAIN_PRESET if name in BRAIN_OPTIONS
+    }
     preset.update(overrides)
     options = seg.segment_options(None, **preset)
     picture = seg.picture_from_array(image)
@@ -289,7 +296,7 @@ def main():
             )
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
-            + " ".join(f"{r['method']} {100 * r['as_read']:.1f}" for r in rows[-len(methods):]),
+            + " ".join(f"{r['method']} {100 * r['as_read']:.1f}" for r in rows[-len(methods) :]),
             file=sys.stderr,
             flush=True,
         )
@@ -308,7 +315,8 @@ def main():
         print(
             f"{method}: all {100 * np.mean([r['as_read'] for r in mine]):.1f} % "
             f"(worst {100 * min(r['as_read'] for r in mine):.1f}); labels not as documented in "
-            f"{swapped}; a tissue under half its pixels in {len(lost)}, {len(silent)} without a note"
+            f"{swapped}; a tissue under half its pixels in {len(lost)}, "
+            f"{len(silent)} without a note"
         )
         for r in silent[:5]:
             print(f"   silent: {r}")

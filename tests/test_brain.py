@@ -225,3 +225,56 @@ def test_a_brain_fit_no_brain_could_be_is_noted(tmp_path, rng, capsys):
         [tmp_path / "fine.png", "--brain", "--max-iter", "2", "--out", tmp_path / "c"], capsys
     )
     assert "the fit stopped before it converged (the mixture's EM at 2 iterations" in err
+
+
+def _saved_brain_model(tmp_path, capsys, rng):
+    """A --brain fit's JSON record of a phantom scan, and the scan's path."""
+    image, _, _ = phantom(rng, shape=(90, 110))
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    status, _, err = run([tmp_path / "scan.png", "--brain", "--out", tmp_path / "fit"], capsys)
+    assert status == 0, err
+    return record_of(tmp_path / "fit", "scan"), tmp_path / "scan.png"
+
+
+def _notes_with_model(tmp_path, capsys, scan, record, name):
+    (tmp_path / f"{name}.json").write_text(__import__("json").dumps(record))
+    status, _, err = run(
+        [scan, "--brain", "--model", tmp_path / f"{name}.json", "--out", tmp_path / name], capsys
+    )
+    assert status == 0, err
+    return record_of(tmp_path / name, "scan")["notes"], err
+
+
+def test_labels_that_are_not_the_tissues_in_order_are_noted(tmp_path, rng, capsys):
+    """--brain says so when labels 1, 2, 3 may not be CSF, grey and white matter: a mixel that
+    takes white matter's peak (at white matter's own mean, grey wins), tissues whose means
+    crossed (a mixel between CSF and white matter; also what two tissues swapped become once
+    the labels are put in intensity order).  Planted in saved models; the fit's own model gets
+    none of these notes."""
+    record, scan = _saved_brain_model(tmp_path, capsys, rng)
+    assert record["partial_volume"]["fractions"][5] == [0.0, 0.75, 0.25]  # grey's GM-WM mixel
+    model = seg.GaussianMixtureFit.from_record(record)
+    assert seg.peaks_taken(model) == [] and seg.crossed_mixels(model) == []
+    notes, err = _notes_with_model(tmp_path, capsys, scan, record, "same")
+    assert not any("peak" in n or "crossed" in n or "order" in n for n in notes), notes
+
+    taken = __import__("copy").deepcopy(record)
+    taken["weights"] = [0.3, 0.1, 0.02, 0.02, 0.02, 0.52, 0.02]  # grey's mixel outweighs white
+    taken["covariances"] = [[0.04]]  # and is broad enough to reach its mean
+    assert seg.peaks_taken(seg.GaussianMixtureFit.from_record(taken)) == [(2, 1)]
+    notes, err = _notes_with_model(tmp_path, capsys, scan, taken, "taken")
+    assert any(
+        n.startswith("at white matter's own mean intensity the fit gives grey") for n in notes
+    )
+    assert "its peak is taken by another label" in err
+
+    crossed = __import__("copy").deepcopy(record)
+    crossed["partial_volume"]["fractions"][5:] = [[0.75, 0.0, 0.25], [0.25, 0.0, 0.75]]
+    assert seg.crossed_mixels(seg.GaussianMixtureFit.from_record(crossed)) == [(0, 2)]
+    notes, _ = _notes_with_model(tmp_path, capsys, scan, crossed, "crossed")
+    assert any("a mixel between CSF and white matter" in n for n in notes)
+
+    swapped = __import__("copy").deepcopy(record)  # CSF and grey swapped: labels in luminance
+    swapped["means"][0], swapped["means"][1] = record["means"][1], record["means"][0]  # order
+    notes, _ = _notes_with_model(tmp_path, capsys, scan, swapped, "swapped")  # make CSF-WM mixels
+    assert any("a mixel between CSF and white matter" in n for n in notes), notes
