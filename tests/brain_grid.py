@@ -81,12 +81,10 @@ class Template:
 
     def positions(self, axis, voxel):
         """The block indices along axis whose slab's middle plane has enough brain pixels."""
+        others = tuple(a for a in range(3) if a != axis)
+        counts = np.count_nonzero(self.brain, axis=others)  # brain pixels of every plane
         n = self.brain.shape[axis] // voxel
-        counts = [
-            np.count_nonzero(np.take(self.brain, i * voxel + voxel // 2, axis=axis))
-            for i in range(n)
-        ]
-        return [i for i, c in enumerate(counts) if c >= MIN_BRAIN_PIXELS]
+        return [i for i in range(n) if counts[i * voxel + voxel // 2] >= MIN_BRAIN_PIXELS]
 
 
 def block_mean(volume, voxel):
@@ -265,6 +263,30 @@ def summary(rows, methods, factor, levels):
     return "\n".join(lines)
 
 
+HEADLINE = {  # the README's cells: (name, which rows)
+    "1 mm, field 0-20 %": lambda r: r["voxel"] == 1 and r["inu"] <= 20,
+    "1 mm, field 40 %": lambda r: r["voxel"] == 1 and r["inu"] == 40,
+    "1 mm, field 80 %": lambda r: r["voxel"] == 1 and r["inu"] == 80,
+    "2 mm": lambda r: r["voxel"] == 2,
+    "3 mm": lambda r: r["voxel"] == 3,
+    "every case": lambda r: True,
+}
+
+
+def headline(rows, methods):
+    """A Markdown table: methods down, HEADLINE's cells across, mean (worst) as read."""
+    lines = ["| method | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for keep in HEADLINE.values():
+            values = [r["as_read"] for r in rows if r["method"] == method and keep(r)]
+            cells.append(
+                f"{100 * np.mean(values):.1f} ({100 * min(values):.1f})" if values else "-"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def available(methods):
     try:
         import ants  # noqa: F401
@@ -301,6 +323,7 @@ def main():
             flush=True,
         )
     print(f"\n{len(cases)} cases of seed {arguments.seed}; mean (worst) % as read\n")
+    print(headline(rows, methods) + "\n")
     one_mm = [r for r in rows if r["voxel"] == 1]
     print("1 mm slices, by noise:\n" + summary(one_mm, methods, "noise", NOISE) + "\n")
     print("1 mm slices, by field (INU %):\n" + summary(one_mm, methods, "inu", INU) + "\n")
