@@ -335,7 +335,7 @@ def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum():
     over-relaxed sweep (the default) gets there in fewer iterations, to the same objective and
     labels; on a noisy scene that converges fast anyway it costs at most two iterations more
     (where the gains are round-off).  Every sweep updates every site here: this is about the
-    update, not about which sites rest.  (How many fewer: tests/benchmark.py.)"""
+    update, not about which sites rest.  (How many fewer: tools/benchmark.py.)"""
     from skimage import data
 
     small = Image.fromarray(data.camera()).resize((256, 256), Image.BICUBIC)

@@ -86,7 +86,7 @@ def test_squarem_reaches_the_fixed_point_of_plain_em(rng, covariance_type, reg_c
     plain = seg.fit_gmm(X, 4, accelerate="none", tol=1e-13, max_iter=100_000, **common, **given)
     fast = seg.fit_gmm(X, 4, tol=1e-13, **common, **given)
     assert plain.converged and fast.converged
-    assert fast.n_em_steps < plain.n_em_steps  # how many fewer: tests/benchmark.py
+    assert fast.n_em_steps < plain.n_em_steps  # how many fewer: tools/benchmark.py
     for a, b in [
         (fast.weights, plain.weights),
         (fast.means, plain.means),

@@ -1,5 +1,5 @@
-"""Accuracy on real brain anatomy: python tests/brain_evaluation.py [--slices 70,85,100,115,130]
-or, on the whole template volume, python tests/brain_evaluation.py --volume
+"""Accuracy on real brain anatomy: python tools/brain_evaluation.py [--slices 70,85,100,115,130]
+or, on the whole template volume, python tools/brain_evaluation.py --volume
 
 Not collected by pytest; needs two packages the tests do not (`pip install nibabel nilearn`),
 and scores ANTs Atropos too when antspyx is installed (`pip install antspyx`).

@@ -1,4 +1,4 @@
-"""Digests of every output of a fixed set of runs: python tests/output_digests.py [--out DIR]
+"""Digests of every output of a fixed set of runs: python tools/output_digests.py [--out DIR]
 
 Not collected by pytest.  A refactoring must not change a byte of what the program writes:
 run this before and after and compare the two listings (`diff`).  Each line is

@@ -1,4 +1,4 @@
-"""Make images/brain_t1.png, the brain MRI sample: python tests/make_mri_sample.py
+"""Make images/brain_t1.png, the brain MRI sample: python tools/make_mri_sample.py
 
 Not collected by pytest; needs two dev-only packages that are not in requirements-dev.txt:
 ``pip install nibabel nilearn``.  The slice comes from the ICBM 2009a nonlinear symmetric T1

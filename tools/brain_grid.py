@@ -1,4 +1,4 @@
-"""The brain evaluation grid: python tests/brain_grid.py [--seed 2] [--cases 150] [--methods brain]
+"""The brain evaluation grid: python tools/brain_grid.py [--seed 2] [--cases 150] [--methods brain]
 or, on the whole template volume at every noise and field level, ... --volume
 
 Not collected by pytest; needs nibabel and nilearn (`pip install nibabel nilearn`), and scores

@@ -1,4 +1,4 @@
-"""Make the README's pictures and accuracy table: python tests/make_docs.py
+"""Make the README's pictures and accuracy table: python tools/make_docs.py
 
 Not collected by pytest.  Runs the program on the bundled samples, and on synthetic images
 made here (the same kinds the tests use), and writes docs/*.png; the volume's picture too
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # conftest
 from conftest import (  # noqa: E402
     CLIPPED,
     ROOT,

@@ -1,4 +1,4 @@
-"""-k auto against the number of classes a person would count: python tests/k_auto_evaluation.py
+"""-k auto against the number of classes a person would count: python tools/k_auto_evaluation.py
 
 Not collected by pytest.  Synthetic 1 MP images of 2 to 6 classes (Voronoi regions), gray or
 colour, each drawn from a seed: boundaries blurred by 1 to 2 px and noise, plus either
@@ -12,7 +12,7 @@ the time of -k auto --k-max 8 and of one fit at the chosen K (both as the comman
 them: n_init 2 for auto, 1 for a given K).  Then scikit-image's photos (chelsea, coffee,
 astronaut, moon) at --k-max 8 and 10.
 
-    python tests/k_auto_evaluation.py [--seeds 1-16] [--criteria classes,bic,icl] [--no-photos]
+    python tools/k_auto_evaluation.py [--seeds 1-16] [--criteria classes,bic,icl] [--no-photos]
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: python tests/benchmark.py [--quick] [--workdir DIR]
+"""Speed and memory benchmark: python tools/benchmark.py [--quick] [--workdir DIR]
 
 Not collected by pytest.  Every input is made here from scikit-image's sample images
 (nothing large is committed).  Each comparison runs in this one invocation and the
