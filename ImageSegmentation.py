@@ -6960,7 +6960,8 @@ BRAIN_PLAUSIBLE = {"CSF": (0.0, 0.5), "grey matter": (0.1, 0.8), "white matter":
 
 def brain_fit_notes(segmentation):
     """--brain's fit checked against what a brain holds: each tissue's share of the brain within
-    BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least)."""
+    BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least), and labels that
+    may not be the tissues in order (peaks_taken, crossed_mixels)."""
     model, notes = segmentation.model, []
     if model.n_labels != len(BRAIN_TISSUES):
         return notes

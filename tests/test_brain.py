@@ -1,6 +1,9 @@
 """Brain MRI: the field's prior (--bias-reg), empty tissues, tied variances at partial-volume
 boundaries, and --brain (docs/brain.md has the evaluation on the ICBM template)."""
 
+import copy
+import json
+
 import numpy as np
 import pytest
 from conftest import biased_phantom, matched_accuracy, phantom, record_of, run, seg
@@ -237,7 +240,7 @@ def _saved_brain_model(tmp_path, capsys, rng):
 
 
 def _notes_with_model(tmp_path, capsys, scan, record, name):
-    (tmp_path / f"{name}.json").write_text(__import__("json").dumps(record))
+    (tmp_path / f"{name}.json").write_text(json.dumps(record))
     status, _, err = run(
         [scan, "--brain", "--model", tmp_path / f"{name}.json", "--out", tmp_path / name], capsys
     )
@@ -258,7 +261,7 @@ def test_labels_that_are_not_the_tissues_in_order_are_noted(tmp_path, rng, capsy
     notes, err = _notes_with_model(tmp_path, capsys, scan, record, "same")
     assert not any("peak" in n or "crossed" in n or "order" in n for n in notes), notes
 
-    taken = __import__("copy").deepcopy(record)
+    taken = copy.deepcopy(record)
     taken["weights"] = [0.3, 0.1, 0.02, 0.02, 0.02, 0.52, 0.02]  # grey's mixel outweighs white
     taken["covariances"] = [[0.04]]  # and is broad enough to reach its mean
     assert seg.peaks_taken(seg.GaussianMixtureFit.from_record(taken)) == [(2, 1)]
@@ -268,13 +271,13 @@ def test_labels_that_are_not_the_tissues_in_order_are_noted(tmp_path, rng, capsy
     )
     assert "its peak is taken by another label" in err
 
-    crossed = __import__("copy").deepcopy(record)
+    crossed = copy.deepcopy(record)
     crossed["partial_volume"]["fractions"][5:] = [[0.75, 0.0, 0.25], [0.25, 0.0, 0.75]]
     assert seg.crossed_mixels(seg.GaussianMixtureFit.from_record(crossed)) == [(0, 2)]
     notes, _ = _notes_with_model(tmp_path, capsys, scan, crossed, "crossed")
     assert any("a mixel between CSF and white matter" in n for n in notes)
 
-    swapped = __import__("copy").deepcopy(record)  # CSF and grey swapped: labels in luminance
+    swapped = copy.deepcopy(record)  # CSF and grey swapped: labels in luminance
     swapped["means"][0], swapped["means"][1] = record["means"][1], record["means"][0]  # order
     notes, _ = _notes_with_model(tmp_path, capsys, scan, swapped, "swapped")  # make CSF-WM mixels
     assert any("a mixel between CSF and white matter" in n for n in notes), notes

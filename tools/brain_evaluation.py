@@ -165,12 +165,15 @@ def ours(path, options, out):
     return np.asarray(Image.open(out / f"{path.stem}_labels.png"))
 
 
-def atropos(image, radius="1x1"):
-    """ANTs Atropos as the issue ran it: k-means init, K = 3, MRF 0.1 (radius 1), the mask."""
+def atropos(image, radius="1x1", n4=False):
+    """ANTs Atropos as the issue ran it: k-means init, K = 3, MRF 0.1 (radius 1), the mask;
+    n4: on the image ANTs' N4 has corrected first."""
     import ants
 
     img = ants.from_numpy(image.astype(np.float32))
     mask = ants.from_numpy((image > 0).astype(np.float32))
+    if n4:
+        img = ants.n4_bias_field_correction(img, mask=mask)
     result = ants.atropos(a=img, x=mask, i="kmeans[3]", m=f"[0.1,{radius}]", c="[5,0]")
     return result["segmentation"].numpy().astype(np.int64)
 

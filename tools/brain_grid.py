@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import brain_evaluation  # noqa: E402
 from brain_evaluation import template  # noqa: E402
 
 import ImageSegmentation as seg  # noqa: E402
@@ -167,67 +168,53 @@ def make_case(case, data):
         offset = case["position"] * voxel if position_axis == 0 else 0
         coordinates[volume_axis] = grids[position_axis] + offset - centre[volume_axis]
     field = scaled_field(log_field(case["shape"], coordinates, rng), brain, case["inu"])
-    signal = block_mean(t1 * field, voxel)
-    inside = block_mean(brain.astype(float), voxel) > 0
-    probabilities = block_mean(tissues, voxel)
-    truth = np.where(
-        inside & (probabilities.max(axis=0) >= 0.5), probabilities.argmax(axis=0) + 1, 0
+    image, truth = scanned(
+        block_mean(t1 * field, voxel),
+        block_mean(t1, voxel),
+        block_mean(tissues, voxel),
+        block_mean(brain.astype(float), voxel) > 0,
+        case["noise"],
+        rng,
     )
-    wm_mean = block_mean(t1, voxel)[truth == 3].mean()
-    sd = case["noise"] / 100 * wm_mean
-    noisy = np.hypot(signal + rng.normal(0, sd, signal.shape), rng.normal(0, sd, signal.shape))
-    noisy = noisy * (250.0 / np.percentile(noisy[inside], 99.9))
-    image = np.clip(np.rint(noisy), 1, 255).astype(np.uint8)
-    image[~inside] = 0
     image, truth = np.rot90(image), np.rot90(truth)  # the head's top up, as viewers show it
     return np.ascontiguousarray(image), np.ascontiguousarray(truth)
 
 
+def scanned(signal, clean, probabilities, inside, noise, rng):
+    """(8-bit image, truth) of a signal (the field applied) as a scanner gives it: Rician noise
+    of noise % of the clean image's white matter, the brain's 99.9th percentile at 250, 0
+    outside; the truth the most probable tissue (1 CSF, 2 GM, 3 WM) where one has probability
+    >= 0.5 inside, else 0."""
+    truth = np.where(
+        inside & (probabilities.max(axis=0) >= 0.5), probabilities.argmax(axis=0) + 1, 0
+    )
+    sd = noise / 100 * clean[truth == 3].mean()
+    noisy = np.hypot(signal + rng.normal(0, sd, signal.shape), rng.normal(0, sd, signal.shape))
+    noisy *= 250.0 / np.percentile(noisy[inside], 99.9)
+    image = np.clip(np.rint(noisy), 1, 255).astype(np.uint8)
+    image[~inside] = 0
+    return image, truth
+
+
 # --- methods ------------------------------------------------------------------------------------
 
-BRAIN_OPTIONS = {  # BRAIN_PRESET as the API's options
-    "covariance": "covariance_type",
-    "partial_volume": "partial_volume",
-    "spatial": "spatial",
-    "bias_field": "bias_field",
-    "bias_reg": "bias_reg",
-}
 
-
-def ours(image, **overrides):
-    """The program's labels and notes for an image, with --brain's settings and overrides (the
-    command line's fit, through the API: one process, no PNG round trip)."""
-    preset = {
-        BRAIN_OPTIONS[name]: value for name, value in seg.BRAIN_PRESET if name in BRAIN_OPTIONS
-    }
-    preset.update(overrides)
-    options = seg.segment_options(None, **preset)
+def ours(image, *argv):
+    """The program's labels and notes for an image, run as the command line with these options
+    runs it (its configuration, preset, mask and notes), in this process without files."""
+    config = seg.parse_command_line(["image", *argv])
     picture = seg.picture_from_array(image) if image.ndim == 2 else seg.picture_from_volume(image)
-    picture = seg.with_mask(picture, seg.nonzero_mask(picture))
-    points = seg.distinct_values(picture, "auto", options.fit.passes)
-    segmentation = seg.segment_points(picture, points, 3, options)
-    notes = seg.fit_notes(segmentation, False, options.fit.reg_covar)
-    notes += seg.brain_fit_notes(segmentation) + seg.brain_notes(picture, points)
+    segmentation, notes = seg.segment_picture(picture, seg.Batch(config, frozenset()))
     return seg.label_map(segmentation), notes
 
 
 def atropos(image, n4=False):
-    import ants
-
-    img = ants.from_numpy(image.astype(np.float32))
-    mask = ants.from_numpy((image > 0).astype(np.float32))
-    if n4:
-        img = ants.n4_bias_field_correction(img, mask=mask)
-    radius = "x".join("1" * image.ndim)  # the 4 (6) nearest neighbours of a slice (volume)
-    result = ants.atropos(a=img, x=mask, i="kmeans[3]", m=f"[0.1,{radius}]", c="[5,0]")
-    return result["segmentation"].numpy().astype(np.int64), []
+    return brain_evaluation.atropos(image, "x".join("1" * image.ndim), n4), []
 
 
 METHODS = {
-    "--brain": lambda image: ours(image),
-    "plain -k 3": lambda image: ours(
-        image, covariance_type="full", partial_volume=False, spatial=0.0, bias_field=False
-    ),
+    "--brain": lambda image: ours(image, "--brain"),
+    "plain -k 3": lambda image: ours(image, "-k", "3", "--mask", "nonzero"),
     "Atropos": atropos,
     "Atropos after N4": lambda image: atropos(image, n4=True),
 }
@@ -237,13 +224,11 @@ def scores(labels, truth):
     """(as read, matched, smallest kept share) of a label map against the truth."""
     scored = truth > 0
     found, wanted = labels[scored], truth[scored]
-    as_read = float(np.mean(found == wanted))
     matched = max(
         float(np.mean(np.asarray(p)[np.clip(found, 0, 3)] == wanted))
         for p in ((0,) + q for q in itertools.permutations((1, 2, 3)))
     )
-    kept = np.bincount(found, minlength=4)[1:4] / np.bincount(wanted, minlength=4)[1:4]
-    return as_read, matched, float(kept.min())
+    return brain_evaluation.accuracy(labels, truth), matched, brain_evaluation.kept(labels, truth)
 
 
 # --- the tables ---------------------------------------------------------------------------------
@@ -306,16 +291,7 @@ def make_volume(noise, inu, rng, data):
         *(np.arange(n) - c for n, c in zip(data.t1.shape, centre)), indexing="ij", sparse=True
     )
     field = scaled_field(log_field(shape_kind, coordinates, rng), data.brain, inu)
-    signal = data.t1 * field
-    probabilities = data.tissues
-    truth = np.where(
-        data.brain & (probabilities.max(axis=0) >= 0.5), probabilities.argmax(axis=0) + 1, 0
-    )
-    sd = noise / 100 * data.t1[truth == 3].mean()
-    noisy = np.hypot(signal + rng.normal(0, sd, signal.shape), rng.normal(0, sd, signal.shape))
-    noisy *= 250.0 / np.percentile(noisy[data.brain], 99.9)
-    volume = np.clip(np.rint(noisy), 1, 255).astype(np.uint8)
-    volume[~data.brain] = 0
+    volume, truth = scanned(data.t1 * field, data.t1, data.tissues, data.brain, noise, rng)
     return volume, truth, shape_kind
 
 
