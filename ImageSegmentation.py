@@ -4484,8 +4484,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
     by --model): the start, and only the field is fitted.  pv: the plain mixture is the
     partial-volume model of its components (_partial_volume_fit)."""
     n_components, degree, regularisation, with_field = field
-    inside_codes = picture.codes if picture.mask is None else picture.codes[picture.mask]
-    levels, counts = np.unique(inside_codes, return_counts=True)
+    levels, counts = np.unique(picture.codes[mixture_pixels(picture)], return_counts=True)
     k = min(n_components, len(levels))
     data = _PointFeatures(levels / picture.scale, counts.astype(np.float64))
     rng = np.random.default_rng(options.random_state)
@@ -4530,6 +4529,34 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
 
     starts = 1 if fixed is not None else options.n_init
     return _best_of_starts(starts, fit_one, score=lambda run: run.history[-1])
+
+
+def mixture_pixels(picture):
+    """Where the field's mixture is started from the intensities: inside the mask (all pixels
+    without one) but not on its black edge (black_edge), unless that leaves under half of
+    them.  Every pixel inside is still labelled and fits the field."""
+    inside = np.ones(picture.codes.shape, bool) if picture.mask is None else picture.mask
+    interior = inside & ~black_edge(picture)
+    return interior if 2 * np.count_nonzero(interior) >= np.count_nonzero(inside) else inside
+
+
+def black_edge(picture):
+    """(H, W) or (D, H, W) bool: the pixels inside the mask with a neighbour (4 in 2-D, 6 in a
+    volume) outside it that is black.  At the edge of a skull-stripped scan a voxel holds
+    brain and, in part, the black outside: its intensity is neither a tissue's nor a mix of
+    two, and left in the mixture's fit it draws CSF's Gaussian down to the rim, which then
+    takes the CSF label (docs/brain.md has what leaving it out gains)."""
+    mask = picture.mask
+    if mask is None:
+        return np.zeros(picture.codes.shape, bool)
+    black_outside = ~mask & (picture.codes == 0)
+    edge = np.zeros(mask.shape, bool)
+    for axis in range(mask.ndim):
+        ahead = (slice(None),) * axis + (slice(1, None),)
+        behind = (slice(None),) * axis + (slice(None, -1),)
+        edge[behind] |= black_outside[ahead]
+        edge[ahead] |= black_outside[behind]
+    return edge & mask
 
 
 def fit_bias_field(
