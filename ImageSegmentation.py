@@ -304,16 +304,23 @@ def with_mask(picture, mask):
 def border_is_zero(picture, axes=None):
     """Whether every pixel on the image's border is 0 in every channel (and some pixel is not).
     axes: the axes whose two ends are the border (default all; a volume's slices: (1, 2))."""
+    return bool(np.all(_zero_border(picture, axes))) and bool(nonzero_mask(picture).any())
+
+
+def zero_border_share(picture, axes=None):
+    """The share of the pixels on the image's border (border_is_zero's axes) that are 0."""
+    return float(np.mean(_zero_border(picture, axes)))
+
+
+def _zero_border(picture, axes):
+    """(n,) bool: each pixel of the border (of the two ends of every axis in axes) is 0."""
     codes = picture.codes
     axes = range(codes.ndim) if axes is None else [axis % codes.ndim for axis in axes]
     ends = [(slice(None),) * axis + (end,) for axis in axes for end in (0, -1)]
     border = np.concatenate([codes[end].reshape(-1) for end in ends])  # views: no strided take
-    zero = (
-        border == 0
-        if picture.kind != "table"
-        else ~np.any(picture.table.reshape(len(picture.table), -1)[border] != 0, axis=1)
-    )
-    return bool(np.all(zero)) and bool(nonzero_mask(picture).any())
+    if picture.kind != "table":
+        return border == 0
+    return ~np.any(picture.table.reshape(len(picture.table), -1)[border] != 0, axis=1)
 
 
 def pack_rgb(rgb):
@@ -6830,6 +6837,7 @@ def segment_picture(picture, batch, on_iteration=None):
 
 
 BRAIN_MIN_PIXELS = 3000  # fewer inside the brain: too few for three tissues and their mixes
+BRAIN_BLACK_BORDER = 0.9  # of the border black at least: skull-stripped (the brainstem may be cut)
 
 
 def brain_notes(picture, points):
@@ -6837,10 +6845,12 @@ def brain_notes(picture, points):
     notes = []
     if points.mode != "gray":
         notes.append("--brain is made for gray scans; this image is in colour")
-    if not border_is_zero(picture, axes=(-2, -1)):  # a volume: a slab's end slices are brain
+    black = zero_border_share(picture, axes=(-2, -1))  # a volume: a slab's end slices are brain
+    if black < BRAIN_BLACK_BORDER:
         notes.append(
-            "--brain is made for skull-stripped scans, black outside the brain; this image's "
-            "border is not black, so every pixel that is not black is taken for brain"
+            f"--brain is made for skull-stripped scans, black outside the brain; only "
+            f"{100 * black:.0f} % of this image's border is black, so every pixel that is not "
+            f"black is taken for brain"
         )
     inside = picture.codes.size if picture.mask is None else int(picture.mask.sum())
     if inside < BRAIN_MIN_PIXELS:

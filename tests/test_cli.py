@@ -371,21 +371,28 @@ def test_brain_with_a_saved_model_takes_the_models_classes(tmp_path, rng, capsys
 
 def test_brain_on_an_image_unlike_a_brain_scan_says_so(tmp_path, rng, capsys):
     """--brain on a colour photo, on an image with no black border, on a scan with few pixels
-    inside: a note each (the run goes on)."""
+    inside: a note each (the run goes on).  A scan whose brainstem the field of view cuts (the
+    brain on 8 of the border's 316 pixels) is skull-stripped: no note."""
     two_tone(tmp_path / "photo.png", rng, color=True)
     small = np.zeros((40, 40), np.uint8)
     small[10:30, 10:30] = rng.integers(60, 200, (20, 20))
     Image.fromarray(small).save(tmp_path / "small.png")
-    status, out, err = run(
-        [tmp_path / "photo.png", tmp_path / "small.png", "--brain", "--out", tmp_path / "o"],
-        capsys,
-    )
+    cut = np.zeros((80, 80), np.uint8)
+    cut[5:75, 5:75] = rng.integers(60, 200, (70, 70))
+    cut[75:, 36:44] = rng.integers(60, 200, (5, 8))  # the brainstem, out of the bottom
+    Image.fromarray(cut).save(tmp_path / "cut.png")
+    images = [tmp_path / name for name in ("photo.png", "small.png", "cut.png")]
+    status, out, err = run([*images, "--brain", "--out", tmp_path / "o"], capsys)
     photo, small = f"note: {tmp_path / 'photo.png'}: ", f"note: {tmp_path / 'small.png'}: "
     assert status == 0, err
     assert f"{photo}--brain is made for gray scans; this image is in colour" in err
-    assert f"{photo}--brain is made for skull-stripped scans" in err
+    assert (
+        f"{photo}--brain is made for skull-stripped scans, black outside the brain; only 0 % of "
+        f"this image's border is black" in err
+    )
     assert f"{small}only 400 pixels inside the brain" in err
     assert f"{small}--brain is made for skull-stripped" not in err
+    assert f"note: {tmp_path / 'cut.png'}: --brain is made for skull-stripped" not in err
 
 
 def test_outputs_that_the_run_cannot_make_are_noted(tmp_path, rng, capsys):
