@@ -4571,8 +4571,8 @@ def fit_bias_field(
     n_components,
     options=FitOptions(),
     *,
-    degree=3,
-    regularisation=0.0,
+    degree,
+    regularisation,
     spatial=0.0,
     keep_posteriors=False,
     settings=SpatialSettings(),
@@ -4586,8 +4586,9 @@ def fit_bias_field(
     only the field is fitted then.  pv: n_components tissues and their mixels (section 4's
     partial volume); the labels are the tissues, the posteriors their expected fractions.
 
-    regularisation: lambda of the field's prior, a penalty (lambda / 2) c^T R c per pixel on
-    its roughness (BiasState.penalty); 0 fits the field by maximum likelihood.
+    degree: the field's polynomial degree; regularisation: lambda of the field's prior, a
+    penalty (lambda / 2) c^T R c per pixel on its roughness (BiasState.penalty); 0 fits the
+    field by maximum likelihood.  Both given: their defaults are SegmentOptions' alone.
 
     Starts from the plain mixture of the intensities and no field (options.n_init starts).
     spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
