@@ -4557,13 +4557,7 @@ def black_edge(picture):
     if mask is None:
         return np.zeros(picture.codes.shape, bool)
     black_outside = ~mask & (picture.codes == 0)
-    edge = np.zeros(mask.shape, bool)
-    for axis in range(mask.ndim):
-        ahead = (slice(None),) * axis + (slice(1, None),)
-        behind = (slice(None),) * axis + (slice(None, -1),)
-        edge[behind] |= black_outside[ahead]
-        edge[ahead] |= black_outside[behind]
-    return edge & mask
+    return mask & ~_interior(black_outside, np.ones(mask.shape, bool))  # next to black outside
 
 
 def fit_bias_field(
