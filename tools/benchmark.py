@@ -465,6 +465,11 @@ def counting_options(megapixels=50):
     return side * side, rows
 
 
+def chosen(name, only):
+    """Whether the row or table called name runs under --only TEXT (all without it)."""
+    return not only or only in name
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -494,8 +499,7 @@ def main():
             + fits
             + [("retina.jpg + noise sigma 40", noisy(samples.retina(), 40))]
         )
-    if args.only:
-        fits = [row for row in fits if args.only in row[0]]
+    fits = [row for row in fits if chosen(row[0], args.only)]
     if fits:
         header(
             "image",
@@ -548,8 +552,7 @@ def main():
     ]
     if args.quick:
         scenes = scenes[:1]
-    if args.only:
-        scenes = [row for row in scenes if args.only in row[0]]
+    scenes = [row for row in scenes if chosen(row[0], args.only)]
     if scenes:
         header(
             "to the maximum",
@@ -613,8 +616,7 @@ def main():
             ("brain 1 MP, --brain", "brain", 1, ("--brain",)),
             ("brain, --brain", "brain", 24, ("--brain",)),
         ]
-    if args.only:
-        ends = [row for row in ends if args.only in row[0]]
+    ends = [row for row in ends if chosen(row[0], args.only)]
     if ends:
         header(
             "end to end",
@@ -658,19 +660,19 @@ def main():
 
     if args.quick:
         return
-    if not args.only or args.only in "fit on draws":
+    if chosen("fit on draws", args.only):
         draws_against_every_point(workdir)
-    if not args.only or args.only in "spatial fit on ramps":
+    if chosen("spatial fit on ramps", args.only):
         spatial_updates()
-    if not args.only or args.only in "figure sizes":
+    if chosen("figure sizes", args.only):
         figure_sizes(workdir)
-    if not args.only or args.only in "applying a saved model":
+    if chosen("applying a saved model", args.only):
         applying_a_model(workdir)
-    if not args.only or args.only in "volumes":
+    if chosen("volumes", args.only):
         volumes(workdir)
-    if not args.only or args.only in "dask throughput":
+    if chosen("dask throughput", args.only):
         dask_throughput(workdir)
-    if not args.only or args.only in "counting distinct values":
+    if chosen("counting distinct values", args.only):
         pixels, rows = counting_options()
         print(f"\n| counting distinct values, {pixels / 1e6:.0f} MP | seconds |")
         print("|---|---|")
