@@ -4491,7 +4491,9 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
     by --model): the start, and only the field is fitted.  pv: the plain mixture is the
     partial-volume model of its components (_partial_volume_fit)."""
     n_components, degree, regularisation, with_field = field
-    levels, counts = np.unique(picture.codes[mixture_pixels(picture)], return_counts=True)
+    fitted = mixture_pixels(picture)
+    codes = picture.codes if fitted is None else picture.codes[fitted]
+    levels, counts = np.unique(codes, return_counts=True)
     k = min(n_components, len(levels))
     data = _PointFeatures(levels / picture.scale, counts.astype(np.float64))
     rng = np.random.default_rng(options.random_state)
@@ -4539,10 +4541,12 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
 
 
 def mixture_pixels(picture):
-    """Where the field's mixture is started from the intensities: inside the mask (all pixels
-    without one) but not on its black edge (black_edge), unless that leaves under half of
-    them.  Every pixel inside is still labelled and fits the field."""
-    inside = np.ones(picture.codes.shape, bool) if picture.mask is None else picture.mask
+    """Where the field's mixture is started from the intensities: inside the mask but not on
+    its black edge (black_edge), unless that leaves under half of it; None without a mask
+    (every pixel, no copy made).  Every pixel inside is still labelled and fits the field."""
+    inside = picture.mask
+    if inside is None:
+        return None
     interior = inside & ~black_edge(picture)
     return interior if 2 * np.count_nonzero(interior) >= np.count_nonzero(inside) else inside
 

@@ -338,6 +338,7 @@ def test_the_black_edge_is_the_inside_next_to_black_outside():
     large = np.pad(np.full((40, 40), 100, np.uint8), 1)
     picture = seg.with_mask(seg.picture_from_array(large), large > 0)
     assert np.array_equal(seg.mixture_pixels(picture), np.pad(np.ones((38, 38), bool), 2))
+    assert seg.mixture_pixels(seg.picture_from_array(large)) is None  # no mask: every pixel
     image[image == 0] = 7  # the outside not black: the mask's edge is no mix with black
     assert not seg.black_edge(seg.with_mask(seg.picture_from_array(image), image == 100)).any()
     volume = np.zeros((5, 6, 6), np.uint8)
