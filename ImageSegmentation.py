@@ -14,24 +14,25 @@ The file reads top to bottom in the order the data flows:
     2. reading an image          -> integer codes, one per pixel (and a mask); a NIfTI file or
                                     a TIFF stack: one per voxel of a volume
     3. distinct values           -> the points EM sees, with their counts as weights
-    4. the Gaussian mixture      -> the E-step (_e_step_statistics) and M-step (_m_step) on
-                                    weighted points; the one EM driver (run_em: SQUAREM, a
-                                    stopping rule at the maximum), which every model uses
+    4. the EM driver             -> run_em, the one loop every model uses: Newton's steps,
+                                    SQUAREM's or the map's, a stopping rule at the maximum
+    5. the Gaussian mixture      -> the E-step (_e_step_statistics) and M-step (_m_step) on
+                                    weighted points
        (partial volume)          -> tissues and mixels: PartialVolume, the constrained M-step
-       4b. quantized gray levels -> binned, clipped pixels: E-step _quantized_pass
-    5. labels                    -> components numbered by luminance, pixels by lookup
-       5a. choosing K            -> -k auto: BIC among fits whose every component is a class
+       5b. quantized gray levels -> binned, clipped pixels: E-step _quantized_pass
+    6. labels                    -> components numbered by luminance, pixels by lookup
+       6a. choosing K            -> -k auto: BIC among fits whose every component is a class
                                     (select_components, region_shares), from split starts
-       5b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
+       6b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
                                     _partial_sweep), PointsMeanField.step; a volume stacked
                                     as one image (Stack) for 6 neighbours
-       5c. a bias field          -> MRI's smooth field with the mixture: E-step _bias_pass,
+       6c. a bias field          -> MRI's smooth field with the mixture: E-step _bias_pass,
                                     _bias_step; with the prior, BiasMeanField.step
-       5d. putting it together   -> SegmentOptions; segment_points, segment_image,
+       6d. putting it together   -> SegmentOptions; segment_points, segment_image,
                                     segment_volume
-    6. outputs and plots         -> PNG (a volume's NIfTI or TIFF), JSON and figures, per
+    7. outputs and plots         -> PNG (a volume's NIfTI or TIFF), JSON and figures, per
                                     image all or nothing
-    7. the command line          -> RunConfig; parse, dispatch, report; workers and signals
+    8. the command line          -> RunConfig; parse, dispatch, report; workers and signals
 
 Every model is a state and a step (see "The EM driver" in section 4): step(state) is one
 E-step and one M-step, state.objective the value the driver watches.
@@ -967,7 +968,369 @@ def pooled_points(groups):
 
 
 # ----------------------------------------------------------------------------
-# 4. The Gaussian mixture
+# 4. The EM driver
+# ----------------------------------------------------------------------------
+# Every model here is an EM map on a state, and every one uses the driver the same way:
+#     step(state)      -> the next state: the model's E-step at state, then its M-step;
+#     state.objective  -> the objective per pixel at the state, computed once (the E-step
+#                         that measures it also gives the M-step its statistics);
+#     state.counts     -> False when the iteration that reached the state may not end the fit
+#                         (the spatial fit's partial sweeps leave most sites as they were).
+# The driver iterates the map, one cycle an iteration: Newton's steps on its fixed point
+# where the map's Jacobian is given (NewtonSteps), SQUAREM's where the model has Coordinates,
+# else the map itself; it alone decides when the objective has reached its limit, and which
+# of several starts is kept (_best_of_starts).  A model that cuts corners on some iterations
+# passes a full_step, which the driver takes when the limit is near.
+
+
+class FitFailed(ValueError):
+    """EM cannot go on: a covariance became singular, or the log-likelihood is not finite.
+
+    A ValueError, as scikit-learn raises for an ill-defined covariance; the command line reports
+    it as that image's failure.
+    """
+
+
+@dataclass
+class EMRun:
+    """What the driver returns: the final state and the record of the run."""
+
+    state: object
+    history: list  # the objective after each iteration (one value per accepted step)
+    n_iter: int
+    converged: bool
+    n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
+    fell_at: int | None = None  # the iteration at which the map itself lost more than tol
+    newton_iter: int = 0  # the first iterations, Newton steps on EM's fixed point (NewtonSteps)
+
+    @classmethod
+    def of_fit(cls, state, fit):
+        """The record of a fit (a GaussianMixtureFit's), ending at state: the same parameters
+        as another model's state (a bias fit's start without a field)."""
+        return cls(
+            state,
+            fit.log_likelihood,
+            fit.n_iter,
+            fit.converged,
+            fit.n_em_steps,
+            fit.fell_at,
+            fit.newton_iter,
+        )
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """A model's unconstrained real coordinates, which SQUAREM extrapolates in:
+    to_vector(state) -> 1-D array; from_vector(vector, like) -> a state shaped like `like`;
+    importance(state) -> how much each coordinate counts in the size of a step (None: alike)."""
+
+    to_vector: object
+    from_vector: object
+    importance: object = None  # importance(state) -> each coordinate's weight in a step's size
+
+    def weighted(self, state, change):
+        """A change of the coordinates, each scaled by its importance at state: what a step's
+        size is measured on."""
+        return change if self.importance is None else self.importance(state) * change
+
+
+def run_em(
+    start,
+    step,
+    options,
+    *,
+    coordinates=None,
+    full_step=None,
+    on_iteration=None,
+    ascent=True,
+    jacobian=None,
+):
+    """Iterate step from start until the objective is at its limit or options.max_iter.
+
+    Each iteration is one cycle: a Newton step on the map's fixed point while those help
+    (given the map's Jacobian, NewtonSteps), else one safeguarded SQUAREM cycle (with
+    coordinates and options.accelerate == "squarem"), else one step.  Converged: the stopping
+    rule held on two iterations in a row that count, or no step gains any more, or Newton
+    reached the fixed point.  full_step: the model's iteration that always counts, taken after
+    an iteration at which the rule held.
+
+    ascent=False (a mixture's map): the map itself may lose, since reg_covar, added to every
+    covariance as scikit-learn does, makes the M-step inexact; a little near any fixed point,
+    much where a component's variance sits at reg_covar or a component empties.  A loss smaller
+    than tol is where the map has stopped gaining (and with tol = 0 a loss keeps the state, as
+    for ascent=True).  A larger one is a step like any other: the run follows the map to its
+    fixed point, taking an extrapolation where the stabilising EM step moves it less than the
+    first step moved theta0 (the objective cannot judge one there), and the distance to the
+    limit is measured on the size of the changes.
+
+    jacobian (the map's, in coordinates, measured elsewhere): the run begins with Newton's
+    steps, and goes on as without one from where they stop helping.  The objective judges no
+    Newton step (Newton aims at the fixed point, which reg_covar can put below a state on the
+    way): the record's fell_at is the first iteration at which it fell, and their stopping
+    rule is distance_of_changes.  EM's cycles then measure the distance to the limit on their
+    own values alone, and begin with a fresh streak.
+    """
+    state, values = start, [_finite(start.objective)]
+    newton = None
+    if jacobian is not None and coordinates is not None and options.accelerate != "none":
+        newton = NewtonSteps.at(start, step, coordinates, jacobian)
+    squarem = options.accelerate == "squarem" and coordinates is not None
+    n_em_steps = 0 if newton is None else newton.used
+    step_max, streak, stalled, near = 1.0, 0, False, False
+    fell_at = None  # the record's: the first iteration at which the objective fell
+    following = None  # EM's map lost more than tol here: from then on, follow it to its fixed point
+    em_from = 0  # the index in values of the state EM's cycles began from
+    while len(values) <= options.max_iter and streak < 2:
+        if newton is not None:
+            if newton.at_fixed_point:
+                break
+            new = newton.cycle(state)
+            n_em_steps = newton.used
+            if new is None:  # Newton stops helping: EM goes on from here
+                newton, em_from, streak, near = None, len(values) - 1, 0, False
+                continue
+            state = new
+            values.append(state.objective)
+            if on_iteration is not None:
+                on_iteration(len(values) - 1, state.objective)
+            if fell_at is None and values[-1] < values[-2]:
+                fell_at = len(values) - 1
+            near = options.tol > 0 and distance_of_changes(values) < options.tol
+            streak = streak + 1 if near and state.counts else 0
+            continue
+        value = values[-1]
+        if squarem:
+            new, step_max, used = _squarem_cycle(
+                state, step, step_max, coordinates, following is not None
+            )
+            n_em_steps += used
+        else:
+            new = (full_step if near and full_step is not None else step)(state)
+            n_em_steps += 1
+        loss = value - new.objective if math.isfinite(new.objective) else math.inf
+        if following is None and not ascent and 0 < options.tol < loss < math.inf:
+            following = len(values)
+            fell_at = following if fell_at is None else fell_at
+        stalled = squarem and (loss == math.inf or (loss > 0 and following is None))
+        if not stalled:
+            state, value = new, new.objective
+        # else the map has stopped gaining (round-off at the fixed point, or reg_covar's inexact
+        # M-step within tol of it): the iteration keeps the state it started from.
+        values.append(_finite(value))
+        if on_iteration is not None:
+            on_iteration(len(values) - 1, value)
+        if stalled and options.tol > 0:
+            break
+        own = values[em_from:]
+        distance = distance_to_limit(own) if following is None else distance_of_changes(own)
+        near = options.tol > 0 and distance < options.tol
+        streak = streak + 1 if near and state.counts else 0
+    newton_iter = len(values) - 1 if newton is not None else em_from
+    at_fixed_point = newton is not None and newton.at_fixed_point
+    return EMRun(
+        state,
+        [float(v) for v in values[1:]],
+        len(values) - 1,
+        bool(streak >= 2 or stalled or at_fixed_point),
+        n_em_steps,
+        fell_at,
+        newton_iter,
+    )
+
+
+def _finite(value):
+    if not math.isfinite(value):
+        raise FitFailed("the log-likelihood is not finite; increase reg_covar")
+    return value
+
+
+def distance_to_limit(values):
+    """Aitken's estimate of how far values[-2] lies below the limit of the sequence."""
+    previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    return aitken_distance(values[-1] - values[-2], previous_gain)
+
+
+def aitken_distance(gain, previous_gain):
+    """The distance to the limit from the last two gains of a sequence.
+
+    EM converges linearly: successive gains shrink by a ratio a, so the limit is about
+    the last value but one + gain / (1 - a).  Gains that do not shrink give infinity (not
+    there yet); no gain at all gives 0 (a fixed point, to round-off), and a gain right after
+    none is round-off too: its estimate is the gain itself.
+    """
+    if gain <= 0:
+        return 0.0
+    if previous_gain <= 0:  # a gain after none: the sequence is at round-off, and so is the gain
+        return gain
+    if previous_gain <= gain:
+        return math.inf
+    return gain / (1.0 - gain / previous_gain)
+
+
+def distance_of_changes(values):
+    """Aitken's distance to the limit of a sequence that may approach it from either side: the
+    last change's size, extrapolated while the changes shrink with one sign, the change itself
+    where the sign turns (the limit lies between), infinity while they do not shrink."""
+    change = values[-1] - values[-2]
+    previous = values[-2] - values[-3] if len(values) >= 3 else math.inf
+    if change == 0:
+        return 0.0
+    if previous == 0 or (change > 0) != (previous > 0):
+        return abs(change)
+    return aitken_distance(abs(change), abs(previous))
+
+
+SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
+
+
+def _squarem_cycle(state, step, step_max, coordinates, by_residual=False):
+    """One SQUAREM cycle (scheme S3 of Varadhan and Roland 2008), safeguarded.
+
+    Two EM steps theta1 = M(theta0), theta2 = M(theta1) give r = theta1 - theta0 and
+    v = theta2 - 2 theta1 + theta0; the extrapolated point theta0 + 2 a r + a^2 v, with
+    a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
+    when both its objective and the stabilised one are at least theta0's, so the recorded
+    objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2
+    itself.  by_residual (a map that does not raise the objective): the stabilised point is
+    taken where that EM step moves it less than the first step moved theta0.  Returns the new
+    state, the next step_max and the number of EM steps evaluated.
+    """
+    value = state.objective
+    first = step(state)
+    second = step(first)
+    x0, x1, x2 = (coordinates.to_vector(s) for s in (state, first, second))
+    r, v = x1 - x0, x2 - 2 * x1 + x0
+    length = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
+    length = min(max(length, 1.0), step_max) if math.isfinite(length) else 1.0
+
+    def kept(new, point):
+        """The stabilised point is taken (False for a NaN objective)."""
+        if not by_residual:
+            return new.objective >= value
+        moved = coordinates.weighted(new, coordinates.to_vector(new) - point)
+        first_move = coordinates.weighted(new, r)
+        return math.isfinite(new.objective) and moved @ moved <= first_move @ first_move
+
+    if length > 1.01:
+        point = x0 + 2 * length * r + length**2 * v
+        trial = _try_state(coordinates, point, second)
+        if trial is not None and (by_residual or trial.objective >= value):
+            new = step(trial)
+            if kept(new, point):
+                return new, _next_step_max(length, step_max), 3
+        if length == step_max:  # the longest step failed: allow less next time
+            step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
+        length = 1.0
+    return second, _next_step_max(length, step_max), 2
+
+
+def _next_step_max(step, step_max):
+    """SQUAREM's adaptive bound: a step that reached it may go SQUAREM_STEP_FACTOR times further."""
+    return step_max * SQUAREM_STEP_FACTOR if step >= step_max else step_max
+
+
+def _try_state(coordinates, vector, like):
+    """The state at an extrapolated point, its objective computed; None where no valid model."""
+    try:
+        with np.errstate(all="ignore"):
+            state = coordinates.from_vector(vector, like)
+            value = state.objective
+    except (FitFailed, np.linalg.LinAlgError):
+        return None
+    return state if math.isfinite(value) else None
+
+
+# --- Newton's method on EM's fixed point ------------------------------------------------
+# EM's map F (in a model's coordinates) has its fixed point where x = F(x), and near it
+# F(x) - x ~ (J - I)(x - x*), J the map's Jacobian: so x* ~ x + (I - J)^-1 (F(x) - x).  EM's
+# rate is J's largest eigenvalue, near 1 where classes overlap; Newton's does not care.  J is
+# a property of the image (the fraction of missing information), so a draw of its pixels
+# measures it, to the draw's sampling error, at a small fraction of a pass over every point
+# a coordinate; with it each Newton step on every point costs one pass.
+
+JACOBIAN_STEP = 1e-6  # forward differences: each coordinate moved by this (times its size, >= 1)
+NEWTON_SHRINK = 0.5  # Newton goes on while its last 3 steps shrank the residual this much each
+
+
+def em_map_jacobian(state, step, coordinates):
+    """The Jacobian of the EM map at state, in coordinates: forward differences, one EM step
+    a coordinate (and one at state)."""
+    x = coordinates.to_vector(state)
+    image = coordinates.to_vector(step(state))
+    jacobian = np.empty((len(image), len(x)))
+    for i in range(len(x)):
+        moved = x.copy()
+        moved[i] += JACOBIAN_STEP * max(1.0, abs(x[i]))
+        moved_image = coordinates.to_vector(step(coordinates.from_vector(moved, state)))
+        jacobian[:, i] = (moved_image - image) / (moved[i] - x[i])
+    return jacobian
+
+
+@dataclass
+class NewtonSteps:
+    """The driver's Newton cycle: x <- x + (I - J)^+ (F(x) - x) on the fixed point of the map
+    F = step in coordinates, J its Jacobian measured elsewhere; one evaluation of the map (one
+    pass) a step.  A step is taken where it shrinks the residual F(x) - x (components weighted
+    as SQUAREM's by_residual), and the steps go on while the last three shrank it to at most
+    NEWTON_SHRINK ** 3 (with a poor Jacobian, Newton's steps can shrink it more slowly than
+    EM's).  A step that does not shrink it, or leaves the model's space, or a slow three end
+    them (cycle returns None), at the last state taken."""
+
+    step: object
+    coordinates: Coordinates
+    solve: np.ndarray  # (I - J)^+: frozen components make I - J singular
+    change: np.ndarray  # F(x) - x at the last state taken
+    sizes: list  # the residual's weighted size at every state taken
+    used: int  # evaluations of the map so far
+
+    @classmethod
+    def at(cls, start, step, coordinates, jacobian):
+        solve = np.linalg.pinv(np.eye(len(jacobian)) - jacobian)
+        newton = cls(step, coordinates, solve, None, [], 0)
+        newton.change, size = newton.residual(start)
+        newton.sizes.append(size)
+        return newton
+
+    @property
+    def at_fixed_point(self):
+        return self.sizes[-1] == 0
+
+    def residual(self, state):
+        """F(x) - x at state, and its weighted size (one evaluation of the map)."""
+        self.used += 1
+        to_vector = self.coordinates.to_vector
+        change = to_vector(self.step(state)) - to_vector(state)
+        return change, float(np.linalg.norm(self.coordinates.weighted(state, change)))
+
+    def cycle(self, state):
+        """The next state from state (the last taken), or None where Newton stops helping."""
+        sizes = self.sizes
+        if len(sizes) > 3 and sizes[-1] > NEWTON_SHRINK**3 * sizes[-4]:
+            return None
+        point = self.coordinates.to_vector(state) + self.solve @ self.change
+        trial = _try_state(self.coordinates, point, state)
+        if trial is None:
+            return None
+        change, size = self.residual(trial)
+        if not size < sizes[-1]:
+            return None
+        self.change = change
+        sizes.append(size)
+        return trial
+
+
+def _best_of_starts(n_starts, fit_one, score):
+    """The fit with the highest score among n_starts calls of fit_one() (the first on a tie)."""
+    best = None
+    for _ in range(n_starts):
+        fit = fit_one()
+        if best is None or score(fit) > score(best):
+            best = fit
+    return best
+
+
+# ----------------------------------------------------------------------------
+# 5. The Gaussian mixture
 # ----------------------------------------------------------------------------
 # Everything EM needs of a point x is its feature row phi(x) = [1, x, x_i x_j (i <= j)]:
 # log(w_k N(x | mu_k, Sigma_k)) is linear in phi(x) (a Gaussian is an exponential
@@ -994,14 +1357,6 @@ def _logsumexp(values, axis, keepdims=False):
     from scipy.special import logsumexp
 
     return logsumexp(values, axis=axis, keepdims=keepdims)
-
-
-class FitFailed(ValueError):
-    """EM cannot go on: a covariance became singular, or the log-likelihood is not finite.
-
-    A ValueError, as scikit-learn raises for an ill-defined covariance; the command line reports
-    it as that image's failure.
-    """
 
 
 class _PointFeatures:
@@ -1431,7 +1786,7 @@ class GaussianMixtureFit:
     converged : bool
         The stopping rule held (False: max_iter was reached first).
     quantized_top : int or None
-        The binned model of gray levels 0..quantized_top (section 4b); None for densities.
+        The binned model of gray levels 0..quantized_top (section 5b); None for densities.
     n_em_steps : int
         EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
     subsample : list of dict or None
@@ -1466,7 +1821,7 @@ class GaussianMixtureFit:
     subsample: list | None = None  # the fit started from fits to draws of pixels: what ran there
     partial_volume: PartialVolume | None = None
     fell_at: int | None = None  # EM itself lost more than tol at this iteration (see run_em)
-    newton_iter: int = 0  # the first iterations were Newton steps (run_newton)
+    newton_iter: int = 0  # the first iterations were Newton steps (NewtonSteps)
 
     @classmethod
     def of_run(cls, parameters, covariance_type, run, quantized_top=None):
@@ -1655,7 +2010,7 @@ class FitOptions:
     a row (tol=0 runs exactly max_iter iterations).  accelerate="squarem" extrapolates the EM
     map (Varadhan and Roland 2008) with a safeguard that never lets the log-likelihood fall,
     and on more than subsample_above distinct values begins with Newton steps on EM's fixed
-    point (run_newton); "none" is plain EM, one E-step and one M-step an iteration, as
+    point (NewtonSteps); "none" is plain EM, one E-step and one M-step an iteration, as
     scikit-learn.
     """
 
@@ -1746,7 +2101,7 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
     (or tol, if larger).  On the second draw (or the only one), its EM run JACOBIAN_DRAW_TOL
     times nearer its maximum (where EM still moves, the map's Jacobian is not its fixed
     point's), the Jacobian of EM's map is measured, and the later draws and every point begin
-    with Newton steps on EM's fixed point (run_newton): on every point to the same stopping
+    with Newton steps on EM's fixed point (NewtonSteps): on every point to the same stopping
     rule, so converged means at the full data's fixed point, which Newton's steps from next
     to it reach in a few passes.  Only the iterations on every point are the fit's history;
     GaussianMixtureFit.subsample says what ran on each draw.  With several starts, each runs
@@ -1864,327 +2219,6 @@ def _starting_parameters(data, n_components, covariance_type, reg_covar, stats, 
     if covariances_init is not None:
         covariances = np.array(covariances_init, dtype=np.float64)
     return weights, means, covariances
-
-
-# --- The EM driver ---------------------------------------------------------------
-# Every model here is an EM map on a state, and every one uses the driver the same way:
-#     step(state)      -> the next state: the model's E-step at state, then its M-step;
-#     state.objective  -> the objective per pixel at the state, computed once (the E-step
-#                         that measures it also gives the M-step its statistics);
-#     state.counts     -> False when the iteration that reached the state may not end the fit
-#                         (the spatial fit's partial sweeps leave most sites as they were).
-# The driver iterates the map, accelerated by SQUAREM where the model has Coordinates, and
-# it alone decides when the objective has reached its limit.  A model that cuts corners on
-# some iterations passes a full_step, which the driver takes when the limit is near.
-
-
-@dataclass
-class EMRun:
-    """What the driver returns: the final state and the record of the run."""
-
-    state: object
-    history: list  # the objective after each iteration (one value per accepted step)
-    n_iter: int
-    converged: bool
-    n_em_steps: int  # evaluations of the EM map, the cost: 1 an iteration for plain EM
-    fell_at: int | None = None  # the iteration at which the map itself lost more than tol
-    newton_iter: int = 0  # the first iterations, Newton steps on EM's fixed point (run_newton)
-
-
-@dataclass(frozen=True)
-class Coordinates:
-    """A model's unconstrained real coordinates, which SQUAREM extrapolates in:
-    to_vector(state) -> 1-D array; from_vector(vector, like) -> a state shaped like `like`;
-    importance(state) -> how much each coordinate counts in the size of a step (None: alike)."""
-
-    to_vector: object
-    from_vector: object
-    importance: object = None  # importance(state) -> each coordinate's weight in a step's size
-
-    def weighted(self, state, change):
-        """A change of the coordinates, each scaled by its importance at state: what a step's
-        size is measured on."""
-        return change if self.importance is None else self.importance(state) * change
-
-
-def run_em(
-    start,
-    step,
-    options,
-    *,
-    coordinates=None,
-    full_step=None,
-    on_iteration=None,
-    ascent=True,
-    jacobian=None,
-):
-    """Iterate step from start until the objective is at its limit or options.max_iter.
-
-    With coordinates and options.accelerate == "squarem" every iteration is one safeguarded
-    SQUAREM cycle.  Converged: the stopping rule held on two iterations in a row that count,
-    or no step gains any more.  full_step: the model's iteration that always counts, taken
-    after an iteration at which the rule held.
-
-    ascent=False (a mixture's map): the map itself may lose, since reg_covar, added to every
-    covariance as scikit-learn does, makes the M-step inexact; a little near any fixed point,
-    much where a component's variance sits at reg_covar or a component empties.  A loss smaller
-    than tol is where the map has stopped gaining (and with tol = 0 a loss keeps the state, as
-    for ascent=True).  A larger one is a step like any other: the run follows the map to its
-    fixed point, taking an extrapolation where the stabilising EM step moves it less than the
-    first step moved theta0 (the objective cannot judge one there), and the distance to the
-    limit is measured on the size of the changes.
-
-    jacobian (the map's, in coordinates, measured elsewhere): the run begins with Newton steps
-    on the map's fixed point (run_newton), and goes on as without one from where they stop
-    helping.
-    """
-    if jacobian is not None and coordinates is not None and options.accelerate != "none":
-        newton = run_newton(start, step, options, coordinates, jacobian, on_iteration)
-        if newton.converged or newton.n_iter >= options.max_iter:
-            return newton
-        rest = run_em(
-            newton.state,
-            step,
-            replace(options, max_iter=options.max_iter - newton.n_iter),
-            coordinates=coordinates,
-            full_step=full_step,
-            on_iteration=None
-            if on_iteration is None
-            else lambda iteration, value: on_iteration(newton.n_iter + iteration, value),
-            ascent=ascent,
-        )
-        return _joined(newton, rest)
-    state, value = start, _finite(start.objective)
-    values, n_em_steps, step_max, streak, stalled, near = [value], 0, 1.0, 0, False, False
-    squarem = options.accelerate == "squarem" and coordinates is not None
-    fell_at = None  # the map lost more than tol here: from then on, follow it to its fixed point
-    while len(values) <= options.max_iter and streak < 2:
-        if squarem:
-            following = fell_at is not None  # the objective no longer judges an extrapolation
-            new, step_max, used = _squarem_cycle(state, step, step_max, coordinates, following)
-            n_em_steps += used
-        else:
-            new = (full_step if near and full_step is not None else step)(state)
-            n_em_steps += 1
-        loss = value - new.objective if math.isfinite(new.objective) else math.inf
-        if fell_at is None and not ascent and 0 < options.tol < loss < math.inf:
-            fell_at = len(values)
-        stalled = squarem and (loss == math.inf or (loss > 0 and fell_at is None))
-        if not stalled:
-            state, value = new, new.objective
-        # else the map has stopped gaining (round-off at the fixed point, or reg_covar's inexact
-        # M-step within tol of it): the iteration keeps the state it started from.
-        values.append(_finite(value))
-        if on_iteration is not None:
-            on_iteration(len(values) - 1, value)
-        if stalled and options.tol > 0:
-            break
-        distance = distance_to_limit(values) if fell_at is None else distance_of_changes(values)
-        near = options.tol > 0 and distance < options.tol
-        streak = streak + 1 if near and state.counts else 0
-    return EMRun(
-        state,
-        [float(v) for v in values[1:]],
-        len(values) - 1,
-        bool(streak >= 2 or stalled),
-        n_em_steps,
-        fell_at,
-    )
-
-
-def _finite(value):
-    if not math.isfinite(value):
-        raise FitFailed("the log-likelihood is not finite; increase reg_covar")
-    return value
-
-
-def distance_to_limit(values):
-    """Aitken's estimate of how far values[-2] lies below the limit of the sequence."""
-    previous_gain = values[-2] - values[-3] if len(values) >= 3 else math.inf
-    return aitken_distance(values[-1] - values[-2], previous_gain)
-
-
-def aitken_distance(gain, previous_gain):
-    """The distance to the limit from the last two gains of a sequence.
-
-    EM converges linearly: successive gains shrink by a ratio a, so the limit is about
-    the last value but one + gain / (1 - a).  Gains that do not shrink give infinity (not
-    there yet); no gain at all gives 0 (a fixed point, to round-off), and a gain right after
-    none is round-off too: its estimate is the gain itself.
-    """
-    if gain <= 0:
-        return 0.0
-    if previous_gain <= 0:  # a gain after none: the sequence is at round-off, and so is the gain
-        return gain
-    if previous_gain <= gain:
-        return math.inf
-    return gain / (1.0 - gain / previous_gain)
-
-
-def distance_of_changes(values):
-    """Aitken's distance to the limit of a sequence that may approach it from either side: the
-    last change's size, extrapolated while the changes shrink with one sign, the change itself
-    where the sign turns (the limit lies between), infinity while they do not shrink."""
-    change = values[-1] - values[-2]
-    previous = values[-2] - values[-3] if len(values) >= 3 else math.inf
-    if change == 0:
-        return 0.0
-    if previous == 0 or (change > 0) != (previous > 0):
-        return abs(change)
-    return aitken_distance(abs(change), abs(previous))
-
-
-SQUAREM_STEP_FACTOR = 4.0  # the R package SQUAREM's mstep: how fast the largest step grows
-
-
-def _squarem_cycle(state, step, step_max, coordinates, by_residual=False):
-    """One SQUAREM cycle (scheme S3 of Varadhan and Roland 2008), safeguarded.
-
-    Two EM steps theta1 = M(theta0), theta2 = M(theta1) give r = theta1 - theta0 and
-    v = theta2 - 2 theta1 + theta0; the extrapolated point theta0 + 2 a r + a^2 v, with
-    a = |r| / |v| in [1, step_max], is stabilised by one more EM step.  It is taken only
-    when both its objective and the stabilised one are at least theta0's, so the recorded
-    objective never falls; otherwise the cycle ends at theta2, plain EM.  a = 1 is theta2
-    itself.  by_residual (a map that does not raise the objective): the stabilised point is
-    taken where that EM step moves it less than the first step moved theta0.  Returns the new
-    state, the next step_max and the number of EM steps evaluated.
-    """
-    value = state.objective
-    first = step(state)
-    second = step(first)
-    x0, x1, x2 = (coordinates.to_vector(s) for s in (state, first, second))
-    r, v = x1 - x0, x2 - 2 * x1 + x0
-    length = math.sqrt((r @ r) / (v @ v)) if v @ v > 0 else 1.0
-    length = min(max(length, 1.0), step_max) if math.isfinite(length) else 1.0
-
-    def kept(new, point):
-        """The stabilised point is taken (False for a NaN objective)."""
-        if not by_residual:
-            return new.objective >= value
-        moved = coordinates.weighted(new, coordinates.to_vector(new) - point)
-        first_move = coordinates.weighted(new, r)
-        return math.isfinite(new.objective) and moved @ moved <= first_move @ first_move
-
-    if length > 1.01:
-        point = x0 + 2 * length * r + length**2 * v
-        trial = _try_state(coordinates, point, second)
-        if trial is not None and (by_residual or trial.objective >= value):
-            new = step(trial)
-            if kept(new, point):
-                return new, _next_step_max(length, step_max), 3
-        if length == step_max:  # the longest step failed: allow less next time
-            step_max = max(1.0, step_max / SQUAREM_STEP_FACTOR)
-        length = 1.0
-    return second, _next_step_max(length, step_max), 2
-
-
-def _next_step_max(step, step_max):
-    """SQUAREM's adaptive bound: a step that reached it may go SQUAREM_STEP_FACTOR times further."""
-    return step_max * SQUAREM_STEP_FACTOR if step >= step_max else step_max
-
-
-def _try_state(coordinates, vector, like):
-    """The state at an extrapolated point, its objective computed; None where no valid model."""
-    try:
-        with np.errstate(all="ignore"):
-            state = coordinates.from_vector(vector, like)
-            value = state.objective
-    except (FitFailed, np.linalg.LinAlgError):
-        return None
-    return state if math.isfinite(value) else None
-
-
-# --- Newton's method on EM's fixed point ------------------------------------------------
-# EM's map F (in a model's coordinates) has its fixed point where x = F(x), and near it
-# F(x) - x ~ (J - I)(x - x*), J the map's Jacobian: so x* ~ x + (I - J)^-1 (F(x) - x).  EM's
-# rate is J's largest eigenvalue, near 1 where classes overlap; Newton's does not care.  J is
-# a property of the image (the fraction of missing information), so a draw of its pixels
-# measures it, to the draw's sampling error, at a small fraction of a pass over every point
-# a coordinate; with it each Newton step on every point costs one pass.
-
-JACOBIAN_STEP = 1e-6  # forward differences: each coordinate moved by this (times its size, >= 1)
-NEWTON_SHRINK = 0.5  # Newton goes on while its last 3 steps shrank the residual this much each
-
-
-def em_map_jacobian(state, step, coordinates):
-    """The Jacobian of the EM map at state, in coordinates: forward differences, one EM step
-    a coordinate (and one at state)."""
-    x = coordinates.to_vector(state)
-    image = coordinates.to_vector(step(state))
-    jacobian = np.empty((len(image), len(x)))
-    for i in range(len(x)):
-        moved = x.copy()
-        moved[i] += JACOBIAN_STEP * max(1.0, abs(x[i]))
-        moved_image = coordinates.to_vector(step(coordinates.from_vector(moved, state)))
-        jacobian[:, i] = (moved_image - image) / (moved[i] - x[i])
-    return jacobian
-
-
-def run_newton(start, step, options, coordinates, jacobian, on_iteration=None):
-    """Newton steps x <- x + (I - J)^+ (F(x) - x) on the fixed point of the map F = step in
-    coordinates, J its Jacobian measured elsewhere: one evaluation of the map (one pass) an
-    iteration.  A step is taken where it shrinks the residual F(x) - x (components weighted as
-    SQUAREM's by_residual), and the steps go on while the last three shrank it to at most
-    NEWTON_SHRINK ** 3 (with a poor Jacobian, Newton's steps can shrink it more slowly than
-    EM's).  A step that does not shrink it, or leaves the model's space, or a slow three end
-    the run unconverged at the last state taken, for run_em to go on from.  The objective
-    judges no step (Newton aims at the fixed point, which reg_covar can put below a state on
-    the way): fell_at is the first iteration at which it fell, and the stopping rule is
-    distance_of_changes, on two iterations in a row; a zero residual is the fixed point."""
-    solve = np.linalg.pinv(np.eye(len(jacobian)) - jacobian)  # frozen components: singular
-
-    def residual(state):
-        """F(x) - x at state, and its weighted size."""
-        change = coordinates.to_vector(step(state)) - coordinates.to_vector(state)
-        return change, float(np.linalg.norm(coordinates.weighted(state, change)))
-
-    state, values = start, [_finite(start.objective)]
-    (change, size), n_em_steps, streak, fell_at = residual(state), 1, 0, None
-    sizes = [size]  # the residual's size at every state taken
-    while len(values) <= options.max_iter and streak < 2 and sizes[-1] > 0:
-        if len(sizes) > 3 and sizes[-1] > NEWTON_SHRINK**3 * sizes[-4]:
-            break
-        trial = _try_state(coordinates, coordinates.to_vector(state) + solve @ change, state)
-        if trial is None:
-            break
-        (trial_change, size), n_em_steps = residual(trial), n_em_steps + 1
-        if not size < sizes[-1]:
-            break
-        state, change = trial, trial_change
-        sizes.append(size)
-        values.append(state.objective)
-        if on_iteration is not None:
-            on_iteration(len(values) - 1, state.objective)
-        if fell_at is None and values[-1] < values[-2]:
-            fell_at = len(values) - 1
-        near = options.tol > 0 and distance_of_changes(values) < options.tol
-        streak = streak + 1 if near and state.counts else 0
-    n_iter = len(values) - 1
-    return EMRun(
-        state,
-        [float(v) for v in values[1:]],
-        n_iter,
-        streak >= 2 or sizes[-1] == 0,
-        n_em_steps,
-        fell_at,
-        n_iter,
-    )
-
-
-def _joined(first, then):
-    """One record of a run that went on as `then` from where `first` ended."""
-    fell_at = first.fell_at
-    if fell_at is None and then.fell_at is not None:
-        fell_at = first.n_iter + then.fell_at
-    return EMRun(
-        then.state,
-        first.history + then.history,
-        first.n_iter + then.n_iter,
-        then.converged,
-        first.n_em_steps + then.n_em_steps,
-        fell_at,
-        first.newton_iter + then.newton_iter,
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -2317,20 +2351,10 @@ def staged(on_iteration, stage):
     return on_iteration.within(stage) if isinstance(on_iteration, Progress) else on_iteration
 
 
-def _best_of_starts(n_starts, fit_one, score):
-    """The fit with the highest score among n_starts calls of fit_one() (the first on a tie)."""
-    best = None
-    for _ in range(n_starts):
-        fit = fit_one()
-        if best is None or score(fit) > score(best):
-            best = fit
-    return best
-
-
 def _density_em(data, start, options, on_iteration=None, partial_volume=None, jacobian=None):
     """EM of the density model from centred parameters start = (weights, means, covariances);
     of a partial-volume mixture (tied) with that PartialVolume; with Newton steps first given
-    the EM map's Jacobian (run_newton)."""
+    the EM map's Jacobian (NewtonSteps)."""
     e_step, m_step = _density_map(data, options, partial_volume)
     run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration, jacobian)
     weights, means, covariances = run.state.parameters
@@ -2458,7 +2482,7 @@ def fit_gmm(
     )
 
 
-# --- 4b. Quantized gray levels ------------------------------------------------
+# --- 5b. Quantized gray levels ------------------------------------------------
 # Pixel values are bins, not points: level v stands for intensities in [v - 1/2, v + 1/2]
 # (divided by the top level), and the first and last bins are open to -inf and +inf,
 # because a camera clips what falls outside.  The exact likelihood of a pixel is a
@@ -2666,7 +2690,7 @@ def collapsed_components(model, reg_covar):
 
 
 # ----------------------------------------------------------------------------
-# 5. Labels
+# 6. Labels
 # ----------------------------------------------------------------------------
 # Components are numbered by the luminance of their means, darkest = 0, so the
 # numbering does not depend on the order EM happened to find them in.  Each
@@ -2760,7 +2784,7 @@ def gray_level_top(points):
     return None
 
 
-# --- 5a. Choosing K (-k auto) ------------------------------------------------------------
+# --- 6a. Choosing K (-k auto) ------------------------------------------------------------
 # BIC alone counts ways to fit an image, not its classes: at a million pixels any departure
 # from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
 # 0 or 255).  The default criterion, "classes", is BIC among the fits whose every component is
@@ -2774,7 +2798,7 @@ def gray_level_top(points):
 # components share one class); a new best is fitted on to convergence.
 
 K_CRITERIA = ("classes", "bic", "icl")
-REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 5a)
+REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
 BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
 BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
@@ -3007,7 +3031,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
     return row, score if counted else math.inf
 
 
-# --- 5b. A spatial prior (--spatial BETA) -------------------------------------
+# --- 6b. A spatial prior (--spatial BETA) -------------------------------------
 # A per-pixel mixture labels each pixel alone, so on a noisy image it can never beat the
 # per-pixel Bayes limit.  Neighbouring pixels usually belong together: a Potts prior adds
 # BETA for every pair of 4-neighbours with the same label.  The fit is hidden Markov random
@@ -4011,7 +4035,7 @@ def _point_expected_fractions(q, model, data, index):
     return out
 
 
-# --- 5c. A bias field (--bias-field) ---------------------------------------------
+# --- 6c. A bias field (--bias-field) ---------------------------------------------
 # MRI intensities carry a smooth multiplicative field: pixel = tissue x field, noise included.
 # The model, in the form of Ashburner and Friston's unified segmentation (NeuroImage 26,
 # 2005): the corrected intensities z_i = y_i / b_i are a Gaussian mixture, b_i = exp(t_i) and
@@ -4520,14 +4544,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
             plain.partial_volume,
         )
         if not with_field:
-            return EMRun(
-                state,
-                plain.log_likelihood,
-                plain.n_iter,
-                plain.converged,
-                plain.n_em_steps,
-                plain.fell_at,
-            )
+            return EMRun.of_fit(state, plain)
         return run_em(
             state,
             partial(_bias_step, options=options),
@@ -4581,7 +4598,7 @@ def fit_bias_field(
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
 
     fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
-    only the field is fitted then.  pv: n_components tissues and their mixels (section 4's
+    only the field is fitted then.  pv: n_components tissues and their mixels (section 5's
     partial volume); the labels are the tissues, the posteriors their expected fractions.
 
     degree: the field's polynomial degree; regularisation: lambda of the field's prior, a
@@ -4886,7 +4903,7 @@ class HeldMeanField:
         return _after_iteration(state, state.parameters, total, clear_gain, self.settings, True)
 
 
-# --- 5d. Putting it together ---------------------------------------------------
+# --- 6d. Putting it together ---------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -4895,10 +4912,10 @@ class SegmentOptions:
     the command line alike.
 
     k_max: the largest K that n_components="auto" tries, criterion how it chooses (K_CRITERIA,
-    section 5a).  quantized: fit integer gray levels as
-    bins (section 4b).  spatial: BETA of a Potts prior on the labels (section 5b; 0 = off).
+    section 6a).  quantized: fit integer gray levels as
+    bins (section 5b).  spatial: BETA of a Potts prior on the labels (section 6b; 0 = off).
     bias_field: fit a multiplicative field of polynomial degree bias_degree with the mixture
-    (section 5c; 8- and 16-bit gray images, a number of components, no shared model, not
+    (section 6c; 8- and 16-bit gray images, a number of components, no shared model, not
     quantized).  partial_volume: K tissues and the mixels between them (PartialVolume; tied
     covariance, a number of components, not quantized).  keep_posteriors: keep the per-pixel
     responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel; the plain
@@ -4975,11 +4992,11 @@ def fit_points(points, n_components, options=None, on_iteration=None, shares_of=
     KSearch or None).
 
     n_components: an int (lowered to the number of distinct values when there are fewer), or
-    "auto" to choose K in 1..options.k_max by options.criterion (section 5a); shares_of: how
+    "auto" to choose K in 1..options.k_max by options.criterion (section 6a); shares_of: how
     "classes" looks at where a model's labels fall (region_shares_of the images the points
     came from; None: it judges a fit by collapse alone; segment_points looks at its image).
     options: SegmentOptions (or overrides of its fields and of FitOptions'); its quantized fits
-    integer gray levels as bins (section 4b), ignored for any other values.
+    integer gray levels as bins (section 5b), ignored for any other values.
     """
     options = segment_options(options, **overrides)
     data = _PointFeatures(points.values, points.weights, points.scale)
@@ -5293,7 +5310,7 @@ def _segmented_array(picture, n_components, mode, mask, options):
 
 
 # ----------------------------------------------------------------------------
-# 6. Outputs and plots
+# 7. Outputs and plots
 # ----------------------------------------------------------------------------
 # An image's files are written all or nothing: each under a short temporary name in
 # the output folder, then all renamed into place, the JSON last, so a STEM_model.json
@@ -6010,7 +6027,7 @@ def _output_writers(segmentation, captions, wanted):
 
 
 # ----------------------------------------------------------------------------
-# 7. The command line
+# 8. The command line
 # ----------------------------------------------------------------------------
 # Parse, dispatch, report.  Whatever a user, a file or the system does ends in one line
 # `error: <what>: <why>` on stderr and an exit status: 0 every image done, 1 some image
