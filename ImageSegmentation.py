@@ -274,7 +274,7 @@ def nonzero_mask(picture):
     """(H, W) bool: the pixels not 0 in every channel (the convention of skull-stripped scans)."""
     if picture.kind == "table":
         table = picture.table.reshape(len(picture.table), -1)
-        return lookup_codes(picture, np.any(table != 0, axis=1))
+        return lookup_codes(picture, np.any(table != 0, axis=1), Passes(threads=1))
     return picture.codes != 0
 
 
@@ -336,7 +336,7 @@ def unpack_rgb(codes):
     return np.stack([codes & 255, (codes >> 8) & 255, codes >> 16], axis=-1).astype(np.uint8)
 
 
-def lookup_codes(picture, lut, passes=Passes()):
+def lookup_codes(picture, lut, passes):
     """lut[codes] for every pixel (H, W), block by block: no int64 copy of the codes is made."""
     codes = picture.codes.reshape(-1)
     out = np.empty(codes.size, dtype=lut.dtype)
@@ -800,7 +800,7 @@ class Points:
     mode: str  # "gray" or "color"
 
 
-def code_histogram(codes, n_codes, passes=Passes()):
+def code_histogram(codes, n_codes, passes):
     """The distinct codes and their pixel counts.
 
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
@@ -1121,7 +1121,7 @@ def run_em(
             on_iteration(len(values) - 1, value)
         if stalled and options.tol > 0:
             break
-        own = values[em_from:]
+        own = values[max(em_from, len(values) - 3) :]  # EM's own last three at most
         distance = distance_to_limit(own) if following is None else distance_of_changes(own)
         near = options.tol > 0 and distance < options.tol
         streak = streak + 1 if near and state.counts else 0
@@ -2731,14 +2731,14 @@ def _most_likely(data, model):
     return labels
 
 
-def label_pixels(picture, points, label_of_point, n_components, passes=Passes()):
+def label_pixels(picture, points, label_of_point, n_components, passes):
     """Label map (H, W): the label of every code, looked up pixel by pixel."""
     lut = np.zeros(picture.n_codes, dtype=np.uint8 if n_components <= 256 else np.uint16)
     lut[points.keys] = label_of_point[points.point_of_key]
     return lookup_codes(picture, lut, passes)
 
 
-def point_index(picture, points, passes=Passes()):
+def point_index(picture, points, passes):
     """(H, W) index of every pixel's point, by lookup over the codes, in the smallest unsigned
     type that holds it."""
     lut = np.zeros(picture.n_codes, dtype=np.min_scalar_type(max(len(points.values) - 1, 0)))
@@ -3399,7 +3399,7 @@ def _around(sites, shape, inside, stack=None):
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside, passes=Passes(), stack=None):
+def _dilate(moved, inside, passes, stack=None):
     """moved (H, W) bool |= its 4-neighbours (a stacked volume's 6), &= inside (a mask, or
     None), in place.
 
@@ -3431,7 +3431,7 @@ def _dilate(moved, inside, passes=Passes(), stack=None):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes=Passes(), stack=None):
+def _mean_field_objective(padded, beta, site_logp, passes, stack=None):
     """L(q, theta) computed from its definition, band by band (at the start of a fit); of a
     stacked volume with its neighbours across slices, weighted.
 
@@ -3462,7 +3462,7 @@ def _mean_field_objective(padded, beta, site_logp, passes=Passes(), stack=None):
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes=Passes(), stack=None):
+def _prior_terms(padded, beta, passes, stack=None):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -3473,7 +3473,7 @@ def _prior_terms(padded, beta, passes=Passes(), stack=None):
     return _mean_field_objective(padded, beta, no_data, passes, stack)
 
 
-def _posterior_start(padded, site_logp, inside, passes=Passes()):
+def _posterior_start(padded, site_logp, inside, passes):
     """q = the plain mixture's posterior (0 outside the mask), in place, band by band."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     for top, bottom in passes.bands(height, width, n_components):
@@ -4133,7 +4133,7 @@ class BiasField:
             u = _row_features(np.repeat(powers([slice_], 0), len(u), axis=0), u)
         return u @ grid @ powers(cols, -1).T - self.shift
 
-    def image(self, stride=1, passes=Passes()):
+    def image(self, stride=1):
         """The field at every stride-th pixel of every stride-th row, float32 (stride 1: (H, W);
         a figure asks only for its downsampled copy's pixels); a volume's (D, H, W)."""
         if len(self.shape) == 3:
@@ -4141,7 +4141,7 @@ class BiasField:
         rows = np.arange(0, self.shape[0], stride)
         cols = np.arange(0, self.shape[1], stride)
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
-        for top, bottom in passes.bands(len(rows), len(cols), 1):
+        for top, bottom in Passes(threads=1).bands(len(rows), len(cols), 1):
             out[top:bottom] = np.exp(self.log_field(rows[top:bottom], cols))
         return out
 
@@ -4221,7 +4221,7 @@ class BiasImage:
         return replace(self, values=values, inside=inside, step=2 * self.step)
 
 
-def bias_image(picture, passes=Passes()):
+def bias_image(picture, passes):
     """The bias fit's view of a gray picture: its intensities and its mask; a volume's stacked
     as one image (Stack), its separators outside."""
     values = np.empty(picture.codes.shape, dtype=np.float32)
@@ -5032,7 +5032,7 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
     )
 
 
-def region_shares_of(pictures):
+def region_shares_of(pictures, passes):
     """select_components' look at the images: the region_shares and boundary_shares of a
     model's labels over every (picture, points) of pictures, an iterable made anew for each
     model (a batch's images read again), their pixels counted together."""
@@ -5041,7 +5041,7 @@ def region_shares_of(pictures):
         n_labels, sums = model.n_labels, 0
         for picture, points in pictures():
             data = _PointFeatures(points.values, points.weights, points.scale)
-            labels = label_pixels(picture, points, _most_likely(data, model), n_labels)
+            labels = label_pixels(picture, points, _most_likely(data, model), n_labels, passes)
             inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
             interior = _interior(labels, inside) & inside
             between = _between(labels, inside, BOUNDARY_DEPTH) & inside
@@ -5093,7 +5093,7 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
-        shares_of = region_shares_of(lambda: [(picture, points)])
+        shares_of = region_shares_of(lambda: [(picture, points)], options.fit.passes)
         model, search = _fit_features(data, points, n_components, options, on_iteration, shares_of)
     else:
         model, search = shared.model, shared.k_search
@@ -7543,7 +7543,8 @@ def fit_pooled(groups, config, paths=()):
             "bit depth"
         )
     k = config.components_for(pooled.mode)
-    shares_of = region_shares_of(lambda: _batch_pictures(paths, config, pooled.mode))
+    pictures = partial(_batch_pictures, paths, config, pooled.mode)
+    shares_of = region_shares_of(pictures, config.segment.fit.passes)
     try:
         model, table = fit_points(pooled, k, config.segment, shares_of=shares_of)
     except FitFailed as error:

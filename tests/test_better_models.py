@@ -193,11 +193,13 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask)
     start = random_responsibilities(rng, shape, n_components)
     if with_mask:
         start[:, 1:-1, 1:-1] *= mask
-    before = seg._mean_field_objective(start, beta, site_logp)
+    before = seg._mean_field_objective(start, beta, site_logp, seg.Passes())
     one_band = start.copy()
     reported = seg._sweep(one_band, seg.Sweep(beta, site_logp, mask))
     reported += np.sum(one_band[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
-    assert reported == pytest.approx(seg._mean_field_objective(one_band, beta, site_logp), 1e-6)
+    assert reported == pytest.approx(
+        seg._mean_field_objective(one_band, beta, site_logp, seg.Passes()), 1e-6
+    )
     assert reported >= before - 1e-5
     q = one_band[:, 1:-1, 1:-1]
     assert np.all(q >= 0) and np.all(one_band[:, [0, -1], :] == 0)
@@ -219,7 +221,7 @@ def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
     index = rng.integers(0, 4, (6, 7))
     table = rng.normal(size=(2, 4)).astype(np.float32)
     padded = np.zeros((2, 8, 9), np.float32)
-    seg._posterior_start(padded, seg._looked_up(table, index), None)
+    seg._posterior_start(padded, seg._looked_up(table, index), None, seg.Passes())
     posterior = padded.copy()
     loglik = np.logaddexp(table[0], table[1])[index].sum()
     entropy = seg._sweep(padded, seg.Sweep(0.0, seg._looked_up(table, index)))
@@ -260,8 +262,8 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
     flat_before, flat_after = before.reshape(3, -1), after.reshape(3, -1)
     assert np.array_equal(flat_after[:, resting], flat_before[:, resting])
     assert np.all(padded[:, [0, -1], :] == 0) and np.all(padded[:, :, [0, -1]] == 0)
-    terms_before = seg._prior_terms(start, beta)
-    terms_after = seg._prior_terms(padded, beta)
+    terms_before = seg._prior_terms(start, beta, seg.Passes())
+    terms_after = seg._prior_terms(padded, beta, seg.Passes())
     assert terms_before + change == pytest.approx(terms_after, abs=1e-5)
     sums_before = grid.point_sums(before)
     assert np.allclose(sums_before + change_of_sums, grid.point_sums(after), rtol=0, atol=1e-12)

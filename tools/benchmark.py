@@ -447,7 +447,7 @@ def counting_options(megapixels=50):
     for name, count in (
         (
             "24-bit colour: bincount over packed codes, in blocks (used)",
-            lambda: seg.code_histogram(codes, 1 << 24),
+            lambda: seg.code_histogram(codes, 1 << 24, seg.Passes()),
         ),
         (
             "24-bit colour: np.unique on packed codes (sort)",
@@ -455,7 +455,7 @@ def counting_options(megapixels=50):
         ),
         (
             "16-bit gray: bincount over 65536 levels, in blocks (used)",
-            lambda: seg.code_histogram(deep, 1 << 16),
+            lambda: seg.code_histogram(deep, 1 << 16, seg.Passes()),
         ),
         ("16-bit gray: np.unique (sort)", lambda: np.unique(deep, return_counts=True)),
     ):
