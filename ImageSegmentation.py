@@ -66,6 +66,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property, partial
 from pathlib import Path
+from typing import Protocol
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 if __name__ == "__main__":
@@ -975,7 +976,9 @@ def pooled_points(groups):
 #     state.objective  -> the objective per pixel at the state, computed once (the E-step
 #                         that measures it also gives the M-step its statistics);
 #     state.counts     -> False when the iteration that reached the state may not end the fit
-#                         (the spatial fit's partial sweeps leave most sites as they were).
+#                         (the spatial fit's partial sweeps leave most sites as they were);
+#     state.in_place   -> True (optional; MeanField) when step(state) overwrites the state:
+#                         such a state is stepped once, so no SQUAREM or Newton for it.
 # The driver iterates the map, one cycle an iteration: Newton's steps on its fixed point
 # where the map's Jacobian is given (NewtonSteps), SQUAREM's where the model has Coordinates,
 # else the map itself; it alone decides when the objective has reached its limit, and which
@@ -1070,6 +1073,8 @@ def run_em(
     rule is distance_of_changes.  EM's cycles then measure the distance to the limit on their
     own values alone, and begin with a fresh streak.
     """
+    if coordinates is not None and getattr(start, "in_place", False):
+        raise ValueError("a state updated in place (MeanField) cannot be extrapolated")
     state, values = start, [_finite(start.objective)]
     newton = None
     if jacobian is not None and coordinates is not None and options.accelerate != "none":
@@ -3546,12 +3551,66 @@ class SiteLedger:
     partial_sweeps: int = 0
 
 
+class MeanFieldModel(Protocol):
+    """What the spatial fit's driver (_coarse_to_fine, _spatial_run) asks of a model fitted by
+    mean-field EM: PointsMeanField (a mixture of distinct values), BiasMeanField (a mixture of
+    corrected intensities and its field) and HeldMeanField (fixed site log-probabilities, made
+    for the full grid by BiasMeanField.held: it has no coarser grid).  Its states are MeanField,
+    updated in place."""
+
+    beta: float | str  # BETA of the Potts prior, or "auto" before _spatial_run estimates it
+    options: FitOptions
+    settings: SpatialSettings
+    stack: Stack | None  # a volume's layout of the grid, or None for an image
+    shape: tuple  # (H, W) of the grid (a volume's stacked)
+    inside: np.ndarray | None  # (H, W) bool, or None: every site
+    n_pixels: int  # the sites inside
+    passes: Passes
+    full_step: object  # None, or the iteration that sweeps every site (run_em's full_step)
+
+    def coarser(self) -> MeanFieldModel:
+        """The model on the grid of every other row and column (and slice)."""
+
+    def held(self, parameters) -> MeanFieldModel:
+        """The model for the full grid after its coarser grid's fit ended at parameters."""
+
+    def site_logp(self, parameters):
+        """rows, cols -> (K, h, w) log(w_k p(site | k)) at those sites (slices)."""
+
+    def start(self, parameters, padded, from_posterior) -> MeanField:
+        """The state at q = padded (filled from the sites' posteriors if from_posterior)."""
+
+    def step(self, state) -> MeanField:
+        """One iteration: a checkerboard sweep of q, then the model's M-step."""
+
+
+def _sweep_of(fit, state, site_logp):
+    """The checkerboard sweep of a mean-field state of fit, with the sites' log-probabilities."""
+    return Sweep(
+        fit.beta,
+        site_logp,
+        fit.inside,
+        state.relaxation,
+        settings=fit.settings,
+        passes=fit.passes,
+        stack=fit.stack,
+    )
+
+
+def _start_terms(fit, padded, site_logp, from_posterior):
+    """The prior's terms of a start q = padded of fit (first the sites' posteriors, from
+    site_logp, where from_posterior)."""
+    if from_posterior:
+        _posterior_start(padded, site_logp, fit.inside, fit.passes)
+    return _prior_terms(padded, fit.beta, fit.passes, fit.stack)
+
+
 @dataclass(frozen=True, eq=False)
 class MeanField:
     """A state of mean-field EM: the parameters its sweep takes the sites' log-probabilities
     from (a GaussianMixtureFit, or a BiasState: a mixture with its field), q (K, H, W) inside a
     zero border, updated in place (a copy would not fit at 24 megapixels, so a state is used
-    once), and L(q, parameters) summed over the pixels."""
+    once: in_place, which run_em checks), and L(q, parameters) summed over the pixels."""
 
     parameters: object
     padded: np.ndarray  # (K, H + 2, W + 2) float32
@@ -3562,6 +3621,7 @@ class MeanField:
     counts: bool = True  # the sweep that reached this state updated every site
     full_sweeps: int = 0  # sweeps of every site so far
     ledger: SiteLedger | None = None  # the distinct values' fit (not the bias field's)
+    in_place = True  # step(state) overwrites state's q: no state is stepped twice
 
     @property
     def objective(self):
@@ -3619,7 +3679,7 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
     CoarserGrid records, coarsest first.
     """
     coarser, start_q, (height, width) = [], None, fit.shape
-    stack = getattr(fit, "stack", None)
+    stack = fit.stack
     grid_pixels = height * width if stack is None else math.prod(stack.shape)
     coarse = fit.coarser()
     if grid_pixels > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
@@ -3631,8 +3691,7 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
             coarser.append(CoarserGrid(rows, cols, run.n_iter, run.converged, slices))
         parameters, start_q = run.state.parameters, run.state.q
         del run
-        if hasattr(fit, "held"):
-            fit = fit.held(parameters)
+        fit = fit.held(parameters)
     del coarse
     padded = np.zeros((len(parameters.label_weights), height + 2, width + 2), np.float32)
     from_posterior = start_q is None
@@ -3681,7 +3740,7 @@ def _spatial_run(fit, parameters, on_iteration=None):
     SpatialFit record."""
     if fit.beta != "auto":
         return _recorded(fit, parameters, fit.beta, None, on_iteration)
-    stack = getattr(fit, "stack", None)
+    stack = fit.stack
     if stack is None:
         rows, cols = _central_window(fit.shape, fit.settings.estimate_pixels)
     else:  # whole central slices, as many as the window holds
@@ -3796,6 +3855,9 @@ class PointsMeanField:
         inside = None if self.inside is None else self.inside[::2, ::2]
         return replace(self, index=np.ascontiguousarray(self.index[::2, ::2]), inside=inside)
 
+    def held(self, parameters):
+        return self
+
     def point_sums(self, q):
         """(K, M) q summed over the pixels of every point, by bincounts in row chunks."""
         n_points, (height, width) = len(self.data), self.shape
@@ -3819,9 +3881,8 @@ class PointsMeanField:
 
     def start(self, model, padded, from_posterior):
         point_logp = _point_log_probabilities(model, self.data)
-        if from_posterior:
-            _posterior_start(padded, _looked_up(point_logp, self.index), self.inside, self.passes)
-        prior_terms = _prior_terms(padded, self.beta, self.passes, self.stack)
+        site_logp = _looked_up(point_logp, self.index)
+        prior_terms = _start_terms(self, padded, site_logp, from_posterior)
         sums = self.point_sums(padded[:, 1:-1, 1:-1])
         total = prior_terms + float(np.sum(sums * point_logp))
         return MeanField(
@@ -3833,15 +3894,7 @@ class PointsMeanField:
         sweep's moves), then the M-step for that q."""
         ledger, settings = state.ledger, self.settings
         swept_all = sweep_all or ledger.active is None
-        sweep = Sweep(
-            self.beta,
-            None,
-            self.inside,
-            state.relaxation,
-            settings=settings,
-            passes=self.passes,
-            stack=self.stack,
-        )
+        sweep = _sweep_of(self, state, None)
         swept = ledger.point_logp.astype(np.float32)  # the sweep's, in cache
         sweep_of = self._sweep_all if swept_all else self._sweep_some
         prior_terms, sums, active, partial_sweeps = sweep_of(state, sweep, swept)
@@ -4814,9 +4867,7 @@ class BiasMeanField:
 
     def start(self, parameters, padded, from_posterior):
         state = replace(parameters, image=self.image)
-        if from_posterior:
-            _posterior_start(padded, self.site_logp(state), self.inside, self.passes)
-        total = _prior_terms(padded, self.beta, self.passes, self.stack)
+        total = _start_terms(self, padded, self.site_logp(state), from_posterior)
         total += self.data_term(padded[:, 1:-1, 1:-1], state)
         return MeanField(state, padded, total, self.n_pixels)
 
@@ -4826,16 +4877,7 @@ class BiasMeanField:
 
     def step(self, state):
         parameters, q = state.parameters, state.q
-        sweep = Sweep(
-            self.beta,
-            _BandModel(parameters).site_logp,
-            self.inside,
-            state.relaxation,
-            settings=self.settings,
-            passes=self.passes,
-            stack=self.stack,
-        )
-        terms = _sweep(state.padded, sweep)
+        terms = _sweep(state.padded, _sweep_of(self, state, _BandModel(parameters).site_logp))
         moments, data = _moments_of(q, parameters)
         mixture, newton = _mixture_and_field(parameters, moments, self.options)
         if data is None:
@@ -4870,6 +4912,9 @@ class HeldMeanField:
     passes = property(lambda self: self.image.passes)
     stack = property(lambda self: self.image.stack)
 
+    def held(self, parameters):
+        return self
+
     def site_logp(self, parameters):
         return lambda rows, cols: self.table[:, rows, cols].copy()
 
@@ -4881,22 +4926,12 @@ class HeldMeanField:
         return sum(self.passes.map(band_term, self.image.bands(len(q))))
 
     def start(self, parameters, padded, from_posterior):
-        if from_posterior:
-            _posterior_start(padded, self.site_logp(parameters), self.inside, self.passes)
-        total = _prior_terms(padded, self.beta, self.passes, self.stack)
+        total = _start_terms(self, padded, self.site_logp(parameters), from_posterior)
         total += self.data_term(padded[:, 1:-1, 1:-1]) - parameters.penalty() * self.n_pixels
         return MeanField(parameters, padded, total, self.n_pixels)
 
     def step(self, state):
-        sweep = Sweep(
-            self.beta,
-            self.site_logp(state.parameters),
-            self.inside,
-            state.relaxation,
-            settings=self.settings,
-            passes=self.passes,
-            stack=self.stack,
-        )
+        sweep = _sweep_of(self, state, self.site_logp(state.parameters))
         total = _sweep(state.padded, sweep) + self.data_term(state.q)
         total -= state.parameters.penalty() * self.n_pixels
         clear_gain = self.options.tol * self.n_pixels

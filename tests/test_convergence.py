@@ -1,5 +1,7 @@
 """Fitting to the maximum: SQUAREM reaches plain EM's fixed point, the stopping rule stops there."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import (
@@ -289,6 +291,23 @@ class Point:
     def __init__(self, x, fixed):
         self.x, self.fixed = x, fixed
         self.objective = -0.5 * float((x - fixed) @ (x - fixed))
+
+
+def test_the_driver_refuses_to_extrapolate_a_state_updated_in_place():
+    """A mean-field state's q is overwritten by its step, so SQUAREM's three steps from one
+    state (or Newton's residuals) would read a q already moved: the driver refuses coordinates
+    for such a state instead of fitting something else silently; without coordinates it runs."""
+    padded = np.zeros((2, 4, 4), np.float32)
+    start = seg.MeanField(None, padded, -1.0, 4)
+    coordinates = seg.Coordinates(lambda state: np.array([state.total]), lambda x, like: like)
+
+    def step(state):
+        return replace(state, total=state.total / 2, counts=True)
+
+    with pytest.raises(ValueError, match="in place"):
+        seg.run_em(start, step, seg.FitOptions(), coordinates=coordinates)
+    run = seg.run_em(start, step, seg.FitOptions(tol=1e-6))
+    assert run.converged and run.history == sorted(run.history)
 
 
 def test_newton_on_a_linear_map_measures_it_and_lands_on_its_fixed_point(rng):
