@@ -2023,7 +2023,7 @@ class FitOptions:
     max_iter: int = 1000
     tol: float = 1e-8
     reg_covar: float = 1e-6
-    n_init: int = 1
+    n_init: int | None = None  # starts kept the best of; None: starts(), 1 or AUTO_N_INIT
     init: str = "kmeans++"
     random_state: int | None = 0
     accelerate: str = "squarem"
@@ -2044,7 +2044,7 @@ class FitOptions:
             raise ValueError(
                 f"subsample_above must be an integer >= 0, got {self.subsample_above!r}"
             )
-        for name in ("max_iter", "n_init"):
+        for name in ("max_iter", "n_init")[: 1 if self.n_init is None else 2]:
             if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("tol", "reg_covar"):
@@ -2061,6 +2061,13 @@ class FitOptions:
             raise ValueError(
                 f"random_state must be an integer >= 0 or None, got {self.random_state!r}"
             )
+
+    def starts(self, choosing_k=False):
+        """How many starts a fit keeps the best of: n_init, else 1, or AUTO_N_INIT for each K
+        that -k auto tries (where one start that merges two classes misleads the criterion)."""
+        if self.n_init is not None:
+            return self.n_init
+        return AUTO_N_INIT if choosing_k else 1
 
 
 def _check_n_components(n_components, n_distinct):
@@ -2089,7 +2096,7 @@ def _fit_data(data, n_components, options, given=(None, None, None), on_iteratio
         return _fit_from_a_subsample(data, n_components, options, on_iteration)
     rng = np.random.default_rng(options.random_state)
     return _best_of_starts(
-        options.n_init,
+        options.starts(),
         lambda: fit_from(_initial_statistics(data, n_components, options.init, rng)),
         score=lambda fit: fit.log_likelihood[-1],
     )
@@ -2143,7 +2150,7 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
         start = _fresh_start(first, n_components, options, rng)
         return _density_em(first, start, on_draw(sizes[0]))
 
-    fit = _best_of_starts(options.n_init, fit_one, score=lambda f: f.log_likelihood[-1])
+    fit = _best_of_starts(options.starts(), fit_one, score=lambda f: f.log_likelihood[-1])
     draws = [after_draw(sizes[0], first, fit)]
     for pixels in sizes[1:]:
         sample = _drawn_sample(data, pixels, cumulative, draw_rng)
@@ -2649,7 +2656,7 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
         run = run_mixture_em(start, m_step, options, on_iteration)
         return GaussianMixtureFit.of_run(run.state.parameters, covariance_type, run, top)
 
-    return _best_of_starts(options.n_init, fit_one, score=lambda fit: fit.log_likelihood[-1])
+    return _best_of_starts(options.starts(), fit_one, score=lambda fit: fit.log_likelihood[-1])
 
 
 def n_parameters(n_components, n_features, covariance_type):
@@ -4561,7 +4568,7 @@ def _bias_coordinates(k):
 
 def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv=False):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
-    distinct values) and no field; with options.n_init > 1 from that many plain starts, keeping
+    distinct values) and no field; with options.starts() > 1 from that many plain starts, keeping
     the run with the highest final log-likelihood.  field = (K, degree, regularisation,
     with_field): without the field, the run is the plain mixture's, a start for the spatial
     fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
@@ -4606,7 +4613,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
             on_iteration=on_iteration,
         )
 
-    starts = 1 if fixed is not None else options.n_init
+    starts = 1 if fixed is not None else options.starts()
     return _best_of_starts(starts, fit_one, score=lambda run: run.history[-1])
 
 
@@ -4658,7 +4665,7 @@ def fit_bias_field(
     penalty (lambda / 2) c^T R c per pixel on its roughness (BiasState.penalty); 0 fits the
     field by maximum likelihood.  Both given: their defaults are SegmentOptions' alone.
 
-    Starts from the plain mixture of the intensities and no field (options.n_init starts).
+    Starts from the plain mixture of the intensities and no field (options.starts() starts).
     spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
     plain fit on.  Returns (model, field, labels, record, posteriors): the mixture of corrected
     intensities, numbered from the darkest, the BiasField, the component of every pixel
@@ -5057,8 +5064,9 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
             fit_options = replace(fit_options, max_iter=max_iter)
         if start is not None:
             fit_options = replace(fit_options, n_init=1)
-        elif k > 1:  # the last K's split is one of the n_init starts
-            fit_options = replace(fit_options, n_init=max(1, fit_options.n_init - 1))
+        else:  # for K > 1, the last K's split is one of the starts
+            starts = options.fit.starts(choosing_k=True)
+            fit_options = replace(fit_options, n_init=max(1, starts - (k > 1)))
         stage = staged(on_iteration, f"K = {k} of 1..{k_max}")
         return fit_components(data, k, fit_options, top, stage, start=start)
 
@@ -5283,7 +5291,8 @@ def segment_image(array, n_components, *, mode="auto", mask=None, options=None, 
         any other dtype is used on its own scale.
     n_components : int or "auto"
         K, lowered to the number of distinct values when there are fewer; "auto" chooses K in
-        1..k_max by BIC.
+        1..k_max by options.criterion (section 6a), from 2 starts a K unless n_init is given,
+        as the command line does.
     mode : {"auto", "gray", "color"}
         auto: gray when the image has one channel or all channels are equal.
     mask : array of shape (H, W) or (H, W, C), or "nonzero", optional
@@ -6346,8 +6355,8 @@ def _model_options(group):
         type=_integer_at_least(1),
         default=None,
         metavar="N",
-        help=f"fit from N starts and keep the best (default {FitOptions.n_init}; "
-        f"{AUTO_N_INIT} with -k auto)",
+        help=f"fit from N starts and keep the best (default {FitOptions().starts()}; "
+        f"{FitOptions().starts(choosing_k=True)} for each K with -k auto)",
     )
     group.add_argument(
         "--init",
@@ -6609,13 +6618,12 @@ class RunConfig:
 
     @classmethod
     def from_arguments(cls, args):
-        several = args.components == "auto"  # where one start that merges two classes misleads
         fit = FitOptions(
             covariance_type=args.covariance,
             max_iter=args.max_iter,
             tol=args.tol,
             reg_covar=args.reg_covar,
-            n_init=args.n_init or (AUTO_N_INIT if several else FitOptions.n_init),
+            n_init=args.n_init,
             init=args.init,
             random_state=args.seed,
             accelerate=args.accelerate,
@@ -6666,7 +6674,7 @@ class RunConfig:
             covariance=fit.covariance_type,
             max_iter=fit.max_iter,
             tol=fit.tol,
-            n_init=fit.n_init,
+            n_init=fit.starts(choosing_k=self.components == "auto"),
             init=fit.init,
             seed=fit.random_state,
             reg_covar=fit.reg_covar,

@@ -140,3 +140,21 @@ def test_a_shared_batch_counts_its_classes_over_its_images(tmp_path, capsys):
     assert all(row["region_share"] is not None for row in record["bic"][1:])
     status, out, err = run([*argv, "--criterion", "bic", "--out", tmp_path / "b"], capsys)
     assert record_of(tmp_path / "b", "scan7")["k"] > 3
+
+
+def test_the_api_chooses_k_as_the_command_line_does(tmp_path, capsys):
+    """segment_image(..., "auto") has the command line's defaults: two starts a K (the
+    record's n_init), the same criterion, so the same K, model and labels."""
+    from PIL import Image
+
+    image = blurred_regions(np.random.default_rng(4), 4, colour=True, blur=1.0, shape=(90, 120))
+    Image.fromarray(image).save(tmp_path / "four.png")
+    status, _, err = run([tmp_path / "four.png", "-k", "auto", "--out", tmp_path / "out"], capsys)
+    assert status == 0, err
+    record = record_of(tmp_path / "out", "four")
+    labels, _, model = seg.segment_image(image, "auto")
+    assert record["settings"]["n_init"] == seg.FitOptions().starts(choosing_k=True) == 2
+    assert record["k"] == model.n_components
+    assert record["log_likelihood"][-1] == model.log_likelihood[-1]
+    written = np.asarray(Image.open(tmp_path / "out" / "four_labels.png"))
+    assert np.array_equal(written, labels)
