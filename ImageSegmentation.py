@@ -4854,12 +4854,14 @@ class BiasMeanField:
         return replace(self, image=self.image.coarser())
 
     def held(self, parameters):
-        """A volume's fit on every voxel, after its coarser grid's: the field and the mixture of
-        that grid held (fitted on every other voxel along each axis, an eighth of them, as SPM
-        fits its model on voxels sampled every few millimetres), the labels swept with them
-        (HeldMeanField).  An image's: this fit itself."""
+        """The fit on every pixel after its coarser grid's: the field and the mixture of that
+        grid held (fitted on every other pixel along each axis, a quarter of an image's and an
+        eighth of a volume's, as SPM fits its model on voxels sampled every few millimetres),
+        the labels swept with them (HeldMeanField).  A volume's sites' log-probabilities are
+        tabulated once; an image's are computed in each sweep's bands, as this fit's are (no
+        table: 12 bytes a pixel, 288 MB at 24 megapixels)."""
         if self.stack is None:
-            return self
+            return HeldMeanField(None, self.image, self.beta, self.options, self.settings)
         state = replace(parameters, image=self.image)
         bands, width = _BandModel(state), self.image.values.shape[1]
         table = np.empty((len(state.label_weights),) + self.image.values.shape, np.float32)
@@ -4901,12 +4903,13 @@ class BiasMeanField:
 
 @dataclass(frozen=True)
 class HeldMeanField:
-    """The spatial fit of labels whose sites' log-probabilities are fixed: table (L, h, w)
-    float32, each voxel's log(w p(y | label)) with its Jacobian (BiasMeanField.held).  Each
-    iteration is a checkerboard sweep of every site; the objective's data term is q . table
-    summed in float64.  The parameters are kept as they came."""
+    """The spatial fit of labels whose sites' log-probabilities are fixed (BiasMeanField.held):
+    table (L, h, w) float32, each voxel's log(w p(y | label)) with its Jacobian, or None: an
+    image's, computed from the parameters band by band.  Each iteration is a checkerboard
+    sweep of every site; the objective's data term is q . those log-probabilities summed in
+    float64.  The parameters are kept as they came."""
 
-    table: np.ndarray
+    table: np.ndarray | None
     image: BiasImage
     beta: float
     options: FitOptions
@@ -4923,9 +4926,14 @@ class HeldMeanField:
         return self
 
     def site_logp(self, parameters):
+        if self.table is None:
+            return _BandModel(replace(parameters, image=self.image)).site_logp
         return lambda rows, cols: self.table[:, rows, cols].copy()
 
-    def data_term(self, q):
+    def data_term(self, q, parameters):
+        if self.table is None:
+            return _bias_data_term(q, replace(parameters, image=self.image))
+
         def band_term(band):
             rows = slice(*band)
             return float(np.sum(q[:, rows] * self.table[:, rows], dtype=np.float64))
@@ -4934,12 +4942,13 @@ class HeldMeanField:
 
     def start(self, parameters, padded, from_posterior):
         total = _start_terms(self, padded, self.site_logp(parameters), from_posterior)
-        total += self.data_term(padded[:, 1:-1, 1:-1]) - parameters.penalty() * self.n_pixels
+        total += self.data_term(padded[:, 1:-1, 1:-1], parameters)
+        total -= parameters.penalty() * self.n_pixels
         return MeanField(parameters, padded, total, self.n_pixels)
 
     def step(self, state):
         sweep = _sweep_of(self, state, self.site_logp(state.parameters))
-        total = _sweep(state.padded, sweep) + self.data_term(state.q)
+        total = _sweep(state.padded, sweep) + self.data_term(state.q, state.parameters)
         total -= state.parameters.penalty() * self.n_pixels
         clear_gain = self.options.tol * self.n_pixels
         return _after_iteration(state, state.parameters, total, clear_gain, self.settings, True)

@@ -211,6 +211,48 @@ def test_bias_field_with_the_spatial_prior(rng):
     assert np.corrcoef(np.log(smooth.bias.image()[inside]), np.log(field[inside]))[0, 1] >= 0.95
 
 
+def test_a_large_images_field_is_fitted_on_its_coarser_grid_and_held(rng):
+    """With the prior, an image past the coarsest grid fits its field and mixture on the grid
+    of every other row and column, then holds them on every pixel while the labels are swept
+    (as a volume's are): the full grid ends at the coarser grid's parameters.  Held without a
+    table, the sweeps are those with the tabulated log-probabilities a volume uses."""
+    from dataclasses import replace
+
+    _, biased, _, inside, _ = biased_phantom(rng)
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    image = seg.bias_image(picture, seg.Passes())
+    monomials = len(seg.bias_monomials(3))
+    start = seg.BiasState(
+        np.full(3, 1 / 3),
+        np.array([0.3, 0.55, 0.8]),
+        np.full(3, 0.01),
+        np.zeros(monomials),
+        image,
+        3,
+        1.0,
+    )
+    options, settings = seg.FitOptions(), seg.SpatialSettings(coarsest_grid_pixels=6000)
+    fit = seg.BiasMeanField(image, 0.5, options, settings)
+    run, coarser = seg._coarse_to_fine(fit, start)
+    coarse_run, _ = seg._coarse_to_fine(fit.coarser(), start)
+    held = coarse_run.state.parameters
+    assert len(coarser) == 1 and run.converged and np.all(np.diff(run.history) >= -1e-9)
+    assert np.array_equal(run.state.parameters.coefficients, held.coefficients)
+    assert np.array_equal(run.state.parameters.means, held.means)
+    # the table a volume would keep: log(w p(y | k)) less the log field, at every pixel
+    on_image = replace(held, image=image)
+    z, t = seg._BandModel(on_image).corrected(slice(None), slice(None))
+    table = (seg._label_log_densities(on_image, z) - t).astype(np.float32)
+    tabulated = seg.HeldMeanField(table, image, 0.5, options, settings)
+    ends = []
+    for model in (fit.held(held), tabulated):
+        padded = np.zeros((3,) + tuple(s + 2 for s in image.values.shape), np.float32)
+        ends.append(seg.run_em(model.start(held, padded, True), model.step, options))
+    assert fit.held(held).table is None
+    assert np.array_equal(ends[0].state.q.argmax(axis=0), ends[1].state.q.argmax(axis=0))
+    assert ends[0].history[-1] == pytest.approx(ends[1].history[-1], rel=1e-6)
+
+
 def test_bias_field_on_the_command_line(tmp_path, rng, capsys):
     _, biased, _, inside, _ = biased_phantom(rng)
     Image.fromarray(biased).save(tmp_path / "scan.png")
