@@ -4173,8 +4173,8 @@ class BiasField:
     degree: int
     coefficients: np.ndarray  # (P,)
     shape: tuple  # (H, W) of the image; (D, H, W) of a volume
-    shift: float = 0.0
-    regularisation: float = 0.0  # lambda of the prior it was fitted with
+    shift: float
+    regularisation: float  # lambda of the prior it was fitted with (SegmentOptions.bias_reg)
     box: tuple | None = None  # a volume's: ((start, stop),) * 3 its coordinates scale to
 
     def log_field(self, rows, cols, slice_=None):
@@ -4305,8 +4305,8 @@ class BiasState:
     variances: np.ndarray  # (K,)
     coefficients: np.ndarray  # (P,)
     image: BiasImage = field(repr=False)
-    degree: int = 3
-    regularisation: float = 0.0  # the prior on the field: lambda of penalty()
+    degree: int  # SegmentOptions.bias_degree: the one default
+    regularisation: float  # the prior on the field: lambda of penalty() (SegmentOptions.bias_reg)
     mixture_fixed: bool = False  # a model read from a file: only the field is fitted
     partial_volume: PartialVolume | None = None  # the Gaussians mix these tissues
     counts = True
