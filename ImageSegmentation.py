@@ -1356,6 +1356,12 @@ DRAW_GROWTH = 4  # each draw of pixels for a fit on many distinct values this ma
 JACOBIAN_DRAW_TOL = 1e-3  # the draw the Jacobian is measured on: EM this much nearer its maximum
 
 
+def _nonzero_mass(mass):
+    """Each component's responsibility mass plus 10 eps, as scikit-learn's M-step adds it: an
+    emptied component divides by a tiny mass, never by 0."""
+    return mass + 10 * np.finfo(np.float64).eps
+
+
 def _logsumexp(values, axis, keepdims=False):
     """log(sum(exp(values))) along an axis, without overflow: SciPy's, imported on first use
     (SciPy takes a tenth of a second to import, and most runs never need it)."""
@@ -1560,7 +1566,7 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
     """
     n_features = previous_means.shape[1]
     mass, first, second = _unpack_moments(stats, n_features)
-    resp_mass = mass + 10 * np.finfo(np.float64).eps
+    resp_mass = _nonzero_mass(mass)
     means = first / resp_mass[:, None]
     scatter = second / resp_mass[:, None, None] - means[:, :, None] * means[:, None, :]
     covariances = COVARIANCE_FROM_SCATTER[covariance_type](scatter, resp_mass, reg_covar)
@@ -1688,7 +1694,7 @@ def _partial_volume_m_step(stats, pv, reg_covar, previous_means):
     cross = np.einsum("gi,gj->ij", first, means)
     scatter = second.sum(axis=0) - cross - cross.T + np.einsum("g,gi,gj->ij", mass, means, means)
     covariance = scatter / mass.sum() + reg_covar * np.eye(n_features)
-    resp_mass = mass + 10 * np.finfo(np.float64).eps
+    resp_mass = _nonzero_mass(mass)
     return resp_mass / resp_mass.sum(), means, covariance
 
 
@@ -4446,9 +4452,9 @@ def _bias_mixture(moments, options, state):
     if pv is not None:
         means = pv.means(mass, first[:, None], state.means[:, None])[:, 0]
         spread = np.sum(second - 2 * means * first + means**2 * mass) / mass.sum()
-        mass = mass + 10 * np.finfo(np.float64).eps
+        mass = _nonzero_mass(mass)
         return mass / mass.sum(), means, np.full_like(means, spread + options.reg_covar)
-    mass = mass + 10 * np.finfo(np.float64).eps
+    mass = _nonzero_mass(mass)
     means = first / mass
     scatter = np.maximum(second / mass - means**2, 0.0)
     if options.covariance_type == "tied":
