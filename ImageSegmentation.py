@@ -1673,7 +1673,7 @@ def _label_weights(weights, pv):
     return weights if pv is None else pv.tissue_sums(weights)
 
 
-def partial_volume(n_tissues, fractions=MIXEL_FRACTIONS):
+def tissues_and_mixels(n_tissues, fractions=MIXEL_FRACTIONS):
     """The PartialVolume of n_tissues ordered by intensity: pure tissues, then the mixels of
     each pair of neighbours in that order (CSF-grey and grey-white, not CSF-white)."""
     rows = list(np.eye(n_tissues))
@@ -2418,7 +2418,7 @@ def _partial_volume_fit(data, tissues, options, on_iteration=None):
     from the tissues' means and covariance, every pure Gaussian and mixel weighted alike."""
     if options.covariance_type != "tied":
         raise ValueError("a partial-volume model has one covariance: covariance_type 'tied'")
-    pv = partial_volume(tissues.n_components)
+    pv = tissues_and_mixels(tissues.n_components)
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissues.means)
     start = (np.full(n_gaussians, 1.0 / n_gaussians), means, tissues.covariances)
@@ -2770,13 +2770,14 @@ def fit_components(
     options,
     quantized_top=None,
     on_iteration=None,
-    partial_volume=False,
+    with_partial_volume=False,
     start=None,
 ):
     """K components (at most one per distinct value), numbered by luminance.
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
-    partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component fit.
+    with_partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component
+    fit.
     start: (weights, means, covariances, on the 0..1 scale) to start from instead of fresh
     starts (-k auto's split_start); a binned fit starts fresh.
     """
@@ -2784,7 +2785,7 @@ def fit_components(
     if quantized_top is not None:
         levels = data.values[:, 0].astype(np.float64)
         fit = _fit_quantized(levels, data.weights, k, quantized_top, options, on_iteration)
-    elif partial_volume:
+    elif with_partial_volume:
         tissues = _fit_data(data, k, options)
         tissues = tissues.reordered(_luminance_order(tissues.means))
         fit = _partial_volume_fit(data, tissues, options, on_iteration)
@@ -3190,9 +3191,9 @@ def _site_update(old, neighbours, logp, beta, relaxation, settings):
     old, neighbours (their q summed) and logp (log w p(x)) are (K, ...) float32; logp is
     overwritten.  Returns the new q and its log (floored at the smallest normal float32).
     """
-    field = logp
-    field += neighbours * beta
-    target = _softmax_over_components(field)  # q*, the plain update
+    logits = logp
+    logits += neighbours * beta
+    target = _softmax_over_components(logits)  # q*, the plain update
     tiny = np.finfo(np.float32).tiny
     log_target = np.log(np.maximum(target, tiny))
     if relaxation == 1.0:
@@ -4572,15 +4573,17 @@ def _bias_coordinates(k):
     return Coordinates(to_vector, from_vector)
 
 
-def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv=False):
+def _plain_bias_fit(
+    picture, image, field_model, options, on_iteration, fixed=None, with_partial_volume=False
+):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.starts() > 1 from that many plain starts, keeping
-    the run with the highest final log-likelihood.  field = (K, degree, regularisation,
+    the run with the highest final log-likelihood.  field_model = (K, degree, regularisation,
     with_field): without the field, the run is the plain mixture's, a start for the spatial
     fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
-    by --model): the start, and only the field is fitted.  pv: the plain mixture is the
-    partial-volume model of its components (_partial_volume_fit)."""
-    n_components, degree, regularisation, with_field = field
+    by --model): the start, and only the field is fitted.  with_partial_volume: the plain
+    mixture is the partial-volume model of its components (_partial_volume_fit)."""
+    n_components, degree, regularisation, with_field = field_model
     fitted = mixture_pixels(picture)
     codes = picture.codes if fitted is None else picture.codes[fitted]
     levels, counts = np.unique(codes, return_counts=True)
@@ -4594,7 +4597,7 @@ def _plain_bias_fit(picture, image, field, options, on_iteration, fixed=None, pv
             plain = replace(fixed, log_likelihood=[_mean_log_likelihood(fixed, data)])
         else:
             plain = _density_em(data, _fresh_start(data, k, options, rng), options)
-            if pv:
+            if with_partial_volume:
                 tissues = plain.reordered(_luminance_order(plain.means))
                 plain = _partial_volume_fit(data, tissues, options)
         k_fitted = plain.n_components
@@ -4658,14 +4661,15 @@ def fit_bias_field(
     keep_posteriors=False,
     settings=SpatialSettings(),
     fixed=None,
-    pv=False,
+    with_partial_volume=False,
     on_iteration=None,
 ):
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
 
     fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
-    only the field is fitted then.  pv: n_components tissues and their mixels (section 5's
-    partial volume); the labels are the tissues, the posteriors their expected fractions.
+    only the field is fitted then.  with_partial_volume: n_components tissues and their
+    mixels (section 5's partial volume); the labels are the tissues, the posteriors their
+    expected fractions.
 
     degree: the field's polynomial degree; regularisation: lambda of the field's prior, a
     penalty (lambda / 2) c^T R c per pixel on its roughness (BiasState.penalty); 0 fits the
@@ -4680,7 +4684,9 @@ def fit_bias_field(
     """
     image = bias_image(picture, options.passes)
     field_model = (n_components, degree, regularisation, not spatial_on(spatial))
-    run = _plain_bias_fit(picture, image, field_model, options, on_iteration, fixed, pv)
+    run = _plain_bias_fit(
+        picture, image, field_model, options, on_iteration, fixed, with_partial_volume
+    )
     state, record, k = run.state, None, len(run.state.label_weights)
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
@@ -4716,8 +4722,8 @@ def fit_bias_field(
         labels[~picture.mask] = 0
     posteriors = q[order] if keep_posteriors else None
     del q
-    field = BiasField(degree, coefficients, picture.codes.shape, shift, regularisation)
-    return model.reordered(order), field, labels, record, posteriors
+    bias = BiasField(degree, coefficients, picture.codes.shape, shift, regularisation)
+    return model.reordered(order), bias, labels, record, posteriors
 
 
 def _inside_moments(image, degree):
@@ -5069,8 +5075,8 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
     if options.partial_volume and (top is not None or n_components == "auto"):
         raise ValueError("a partial-volume model needs a number of tissues and no bins")
     if n_components != "auto":
-        pv = options.partial_volume
-        return fit_components(data, n_components, options.fit, top, on_iteration, pv), None
+        with_pv = options.partial_volume
+        return fit_components(data, n_components, options.fit, top, on_iteration, with_pv), None
     k_max = min(options.k_max, _n_distinct(data))
 
     def fit_k(k, start=None, max_iter=None):
@@ -5211,7 +5217,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration, fix
         keep_posteriors=options.keep_posteriors,
         settings=options.spatial_settings,
         fixed=fixed,
-        pv=options.partial_volume,
+        with_partial_volume=options.partial_volume,
         on_iteration=staged(on_iteration, "bias field"),
     )
     return Segmentation(

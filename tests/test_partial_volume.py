@@ -79,7 +79,7 @@ def test_the_m_step_is_the_constrained_maximum():
     rng = np.random.default_rng(3)
     x = rng.random(400)
     resp = rng.dirichlet(np.ones(7), size=400).T * rng.random(400)
-    pv = seg.partial_volume(3)
+    pv = seg.tissues_and_mixels(3)
     data = seg._PointFeatures(x[:, None], np.ones(400))
     stats = sum(resp[:, s : s + phi.shape[1]] @ phi.T for s, phi, _ in data.blocks())
     weights, means, covariance = seg._partial_volume_m_step(stats, pv, 0.0, np.zeros((7, 1)))
