@@ -768,8 +768,8 @@ def _picture_from_pil(img):
 def _rgb_codes(img):
     """An RGB image's codes, a band of rows at a time: Pillow's 4-byte pixels (RGBX) are one
     little-endian uint32 with X = 255 on top, masked off.  By bands, no copy of the whole image
-    is made beside the codes (a fresh process pays for every page it touches: 24 MP, 0.12 to
-    0.24 s in one piece, 0.055 s by bands)."""
+    is made beside the codes (a fresh process pays for every page it touches; docs/benchmarks.md
+    has the measurements behind this section's choices)."""
     width, height = img.size
     codes = np.empty((height, width), dtype=np.uint32)
     band = max(1, PIXEL_CHUNK // (4 * width))  # 4 MB of pixels: in cache while masked
@@ -806,8 +806,8 @@ def code_histogram(codes, n_codes, passes):
 
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
     bincount's two tables of every code (16 bytes a code: the running sum and a block's): for
-    colour, images below 53 megapixels, where it is also several times faster (24 MP: 0.15 s
-    against 0.9 s), in parts of PIXEL_CHUNK pixels merged (_merged_histograms).  Larger:
+    colour, images below 53 megapixels, where it is also several times faster, in parts of
+    PIXEL_CHUNK pixels merged (_merged_histograms).  Larger:
     bincount in blocks, which holds the tables and nothing that grows with the image.
     """
     flat = codes.reshape(-1)
@@ -827,7 +827,7 @@ def _mostly_distinct(flat, step=64):
     """Whether most of every step-th pixel's codes are distinct (a noisy photo's): then the
     parts' histograms are nearly as long as the parts, and merging them would cost what the
     parts save."""
-    sample = np.sort(flat[::step])  # not np.unique, whose first call imports numpy.ma (5 ms)
+    sample = np.sort(flat[::step])  # not np.unique, whose first call imports numpy.ma
     return 2 * (1 + np.count_nonzero(sample[1:] != sample[:-1])) > len(sample)
 
 
@@ -835,7 +835,7 @@ def _merged_histograms(flat, parts, passes):
     """np.unique's keys and counts, of `parts` runs of the pixels on passes' threads, merged:
     the same keys and counts.  Parts of a few million pixels even on one thread: their sorting
     buffers (under glibc's 32 MB mmap threshold) are reused, where a whole large image's are
-    fresh pages (24 MP in a fresh process: 0.22 to 0.45 s whole, 0.12 s in six parts)."""
+    fresh pages."""
     bounds = np.linspace(0, flat.size, parts + 1).astype(np.int64)
     histograms = list(
         passes.map(
@@ -2173,7 +2173,7 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
 def _draw_sizes(total_pixels, most):
     """Pixels in each draw: most // 16, then DRAW_GROWTH times more while a draw is at most
     `most` and a DRAW_GROWTH-th of all pixels (with Newton's steps, a larger draw costs more
-    than the passes over every point it saves: 0.8 s against none at 24 megapixels)."""
+    than the passes over every point it saves)."""
     sizes = [most // 16]
     while sizes[-1] * DRAW_GROWTH <= min(most, total_pixels / DRAW_GROWTH):
         sizes.append(sizes[-1] * DRAW_GROWTH)
@@ -2184,8 +2184,7 @@ def _drawn_sample(data, pixels, cumulative, rng):
     """The points that `pixels` pixels drawn with the counts fall on, each weighted by its
     draws: `cumulative` is the running sum of the counts, a pixel the point whose share of it
     a uniform number falls in.  The numbers are sorted first (the same pixels): searched in
-    order, each search starts where the last ended (2 million of them in 8.7 million points:
-    1.8 s in random order, a tenth of that sorted)."""
+    order, each search starts where the last ended (a tenth of the time of random order)."""
     uniform = np.sort(rng.random(pixels))
     picked = np.searchsorted(cumulative, uniform * cumulative[-1], side="right")
     starts = np.flatnonzero(np.diff(picked, prepend=-1))  # picked is sorted: runs of one point
@@ -2736,7 +2735,7 @@ def _mean_log_likelihood(model, data):
     total = 0.0
     for start, block in log_density_blocks(model, data):
         top = block.max(axis=0)
-        lse = np.log(np.exp(block - top).sum(axis=0)) + top  # NumPy's: SciPy costs 0.1 s to import
+        lse = np.log(np.exp(block - top).sum(axis=0)) + top  # NumPy's: SciPy is slow to import
         total += data.weights[start : start + block.shape[1]] @ lse
     return float(total / data.total_weight)
 
@@ -3988,7 +3987,7 @@ def _point_log_probabilities(model, data, of_labels=True):
 
 def _looked_up(table, index):
     """site_logp for a table model: the (K, h, w) log-probabilities of the sites rows x cols."""
-    return lambda rows, cols: np.take(table, index[rows, cols], axis=1)  # 4x faster than []
+    return lambda rows, cols: np.take(table, index[rows, cols], axis=1)  # faster than [] indexing
 
 
 def _spatial_m_step(model, data, resp, reg_covar):
@@ -5482,7 +5481,7 @@ def write_png(path, pixels, palette=None):
     Our outputs are flat regions, so every row takes PNG's "up" filter (the row less the row
     above, byte by byte) and zlib at PNG_COMPRESS_LEVEL: about as small as Pillow's adaptive
     filter, which tries five filters a row and took two thirds of the time of a 24-megapixel
-    label map (0.125 s; this 0.04 s).  The same bytes every time; Pillow reads them as it would
+    label map.  The same bytes every time; Pillow reads them as it would
     its own (L, I;16, RGB, RGBA, P)."""
     height, width = pixels.shape[:2]
     depth, channels = 8 * pixels.dtype.itemsize, 1 if pixels.ndim == 2 else pixels.shape[2]
@@ -7387,8 +7386,8 @@ def _stop_workers(pool):
 # temporaries such a worker left are found by the batch's token and removed at the end.
 
 
-# A local cluster's workers as a batch wants them (measured: 20 small images in one worker,
-# 7.8 s with Dask's defaults, 6.5 s so, as in a plain process): BLAS on one thread (Dask's
+# A local cluster's workers as a batch wants them (as fast as a plain process; measured in
+# docs/benchmarks.md): BLAS on one thread (Dask's
 # default too) but glibc's own trimming of freed memory, not Dask's MALLOC_TRIM_THRESHOLD_ of
 # 64 kB, which hands every large temporary back to the system; no statistical profiler sampling
 # the task every 10 ms (there is no dashboard to show it); the event loop's health tick every
