@@ -2050,7 +2050,8 @@ class FitOptions:
             raise ValueError(
                 f"subsample_above must be an integer >= 0, got {self.subsample_above!r}"
             )
-        for name in ("max_iter", "n_init")[: 1 if self.n_init is None else 2]:
+        counts = ("max_iter",) if self.n_init is None else ("max_iter", "n_init")  # None: starts()
+        for name in counts:
             if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("tol", "reg_covar"):
