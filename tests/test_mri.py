@@ -278,6 +278,9 @@ def test_bias_field_on_the_command_line(tmp_path, rng, capsys):
         np.abs(corrected[inside] - biased[inside] / field[inside]) <= 1.0 + 1e-3 * biased[inside]
     )
     assert field[inside].min() > 0.7 and field[inside].max() < 1.4
+    low, high = np.percentile(field[inside], [1, 99])  # --mask auto: the brain is fitted
+    assert record["bias_field"]["spread"] == pytest.approx(high / low, rel=2e-3)
+    assert record["bias_field"]["restarted"] is False  # only a spatial fit starts again
     assert "--bias-field applies to 8- and 16-bit gray images; ignored here" in err
     assert not (tmp_path / "o" / "colour_bias.png").exists()
     for clash in (["--quantized"], ["-k", "auto"], ["--shared"]):
