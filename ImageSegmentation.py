@@ -4127,6 +4127,7 @@ BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before
 # is wrong, and the fit starts again from the field and mixture fitted together (docs/brain.md:
 # chosen on the evaluation grid's seed 1, reported on seed 2).
 STRONG_FIELD = 1.3
+STRONG_FIELD_SITES = 1 << 16  # that ECM's grid: at most this many sites (seed 1's volumes)
 
 
 def bias_monomials(degree, dims=2):
@@ -4707,7 +4708,7 @@ def fit_bias_field(
         if held and field_spread(spatial_run.state.parameters) > STRONG_FIELD:
             del spatial_run  # the mixture of the uncorrected intensities misled the field
             field_model = field_model[:3] + (True,)
-            coarse = _coarsest(image, settings.coarsest_grid_pixels)
+            coarse = _coarsest(image, STRONG_FIELD_SITES)
             run = _plain_bias_fit(
                 picture, coarse, field_model, options, on_iteration, fixed, with_partial_volume
             )
@@ -4757,7 +4758,8 @@ def fit_bias_field(
 
 def _coarsest(image, most):
     """The image's grid of every 2^n-th row and column (and slice), n the least that leaves at
-    most `most` sites (and some inside): where the spatial fit starts (_coarse_to_fine)."""
+    most `most` sites (and some inside): a smooth field and a mixture of 3 tissues are fitted
+    as well there, in a fraction of the time."""
     while image.values.size > most:
         coarser = image.coarser()
         if not coarser.n_pixels:

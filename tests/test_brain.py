@@ -383,6 +383,24 @@ def test_a_strong_field_restarts_the_spatial_fit_from_the_field(seed):
     assert np.mean(labels[scored] == truth[scored]) > 0.83
 
 
+def test_a_large_scans_restart_fits_the_field_on_a_coarser_grid():
+    """Past STRONG_FIELD_SITES sites the restart's ECM runs on every other (fourth, ...) row and
+    column: a 300 x 375 scan's on 150 x 188, and its spatial fit still ends 87 % right."""
+    scan, truth = strong_field_scan(1, 2.33, shape=(300, 375))
+    labels, field, _ = _brain_fit(scan)
+    scored = truth > 0
+    assert field.restarted and field.spread > 1.7
+    assert np.mean(labels[scored] == truth[scored]) > 0.85
+    image = seg.bias_image(seg.picture_from_array(scan), seg.Passes(threads=1))
+    coarse = seg._coarsest(image, seg.STRONG_FIELD_SITES)
+    assert coarse.values.shape == (150, 188) and coarse.step == 2
+    assert seg._coarsest(coarse, seg.STRONG_FIELD_SITES) is coarse
+    inside = np.zeros(scan.shape, bool)
+    inside[1, 1] = True  # on no coarser grid
+    lone = seg.BiasImage(image.values, inside, scan.shape)
+    assert seg._coarsest(lone, seg.STRONG_FIELD_SITES) is lone  # a coarser grid has a site inside
+
+
 def test_without_a_field_the_spatial_fit_is_not_restarted():
     """No field, or a weak one: the held mixture stands, and the field found is nearly flat."""
     for ratio, most in ((1.0, 1.12), (1.2, 1.3)):
