@@ -975,7 +975,7 @@ def pooled_points(groups):
 #     step(state)      -> the next state: the model's E-step at state, then its M-step;
 #     state.objective  -> the objective per pixel at the state, computed once (the E-step
 #                         that measures it also gives the M-step its statistics);
-#     state.counts     -> False when the iteration that reached the state may not end the fit
+#     state.stoppable  -> False when the iteration that reached the state may not end the fit
 #                         (the spatial fit's partial sweeps leave most sites as they were);
 #     state.in_place   -> True (optional; MeanField) when step(state) overwrites the state:
 #                         such a state is stepped once, so no SQUAREM or Newton for it.
@@ -1101,7 +1101,7 @@ def run_em(
             if fell_at is None and values[-1] < values[-2]:
                 fell_at = len(values) - 1
             near = options.tol > 0 and distance_of_changes(values) < options.tol
-            streak = streak + 1 if near and state.counts else 0
+            streak = streak + 1 if near and state.stoppable else 0
             continue
         value = values[-1]
         if squarem:
@@ -1129,7 +1129,7 @@ def run_em(
         own = values[max(em_from, len(values) - 3) :]  # EM's own last three at most
         distance = distance_to_limit(own) if following is None else distance_of_changes(own)
         near = options.tol > 0 and distance < options.tol
-        streak = streak + 1 if near and state.counts else 0
+        streak = streak + 1 if near and state.stoppable else 0
     newton_iter = len(values) - 1 if newton is not None else em_from
     at_fixed_point = newton is not None and newton.at_fixed_point
     return EMRun(
@@ -2249,7 +2249,7 @@ class MixtureState:
     means: np.ndarray
     covariances: np.ndarray
     e_step: object = field(repr=False)
-    counts = True
+    stoppable = True
 
     @cached_property
     def evaluation(self):
@@ -3077,7 +3077,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
 #   boundaries that still move; the next sweep updates only the sites near the last moves, and
 #   carries L forward exactly.  Resting sites do not follow theta, so every site is swept at
 #   least every full_sweep_every iterations, and only sweeps of every site count for the
-#   stopping rule (MeanField.counts).
+#   stopping rule (MeanField.stoppable).
 # * Coarse to fine.  A grid larger than coarsest_grid_pixels starts from the fit of its 2 x 2
 #   subsampled grid, copied to each 2 x 2 block.
 
@@ -3632,7 +3632,7 @@ class MeanField:
     n_pixels: int
     relaxation: float = 1.0  # of the next sweep
     gain: float | None = None  # of the total in the last iteration
-    counts: bool = True  # the sweep that reached this state updated every site
+    stoppable: bool = True  # the sweep that reached this state updated every site
     full_sweeps: int = 0  # sweeps of every site so far
     ledger: SiteLedger | None = None  # the distinct values' fit (not the bias field's)
     in_place = True  # step(state) overwrites state's q: no state is stepped twice
@@ -3658,7 +3658,7 @@ def _after_iteration(state, parameters, total, clear_gain, settings, swept_all, 
         total=total,
         relaxation=relaxation,
         gain=gain,
-        counts=swept_all,
+        stoppable=swept_all,
         full_sweeps=state.full_sweeps + swept_all,
         ledger=ledger,
     )
@@ -4324,7 +4324,7 @@ class BiasState:
     regularisation: float  # the prior on the field: lambda of penalty() (SegmentOptions.bias_reg)
     mixture_fixed: bool = False  # a model read from a file: only the field is fitted
     partial_volume: PartialVolume | None = None  # the Gaussians mix these tissues
-    counts = True
+    stoppable = True
 
     @property
     def label_weights(self):
@@ -4499,7 +4499,7 @@ def field_roughness(degree, dims=2):
     return roughness
 
 
-def _newton_step(moments, means, variances, degree, prior=None, dims=2):
+def _field_newton_step(moments, means, variances, degree, prior=None, dims=2):
     """The Newton step of the field's coefficients for responsibilities (their moments) and a
     mixture: the expected log-likelihood's gradient and curvature are moments up to 2D.
     prior: (lambda R summed over the pixels, the coefficients), whose penalty the step takes
@@ -4549,7 +4549,7 @@ def _mixture_and_field(state, moments, options):
     if state.regularisation:
         roughness = field_roughness(state.degree, state.image.dims)
         prior = (state.regularisation * state.image.n_pixels * roughness, state.coefficients)
-    step = _newton_step(moments, means, variances, state.degree, prior, state.image.dims)
+    step = _field_newton_step(moments, means, variances, state.degree, prior, state.image.dims)
     return mixture, step
 
 

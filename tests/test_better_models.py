@@ -315,7 +315,7 @@ def test_partial_sweeps_reach_the_maximum_of_full_sweeps(monkeypatch):
 
     def recorded_step(fit, state, sweep_all=False):
         new = step(fit, state, sweep_all)
-        counted.append(new.counts)
+        counted.append(new.stoppable)
         return new
 
     monkeypatch.setattr(seg.PointsMeanField, "step", recorded_step)  # a spy: the same step

@@ -286,7 +286,7 @@ def test_a_subsampled_start_ends_at_the_full_datas_maximum(monkeypatch):
 class Point:
     """A state of the linear map below: a vector, the objective -|x - x*|^2 / 2."""
 
-    counts = True
+    stoppable = True
 
     def __init__(self, x, fixed):
         self.x, self.fixed = x, fixed
@@ -302,7 +302,7 @@ def test_the_driver_refuses_to_extrapolate_a_state_updated_in_place():
     coordinates = seg.Coordinates(lambda state: np.array([state.total]), lambda x, like: like)
 
     def step(state):
-        return replace(state, total=state.total / 2, counts=True)
+        return replace(state, total=state.total / 2, stoppable=True)
 
     with pytest.raises(ValueError, match="in place"):
         seg.run_em(start, step, seg.FitOptions(), coordinates=coordinates)
