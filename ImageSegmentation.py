@@ -24,7 +24,8 @@ The file reads top to bottom in the order the data flows:
        6a. choosing K            -> -k auto: BIC among fits whose every component is a class
                                     (select_components, region_shares), from split starts
        6b. a spatial prior       -> a Potts prior, mean-field EM: E-step the sweep (_sweep,
-                                    _partial_sweep), PointsMeanField.step; a volume stacked
+                                    _partial_sweep), PointsMeanField.step; the grid whose
+                                    neighbours they sum: an image's Plane, or a volume stacked
                                     as one image (Stack) for 6 neighbours
        6c. a bias field          -> MRI's smooth field with the mixture: E-step _bias_pass,
                                     _bias_step; with the prior, BiasMeanField.step
@@ -3104,6 +3105,71 @@ CHECKERBOARD = (((0, 0), (1, 1)), ((0, 1), (1, 0)))  # (row, col) parities: blac
 
 
 @dataclass(frozen=True)
+class Plane:
+    """An image's grid: each site's 4 neighbours, of weight 1.  A grid is what the sweep's
+    neighbour helpers ask about neighbours (this class's methods and Stack's, a volume's):
+    2-D and stacked 3-D are two small types, not a branch in every helper."""
+
+    def neighbour_sum(self, padded, box):
+        """(K, h, w): the neighbours' q summed at the sites padded[:, r0:r1:2, c0:c1:2], box =
+        (r0, r1, c0, c1) in padded (q inside a border of zeros)."""
+        r0, r1, c0, c1 = box
+        total = padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
+        total += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
+        total += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
+        return total
+
+    def flat_neighbour_sum(self, flat, at, width):
+        """(K, n): the same at the sites `at` of padded flattened, (K, (H + 2) (W + 2)), W the
+        grid's width."""
+        total = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
+        total += np.take(flat, at - width - 2, axis=1)
+        total += np.take(flat, at + width + 2, axis=1)
+        return total
+
+    def pair_sum(self, padded, top, bottom):
+        """sum of q_i . q_j over the neighbour pairs whose first site (above, or left) is in the
+        grid's rows top:bottom, float64."""
+        q = padded[:, top + 1 : bottom + 1, 1:-1]
+        below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
+        pairs = np.sum(q * below, dtype=np.float64)
+        pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+        return pairs
+
+    def swept_bands(self, passes, height, width, n_components):
+        """The row bands a pass over q goes through: every row."""
+        return passes.bands(height, width, n_components)
+
+    def far_steps(self, width):
+        """Steps (in image-flat sites) to the neighbours other than the 4 of a plane: none."""
+        return ()
+
+    def dilate(self, moved, inside, passes):
+        """moved |= its neighbours, &= inside (or None), in place (_dilate_rows)."""
+        _dilate_rows(moved, inside, passes)
+
+    def n_sites(self, shape):
+        """The sites of the grid of a fit whose (stacked) image has this shape."""
+        return shape[0] * shape[1]
+
+    def record(self, shape, run):
+        """The CoarserGrid record of a run on this grid (of that shape)."""
+        return CoarserGrid(*shape, run.n_iter, run.converged)
+
+    def copy_coarser(self, q, coarse_q, passes):
+        """q (K, H, W) = the q of the grid of every other row and column, on each 2 x 2 block."""
+        _copy_to_blocks(q, coarse_q, passes)
+
+
+PLANE = Plane()
+
+
+def grid_of(stack):
+    """The grid of a fit: a volume's Stack, or an image's Plane (stack None)."""
+    return PLANE if stack is None else stack
+
+
+@dataclass(frozen=True)
 class Stack:
     """A volume (D, H, W) laid out as one image, so that the 2-D sweep serves it: its slices
     one under another, each followed by empty rows (outside every mask) that make a slice's
@@ -3150,6 +3216,64 @@ class Stack:
 
     def coarser(self):
         return replace(self, shape=tuple(-(-n // 2) for n in self.shape))
+
+    # The grid's methods (Plane's): 6 neighbours, weighted; the next slice's a block away.
+
+    def neighbour_sum(self, padded, box):
+        offsets = ((self.block, 0), (1, 0), (0, 1))  # slices, rows, columns
+        return _weighted_neighbours(padded, box, offsets, self.weights)
+
+    def flat_neighbour_sum(self, flat, at, width):
+        steps = (self.block * (width + 2), width + 2, 1)  # slices, rows, columns
+        total = None
+        for step, weight in zip(steps, self.weights):
+            pair = np.take(flat, at - step, axis=1) + np.take(flat, at + step, axis=1)
+            if weight != 1.0:
+                pair *= np.float32(weight)
+            total = pair if total is None else total + pair
+        return total
+
+    def pair_sum(self, padded, top, bottom):
+        w_slices, w_rows, w_cols = self.weights
+        q = padded[:, top + 1 : bottom + 1, 1:-1]
+        below = padded[:, top + 2 : bottom + 2, 1:-1]
+        next_slice = padded[:, top + 1 + self.block : bottom + 1 + self.block, 1:-1]
+        pairs = w_rows * np.sum(q * below, dtype=np.float64)
+        pairs += w_cols * np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
+        pairs += w_slices * np.sum(q * next_slice, dtype=np.float64)
+        return pairs
+
+    def swept_bands(self, passes, height, width, n_components):
+        """The slices' blocks (each band's top odd there, so that the checkerboard's colours are
+        one for all)."""
+        first, stop = self.swept_rows
+        return [
+            (top + first, bottom + first)
+            for top, bottom in passes.bands(stop - first, width, n_components)
+        ]
+
+    def far_steps(self, width):
+        return (self.block * width,)  # a slice's voxels: both neighbouring blocks exist
+
+    def n_sites(self, shape):
+        return math.prod(self.shape)  # the voxels: not the separators of the stacked image
+
+    def record(self, shape, run):
+        slices, rows, cols = self.shape
+        return CoarserGrid(rows, cols, run.n_iter, run.converged, slices)
+
+    def copy_coarser(self, q, coarse_q, passes):
+        """Each voxel's q from the coarser stack's (every other slice, row and column)."""
+        _copy_to_cubes(self.volume_view(q), self.coarser().volume_view(coarse_q))
+
+    def dilate(self, moved, inside, passes):
+        """Across slices a block away: the rows' dilation, then the blocks' from a copy."""
+        original, block = moved.copy(), self.block
+        _dilate_rows(moved, None, passes)
+        moved[block:] |= original[:-block]
+        moved[:-block] |= original[block:]
+        if inside is not None:
+            moved &= inside
 
 
 @dataclass(frozen=True)
@@ -3231,7 +3355,7 @@ class Sweep:
     moved: np.ndarray | None = None
     settings: SpatialSettings = SpatialSettings()
     passes: Passes = Passes()
-    stack: Stack | None = None  # a volume's layout, or None for an image
+    grid: Plane | Stack = PLANE  # whose neighbours the sites have
 
 
 def _weighted_neighbours(padded, box, offsets, weights):
@@ -3258,15 +3382,7 @@ def _update_sites(padded, rows, cols, sweep, pairs):
     """
     r0, r1, c0, c1 = rows.start + 1, rows.stop + 1, cols.start + 1, cols.stop + 1
     centre = padded[:, r0:r1:2, c0:c1:2]
-    if sweep.stack is None:
-        neighbours = (
-            padded[:, r0 - 1 : r1 - 1 : 2, c0:c1:2] + padded[:, r0 + 1 : r1 + 1 : 2, c0:c1:2]
-        )
-        neighbours += padded[:, r0:r1:2, c0 - 1 : c1 - 1 : 2]
-        neighbours += padded[:, r0:r1:2, c0 + 1 : c1 + 1 : 2]
-    else:
-        offsets = ((sweep.stack.block, 0), (1, 0), (0, 1))  # slices, rows, columns
-        neighbours = _weighted_neighbours(padded, (r0, r1, c0, c1), offsets, sweep.stack.weights)
+    neighbours = sweep.grid.neighbour_sum(padded, (r0, r1, c0, c1))
     keep_old = sweep.relaxation != 1.0 or sweep.moved is not None
     old = centre.copy() if keep_old else centre
     target, log_target = _site_update(
@@ -3300,21 +3416,9 @@ def _sweep(padded, sweep):
                 total += entropy + sweep.beta * agreement
             return total
 
-        bands = _swept_bands(sweep.passes, height, width, n_components, sweep.stack)
+        bands = sweep.grid.swept_bands(sweep.passes, height, width, n_components)
         objective += sum(sweep.passes.map(update_band, bands))
     return objective
-
-
-def _swept_bands(passes, height, width, n_components, stack):
-    """The row bands a pass over q goes through: every row of an image; a stacked volume's
-    slice blocks (each band's top odd there, so the checkerboard's colours are one for all)."""
-    if stack is None:
-        return passes.bands(height, width, n_components)
-    first, stop = stack.swept_rows
-    return [
-        (top + first, bottom + first)
-        for top, bottom in passes.bands(stop - first, width, n_components)
-    ]
 
 
 def _partial_sweep(padded, sweep, table, index, sites):
@@ -3327,23 +3431,12 @@ def _partial_sweep(padded, sweep, table, index, sites):
     points = index.reshape(-1)
     rows = sites // width
     black = (sites - rows * (width - 1)) % 2 == 0  # (row + column) even, as CHECKERBOARD's
-    settings, stack = sweep.settings, sweep.stack
+    settings = sweep.settings
 
     def update_chunk(chunk):
-        at = chunk + 2 * (chunk // width) + width + 3  # in padded
+        at = chunk + 2 * (chunk // width) + width + 3  # the sites' places in padded
         old = np.take(flat, at, axis=1)
-        if stack is None:
-            neighbours = np.take(flat, at - 1, axis=1) + np.take(flat, at + 1, axis=1)
-            neighbours += np.take(flat, at - width - 2, axis=1)
-            neighbours += np.take(flat, at + width + 2, axis=1)
-        else:
-            steps = (stack.block * (width + 2), width + 2, 1)  # slices, rows, columns
-            neighbours = None
-            for step, weight in zip(steps, stack.weights):
-                pair = np.take(flat, at - step, axis=1) + np.take(flat, at + step, axis=1)
-                if weight != 1.0:
-                    pair *= np.float32(weight)
-                neighbours = pair if neighbours is None else neighbours + pair
+        neighbours = sweep.grid.flat_neighbour_sum(flat, at, width)
         logp = np.take(table, points[chunk], axis=1)
         target, log_target = _site_update(
             old, neighbours, logp, sweep.beta, sweep.relaxation, settings
@@ -3397,9 +3490,9 @@ class _PointSums:
         return self.sums
 
 
-def _around(sites, shape, inside, stack=None):
-    """The sites (image-flat) and their 4-neighbours (a stacked volume's 6), inside the image
-    and any mask, in order.
+def _around(sites, shape, inside, grid=PLANE):
+    """The sites (image-flat) and their neighbours on the grid (4, a stacked volume's 6),
+    inside the image and any mask, in order.
 
     Marked in an (H, W) bool image, which costs less than sorting the candidates."""
     height, width = shape
@@ -3410,29 +3503,23 @@ def _around(sites, shape, inside, stack=None):
     near[sites[column < width - 1] + 1] = True
     near[sites[sites >= width] - width] = True
     near[sites[sites < (height - 1) * width] + width] = True
-    if stack is not None:  # the sites are a slice's voxels: both neighbouring blocks exist
-        near[sites - stack.block * width] = True
-        near[sites + stack.block * width] = True
+    for step in grid.far_steps(width):
+        near[sites - step] = True
+        near[sites + step] = True
     if inside is not None:
         near &= inside.reshape(-1)
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside, passes, stack=None):
-    """moved (H, W) bool |= its 4-neighbours (a stacked volume's 6), &= inside (a mask, or
-    None), in place.
+def _dilate(moved, inside, passes, grid=PLANE):
+    """moved (H, W) bool |= its neighbours on the grid (4, a stacked volume's 6), &= inside (a
+    mask, or None), in place."""
+    grid.dilate(moved, inside, passes)
 
-    Band by band from the top, keeping the band's original rows and the one above it, so no
-    second image is made (a byte a pixel at the moment memory peaks).  A volume's neighbours
-    across slices are a block away: its dilation keeps a copy."""
-    if stack is not None:
-        original, block = moved.copy(), stack.block
-        _dilate(moved, None, passes)
-        moved[block:] |= original[:-block]
-        moved[:-block] |= original[block:]
-        if inside is not None:
-            moved &= inside
-        return
+
+def _dilate_rows(moved, inside, passes):
+    """_dilate on a plane: band by band from the top, keeping the band's original rows and the
+    one above it, so no second image is made (a byte a pixel at the moment memory peaks)."""
     height, width = moved.shape
     above = np.zeros(width, bool)  # the original row above the band
     for top, bottom in passes.bands(height, width, 1):
@@ -3450,9 +3537,9 @@ def _dilate(moved, inside, passes, stack=None):
             near &= inside[top:bottom]
 
 
-def _mean_field_objective(padded, beta, site_logp, passes, stack=None):
-    """L(q, theta) computed from its definition, band by band (at the start of a fit); of a
-    stacked volume with its neighbours across slices, weighted.
+def _mean_field_objective(padded, beta, site_logp, passes, grid=PLANE):
+    """L(q, theta) computed from its definition, band by band (at the start of a fit), its
+    pairs those of the grid (a stacked volume's across slices too, weighted).
 
     Outside a mask q is 0, so those pixels add nothing.
     """
@@ -3465,23 +3552,13 @@ def _mean_field_objective(padded, beta, site_logp, passes, stack=None):
         expected = site_logp(slice(top, bottom), slice(0, width))
         expected -= np.log(np.maximum(q, tiny))
         objective = np.sum(q * expected, dtype=np.float64)
-        below = padded[:, top + 2 : bottom + 2, 1:-1]  # the last row's is the zero border
-        if stack is None:
-            pairs = np.sum(q * below, dtype=np.float64)
-            pairs += np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
-            return objective + beta * pairs
-        w_slices, w_rows, w_cols = stack.weights
-        next_slice = padded[:, top + 1 + stack.block : bottom + 1 + stack.block, 1:-1]
-        pairs = w_rows * np.sum(q * below, dtype=np.float64)
-        pairs += w_cols * np.sum(q[:, :, 1:] * q[:, :, :-1], dtype=np.float64)
-        pairs += w_slices * np.sum(q * next_slice, dtype=np.float64)
-        return objective + beta * pairs
+        return objective + beta * grid.pair_sum(padded, top, bottom)
 
-    bands = _swept_bands(passes, height, width, n_components, stack)
+    bands = grid.swept_bands(passes, height, width, n_components)
     return float(sum(passes.map(band_objective, bands)))
 
 
-def _prior_terms(padded, beta, passes, stack=None):
+def _prior_terms(padded, beta, passes, grid=PLANE):
     """L's entropy and pair terms (L without the expected log-likelihood) of q."""
     n_components, height, width = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
     rows, cols = range(height), range(width)
@@ -3489,7 +3566,7 @@ def _prior_terms(padded, beta, passes, stack=None):
     def no_data(row_slice, col_slice):
         return np.zeros((n_components, len(rows[row_slice]), len(cols[col_slice])))
 
-    return _mean_field_objective(padded, beta, no_data, passes, stack)
+    return _mean_field_objective(padded, beta, no_data, passes, grid)
 
 
 def _posterior_start(padded, site_logp, inside, passes):
@@ -3576,6 +3653,7 @@ class MeanFieldModel(Protocol):
     options: FitOptions
     settings: SpatialSettings
     stack: Stack | None  # a volume's layout of the grid, or None for an image
+    grid: Plane | Stack  # grid_of(stack): the sites' neighbours
     shape: tuple  # (H, W) of the grid (a volume's stacked)
     inside: np.ndarray | None  # (H, W) bool, or None: every site
     n_pixels: int  # the sites inside
@@ -3607,7 +3685,7 @@ def _sweep_of(fit, state, site_logp):
         state.relaxation,
         settings=fit.settings,
         passes=fit.passes,
-        stack=fit.stack,
+        grid=fit.grid,
     )
 
 
@@ -3616,7 +3694,7 @@ def _start_terms(fit, padded, site_logp, from_posterior):
     site_logp, where from_posterior)."""
     if from_posterior:
         _posterior_start(padded, site_logp, fit.inside, fit.passes)
-    return _prior_terms(padded, fit.beta, fit.passes, fit.stack)
+    return _prior_terms(padded, fit.beta, fit.passes, fit.grid)
 
 
 @dataclass(frozen=True, eq=False)
@@ -3693,16 +3771,11 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
     CoarserGrid records, coarsest first.
     """
     coarser, start_q, (height, width) = [], None, fit.shape
-    stack = fit.stack
-    grid_pixels = height * width if stack is None else math.prod(stack.shape)
+    grid = fit.grid
     coarse = fit.coarser()
-    if grid_pixels > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
+    if grid.n_sites(fit.shape) > fit.settings.coarsest_grid_pixels and coarse.n_pixels:
         run, coarser = _coarse_to_fine(coarse, parameters)
-        if stack is None:
-            coarser.append(CoarserGrid(*coarse.shape, run.n_iter, run.converged))
-        else:
-            slices, rows, cols = coarse.stack.shape
-            coarser.append(CoarserGrid(rows, cols, run.n_iter, run.converged, slices))
+        coarser.append(coarse.grid.record(coarse.shape, run))
         parameters, start_q = run.state.parameters, run.state.q
         del run
         fit = fit.held(parameters)
@@ -3710,11 +3783,7 @@ def _coarse_to_fine(fit, parameters, on_iteration=None):
     padded = np.zeros((len(parameters.label_weights), height + 2, width + 2), np.float32)
     from_posterior = start_q is None
     if start_q is not None:
-        if stack is None:
-            _copy_to_blocks(padded[:, 1:-1, 1:-1], start_q, fit.passes)
-        else:
-            fine = stack.volume_view(padded[:, 1:-1, 1:-1])
-            _copy_to_cubes(fine, stack.coarser().volume_view(start_q))
+        grid.copy_coarser(padded[:, 1:-1, 1:-1], start_q, fit.passes)
         if fit.inside is not None:
             padded[:, 1:-1, 1:-1] *= fit.inside
         del start_q  # the coarse grid's q goes before the fine grid's arrays are made
@@ -3847,6 +3916,8 @@ class PointsMeanField:
     update_parameters: bool = True
     stack: Stack | None = None  # a volume's layout: index and inside are stacked images
 
+    grid = property(lambda self: grid_of(self.stack))
+
     @property
     def shape(self):
         return self.index.shape
@@ -3932,7 +4003,7 @@ class PointsMeanField:
         moved = np.zeros(self.shape, bool)
         sweep = replace(sweep, site_logp=_looked_up(swept, self.index), moved=moved)
         terms = _sweep(state.padded, sweep)
-        _dilate(moved, self.inside, self.passes, self.stack)
+        _dilate(moved, self.inside, self.passes, self.grid)
         few = np.count_nonzero(moved) < self.settings.max_active_fraction * self.index.size
         active = np.flatnonzero(moved) if few else None
         del sweep, moved
@@ -3943,7 +4014,7 @@ class PointsMeanField:
         change, change_of_sums, moved = _partial_sweep(
             state.padded, sweep, swept, self.index, ledger.active
         )
-        active = _around(moved, self.shape, self.inside, self.stack)
+        active = _around(moved, self.shape, self.inside, self.grid)
         if len(active) >= self.settings.max_active_fraction * self.index.size:
             active = None
         return (
@@ -4925,6 +4996,10 @@ class BiasMeanField:
     def stack(self):
         return self.image.stack
 
+    @property
+    def grid(self):
+        return grid_of(self.image.stack)
+
     def coarser(self):
         return replace(self, image=self.image.coarser())
 
@@ -4996,6 +5071,7 @@ class HeldMeanField:
     n_pixels = property(lambda self: self.image.n_pixels)
     passes = property(lambda self: self.image.passes)
     stack = property(lambda self: self.image.stack)
+    grid = property(lambda self: grid_of(self.image.stack))
 
     def held(self, parameters):
         return self
