@@ -401,6 +401,26 @@ def test_a_large_scans_restart_fits_the_field_on_a_coarser_grid():
     assert seg._coarsest(lone, seg.STRONG_FIELD_SITES) is lone  # a coarser grid has a site inside
 
 
+def test_a_volumes_strong_field_restarts_its_spatial_fit():
+    """A volume (16 slices of partial_volume_phantom) under a field of max / min 2.33 across
+    rows, slices and a bowl across columns: held, the fit finds a field of 1.72 and labels 59 %
+    right; restarted from the ECM on the stacked grid of every other slice, row and column, 89 %."""
+    rng, shape = np.random.default_rng(0), (16, 100, 120)
+    slices = [partial_volume_phantom(rng, shape=shape[1:]) for _ in range(shape[0])]
+    image, truth = (np.stack(part) for part in zip(*slices))
+    z, u, v = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    inside = (u / 0.9) ** 2 + (v / 0.9) ** 2 < 1
+    log_field = 0.6 * u + 0.3 * z + 0.4 * v * v
+    log_field = (log_field - log_field[inside].min()) / np.ptp(log_field[inside]) * np.log(2.33)
+    scan = np.clip(np.rint(image * np.exp(log_field - log_field[inside].mean())), 1, 255)
+    scan = np.where(inside, scan, 0).astype(np.uint8)
+    config = seg.parse_command_line(["scan.nii.gz", "--brain"])
+    segmentation, _ = seg.segment_picture(seg.picture_from_volume(scan), seg.Batch(config, ()))
+    labels, field = seg.label_map(segmentation), segmentation.bias
+    assert field.restarted and field.spread > 1.7
+    assert np.mean(labels[inside] == truth[inside] + 1) > 0.85
+
+
 def test_without_a_field_the_spatial_fit_is_not_restarted():
     """No field, or a weak one: the held mixture stands, and the field found is nearly flat."""
     for ratio, most in ((1.0, 1.12), (1.2, 1.3)):
