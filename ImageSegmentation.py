@@ -1393,19 +1393,20 @@ class _PointFeatures:
         self.center = np.zeros(self.n_features)
         center = sum(
             self.weights[start:stop] @ (self.values[start:stop] / self.scale)
-            for start, stop in self._spans()
+            for start, stop in self.spans()
         )
         self.center = center / self.total_weight if self.total_weight > 0 else self.center
         self._phi = None
         if len(self.values) * self.n_params * 8 <= FEATURE_CACHE_BYTES:
             self._phi = np.empty((self.n_params, len(self.values)))
-            for start, stop in self._spans():
+            for start, stop in self.spans():
                 self._features(start, stop, out=self._phi[:, start:stop])
 
     def __len__(self):
         return len(self.values)
 
-    def _spans(self):
+    def spans(self):
+        """(start, stop) of the blocks of BLOCK_POINTS points every pass goes through."""
         return [
             (start, min(start + BLOCK_POINTS, len(self.values)))
             for start in range(0, len(self.values), BLOCK_POINTS)
@@ -1437,9 +1438,14 @@ class _PointFeatures:
 
     def blocks(self):
         """(start, phi (P, m), weights (m,)) block by block."""
-        for start, stop in self._spans():
-            phi = self._phi[:, start:stop] if self._phi is not None else self._features(start, stop)
-            yield start, phi, self.weights[start:stop]
+        for start, stop in self.spans():
+            yield (start,) + self.block((start, stop))
+
+    def block(self, span):
+        """(phi (P, m), weights (m,)) of the points start..stop, span = (start, stop)."""
+        start, stop = span
+        phi = self._phi[:, start:stop] if self._phi is not None else self._features(start, stop)
+        return phi, self.weights[start:stop]
 
 
 # --- per covariance type: covariances from moments, and precision Cholesky factors
@@ -1532,21 +1538,29 @@ def log_density_coefficients(weights, means, covariances, covariance_type):
     return np.concatenate([const[:, None], lin, quad], axis=1).T
 
 
-def _e_step_statistics(data, coefficients):
-    """One pass: the model's mean log-likelihood and the moment sums of its responsibilities."""
-    stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
-    total = 0.0
-    for _, phi, w in data.blocks():
-        # log-sum-exp over the components, in place: this loop is where the time goes
+def _e_step_statistics(data, coefficients, passes):
+    """One pass: the model's mean log-likelihood and the moment sums of its responsibilities.
+    The blocks of points run on the passes' threads and are added up in their order: the same
+    bits on any number of threads."""
+
+    def block_statistics(span):
+        # log-sum-exp over the components, in place: this is where the time goes
+        phi, w = data.block(span)
         logp = coefficients.T @ phi  # (K, m) log(w_k N(x | k))
         top = logp.max(axis=0)
         logp -= top
         np.maximum(logp, -EXP_FLOOR, out=logp)  # e^-300 is 0 to every sum here, and not subnormal
         np.exp(logp, out=logp)
         norm = logp.sum(axis=0)
-        total += w @ (np.log(norm) + top)
+        log_likelihood = w @ (np.log(norm) + top)
         logp *= w / norm  # weighted responsibilities
-        stats += logp @ phi.T
+        return logp @ phi.T, log_likelihood
+
+    stats = np.zeros((coefficients.shape[1], coefficients.shape[0]))
+    total = 0.0
+    for block_stats, block_total in passes.map(block_statistics, data.spans()):
+        stats += block_stats
+        total += block_total
     return stats, total / data.total_weight
 
 
@@ -2389,7 +2403,7 @@ def _density_map(data, options, partial_volume=None):
     def e_step(state):
         """One pass over the points: the moment sums of the responsibilities, the log-likelihood."""
         return _e_step_statistics(
-            data, log_density_coefficients(*state.parameters, covariance_type)
+            data, log_density_coefficients(*state.parameters, covariance_type), options.passes
         )
 
     def m_step(state):
@@ -2492,13 +2506,14 @@ def fit_gmm(
         raise ValueError(
             "sample_weight must be finite, non-negative, positive in sum, one per sample"
         )
-    return _fit_data(
-        _PointFeatures(X, weights),
-        n_components,
-        options,
-        (weights_init, means_init, covariances_init),
-        on_iteration,
-    )
+    with options.passes.opened() as passes:  # the E-step's threads, started once
+        return _fit_data(
+            _PointFeatures(X, weights),
+            n_components,
+            replace(options, passes=passes),
+            (weights_init, means_init, covariances_init),
+            on_iteration,
+        )
 
 
 # --- 5b. Quantized gray levels ------------------------------------------------
@@ -5202,7 +5217,9 @@ def fit_points(points, n_components, options=None, on_iteration=None, shares_of=
     """
     options = segment_options(options, **overrides)
     data = _PointFeatures(points.values, points.weights, points.scale)
-    return _fit_features(data, points, n_components, options, on_iteration, shares_of)
+    with options.fit.passes.opened() as passes:  # the E-step's threads, started once
+        options = replace(options, fit=replace(options.fit, passes=passes))
+        return _fit_features(data, points, n_components, options, on_iteration, shares_of)
 
 
 def _fit_features(data, points, n_components, options, on_iteration, shares_of=None):

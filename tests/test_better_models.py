@@ -389,6 +389,21 @@ def test_threads_do_not_change_a_bit():
     assert np.array_equal(runs[0][1].bias.coefficients, runs[1][1].bias.coefficients)
 
 
+def test_the_e_steps_blocks_on_threads_give_the_same_bits():
+    """The E-step on more points than a block (BLOCK_POINTS) runs its blocks on the passes'
+    threads and adds them up in block order: fit_gmm on one thread and on three ends at the
+    same parameters and log-likelihoods to the last bit, through SQUAREM's steps."""
+    rng = np.random.default_rng(7)
+    X = np.concatenate([rng.normal(m, 0.12, (20_000, 3)) for m in (0.35, 0.5, 0.65)])
+    assert len(X) > 3 * seg.BLOCK_POINTS
+    fits = [
+        seg.fit_gmm(X, 3, random_state=1, passes=seg.Passes(threads=threads)) for threads in (1, 3)
+    ]
+    assert fits[0].n_iter > 2 and fits[0].log_likelihood == fits[1].log_likelihood
+    for name in ("weights", "means", "covariances"):
+        assert np.array_equal(getattr(fits[0], name), getattr(fits[1], name))
+
+
 def test_colours_are_counted_alike_on_any_number_of_threads(monkeypatch):
     """A large colour image's histogram is counted in parts of PIXEL_CHUNK pixels, on the
     threads there are, and merged: the same codes and counts as np.unique, with any number of
