@@ -3526,14 +3526,9 @@ def _around(sites, shape, inside, grid=PLANE):
     return np.flatnonzero(near)
 
 
-def _dilate(moved, inside, passes, grid=PLANE):
-    """moved (H, W) bool |= its neighbours on the grid (4, a stacked volume's 6), &= inside (a
-    mask, or None), in place."""
-    grid.dilate(moved, inside, passes)
-
-
 def _dilate_rows(moved, inside, passes):
-    """_dilate on a plane: band by band from the top, keeping the band's original rows and the
+    """moved (H, W) bool |= its 4-neighbours, &= inside (a mask, or None), in place (a plane's
+    dilation, Plane.dilate): band by band from the top, keeping the band's original rows and the
     one above it, so no second image is made (a byte a pixel at the moment memory peaks)."""
     height, width = moved.shape
     above = np.zeros(width, bool)  # the original row above the band
@@ -4018,7 +4013,7 @@ class PointsMeanField:
         moved = np.zeros(self.shape, bool)
         sweep = replace(sweep, site_logp=_looked_up(swept, self.index), moved=moved)
         terms = _sweep(state.padded, sweep)
-        _dilate(moved, self.inside, self.passes, self.grid)
+        self.grid.dilate(moved, self.inside, self.passes)
         few = np.count_nonzero(moved) < self.settings.max_active_fraction * self.index.size
         active = np.flatnonzero(moved) if few else None
         del sweep, moved

@@ -279,7 +279,7 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
 
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_the_sites_around_some_sites(rng, with_mask):
-    """_around (from a list of sites) and _dilate (of a mask of them, in place, in row bands)
+    """_around (from a list of sites) and Plane.dilate (of a mask of them, in place, in row bands)
     give the same sites: those and their 4-neighbours in the image, inside the mask."""
     shape = (7, 10)
     chosen = np.zeros(shape, bool)
@@ -293,7 +293,7 @@ def test_the_sites_around_some_sites(rng, with_mask):
     if with_mask:
         expected &= inside
     dilated = chosen.copy()
-    seg._dilate(dilated, inside, seg.Passes(band_bytes=1))  # in bands of two rows
+    seg.PLANE.dilate(dilated, inside, seg.Passes(band_bytes=1))  # in bands of two rows
     assert np.array_equal(dilated, expected)
     assert np.array_equal(
         seg._around(np.flatnonzero(chosen), shape, inside), np.flatnonzero(expected)
