@@ -3175,13 +3175,36 @@ class Plane:
         """q (K, H, W) = the q of the grid of every other row and column, on each 2 x 2 block."""
         _copy_to_blocks(q, coarse_q, passes)
 
+    # Its layout (Stack's lays a volume out as one image): the image is the grid.
+
+    held_table = False  # BiasMeanField.held computes the sites' log-probabilities in each sweep
+
+    def coarser(self):
+        return self
+
+    def subsampled(self, image, fill=0):
+        """An image (..., H, W) of the grid on the grid of every other row and column."""
+        return np.ascontiguousarray(image[..., ::2, ::2])
+
+    def volume_view(self, image):
+        """The image as the caller's array: itself."""
+        return image
+
+    def row_powers(self, grid_rows, step, shape, degree):
+        """(h, degree + 1) powers of the scaled image coordinate of the grid's rows grid_rows
+        (every step-th row of an image of this shape)."""
+        return coordinate_powers(grid_rows * step, shape[0], degree)
+
+    def window(self, shape, most):
+        """(rows, cols): the central window of at most `most` sites that BETA is estimated on."""
+        return _central_window(shape, most)
+
+    def window_view(self, q, inside):
+        """(q, inside, neighbour weights) of the window as estimate_beta reads them."""
+        return q, inside, None
+
 
 PLANE = Plane()
-
-
-def grid_of(stack):
-    """The grid of a fit: a volume's Stack, or an image's Plane (stack None)."""
-    return PLANE if stack is None else stack
 
 
 @dataclass(frozen=True)
@@ -3280,6 +3303,37 @@ class Stack:
     def copy_coarser(self, q, coarse_q, passes):
         """Each voxel's q from the coarser stack's (every other slice, row and column)."""
         _copy_to_cubes(self.volume_view(q), self.coarser().volume_view(coarse_q))
+
+    held_table = True  # BiasMeanField.held tabulates the sites' log-probabilities once
+
+    def subsampled(self, image, fill=0):
+        """A stacked image on the coarser stack (every other slice, row and column)."""
+        return self.coarser().stacked(self.volume_view(image)[..., ::2, ::2, ::2], fill)
+
+    def row_powers(self, grid_rows, step, shape, degree):
+        """(h, (degree + 1)^2): u^a v^b of each row's slice and row within it (a separator row's
+        as its slice's last row: it is outside)."""
+        slices, within = np.divmod(grid_rows, self.block)
+        within = np.minimum(within, self.shape[1] - 1)
+        slices = np.clip(slices - 1, 0, self.shape[0] - 1)
+        return _row_features(
+            coordinate_powers(slices * step, shape[0], degree),
+            coordinate_powers(within * step, shape[1], degree),
+        )
+
+    def window(self, shape, most):
+        """Whole central slices, as many as `most` sites hold (one at least)."""
+        depth, height, width = self.shape
+        n = min(depth, max(1, most // (height * width)))
+        first = (1 + (depth - n) // 2) * self.block
+        return slice(first, first + n * self.block), slice(0, width)
+
+    def window_view(self, q, inside):
+        n = (q.shape[1]) // self.block
+        window = replace(self, shape=(n,) + self.shape[1:])
+        q = window.volume_view(np.pad(q, ((0, 0), (self.block, self.block), (0, 0))))
+        inside = window.volume_view(np.pad(inside, ((self.block, self.block), (0, 0))))
+        return q, inside, self.weights
 
     def dilate(self, moved, inside, passes):
         """Across slices a block away: the rows' dilation, then the blocks' from a copy."""
@@ -3662,8 +3716,7 @@ class MeanFieldModel(Protocol):
     beta: float | str  # BETA of the Potts prior, or "auto" before _spatial_run estimates it
     options: FitOptions
     settings: SpatialSettings
-    stack: Stack | None  # a volume's layout of the grid, or None for an image
-    grid: Plane | Stack  # grid_of(stack): the sites' neighbours
+    grid: Plane | Stack  # the sites' neighbours and layout: an image's Plane, a volume's Stack
     shape: tuple  # (H, W) of the grid (a volume's stacked)
     inside: np.ndarray | None  # (H, W) bool, or None: every site
     n_pixels: int  # the sites inside
@@ -3833,23 +3886,11 @@ def _spatial_run(fit, parameters, on_iteration=None):
     SpatialFit record."""
     if fit.beta != "auto":
         return _recorded(fit, parameters, fit.beta, None, on_iteration)
-    stack = fit.stack
-    if stack is None:
-        rows, cols = _central_window(fit.shape, fit.settings.estimate_pixels)
-    else:  # whole central slices, as many as the window holds
-        depth, height, width = stack.shape
-        n = min(depth, max(1, fit.settings.estimate_pixels // (height * width)))
-        first = (1 + (depth - n) // 2) * stack.block
-        rows, cols = slice(first, first + n * stack.block), slice(0, width)
+    rows, cols = fit.grid.window(fit.shape, fit.settings.estimate_pixels)
     q = fit.site_logp(parameters)(rows, cols)
     _softmax_over_components(q)
     inside = None if fit.inside is None else fit.inside[rows, cols]
-    weights = None
-    if stack is not None:
-        window = replace(stack, shape=(n,) + stack.shape[1:])
-        q = window.volume_view(np.pad(q, ((0, 0), (stack.block, stack.block), (0, 0))))
-        inside = window.volume_view(np.pad(inside, ((stack.block, stack.block), (0, 0))))
-        weights = stack.weights
+    q, inside, weights = fit.grid.window_view(q, inside)
     estimate = estimate_beta(q, parameters.label_weights, inside, fit.settings.most_beta, weights)
     beta, halvings = estimate, 0
     while True:
@@ -3924,9 +3965,7 @@ class PointsMeanField:
     options: FitOptions
     settings: SpatialSettings
     update_parameters: bool = True
-    stack: Stack | None = None  # a volume's layout: index and inside are stacked images
-
-    grid = property(lambda self: grid_of(self.stack))
+    grid: Plane | Stack = PLANE  # a volume's Stack: index and inside are stacked images
 
     @property
     def shape(self):
@@ -3942,13 +3981,9 @@ class PointsMeanField:
         return int(np.count_nonzero(self.inside)) if self.inside is not None else self.index.size
 
     def coarser(self):
-        if self.stack is not None:
-            stack, view = self.stack.coarser(), self.stack.volume_view
-            index = stack.stacked(view(self.index)[::2, ::2, ::2])
-            inside = stack.stacked(view(self.inside)[::2, ::2, ::2], False)
-            return replace(self, index=index, inside=inside, stack=stack)
-        inside = None if self.inside is None else self.inside[::2, ::2]
-        return replace(self, index=np.ascontiguousarray(self.index[::2, ::2]), inside=inside)
+        grid = self.grid
+        inside = None if self.inside is None else grid.subsampled(self.inside, False)
+        return replace(self, index=grid.subsampled(self.index), inside=inside, grid=grid.coarser())
 
     def held(self, parameters):
         return self
@@ -4120,19 +4155,18 @@ def spatial_fit(
     """
     index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
     update_parameters = update_parameters and model.partial_volume is None
-    stack = None
+    grid = PLANE
     if index.ndim == 3:
-        stack = Stack.of(index.shape, spacing or (1.0, 1.0, 1.0))
+        grid = Stack.of(index.shape, spacing or (1.0, 1.0, 1.0))
         inside = np.ones(index.shape, bool) if mask is None else mask
-        index, mask = stack.stacked(index), stack.stacked(inside, False)
+        index, mask = grid.stacked(index), grid.stacked(inside, False)
     fit = PointsMeanField(
-        data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters, stack
+        data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters, grid
     )
     run, record = _spatial_run(fit, model, on_iteration)
     q = run.state.q
     labels = _argmax_over_components(q, options.passes)
-    if stack is not None:
-        labels, q = np.ascontiguousarray(stack.volume_view(labels)), stack.volume_view(q)
+    labels, q = np.ascontiguousarray(grid.volume_view(labels)), grid.volume_view(q)
     return run.state.parameters, labels, record, q
 
 
@@ -4322,7 +4356,7 @@ class BiasImage:
     shape: tuple  # (H, W) of the image; (D, H, W) of a volume
     step: int = 1
     passes: Passes = Passes()
-    stack: Stack | None = None  # a volume's layout of values and inside
+    grid: Plane | Stack = PLANE  # a volume's Stack: values and inside are stacked images
 
     @property
     def dims(self):
@@ -4337,15 +4371,7 @@ class BiasImage:
         coordinate, (h, degree + 1); a volume's u^a v^b of its slice and row, (h, (degree + 1)^2)
         (a separator row's as its slice's last row: it is outside)."""
         grid_rows = np.arange(self.values.shape[0])[rows]
-        if self.stack is None:
-            return coordinate_powers(grid_rows * self.step, self.shape[0], degree)
-        slices, within = np.divmod(grid_rows, self.stack.block)
-        within = np.minimum(within, self.stack.shape[1] - 1)
-        slices = np.clip(slices - 1, 0, self.stack.shape[0] - 1)
-        return _row_features(
-            coordinate_powers(slices * self.step, self.shape[0], degree),
-            coordinate_powers(within * self.step, self.shape[1], degree),
-        )
+        return self.grid.row_powers(grid_rows, self.step, self.shape, degree)
 
     def column_powers(self, degree):
         """(w, degree + 1) powers of the scaled image coordinate of every column of the grid."""
@@ -4358,7 +4384,7 @@ class BiasImage:
 
     def low_rows(self, degree):
         """The rows of the degree-`degree` row features among those of degree 2 degree."""
-        if self.stack is None:
+        if self.dims == 2:
             return np.arange(degree + 1)
         return (np.arange(degree + 1)[:, None] * (2 * degree + 1) + np.arange(degree + 1)).ravel()
 
@@ -4367,14 +4393,10 @@ class BiasImage:
 
     def coarser(self):
         """The grid of every other row and column (a volume's: and slice) of this one."""
-        if self.stack is not None:
-            stack, view = self.stack.coarser(), self.stack.volume_view
-            values = stack.stacked(view(self.values)[::2, ::2, ::2])
-            inside = stack.stacked(view(self.inside)[::2, ::2, ::2], False)
-            return replace(self, values=values, inside=inside, step=2 * self.step, stack=stack)
-        inside = None if self.inside is None else np.ascontiguousarray(self.inside[::2, ::2])
-        values = np.ascontiguousarray(self.values[::2, ::2])
-        return replace(self, values=values, inside=inside, step=2 * self.step)
+        grid = self.grid
+        inside = None if self.inside is None else grid.subsampled(self.inside, False)
+        values = grid.subsampled(self.values)
+        return replace(self, values=values, inside=inside, step=2 * self.step, grid=grid.coarser())
 
 
 def bias_image(picture, passes):
@@ -4387,7 +4409,7 @@ def bias_image(picture, passes):
     stack = Stack.of(values.shape, picture.volume.spacing)
     inside = np.ones(values.shape, bool) if picture.mask is None else picture.mask
     stacked, inside = stack.stacked(values), stack.stacked(inside, False)
-    return BiasImage(stacked, inside, values.shape, passes=passes, stack=stack)
+    return BiasImage(stacked, inside, values.shape, passes=passes, grid=stack)
 
 
 @dataclass(frozen=True, eq=False)
@@ -4805,9 +4827,8 @@ def fit_bias_field(
         labels = np.zeros(image.values.shape, dtype=np.uint8 if k <= 256 else np.uint16)
         q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
         _bias_pass(state, labels=labels, posteriors=q)
-    if image.stack is not None:  # back from the stacked layout
-        labels = np.ascontiguousarray(image.stack.volume_view(labels))
-        q = None if q is None else image.stack.volume_view(q)
+    labels = np.ascontiguousarray(image.grid.volume_view(labels))  # a volume's from its stack
+    q = None if q is None else image.grid.volume_view(q)
     coefficients = state.coefficients
     grid = coefficient_grid(coefficients, degree, image.dims)
     shift = float(grid.ravel() @ _inside_moments(image, degree))
@@ -5003,12 +5024,8 @@ class BiasMeanField:
         return self.image.passes
 
     @property
-    def stack(self):
-        return self.image.stack
-
-    @property
     def grid(self):
-        return grid_of(self.image.stack)
+        return self.image.grid
 
     def coarser(self):
         return replace(self, image=self.image.coarser())
@@ -5020,7 +5037,7 @@ class BiasMeanField:
         the labels swept with them (HeldMeanField).  A volume's sites' log-probabilities are
         tabulated once; an image's are computed in each sweep's bands, as this fit's are (no
         table: 12 bytes a pixel, 288 MB at 24 megapixels)."""
-        if self.stack is None:
+        if not self.grid.held_table:
             return HeldMeanField(None, self.image, self.beta, self.options, self.settings)
         state = replace(parameters, image=self.image)
         bands, width = _BandModel(state), self.image.values.shape[1]
@@ -5080,8 +5097,7 @@ class HeldMeanField:
     inside = property(lambda self: self.image.inside)
     n_pixels = property(lambda self: self.image.n_pixels)
     passes = property(lambda self: self.image.passes)
-    stack = property(lambda self: self.image.stack)
-    grid = property(lambda self: grid_of(self.image.stack))
+    grid = property(lambda self: self.image.grid)
 
     def held(self, parameters):
         return self
