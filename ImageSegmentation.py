@@ -2431,8 +2431,6 @@ def _density_jacobian(data, fit, options):
 def _partial_volume_fit(data, tissues, options, on_iteration=None):
     """The partial-volume mixture of a tied mixture of its tissues (numbered by luminance): EM
     from the tissues' means and covariance, every pure Gaussian and mixel weighted alike."""
-    if options.covariance_type != "tied":
-        raise ValueError("a partial-volume model has one covariance: covariance_type 'tied'")
     pv = tissues_and_mixels(tissues.n_components)
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissues.means)
@@ -5165,14 +5163,51 @@ class SegmentOptions:
     def __post_init__(self):
         if self.criterion not in K_CRITERIA:
             raise ValueError(f"criterion must be one of {K_CRITERIA}, got {self.criterion!r}")
+        for option, other, clashes, why in OPTION_CLASHES:
+            if getattr(self, option) and clashes(self):
+                value = getattr(self.fit if other in FIT_FIELDS else self, other)
+                raise OptionClash(option, other, value, why)
+
+
+class OptionClash(ValueError):
+    """Two options of SegmentOptions that cannot work together: option (set) and other (at
+    value), why not.  The command line says the same with its flags, as a usage error."""
+
+    def __init__(self, option, other, value, why):
+        super().__init__(f"{option} does not combine with {other}={value!r}: {why}")
+        self.option, self.other, self.value, self.why = option, other, value, why
+
+
+# (an option, another field, whether that field's value clashes with it, why): the one list
+# SegmentOptions checks, for the API and the command line alike.
+OPTION_CLASHES = (
+    (
+        "partial_volume",
+        "covariance_type",
+        lambda options: options.fit.covariance_type != "tied",
+        "its tissues and mixels share one covariance (tied)",
+    ),
+    (
+        "partial_volume",
+        "quantized",
+        lambda options: options.quantized,
+        "mixels are densities, not bins",
+    ),
+    (
+        "bias_field",
+        "quantized",
+        lambda options: options.quantized,
+        "corrected values are no longer bins",
+    ),
+)
+FIT_FIELDS = frozenset(f.name for f in fields(FitOptions))
 
 
 def segment_options(options=None, **overrides):
     """options (SegmentOptions; default its defaults) with overrides of its fields or of its
     FitOptions' fields (covariance_type=, tol=, ...)."""
     options = SegmentOptions() if options is None else options
-    fit_names = {f.name for f in fields(FitOptions)}
-    fit_overrides = {name: overrides.pop(name) for name in list(overrides) if name in fit_names}
+    fit_overrides = {name: overrides.pop(name) for name in list(overrides) if name in FIT_FIELDS}
     if fit_overrides:
         overrides["fit"] = replace(overrides.get("fit", options.fit), **fit_overrides)
     return replace(options, **overrides)
@@ -5239,8 +5274,8 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
     image, or None."""
     top = gray_level_top(points) if options.quantized else None
 
-    if options.partial_volume and (top is not None or n_components == "auto"):
-        raise ValueError("a partial-volume model needs a number of tissues and no bins")
+    if options.partial_volume and n_components == "auto":
+        raise ValueError("a partial-volume model needs a number of tissues (not 'auto')")
     if n_components != "auto":
         with_pv = options.partial_volume
         return fit_components(data, n_components, options.fit, top, on_iteration, with_pv), None
@@ -6693,7 +6728,9 @@ def _batch_options(group):
 
 def parse_command_line(argv=None):
     """The RunConfig of a command line.  --brain's preset sets defaults: an option the user
-    typed wins wherever it stands, and with --model the preset's K gives way to the model's."""
+    typed wins wherever it stands, and with --model the preset's K gives way to the model's.
+    Options that SegmentOptions refuses together (OPTION_CLASHES) raise a UsageError in the
+    command line's words."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.brain:
@@ -6701,7 +6738,21 @@ def parse_command_line(argv=None):
         for name, value in BRAIN_PRESET:
             if name not in typed and not (name == "components" and args.model is not None):
                 setattr(args, name, value)
-    return RunConfig.from_arguments(args)
+    try:
+        return RunConfig.from_arguments(args)
+    except OptionClash as clash:  # SegmentOptions' own check, in the command line's words
+        value = clash.value if clash.value is not True else ""
+        other = f"{CLASH_FLAGS[clash.other]} {value}".rstrip()
+        flag = CLASH_FLAGS[clash.option]
+        raise UsageError(f"usage: {flag} does not combine with {other}: {clash.why}") from None
+
+
+CLASH_FLAGS = {  # SegmentOptions' fields in OPTION_CLASHES: their flags
+    "partial_volume": "--partial-volume",
+    "bias_field": "--bias-field",
+    "quantized": "--quantized",
+    "covariance_type": "--covariance",
+}
 
 
 def _typed_options(argv):
@@ -7847,7 +7898,11 @@ def _signals_as_interrupts():
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    config = parse_command_line(argv)
+    try:
+        config = parse_command_line(argv)
+    except UsageError as error:
+        _write_line(sys.stderr, f"error: {error}")
+        return 2
     with _signals_as_interrupts():
         try:
             return _run(config)
@@ -7860,7 +7915,8 @@ def main(argv=None):
 
 
 def check_combinations(config):
-    """Options that cannot work together: bad usage, before any work."""
+    """Options of the run that cannot work together: bad usage, before any work (those of
+    SegmentOptions alone are its own check, OPTION_CLASHES)."""
     if config.dask is not None:
         for clash, why in (
             (config.jobs is not None, "--jobs: the cluster's workers do the work"),
@@ -7875,17 +7931,12 @@ def check_combinations(config):
         ):
             if clash:
                 raise UsageError(f"usage: --model does not combine with {why}")
-    if config.segment.partial_volume:
-        for clash, why in (
-            (config.segment.fit.covariance_type != "tied", "--covariance other than tied"),
-            (config.segment.quantized, "--quantized: mixels are densities, not bins"),
-            (config.components == "auto", "-k auto: give the number of tissues"),
-        ):
-            if clash:
-                raise UsageError(f"usage: --partial-volume does not combine with {why}")
+    if config.segment.partial_volume and config.components == "auto":
+        raise UsageError(
+            "usage: --partial-volume does not combine with -k auto: give the number of tissues"
+        )
     if config.segment.bias_field:
         for clash, why in (
-            (config.segment.quantized, "--quantized: corrected values are no longer bins"),
             (config.components == "auto", "-k auto: choose K without the field first"),
             (config.shared, "--shared: every image has its own field"),
         ):

@@ -1,6 +1,8 @@
 """Partial volume (--partial-volume, part of --brain): tissues and the mixels between them,
 labels of the tissue with most of each pixel, fractional maps, and a prior on the tissues."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import matched_accuracy, record_of, run, seg
@@ -186,7 +188,7 @@ def test_a_saved_partial_volume_model_labels_its_image_again(tmp_path, capsys):
 @pytest.mark.parametrize(
     "options, why",
     [
-        (["--covariance", "full"], "--covariance other than tied"),
+        (["--covariance", "full"], "--covariance full: its tissues and mixels share one"),
         (["--covariance", "tied", "--quantized"], "--quantized"),
         (["--covariance", "tied", "-k", "auto"], "-k auto"),
     ],
@@ -200,3 +202,27 @@ def test_partial_volume_usage_errors(tmp_path, capsys, options, why):
         err.startswith("error: usage: --partial-volume does not combine with " + why)
         and len(err.strip().splitlines()) == 1
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(partial_volume=True, covariance_type="full"),
+            "partial_volume does not combine with covariance_type='full'",
+        ),
+        (
+            dict(partial_volume=True, covariance_type="tied", quantized=True),
+            "partial_volume does not combine with quantized=True",
+        ),
+        (dict(bias_field=True, quantized=True), "bias_field does not combine with quantized=True"),
+    ],
+)
+def test_options_that_cannot_work_together_are_refused_by_the_api_too(overrides, message):
+    """SegmentOptions checks the combinations itself (OPTION_CLASHES): the API refuses what the
+    command line refuses, before any work; a bias field with bins was fitted silently before."""
+    image, _, _ = blurred_cells(np.random.default_rng(0), shape=(20, 20))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        seg.segment_image(image, 3, **overrides)
+    with pytest.raises(seg.OptionClash):
+        seg.segment_options(**overrides)
