@@ -4801,21 +4801,21 @@ def fit_bias_field(
         picture, image, field_model, options, on_iteration, fixed, with_partial_volume
     )
     state, record, k = run.state, None, len(run.state.label_weights)
-    restarted = False
+    spread, restarted = None, False
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
-        spatial_run, record = _spatial_run(fit, _held(state), on_iteration)
-        held = state.partial_volume is not None and fixed is None
-        if held and field_spread(spatial_run.state.parameters) > STRONG_FIELD:
-            del spatial_run  # the mixture of the uncorrected intensities misled the field
-            field_model = field_model[:3] + (True,)
+
+        def field_first():  # the ECM of the field and the mixture, on at most 65,536 sites
             coarse = _coarsest(image, STRONG_FIELD_SITES)
-            run = _plain_bias_fit(
-                picture, coarse, field_model, options, on_iteration, fixed, with_partial_volume
+            ecm = field_model[:3] + (True,)
+            return _plain_bias_fit(
+                picture, coarse, ecm, options, on_iteration, fixed, with_partial_volume
             )
-            start = _held(replace(run.state, image=image))
-            spatial_run, record = _spatial_run(fit, start, on_iteration)
-            restarted = True
+
+        held = state.partial_volume is not None and fixed is None
+        run, spatial_run, record, spread, restarted = _spatial_bias_fit(
+            fit, run, field_first if held else None, on_iteration
+        )
         state, q = spatial_run.state.parameters, spatial_run.state.q
         del spatial_run
         labels = _argmax_over_components(q, options.passes)
@@ -4827,17 +4827,7 @@ def fit_bias_field(
         _bias_pass(state, labels=labels, posteriors=q)
     labels = np.ascontiguousarray(image.grid.volume_view(labels))  # a volume's from its stack
     q = None if q is None else image.grid.volume_view(q)
-    coefficients = state.coefficients
-    grid = coefficient_grid(coefficients, degree, image.dims)
-    shift = float(grid.ravel() @ _inside_moments(image, degree))
-    scale = math.exp(shift)  # the field divided by e^shift: the corrected intensities times it
-    variances = state.variances[:, None, None] * scale**2
-    tied = options.covariance_type == "tied"
-    corrected = (state.weights, state.means[:, None] * scale, variances)
-    if tied:  # one variance: scikit-learn's tied shape, (D, D)
-        corrected = corrected[:2] + (variances[0],)
-    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
-    model = replace(model, partial_volume=state.partial_volume)
+    model, shift = _corrected_model(state, image, run, options.covariance_type)
     order = _luminance_order(model.label_means)
     labels = _relabelled(labels, order)
     if picture.mask is not None:
@@ -4846,14 +4836,48 @@ def fit_bias_field(
     del q
     bias = BiasField(
         degree,
-        coefficients,
+        state.coefficients,
         picture.codes.shape,
         shift,
         regularisation,
-        spread=field_spread(state),
+        spread=field_spread(state) if spread is None else spread,
         restarted=restarted,
     )
     return model.reordered(order), bias, labels, record, posteriors
+
+
+def _corrected_model(state, image, run, covariance_type):
+    """(the GaussianMixtureFit of a fitted state's corrected intensities, the field's shift):
+    the field divided by e^shift has mean log 0 over the image's fitted pixels, so the
+    corrected intensities are the image over it, the state's times e^shift."""
+    degree = state.degree
+    grid = coefficient_grid(state.coefficients, degree, image.dims)
+    shift = float(grid.ravel() @ _inside_moments(image, degree))
+    scale = math.exp(shift)
+    variances = state.variances[:, None, None] * scale**2
+    tied = covariance_type == "tied"
+    corrected = (state.weights, state.means[:, None] * scale, variances)
+    if tied:  # one variance: scikit-learn's tied shape, (D, D)
+        corrected = corrected[:2] + (variances[0],)
+    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
+    return replace(model, partial_volume=state.partial_volume), shift
+
+
+def _spatial_bias_fit(fit, run, field_first, on_iteration):
+    """The spatial fit (a BiasMeanField) from a plain bias fit's run, a partial-volume mixture
+    held.  Held, that mixture is the fit to the uncorrected intensities, wrong under a strong
+    field: where the field found is past STRONG_FIELD, the fit starts again from
+    field_first(), the ECM of the field and the mixture (None: no second start).  Returns (the
+    run started from, the spatial run, its SpatialFit, the field's spread, restarted)."""
+    spatial_run, record = _spatial_run(fit, _held(run.state), on_iteration)
+    spread = field_spread(spatial_run.state.parameters)
+    if field_first is None or spread <= STRONG_FIELD:
+        return run, spatial_run, record, spread, False
+    del spatial_run  # the mixture of the uncorrected intensities misled the field
+    run = field_first()
+    start = _held(replace(run.state, image=fit.image))
+    spatial_run, record = _spatial_run(fit, start, on_iteration)
+    return run, spatial_run, record, field_spread(spatial_run.state.parameters), True
 
 
 def _coarsest(image, most):
