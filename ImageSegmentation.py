@@ -4786,35 +4786,28 @@ def fit_bias_field(
 
     Starts from the plain mixture of the intensities and no field (options.starts() starts).
     spatial: BETA of the Potts prior, fitted by mean-field EM with the field from the converged
-    plain fit on; a partial-volume mixture is held there, and where the field that fit finds is
-    past STRONG_FIELD, the held mixture (of the uncorrected intensities) is wrong: the spatial
-    fit starts again from an ECM of the field and the mixture (BiasField.restarted).
+    plain fit on (_spatial_bias_fit: a partial-volume mixture held, and a restart past
+    STRONG_FIELD).
 
     Returns (model, field, labels, record, posteriors): the mixture of corrected intensities,
     numbered from the darkest, the BiasField, the component of every pixel (H, W), the
-    SpatialFit (None without one) and, with keep_posteriors, every component's
-    posterior at every pixel (K, H, W) float32, 0 outside the mask (else None).
+    SpatialFit (None without one) and, with keep_posteriors, every component's posterior at
+    every pixel (K, H, W) float32, 0 outside the mask (else None).
     """
     image = bias_image(picture, options.passes)
     field_model = (n_components, degree, regularisation, not spatial_on(spatial))
     run = _plain_bias_fit(
         picture, image, field_model, options, on_iteration, fixed, with_partial_volume
     )
-    state, record, k = run.state, None, len(run.state.label_weights)
-    spread, restarted = None, False
+    state, record, spread, restarted = run.state, None, None, False
     if spatial_on(spatial):
         fit = BiasMeanField(image, spatial, options, settings)
-
-        def field_first():  # the ECM of the field and the mixture, on at most 65,536 sites
-            coarse = _coarsest(image, STRONG_FIELD_SITES)
+        field_first = None  # the ECM of the field and the mixture, on a grid (_spatial_bias_fit)
+        if state.partial_volume is not None and fixed is None:
             ecm = field_model[:3] + (True,)
-            return _plain_bias_fit(
-                picture, coarse, ecm, options, on_iteration, fixed, with_partial_volume
-            )
-
-        held = state.partial_volume is not None and fixed is None
+            field_first = partial(_plain_bias_fit, picture, field_model=ecm, options=options)
         run, spatial_run, record, spread, restarted = _spatial_bias_fit(
-            fit, run, field_first if held else None, on_iteration
+            fit, run, field_first, on_iteration
         )
         state, q = spatial_run.state.parameters, spatial_run.state.q
         del spatial_run
@@ -4822,9 +4815,7 @@ def fit_bias_field(
         if keep_posteriors and state.partial_volume is not None:
             q = _expected_fractions(q, replace(state, image=image))
     else:  # the labels (and posteriors) from one more pass of the fitted state
-        labels = np.zeros(image.values.shape, dtype=np.uint8 if k <= 256 else np.uint16)
-        q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
-        _bias_pass(state, labels=labels, posteriors=q)
+        labels, q = _labelled(state, keep_posteriors)
     labels = np.ascontiguousarray(image.grid.volume_view(labels))  # a volume's from its stack
     q = None if q is None else image.grid.volume_view(q)
     model, shift = _corrected_model(state, image, run, options.covariance_type)
@@ -4863,18 +4854,29 @@ def _corrected_model(state, image, run, covariance_type):
     return replace(model, partial_volume=state.partial_volume), shift
 
 
+def _labelled(state, keep_posteriors):
+    """(labels, posteriors or None) of a fitted bias state, from one more pass over its image."""
+    k = len(state.label_weights)
+    labels = np.zeros(state.image.values.shape, dtype=np.uint8 if k <= 256 else np.uint16)
+    q = np.empty((k,) + labels.shape, dtype=np.float32) if keep_posteriors else None
+    _bias_pass(state, labels=labels, posteriors=q)
+    return labels, q
+
+
 def _spatial_bias_fit(fit, run, field_first, on_iteration):
     """The spatial fit (a BiasMeanField) from a plain bias fit's run, a partial-volume mixture
     held.  Held, that mixture is the fit to the uncorrected intensities, wrong under a strong
     field: where the field found is past STRONG_FIELD, the fit starts again from
-    field_first(), the ECM of the field and the mixture (None: no second start).  Returns (the
-    run started from, the spatial run, its SpatialFit, the field's spread, restarted)."""
+    field_first(image), the ECM of the field and the mixture, run on at most STRONG_FIELD_SITES
+    sites of the image (None: no second start).  Returns (the run started from, the spatial
+    run, its SpatialFit, the field's spread, restarted)."""
     spatial_run, record = _spatial_run(fit, _held(run.state), on_iteration)
     spread = field_spread(spatial_run.state.parameters)
     if field_first is None or spread <= STRONG_FIELD:
         return run, spatial_run, record, spread, False
     del spatial_run  # the mixture of the uncorrected intensities misled the field
-    run = field_first()
+    coarse = _coarsest(fit.image, STRONG_FIELD_SITES)
+    run = field_first(coarse, on_iteration=on_iteration, with_partial_volume=True)
     start = _held(replace(run.state, image=fit.image))
     spatial_run, record = _spatial_run(fit, start, on_iteration)
     return run, spatial_run, record, field_spread(spatial_run.state.parameters), True
