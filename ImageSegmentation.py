@@ -5816,6 +5816,37 @@ def segmented_writer(segmentation):
     return _image_writer(colours[labels], picture)
 
 
+def _bias_field_record(field, picture):
+    """The JSON's bias_field: the fitted field, its basis and formula in words, its spread."""
+    record = {
+        "degree": field.degree,
+        "regularisation": field.regularisation,
+        "coefficients": field.coefficients.tolist(),
+        "shift": field.shift,
+        "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
+        "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1"
+        if picture.volume is None
+        else "monomials u^a v^b w^c, 1 <= a + b + c <= degree, in the order a + b + c = "
+        "1, 2, ..., then a = 0.., then b = 0..; u, v, w = 2 (i - start) / (stop - start - 1)"
+        " - 1 of the index i along the volume's "
+        + (
+            "third, second and first"
+            if picture.volume.file_axes_reversed
+            else "first, second and third"
+        )
+        + " axis, (start, stop) of that axis in box (the mask's bounding box, or the whole "
+        "volume; in the file's axis order)",
+        "field": "exp(coefficients . basis - shift); weights, means and covariances are "
+        "then of the corrected intensities (image / field)",
+        "spread": field.spread,
+        "restarted": field.restarted,
+    }
+    if picture.volume is not None:
+        box = field.box or tuple((0, n) for n in field.shape)
+        record["box"] = picture.volume.in_file_order(list(a) for a in box)
+    return record
+
+
 def model_record(segmentation, source, settings, notes, seconds):
     """The JSON contract: the model on the 0..1 scale, its history and the run's settings."""
     model, picture = segmentation.model, segmentation.picture
@@ -5862,33 +5893,7 @@ def model_record(segmentation, source, settings, notes, seconds):
     record["quantized"] = model.quantized_top is not None
     record["quantized_top"] = model.quantized_top
     if segmentation.bias is not None:
-        field = segmentation.bias
-        record["bias_field"] = {
-            "degree": field.degree,
-            "regularisation": field.regularisation,
-            "coefficients": field.coefficients.tolist(),
-            "shift": field.shift,
-            "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
-            "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1"
-            if picture.volume is None
-            else "monomials u^a v^b w^c, 1 <= a + b + c <= degree, in the order a + b + c = "
-            "1, 2, ..., then a = 0.., then b = 0..; u, v, w = 2 (i - start) / (stop - start - 1)"
-            " - 1 of the index i along the volume's "
-            + (
-                "third, second and first"
-                if picture.volume.file_axes_reversed
-                else "first, second and third"
-            )
-            + " axis, (start, stop) of that axis in box (the mask's bounding box, or the whole "
-            "volume; in the file's axis order)",
-            "field": "exp(coefficients . basis - shift); weights, means and covariances are "
-            "then of the corrected intensities (image / field)",
-            "spread": field.spread,
-            "restarted": field.restarted,
-        }
-        if picture.volume is not None:
-            box = field.box or tuple((0, n) for n in field.shape)
-            record["bias_field"]["box"] = picture.volume.in_file_order(list(a) for a in box)
+        record["bias_field"] = _bias_field_record(segmentation.bias, picture)
     if segmentation.spatial is not None:
         record["spatial"] = segmentation.spatial.to_json()
     shared = segmentation.shared
