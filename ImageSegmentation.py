@@ -3327,7 +3327,7 @@ class Stack:
         return slice(first, first + n * self.block), slice(0, width)
 
     def window_view(self, q, inside):
-        n = (q.shape[1]) // self.block
+        n = q.shape[1] // self.block
         window = replace(self, shape=(n,) + self.shape[1:])
         q = window.volume_view(np.pad(q, ((0, 0), (self.block, self.block), (0, 0))))
         inside = window.volume_view(np.pad(inside, ((self.block, self.block), (0, 0))))
@@ -4886,7 +4886,7 @@ def _coarsest(image, most):
     """The image's grid of every 2^n-th row and column (and slice), n the least that leaves at
     most `most` sites (and some inside): a smooth field and a mixture of 3 tissues are fitted
     as well there, in a fraction of the time."""
-    while image.values.size > most:
+    while image.grid.n_sites(image.values.shape) > most:  # as _coarse_to_fine counts them
         coarser = image.coarser()
         if not coarser.n_pixels:
             break
