@@ -76,6 +76,14 @@ if __name__ == "__main__":
     # last digits with the machine's core count, and fight a batch's workers for the cores.
     os.environ.update(dict.fromkeys(BLAS_THREAD_VARIABLES, "1"))
 
+    def _stopped_while_starting(signum, frame):
+        """Ctrl-C or SIGTERM while the modules load: one line, as later (main takes over)."""
+        sys.stderr.write(f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'}\n")
+        os._exit(128 + signum)
+
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _stopped_while_starting)
+
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
@@ -6340,7 +6348,8 @@ class UsageError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised the way Ctrl-C is, so every clean-up path runs; it carries the signal."""
+    """SIGINT or SIGTERM in the main process, raised as Ctrl-C is, so every clean-up path runs;
+    it carries the signal."""
 
     def __init__(self, signum):
         super().__init__(signum)
@@ -7910,18 +7919,24 @@ def shared_of_fit(fitted, notes, failure, readable, report):
 
 @contextmanager
 def _signals_as_interrupts():
-    """SIGTERM raises Interrupted as SIGINT raises KeyboardInterrupt; handlers restored after."""
+    """SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt carrying the signal) in the main
+    thread, so every clean-up path runs; yields the signals received, so that one raised where
+    Python swallows exceptions (a finaliser) still ends the run as interrupted.  Handlers
+    restored after."""
+    received = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
-    def terminated(signum, frame):
+    def interrupted(signum, frame):
+        received.append(signum)
         raise Interrupted(signum)
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, terminated)
+    for sig in saved:
+        signal.signal(sig, interrupted)
     try:
-        yield
+        yield received
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -7934,15 +7949,19 @@ def main(argv=None):
     except UsageError as error:
         _write_line(sys.stderr, f"error: {error}")
         return 2
-    with _signals_as_interrupts():
+    with _signals_as_interrupts() as received:
         try:
-            return _run(config)
-        except KeyboardInterrupt as interrupt:
+            status = _run(config)
+        except KeyboardInterrupt as interrupt:  # raised by the handler, or by Python's own
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
-            _write_line(
-                sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated"
-            )
-            return 128 + signum
+            received.append(signum)
+        if not received:
+            return status
+        signum = received[0]
+        _write_line(
+            sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated"
+        )
+        return 128 + signum
 
 
 def check_combinations(config):

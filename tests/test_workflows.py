@@ -224,10 +224,13 @@ def test_ctrl_c_on_a_parallel_batch(tmp_path, rng):
         text=True,
         start_new_session=True,
     )
-    time.sleep(2.5)
+    started = time.monotonic()  # the output folder is made once the batch has begun
+    while not (tmp_path / "out").exists() and time.monotonic() - started < 60:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the workers busy with their images
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted"
     out_dir = tmp_path / "out"  # gone if no image was done before the interrupt
     leftovers = (
@@ -416,3 +419,37 @@ def test_a_saved_models_tiny_variance_is_not_called_a_reg_covar_collapse(tmp_pat
     )
     assert status == 0 and "reg-covar" not in err and "the fit" not in err, err
     assert f"component 0 of the model {tmp_path / 'tiny.json'} has a variance under 2e-06" in err
+
+
+@pytest.mark.parametrize("signum, status, line", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_signal_while_the_program_loads_is_one_line(tmp_path, signum, status, line):
+    """Ctrl-C or SIGTERM while the modules load (here NumPy's import made to take a second):
+    the same one line and status as during a run, not a traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    shim = tmp_path / "shim" / "numpy"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        "import importlib, sys, time\n"
+        "time.sleep(1.5)\n"
+        f"sys.path.remove({str(shim.parent)!r})\n"
+        "del sys.modules['numpy']\n"
+        "sys.modules['numpy'] = importlib.import_module('numpy')\n"
+    )
+    environment = dict(os.environ, PYTHONPATH=str(shim.parent))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path / "none.png")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+    time.sleep(0.7)  # past Python's own start, inside the import
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, err, out) == (status, f"error: {line}\n", "")
