@@ -774,14 +774,14 @@ def _picture_from_pil(img):
     return Picture(codes=_rgb_codes(img), kind="rgb", n_codes=1 << 24, scale=255.0)
 
 
-def _rgb_codes(img):
+def _rgb_codes(img, band_bytes=PIXEL_CHUNK):
     """An RGB image's codes, a band of rows at a time: Pillow's 4-byte pixels (RGBX) are one
     little-endian uint32 with X = 255 on top, masked off.  By bands, no copy of the whole image
     is made beside the codes (a fresh process pays for every page it touches; docs/benchmarks.md
     has the measurements behind this section's choices)."""
     width, height = img.size
     codes = np.empty((height, width), dtype=np.uint32)
-    band = max(1, PIXEL_CHUNK // (4 * width))  # 4 MB of pixels: in cache while masked
+    band = max(1, band_bytes // (4 * width))  # 4 MB of pixels: in cache while masked
     for top in range(0, height, band):
         bottom = min(top + band, height)
         raw = img.crop((0, top, width, bottom)).tobytes("raw", "RGBX")
@@ -810,23 +810,23 @@ class Points:
     mode: str  # "gray" or "color"
 
 
-def code_histogram(codes, n_codes, passes):
+def code_histogram(codes, n_codes, passes, chunk=PIXEL_CHUNK):
     """The distinct codes and their pixel counts.
 
     np.unique while its copy of the codes and its flags (about 5 bytes a pixel) take less than
     bincount's two tables of every code (16 bytes a code: the running sum and a block's): for
     colour, images below 53 megapixels, where it is also several times faster, in parts of
-    PIXEL_CHUNK pixels merged (_merged_histograms).  Larger:
+    chunk pixels merged (_merged_histograms).  Larger:
     bincount in blocks, which holds the tables and nothing that grows with the image.
     """
     flat = codes.reshape(-1)
     if flat.size * 5 >= 16 * n_codes:
         counts = np.zeros(n_codes, dtype=np.int64)
-        for start in range(0, flat.size, PIXEL_CHUNK):
-            counts += np.bincount(flat[start : start + PIXEL_CHUNK], minlength=n_codes)
+        for start in range(0, flat.size, chunk):
+            counts += np.bincount(flat[start : start + chunk], minlength=n_codes)
         keys = np.flatnonzero(counts)
         return keys, counts[keys]
-    parts = flat.size // PIXEL_CHUNK
+    parts = flat.size // chunk
     if parts <= 1 or _mostly_distinct(flat):
         return np.unique(flat, return_counts=True)
     return _merged_histograms(flat, parts, passes)
@@ -5711,7 +5711,7 @@ def _remove(path):
 PNG_BLOCK_BYTES = 1 << 22  # rows filtered and compressed at a time: no copy of a whole image
 
 
-def write_png(path, pixels, palette=None):
+def write_png(path, pixels, palette=None, block_bytes=PNG_BLOCK_BYTES):
     """A PNG of pixels (H, W) uint8 or uint16 gray, (H, W, 3) uint8 colour, (H, W, 4) uint8
     colour and alpha, or (H, W) uint8 indices into palette (N, 3) uint8, block by block.
 
@@ -5719,14 +5719,14 @@ def write_png(path, pixels, palette=None):
     above, byte by byte) and zlib at PNG_COMPRESS_LEVEL: about as small as Pillow's adaptive
     filter, which tries five filters a row and took two thirds of the time of a 24-megapixel
     label map.  The same bytes every time; Pillow reads them as it would
-    its own (L, I;16, RGB, RGBA, P)."""
+    its own (L, I;16, RGB, RGBA, P).  block_bytes: the rows filtered and compressed at a time."""
     height, width = pixels.shape[:2]
     depth, channels = 8 * pixels.dtype.itemsize, 1 if pixels.ndim == 2 else pixels.shape[2]
     colour_type = 3 if palette is not None else {1: 0, 3: 2, 4: 6}[channels]
     rows = pixels.astype(">u2" if depth == 16 else np.uint8, copy=False).reshape(height, -1)
     rows = rows.view(np.uint8)
     header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    block = max(1, PNG_BLOCK_BYTES // (rows.shape[1] + 1))
+    block = max(1, block_bytes // (rows.shape[1] + 1))
     deflate = zlib.compressobj(PNG_COMPRESS_LEVEL)
     with open(path, "wb") as file:
         file.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header))

@@ -251,12 +251,11 @@ def test_every_pillow_mode_is_segmented(tmp_path, capsys, kind):
         assert 0 <= np.min(record["means"]) and np.max(record["means"]) <= 1
 
 
-def test_rgb_codes_are_read_a_band_at_a_time(monkeypatch, rng):
+def test_rgb_codes_are_read_a_band_at_a_time(rng):
     """RGB codes are made from Pillow's 4-byte pixels a band of rows at a time: the same codes
     as packing the channels, with bands that do not divide the height."""
     pixels = rng.integers(0, 256, (23, 10, 3)).astype(np.uint8)
-    monkeypatch.setattr(seg, "PIXEL_CHUNK", 4 * 10 * 5)  # bands of 5 rows
-    codes = seg._rgb_codes(Image.fromarray(pixels))
+    codes = seg._rgb_codes(Image.fromarray(pixels), band_bytes=4 * 10 * 5)  # bands of 5 rows
     assert codes.dtype == np.uint32 and np.array_equal(codes, seg.pack_rgb(pixels))
 
 
@@ -272,17 +271,16 @@ def test_rgb_codes_are_read_a_band_at_a_time(monkeypatch, rng):
 )
 @pytest.mark.parametrize("block_bytes", [7 * 40, 8])  # a few rows a block; one (rows > 8 bytes)
 def test_png_outputs_read_back_as_written(
-    tmp_path, monkeypatch, rng, dtype, channels, palette, mode, block_bytes
+    tmp_path, rng, dtype, channels, palette, mode, block_bytes
 ):
     """Our PNG writer, in blocks of rows that do not divide the height: Pillow reads back every
     pixel (the "up" filter wraps byte by byte, random pixels wrap often) and the palette, the
     file passes the completeness check inputs get, and a second writing is the same bytes."""
-    monkeypatch.setattr(seg, "PNG_BLOCK_BYTES", block_bytes)
     top = np.iinfo(dtype).max if not palette else 4
     shape = (37, 13) if channels == 1 else (37, 13, channels)
     pixels = rng.integers(0, top + 1, shape).astype(dtype)
     colours = rng.integers(0, 256, (5, 3)).astype(np.uint8) if palette else None
-    seg.write_png(tmp_path / "a.png", pixels, colours)
+    seg.write_png(tmp_path / "a.png", pixels, colours, block_bytes)
     with Image.open(tmp_path / "a.png") as image:
         assert image.mode == mode and image.size == (13, 37)
         assert np.array_equal(np.asarray(image), pixels)
@@ -298,7 +296,7 @@ def test_png_outputs_read_back_as_written(
         kinds.append(kind)
         at += 12 + length
     assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and kinds.count(b"IDAT") > 1
-    seg.write_png(tmp_path / "b.png", pixels, colours)
+    seg.write_png(tmp_path / "b.png", pixels, colours, block_bytes)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
