@@ -70,6 +70,13 @@ from pathlib import Path
 from typing import Protocol
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _stopped_line(signum):
+    """The line a run stopped by Ctrl-C (SIGINT) or SIGTERM ends with (its status: 128 + signum)."""
+    return "error: interrupted" if signum == signal.SIGINT else "error: terminated"
+
+
 if __name__ == "__main__":
     # As a command, BLAS runs on one thread (set before NumPy loads it): the program's own
     # threads and worker processes use the cores.  BLAS's threads would change results in their
@@ -78,7 +85,7 @@ if __name__ == "__main__":
 
     def _stopped_while_starting(signum, frame):
         """Ctrl-C or SIGTERM while the modules load: one line, as later (main takes over)."""
-        sys.stderr.write(f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'}\n")
+        sys.stderr.write(_stopped_line(signum) + "\n")
         os._exit(128 + signum)
 
     for _signum in (signal.SIGINT, signal.SIGTERM):
@@ -7953,15 +7960,14 @@ def main(argv=None):
         try:
             status = _run(config)
         except KeyboardInterrupt as interrupt:  # raised by the handler, or by Python's own
-            signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
-            received.append(signum)
+            if not received:
+                received.append(
+                    interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+                )
         if not received:
             return status
-        signum = received[0]
-        _write_line(
-            sys.stderr, "error: interrupted" if signum == signal.SIGINT else "error: terminated"
-        )
-        return 128 + signum
+        _write_line(sys.stderr, _stopped_line(received[0]))
+        return 128 + received[0]
 
 
 def check_combinations(config):
