@@ -993,7 +993,7 @@ def pooled_points(groups):
 #                         that measures it also gives the M-step its statistics);
 #     state.stoppable  -> False when the iteration that reached the state may not end the fit
 #                         (the spatial fit's partial sweeps leave most sites as they were);
-#     state.in_place   -> True (optional; MeanField) when step(state) overwrites the state:
+#     state.in_place   -> True (MeanField's) when step(state) overwrites the state:
 #                         such a state is stepped once, so no SQUAREM or Newton for it.
 # The driver iterates the map, one cycle an iteration: Newton's steps on its fixed point
 # where the map's Jacobian is given (NewtonSteps), SQUAREM's where the model has Coordinates,
@@ -1089,7 +1089,7 @@ def run_em(
     rule is distance_of_changes.  EM's cycles then measure the distance to the limit on their
     own values alone, and begin with a fresh streak.
     """
-    if coordinates is not None and getattr(start, "in_place", False):
+    if coordinates is not None and start.in_place:
         raise ValueError("a state updated in place (MeanField) cannot be extrapolated")
     state, values = start, [_finite(start.objective)]
     newton = None
@@ -2280,6 +2280,7 @@ class MixtureState:
     covariances: np.ndarray
     e_step: object = field(repr=False)
     stoppable = True
+    in_place = False
 
     @cached_property
     def evaluation(self):
@@ -4441,6 +4442,7 @@ class BiasState:
     mixture_fixed: bool = False  # a model read from a file: only the field is fitted
     partial_volume: PartialVolume | None = None  # the Gaussians mix these tissues
     stoppable = True
+    in_place = False
 
     @property
     def label_weights(self):

@@ -287,6 +287,7 @@ class Point:
     """A state of the linear map below: a vector, the objective -|x - x*|^2 / 2."""
 
     stoppable = True
+    in_place = False
 
     def __init__(self, x, fixed):
         self.x, self.fixed = x, fixed
