@@ -2851,7 +2851,7 @@ REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (s
 BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
 BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
-K_PROBE_MAX_ITER = 20  # iterations of a K's first fits before it is judged (a best: fitted on)
+K_PROBE_MAX_ITER = 8  # iterations of a K's first fits before it is judged (a best: fitted on)
 K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
 
 
