@@ -2842,15 +2842,17 @@ def gray_level_top(points):
 # where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice the
 # classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The climb
 # stops once K_TURNED values of K past the best have not improved on it.  Each K starts from
-# the last K's split (split_start), and from fresh starts where that is no new best, both
-# capped at K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where two
-# components share one class); a new best is fitted on to convergence.
+# the last K's split (split_start), and from fresh starts where that is no new best (only up
+# to K_FRESH_PAST past the best: after that, the split alone), both capped at
+# K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where two components share
+# one class); a new best is fitted on to convergence.
 
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
 BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
 BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
+K_FRESH_PAST = 1  # of those, the ones that get fresh starts too (the split alone after them)
 K_PROBE_MAX_ITER = 8  # iterations of a K's first fits before it is judged (a best: fitted on)
 K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
 
@@ -3031,8 +3033,9 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar):
         if k == 1:
             candidates = [judged(fit_k(1))]
         else:  # from the last K's split, capped; fresh starts too unless it is a new best
+            # (and K is at most K_FRESH_PAST past the best)
             candidates = [judged(fit_k(k, start=split_start(fits[k - 1]), max_iter=cap))]
-            if not candidates[0][0] < scores[best - 1]:
+            if not candidates[0][0] < scores[best - 1] and k - best <= K_FRESH_PAST:
                 candidates.append(judged(fit_k(k, max_iter=cap)))
         score, _, row, model = min(candidates, key=lambda candidate: candidate[:2])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on

@@ -7,8 +7,8 @@ the class nearest 0 or 255 pushed there under strong noise, clipped ("clip"; the
 still spaced, the noise at most a quarter of their spacing, so that a per-pixel model can
 tell them apart at all).
 Seeds 1-16 are the set the criterion's settings (REGION_SHARE_MIN, K_PROBE_MAX_ITER) were
-chosen on; seeds 101-130 played no part in it, nor seeds 211-250 (held out after the
-cap's last change, docs/method.md).  For each image: the K of every criterion,
+chosen on; seeds 101-130 played no part in it, nor seeds 171-290 (each forty held out
+after a change, docs/method.md).  For each image: the K of every criterion,
 the time of -k auto --k-max 8 and of one fit at the chosen K (both as the command line runs
 them: n_init 2 for auto, 1 for a given K).  Then scikit-image's photos (chelsea, coffee,
 astronaut, moon) at --k-max 8 and 10.
