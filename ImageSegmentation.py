@@ -3436,11 +3436,11 @@ class Sweep:
 
     beta: float
     site_logp: object
+    passes: Passes  # the fit's: its threads (a batch's worker: one)
     inside: np.ndarray | None = None
     relaxation: float = 1.0
     moved: np.ndarray | None = None
     settings: SpatialSettings = SpatialSettings()
-    passes: Passes = Passes()
     grid: Plane | Stack = PLANE  # whose neighbours the sites have
 
 
@@ -3761,10 +3761,10 @@ def _sweep_of(fit, state, site_logp):
     return Sweep(
         fit.beta,
         site_logp,
+        fit.passes,
         fit.inside,
         state.relaxation,
         settings=fit.settings,
-        passes=fit.passes,
         grid=fit.grid,
     )
 
@@ -4371,8 +4371,8 @@ class BiasImage:
     values: np.ndarray  # (h, w) float32; a volume's stacked (Stack)
     inside: np.ndarray | None  # (h, w) bool; None: every pixel
     shape: tuple  # (H, W) of the image; (D, H, W) of a volume
+    passes: Passes  # the fit's: its threads (a batch's worker: one)
     step: int = 1
-    passes: Passes = Passes()
     grid: Plane | Stack = PLANE  # a volume's Stack: values and inside are stacked images
 
     @property

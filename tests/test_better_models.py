@@ -195,7 +195,7 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask)
         start[:, 1:-1, 1:-1] *= mask
     before = seg._mean_field_objective(start, beta, site_logp, seg.Passes())
     one_band = start.copy()
-    reported = seg._sweep(one_band, seg.Sweep(beta, site_logp, mask))
+    reported = seg._sweep(one_band, seg.Sweep(beta, site_logp, seg.Passes(), mask))
     reported += np.sum(one_band[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
     assert reported == pytest.approx(
         seg._mean_field_objective(one_band, beta, site_logp, seg.Passes()), 1e-6
@@ -208,7 +208,7 @@ def test_the_sweep_reports_the_objective_it_reaches(rng, shape, beta, with_mask)
     assert np.allclose(q.sum(axis=0)[inside], 1, atol=1e-5) and np.all(q[:, ~inside] == 0)
     banded = start.copy()
     two_rows = seg.Passes(band_bytes=1)  # bands of two rows
-    swept = seg._sweep(banded, seg.Sweep(beta, site_logp, mask, passes=two_rows))
+    swept = seg._sweep(banded, seg.Sweep(beta, site_logp, two_rows, mask))
     assert swept + np.sum(banded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64) == (
         pytest.approx(reported, 1e-9)
     )
@@ -224,7 +224,7 @@ def test_without_a_prior_a_sweep_reaches_the_posterior(rng):
     seg._posterior_start(padded, seg._looked_up(table, index), None, seg.Passes())
     posterior = padded.copy()
     loglik = np.logaddexp(table[0], table[1])[index].sum()
-    entropy = seg._sweep(padded, seg.Sweep(0.0, seg._looked_up(table, index)))
+    entropy = seg._sweep(padded, seg.Sweep(0.0, seg._looked_up(table, index), seg.Passes()))
     assert np.allclose(padded, posterior, atol=1e-6)
     expected = np.sum(padded[:, 1:-1, 1:-1] * table[:, index], dtype=np.float64)
     assert entropy + expected == pytest.approx(loglik)
@@ -245,7 +245,7 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
     and a partial sweep of every site is the full sweep."""
     # several blocks a colour, their sums added a few blocks at a time
     settings = seg.SpatialSettings(partial_chunk=8, partial_batch=10)
-    sweep = seg.Sweep(beta, None, relaxation=relaxation, settings=settings)
+    sweep = seg.Sweep(beta, None, seg.Passes(), relaxation=relaxation, settings=settings)
     shape, n_components, n_points = (9, 11), 3, 6
     index = rng.integers(0, n_points, shape).astype(np.uint8)
     table = rng.normal(size=(n_components, n_points)).astype(np.float32)
@@ -273,7 +273,8 @@ def test_a_partial_sweep_reports_what_it_changes(rng, beta, relaxation):
     assert np.array_equal(np.sort(moved), sites[moved_by[sites] > settings.active_change])
     everywhere, full = start.copy(), start.copy()
     seg._partial_sweep(everywhere, sweep, table, index, np.arange(index.size))
-    seg._sweep(full, seg.Sweep(beta, seg._looked_up(table, index), relaxation=relaxation))
+    looked_up = seg._looked_up(table, index)
+    seg._sweep(full, seg.Sweep(beta, looked_up, seg.Passes(), relaxation=relaxation))
     assert np.allclose(everywhere, full, rtol=0, atol=1e-6)
 
 

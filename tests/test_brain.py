@@ -397,7 +397,7 @@ def test_a_large_scans_restart_fits_the_field_on_a_coarser_grid():
     assert seg._coarsest(coarse, seg.STRONG_FIELD_SITES) is coarse
     inside = np.zeros(scan.shape, bool)
     inside[1, 1] = True  # on no coarser grid
-    lone = seg.BiasImage(image.values, inside, scan.shape)
+    lone = seg.BiasImage(image.values, inside, scan.shape, seg.Passes())
     assert seg._coarsest(lone, seg.STRONG_FIELD_SITES) is lone  # a coarser grid has a site inside
 
 
@@ -436,7 +436,7 @@ def test_the_field_spread_is_its_percentiles_ratio(rng):
         values = rng.uniform(0.2, 1.0, shape).astype(np.float32)
         inside = np.zeros(shape, bool)
         inside[5:-5, 10:-20] = True
-        image = seg.BiasImage(values, inside, shape)
+        image = seg.BiasImage(values, inside, shape, seg.Passes())
         coefficients = rng.normal(0, 0.3, len(seg.bias_monomials(3)))
         state = seg.BiasState(np.ones(1), np.ones(1), np.ones(1), coefficients, image, 3, 1.0)
         log_field = np.log(seg.BiasField(3, coefficients, shape, 0.0, 1.0).image())

@@ -71,7 +71,7 @@ def test_a_sweep_of_a_volume_is_the_3d_mean_field_update(spacing):
     table = stack.stacked(logp)
     inside = stack.stacked(np.ones(shape, bool), False)
     sweep = seg.Sweep(
-        beta, lambda r, c: table[:, r, c].copy(), inside, passes=seg.Passes(threads=1), grid=stack
+        beta, lambda r, c: table[:, r, c].copy(), seg.Passes(threads=1), inside, grid=stack
     )
     seg._sweep(padded, sweep)
     expected = q.copy()
