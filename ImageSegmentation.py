@@ -6439,6 +6439,13 @@ def _outputs(text):
     return tuple(name for name in OUTPUTS if name in chosen)
 
 
+def _dask_spec(text):
+    """--dask's value: local, local:N (N >= 1) or a scheduler's address."""
+    if text.startswith("local:"):
+        _integer_at_least(1)(text.split(":", 1)[1])
+    return text
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help as a reader wants it: option names never broken at their hyphens, the help
     column wide enough for them, the epilog's examples kept line by line."""
@@ -6509,6 +6516,348 @@ exit status: 0 all images segmented, 1 some image failed, 2 bad usage, 130 inter
 """
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of the command line: its flags and how argparse reads it (type, choices,
+    metavar, action), the --help group it is shown in, the fields its value goes to
+    ("run.mode": RunConfig's, "segment.k_max": SegmentOptions', "fit.tol": FitOptions'; its
+    default is the first one's default), and whether the JSON's settings record it (under
+    name; recorded(config): a value other than the first field's; optional: left out while
+    None)."""
+
+    name: str
+    flags: tuple
+    group: str
+    fields: tuple
+    help: str
+    parse: dict = field(default_factory=dict)
+    in_settings: bool = True
+    recorded: object = None
+    optional: bool = False
+
+    @property
+    def default(self):
+        owner, name = self.fields[0].split(".")
+        return getattr(OPTION_OWNERS[owner], name)
+
+    def value(self, config):
+        """The value the JSON's settings record for a run's configuration (a RunConfig)."""
+        if self.recorded is not None:
+            return self.recorded(config)
+        owner, name = self.fields[0].split(".")
+        owners = {"run": config, "segment": config.segment, "fit": config.segment.fit}
+        return getattr(owners[owner], name)
+
+
+OPTION_GROUPS = {
+    "input": "input",
+    "model": "the model",
+    "spatial": "a spatial prior (noisy images)",
+    "brain": "brain MRI and uneven brightness",
+    "outputs": "outputs",
+    "batches": "batches",
+}
+_BRAIN_SETS = ", ".join(
+    f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+    for name, value in BRAIN_PRESET
+)
+
+# Every option of the command line, in the order the JSON's settings record them (--help shows
+# each group's in this order): the parser, RunConfig and its settings() are made from it.
+OPTIONS = (
+    Option(
+        "components",
+        ("-k", "--components"),
+        "model",
+        ("run.components",),
+        f"the number of classes (default {DEFAULT_COMPONENTS['gray']} for gray images, "
+        f"{DEFAULT_COMPONENTS['color']} for colour), or auto: chosen between 1 and --k-max",
+        dict(type=_components, metavar="K"),
+    ),
+    Option(
+        "k_max",
+        ("--k-max",),
+        "model",
+        ("segment.k_max",),
+        "the largest K that -k auto tries (default %(default)s)",
+        dict(type=_integer_at_least(1), metavar="N"),
+    ),
+    Option(
+        "criterion",
+        ("--criterion",),
+        "model",
+        ("segment.criterion",),
+        "how -k auto chooses K: classes, the best BIC among fits whose every class fills "
+        "regions (not a blurred edge, not one clipped value); bic or icl alone (default "
+        "%(default)s)",
+        dict(choices=K_CRITERIA),
+    ),
+    Option(
+        "mode",
+        ("--mode",),
+        "input",
+        ("run.mode",),
+        "gray: fit brightness; color: fit RGB colours; auto: gray when the image has one "
+        "channel or all its channels are equal (default %(default)s)",
+        dict(choices=MODES),
+    ),
+    Option(
+        "covariance",
+        ("--covariance",),
+        "model",
+        ("fit.covariance_type",),
+        "the shape of each class's spread, as scikit-learn names them (default %(default)s)",
+        dict(choices=COVARIANCE_TYPES),
+    ),
+    Option(
+        "max_iter",
+        ("--max-iter",),
+        "model",
+        ("fit.max_iter",),
+        "at most N EM iterations (default %(default)s)",
+        dict(type=_integer_at_least(1), metavar="N"),
+    ),
+    Option(
+        "tol",
+        ("--tol",),
+        "model",
+        ("fit.tol",),
+        "stop when the log-likelihood per pixel is within T of its limit (default "
+        "%(default)s; 0 runs all --max-iter iterations)",
+        dict(type=_float_at_least(0), metavar="T"),
+    ),
+    Option(
+        "n_init",
+        ("--n-init",),
+        "model",
+        ("fit.n_init",),
+        f"fit from N starts and keep the best (default {FitOptions().starts()}; "
+        f"{FitOptions().starts(choosing_k=True)} for each K with -k auto)",
+        dict(type=_integer_at_least(1), metavar="N"),
+        recorded=lambda config: config.segment.fit.starts(choosing_k=config.components == "auto"),
+    ),
+    Option(
+        "init",
+        ("--init",),
+        "model",
+        ("fit.init",),
+        "how the starts are drawn (default %(default)s)",
+        dict(choices=INIT_METHODS),
+    ),
+    Option(
+        "seed",
+        ("--seed",),
+        "model",
+        ("fit.random_state",),
+        "random seed: the same command writes the same images (default %(default)s)",
+        dict(type=_integer_at_least(0), metavar="S"),
+    ),
+    Option(
+        "reg_covar",
+        ("--reg-covar",),
+        "model",
+        ("fit.reg_covar",),
+        "the smallest spread a class may have, added to every variance as scikit-learn "
+        "does (default %(default)s)",
+        dict(type=_float_at_least(0), metavar="R"),
+    ),
+    Option(
+        "out",
+        ("--out",),
+        "outputs",
+        ("run.out",),
+        "output folder, created if needed (default %(default)s)",
+        dict(metavar="DIR"),
+        recorded=lambda config: shown(config.out),
+    ),
+    Option(
+        "max_pixels",
+        ("--max-pixels",),
+        "input",
+        ("run.max_pixels",),
+        "refuse images (volumes) with more pixels (voxels) than N (default %(default)s)",
+        dict(type=_integer_at_least(1), metavar="N"),
+    ),
+    Option(
+        "shared",
+        ("--shared",),
+        "batches",
+        ("run.shared",),
+        "fit one model to all the images together and label every image with it, so "
+        "that a label means the same in all",
+        dict(action="store_true"),
+    ),
+    Option(
+        "quantized",
+        ("--quantized",),
+        "model",
+        ("segment.quantized",),
+        "gray images with a black background or blown highlights: fit each gray level as "
+        "a bin, so that no class collapses onto one level",
+        dict(action="store_true"),
+    ),
+    Option(
+        "partial_volume",
+        ("--partial-volume",),
+        "brain",
+        ("segment.partial_volume",),
+        "pixels that are part one tissue, part another (as FSL FAST): K tissues and the "
+        "mixes of neighbouring ones; needs --covariance tied",
+        dict(action=argparse.BooleanOptionalAction),
+    ),
+    Option(
+        "spatial",
+        ("--spatial",),
+        "spatial",
+        ("segment.spatial",),
+        "how strongly neighbouring pixels share a label (a Potts prior): 0 off (the "
+        "default), 0.5 moderate, 1 strong, auto: estimated from the image",
+        dict(type=_beta, metavar="BETA"),
+    ),
+    Option(
+        "accelerate",
+        ("--accelerate",),
+        "model",
+        ("fit.accelerate",),
+        "squarem: fewer, longer steps to the same maximum; none: plain EM steps "
+        "(default %(default)s)",
+        dict(choices=ACCELERATIONS),
+    ),
+    Option(
+        "mask",
+        ("--mask",),
+        "input",
+        ("run.mask",),
+        "segment only part of the image: nonzero = the pixels that are not black; PATH = "
+        "an image of the same size, nonzero inside; auto = nonzero when the border is all "
+        "black (default %(default)s). Outside is label 0, inside 1..K",
+        dict(metavar="{auto,none,nonzero,PATH}"),
+        recorded=lambda config: shown(config.mask),
+    ),
+    Option(
+        "probabilities",
+        ("--probabilities",),
+        "outputs",
+        ("run.probabilities", "segment.keep_posteriors"),
+        "also write each label's probability at every pixel, STEM_prob_L.png (16-bit, 65535 = 1)",
+        dict(action="store_true"),
+    ),
+    Option(
+        "bias_field",
+        ("--bias-field",),
+        "brain",
+        ("segment.bias_field",),
+        "gray images with uneven brightness (MRI): fit a smooth brightness field with the "
+        "classes; writes the field and the corrected image",
+        dict(action=argparse.BooleanOptionalAction),
+    ),
+    Option(
+        "bias_degree",
+        ("--bias-degree",),
+        "brain",
+        ("segment.bias_degree",),
+        "the field's polynomial degree: higher follows faster variation (default %(default)s)",
+        dict(type=_integer_at_least(1), metavar="N"),
+    ),
+    Option(
+        "bias_reg",
+        ("--bias-reg",),
+        "brain",
+        ("segment.bias_reg",),
+        "how smooth the field must be, as SPM's bias regularisation; 0: no constraint "
+        "(default %(default)s)",
+        dict(type=_float_at_least(0), metavar="LAMBDA"),
+    ),
+    Option(
+        "brain",
+        ("--brain",),
+        "brain",
+        ("run.brain",),
+        f"skull-stripped T1-weighted brain scans, labels 1, 2, 3 = CSF, grey and white "
+        f"matter: sets {_BRAIN_SETS}; any of these you type wins",
+        dict(action="store_true"),
+    ),
+    Option(
+        "outputs",
+        ("--outputs",),
+        "outputs",
+        ("run.outputs",),
+        "write only these, comma-separated: segmented, labels, loglik, comparison, json, "
+        "bic (with -k auto), bias and corrected (with --bias-field) (default: all)",
+        dict(type=_outputs, metavar="LIST"),
+        recorded=lambda config: ["json" if name == "model" else name for name in config.outputs],
+    ),
+    Option(
+        "model",
+        ("--model",),
+        "outputs",
+        ("run.model",),
+        "label with the model in FILE (a STEM_model.json this program wrote) instead of "
+        "fitting one: a label means the same in every image",
+        dict(metavar="FILE"),
+        recorded=lambda config: None if config.model is None else shown(config.model),
+    ),
+    Option(
+        "spacing",
+        ("--spacing",),
+        "input",
+        ("run.spacing",),
+        "a volume's voxel size along its axes, in the file's order (default: a NIfTI's "
+        "header; 1,1,1 for a TIFF stack)",
+        dict(type=_spacing, metavar="Z,Y,X"),
+        recorded=lambda config: None if config.spacing is None else list(config.spacing),
+        optional=True,
+    ),
+    Option(
+        "show",
+        ("--show",),
+        "outputs",
+        ("run.show",),
+        "also open the figures in windows (by default they are only saved)",
+        dict(action="store_true"),
+        in_settings=False,
+    ),
+    Option(
+        "quiet",
+        ("-q", "--quiet"),
+        "outputs",
+        ("run.quiet",),
+        "print errors and warnings only",
+        dict(action="store_true"),
+        in_settings=False,
+    ),
+    Option(
+        "verbose",
+        ("-v", "--verbose"),
+        "outputs",
+        ("run.verbose",),
+        "print the log-likelihood of every iteration on stderr",
+        dict(action="store_true"),
+        in_settings=False,
+    ),
+    Option(
+        "jobs",
+        ("-j", "--jobs"),
+        "batches",
+        ("run.jobs",),
+        "segment a batch in N processes (default: one a core); the same bytes as with 1",
+        dict(type=_integer_at_least(1), metavar="N"),
+        in_settings=False,
+    ),
+    Option(
+        "dask",
+        ("--dask",),
+        "batches",
+        ("run.dask",),
+        'segment the batch on a Dask cluster (pip install "dask[distributed]"): a '
+        "scheduler's address, or local:N for N processes here; --out must be seen by every "
+        "worker",
+        dict(type=_dask_spec, metavar="ADDRESS|local[:N]"),
+        in_settings=False,
+    ),
+)
+
+
 def build_parser():
     parser = _Parser(
         prog="ImageSegmentation.py",
@@ -6525,257 +6874,18 @@ def build_parser():
         help="image files, or folders whose image files are all segmented (default: the "
         "bundled images/ folder)",
     )
-    _input_options(parser.add_argument_group("input"))
-    _model_options(parser.add_argument_group("the model"))
-    _spatial_options(parser.add_argument_group("a spatial prior (noisy images)"))
-    _brain_options(parser.add_argument_group("brain MRI and uneven brightness"))
-    _output_options(parser.add_argument_group("outputs"))
-    _batch_options(parser.add_argument_group("batches"))
+    for key, title in OPTION_GROUPS.items():  # group by group: the usage line in their order
+        group = parser.add_argument_group(title)
+        for option in (option for option in OPTIONS if option.group == key):
+            group.add_argument(
+                *option.flags,
+                dest=option.name,
+                default=option.default,
+                help=option.help,
+                **option.parse,
+            )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def _input_options(group):
-    group.add_argument(
-        "--mode",
-        choices=MODES,
-        default=RunConfig.mode,
-        help="gray: fit brightness; color: fit RGB colours; auto: gray when the image has one "
-        "channel or all its channels are equal (default %(default)s)",
-    )
-    group.add_argument(
-        "--mask",
-        default=RunConfig.mask,
-        metavar="{auto,none,nonzero,PATH}",
-        help="segment only part of the image: nonzero = the pixels that are not black; PATH = "
-        "an image of the same size, nonzero inside; auto = nonzero when the border is all "
-        "black (default %(default)s). Outside is label 0, inside 1..K",
-    )
-    group.add_argument(
-        "--spacing",
-        type=_spacing,
-        default=None,
-        metavar="Z,Y,X",
-        help="a volume's voxel size along its axes, in the file's order (default: a NIfTI's "
-        "header; 1,1,1 for a TIFF stack)",
-    )
-    group.add_argument(
-        "--max-pixels",
-        type=_integer_at_least(1),
-        default=RunConfig.max_pixels,
-        metavar="N",
-        help="refuse images (volumes) with more pixels (voxels) than N (default %(default)s)",
-    )
-
-
-def _model_options(group):
-    group.add_argument(
-        "-k",
-        "--components",
-        type=_components,
-        default=None,
-        metavar="K",
-        help=f"the number of classes (default {DEFAULT_COMPONENTS['gray']} for gray images, "
-        f"{DEFAULT_COMPONENTS['color']} for colour), or auto: chosen between 1 and --k-max",
-    )
-    group.add_argument(
-        "--k-max",
-        type=_integer_at_least(1),
-        default=SegmentOptions.k_max,
-        metavar="N",
-        help="the largest K that -k auto tries (default %(default)s)",
-    )
-    group.add_argument(
-        "--criterion",
-        choices=K_CRITERIA,
-        default=SegmentOptions.criterion,
-        help="how -k auto chooses K: classes, the best BIC among fits whose every class fills "
-        "regions (not a blurred edge, not one clipped value); bic or icl alone (default "
-        "%(default)s)",
-    )
-    group.add_argument(
-        "--covariance",
-        choices=COVARIANCE_TYPES,
-        default=FitOptions.covariance_type,
-        help="the shape of each class's spread, as scikit-learn names them (default %(default)s)",
-    )
-    group.add_argument(
-        "--quantized",
-        action="store_true",
-        help="gray images with a black background or blown highlights: fit each gray level as "
-        "a bin, so that no class collapses onto one level",
-    )
-    group.add_argument(
-        "--max-iter",
-        type=_integer_at_least(1),
-        default=FitOptions.max_iter,
-        metavar="N",
-        help="at most N EM iterations (default %(default)s)",
-    )
-    group.add_argument(
-        "--tol",
-        type=_float_at_least(0),
-        default=FitOptions.tol,
-        metavar="T",
-        help="stop when the log-likelihood per pixel is within T of its limit (default "
-        "%(default)s; 0 runs all --max-iter iterations)",
-    )
-    group.add_argument(
-        "--accelerate",
-        choices=ACCELERATIONS,
-        default=FitOptions.accelerate,
-        help="squarem: fewer, longer steps to the same maximum; none: plain EM steps "
-        "(default %(default)s)",
-    )
-    group.add_argument(
-        "--n-init",
-        type=_integer_at_least(1),
-        default=None,
-        metavar="N",
-        help=f"fit from N starts and keep the best (default {FitOptions().starts()}; "
-        f"{FitOptions().starts(choosing_k=True)} for each K with -k auto)",
-    )
-    group.add_argument(
-        "--init",
-        choices=INIT_METHODS,
-        default=FitOptions.init,
-        help="how the starts are drawn (default %(default)s)",
-    )
-    group.add_argument(
-        "--seed",
-        type=_integer_at_least(0),
-        default=FitOptions.random_state,
-        metavar="S",
-        help="random seed: the same command writes the same images (default %(default)s)",
-    )
-    group.add_argument(
-        "--reg-covar",
-        type=_float_at_least(0),
-        default=FitOptions.reg_covar,
-        metavar="R",
-        help="the smallest spread a class may have, added to every variance as scikit-learn "
-        "does (default %(default)s)",
-    )
-
-
-def _spatial_options(group):
-    group.add_argument(
-        "--spatial",
-        type=_beta,
-        default=SegmentOptions.spatial,
-        metavar="BETA",
-        help="how strongly neighbouring pixels share a label (a Potts prior): 0 off (the "
-        "default), 0.5 moderate, 1 strong, auto: estimated from the image",
-    )
-
-
-def _brain_options(group):
-    preset = ", ".join(
-        f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
-        for name, value in BRAIN_PRESET
-    )
-    group.add_argument(
-        "--brain",
-        action="store_true",
-        help=f"skull-stripped T1-weighted brain scans, labels 1, 2, 3 = CSF, grey and white "
-        f"matter: sets {preset}; any of these you type wins",
-    )
-    group.add_argument(
-        "--bias-field",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="gray images with uneven brightness (MRI): fit a smooth brightness field with the "
-        "classes; writes the field and the corrected image",
-    )
-    group.add_argument(
-        "--bias-degree",
-        type=_integer_at_least(1),
-        default=SegmentOptions.bias_degree,
-        metavar="N",
-        help="the field's polynomial degree: higher follows faster variation (default %(default)s)",
-    )
-    group.add_argument(
-        "--bias-reg",
-        type=_float_at_least(0),
-        default=SegmentOptions.bias_reg,
-        metavar="LAMBDA",
-        help="how smooth the field must be, as SPM's bias regularisation; 0: no constraint "
-        "(default %(default)s)",
-    )
-    group.add_argument(
-        "--partial-volume",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="pixels that are part one tissue, part another (as FSL FAST): K tissues and the "
-        "mixes of neighbouring ones; needs --covariance tied",
-    )
-
-
-def _output_options(group):
-    group.add_argument(
-        "--out",
-        default=RunConfig.out,
-        metavar="DIR",
-        help="output folder, created if needed (default %(default)s)",
-    )
-    group.add_argument(
-        "--outputs",
-        type=_outputs,
-        default=RunConfig.outputs,
-        metavar="LIST",
-        help="write only these, comma-separated: segmented, labels, loglik, comparison, json, "
-        "bic (with -k auto), bias and corrected (with --bias-field) (default: all)",
-    )
-    group.add_argument(
-        "--probabilities",
-        action="store_true",
-        help="also write each label's probability at every pixel, STEM_prob_L.png (16-bit, "
-        "65535 = 1)",
-    )
-    group.add_argument(
-        "--model",
-        metavar="FILE",
-        help="label with the model in FILE (a STEM_model.json this program wrote) instead of "
-        "fitting one: a label means the same in every image",
-    )
-    group.add_argument(
-        "--show",
-        action="store_true",
-        help="also open the figures in windows (by default they are only saved)",
-    )
-    group.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only")
-    group.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="print the log-likelihood of every iteration on stderr",
-    )
-
-
-def _batch_options(group):
-    group.add_argument(
-        "--shared",
-        action="store_true",
-        help="fit one model to all the images together and label every image with it, so "
-        "that a label means the same in all",
-    )
-    group.add_argument(
-        "-j",
-        "--jobs",
-        type=_integer_at_least(1),
-        default=None,
-        metavar="N",
-        help="segment a batch in N processes (default: one a core); the same bytes as with 1",
-    )
-    group.add_argument(
-        "--dask",
-        type=_dask_spec,
-        default=None,
-        metavar="ADDRESS|local[:N]",
-        help='segment the batch on a Dask cluster (pip install "dask[distributed]"): a '
-        "scheduler's address, or local:N for N processes here; --out must be seen by every "
-        "worker",
-    )
 
 
 def parse_command_line(argv=None):
@@ -6794,17 +6904,17 @@ def parse_command_line(argv=None):
         return RunConfig.from_arguments(args)
     except OptionClash as clash:  # SegmentOptions' own check, in the command line's words
         value = clash.value if clash.value is not True else ""
-        other = f"{CLASH_FLAGS[clash.other]} {value}".rstrip()
-        flag = CLASH_FLAGS[clash.option]
+        other = f"{_flag_of(clash.other)} {value}".rstrip()
+        flag = _flag_of(clash.option)
         raise UsageError(f"usage: {flag} does not combine with {other}: {clash.why}") from None
 
 
-CLASH_FLAGS = {  # SegmentOptions' fields in OPTION_CLASHES: their flags
-    "partial_volume": "--partial-volume",
-    "bias_field": "--bias-field",
-    "quantized": "--quantized",
-    "covariance_type": "--covariance",
-}
+def _flag_of(name):
+    """The command line's flag for a field of SegmentOptions or FitOptions (OPTION_CLASHES)."""
+    for option in OPTIONS:
+        if any(target.split(".")[1] == name for target in option.fields):
+            return option.flags[-1]
+    raise KeyError(name)
 
 
 def _typed_options(argv):
@@ -6911,34 +7021,14 @@ class RunConfig:
 
     @classmethod
     def from_arguments(cls, args):
-        fit = FitOptions(
-            covariance_type=args.covariance,
-            max_iter=args.max_iter,
-            tol=args.tol,
-            reg_covar=args.reg_covar,
-            n_init=args.n_init,
-            init=args.init,
-            random_state=args.seed,
-            accelerate=args.accelerate,
-        )
-        segment = SegmentOptions(
-            k_max=args.k_max,
-            criterion=args.criterion,
-            quantized=args.quantized,
-            partial_volume=args.partial_volume,
-            spatial=args.spatial,
-            bias_field=args.bias_field,
-            bias_degree=args.bias_degree,
-            bias_reg=args.bias_reg,
-            keep_posteriors=args.probabilities,
-            fit=fit,
-        )
-        names = [f.name for f in fields(cls) if f.name not in ("inputs", "segment")]
-        return cls(
-            inputs=tuple(args.inputs),
-            segment=segment,
-            **{name: getattr(args, name) for name in names},
-        )
+        """The configuration of parsed arguments: each option's value in its fields (OPTIONS)."""
+        values = {"run": {}, "segment": {}, "fit": {}}
+        for option in OPTIONS:
+            for target in option.fields:
+                owner, name = target.split(".")
+                values[owner][name] = getattr(args, option.name)
+        segment = SegmentOptions(**values["segment"], fit=FitOptions(**values["fit"]))
+        return cls(inputs=tuple(args.inputs), segment=segment, **values["run"])
 
     def output_notes(self):
         """Outputs asked for by --outputs that this run cannot write, one note each."""
@@ -6958,35 +7048,15 @@ class RunConfig:
 
     def settings(self):
         """Every option of the run, as the JSON records them (n_init as it was used)."""
-        segment, fit = self.segment, self.segment.fit
-        return dict(
-            components=self.components,
-            k_max=segment.k_max,
-            criterion=segment.criterion,
-            mode=self.mode,
-            covariance=fit.covariance_type,
-            max_iter=fit.max_iter,
-            tol=fit.tol,
-            n_init=fit.starts(choosing_k=self.components == "auto"),
-            init=fit.init,
-            seed=fit.random_state,
-            reg_covar=fit.reg_covar,
-            out=shown(self.out),
-            max_pixels=self.max_pixels,
-            shared=self.shared,
-            quantized=segment.quantized,
-            partial_volume=segment.partial_volume,
-            spatial=segment.spatial,
-            accelerate=fit.accelerate,
-            mask=shown(self.mask),
-            probabilities=self.probabilities,
-            bias_field=segment.bias_field,
-            bias_degree=segment.bias_degree,
-            bias_reg=segment.bias_reg,
-            brain=self.brain,
-            outputs=["json" if name == "model" else name for name in self.outputs],
-            model=None if self.model is None else shown(self.model),
-        ) | ({} if self.spacing is None else {"spacing": list(self.spacing)})
+        settings = {}
+        for option in OPTIONS:
+            value = option.value(self) if option.in_settings else None
+            if option.in_settings and not (option.optional and value is None):
+                settings[option.name] = value
+        return settings
+
+
+OPTION_OWNERS = {"run": RunConfig, "segment": SegmentOptions, "fit": FitOptions}  # Option.fields
 
 
 def _write_line(stream, text):
@@ -7761,13 +7831,6 @@ def _check_scheduler(spec, seconds):
     length, frames = struct.unpack("<QQ", head)
     if not (0 < frames <= 64 and 0 < length <= 1 << 20):
         raise UsageError(f"{where} (what answers there is not a Dask scheduler)")
-
-
-def _dask_spec(text):
-    """--dask's value: local, local:N (N >= 1) or a scheduler's address."""
-    if text.startswith("local:"):
-        _integer_at_least(1)(text.split(":", 1)[1])
-    return text
 
 
 def _cluster_module():

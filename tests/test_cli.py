@@ -309,6 +309,28 @@ def usage_error(argv, capsys):
     return err.strip()
 
 
+def test_every_option_is_one_row_of_the_table():
+    """OPTIONS is the one list of options: each row's fields exist in their dataclass, every
+    field of RunConfig is some option's, --brain's preset names options, and settings()
+    records the options marked for it, in the table's order, under their names."""
+    from dataclasses import fields
+
+    owners = {"run": seg.RunConfig, "segment": seg.SegmentOptions, "fit": seg.FitOptions}
+    names = [option.name for option in seg.OPTIONS]
+    flags = [flag for option in seg.OPTIONS for flag in option.flags]
+    assert len(set(names)) == len(names) and len(set(flags)) == len(flags)
+    targets = [target.split(".") for option in seg.OPTIONS for target in option.fields]
+    for owner, name in targets:
+        assert name in {f.name for f in fields(owners[owner])}, (owner, name)
+    run_fields = {f.name for f in fields(seg.RunConfig)} - {"inputs", "segment"}
+    assert run_fields == {name for owner, name in targets if owner == "run"}
+    assert {name for name, _ in seg.BRAIN_PRESET} <= set(names)
+    config = seg.parse_command_line(["a.png", "--spacing", "2,1,1"])
+    recorded = [option.name for option in seg.OPTIONS if option.in_settings]
+    assert list(config.settings()) == recorded
+    assert "spacing" not in seg.parse_command_line(["a.png"]).settings()
+
+
 def test_help_is_grouped_and_gives_examples(capsys):
     """--help: the options in groups a user looks for, names never broken at a hyphen, the
     examples, the formats and the combination rules in the epilog."""
