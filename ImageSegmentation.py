@@ -65,7 +65,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -4455,7 +4455,7 @@ class BiasState:
     def evaluation(self):
         return _bias_pass(self)
 
-    @property
+    @cached_property
     def objective(self):
         """The log-likelihood per pixel, less the field's penalty: a MAP fit's objective."""
         return self.evaluation[1] - self.penalty()
@@ -4592,11 +4592,19 @@ def _bias_mixture(moments, options, state):
     return mass / mass.sum(), means, scatter + options.reg_covar
 
 
+@cache
 def field_roughness(degree, dims=2):
     """R with c^T R c = the mean over the square [-1, 1]^2 of |grad t|^2, t = sum c_ab u^a v^b
     (the membrane energy of the log field), by Gauss-Legendre quadrature, exact for these
     polynomials; a volume's over the cube.  A constant field costs nothing, and any slope or
-    curve does."""
+    curve does.  Made once for each degree and dimension (every objective asks for it), and
+    read-only."""
+    roughness = _roughness(degree, dims)
+    roughness.flags.writeable = False
+    return roughness
+
+
+def _roughness(degree, dims):
     nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
     powers = np.vander(nodes, degree + 1, increasing=True)  # (n, D + 1): u^a at the nodes
     slopes = np.zeros_like(powers)
