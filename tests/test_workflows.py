@@ -453,3 +453,36 @@ def test_a_signal_while_the_program_loads_is_one_line(tmp_path, signum, status, 
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert (process.returncode, err, out) == (status, f"error: {line}\n", "")
+
+
+@pytest.mark.slow
+def test_a_batch_workers_image_starts_no_thread(tmp_path, rng):
+    """A batch's worker process runs its passes on one thread (N workers use N cores, not N
+    times the cores): segmenting a 1.2-megapixel image there, with the spatial prior or with
+    every output and the probability maps, starts no thread; in the main process the same
+    image's passes run on threads (so this check can fail)."""
+    import threading
+
+    from conftest import block_labels
+
+    labels = block_labels(1000, 1200, 3, rng)
+    pixels = mixture_image(labels, [[0.2], [0.5], [0.8]], np.full((3, 1, 1), 0.01), rng)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def threads_started(run_config):
+        started = []
+        threading.settrace(lambda *args: started.append(threading.current_thread().name))
+        try:
+            outcome = seg.segment_file(tmp_path / "big.png", "big", seg.Batch(run_config, {}))
+        finally:
+            threading.settrace(None)
+        assert outcome.error is None, outcome.error
+        return started
+
+    for options in (["--probabilities"], ["--spatial", "0.5"]):
+        config = seg.parse_command_line([str(tmp_path / "big.png"), *options, "--out", str(out)])
+        assert threads_started(seg._one_thread_a_worker(config)) == [], options
+        if (os.cpu_count() or 1) > 1:
+            assert threads_started(config), options
