@@ -145,6 +145,7 @@ BRAIN_PRESET = (
     ("components", 3),
     ("covariance", "tied"),
     ("partial_volume", True),
+    ("cortex_check", True),
     ("spatial", 0.5),
     ("bias_field", True),
     ("bias_reg", 1.0),
@@ -1624,9 +1625,15 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
 @dataclass(frozen=True, eq=False)
 class PartialVolume:
     """Which tissues each of G Gaussians mixes: fractions (G, T), each row summing to 1, the T
-    pure tissues first, in order.  tissue_of: the tissue with most of each Gaussian."""
+    pure tissues first, in order.  tissue_of: the tissue with most of each Gaussian.
+
+    held: tissues whose means the M-step keeps where they are; min_gap: the least distance
+    between the means of tissues adjacent in intensity order (one feature), kept by the
+    M-step.  Both constrain the refit of --cortex-check (cortex_refit); () and 0 otherwise."""
 
     fractions: np.ndarray
+    held: tuple = ()
+    min_gap: float = 0.0
 
     @property
     def n_tissues(self):
@@ -1687,12 +1694,49 @@ class PartialVolume:
         tissues = previous[: self.n_tissues]
         normal = (f * mass[:, None]).T @ f + EMPTY_COMPONENT * np.eye(self.n_tissues)
         right = f.T @ first + EMPTY_COMPONENT * tissues
-        return f @ np.linalg.solve(normal, right)
+        if not self.held and not self.min_gap:
+            return f @ np.linalg.solve(normal, right)
+        return f @ _constrained_tissue_means(normal, right, tissues, self.held, self.min_gap)
 
     def reordered(self, order):
         """The same structure with its tissues in the given order: (it, the Gaussians' order)."""
         rows = np.concatenate([order, np.arange(self.n_tissues, len(self.fractions))])
-        return PartialVolume(self.fractions[rows][:, order]), rows
+        position = np.argsort(order)  # where each tissue goes
+        held = tuple(sorted(int(position[t]) for t in self.held))
+        return replace(self, fractions=self.fractions[rows][:, order], held=held), rows
+
+
+def _constrained_tissue_means(normal, right, previous, held, min_gap):
+    """The tissues' means (T, D) minimising mu^T normal mu - 2 right^T mu (the weighted least
+    squares of PartialVolume.means) with the held tissues' means at previous and, for one
+    feature, every two neighbours at least min_gap apart.  A convex quadratic: its minimum
+    is the best of the feasible minima with each subset of the gaps active (equalities,
+    solved with their Lagrange multipliers), 2^(T-1) small systems."""
+    n_tissues, n_features = right.shape
+    if min_gap and n_features != 1:
+        raise ValueError("a least gap between tissues' means needs one feature")
+    equalities = [(np.eye(n_tissues)[t], previous[t]) for t in held]
+    best, best_value = None, np.inf
+    for active in itertools.product((False, True), repeat=(n_tissues - 1) * bool(min_gap)):
+        rows = equalities + [
+            (np.eye(n_tissues)[t + 1] - np.eye(n_tissues)[t], np.full(n_features, min_gap))
+            for t in np.flatnonzero(active)
+        ]
+        c = np.array([row for row, _ in rows]).reshape(len(rows), n_tissues)
+        e = np.array([value for _, value in rows]).reshape(len(rows), n_features)
+        system = np.block([[normal, c.T], [c, np.zeros((len(rows), len(rows)))]])
+        try:
+            means = np.linalg.solve(system, np.vstack([right, e]))[:n_tissues]
+        except np.linalg.LinAlgError:  # a held tissue's gap to a held neighbour: redundant
+            continue
+        if min_gap and np.any(np.diff(means[:, 0]) < min_gap * (1 - 1e-9)):
+            continue
+        value = float(np.sum(means * (normal @ means)) - 2 * np.sum(right * means))
+        if value < best_value:
+            best, best_value = means, value
+    if best is None:
+        raise FitFailed("the held tissues' means leave no room for the least gap between them")
+    return best
 
 
 MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
@@ -1989,10 +2033,15 @@ class GaussianMixtureFit:
 
 
 def _partial_volume_record(model):
-    """The model record's "partial_volume" key, for a partial-volume model only."""
-    if model.partial_volume is None:
+    """The model record's "partial_volume" key, for a partial-volume model only: its
+    fractions, and the constraints of a --cortex-check refit where there was one."""
+    pv = model.partial_volume
+    if pv is None:
         return {}
-    return {"partial_volume": {"fractions": model.partial_volume.fractions.tolist()}}
+    record = {"fractions": pv.fractions.tolist()}
+    if pv.held or pv.min_gap:
+        record |= {"held": list(pv.held), "min_gap": pv.min_gap}
+    return {"partial_volume": record}
 
 
 def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
@@ -2015,7 +2064,16 @@ def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
         raise ValueError("the partial volume's fractions are not shares of its tissues")
     if covariance_type != "tied" or top is not None:
         raise ValueError("a partial-volume model has one (tied) covariance and no bins")
-    return PartialVolume(fractions)
+    held, min_gap = value.get("held", []), value.get("min_gap", 0.0)
+    if (
+        not isinstance(held, list)
+        or not all(_is_integer(h) and 0 <= h < t for h in held)
+        or not isinstance(min_gap, (int, float))
+        or isinstance(min_gap, bool)
+        or not 0 <= min_gap < math.inf
+    ):
+        raise ValueError("the partial volume's held tissues or least gap are not valid")
+    return PartialVolume(fractions, tuple(sorted(set(map(int, held)))), float(min_gap))
 
 
 def log_density_blocks(model, data):
@@ -2444,14 +2502,95 @@ def _density_jacobian(data, fit, options):
     )
 
 
-def _partial_volume_fit(data, tissues, options, on_iteration=None):
+def _partial_volume_fit(data, tissues, options, on_iteration=None, cortex=None):
     """The partial-volume mixture of a tied mixture of its tissues (numbered by luminance): EM
-    from the tissues' means and covariance, every pure Gaussian and mixel weighted alike."""
+    from the tissues' means and covariance, every pure Gaussian and mixel weighted alike;
+    with grey matter's mean held at cortex where one is given (cortex_refit)."""
+    if cortex is not None:
+        return cortex_refit(data, tissues, cortex, options, on_iteration)
     pv = tissues_and_mixels(tissues.n_components)
+    return _pv_em(data, pv, tissues.means, tissues.covariances, options, on_iteration)
+
+
+def _pv_em(data, pv, tissue_means, covariance, options, on_iteration):
     n_gaussians = len(pv.fractions)
-    means = data.centred(pv.fractions @ tissues.means)
-    start = (np.full(n_gaussians, 1.0 / n_gaussians), means, tissues.covariances)
+    means = data.centred(pv.fractions @ tissue_means)
+    start = (np.full(n_gaussians, 1.0 / n_gaussians), means, covariance)
     return _density_em(data, start, options, on_iteration, partial_volume=pv)
+
+
+# --- the cortex check (--cortex-check, in --brain) ------------------------------------------
+# A slice that is mostly grey matter (the cerebellum, a temporal pole, a thick slab at the
+# bottom of the brain) has one broad peak and a bright shoulder: three tissues and their mixels
+# fit it best with white matter on grey matter's peak, grey matter on CSF's and CSF on the dark
+# rim, every label one tissue too bright.  Intensities alone cannot tell (the two fits' log-
+# likelihoods differ by hundredths of a nat a pixel); the anatomy can: just inside a skull-
+# stripped brain's surface lies the cortex.  Where the fit labels most of that surface, and
+# over CORTEX_WHITE_SHARE of the brain, white matter, the mixture is fitted again with grey
+# matter's mean held at the surface's commonest intensity and the tissues' means CORTEX_GAP of
+# it apart at least (docs/brain.md: chosen on seed 1 of the grid, reported on seed 2).
+
+CORTEX_TISSUE = 1  # grey matter, of CSF, grey and white matter
+CORTEX_DEPTH = (3, 6)  # pixels from the black outside: the cortex, inside the edge's mixes
+CORTEX_GAP = 0.14  # of the cortex's intensity: the least distance between tissues' means
+CORTEX_WHITE_SHARE = 0.6  # of the brain labelled white matter, over: no slice of the grid has
+CORTEX_MIN_PIXELS = 100  # fewer at that depth: no check
+
+
+def surface_ring(picture):
+    """(H, W) or (D, H, W) bool: the pixels inside the mask CORTEX_DEPTH steps (4-neighbour, 6
+    in a volume) from the black outside it, or from the array's edge."""
+    from scipy.ndimage import distance_transform_cdt
+
+    black_outside = np.pad(~picture.mask & (picture.codes == 0), 1, constant_values=True)
+    depth = distance_transform_cdt(~black_outside, metric="taxicab")
+    depth = depth[(slice(1, -1),) * depth.ndim]
+    low, high = CORTEX_DEPTH
+    return picture.mask & (depth >= low) & (depth <= high)
+
+
+def surface_intensity(picture):
+    """The commonest intensity (0..1) of the surface_ring, from its histogram on 256 levels
+    smoothed by a Gaussian of 8 levels; None with too few pixels there."""
+    from scipy.ndimage import gaussian_filter1d
+
+    ring = surface_ring(picture)
+    if np.count_nonzero(ring) < CORTEX_MIN_PIXELS:
+        return None
+    levels = np.rint(picture.codes[ring] * (255 / picture.scale)).astype(np.intp)
+    histogram = gaussian_filter1d(np.bincount(levels, minlength=256).astype(np.float64), 8)
+    return int(np.argmax(histogram)) / 255
+
+
+def cortex_slid(segmentation):
+    """Whether a masked gray three-tissue partial-volume fit looks one tissue too bright: over
+    CORTEX_WHITE_SHARE of the brain and most of its surface_ring labelled white matter."""
+    model, picture = segmentation.model, segmentation.picture
+    if (
+        model.partial_volume is None
+        or model.n_labels != 3
+        or model.means.shape[1] != 1
+        or picture.mask is None
+    ):
+        return False
+    counts = segmentation.label_counts
+    if not counts[2] > CORTEX_WHITE_SHARE * counts.sum():
+        return False
+    ring = surface_ring(picture)
+    if np.count_nonzero(ring) < CORTEX_MIN_PIXELS:
+        return False
+    return 2 * np.count_nonzero(segmentation.labels[ring] == 2) > np.count_nonzero(ring)
+
+
+def cortex_refit(data, tissues, cortex, options, on_iteration=None):
+    """The partial-volume mixture with grey matter's mean held at the cortex's intensity and
+    the neighbours' means CORTEX_GAP x cortex from each other at least (PartialVolume.held,
+    min_gap), from the tissues' means moved that far where they are nearer."""
+    gap = CORTEX_GAP * cortex
+    csf, _, white = tissues.means[:, 0]
+    means = np.array([min(csf, cortex - gap), cortex, max(white, cortex + gap)])
+    pv = replace(tissues_and_mixels(3), held=(CORTEX_TISSUE,), min_gap=gap)
+    return _pv_em(data, pv, means[:, None], tissues.covariances, options, on_iteration)
 
 
 def fit_gmm(
@@ -2802,12 +2941,13 @@ def fit_components(
     on_iteration=None,
     with_partial_volume=False,
     start=None,
+    cortex=None,
 ):
     """K components (at most one per distinct value), numbered by luminance.
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
     with_partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component
-    fit.
+    fit; cortex: its check (surface_intensity, or None).
     start: (weights, means, covariances, on the 0..1 scale) to start from instead of fresh
     starts (-k auto's split_start); a binned fit starts fresh.
     """
@@ -2818,7 +2958,7 @@ def fit_components(
     elif with_partial_volume:
         tissues = _fit_data(data, k, options)
         tissues = tissues.reordered(_luminance_order(tissues.means))
-        fit = _partial_volume_fit(data, tissues, options, on_iteration)
+        fit = _partial_volume_fit(data, tissues, options, on_iteration, cortex)
     elif start is not None:
         fit = _fit_data(data, k, options, given=start, on_iteration=on_iteration)
     else:
@@ -4711,7 +4851,14 @@ def _bias_coordinates(k):
 
 
 def _plain_bias_fit(
-    picture, image, field_model, options, on_iteration, fixed=None, with_partial_volume=False
+    picture,
+    image,
+    field_model,
+    options,
+    on_iteration,
+    fixed=None,
+    with_partial_volume=False,
+    cortex=None,
 ):
     """ECM of the mixture and the field from the plain mixture of the intensities (on their
     distinct values) and no field; with options.starts() > 1 from that many plain starts, keeping
@@ -4719,7 +4866,8 @@ def _plain_bias_fit(
     with_field): without the field, the run is the plain mixture's, a start for the spatial
     fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
     by --model): the start, and only the field is fitted.  with_partial_volume: the plain
-    mixture is the partial-volume model of its components (_partial_volume_fit)."""
+    mixture is the partial-volume model of its components (_partial_volume_fit, cortex its
+    check)."""
     n_components, degree, regularisation, with_field = field_model
     fitted = mixture_pixels(picture)
     codes = picture.codes if fitted is None else picture.codes[fitted]
@@ -4736,7 +4884,7 @@ def _plain_bias_fit(
             plain = _density_em(data, _fresh_start(data, k, options, rng), options)
             if with_partial_volume:
                 tissues = plain.reordered(_luminance_order(plain.means))
-                plain = _partial_volume_fit(data, tissues, options)
+                plain = _partial_volume_fit(data, tissues, options, cortex=cortex)
         k_fitted = plain.n_components
         state = BiasState(
             plain.weights,
@@ -4799,6 +4947,7 @@ def fit_bias_field(
     settings=SpatialSettings(),
     fixed=None,
     with_partial_volume=False,
+    cortex=None,
     on_iteration=None,
 ):
     """A Gaussian mixture of corrected intensities and a smooth multiplicative field, by ECM.
@@ -4806,7 +4955,7 @@ def fit_bias_field(
     fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
     only the field is fitted then.  with_partial_volume: n_components tissues and their
     mixels (section 5's partial volume); the labels are the tissues, the posteriors their
-    expected fractions.
+    expected fractions; cortex: the mixture's cortex check (surface_intensity, or None).
 
     degree: the field's polynomial degree; regularisation: lambda of the field's prior, a
     penalty (lambda / 2) c^T R c per pixel on its roughness (BiasState.penalty); 0 fits the
@@ -4825,7 +4974,7 @@ def fit_bias_field(
     image = bias_image(picture, options.passes)
     field_model = (n_components, degree, regularisation, not spatial_on(spatial))
     run = _plain_bias_fit(
-        picture, image, field_model, options, on_iteration, fixed, with_partial_volume
+        picture, image, field_model, options, on_iteration, fixed, with_partial_volume, cortex
     )
     state, record, spread, restarted = run.state, None, None, False
     if spatial_on(spatial):
@@ -4833,7 +4982,9 @@ def fit_bias_field(
         field_first = None  # the ECM of the field and the mixture, on a grid (_spatial_bias_fit)
         if state.partial_volume is not None and fixed is None:
             ecm = field_model[:3] + (True,)
-            field_first = partial(_plain_bias_fit, picture, field_model=ecm, options=options)
+            field_first = partial(
+                _plain_bias_fit, picture, field_model=ecm, options=options, cortex=cortex
+            )
         run, spatial_run, record, spread, restarted = _spatial_bias_fit(
             fit, run, field_first, on_iteration
         )
@@ -5197,7 +5348,9 @@ class SegmentOptions:
     bias_field: fit a multiplicative field of polynomial degree bias_degree with the mixture
     (section 6c; 8- and 16-bit gray images, a number of components, no shared model, not
     quantized).  partial_volume: K tissues and the mixels between them (PartialVolume; tied
-    covariance, a number of components, not quantized).  keep_posteriors: keep the per-pixel
+    covariance, a number of components, not quantized); cortex_check: its three tissues'
+    fit checked against the brain's surface, refitted where white matter took the cortex
+    (surface_intensity, cortex_refit; a masked gray image).  keep_posteriors: keep the per-pixel
     responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel; the plain
     model's come from the distinct values; a partial-volume model's: expected fractions).
     """
@@ -5206,6 +5359,7 @@ class SegmentOptions:
     criterion: str = "classes"
     quantized: bool = False
     partial_volume: bool = False
+    cortex_check: bool = False
     spatial: float = 0.0
     bias_field: bool = False
     bias_degree: int = 3
@@ -5322,17 +5476,20 @@ def fit_points(points, n_components, options=None, on_iteration=None, shares_of=
         return _fit_features(data, points, n_components, options, on_iteration, shares_of)
 
 
-def _fit_features(data, points, n_components, options, on_iteration, shares_of=None):
+def _fit_features(data, points, n_components, options, on_iteration, shares_of=None, cortex=None):
     """fit_points on the points' features, made once by the caller (they can be the largest
     array of a fit: ten float64 a distinct colour); shares_of: select_components' look at the
-    image, or None."""
+    image, or None; cortex: a partial-volume fit's cortex check (_cortex_of)."""
     top = gray_level_top(points) if options.quantized else None
 
     if options.partial_volume and n_components == "auto":
         raise ValueError("a partial-volume model needs a number of tissues (not 'auto')")
     if n_components != "auto":
         with_pv = options.partial_volume
-        return fit_components(data, n_components, options.fit, top, on_iteration, with_pv), None
+        fit = fit_components(
+            data, n_components, options.fit, top, on_iteration, with_pv, cortex=cortex
+        )
+        return fit, None
     k_max = min(options.k_max, _n_distinct(data))
 
     def fit_k(k, start=None, max_iter=None):
@@ -5405,16 +5562,29 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         inner = replace(picture, codes=picture.codes[box], mask=picture.mask[box])
         segmentation = _segment(inner, points, n_components, options, shared, on_iteration)
         return _uncropped(segmentation, picture, box)
+    segmentation = _segment_once(picture, points, n_components, options, shared, on_iteration)
+    if shared is None and options.cortex_check and cortex_slid(segmentation):
+        cortex = surface_intensity(picture)
+        segmentation = _segment_once(
+            picture, points, n_components, options, shared, on_iteration, cortex
+        )
+    return segmentation
+
+
+def _segment_once(picture, points, n_components, options, shared, on_iteration, cortex=None):
+    """_segment's fit and labels; cortex: grey matter's mean held there (cortex_refit)."""
     if options.bias_field:
         fixed = None if shared is None else shared.model
         segmentation = _segment_with_bias(
-            picture, points, n_components, options, on_iteration, fixed
+            picture, points, n_components, options, on_iteration, fixed, cortex
         )
         return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
         shares_of = region_shares_of(lambda: [(picture, points)], options.fit.passes)
-        model, search = _fit_features(data, points, n_components, options, on_iteration, shares_of)
+        model, search = _fit_features(
+            data, points, n_components, options, on_iteration, shares_of, cortex
+        )
     else:
         model, search = shared.model, shared.k_search
         if not model.log_likelihood:  # a model read from a file: how well it fits this image
@@ -5458,7 +5628,9 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
     )
 
 
-def _segment_with_bias(picture, points, n_components, options, on_iteration, fixed=None):
+def _segment_with_bias(
+    picture, points, n_components, options, on_iteration, fixed=None, cortex=None
+):
     if picture.kind != "gray" or points.mode != "gray":
         raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
     if not _is_integer(n_components):
@@ -5474,6 +5646,7 @@ def _segment_with_bias(picture, points, n_components, options, on_iteration, fix
         settings=options.spatial_settings,
         fixed=fixed,
         with_partial_volume=options.partial_volume,
+        cortex=cortex,
         on_iteration=staged(on_iteration, "bias field"),
     )
     return Segmentation(
@@ -6714,6 +6887,15 @@ OPTIONS = (
         dict(action=argparse.BooleanOptionalAction),
     ),
     Option(
+        "cortex_check",
+        ("--cortex-check",),
+        "brain",
+        ("segment.cortex_check",),
+        "with --partial-volume and a mask, three tissues: where the fit labels the brain's "
+        "surface (the cortex) white matter, fit again with grey matter held there",
+        dict(action=argparse.BooleanOptionalAction),
+    ),
+    Option(
         "spatial",
         ("--spatial",),
         "spatial",
@@ -7401,10 +7583,24 @@ def fit_notes(segmentation, quantized_asked, reg_covar):
     if empty:
         notes.append(empty_note(empty, segmentation))
     notes += cap_notes(segmentation)
+    notes += cortex_notes(segmentation)
     notes += field_notes(segmentation)
     if segmentation.k_search is not None and segmentation.shared is None:
         notes += k_search_notes(segmentation.k_search)
     return notes
+
+
+def cortex_notes(segmentation):
+    """A mixture fitted again by the cortex check (cortex_refit): its labels were one tissue
+    too bright, and grey matter's mean is where the surface put it, not where EM would."""
+    pv = segmentation.model.partial_volume
+    if pv is None or not pv.held or segmentation.saved_model:
+        return []
+    return [
+        "the first fit labelled the brain's surface (its cortex) white matter, every label one "
+        "tissue too bright (a slice mostly grey matter?): fitted again with grey matter's mean "
+        "held at the surface's commonest intensity (--cortex-check, docs/brain.md)"
+    ]
 
 
 def cap_notes(segmentation):
