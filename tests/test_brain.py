@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import biased_phantom, matched_accuracy, phantom, record_of, run, seg
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_cdt, gaussian_filter
 
 
 def trend_phantom(rng, shape=(120, 150), sd=0.07, cell=6):
@@ -444,3 +444,168 @@ def test_the_field_spread_is_its_percentiles_ratio(rng):
         sites = log_field[::stride, ::stride][inside[::stride, ::stride]]
         low, high = np.percentile(sites, [1, 99])
         assert seg.field_spread(state) == pytest.approx(np.exp(high - low), rel=1e-5)
+
+
+def grey_slice(seed, shape=(44, 56), cell=3):
+    """A small slice that is mostly grey matter, as the cerebellum's or a temporal pole's:
+    cells of CSF, grey and white matter (9, 85, 6 %) whose intensities are broad Gaussians
+    (sd 0.12, 0.10, 0.05 about 0.38, 0.70, 0.84), grey matter alone within 4 pixels of the
+    surface (the cortex), the outermost ring partly black (the edge's mix with the outside).
+    Returns the scan and its truth (1, 2, 3 inside the edge, 0 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    radius = ((rows - shape[0] / 2) / (0.46 * shape[0])) ** 2 + (
+        (cols - shape[1] / 2) / (0.46 * shape[1])
+    ) ** 2
+    brain = radius < 1
+    cells = rng.choice(3, p=(0.09, 0.85, 0.06), size=(-(-shape[0] // cell), -(-shape[1] // cell)))
+    tissue = np.kron(cells, np.ones((cell, cell), int))[: shape[0], : shape[1]]
+    depth = distance_transform_cdt(brain, metric="taxicab")
+    tissue[(depth <= 6) & (tissue == 2)] = 1
+    values = rng.normal(np.array([0.38, 0.70, 0.84])[tissue], np.array([0.12, 0.10, 0.05])[tissue])
+    edge = depth == 1
+    values[edge] *= rng.uniform(0.3, 0.8, size=np.count_nonzero(edge))
+    scan = np.where(brain, np.clip(np.rint(values * 255), 1, 255), 0).astype(np.uint8)
+    return scan, np.where(brain & ~edge, tissue + 1, 0)
+
+
+def _accuracy(labels, truth):
+    scored = truth > 0
+    return np.mean(labels[scored] == truth[scored])
+
+
+@pytest.mark.parametrize("seed", (2, 3, 5))
+def test_labels_slid_one_tissue_up_are_refitted_from_the_cortex(seed, tmp_path, capsys):
+    """On a slice that is mostly grey matter the three tissues' fit puts white matter on grey
+    matter's broad peak, grey on CSF's, CSF on the dark edge: without the check 65 to 89 % of
+    the brain is labelled white matter and 6 to 30 % is right.  The surface (the cortex) is
+    labelled white matter too, so --brain fits again with grey matter's mean held at the
+    surface's commonest intensity: 92 to 95 % right, a note and the model record say so."""
+    scan, truth = grey_slice(seed)
+    Image.fromarray(scan).save(tmp_path / "slice.png")
+    labels = {}
+    for flag in ("--no-cortex-check", "--cortex-check"):
+        out = tmp_path / flag
+        status, _, err = run([tmp_path / "slice.png", "--brain", flag, "--out", out], capsys)
+        assert status == 0, err
+        labels[flag] = np.asarray(Image.open(out / "slice_labels.png"))
+        record = record_of(out, "slice")
+        refitted = "fitted again with grey matter's mean held" in err
+        assert refitted == (flag == "--cortex-check"), err
+        assert any("(--cortex-check" in note for note in record["notes"]) == refitted
+        assert ("held" in record["partial_volume"]) == refitted
+    slid = labels["--no-cortex-check"]
+    assert np.mean(slid[truth > 0] == 3) > 0.6 and _accuracy(slid, truth) < 0.35
+    assert _accuracy(labels["--cortex-check"], truth) > 0.9
+    pv = record["partial_volume"]
+    assert pv["held"] == [1]
+    grey = record["means"][1][0]
+    assert pv["min_gap"] == pytest.approx(seg.CORTEX_GAP * grey, rel=0.02)  # held there: none moved
+    csf, _, white = (mean[0] for mean in record["means"][:3])
+    assert white - grey >= pv["min_gap"] * (1 - 1e-9) and grey - csf >= pv["min_gap"] * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("seed", (0, 1, 4))
+def test_the_cortex_check_leaves_a_fit_that_labels_the_surface_grey(seed):
+    """The same slices where the fit does not slide (80 to 86 % right, under 60 % white
+    matter): the check changes nothing, to the last bit."""
+    scan, truth = grey_slice(seed)
+    results = []
+    for flag in ("--no-cortex-check", "--cortex-check"):
+        config = seg.parse_command_line(["slice.png", "--brain", flag])
+        segmentation, notes = seg.segment_picture(
+            seg.picture_from_array(scan), seg.Batch(config, ())
+        )
+        assert not segmentation.model.partial_volume.held
+        results.append((seg.label_map(segmentation), segmentation.model.means))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_the_surface_ring_is_3_to_6_steps_inside_the_black_outside():
+    """surface_ring: inside the mask, 3 to 6 four-neighbour steps from the black outside (or
+    the array's edge); surface_intensity its smoothed histogram's peak."""
+    image = np.zeros((30, 30), np.uint8)
+    image[1:29, 1:29] = 150
+    image[10:20, 10:20] = 200  # deeper than 6 steps: not the surface
+    picture = seg.with_mask(seg.picture_from_array(image), image > 0)
+    ring = seg.surface_ring(picture)
+    expected = np.zeros_like(ring)
+    expected[3:27, 3:27] = True
+    expected[7:23, 7:23] = False
+    assert np.array_equal(ring, expected)
+    assert seg.surface_intensity(picture) == 150 / 255
+    image[0, 5:25] = 150  # the brain cut by the array's edge: depth from the edge too
+    ring = seg.surface_ring(seg.with_mask(seg.picture_from_array(image), image > 0))
+    assert not ring[0:2, 8:22].any() and ring[2:6, 8:22].all()
+
+
+def test_a_held_tissue_and_a_least_gap_are_the_constrained_least_squares():
+    """PartialVolume.means with held tissues and a least gap between neighbours is the minimum
+    of the weighted least squares under those constraints (checked against SLSQP), and is the
+    plain solution where the constraints are slack."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(7)
+    pv = seg.tissues_and_mixels(3)
+    for trial in range(20):
+        mass = rng.uniform(0.01, 1, len(pv.fractions))
+        means = np.sort(rng.uniform(-0.4, 0.4, 3))[:, None]
+        first = mass[:, None] * (pv.fractions @ means + rng.normal(0, 0.1, (len(mass), 1)))
+        previous = pv.fractions @ np.array([[-0.3], [0.05], [0.2]])
+        gap = rng.uniform(0.05, 0.3)
+        constrained = seg.replace(pv, held=(1,), min_gap=gap)
+        found = constrained.means(mass, first, previous)[:3, 0]
+        f = pv.fractions
+
+        def objective(mu):
+            return np.sum(mass * (f @ mu) ** 2) - 2 * np.sum(first[:, 0] * (f @ mu))
+
+        best = minimize(
+            objective,
+            np.array([-0.3 - gap, 0.05, 0.2 + gap]),
+            method="SLSQP",
+            constraints=[
+                {"type": "eq", "fun": lambda mu: mu[1] - 0.05},
+                {"type": "ineq", "fun": lambda mu: np.diff(mu) - gap},
+            ],
+            options={"ftol": 1e-14},
+        ).x
+        assert found[1] == pytest.approx(0.05, abs=1e-12) and np.all(
+            np.diff(found) >= gap * (1 - 1e-9)
+        )
+        assert found == pytest.approx(best, abs=1e-5)
+    slack = seg.replace(pv, min_gap=1e-6)
+    assert slack.means(mass, first, previous) == pytest.approx(pv.means(mass, first, previous))
+
+
+def test_a_cortex_refit_never_lowers_the_log_likelihood():
+    """The refit is EM with a constrained M-step (the exact maximiser over the means allowed):
+    its log-likelihood never decreases."""
+    scan, _ = grey_slice(5)
+    picture = seg.with_mask(seg.picture_from_array(scan), scan > 0)
+    points = seg.distinct_values(picture)
+    options = seg.SegmentOptions(
+        partial_volume=True, cortex_check=True, fit=seg.FitOptions(covariance_type="tied")
+    )
+    segmentation = seg.segment_points(picture, points, 3, options)
+    history = np.array(segmentation.model.log_likelihood)
+    assert segmentation.model.partial_volume.held == (1,)
+    assert np.all(np.diff(history) >= -1e-12 * np.abs(history[1:]))
+
+
+def test_a_saved_models_held_tissues_are_read_back_and_checked(tmp_path, capsys):
+    """A refitted model's record keeps its held tissue and least gap; read back by --model it is
+    the same PartialVolume; a held tissue that is not one of its tissues is refused."""
+    scan, _ = grey_slice(2)
+    Image.fromarray(scan).save(tmp_path / "slice.png")
+    status, _, err = run([tmp_path / "slice.png", "--brain", "--out", tmp_path / "fit"], capsys)
+    assert status == 0, err
+    record = record_of(tmp_path / "fit", "slice")
+    model = seg.GaussianMixtureFit.from_record(record)
+    assert model.partial_volume.held == (1,)
+    assert model.partial_volume.min_gap == record["partial_volume"]["min_gap"] > 0
+    bad = copy.deepcopy(record)
+    bad["partial_volume"]["held"] = [3]
+    with pytest.raises(ValueError, match="held tissues or least gap"):
+        seg.GaussianMixtureFit.from_record(bad)
