@@ -213,6 +213,69 @@ def _is_integer(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_real(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a setting takes, for the API's check (FitOptions, SegmentOptions) and the
+    command line's parsing (OPTIONS) alike: a finite number of kind (int or float) at least
+    minimum, or one of choices; also None (the default chosen later) or "auto" where allowed.
+    A dataclass field carries its Domain in its metadata (setting())."""
+
+    kind: type | None = None
+    minimum: float = 0
+    choices: tuple = ()
+    none: bool = False
+    auto: bool = False
+
+    def __contains__(self, value):
+        if value is None or isinstance(value, str) and value == "auto":
+            return value is None and self.none or value == "auto" and self.auto
+        if self.choices:
+            return isinstance(value, str) and value in self.choices
+        is_kind = _is_integer(value) if self.kind is int else _is_real(value)
+        return is_kind and math.isfinite(value) and value >= self.minimum
+
+    def describe(self):
+        if self.choices:
+            what = f"one of {', '.join(self.choices)}"
+        else:
+            kind = "an integer" if self.kind is int else "a finite number"
+            what = f"{kind} >= {self.minimum:g}"
+        return what + " or None" * self.none + ", or auto" * self.auto
+
+    def check(self, name, value):
+        """ValueError naming the setting, what it takes and what it got, unless value is in."""
+        if value not in self:
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+
+    def parse(self):
+        """How argparse reads it: choices=, or type= a parser of the number (and auto)."""
+        if self.choices:
+            return {"choices": self.choices}
+        parse = _number_at_least(self.kind, self.minimum)
+        if self.auto:
+            parse = _auto_or(parse, f"a number >= {self.minimum:g}")
+        return {"type": parse}
+
+
+def setting(default, domain):
+    """A dataclass field with its Domain, checked by check_settings."""
+    return field(default=default, metadata={"domain": domain})
+
+
+def check_settings(settings):
+    """ValueError for the first field of a settings dataclass outside its Domain."""
+    for item in fields(settings):
+        domain = item.metadata.get("domain")
+        if domain is not None:
+            domain.check(item.name, getattr(settings, item.name))
+
+
 # ----------------------------------------------------------------------------
 # 2. Reading an image
 # ----------------------------------------------------------------------------
@@ -2113,49 +2176,21 @@ class FitOptions:
     scikit-learn.
     """
 
-    covariance_type: str = "full"
-    max_iter: int = 1000
-    tol: float = 1e-8
-    reg_covar: float = 1e-6
-    n_init: int | None = None  # starts kept the best of; None: starts(), 1 or AUTO_N_INIT
-    init: str = "kmeans++"
-    random_state: int | None = 0
-    accelerate: str = "squarem"
-    subsample_above: int = 1 << 19  # more distinct values: start on draws of pixels
+    covariance_type: str = setting("full", Domain(choices=COVARIANCE_TYPES))
+    max_iter: int = setting(1000, Domain(int, 1))
+    tol: float = setting(1e-8, Domain(float))
+    reg_covar: float = setting(1e-6, Domain(float))
+    # starts kept the best of; None: starts(), 1 or AUTO_N_INIT
+    n_init: int | None = setting(None, Domain(int, 1, none=True))
+    init: str = setting("kmeans++", Domain(choices=INIT_METHODS))
+    random_state: int | None = setting(0, Domain(int, 0, none=True))
+    accelerate: str = setting("squarem", Domain(choices=ACCELERATIONS))
+    # more distinct values: start on draws of pixels
+    subsample_above: int = setting(1 << 19, Domain(int, 0))
     passes: Passes = Passes()  # how per-pixel passes run (threads); never changes a result
 
     def __post_init__(self):
-        def choice(name, allowed):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-
-        choice("covariance_type", COVARIANCE_TYPES)
-        choice("init", INIT_METHODS)
-        choice("accelerate", ACCELERATIONS)
-        if not _is_integer(self.subsample_above) or self.subsample_above < 0:
-            raise ValueError(
-                f"subsample_above must be an integer >= 0, got {self.subsample_above!r}"
-            )
-        counts = ("max_iter",) if self.n_init is None else ("max_iter", "n_init")  # None: starts()
-        for name in counts:
-            if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("tol", "reg_covar"):
-            if not (
-                isinstance(getattr(self, name), (int, float))
-                and 0 <= getattr(self, name) < math.inf
-            ):
-                raise ValueError(
-                    f"{name} must be a finite number >= 0, got {getattr(self, name)!r}"
-                )
-        if self.random_state is not None and not (
-            _is_integer(self.random_state) and self.random_state >= 0
-        ):
-            raise ValueError(
-                f"random_state must be an integer >= 0 or None, got {self.random_state!r}"
-            )
+        check_settings(self)
 
     def starts(self, choosing_k=False):
         """How many starts a fit keeps the best of: n_init, else 1, or AUTO_N_INIT for each K
@@ -5355,22 +5390,21 @@ class SegmentOptions:
     model's come from the distinct values; a partial-volume model's: expected fractions).
     """
 
-    k_max: int = 10
-    criterion: str = "classes"
+    k_max: int = setting(10, Domain(int, 1))
+    criterion: str = setting("classes", Domain(choices=K_CRITERIA))
     quantized: bool = False
     partial_volume: bool = False
     cortex_check: bool = False
-    spatial: float = 0.0
+    spatial: float = setting(0.0, Domain(float, auto=True))
     bias_field: bool = False
-    bias_degree: int = 3
-    bias_reg: float = 1.0
+    bias_degree: int = setting(3, Domain(int, 1))
+    bias_reg: float = setting(1.0, Domain(float))
     keep_posteriors: bool = False
     spatial_settings: SpatialSettings = SpatialSettings()
     fit: FitOptions = FitOptions()
 
     def __post_init__(self):
-        if self.criterion not in K_CRITERIA:
-            raise ValueError(f"criterion must be one of {K_CRITERIA}, got {self.criterion!r}")
+        check_settings(self)
         for option, other, clashes, why in OPTION_CLASHES:
             if getattr(self, option) and clashes(self):
                 value = getattr(self.fit if other in FIT_FIELDS else self, other)
@@ -6569,10 +6603,6 @@ def _integer_at_least(minimum):
     return _number_at_least(int, minimum)
 
 
-def _float_at_least(minimum):
-    return _number_at_least(float, minimum)
-
-
 def _auto_or(parse, what):
     """An argparse type: "auto", or what parse accepts; refused naming both."""
 
@@ -6588,7 +6618,6 @@ def _auto_or(parse, what):
 
 
 _components = _auto_or(_integer_at_least(1), "a whole number >= 1")
-_beta = _auto_or(_float_at_least(0), "a number >= 0")
 
 
 def _spacing(text):
@@ -6721,6 +6750,18 @@ class Option:
         owner, name = self.fields[0].split(".")
         return getattr(OPTION_OWNERS[owner], name)
 
+    @property
+    def domain(self):
+        """The Domain its first field declares (None: parse says how argparse reads it)."""
+        owner, name = self.fields[0].split(".")
+        item = next(f for f in fields(OPTION_OWNERS[owner]) if f.name == name)
+        return item.metadata.get("domain")
+
+    @property
+    def argparse_kwargs(self):
+        """How argparse reads it: its field's Domain (type or choices), then parse."""
+        return ({} if self.domain is None else self.domain.parse()) | self.parse
+
     def value(self, config):
         """The value the JSON's settings record for a run's configuration (a RunConfig)."""
         if self.recorded is not None:
@@ -6761,7 +6802,7 @@ OPTIONS = (
         "model",
         ("segment.k_max",),
         "the largest K that -k auto tries (default %(default)s)",
-        dict(type=_integer_at_least(1), metavar="N"),
+        dict(metavar="N"),
     ),
     Option(
         "criterion",
@@ -6771,7 +6812,6 @@ OPTIONS = (
         "how -k auto chooses K: classes, the best BIC among fits whose every class fills "
         "regions (not a blurred edge, not one clipped value); bic or icl alone (default "
         "%(default)s)",
-        dict(choices=K_CRITERIA),
     ),
     Option(
         "mode",
@@ -6788,7 +6828,6 @@ OPTIONS = (
         "model",
         ("fit.covariance_type",),
         "the shape of each class's spread, as scikit-learn names them (default %(default)s)",
-        dict(choices=COVARIANCE_TYPES),
     ),
     Option(
         "max_iter",
@@ -6796,7 +6835,7 @@ OPTIONS = (
         "model",
         ("fit.max_iter",),
         "at most N EM iterations (default %(default)s)",
-        dict(type=_integer_at_least(1), metavar="N"),
+        dict(metavar="N"),
     ),
     Option(
         "tol",
@@ -6805,7 +6844,7 @@ OPTIONS = (
         ("fit.tol",),
         "stop when the log-likelihood per pixel is within T of its limit (default "
         "%(default)s; 0 runs all --max-iter iterations)",
-        dict(type=_float_at_least(0), metavar="T"),
+        dict(metavar="T"),
     ),
     Option(
         "n_init",
@@ -6814,7 +6853,7 @@ OPTIONS = (
         ("fit.n_init",),
         f"fit from N starts and keep the best (default {FitOptions().starts()}; "
         f"{FitOptions().starts(choosing_k=True)} for each K with -k auto)",
-        dict(type=_integer_at_least(1), metavar="N"),
+        dict(metavar="N"),
         recorded=lambda config: config.segment.fit.starts(choosing_k=config.components == "auto"),
     ),
     Option(
@@ -6823,7 +6862,6 @@ OPTIONS = (
         "model",
         ("fit.init",),
         "how the starts are drawn (default %(default)s)",
-        dict(choices=INIT_METHODS),
     ),
     Option(
         "seed",
@@ -6831,7 +6869,7 @@ OPTIONS = (
         "model",
         ("fit.random_state",),
         "random seed: the same command writes the same images (default %(default)s)",
-        dict(type=_integer_at_least(0), metavar="S"),
+        dict(metavar="S"),
     ),
     Option(
         "reg_covar",
@@ -6840,7 +6878,7 @@ OPTIONS = (
         ("fit.reg_covar",),
         "the smallest spread a class may have, added to every variance as scikit-learn "
         "does (default %(default)s)",
-        dict(type=_float_at_least(0), metavar="R"),
+        dict(metavar="R"),
     ),
     Option(
         "out",
@@ -6902,7 +6940,7 @@ OPTIONS = (
         ("segment.spatial",),
         "how strongly neighbouring pixels share a label (a Potts prior): 0 off (the "
         "default), 0.5 moderate, 1 strong, auto: estimated from the image",
-        dict(type=_beta, metavar="BETA"),
+        dict(metavar="BETA"),
     ),
     Option(
         "accelerate",
@@ -6911,7 +6949,6 @@ OPTIONS = (
         ("fit.accelerate",),
         "squarem: fewer, longer steps to the same maximum; none: plain EM steps "
         "(default %(default)s)",
-        dict(choices=ACCELERATIONS),
     ),
     Option(
         "mask",
@@ -6947,7 +6984,7 @@ OPTIONS = (
         "brain",
         ("segment.bias_degree",),
         "the field's polynomial degree: higher follows faster variation (default %(default)s)",
-        dict(type=_integer_at_least(1), metavar="N"),
+        dict(metavar="N"),
     ),
     Option(
         "bias_reg",
@@ -6956,7 +6993,7 @@ OPTIONS = (
         ("segment.bias_reg",),
         "how smooth the field must be, as SPM's bias regularisation; 0: no constraint "
         "(default %(default)s)",
-        dict(type=_float_at_least(0), metavar="LAMBDA"),
+        dict(metavar="LAMBDA"),
     ),
     Option(
         "brain",
@@ -7072,7 +7109,7 @@ def build_parser():
                 dest=option.name,
                 default=option.default,
                 help=option.help,
-                **option.parse,
+                **option.argparse_kwargs,
             )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

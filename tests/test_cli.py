@@ -331,6 +331,42 @@ def test_every_option_is_one_row_of_the_table():
     assert "spacing" not in seg.parse_command_line(["a.png"]).settings()
 
 
+def _outside(domain):
+    """Values a Domain refuses, as the command line types them and as the API gets them."""
+    if domain.choices:
+        return [("often", "often")]
+    below = domain.minimum - 1
+    values = [(str(below), domain.kind(below)), ("nan", float("nan"))]
+    return values + ([("1.5", 1.5)] if domain.kind is int else [])
+
+
+def test_the_command_line_and_the_api_refuse_the_same_values(capsys):
+    """Each setting's Domain (on its dataclass field) is the one rule: every option with one is
+    refused by the command line (usage error, exit 2) and by FitOptions / SegmentOptions (a
+    ValueError naming it) for the same values, and both take its default; every number or
+    choice of the API's settings has a Domain."""
+    from dataclasses import fields
+
+    owners = {"segment": seg.SegmentOptions, "fit": seg.FitOptions}
+    checked = 0
+    for option in seg.OPTIONS:
+        owner, name = option.fields[0].split(".")
+        if option.domain is None:
+            continue
+        checked += 1
+        assert option.default in option.domain
+        for typed, value in _outside(option.domain):
+            err = usage_error(["a.png", f"{option.flags[-1]}={typed}"], capsys)
+            assert f"argument {option.flags[-1]}" in err, (option.name, err)
+            with pytest.raises(ValueError, match=f"{name} must be "):
+                owners[owner](**{name: value})
+    assert checked == 13
+    for owner in owners.values():
+        for item in fields(owner):
+            if item.type in ("int", "float", "str", "int | None"):
+                assert "domain" in item.metadata, (owner.__name__, item.name)
+
+
 def test_help_is_grouped_and_gives_examples(capsys):
     """--help: the options in groups a user looks for, names never broken at a hyphen, the
     examples, the formats and the combination rules in the epilog."""
