@@ -5443,6 +5443,20 @@ OPTION_CLASHES = (
     ),
 )
 FIT_FIELDS = frozenset(f.name for f in fields(FitOptions))
+# (an option of SegmentOptions, why it needs a number of components): refused with
+# n_components="auto" by the API and with -k auto by the command line (check_components).
+NEEDS_A_NUMBER_OF_COMPONENTS = (
+    ("partial_volume", "give the number of tissues"),
+    ("bias_field", "choose K without the field first"),
+)
+
+
+def check_components(n_components, options):
+    """OptionClash where n_components "auto" meets an option that needs a number of them."""
+    if isinstance(n_components, str) and n_components == "auto":
+        for option, why in NEEDS_A_NUMBER_OF_COMPONENTS:
+            if getattr(options, option):
+                raise OptionClash(option, "n_components", "auto", why)
 
 
 def segment_options(options=None, **overrides):
@@ -5504,6 +5518,7 @@ def fit_points(points, n_components, options=None, on_iteration=None, shares_of=
     integer gray levels as bins (section 5b), ignored for any other values.
     """
     options = segment_options(options, **overrides)
+    check_components(n_components, options)
     data = _PointFeatures(points.values, points.weights, points.scale)
     with options.fit.passes.opened() as passes:  # the E-step's threads, started once
         options = replace(options, fit=replace(options.fit, passes=passes))
@@ -5513,11 +5528,8 @@ def fit_points(points, n_components, options=None, on_iteration=None, shares_of=
 def _fit_features(data, points, n_components, options, on_iteration, shares_of=None, cortex=None):
     """fit_points on the points' features, made once by the caller (they can be the largest
     array of a fit: ten float64 a distinct colour); shares_of: select_components' look at the
-    image, or None; cortex: a partial-volume fit's cortex check (_cortex_of)."""
+    image, or None; cortex: grey matter's mean held there (cortex_refit), or None."""
     top = gray_level_top(points) if options.quantized else None
-
-    if options.partial_volume and n_components == "auto":
-        raise ValueError("a partial-volume model needs a number of tissues (not 'auto')")
     if n_components != "auto":
         with_pv = options.partial_volume
         fit = fit_components(
@@ -5585,6 +5597,7 @@ def segment_points(
     smooths the labels: the model is the batch's.
     """
     options = segment_options(options, **overrides)
+    check_components(n_components, options)
     with options.fit.passes.opened() as passes:
         options = replace(options, fit=replace(options.fit, passes=passes))
         return _segment(picture, points, n_components, options, shared, on_iteration)
@@ -5667,8 +5680,6 @@ def _segment_with_bias(
 ):
     if picture.kind != "gray" or points.mode != "gray":
         raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
-    if not _is_integer(n_components):
-        raise ValueError("a bias field needs a number of components (not 'auto')")
     model, field, labels, record, q = fit_bias_field(
         picture,
         n_components,
@@ -7118,8 +7129,8 @@ def build_parser():
 def parse_command_line(argv=None):
     """The RunConfig of a command line.  --brain's preset sets defaults: an option the user
     typed wins wherever it stands, and with --model the preset's K gives way to the model's.
-    Options that SegmentOptions refuses together (OPTION_CLASHES) raise a UsageError in the
-    command line's words."""
+    Options that SegmentOptions refuses together (OPTION_CLASHES), or with -k auto
+    (check_components), raise a UsageError in the command line's words."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.brain:
@@ -7128,7 +7139,9 @@ def parse_command_line(argv=None):
             if name not in typed and not (name == "components" and args.model is not None):
                 setattr(args, name, value)
     try:
-        return RunConfig.from_arguments(args)
+        config = RunConfig.from_arguments(args)
+        check_components(config.components, config.segment)
+        return config
     except OptionClash as clash:  # SegmentOptions' own check, in the command line's words
         value = clash.value if clash.value is not True else ""
         other = f"{_flag_of(clash.other)} {value}".rstrip()
@@ -7137,10 +7150,12 @@ def parse_command_line(argv=None):
 
 
 def _flag_of(name):
-    """The command line's flag for a field of SegmentOptions or FitOptions (OPTION_CLASHES)."""
+    """The command line's flag for a field of SegmentOptions or FitOptions, or for the API's
+    n_components (OPTION_CLASHES, check_components): its first."""
+    name = "components" if name == "n_components" else name
     for option in OPTIONS:
         if any(target.split(".")[1] == name for target in option.fields):
-            return option.flags[-1]
+            return option.flags[0]
     raise KeyError(name)
 
 
@@ -8281,7 +8296,7 @@ def main(argv=None):
 
 def check_combinations(config):
     """Options of the run that cannot work together: bad usage, before any work (those of
-    SegmentOptions alone are its own check, OPTION_CLASHES)."""
+    SegmentOptions alone are its own check, OPTION_CLASHES, and with -k check_components)."""
     if config.dask is not None:
         for clash, why in (
             (config.jobs is not None, "--jobs: the cluster's workers do the work"),
@@ -8296,17 +8311,10 @@ def check_combinations(config):
         ):
             if clash:
                 raise UsageError(f"usage: --model does not combine with {why}")
-    if config.segment.partial_volume and config.components == "auto":
+    if config.segment.bias_field and config.shared:
         raise UsageError(
-            "usage: --partial-volume does not combine with -k auto: give the number of tissues"
+            "usage: --bias-field does not combine with --shared: every image has its own field"
         )
-    if config.segment.bias_field:
-        for clash, why in (
-            (config.components == "auto", "-k auto: choose K without the field first"),
-            (config.shared, "--shared: every image has its own field"),
-        ):
-            if clash:
-                raise UsageError(f"usage: --bias-field does not combine with {why}")
 
 
 def _one_thread_a_worker(config):

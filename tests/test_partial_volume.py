@@ -205,6 +205,28 @@ def test_partial_volume_usage_errors(tmp_path, capsys, options, why):
 
 
 @pytest.mark.parametrize(
+    "overrides, flag, why",
+    [
+        (dict(partial_volume=True, covariance_type="tied"), "--partial-volume", "of tissues"),
+        (dict(bias_field=True), "--bias-field", "without the field first"),
+    ],
+)
+def test_a_number_of_components_is_asked_for_alike_by_the_api_and_the_command_line(
+    tmp_path, capsys, overrides, flag, why
+):
+    """n_components "auto" with partial volume or a bias field: one rule (check_components)
+    refuses it in the API (an OptionClash naming n_components) and as -k auto on the command
+    line (a usage error, before any image is read)."""
+    image, _, _ = blurred_cells(np.random.default_rng(0), shape=(20, 20))
+    with pytest.raises(seg.OptionClash, match=f"n_components='auto': .*{why}"):
+        seg.segment_image(image, "auto", **overrides)
+    extra = ["--covariance", "tied"] if flag == "--partial-volume" else []
+    status, out, err = run([tmp_path / "missing.png", flag, *extra, "-k", "auto"], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"error: usage: {flag} does not combine with -k auto: ") and why in err
+
+
+@pytest.mark.parametrize(
     "overrides, message",
     [
         (
