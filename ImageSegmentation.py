@@ -7650,8 +7650,8 @@ def cortex_notes(segmentation):
         return []
     return [
         "the first fit labelled the brain's surface (its cortex) white matter, every label one "
-        "tissue too bright (a slice mostly grey matter?): fitted again with grey matter's mean "
-        "held at the surface's commonest intensity (--cortex-check, docs/brain.md)"
+        "tissue too bright (a slice or slab mostly grey matter?): fitted again with grey "
+        "matter's mean held at the surface's commonest intensity (--cortex-check, docs/brain.md)"
     ]
 
 
