@@ -322,31 +322,41 @@ def test_the_brains_black_edge_does_not_take_csf(seed):
     assert np.all(labels[image > 0] > 0)  # the edge is labelled too
 
 
+def stripped(image):
+    """A picture masked to its nonzero pixels, as --mask nonzero makes it."""
+    return seg.with_mask(seg.picture_from_array(image), image > 0)
+
+
+def frame(shape, box, width):
+    """(shape) bool: the rectangle box = (top, bottom, left, right) less its inside width in."""
+    top, bottom, left, right = box
+    out = np.zeros(shape, bool)
+    out[top:bottom, left:right] = True
+    out[top + width : bottom - width, left + width : right - width] = False
+    return out
+
+
 def test_the_black_edge_is_the_inside_next_to_black_outside():
     """black_edge: pixels inside the mask with a 4-neighbour (6 in a volume) outside it that is
     black; none where the outside is not black (a mask file on an unstripped scan); the mixture
     is fitted inside the edge unless that leaves under half the pixels."""
     image = np.zeros((7, 9), np.uint8)
     image[1:6, 2:8] = 100
-    picture = seg.with_mask(seg.picture_from_array(image), image > 0)
-    edge = seg.black_edge(picture)
-    expected = np.zeros_like(edge)
-    expected[1:6, 2:8] = True
-    expected[2:5, 3:7] = False
-    assert np.array_equal(edge, expected)
+    picture = stripped(image)
+    assert np.array_equal(seg.black_edge(picture), frame(image.shape, (1, 6, 2, 8), 1))
     assert np.array_equal(seg.mixture_pixels(picture), image > 0)  # 12 of 30: under half
     large = np.pad(np.full((40, 40), 100, np.uint8), 1)
-    picture = seg.with_mask(seg.picture_from_array(large), large > 0)
+    picture = stripped(large)
     assert np.array_equal(seg.mixture_pixels(picture), np.pad(np.ones((38, 38), bool), 2))
     assert seg.mixture_pixels(seg.picture_from_array(large)) is None  # no mask: every pixel
     image[image == 0] = 7  # the outside not black: the mask's edge is no mix with black
     assert not seg.black_edge(seg.with_mask(seg.picture_from_array(image), image == 100)).any()
     volume = np.zeros((5, 6, 6), np.uint8)
     volume[1:4, 1:5, 1:5] = 50
-    stripped = seg.with_mask(seg.picture_from_volume(volume), volume > 0)
-    edge = seg.black_edge(stripped)
+    brain = seg.with_mask(seg.picture_from_volume(volume), volume > 0)
+    edge = seg.black_edge(brain)
     assert edge.sum() == 48 - 4 and not edge[2, 2:4, 2:4].any()  # the middle slice's core
-    assert np.array_equal(seg.mixture_pixels(stripped), volume > 0)
+    assert np.array_equal(seg.mixture_pixels(brain), volume > 0)
 
 
 def strong_field_scan(seed, ratio, shape=(120, 150)):
@@ -545,15 +555,11 @@ def test_the_surface_ring_is_3_to_6_steps_inside_the_black_outside():
     image = np.zeros((30, 30), np.uint8)
     image[1:29, 1:29] = 150
     image[10:20, 10:20] = 200  # deeper than 6 steps: not the surface
-    picture = seg.with_mask(seg.picture_from_array(image), image > 0)
-    ring = seg.surface_ring(picture)
-    expected = np.zeros_like(ring)
-    expected[3:27, 3:27] = True
-    expected[7:23, 7:23] = False
-    assert np.array_equal(ring, expected)
+    picture = stripped(image)
+    assert np.array_equal(seg.surface_ring(picture), frame(image.shape, (3, 27, 3, 27), 4))
     assert seg.surface_intensity(picture) == 150 / 255
     image[0, 5:25] = 150  # the brain cut by the array's edge: depth from the edge too
-    ring = seg.surface_ring(seg.with_mask(seg.picture_from_array(image), image > 0))
+    ring = seg.surface_ring(stripped(image))
     assert not ring[0:2, 8:22].any() and ring[2:6, 8:22].all()
 
 
@@ -600,7 +606,7 @@ def test_a_cortex_refit_never_lowers_the_log_likelihood():
     """The refit is EM with a constrained M-step (the exact maximiser over the means allowed):
     its log-likelihood never decreases."""
     scan, _ = grey_slice(5)
-    picture = seg.with_mask(seg.picture_from_array(scan), scan > 0)
+    picture = stripped(scan)
     points = seg.distinct_values(picture)
     options = seg.SegmentOptions(
         partial_volume=True, cortex_check=True, fit=seg.FitOptions(covariance_type="tied")
