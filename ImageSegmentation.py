@@ -2584,12 +2584,12 @@ def surface_ring(picture):
     return picture.mask & (depth >= low) & (depth <= high)
 
 
-def surface_intensity(picture):
-    """The commonest intensity (0..1) of the surface_ring, from its histogram on 256 levels
-    smoothed by a Gaussian of 8 levels; None with too few pixels there."""
+def surface_intensity(picture, ring=None):
+    """The commonest intensity (0..1) of the surface_ring (or of ring), from its histogram on
+    256 levels smoothed by a Gaussian of 8 levels; None with too few pixels there."""
     from scipy.ndimage import gaussian_filter1d
 
-    ring = surface_ring(picture)
+    ring = surface_ring(picture) if ring is None else ring
     if np.count_nonzero(ring) < CORTEX_MIN_PIXELS:
         return None
     levels = np.rint(picture.codes[ring] * (255 / picture.scale)).astype(np.intp)
@@ -2597,9 +2597,10 @@ def surface_intensity(picture):
     return int(np.argmax(histogram)) / 255
 
 
-def cortex_slid(segmentation):
-    """Whether a masked gray three-tissue partial-volume fit looks one tissue too bright: over
-    CORTEX_WHITE_SHARE of the brain and most of its surface_ring labelled white matter."""
+def cortex_to_hold(segmentation):
+    """Where a masked gray three-tissue partial-volume fit looks one tissue too bright (over
+    CORTEX_WHITE_SHARE of the brain and most of its surface_ring labelled white matter): the
+    surface's intensity to hold grey matter at (cortex_refit); else None."""
     model, picture = segmentation.model, segmentation.picture
     if (
         model.partial_volume is None
@@ -2607,14 +2608,14 @@ def cortex_slid(segmentation):
         or model.means.shape[1] != 1
         or picture.mask is None
     ):
-        return False
+        return None
     counts = segmentation.label_counts
     if not counts[2] > CORTEX_WHITE_SHARE * counts.sum():
-        return False
+        return None
     ring = surface_ring(picture)
-    if np.count_nonzero(ring) < CORTEX_MIN_PIXELS:
-        return False
-    return 2 * np.count_nonzero(segmentation.labels[ring] == 2) > np.count_nonzero(ring)
+    if not 2 * np.count_nonzero(segmentation.labels[ring] == 2) > np.count_nonzero(ring):
+        return None
+    return surface_intensity(picture, ring)
 
 
 def cortex_refit(data, tissues, cortex, options, on_iteration=None):
@@ -2982,7 +2983,7 @@ def fit_components(
 
     quantized_top: fit gray levels 0..quantized_top as bins (fit_quantized_gmm) instead of points.
     with_partial_volume: K tissues and their mixels (_partial_volume_fit), from the K-component
-    fit; cortex: its check (surface_intensity, or None).
+    fit; cortex: grey matter's mean held there (cortex_refit), or None.
     start: (weights, means, covariances, on the 0..1 scale) to start from instead of fresh
     starts (-k auto's split_start); a binned fit starts fresh.
     """
@@ -4901,8 +4902,8 @@ def _plain_bias_fit(
     with_field): without the field, the run is the plain mixture's, a start for the spatial
     fit, which fits the field itself.  fixed: a mixture of corrected intensities to keep (read
     by --model): the start, and only the field is fitted.  with_partial_volume: the plain
-    mixture is the partial-volume model of its components (_partial_volume_fit, cortex its
-    check)."""
+    mixture is the partial-volume model of its components (_partial_volume_fit; cortex:
+    grey matter's mean held there)."""
     n_components, degree, regularisation, with_field = field_model
     fitted = mixture_pixels(picture)
     codes = picture.codes if fitted is None else picture.codes[fitted]
@@ -4990,7 +4991,7 @@ def fit_bias_field(
     fixed: a fitted 1-D mixture of corrected intensities to keep (a model read by --model);
     only the field is fitted then.  with_partial_volume: n_components tissues and their
     mixels (section 5's partial volume); the labels are the tissues, the posteriors their
-    expected fractions; cortex: the mixture's cortex check (surface_intensity, or None).
+    expected fractions; cortex: grey matter's mean held there (cortex_refit), or None.
 
     degree: the field's polynomial degree; regularisation: lambda of the field's prior, a
     penalty (lambda / 2) c^T R c per pixel on its roughness (BiasState.penalty); 0 fits the
@@ -5610,8 +5611,8 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         segmentation = _segment(inner, points, n_components, options, shared, on_iteration)
         return _uncropped(segmentation, picture, box)
     segmentation = _segment_once(picture, points, n_components, options, shared, on_iteration)
-    if shared is None and options.cortex_check and cortex_slid(segmentation):
-        cortex = surface_intensity(picture)
+    cortex = cortex_to_hold(segmentation) if shared is None and options.cortex_check else None
+    if cortex is not None:
         segmentation = _segment_once(
             picture, points, n_components, options, shared, on_iteration, cortex
         )
