@@ -5386,7 +5386,7 @@ class SegmentOptions:
     quantized).  partial_volume: K tissues and the mixels between them (PartialVolume; tied
     covariance, a number of components, not quantized); cortex_check: its three tissues'
     fit checked against the brain's surface, refitted where white matter took the cortex
-    (surface_intensity, cortex_refit; a masked gray image).  keep_posteriors: keep the per-pixel
+    (cortex_to_hold, cortex_refit; a masked gray image).  keep_posteriors: keep the per-pixel
     responsibilities of a spatial or bias fit for posterior_maps (K float32 a pixel; the plain
     model's come from the distinct values; a partial-volume model's: expected fractions).
     """
@@ -6772,7 +6772,8 @@ class Option:
     @property
     def argparse_kwargs(self):
         """How argparse reads it: its field's Domain (type or choices), then parse."""
-        return ({} if self.domain is None else self.domain.parse()) | self.parse
+        domain = self.domain
+        return ({} if domain is None else domain.parse()) | self.parse
 
     def value(self, config):
         """The value the JSON's settings record for a run's configuration (a RunConfig)."""
