@@ -5681,7 +5681,7 @@ def _segment_with_bias(
 ):
     if picture.kind != "gray" or points.mode != "gray":
         raise ValueError("a bias field is fitted to 8- and 16-bit gray images only")
-    model, field, labels, record, q = fit_bias_field(
+    model, bias, labels, record, q = fit_bias_field(
         picture,
         n_components,
         options.fit,
@@ -5703,7 +5703,7 @@ def _segment_with_bias(
         requested_k=n_components,
         spatial=record,
         posteriors=q,
-        bias=field,
+        bias=bias,
     )
 
 
@@ -6063,13 +6063,13 @@ def segmented_writer(segmentation):
     return _image_writer(colours[labels], picture)
 
 
-def _bias_field_record(field, picture):
+def _bias_field_record(bias, picture):
     """The JSON's bias_field: the fitted field, its basis and formula in words, its spread."""
     record = {
-        "degree": field.degree,
-        "regularisation": field.regularisation,
-        "coefficients": field.coefficients.tolist(),
-        "shift": field.shift,
+        "degree": bias.degree,
+        "regularisation": bias.regularisation,
+        "coefficients": bias.coefficients.tolist(),
+        "shift": bias.shift,
         "basis": "monomials u^a v^b, 1 <= a + b <= degree, in the order a + b = 1, 2, ... "
         "and a = 0..a + b; u = 2 row / (height - 1) - 1, v = 2 column / (width - 1) - 1"
         if picture.volume is None
@@ -6085,11 +6085,11 @@ def _bias_field_record(field, picture):
         "volume; in the file's axis order)",
         "field": "exp(coefficients . basis - shift); weights, means and covariances are "
         "then of the corrected intensities (image / field)",
-        "spread": field.spread,
-        "restarted": field.restarted,
+        "spread": bias.spread,
+        "restarted": bias.restarted,
     }
     if picture.volume is not None:
-        box = field.box or tuple((0, n) for n in field.shape)
+        box = bias.box or tuple((0, n) for n in bias.shape)
         record["box"] = picture.volume.in_file_order(list(a) for a in box)
     return record
 
@@ -6333,10 +6333,11 @@ def plot_comparison(segmentation, captions):
     )
     _label_colourbar(figure, shown_labels, axes[2], k, first, captions.label_names)
     if segmentation.bias is not None:
-        field = segmentation.bias.image(stride=step)
+        field_image = segmentation.bias.image(stride=step)
         if segmentation.picture.mask is not None:
-            field = np.where(segmentation.picture.mask[::step, ::step], field, np.nan)
-        shown_field = axes[3].imshow(field, cmap="magma", interpolation="nearest")
+            inside = segmentation.picture.mask[::step, ::step]
+            field_image = np.where(inside, field_image, np.nan)
+        shown_field = axes[3].imshow(field_image, cmap="magma", interpolation="nearest")
         figure.colorbar(shown_field, ax=axes[3], shrink=0.9, label="multiplicative field")
     names = ("original", f"segmented, K = {k}", "label map", "bias field")
     for ax, name in zip(axes, names):
@@ -6384,10 +6385,10 @@ def plot_volume_comparison(segmentation, captions):
         from matplotlib.colors import ListedColormap
 
         cmap = ListedColormap(np.vstack([[0, 0, 0, 1], cmap(np.arange(k))]))
-    field = None if segmentation.bias is None else segmentation.bias.image()
-    if field is not None and picture.mask is not None:
-        field = np.where(picture.mask, field, np.nan)
-    columns = 3 if field is None else 4
+    field_image = None if segmentation.bias is None else segmentation.bias.image()
+    if field_image is not None and picture.mask is not None:
+        field_image = np.where(picture.mask, field_image, np.nan)
+    columns = 3 if field_image is None else 4
     figure = _figure(columns * PANEL_INCHES, 3 * PANEL_INCHES * 0.9)
     axes = figure.subplots(3, columns, squeeze=False)
     gray = dict(cmap="gray", vmin=0, vmax=1)
@@ -6396,7 +6397,7 @@ def plot_volume_comparison(segmentation, captions):
     slices = zip(
         _middle_slices(picture.codes, picture),
         _middle_slices(labels, picture),
-        no_field if field is None else _middle_slices(field, picture),
+        no_field if field_image is None else _middle_slices(field_image, picture),
     )
     for (axis, plane, aspect), (_, label_plane, _), (_, field_plane, _) in slices:
         flat = replace(picture, codes=np.ascontiguousarray(plane), mask=None, volume=None)
@@ -6497,18 +6498,18 @@ def probability_paths(out_dir, stem, segmentation):
     return {label: Path(out_dir) / f"{stem}_prob_{label}{suffix}" for label in labels}
 
 
-def field_levels(field):
+def field_levels(field_image):
     """The field as STEM_bias.png holds it: uint16 field x BIAS_SCALE (1.0 = 32768)."""
-    levels = field * np.float32(BIAS_SCALE)
+    levels = field_image * np.float32(BIAS_SCALE)
     np.clip(np.rint(levels, out=levels), 0, 65535, out=levels)
     return levels.astype(np.uint16)
 
 
-def corrected_image(picture, field):
+def corrected_image(picture, field_image):
     """The image (a volume) divided by the field, at its own bit depth (gray only), an array."""
     top = 255 if picture.bits == 8 else 65535
     corrected = picture.codes.astype(np.float32)
-    corrected /= field
+    corrected /= field_image
     np.clip(np.rint(corrected, out=corrected), 0, top, out=corrected)
     return corrected.astype(np.uint8 if top == 255 else np.uint16)
 
@@ -6566,11 +6567,11 @@ def _output_writers(segmentation, captions, wanted):
         bic_figure = plot_bic(segmentation.k_search, captions.title)
         yield "bic", _figure_writer(bic_figure)
     if segmentation.bias is not None and {"bias", "corrected"} & set(wanted):
-        field = segmentation.bias.image()
+        field_image = segmentation.bias.image()
         if "bias" in wanted:
-            yield "bias", _image_writer(field_levels(field), picture)
+            yield "bias", _image_writer(field_levels(field_image), picture)
         if "corrected" in wanted:
-            yield "corrected", _image_writer(corrected_image(picture, field), picture)
+            yield "corrected", _image_writer(corrected_image(picture, field_image), picture)
 
 
 # ----------------------------------------------------------------------------
@@ -7676,11 +7677,11 @@ def cap_notes(segmentation):
 def field_notes(segmentation):
     """A field strong enough that the spatial fit started again (BiasField.restarted): fields
     that strong leave a tissue under-labelled in most of the evaluation grid's cases."""
-    field = segmentation.bias
-    if field is None or not field.restarted:
+    bias = segmentation.bias
+    if bias is None or not bias.restarted:
         return []
     return [
-        f"a strong intensity field (max / min {field.spread:.2f} over the fitted pixels): the "
+        f"a strong intensity field (max / min {bias.spread:.2f} over the fitted pixels): the "
         f"spatial fit was started again from the field and the mixture fitted together; under "
         f"fields this strong a tissue is often under-labelled (docs/brain.md)"
     ]
