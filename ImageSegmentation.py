@@ -5532,9 +5532,14 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
     image, or None; cortex: grey matter's mean held there (cortex_refit), or None."""
     top = gray_level_top(points) if options.quantized else None
     if n_components != "auto":
-        with_pv = options.partial_volume
         fit = fit_components(
-            data, n_components, options.fit, top, on_iteration, with_pv, cortex=cortex
+            data,
+            n_components,
+            options.fit,
+            top,
+            on_iteration,
+            with_partial_volume=options.partial_volume,
+            cortex=cortex,
         )
         return fit, None
     k_max = min(options.k_max, _n_distinct(data))
