@@ -6950,8 +6950,7 @@ OPTIONS = (
         ("segment.cortex_check",),
         "with --partial-volume and a mask, three tissues: where the fit labels most of the "
         f"brain's surface (its cortex) and over {100 * CORTEX_WHITE_SHARE:.0f} %% of the brain "
-        "white "
-        "matter, fit again with grey matter held at the surface",
+        "white matter, fit again with grey matter held at the surface",
         dict(action=argparse.BooleanOptionalAction),
     ),
     Option(
