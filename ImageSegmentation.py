@@ -6764,14 +6764,20 @@ class Option:
     optional: bool = False
 
     @property
-    def default(self):
+    def target(self):
+        """(owner, name) of its first field: "run", "segment" or "fit", and the field."""
         owner, name = self.fields[0].split(".")
+        return owner, name
+
+    @property
+    def default(self):
+        owner, name = self.target
         return getattr(OPTION_OWNERS[owner], name)
 
     @property
     def domain(self):
         """The Domain its first field declares (None: parse says how argparse reads it)."""
-        owner, name = self.fields[0].split(".")
+        owner, name = self.target
         item = next(f for f in fields(OPTION_OWNERS[owner]) if f.name == name)
         return item.metadata.get("domain")
 
@@ -6785,7 +6791,7 @@ class Option:
         """The value the JSON's settings record for a run's configuration (a RunConfig)."""
         if self.recorded is not None:
             return self.recorded(config)
-        owner, name = self.fields[0].split(".")
+        owner, name = self.target
         owners = {"run": config, "segment": config.segment, "fit": config.segment.fit}
         return getattr(owners[owner], name)
 
