@@ -7755,15 +7755,15 @@ def cap_notes(segmentation):
 
 
 def field_notes(segmentation):
-    """A field strong enough that the spatial fit started again (BiasField.restarted): fields
-    that strong leave a tissue under-labelled in most of the evaluation grid's cases."""
+    """A field strong enough that the spatial fit started again (BiasField.restarted): the
+    labels then rest on the field's fit more than on the intensities (docs/brain.md)."""
     bias = segmentation.bias
     if bias is None or not bias.restarted:
         return []
     return [
         f"a strong intensity field (max / min {bias.spread:.2f} over the fitted pixels): the "
-        f"spatial fit was started again from the field and the mixture fitted together; under "
-        f"fields this strong a tissue is often under-labelled (docs/brain.md)"
+        f"spatial fit was started again from the field fitted with the mixture and the "
+        f"mixture refitted to the intensities it corrects (docs/brain.md)"
     ]
 
 
