@@ -669,12 +669,14 @@ def _read_tiff_stack(img, max_pixels):
     return Picture(codes, first.kind, first.n_codes, first.scale, volume=volume)
 
 
-def read_image(path, max_pixels=MAX_PIXELS):
+def read_image(path, max_pixels=MAX_PIXELS, checked_while_decoded=PIXEL_CHUNK):
     """Decode an image file into a Picture, refusing anything we cannot trust.
 
     The pixel limit is checked on the header, before any pixel memory is allocated.
     EXIF orientation is applied; alpha is dropped; multi-frame files give their first frame,
-    but a multi-page TIFF is a volume, as is a NIfTI file (section 2's Volume).
+    but a multi-page TIFF is a volume, as is a NIfTI file (section 2's Volume).  A PNG's data
+    are checked whole (_check_png_data): from checked_while_decoded pixels on a thread while
+    Pillow decodes them, below that after.
     """
     path = Path(path)
     try:
@@ -696,7 +698,7 @@ def read_image(path, max_pixels=MAX_PIXELS):
                 notes.append(
                     "16 bits a channel read as 8: Pillow reads 48- and 64-bit colour as 8-bit"
                 )
-            if img.format == "PNG" and width * height >= PIXEL_CHUNK:  # checked while decoded
+            if img.format == "PNG" and width * height >= checked_while_decoded:
                 with ThreadPoolExecutor(1) as background:
                     check = background.submit(_check_png_data, path)
                     img.load()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from functools import partial
 
 import numpy as np
 import pytest
@@ -154,19 +155,20 @@ def png(width, height, rows, bit_depth=8, colour_type=0):
     )
 
 
-def test_a_large_pngs_data_are_checked_while_it_is_decoded(tmp_path, monkeypatch):
-    """From PIXEL_CHUNK pixels a PNG's data are counted on a thread while Pillow decodes them:
-    a short stream is the same error, a whole one the same picture."""
+def test_a_large_pngs_data_are_checked_while_it_is_decoded(tmp_path):
+    """From PIXEL_CHUNK pixels (read_image's checked_while_decoded) a PNG's data are counted on
+    a thread while Pillow decodes them: a short stream is the same error, a whole one the same
+    picture."""
     (tmp_path / "short.png").write_bytes(png(50, 100, 5))
     (tmp_path / "whole.png").write_bytes(png(50, 100, 100))
     inline = seg.read_image(tmp_path / "whole.png")
-    monkeypatch.setattr(seg, "PIXEL_CHUNK", 100)  # these are large now
+    large = partial(seg.read_image, checked_while_decoded=100)  # these are large now
     threads = []  # the threads started (threading.settrace sees each one start)
     threading.settrace(lambda *args: threads.append(threading.current_thread().name))
     try:
         with pytest.raises(seg.ImageError, match="its image data end after 255 of 5,100 bytes"):
-            seg.read_image(tmp_path / "short.png")
-        assert np.array_equal(seg.read_image(tmp_path / "whole.png").codes, inline.codes)
+            large(tmp_path / "short.png")
+        assert np.array_equal(large(tmp_path / "whole.png").codes, inline.codes)
     finally:
         threading.settrace(None)
     assert len(set(threads)) == 2
