@@ -3558,6 +3558,7 @@ class SpatialFit:
     full_sweeps: int
     coarser_grids: list  # of CoarserGrid
     beta_estimate: float | None = None  # with BETA "auto": the pseudo-likelihood estimate
+    partial_sweeps: list = field(default_factory=list)  # iterations that swept some sites
 
     def to_json(self):
         record = asdict(self)
@@ -3974,6 +3975,7 @@ class MeanField:
     gain: float | None = None  # of the total in the last iteration
     stoppable: bool = True  # the sweep that reached this state updated every site
     full_sweeps: int = 0  # sweeps of every site so far
+    partial_sweeps: tuple = ()  # the iterations (1, 2, ...) that swept only some sites
     ledger: SiteLedger | None = None  # the distinct values' fit (not the bias field's)
     in_place = True  # step(state) overwrites state's q: no state is stepped twice
 
@@ -4000,6 +4002,8 @@ def _after_iteration(state, parameters, total, clear_gain, settings, swept_all, 
         gain=gain,
         stoppable=swept_all,
         full_sweeps=state.full_sweeps + swept_all,
+        partial_sweeps=state.partial_sweeps
+        + (() if swept_all else (state.full_sweeps + len(state.partial_sweeps) + 1,)),
         ledger=ledger,
     )
 
@@ -4069,6 +4073,7 @@ def _spatial_record(beta, run, coarser, estimate=None):
         run.state.full_sweeps,
         coarser,
         estimate,
+        list(run.state.partial_sweeps),
     )
 
 
