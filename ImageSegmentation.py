@@ -2270,6 +2270,7 @@ def _fit_from_a_subsample(data, n_components, options, on_iteration):
         return {
             "pixels": pixels,
             "points": len(sample),
+            "tol": on_draw(pixels).tol,
             "n_iter": fit.n_iter,
             "em_steps": fit.n_em_steps,
             "converged": fit.converged,
