@@ -607,7 +607,7 @@ def test_a_long_fit_draws_its_stage_and_a_quick_one_does_not(capsys):
     )
 
 
-def test_posterior_maps_run_on_the_passes_they_are_given(monkeypatch):
+def test_posterior_maps_run_on_the_passes_they_are_given():
     """A batch's worker runs on one thread: its --probabilities maps of an image above a
     megapixel start no thread of their own (they once started one a core in every worker);
     given two threads, they use them."""
@@ -617,11 +617,12 @@ def test_posterior_maps_run_on_the_passes_they_are_given(monkeypatch):
     image = np.repeat(rng.integers(0, 3, (120, 100)) * 100, 10, axis=0).repeat(10, axis=1)
     picture = seg.picture_from_array(image.astype(np.uint8))  # 1.2 MP: two lookup blocks
     segmentation = seg.segment_points(picture, seg.distinct_values(picture), 3)
-    started, start = [], threading.Thread.start
-    monkeypatch.setattr(
-        threading.Thread, "start", lambda thread: started.append(thread.name) or start(thread)
-    )
-    maps = dict(seg.posterior_maps(segmentation, seg.Passes(threads=1)))
-    assert sorted(maps) == [0, 1, 2] and started == []
-    dict(seg.posterior_maps(segmentation, seg.Passes(threads=2)))
+    started = []  # the threads started (threading.settrace sees each one start)
+    threading.settrace(lambda *args: started.append(threading.current_thread().name))
+    try:
+        maps = dict(seg.posterior_maps(segmentation, seg.Passes(threads=1)))
+        assert sorted(maps) == [0, 1, 2] and started == []
+        dict(seg.posterior_maps(segmentation, seg.Passes(threads=2)))
+    finally:
+        threading.settrace(None)
     assert started and all(name.startswith("bands") for name in started)
