@@ -3017,7 +3017,9 @@ def gray_level_top(points):
 # from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
 # 0 or 255).  The default criterion, "classes", is BIC among the fits whose every component is
 # a class: one that fills regions of the image (region_shares), does not lie between two other
-# labels (boundary_shares: a blurred edge's mixels do) and has not collapsed onto one value;
+# labels (boundary_shares: a blurred edge's mixels do), does the first clearly more than the
+# second (a wide blur's band of mixels fills regions of its own) and has not collapsed onto one
+# value;
 # where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice the
 # classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The climb
 # stops once K_TURNED values of K past the best have not improved on it.  Each K starts from
@@ -3029,6 +3031,7 @@ def gray_level_top(points):
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
 BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
+SHARE_MARGIN_MIN = 0.4  # and its region share at least this much above its boundary share
 BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
 K_FRESH_PAST = 1  # of those, the ones that get fresh starts too (the split alone after them)
@@ -3159,6 +3162,7 @@ def full_covariances(covariances, covariance_type, n_components, n_features):
 class KSearch:
     """-k auto's record: the criterion, every K tried (rows of k, bic, icl, log_likelihood,
     collapsed, region_share: the least of its components', boundary_share: the largest,
+    share_margin: the least of a component's region share less its boundary share,
     counted: a candidate of the criterion, iterations, capped: judged after K_PROBE_MAX_ITER
     iterations), the K chosen, the largest it might have tried, why the climb stopped, and
     whether it looked at where the labels fall."""
@@ -3239,13 +3243,21 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
     icl = score_bic + 2 * classification_entropy(model, data)
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
-    least = most = None
+    least = most = margin = None
     if shares is not None:
-        least = float(np.nan_to_num(shares[0], nan=0.0).min())
-        most = float(np.nan_to_num(shares[1], nan=1.0).max())
+        region, boundary = np.nan_to_num(shares[0], nan=0.0), np.nan_to_num(shares[1], nan=1.0)
+        least, most = float(region.min()), float(boundary.max())
+        margin = float((region - boundary).min())
     counted = criterion != "classes" or (
         not collapsed
-        and (least is None or (least >= REGION_SHARE_MIN and most <= BOUNDARY_SHARE_MAX))
+        and (
+            least is None
+            or (
+                least >= REGION_SHARE_MIN
+                and most <= BOUNDARY_SHARE_MAX
+                and margin >= SHARE_MARGIN_MIN
+            )
+        )
     )
     score = {"bic": score_bic, "icl": icl, "classes": score_bic}[criterion]
     row = {
@@ -3256,6 +3268,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "collapsed": collapsed,
         "region_share": least,
         "boundary_share": most,
+        "share_margin": margin,
         "counted": counted,
         "iterations": model.n_iter,
     }
