@@ -3019,10 +3019,10 @@ def gray_level_top(points):
 # a class: one that fills regions of the image (region_shares), does not lie between two other
 # labels (boundary_shares: a blurred edge's mixels do), does the first clearly more than the
 # second (a wide blur's band of mixels fills regions of its own) and has not collapsed onto one
-# value;
-# where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice the
-# classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The climb
-# stops once K_TURNED values of K past the best have not improved on it.  Each K starts from
+# value; where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice
+# the classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The
+# climb stops once K_TURNED values of K past the best have not improved on it (a K too small
+# for its classes, TOO_FEW_REGION_SHARE, not counted among them).  Each K starts from
 # the last K's split (split_start), and from fresh starts where that is no new best (only up
 # to K_FRESH_PAST past the best: after that, the split alone), both capped at
 # K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where two components share
@@ -3032,6 +3032,11 @@ K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
 BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
 SHARE_MARGIN_MIN = 0.4  # and its region share at least this much above its boundary share
+# A K not counted for a label that fills regions too little, but by no less than this share,
+# while no label lies between others: classes share a component there (a class split in two
+# by noise fills next to none: 0.07 at most on the evaluation's seeds), so K is too small, and
+# it does not count towards K_TURNED.
+TOO_FEW_REGION_SHARE = 0.1
 BOUNDARY_DEPTH = 3  # pixels either side within which "between two other labels" looks
 K_TURNED = 2  # values of K past the best with no better score: the climb stops
 K_FRESH_PAST = 1  # of those, the ones that get fresh starts too (the split alone after them)
@@ -3163,7 +3168,8 @@ class KSearch:
     """-k auto's record: the criterion, every K tried (rows of k, bic, icl, log_likelihood,
     collapsed, region_share: the least of its components', boundary_share: the largest,
     share_margin: the least of a component's region share less its boundary share,
-    counted: a candidate of the criterion, iterations, capped: judged after K_PROBE_MAX_ITER
+    counted: a candidate of the criterion, too_few: not counted for classes sharing a component
+    (TOO_FEW_REGION_SHARE: no turn), iterations, capped: judged after K_PROBE_MAX_ITER
     iterations), the K chosen, the largest it might have tried, why the climb stopped, and
     whether it looked at where the labels fall."""
 
@@ -3231,7 +3237,7 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar):
         scores.append(score)
         if score < scores[best - 1]:
             best = k
-        if k - best >= K_TURNED:
+        if sum(not row["too_few"] for row in rows[best:]) >= K_TURNED:
             stopped = f"no better score in the {K_TURNED} values of K past {best}"
             break
     return fits[best], KSearch(criterion, rows, best, stopped, k_max, shares_of is not None)
@@ -3270,6 +3276,13 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "boundary_share": most,
         "share_margin": margin,
         "counted": counted,
+        "too_few": bool(
+            not counted
+            and not collapsed
+            and least is not None
+            and TOO_FEW_REGION_SHARE <= least < REGION_SHARE_MIN
+            and most <= BOUNDARY_SHARE_MAX
+        ),
         "iterations": model.n_iter,
     }
     return row, score if counted else math.inf

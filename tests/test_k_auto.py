@@ -61,6 +61,22 @@ def test_the_climb_stops_once_the_criterion_has_turned():
     assert found.k_search.stopped.startswith("no better score in the 2 values of K past 1")
 
 
+@pytest.mark.parametrize("seed", (1, 8, 11))
+def test_a_k_too_small_for_its_classes_does_not_stop_the_climb(seed):
+    """Six gray classes 0.14 apart under noise of sd 0.03: at K = 3 to 5 classes share a
+    component, whose label speckles across their regions (region share 0.3 to 0.5, none
+    between two others: too_few), and none is counted; such a K does not end the climb (two
+    of them once stopped it at K = 2), which goes on to K = 6."""
+    image = blurred_regions(np.random.default_rng(seed), 6, sd=0.03, blur=1.0, shape=(300, 400))
+    picture = seg.picture_from_array(image)
+    found = seg.segment_points(picture, seg.distinct_values(picture), "auto", k_max=8)
+    assert found.model.n_components == 6, found.k_search.rows
+    rows = found.k_search.rows
+    assert all(row["too_few"] and not row["counted"] for row in rows[2:5])
+    assert not any(row["too_few"] for row in rows[5:])  # past 6: a class split, not shared
+    assert [row["k"] for row in rows] == list(range(1, 9))
+
+
 def test_region_shares_tell_a_region_from_a_boundary():
     """A block of label 0, a one-pixel line of label 1 between blocks of label 2: the line's
     pixels all touch another label, the blocks' are mostly inside; outside a mask counts not."""
