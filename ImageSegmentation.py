@@ -5150,8 +5150,9 @@ def _strong_field_start(picture, field_model, options, cortex, image, on_iterati
     where grey matter's mean is held at the cortex, cortex_refit, the ECM's own), held.
     field_model: (K, degree, regularisation)."""
     coarse = _coarsest(image, STRONG_FIELD_SITES)
+    ecm = field_model + (True,)
     run = _plain_bias_fit(
-        picture, coarse, field_model + (True,), options, on_iteration, None, True, cortex
+        picture, coarse, ecm, options, on_iteration, with_partial_volume=True, cortex=cortex
     )
     state = replace(run.state, image=image)
     if cortex is None:
@@ -7789,8 +7790,8 @@ def cap_notes(segmentation):
 
 
 def field_notes(segmentation):
-    """A field strong enough that the spatial fit started again (BiasField.restarted): the
-    labels then rest on the field's fit more than on the intensities (docs/brain.md)."""
+    """A field strong enough that the spatial fit started again (BiasField.restarted), and how
+    strong: the labels are those of the second start (docs/brain.md)."""
     bias = segmentation.bias
     if bias is None or not bias.restarted:
         return []
