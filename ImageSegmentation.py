@@ -8157,8 +8157,8 @@ def dask_client(spec):
                 )
                 client = distributed.Client(cluster)
             else:
-                _check_scheduler(spec, DASK_CONNECT_SECONDS)
-                client = distributed.Client(spec, timeout=f"{DASK_CONNECT_SECONDS}s")
+                _check_scheduler(spec, connect_seconds())
+                client = distributed.Client(spec)
             client.upload_file(__file__)
     except UsageError:
         raise
@@ -8169,7 +8169,14 @@ def dask_client(spec):
     return client, cluster
 
 
-DASK_CONNECT_SECONDS = 10
+def connect_seconds():
+    """How long --dask waits for a scheduler: Dask's own connect timeout, as its users set it
+    (distributed.comm.timeouts.connect, 30 s unless a Dask config file or
+    DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT says otherwise); the client waits as long."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s")
 
 
 def _check_scheduler(spec, seconds):

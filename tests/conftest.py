@@ -74,14 +74,21 @@ def rng():
     return np.random.default_rng(12345)
 
 
-def run(argv, capsys):
+def run(argv, capsys, figures=False):
     """The command line in this process: (status, stdout, stderr).  One process unless argv asks for
-    --jobs (or --dask), so a test's process pool never depends on the machine's core count."""
+    --jobs (or --dask), so a test's process pool never depends on the machine's core count.
+
+    Unless figures=True or argv chooses --outputs, the figures are not drawn (--outputs without
+    loglik, comparison and bic): drawing them is most of a small image's run, and only the tests
+    of figures look at them."""
     argv = [str(a) for a in argv]
     if not any(
         a in ("-j", "--jobs", "--dask") or a.startswith(("--jobs=", "--dask=")) for a in argv
     ):
         argv += ["--jobs", "1"]
+    if not figures and not any(a == "--outputs" or a.startswith("--outputs=") for a in argv):
+        field = any(a in ("--bias-field", "--brain") for a in argv)
+        argv += ["--outputs", "segmented,labels,json" + (",bias,corrected" if field else "")]
     status = seg.main(argv)
     out, err = capsys.readouterr()
     return status, out, err
@@ -101,9 +108,14 @@ def record_of(out_dir, stem):
     return json.loads((Path(out_dir) / f"{stem}_model.json").read_text())
 
 
-def outputs_of(out_dir, stem):
-    """The output files written for every image, by the program's own list of suffixes."""
-    return {suffix: Path(out_dir) / f"{stem}_{suffix}" for suffix in seg.OUTPUT_SUFFIXES}
+def outputs_of(out_dir, stem, figures=False):
+    """The output files run writes for every image, by the program's own list of suffixes: its
+    figures too only with figures=True."""
+    return {
+        suffix: Path(out_dir) / f"{stem}_{suffix}"
+        for suffix in seg.OUTPUT_SUFFIXES
+        if figures or suffix.split(".")[0] not in seg.FIGURES
+    }
 
 
 def class_scene(rng, means, sd, shape=(96, 128)):

@@ -47,7 +47,9 @@ SETTINGS_KEYS = {
 @pytest.mark.parametrize("color", [False, True], ids=["gray", "color"])
 def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsys, color):
     image = two_tone(tmp_path / "scan.png", rng, color=color)
-    status, out, err = run([tmp_path / "scan.png", "-k", "2", "--out", tmp_path / "out"], capsys)
+    status, out, err = run(
+        [tmp_path / "scan.png", "-k", "2", "--out", tmp_path / "out"], capsys, figures=True
+    )
     assert status == 0, err
     out_dir = tmp_path / "out"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
@@ -90,7 +92,12 @@ def test_every_output_exists_loads_and_follows_the_contract(tmp_path, rng, capsy
 def test_same_command_writes_the_same_images(tmp_path, rng, capsys):
     two_tone(tmp_path / "a.png", rng, color=True)
     for out in ("one", "two"):
-        assert run([tmp_path / "a.png", "--out", tmp_path / out, "--n-init", "2"], capsys)[0] == 0
+        assert (
+            run(
+                [tmp_path / "a.png", "--out", tmp_path / out, "--n-init", "2"], capsys, figures=True
+            )[0]
+            == 0
+        )
     for name in ("labels", "segmented", "loglik", "comparison"):
         assert (tmp_path / "one" / f"a_{name}.png").read_bytes() == (
             tmp_path / "two" / f"a_{name}.png"
@@ -564,6 +571,7 @@ def test_progress_is_drawn_only_on_a_terminal(tmp_path, rng):
     for i in range(3):
         two_tone(tmp_path / f"img{i}.png", rng)
     argv = [sys.executable, str(ROOT / "ImageSegmentation.py"), str(tmp_path), "--jobs", "1"]
+    argv += ["--outputs", "labels,json"]  # no figures: the progress line is what is looked at
     piped = subprocess.run([*argv, "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert "\r" not in piped.stderr and "[1/3]" not in piped.stderr
     leader, follower = pty.openpty()

@@ -427,7 +427,9 @@ def test_a_noisy_photos_record_says_what_ran_on_draws_and_what_newton_did(tmp_pa
     means = [[0.3, 0.3, 0.3], [0.7, 0.3, 0.3], [0.3, 0.7, 0.3], [0.3, 0.3, 0.7], [0.7, 0.7, 0.7]]
     image, _, _ = class_scene(np.random.default_rng(11), means, 0.07, shape=(900, 900))
     Image.fromarray(image).save(tmp_path / "noisy.png")
-    status, out, err = run([tmp_path / "noisy.png", "--out", tmp_path / "out"], capsys)
+    status, out, err = run(
+        [tmp_path / "noisy.png", "--out", tmp_path / "out"], capsys, figures=True
+    )
     assert status == 0, err
     record = record_of(tmp_path / "out", "noisy")
     assert record["distinct_values"] > 1 << 19 and record["converged"]

@@ -51,7 +51,7 @@ def one_line_messages(err):
 def test_figures_have_a_bounded_size_whatever_the_shape(tmp_path, capsys, shape):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "strip.png")
-    status, out, err = run([tmp_path / "strip.png", "--out", tmp_path / "o"], capsys)
+    status, out, err = run([tmp_path / "strip.png", "--out", tmp_path / "o"], capsys, figures=True)
     assert status == 0, err
     for name in ("comparison", "loglik"):
         width, height = Image.open(tmp_path / "o" / f"strip_{name}.png").size
@@ -282,7 +282,7 @@ def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(seg, "_figure_writer", full_disk_for_a)
     status, out, err = run(
-        [tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o"], capsys
+        [tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o"], capsys, figures=True
     )
     assert status == 1
     assert (
@@ -318,7 +318,7 @@ def test_sigterm_in_process_cleans_up_and_exits_143(tmp_path, capsys, monkeypatc
         return write
 
     monkeypatch.setattr(seg, "_figure_writer", terminated)
-    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys)
+    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "o"], capsys, figures=True)
     assert status == 143 and err.strip().splitlines()[-1] == "error: terminated"
     assert not (tmp_path / "o").exists()  # nothing written: not even the folder is left
 
@@ -335,7 +335,7 @@ def batch(folder, n, size=(120, 160)):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
-    files = batch(tmp_path, 120, size=(400, 520))  # a minute of work, but the signal ends it
+    files = batch(tmp_path, 120, size=(200, 260))  # a minute of work, but the signal ends it
     out = tmp_path / "o"
     process = subprocess.Popen(
         [

@@ -448,7 +448,7 @@ def test_interrupt_exits_130_and_leaves_no_temporary(tmp_path, rng, capsys, monk
         return write
 
     monkeypatch.setattr(seg, "_figure_writer", interrupted)
-    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "out"], capsys)
+    status, out, err = run([tmp_path / "a.png", "--out", tmp_path / "out"], capsys, figures=True)
     assert status == 130 and err.strip().splitlines()[-1] == "error: interrupted"
     assert not (tmp_path / "out").exists()  # nothing written: not even the folder is left
 

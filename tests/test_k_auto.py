@@ -137,14 +137,17 @@ def test_the_command_line_records_and_notes_the_search(tmp_path, capsys):
     Image.fromarray(blurred_regions(np.random.default_rng(6), 4, blur=2.0)).save(
         tmp_path / "four.png"
     )
-    status, out, err = run([tmp_path / "four.png", "-k", "auto", "--out", tmp_path / "a"], capsys)
+    status, out, err = run(
+        [tmp_path / "four.png", "-k", "auto", "--out", tmp_path / "a"], capsys, figures=True
+    )
     record = record_of(tmp_path / "a", "four")
     assert status == 0 and record["k"] == 4 and record["k_auto"]["criterion"] == "classes"
     assert record["k_auto"]["chosen"] == 4 and record["settings"]["criterion"] == "classes"
     assert [row["k"] for row in record["bic"]] == list(range(1, len(record["bic"]) + 1))
     keys = {"bic", "icl", "region_share", "boundary_share", "counted", "collapsed", "capped"}
     assert keys <= set(record["bic"][0])
-    assert (tmp_path / "a" / "four_bic.png").exists()
+    width, height = Image.open(tmp_path / "a" / "four_bic.png").size
+    assert width > height > 0
     status, out, err = run(
         [tmp_path / "four.png", "-k", "auto", "--k-max", "3", "--out", tmp_path / "b"], capsys
     )

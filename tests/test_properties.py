@@ -95,16 +95,25 @@ def test_api_on_any_small_image(image, k, covariance, init, quantized, spatial):
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(image=small_images(), k=st.integers(1, 6), covariance=st.sampled_from(seg.COVARIANCE_TYPES))
-def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance):
+@given(
+    image=small_images(),
+    k=st.integers(1, 6),
+    covariance=st.sampled_from(seg.COVARIANCE_TYPES),
+    figures=st.booleans(),
+)
+def test_command_line_on_any_small_image(tmp_path_factory, image, k, covariance, figures):
+    """Any small image and K: exit 0, finite parameters, a log-likelihood that rises, and
+    (in about half the examples, drawing being most of the time) its figures."""
     kind, array = image
     folder = tmp_path_factory.mktemp("prop")
     path = folder / ("in.tif" if kind == "float32-gray" else "in.png")
     Image.fromarray(array).save(path)
-    status = seg.main(
-        [str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")]
-    )
+    argv = [str(path), "-k", str(k), "--covariance", covariance, "-q", "--out", str(folder / "out")]
+    status = seg.main(argv + ([] if figures else ["--outputs", "labels,json"]))
     assert status == 0
+    written = {p.name for p in (folder / "out").iterdir()}
+    figure_files = {"in_loglik.png", "in_comparison.png"}
+    assert figure_files <= written if figures else not figure_files & written
     record = record_of(folder / "out", "in")
     labels = np.asarray(Image.open(folder / "out" / "in_labels.png"))
     assert labels.shape == array.shape[:2] and labels.max() < record["k"] <= k

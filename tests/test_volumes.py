@@ -141,7 +141,7 @@ def test_nifti_in_and_out(tmp_path, capsys):
     affine = save_nifti(tmp_path / "scan.nii.gz", volume, zooms=(1.0, 1.0, 2.0))
     command = [tmp_path / "scan.nii.gz", "-k", "3", "--spatial", "0.5", "--probabilities"]
     command += ["--covariance", "tied"]
-    status, out, err = run([*command, "--out", tmp_path / "a"], capsys)
+    status, out, err = run([*command, "--out", tmp_path / "a"], capsys, figures=True)
     assert status == 0, err
     assert out.startswith(f"{tmp_path / 'scan.nii.gz'}: 12x30x36 gray K=3")
     labels = nibabel.load(tmp_path / "a" / "scan_labels.nii.gz")
@@ -161,7 +161,7 @@ def test_nifti_in_and_out(tmp_path, capsys):
     assert np.allclose(record["affine"], affine) and record["spatial"]["beta"] == 0.5
     for name in ("scan_comparison.png", "scan_loglik.png"):
         assert (tmp_path / "a" / name).exists()
-    status, _, err = run([*command, "--out", tmp_path / "b"], capsys)
+    status, _, err = run([*command, "--out", tmp_path / "b"], capsys, figures=True)
     for name in ("scan_labels.nii.gz", "scan_segmented.nii.gz", "scan_prob_1.nii.gz"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

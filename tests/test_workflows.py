@@ -45,8 +45,6 @@ def test_k_auto_picks_the_true_number_of_components(tmp_path, capsys, k, n_featu
     assert [row["k"] for row in record["bic"]] == list(range(1, min(k + seg.K_TURNED, 8) + 1))
     best = min((row for row in record["bic"] if row["counted"]), key=lambda row: row["bic"])
     assert best["k"] == k and record["k_auto"]["chosen"] == k
-    width, height = Image.open(tmp_path / "mix_bic.png").size
-    assert width > height > 0
 
 
 def test_bic_counts_parameters_as_scikit_learn(rng):
@@ -112,7 +110,9 @@ def test_shared_batch_of_gray_and_colour_is_colour(tmp_path, rng, capsys):
     two_tone(tmp_path / "g.png", rng)
     two_tone(tmp_path / "c.png", rng, color=True)
     status, out, err = run(
-        [tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"], capsys
+        [tmp_path, "--shared", "-k", "auto", "--k-max", "4", "--out", tmp_path / "o"],
+        capsys,
+        figures=True,
     )
     assert status == 0, err
     g, c = (record_of(tmp_path / "o", s) for s in "gc")
