@@ -94,6 +94,27 @@ def run(argv, capsys, figures=False):
     return status, out, err
 
 
+def run_on_a_full_disk(argv, max_bytes):
+    """The command line in a process of its own that can write no file past max_bytes: a write
+    that would pass it fails part-way, as on a full disk (the kernel's file size limit,
+    RLIMIT_FSIZE: OSError EFBIG, "File too large").  A CompletedProcess with text output."""
+    import resource
+    import signal
+    import subprocess
+
+    def limited():  # in the child, before the program starts
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-B", str(ROOT / "ImageSegmentation.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        timeout=120,
+    )
+
+
 def two_tone(path, rng, size=(40, 60), color=False):
     """A small image: dark left half, bright right half, with noise."""
     levels = np.where(np.arange(size[1]) < size[1] // 2, 60, 190)[None, :].repeat(size[0], 0)

@@ -13,10 +13,11 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import ROOT, outputs_of, record_of, run, seg, two_tone
+from conftest import ROOT, outputs_of, record_of, run, run_on_a_full_disk, seg, two_tone
 from PIL import Image
 
 PROGRAM = str(ROOT / "ImageSegmentation.py")
+NO_FIGURES = ["--outputs", "segmented,labels,json"]  # what complete_or_absent looks for
 
 
 def complete_or_absent(out_dir, stem):
@@ -264,30 +265,22 @@ def test_the_longest_names_the_file_system_allows(tmp_path, capsys):
 # --- all or nothing -------------------------------------------------------------------------------
 
 
-def test_a_failed_write_leaves_nothing_of_that_image(tmp_path, capsys, monkeypatch):
+def test_a_failed_write_leaves_nothing_of_that_image(tmp_path):
+    """A disk that fills while an image's files are written (here: a file size limit the
+    first image's outputs pass and the second's do not): that image fails in one line with
+    nothing of it left, the next is written whole."""
     rng = np.random.default_rng(0)
-    two_tone(tmp_path / "a.png", rng)
+    Image.fromarray(rng.integers(0, 256, (300, 400), dtype=np.uint8)).save(tmp_path / "a.png")
     two_tone(tmp_path / "b.png", rng)
-    real = seg._figure_writer
-
-    def full_disk_for_a(figure):
-        write = real(figure)
-
-        def failing(path):
-            if "a_" in figure.get_suptitle() or figure.get_suptitle().startswith("a.png"):
-                raise OSError(28, "No space left on device")
-            write(path)
-
-        return failing
-
-    monkeypatch.setattr(seg, "_figure_writer", full_disk_for_a)
-    status, out, err = run(
-        [tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o"], capsys, figures=True
+    result = run_on_a_full_disk(
+        [tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "o", "--jobs", "1"]
+        + NO_FIGURES,
+        max_bytes=16384,
     )
-    assert status == 1
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert (
-        f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_loglik.png'}: "
-        "No space left on device" in err
+        f"error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'o' / 'a_segmented.png'}: "
+        "File too large" in result.stderr.splitlines()
     )
     assert not complete_or_absent(tmp_path / "o", "a") and complete_or_absent(tmp_path / "o", "b")
     assert no_temporaries(tmp_path / "o")
@@ -352,6 +345,7 @@ def test_sigterm_stops_a_parallel_batch_cleanly(tmp_path):
             "2",
             "--out",
             str(out),
+            *NO_FIGURES,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -437,7 +431,8 @@ def test_a_worker_that_dies_twice_fails_alone(tmp_path, capsys, monkeypatch):
 def test_a_closed_stdout_is_quiet_and_the_batch_completes(tmp_path):
     files = batch(tmp_path, 3)
     process = subprocess.Popen(
-        [sys.executable, PROGRAM, *map(str, files), "--jobs", "1", "--out", str(tmp_path / "o")],
+        [sys.executable, PROGRAM, *map(str, files), "--jobs", "1", "--out", str(tmp_path / "o")]
+        + NO_FIGURES,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -460,6 +455,7 @@ def test_stdout_on_a_full_device(tmp_path):
                 "1",
                 "--out",
                 str(tmp_path / "o"),
+                *NO_FIGURES,
             ],
             stdout=full,
             stderr=subprocess.PIPE,
