@@ -565,7 +565,8 @@ def test_a_fit_reports_its_stages_to_a_progress_callback(rng):
 
 def test_progress_is_drawn_only_on_a_terminal(tmp_path, rng):
     """On a terminal (a pseudo-terminal here), the batch's progress line is drawn on stderr,
-    each drawing erased before a line is written; piped, stderr has only the run's lines."""
+    each drawing erased before a line is written; piped, stderr has only the run's lines; with
+    -q, nothing."""
     import pty
 
     for i in range(3):
@@ -592,6 +593,7 @@ def test_progress_is_drawn_only_on_a_terminal(tmp_path, rng):
     text = drawn.decode()
     assert process.returncode == 0
     assert "\r\x1b[K[1/3] " in text and "\r\x1b[K[3/3] " in text, text
+    assert "left" in text and "iteration" not in text  # a quick image: its count, no fit's steps
     lines = [line.split("\x1b[K")[-1] for line in text.replace("\r\n", "\n").split("\n") if line]
     assert lines[-1].startswith("3 images segmented, 0 failed"), lines
     quiet = subprocess.run([*argv, "-q", "--out", str(tmp_path / "c")], capture_output=True)

@@ -1,6 +1,5 @@
 """Beyond one image: K by BIC, one model for a batch, parallel batches, progress, summary."""
 
-import io
 import json
 import os
 
@@ -150,33 +149,6 @@ def test_parallel_batch_still_reports_bad_files(tmp_path, rng, capsys):
         str(tmp_path / "c.png"),
     ]
     assert "2 images segmented, 1 failed" in err and f"outputs in {tmp_path / 'out'}" in err
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-@pytest.mark.slow
-def test_progress_only_on_a_terminal_and_never_with_quiet(tmp_path, rng, capsys, monkeypatch):
-    for name in ("a.png", "b.png"):
-        two_tone(tmp_path / name, rng)
-    status, out, err = run([tmp_path, "--jobs", "1", "--out", tmp_path / "out"], capsys)
-    assert "\r" not in err and "[1/2]" not in err  # stderr is not a terminal here
-    terminal = FakeTerminal()
-    monkeypatch.setattr("sys.stderr", terminal)
-    assert seg.main([str(tmp_path), "--jobs", "1", "--out", str(tmp_path / "out")]) == 0
-    shown = terminal.getvalue()
-    assert (
-        "\r\033[K[1/2]" in shown
-        and "[2/2]" in shown
-        and "left" in shown
-        and "iteration" not in shown  # a quick image draws its count, not its fit's iterations
-    )
-    quiet = FakeTerminal()
-    monkeypatch.setattr("sys.stderr", quiet)
-    assert seg.main([str(tmp_path), "--jobs", "1", "-q", "--out", str(tmp_path / "out")]) == 0
-    assert quiet.getvalue() == ""
 
 
 def test_batch_summary(tmp_path, rng, capsys):
