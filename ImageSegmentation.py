@@ -332,6 +332,11 @@ class Picture:
     volume: Volume | None = None  # a 3-D picture's spacing and source
 
     @property
+    def spacing(self):
+        """A volume's spacing of its axes (those of the codes); None for an image."""
+        return None if self.volume is None else self.volume.spacing
+
+    @property
     def height(self):
         return self.codes.shape[-2]
 
@@ -3412,6 +3417,10 @@ class Plane:
         """The grid's image of the caller's array: itself."""
         return image
 
+    def stacked_mask(self, mask):
+        """The grid's mask of the caller's (None: every pixel): itself."""
+        return mask
+
     def volume_view(self, image):
         """The image as the caller's array: itself."""
         return image
@@ -3431,6 +3440,12 @@ class Plane:
 
 
 PLANE = Plane()
+
+
+def grid_of(shape, spacing=None):
+    """The grid of an array of this shape: PLANE for an image's (H, W), a Stack for a volume's
+    (D, H, W), its neighbours weighted by its spacing (None: 1 mm on every axis)."""
+    return PLANE if len(shape) == 2 else Stack.of(shape, spacing or (1.0, 1.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -3471,6 +3486,11 @@ class Stack:
         out = np.full(lead + self.image_shape, fill, dtype=volume.dtype)
         self.volume_view(out)[...] = volume
         return out
+
+    def stacked_mask(self, mask):
+        """The stacked mask of a (D, H, W) one (None: every voxel): the rows between slices
+        outside."""
+        return self.stacked(np.ones(self.shape, bool) if mask is None else mask, False)
 
     def volume_view(self, image):
         """The (..., D, H, W) view of the voxels in a stacked image (..., rows, W)."""
@@ -4386,11 +4406,8 @@ def spatial_fit(
     """
     index = index.astype(np.min_scalar_type(max(len(data) - 1, 0)), copy=False)
     update_parameters = update_parameters and model.partial_volume is None
-    grid = PLANE
-    if index.ndim == 3:
-        grid = Stack.of(index.shape, spacing or (1.0, 1.0, 1.0))
-        inside = np.ones(index.shape, bool) if mask is None else mask
-        index, mask = grid.stacked(index), grid.stacked(inside, False)
+    grid = grid_of(index.shape, spacing)
+    index, mask = grid.stacked(index), grid.stacked_mask(mask)
     fit = PointsMeanField(
         data, np.ascontiguousarray(index), mask, beta, options, settings, update_parameters, grid
     )
@@ -4636,12 +4653,9 @@ def bias_image(picture, passes):
     as one image (Stack), its separators outside."""
     values = np.empty(picture.codes.shape, dtype=np.float32)
     np.multiply(picture.codes, np.float32(1 / picture.scale), out=values)
-    if picture.volume is None:
-        return BiasImage(values, picture.mask, picture.codes.shape, passes=passes)
-    stack = Stack.of(values.shape, picture.volume.spacing)
-    inside = np.ones(values.shape, bool) if picture.mask is None else picture.mask
-    stacked, inside = stack.stacked(values), stack.stacked(inside, False)
-    return BiasImage(stacked, inside, values.shape, passes=passes, grid=stack)
+    grid = grid_of(values.shape, picture.spacing)
+    stacked, inside = grid.stacked(values), grid.stacked_mask(picture.mask)
+    return BiasImage(stacked, inside, values.shape, passes=passes, grid=grid)
 
 
 @dataclass(frozen=True, eq=False)
@@ -5768,7 +5782,7 @@ def _segment_once(picture, points, n_components, options, shared, on_iteration, 
         mask=picture.mask,
         update_parameters=shared is None,
         settings=options.spatial_settings,
-        spacing=None if picture.volume is None else picture.volume.spacing,
+        spacing=picture.spacing,
         on_iteration=staged(on_iteration, "spatial prior"),
     )
     order = _luminance_order(model.label_means)
