@@ -1680,6 +1680,78 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
     return weights, means, covariances
 
 
+# --- the kinds of mixture: what a label is; how densities are read, recorded, reordered -------
+# A GaussianMixtureFit is its parameters and its kind: DENSITY (Gaussian densities, each
+# component a label), Binned (gray levels 0..top as bins, section 5b) or a PartialVolume
+# (Gaussians that mix tissues, the labels the tissues).  What differs between them is the
+# kind's methods, not a branch wherever a model is used.
+
+
+class Density:
+    """The kind of a mixture of Gaussian densities: each component is a label."""
+
+    top = None  # no bins (Binned's highest gray level)
+    partial_volume = None  # no tissues mixed (a PartialVolume is its own)
+
+    def n_labels(self, n_components):
+        return n_components
+
+    def label_sums(self, values):
+        """(L, ...) values of the labels from (K, ...) the components': themselves."""
+        return values
+
+    def label_log_probabilities(self, logp):
+        """(L, ...) log(w p(x | label)) from (K, ...) log(w_k p(x | k)): the same."""
+        return logp
+
+    def posterior_maps(self, posteriors):
+        """What a segmentation keeps of the components' posteriors (K, ...): themselves."""
+        return posteriors
+
+    def log_density_blocks(self, model, data):
+        """(start, (K, m) block of log(w_k p(x | k))) over the points of data, from its
+        features: Gaussian densities."""
+        coefficients = log_density_coefficients(
+            model.weights, data.centred(model.means), model.covariances, model.covariance_type
+        )
+        for start, phi, _ in data.blocks():
+            yield start, coefficients.T @ phi
+
+    def m_step(self, state, covariance_type, reg_covar):
+        """(weights, means, covariances) from a MixtureState's moment sums."""
+        return _m_step(state.statistics, covariance_type, reg_covar, state.means, state.covariances)
+
+    def reordered(self, order):
+        """(this kind with its labels in that order, the order of the components)."""
+        return self, order
+
+    def record(self):
+        """What a model record holds of the kind beyond every model's keys (quantized_top
+        among them): nothing; a partial-volume model's "partial_volume"."""
+        return {}
+
+
+DENSITY = Density()
+
+
+@dataclass(frozen=True)
+class Binned(Density):
+    """The kind of the binned model of gray levels 0..top (section 5b): each component a label,
+    a level's probability that of its bin; exact EM with a floor on the variances."""
+
+    top: int
+
+    def log_density_blocks(self, model, data):
+        """One block: the bin probabilities of data's gray levels (a few hundred or thousand)."""
+        levels = np.rint(data.values[:, 0] / data.scale * self.top)
+        yield 0, log_bin_probabilities(model, levels, self.top)
+
+    def m_step(self, state, covariance_type, reg_covar):
+        return quantized_m_step(
+            state.statistics, covariance_type, quantized_variance_floor(reg_covar, self.top), state
+        )
+
+
 # --- partial volume: Gaussians that are mixtures of tissues (--partial-volume) ----------
 # A pixel on the border of two tissues holds some of each, and its intensity is in between
 # (FSL FAST's partial volume; Santago and Gage, IEEE TMI 12, 1993).  One Gaussian a tissue
@@ -1693,9 +1765,10 @@ def _m_step(stats, covariance_type, reg_covar, previous_means, previous_covarian
 
 
 @dataclass(frozen=True, eq=False)
-class PartialVolume:
-    """Which tissues each of G Gaussians mixes: fractions (G, T), each row summing to 1, the T
-    pure tissues first, in order.  tissue_of: the tissue with most of each Gaussian.
+class PartialVolume(Density):
+    """The kind of a partial-volume mixture: which tissues each of G Gaussians (one tied
+    covariance) mixes, fractions (G, T), each row summing to 1, the T pure tissues first, in
+    order; the labels are the tissues.  tissue_of: the tissue with most of each Gaussian.
 
     held: tissues whose means the M-step keeps where they are; min_gap: the least distance
     between the means of tissues adjacent in intensity order (one feature), kept by the
@@ -1708,6 +1781,33 @@ class PartialVolume:
     @property
     def n_tissues(self):
         return self.fractions.shape[1]
+
+    @property
+    def partial_volume(self):
+        return self
+
+    def n_labels(self, n_components):
+        return self.n_tissues
+
+    def label_sums(self, values):
+        return self.tissue_sums(values)
+
+    def label_log_probabilities(self, logp):
+        return self.tissue_log_probabilities(logp)
+
+    def posterior_maps(self, posteriors):
+        """Each tissue's expected share of a pixel (expected_fractions)."""
+        return self.expected_fractions(posteriors)
+
+    def m_step(self, state, covariance_type, reg_covar):
+        return _partial_volume_m_step(state.statistics, self, reg_covar, state.means)
+
+    def record(self):
+        """Its fractions, and the constraints of a --cortex-check refit where there was one."""
+        record = {"fractions": self.fractions.tolist()}
+        if self.held or self.min_gap:
+            record |= {"held": list(self.held), "min_gap": self.min_gap}
+        return {"partial_volume": record}
 
     @property
     def tissue_of(self):
@@ -1769,7 +1869,7 @@ class PartialVolume:
         return f @ _constrained_tissue_means(normal, right, tissues, self.held, self.min_gap)
 
     def reordered(self, order):
-        """The same structure with its tissues in the given order: (it, the Gaussians' order)."""
+        """(the same structure with its tissues in the given order, the Gaussians' order)."""
         rows = np.concatenate([order, np.arange(self.n_tissues, len(self.fractions))])
         position = np.argsort(order)  # where each tissue goes
         held = tuple(sorted(int(position[t]) for t in self.held))
@@ -1810,11 +1910,6 @@ def _constrained_tissue_means(normal, right, previous, held, min_gap):
 
 
 MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
-
-
-def _label_weights(weights, pv):
-    """The weight of each label: of each component, or of each tissue (its Gaussians')."""
-    return weights if pv is None else pv.tissue_sums(weights)
 
 
 def tissues_and_mixels(n_tissues, fractions=MIXEL_FRACTIONS):
@@ -1940,8 +2035,13 @@ class GaussianMixtureFit:
     n_iter : int
     converged : bool
         The stopping rule held (False: max_iter was reached first).
+    kind : Density, Binned or PartialVolume
+        What a label is and how the densities are read (DENSITY: Gaussian densities).
     quantized_top : int or None
-        The binned model of gray levels 0..quantized_top (section 5b); None for densities.
+        The binned model of gray levels 0..quantized_top (Binned); None for densities.
+    partial_volume : PartialVolume or None
+        A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
+        T tissues, and labels, predict and predict_proba are of the tissues.
     n_em_steps : int
         EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
     subsample : list of dict or None
@@ -1950,9 +2050,6 @@ class GaussianMixtureFit:
         "converged", "jacobian_steps"} of each (the last: EM steps that measured the Jacobian
         of EM's map there, or 0); log_likelihood, n_iter and n_em_steps are those on every
         point.
-    partial_volume : PartialVolume or None
-        A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
-        T tissues, and labels, predict and predict_proba are of the tissues.
     fell_at : int or None
         The iteration at which plain EM's own step lowered the log-likelihood by more than tol
         (reg_covar makes the M-step inexact where a variance sits at it or a component empties):
@@ -1971,17 +2068,16 @@ class GaussianMixtureFit:
     log_likelihood: list
     n_iter: int
     converged: bool
-    quantized_top: int | None = None
+    kind: Density = DENSITY
     n_em_steps: int = 0
     subsample: list | None = None  # the fit started from fits to draws of pixels: what ran there
-    partial_volume: PartialVolume | None = None
     fell_at: int | None = None  # EM itself lost more than tol at this iteration (see run_em)
     newton_iter: int = 0  # the first iterations were Newton steps (NewtonSteps)
 
     @classmethod
-    def of_run(cls, parameters, covariance_type, run, quantized_top=None):
-        """The fit that an EMRun of a mixture ended with: parameters = (weights, means on the
-        0..1 scale, covariances), and the run's record."""
+    def of_run(cls, parameters, covariance_type, run, kind=DENSITY):
+        """The fit that an EMRun of a mixture of that kind ended with: parameters = (weights,
+        means on the 0..1 scale, covariances), and the run's record."""
         weights, means, covariances = parameters
         return cls(
             weights,
@@ -1991,11 +2087,19 @@ class GaussianMixtureFit:
             run.history,
             run.n_iter,
             run.converged,
-            quantized_top,
+            kind,
             run.n_em_steps,
             fell_at=run.fell_at,
             newton_iter=run.newton_iter,
         )
+
+    @property
+    def quantized_top(self):
+        return self.kind.top
+
+    @property
+    def partial_volume(self):
+        return self.kind.partial_volume
 
     @property
     def n_components(self):
@@ -2004,12 +2108,11 @@ class GaussianMixtureFit:
     @property
     def n_labels(self):
         """The labels of a segmentation: the components, or a partial-volume model's tissues."""
-        pv = self.partial_volume
-        return self.n_components if pv is None else pv.n_tissues
+        return self.kind.n_labels(self.n_components)
 
     @property
     def label_weights(self):
-        return _label_weights(self.weights, self.partial_volume)
+        return self.kind.label_sums(self.weights)
 
     @property
     def label_means(self):
@@ -2051,7 +2154,7 @@ class GaussianMixtureFit:
             "means": self.means.tolist(),
             "covariances": np.asarray(self.covariances).tolist(),
             "quantized_top": self.quantized_top,
-        } | _partial_volume_record(self)
+        } | self.kind.record()
 
     @classmethod
     def from_record(cls, record):
@@ -2086,32 +2189,21 @@ class GaussianMixtureFit:
         if top is not None and (not _is_integer(top) or top not in (255, 65535) or d != 1):
             raise ValueError("quantized_top is not 255 or 65535 for a gray model")
         pv = _partial_volume_of_record(record.get("partial_volume"), k, covariance_type, top)
-        return cls(weights, means, covariances, covariance_type, [], 0, True, top, 0, None, pv)
+        kind = pv or (DENSITY if top is None else Binned(top))
+        return cls(weights, means, covariances, covariance_type, [], 0, True, kind)
 
     def reordered(self, order):
-        """The same model with its components (a partial-volume model: tissues) in that order."""
-        if self.partial_volume is not None:
-            pv, rows = self.partial_volume.reordered(order)
-            weights, means = self.weights[rows], self.means[rows]
-            return replace(self, weights=weights, means=means, partial_volume=pv)
-        covariances = (
-            self.covariances if self.covariance_type == "tied" else self.covariances[order]
-        )
+        """The same model with its labels (components, or a partial-volume model's tissues)
+        in that order."""
+        kind, rows = self.kind.reordered(order)
+        covariances = self.covariances if self.covariance_type == "tied" else self.covariances[rows]
         return replace(
-            self, weights=self.weights[order], means=self.means[order], covariances=covariances
+            self,
+            weights=self.weights[rows],
+            means=self.means[rows],
+            covariances=covariances,
+            kind=kind,
         )
-
-
-def _partial_volume_record(model):
-    """The model record's "partial_volume" key, for a partial-volume model only: its
-    fractions, and the constraints of a --cortex-check refit where there was one."""
-    pv = model.partial_volume
-    if pv is None:
-        return {}
-    record = {"fractions": pv.fractions.tolist()}
-    if pv.held or pv.min_gap:
-        record |= {"held": list(pv.held), "min_gap": pv.min_gap}
-    return {"partial_volume": record}
 
 
 def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
@@ -2147,27 +2239,15 @@ def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
 
 
 def log_density_blocks(model, data):
-    """(start, (K, m) block of log(w_k p(x | k))) over the points of data, from its features.
-
-    Gaussian densities for the density model; bin probabilities for a quantized one (whose
-    points are gray levels, a few hundred or thousand, so one block).
-    """
-    if model.quantized_top is not None:
-        levels = np.rint(data.values[:, 0] / data.scale * model.quantized_top)
-        yield 0, log_bin_probabilities(model, levels, model.quantized_top)
-        return
-    coefficients = log_density_coefficients(
-        model.weights, data.centred(model.means), model.covariances, model.covariance_type
-    )
-    for start, phi, _ in data.blocks():
-        yield start, coefficients.T @ phi
+    """(start, (K, m) block of log(w_k p(x | k))) over the points of data, as its kind reads
+    them (Gaussian densities; a binned model's bin probabilities, in one block)."""
+    return model.kind.log_density_blocks(model, data)
 
 
 def log_label_blocks(model, data):
     """log_density_blocks of the labels: a partial-volume model's summed over each tissue."""
     for start, block in log_density_blocks(model, data):
-        pv = model.partial_volume
-        yield start, block if pv is None else pv.tissue_log_probabilities(block)
+        yield start, model.kind.label_log_probabilities(block)
 
 
 @dataclass(frozen=True)
@@ -2501,19 +2581,18 @@ def staged(on_iteration, stage):
     return on_iteration.within(stage) if isinstance(on_iteration, Progress) else on_iteration
 
 
-def _density_em(data, start, options, on_iteration=None, partial_volume=None, jacobian=None):
+def _density_em(data, start, options, on_iteration=None, kind=DENSITY, jacobian=None):
     """EM of the density model from centred parameters start = (weights, means, covariances);
     of a partial-volume mixture (tied) with that PartialVolume; with Newton steps first given
     the EM map's Jacobian (NewtonSteps)."""
-    e_step, m_step = _density_map(data, options, partial_volume)
+    e_step, m_step = _density_map(data, options, kind)
     run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration, jacobian)
     weights, means, covariances = run.state.parameters
     parameters = (weights, data.uncentred(means), covariances)
-    fit = GaussianMixtureFit.of_run(parameters, options.covariance_type, run)
-    return replace(fit, partial_volume=partial_volume)
+    return GaussianMixtureFit.of_run(parameters, options.covariance_type, run, kind)
 
 
-def _density_map(data, options, partial_volume=None):
+def _density_map(data, options, kind=DENSITY):
     """(e_step, m_step) of the density model's EM on data."""
     covariance_type = options.covariance_type
 
@@ -2524,13 +2603,7 @@ def _density_map(data, options, partial_volume=None):
         )
 
     def m_step(state):
-        if partial_volume is not None:
-            return _partial_volume_m_step(
-                state.statistics, partial_volume, options.reg_covar, state.means
-            )
-        return _m_step(
-            state.statistics, covariance_type, options.reg_covar, state.means, state.covariances
-        )
+        return kind.m_step(state, covariance_type, options.reg_covar)
 
     return e_step, m_step
 
@@ -2559,7 +2632,7 @@ def _pv_em(data, pv, tissue_means, covariance, options, on_iteration):
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissue_means)
     start = (np.full(n_gaussians, 1.0 / n_gaussians), means, covariance)
-    return _density_em(data, start, options, on_iteration, partial_volume=pv)
+    return _density_em(data, start, options, on_iteration, kind=pv)
 
 
 # --- the cortex check (--cortex-check, in --brain) ------------------------------------------
@@ -2860,20 +2933,20 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
     data = _PointFeatures(levels, counts, top)
     _check_n_components(n_components, _n_distinct(data))
     rng = np.random.default_rng(options.random_state)
-    covariance_type = options.covariance_type
+    covariance_type, kind = options.covariance_type, Binned(top)
     floor = quantized_variance_floor(options.reg_covar, top)
 
     def e_step(state):
         return _quantized_pass(state, levels, counts, top)
 
     def m_step(state):
-        return quantized_m_step(state.statistics, covariance_type, floor, state)
+        return kind.m_step(state, covariance_type, options.reg_covar)
 
     def fit_one():
         weights, means, covariances = _fresh_start(data, n_components, options, rng)
         start = MixtureState(weights, data.uncentred(means), np.maximum(covariances, floor), e_step)
         run = run_mixture_em(start, m_step, options, on_iteration)
-        return GaussianMixtureFit.of_run(run.state.parameters, covariance_type, run, top)
+        return GaussianMixtureFit.of_run(run.state.parameters, covariance_type, run, kind)
 
     return _best_of_starts(options.starts(), fit_one, score=lambda fit: fit.log_likelihood[-1])
 
@@ -4672,13 +4745,17 @@ class BiasState:
     degree: int  # SegmentOptions.bias_degree: the one default
     regularisation: float  # the prior on the field: lambda of penalty() (SegmentOptions.bias_reg)
     mixture_fixed: bool = False  # a model read from a file: only the field is fitted
-    partial_volume: PartialVolume | None = None  # the Gaussians mix these tissues
+    kind: Density = DENSITY  # the mixture's (a PartialVolume: the Gaussians mix its tissues)
     stoppable = True
     in_place = False
 
     @property
+    def partial_volume(self):
+        return self.kind.partial_volume
+
+    @property
     def label_weights(self):
-        return _label_weights(self.weights, self.partial_volume)
+        return self.kind.label_sums(self.weights)
 
     @cached_property
     def evaluation(self):
@@ -4737,17 +4814,13 @@ class _BandModel:
 
 def _label_log_densities(state, z):
     """_bias_log_densities of the labels (L, h, w): of the tissues of a partial-volume model."""
-    logp = _bias_log_densities(state, z)
-    pv = state.partial_volume
-    return logp if pv is None else pv.tissue_log_probabilities(logp)
+    return state.kind.label_log_probabilities(_bias_log_densities(state, z))
 
 
-def _labels_and_posteriors(r, pv):
+def _labels_and_posteriors(r, kind):
     """(L, h, w) posteriors of the labels from the Gaussians' r (K, h, w): r itself, or for a
-    partial-volume model each tissue's summed; and those kept (its expected fractions)."""
-    if pv is None:
-        return r, r
-    return pv.tissue_sums(r), pv.expected_fractions(r)
+    partial-volume model each tissue's summed; and those kept (kind.posterior_maps)."""
+    return kind.label_sums(r), kind.posterior_maps(r)
 
 
 def _softmax_and_lse(logp):
@@ -4788,7 +4861,7 @@ def _bias_pass(state, labels=None, posteriors=None):
             r *= inside
         moments = np.zeros((k, 3) + image.moment_shape(degree))
         _add_moments(moments, r, z, image.row_powers(rows, 2 * degree), v)
-        of_labels, kept = _labels_and_posteriors(r, state.partial_volume)
+        of_labels, kept = _labels_and_posteriors(r, state.kind)
         if labels is not None:
             labels[rows] = _argmax_over_components(of_labels, Passes(threads=1))
         if posteriors is not None:
@@ -4978,7 +5051,7 @@ def _plain_bias_fit(
             degree,
             regularisation,
             fixed is not None,
-            plain.partial_volume,
+            plain.kind,
         )
         k_fitted = plain.n_components
         if not with_field:
@@ -5128,7 +5201,7 @@ def _corrected_model(state, image, run, covariance_type):
     if tied:  # one variance: scikit-learn's tied shape, (D, D)
         corrected = corrected[:2] + (variances[0],)
     model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
-    return replace(model, partial_volume=state.partial_volume), shift
+    return replace(model, kind=state.kind), shift
 
 
 def _labelled(state, keep_posteriors):
@@ -5202,7 +5275,7 @@ def refitted_mixture(state, fitted, options):
     levels = np.flatnonzero(histogram)
     data = _PointFeatures(levels / REFIT_LEVELS, histogram[levels].astype(np.float64))
     rng = np.random.default_rng(options.random_state)
-    k = state.partial_volume.n_tissues if state.partial_volume is not None else len(state.weights)
+    k = state.kind.n_labels(len(state.weights))
     mixture = _fresh_mixture(data, k, options, rng, state.partial_volume is not None)
     weights, means, variances = _bias_mixture_parameters(mixture)
     return replace(
@@ -5210,7 +5283,7 @@ def refitted_mixture(state, fitted, options):
         weights=weights,
         means=means,
         variances=variances,
-        partial_volume=mixture.partial_volume,
+        kind=mixture.kind,
     )
 
 
@@ -6256,7 +6329,7 @@ def model_record(segmentation, source, settings, notes, seconds):
     if segmentation.k_search is not None:
         record["bic"] = segmentation.k_search.rows
         record["k_auto"] = segmentation.k_search.record()
-    record |= _partial_volume_record(model)
+    record |= model.kind.record()
     if model.subsample is not None:
         record["subsample"] = model.subsample
     record["quantized"] = model.quantized_top is not None
