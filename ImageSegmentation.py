@@ -1717,9 +1717,20 @@ class Density:
         for start, phi, _ in data.blocks():
             yield start, coefficients.T @ phi
 
-    def m_step(self, state, covariance_type, reg_covar):
-        """(weights, means, covariances) from a MixtureState's moment sums."""
-        return _m_step(state.statistics, covariance_type, reg_covar, state.means, state.covariances)
+    def m_step(self, stats, previous, covariance_type, reg_covar):
+        """(weights, means, covariances) from the moment sums (K, 1 + D + D(D + 1)/2) of the
+        responsibilities, previous the (means, covariances) they were computed with."""
+        return _m_step(stats, covariance_type, reg_covar, *previous)
+
+    def m_step_of_points(self, model, data, resp, reg_covar):
+        """(weights, means, covariances) from responsibilities summed per point of data (K, M),
+        counted in pixels (the spatial fit's)."""
+        stats = sum(
+            resp[:, start : start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks()
+        )
+        previous = (data.centred(model.means), model.covariances)
+        weights, means, covariances = self.m_step(stats, previous, model.covariance_type, reg_covar)
+        return weights, data.uncentred(means), covariances
 
     def reordered(self, order):
         """(this kind with its labels in that order, the order of the components)."""
@@ -1746,10 +1757,15 @@ class Binned(Density):
         levels = np.rint(data.values[:, 0] / data.scale * self.top)
         yield 0, log_bin_probabilities(model, levels, self.top)
 
-    def m_step(self, state, covariance_type, reg_covar):
-        return quantized_m_step(
-            state.statistics, covariance_type, quantized_variance_floor(reg_covar, self.top), state
-        )
+    def m_step(self, stats, previous, covariance_type, reg_covar):
+        floor = quantized_variance_floor(reg_covar, self.top)
+        return quantized_m_step(stats, covariance_type, floor, *previous)
+
+    def m_step_of_points(self, model, data, resp, reg_covar):
+        levels = data.values[:, 0].astype(np.float64)
+        stats = quantized_statistics(model, levels, self.top, resp)
+        previous = (model.means, model.covariances)
+        return self.m_step(stats, previous, model.covariance_type, reg_covar)
 
 
 # --- partial volume: Gaussians that are mixtures of tissues (--partial-volume) ----------
@@ -1799,8 +1815,8 @@ class PartialVolume(Density):
         """Each tissue's expected share of a pixel (expected_fractions)."""
         return self.expected_fractions(posteriors)
 
-    def m_step(self, state, covariance_type, reg_covar):
-        return _partial_volume_m_step(state.statistics, self, reg_covar, state.means)
+    def m_step(self, stats, previous, covariance_type, reg_covar):
+        return _partial_volume_m_step(stats, self, reg_covar, previous[0])
 
     def record(self):
         """Its fractions, and the constraints of a --cortex-check refit where there was one."""
@@ -2603,7 +2619,8 @@ def _density_map(data, options, kind=DENSITY):
         )
 
     def m_step(state):
-        return kind.m_step(state, covariance_type, options.reg_covar)
+        previous = (state.means, state.covariances)
+        return kind.m_step(state.statistics, previous, covariance_type, options.reg_covar)
 
     return e_step, m_step
 
@@ -2877,11 +2894,9 @@ def _quantized_pass(model, levels, counts, top):
     )
 
 
-def quantized_m_step(stats, covariance_type, variance_floor, model):
+def quantized_m_step(stats, covariance_type, variance_floor, means, covariances):
     """The M-step of the binned model: exact EM, with a floor on the variances."""
-    weights, means, covariances = _m_step(
-        stats, covariance_type, 0.0, model.means, model.covariances
-    )
+    weights, means, covariances = _m_step(stats, covariance_type, 0.0, means, covariances)
     return weights, means, np.maximum(covariances, variance_floor)
 
 
@@ -2940,7 +2955,8 @@ def _fit_quantized(levels, counts, n_components, top, options, on_iteration=None
         return _quantized_pass(state, levels, counts, top)
 
     def m_step(state):
-        return kind.m_step(state, covariance_type, options.reg_covar)
+        previous = (state.means, state.covariances)
+        return kind.m_step(state.statistics, previous, covariance_type, options.reg_covar)
 
     def fit_one():
         weights, means, covariances = _fresh_start(data, n_components, options, rng)
@@ -4433,26 +4449,8 @@ def _looked_up(table, index):
 
 def _spatial_m_step(model, data, resp, reg_covar):
     """The M-step from responsibilities summed per point (K, M), counted in pixels."""
-    if model.quantized_top is not None:
-        levels = data.values[:, 0].astype(np.float64)
-        stats = quantized_statistics(model, levels, model.quantized_top, resp)
-        weights, means, covariances = quantized_m_step(
-            stats,
-            model.covariance_type,
-            quantized_variance_floor(reg_covar, model.quantized_top),
-            model,
-        )
-        return replace(model, weights=weights, means=means, covariances=covariances)
-    stats = sum(resp[:, start : start + phi.shape[1]] @ phi.T for start, phi, _ in data.blocks())
-    if model.partial_volume is not None:
-        weights, means, covariances = _partial_volume_m_step(
-            stats, model.partial_volume, reg_covar, data.centred(model.means)
-        )
-    else:
-        weights, means, covariances = _m_step(
-            stats, model.covariance_type, reg_covar, data.centred(model.means), model.covariances
-        )
-    return replace(model, weights=weights, means=data.uncentred(means), covariances=covariances)
+    weights, means, covariances = model.kind.m_step_of_points(model, data, resp, reg_covar)
+    return replace(model, weights=weights, means=means, covariances=covariances)
 
 
 def spatial_fit(
