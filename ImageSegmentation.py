@@ -1722,6 +1722,19 @@ class Density:
         responsibilities, previous the (means, covariances) they were computed with."""
         return _m_step(stats, covariance_type, reg_covar, *previous)
 
+    def field_m_step(self, mass, first, second, previous_means, options):
+        """(weights, means, variances) of a bias fit's mixture (one feature) from the sums of
+        its responsibilities, of them times the corrected intensities and their squares: a
+        variance per component, or one for all with covariance_type "tied".  (Not m_step, which
+        keeps an empty component's mean and does not clamp a negative scatter at 0: the two
+        differ there and in the last bits, and the bias fits keep theirs.)"""
+        mass = _nonzero_mass(mass)
+        means = first / mass
+        scatter = np.maximum(second / mass - means**2, 0.0)
+        if options.covariance_type == "tied":
+            scatter = np.full_like(scatter, scatter @ mass / mass.sum())
+        return mass / mass.sum(), means, scatter + options.reg_covar
+
     def m_step_of_points(self, model, data, resp, reg_covar):
         """(weights, means, covariances) from responsibilities summed per point of data (K, M),
         counted in pixels (the spatial fit's)."""
@@ -1817,6 +1830,13 @@ class PartialVolume(Density):
 
     def m_step(self, stats, previous, covariance_type, reg_covar):
         return _partial_volume_m_step(stats, self, reg_covar, previous[0])
+
+    def field_m_step(self, mass, first, second, previous_means, options):
+        """The means constrained (means), one spread about each Gaussian's own mean."""
+        means = self.means(mass, first[:, None], previous_means[:, None])[:, 0]
+        spread = np.sum(second - 2 * means * first + means**2 * mass) / mass.sum()
+        mass = _nonzero_mass(mass)
+        return mass / mass.sum(), means, np.full_like(means, spread + options.reg_covar)
 
     def record(self):
         """Its fractions, and the constraints of a --cortex-check refit where there was one."""
@@ -4874,22 +4894,10 @@ def _bias_pass(state, labels=None, posteriors=None):
 
 
 def _bias_mixture(moments, options, state):
-    """The mixture's M-step on the corrected intensities, from the moments' constant terms: a
-    variance per component, or one for all with covariance_type "tied"; a partial-volume
-    model's means constrained (PartialVolume.means)."""
+    """The mixture's M-step on the corrected intensities, from the moments' constant terms
+    (the kind's field_m_step)."""
     mass, first, second = moments[:, :, 0, 0].T
-    pv = state.partial_volume
-    if pv is not None:
-        means = pv.means(mass, first[:, None], state.means[:, None])[:, 0]
-        spread = np.sum(second - 2 * means * first + means**2 * mass) / mass.sum()
-        mass = _nonzero_mass(mass)
-        return mass / mass.sum(), means, np.full_like(means, spread + options.reg_covar)
-    mass = _nonzero_mass(mass)
-    means = first / mass
-    scatter = np.maximum(second / mass - means**2, 0.0)
-    if options.covariance_type == "tied":
-        scatter = np.full_like(scatter, scatter @ mass / mass.sum())
-    return mass / mass.sum(), means, scatter + options.reg_covar
+    return state.kind.field_m_step(mass, first, second, state.means, options)
 
 
 @cache
