@@ -1692,6 +1692,7 @@ class Density:
 
     top = None  # no bins (Binned's highest gray level)
     partial_volume = None  # no tissues mixed (a PartialVolume is its own)
+    collapses = True  # a component can shrink onto a value (collapsed_components)
 
     def n_labels(self, n_components):
         return n_components
@@ -1764,6 +1765,7 @@ class Binned(Density):
     a level's probability that of its bin; exact EM with a floor on the variances."""
 
     top: int
+    collapses = False  # a bin's probability is at most 1
 
     def log_density_blocks(self, model, data):
         """One block: the bin probabilities of data's gray levels (a few hundred or thousand)."""
@@ -3018,7 +3020,7 @@ def collapsed_components(model, reg_covar):
     components are left to fit the rest of the image.  The binned model cannot collapse (a bin's
     probability is at most 1), and a tied covariance is shared by all components.
     """
-    if model.quantized_top is not None or model.covariance_type == "tied" or reg_covar <= 0:
+    if not model.kind.collapses or model.covariance_type == "tied" or reg_covar <= 0:
         return []
     covariances = np.asarray(model.covariances)
     variances = {
@@ -5943,8 +5945,7 @@ def posterior_maps(segmentation, passes):
     data = _PointFeatures(points.values, points.weights, points.scale)
     probabilities = _point_log_probabilities(model, data, of_labels=False)
     probabilities = np.exp(probabilities - _logsumexp(probabilities, axis=0))
-    if model.partial_volume is not None:  # FAST's partial volume maps: expected fractions
-        probabilities = model.partial_volume.expected_fractions(probabilities)
+    probabilities = model.kind.posterior_maps(probabilities)  # FAST's partial volume maps
     for k in range(model.n_labels):
         lut = np.zeros(picture.n_codes, dtype=np.uint16)
         lut[points.keys] = np.rint(probabilities[k, points.point_of_key] * 65535)
