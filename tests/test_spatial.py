@@ -1,12 +1,9 @@
-"""Better segmentations than a per-pixel mixture: the quantized gray model and the spatial prior."""
+"""--spatial: the Potts prior's mean-field EM, its sweeps (full, partial, over-relaxed) and what
+they report."""
 
 import numpy as np
 import pytest
 from conftest import (
-    CLIPPED,
-    bayes_of_levels,
-    biased_phantom,
-    clipped_image,
     matched_accuracy,
     noisy_scene,
     random_responsibilities,
@@ -15,99 +12,6 @@ from conftest import (
     seg,
 )
 from PIL import Image
-from sklearn.mixture import GaussianMixture
-
-# --- --quantized ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", list(CLIPPED))
-def test_quantized_reaches_the_bayes_limit_where_densities_collapse(rng, case):
-    means, sds = CLIPPED[case]
-    image, labels = clipped_image(means, sds, rng)
-    assert max(np.mean(image == 0), np.mean(image == 255)) > 0.15  # a big run of one value
-    bayes = matched_accuracy(bayes_of_levels(labels, means, sds)[image], labels, 3)
-    quantized, _, model = seg.segment_image(image, 3, quantized=True, tol=1e-6)
-    plain, _, plain_model = seg.segment_image(image, 3, tol=1e-6)
-    X = image.reshape(-1, 1) / 255.0
-    reference = GaussianMixture(3, random_state=0).fit(X).predict(X).reshape(image.shape)
-    assert matched_accuracy(quantized, labels, 3) >= bayes - 0.01
-    assert matched_accuracy(plain, labels, 3) < bayes - 0.1  # a component collapsed
-    assert matched_accuracy(reference, labels, 3) < bayes - 0.1
-    assert np.sqrt(plain_model.covariances.min()) < 0.01  # ... onto the clipped level
-    np.testing.assert_allclose(np.sort(model.means.ravel()), means, atol=0.02)
-
-
-@pytest.mark.parametrize("covariance_type", seg.COVARIANCE_TYPES)
-def test_quantized_log_likelihood_never_decreases(rng, covariance_type):
-    image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
-    levels, counts = np.unique(image, return_counts=True)
-    fit = seg.fit_quantized_gmm(
-        levels, counts, 3, covariance_type=covariance_type, tol=0, max_iter=60
-    )
-    history = np.asarray(fit.log_likelihood)
-    assert len(history) == 60 and np.all(np.diff(history) >= -1e-12)
-    assert np.all(history <= 0)  # probabilities of bins
-    # The last value is the model's own mean log-probability of the pixels.
-    assert history[-1] == pytest.approx(fit.score(image.reshape(-1, 1) / 255.0), abs=1e-12)
-
-
-def test_quantized_matches_the_density_model_where_bins_are_narrow(rng):
-    """Far from the clip points and with wide components, a bin's probability ~ density x width."""
-    x = np.clip(np.rint(rng.normal(0.5, 0.1, 20000) * 255), 0, 255)
-    levels, counts = np.unique(x, return_counts=True)
-    binned = seg.fit_quantized_gmm(levels, counts, 1, tol=1e-9)
-    dense = seg.fit_gmm(levels / 255, 1, sample_weight=counts, tol=1e-9)
-    assert binned.means[0, 0] == pytest.approx(dense.means[0, 0], abs=1e-6)
-    # Sheppard: the density fit sees the rounding noise (1/255)^2 / 12 as variance (and adds
-    # reg_covar),
-    # the binned fit does neither.
-    assert dense.covariances.ravel()[0] - binned.covariances.ravel()[0] == pytest.approx(
-        1 / 255**2 / 12 + 1e-6, rel=0.05
-    )
-    assert binned.log_likelihood[-1] == pytest.approx(
-        dense.log_likelihood[-1] - np.log(255), abs=1e-3
-    )
-
-
-def test_quantized_sixteen_bit_levels(rng):
-    values = np.clip(
-        np.rint(rng.normal([0.0, 0.5], 0.05, (4000, 2)).ravel() * 65535), 0, 65535
-    ).astype(np.uint16)
-    labels, _, model = seg.segment_image(values.reshape(80, 100), 2, quantized=True)
-    assert model.quantized_top == 65535
-    np.testing.assert_allclose(model.means.ravel(), [0.0, 0.5], atol=0.01)
-
-
-def test_quantized_on_the_command_line(tmp_path, rng, capsys):
-    image, _ = clipped_image(*CLIPPED["dark class clipped at 0"], rng)
-    Image.fromarray(image).save(tmp_path / "gray.png")
-    Image.fromarray(np.stack([image, image[::-1], np.roll(image, 5, axis=1)], axis=-1)).save(
-        tmp_path / "color.png"
-    )
-    status, out, err = run(
-        [
-            tmp_path / "gray.png",
-            tmp_path / "color.png",
-            "-k",
-            "3",
-            "--quantized",
-            "--out",
-            tmp_path / "out",
-        ],
-        capsys,
-    )
-    assert status == 0, err
-    gray = record_of(tmp_path / "out", "gray")
-    color = record_of(tmp_path / "out", "color")
-    assert gray["quantized"] is True and gray["settings"]["quantized"] is True
-    assert max(gray["log_likelihood"]) <= 0
-    assert color["quantized"] is False and any("--quantized" in note for note in color["notes"])
-    assert (
-        f"note: {tmp_path / 'color.png'}: --quantized applies to 8- and 16-bit gray levels" in err
-    )
-
-
-# --- --spatial ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n_features", [1, 3], ids=["gray", "color"])
@@ -352,62 +256,3 @@ def test_over_relaxation_takes_fewer_iterations_to_the_same_maximum():
         assert np.mean(relaxed.labels == plain.labels) >= 0.999
     assert runs["ramps", True].spatial.n_iter < runs["ramps", False].spatial.n_iter
     assert runs["noisy", True].spatial.n_iter <= runs["noisy", False].spatial.n_iter + 2
-
-
-@pytest.mark.slow
-def test_threads_do_not_change_a_bit():
-    """The row bands of a pass run on Passes.threads threads; the results are summed in band
-    order, so one thread and several give the same objective, labels and field to the last
-    digit."""
-    _, biased, _, inside, _ = biased_phantom(np.random.default_rng(3), shape=(150, 130))
-    picture = seg.with_mask(seg.picture_from_array(biased), inside)
-    points = seg.distinct_values(picture)
-    many_chunks = seg.SpatialSettings(partial_chunk=64)  # many chunks of a partial sweep
-    runs = []
-    for threads in (1, 3):
-        many_bands = seg.Passes(threads=threads, band_bytes=1 << 12)  # even on a small image
-        options = seg.SegmentOptions(
-            spatial=1.0, spatial_settings=many_chunks, fit=seg.FitOptions(passes=many_bands)
-        )
-        runs.append(
-            (
-                seg.segment_points(picture, points, 3, options),
-                seg.segment_points(picture, points, 3, options, bias_field=True, spatial=0.5),
-            )
-        )
-    for one, several in zip(*runs):
-        assert one.spatial.n_iter > 3 and one.spatial.converged
-        assert one.spatial.objective == several.spatial.objective
-        assert np.array_equal(one.labels, several.labels)
-        assert one.model.log_likelihood == several.model.log_likelihood
-    assert np.array_equal(runs[0][1].bias.coefficients, runs[1][1].bias.coefficients)
-
-
-def test_the_e_steps_blocks_on_threads_give_the_same_bits():
-    """The E-step on more points than a block (BLOCK_POINTS) runs its blocks on the passes'
-    threads and adds them up in block order: fit_gmm on one thread and on three ends at the
-    same parameters and log-likelihoods to the last bit, through SQUAREM's steps."""
-    rng = np.random.default_rng(7)
-    X = np.concatenate([rng.normal(m, 0.12, (20_000, 3)) for m in (0.35, 0.5, 0.65)])
-    assert len(X) > 3 * seg.BLOCK_POINTS
-    fits = [
-        seg.fit_gmm(X, 3, random_state=1, passes=seg.Passes(threads=threads)) for threads in (1, 3)
-    ]
-    assert fits[0].n_iter > 2 and fits[0].log_likelihood == fits[1].log_likelihood
-    for name in ("weights", "means", "covariances"):
-        assert np.array_equal(getattr(fits[0], name), getattr(fits[1], name))
-
-
-def test_colours_are_counted_alike_on_any_number_of_threads(rng):
-    """A large colour image's histogram is counted in parts of `chunk` pixels, on the threads
-    there are, and merged; an image of mostly distinct colours (whose parts' histograms would
-    cost as much to merge) in one piece: either way the same codes and counts as np.unique,
-    with any number of threads."""
-    for levels in (4, 256):  # 9,900 pixels in parts of 1,000
-        picture = seg.picture_from_array(rng.integers(0, levels, (90, 110, 3)).astype(np.uint8))
-        expected = np.unique(picture.codes, return_counts=True)
-        for threads in (1, 2, 3, 7):
-            passes = seg.Passes(threads=threads)
-            keys, counts = seg.code_histogram(picture.codes, 1 << 24, passes, chunk=1000)
-            assert np.array_equal(keys, expected[0]) and np.array_equal(counts, expected[1])
-            assert counts.dtype == np.int64
