@@ -1,14 +1,21 @@
 """Shared helpers: the program is imported from the repository root; images are made here."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-from hypothesis import settings
-from PIL import Image
-from scipy import special
+# BLAS on one thread, as the program's batch workers run it: pytest-xdist's workers already
+# take every core, and BLAS's threads on top of them cost the suite a tenth of its time.  Set
+# before NumPy loads BLAS (a variable set by the caller wins); no test depends on it.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy import special  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
