@@ -1,5 +1,6 @@
 """The EM engine: agreement with scikit-learn, exactness of distinct values, EM's guarantees."""
 
+import json
 import math
 import warnings
 
@@ -288,3 +289,29 @@ def test_a_singular_covariance_is_a_value_error_for_every_type(covariance_type):
     with pytest.raises(seg.FitFailed, match="singular"):
         seg.fit_gmm(X, 2, covariance_type=covariance_type, reg_covar=0)
     assert issubclass(seg.FitFailed, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["density", "binned", "partial volume"])
+def test_each_kind_of_mixture_keeps_its_labels_through_its_record_and_a_reordering(kind):
+    """A fit's kind (Gaussian densities, bins of gray levels, Gaussians mixing tissues) is read
+    back from its record with the same labels of every level, and reordering its labels
+    permutes them and changes no likelihood."""
+    rng = np.random.default_rng(3)
+    image = rng.choice([60.0, 120.0, 190.0], (50, 60)) + rng.normal(0, 12, (50, 60))
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    options = {
+        "density": {},
+        "binned": {"quantized": True},
+        "partial volume": {"partial_volume": True, "covariance_type": "tied"},
+    }[kind]
+    model = seg.segment_image(image, 3, **options)[2]
+    assert (model.quantized_top == 255) == (kind == "binned")
+    assert (model.partial_volume is not None) == (kind == "partial volume")
+    levels = np.arange(256.0)[:, None] / 255
+    again = seg.GaussianMixtureFit.from_record(json.loads(json.dumps(model.to_record())))
+    assert type(again.kind) is type(model.kind) and again.n_labels == model.n_labels == 3
+    assert np.array_equal(again.predict(levels), model.predict(levels))
+    order = np.array([2, 0, 1])
+    reordered = model.reordered(order)
+    assert np.array_equal(order[reordered.predict(levels)], model.predict(levels))
+    np.testing.assert_allclose(reordered.score_samples(levels), model.score_samples(levels))
