@@ -1723,18 +1723,20 @@ class Density:
         responsibilities, previous the (means, covariances) they were computed with."""
         return _m_step(stats, covariance_type, reg_covar, *previous)
 
-    def field_m_step(self, mass, first, second, previous_means, options):
-        """(weights, means, variances) of a bias fit's mixture (one feature) from the sums of
-        its responsibilities, of them times the corrected intensities and their squares: a
-        variance per component, or one for all with covariance_type "tied".  (Not m_step, which
-        keeps an empty component's mean and does not clamp a negative scatter at 0: the two
-        differ there and in the last bits, and the bias fits keep theirs.)"""
-        mass = _nonzero_mass(mass)
-        means = first / mass
-        scatter = np.maximum(second / mass - means**2, 0.0)
-        if options.covariance_type == "tied":
-            scatter = np.full_like(scatter, scatter @ mass / mass.sum())
-        return mass / mass.sum(), means, scatter + options.reg_covar
+    def field_m_step(self, moments, previous, covariance_type, reg_covar):
+        """(weights, means, variances) of a bias fit's mixture of one feature, the corrected
+        intensity: this kind's m_step on the moments' constant terms (K, 3: the sums of the
+        responsibilities, of them times the corrected intensities and their squares),
+        previous its (means, variances)."""
+        means, variances = previous
+        tied = covariance_type == "tied"
+        covariances = variances[:1, None] if tied else variances[:, None, None]
+        weights, means, covariances = self.m_step(
+            moments, (means[:, None], covariances), "tied" if tied else "full", reg_covar
+        )
+        variances = np.broadcast_to(covariances.reshape(-1), weights.shape)
+        # a scatter below 0 (rounding, on a component of one value) counts as 0
+        return weights, means[:, 0], np.maximum(variances, reg_covar)
 
     def m_step_of_points(self, model, data, resp, reg_covar):
         """(weights, means, covariances) from responsibilities summed per point of data (K, M),
@@ -1832,13 +1834,6 @@ class PartialVolume(Density):
 
     def m_step(self, stats, previous, covariance_type, reg_covar):
         return _partial_volume_m_step(stats, self, reg_covar, previous[0])
-
-    def field_m_step(self, mass, first, second, previous_means, options):
-        """The means constrained (means), one spread about each Gaussian's own mean."""
-        means = self.means(mass, first[:, None], previous_means[:, None])[:, 0]
-        spread = np.sum(second - 2 * means * first + means**2 * mass) / mass.sum()
-        mass = _nonzero_mass(mass)
-        return mass / mass.sum(), means, np.full_like(means, spread + options.reg_covar)
 
     def record(self):
         """Its fractions, and the constraints of a --cortex-check refit where there was one."""
@@ -4898,8 +4893,10 @@ def _bias_pass(state, labels=None, posteriors=None):
 def _bias_mixture(moments, options, state):
     """The mixture's M-step on the corrected intensities, from the moments' constant terms
     (the kind's field_m_step)."""
-    mass, first, second = moments[:, :, 0, 0].T
-    return state.kind.field_m_step(mass, first, second, state.means, options)
+    previous = (state.means, state.variances)
+    return state.kind.field_m_step(
+        moments[:, :, 0, 0], previous, options.covariance_type, options.reg_covar
+    )
 
 
 @cache
