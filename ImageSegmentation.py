@@ -1097,15 +1097,7 @@ class EMRun:
     def of_fit(cls, state, fit):
         """The record of a fit (a GaussianMixtureFit's), ending at state: the same parameters
         as another model's state (a bias fit's start without a field)."""
-        return cls(
-            state,
-            fit.log_likelihood,
-            fit.n_iter,
-            fit.converged,
-            fit.n_em_steps,
-            fit.fell_at,
-            fit.newton_iter,
-        )
+        return replace(fit.run, state=state)
 
 
 @dataclass(frozen=True)
@@ -2053,7 +2045,8 @@ def _initial_statistics(data, n_components, init, rng):
 
 @dataclass
 class GaussianMixtureFit:
-    """A fitted mixture, with scikit-learn's attribute names and shapes.
+    """A fitted mixture: its parameters, with scikit-learn's names and shapes, its kind, and
+    the record of the EM run that fitted it (none for a model read from a file).
 
     Attributes
     ----------
@@ -2063,11 +2056,6 @@ class GaussianMixtureFit:
     covariances : array
         full (K, D, D), tied (D, D), diag (K, D), spherical (K,).
     covariance_type : str
-    log_likelihood : list of float
-        Mean log-likelihood per sample after each iteration (of the bins, for a binned model).
-    n_iter : int
-    converged : bool
-        The stopping rule held (False: max_iter was reached first).
     kind : Density, Binned or PartialVolume
         What a label is and how the densities are read (DENSITY: Gaussian densities).
     quantized_top : int or None
@@ -2075,6 +2063,13 @@ class GaussianMixtureFit:
     partial_volume : PartialVolume or None
         A partial-volume model: its G Gaussians (pure tissues first, then mixels; tied) mix
         T tissues, and labels, predict and predict_proba are of the tissues.
+    run : EMRun
+        What the fit's EM run did (its state dropped); read through the following.
+    log_likelihood : list of float
+        Mean log-likelihood per sample after each iteration (of the bins, for a binned model).
+    n_iter : int
+    converged : bool
+        The stopping rule held (False: max_iter was reached first).
     n_em_steps : int
         EM maps evaluated: one an iteration for plain EM, two or three when accelerated.
     subsample : list of dict or None
@@ -2098,33 +2093,46 @@ class GaussianMixtureFit:
     means: np.ndarray
     covariances: np.ndarray
     covariance_type: str
-    log_likelihood: list
-    n_iter: int
-    converged: bool
     kind: Density = DENSITY
-    n_em_steps: int = 0
+    run: EMRun = field(default_factory=lambda: EMRun(None, [], 0, True, 0))  # none: converged
     subsample: list | None = None  # the fit started from fits to draws of pixels: what ran there
-    fell_at: int | None = None  # EM itself lost more than tol at this iteration (see run_em)
-    newton_iter: int = 0  # the first iterations were Newton steps (NewtonSteps)
 
     @classmethod
     def of_run(cls, parameters, covariance_type, run, kind=DENSITY):
         """The fit that an EMRun of a mixture of that kind ended with: parameters = (weights,
-        means on the 0..1 scale, covariances), and the run's record."""
+        means on the 0..1 scale, covariances), and the run's record (not its state)."""
         weights, means, covariances = parameters
-        return cls(
-            weights,
-            means,
-            covariances,
-            covariance_type,
-            run.history,
-            run.n_iter,
-            run.converged,
-            kind,
-            run.n_em_steps,
-            fell_at=run.fell_at,
-            newton_iter=run.newton_iter,
-        )
+        return cls(weights, means, covariances, covariance_type, kind, replace(run, state=None))
+
+    @property
+    def log_likelihood(self):
+        return self.run.history
+
+    @property
+    def n_iter(self):
+        return self.run.n_iter
+
+    @property
+    def converged(self):
+        return self.run.converged
+
+    @property
+    def n_em_steps(self):
+        return self.run.n_em_steps
+
+    @property
+    def fell_at(self):
+        """EM itself lost more than tol at this iteration (see run_em)."""
+        return self.run.fell_at
+
+    @property
+    def newton_iter(self):
+        """The first iterations were Newton steps (NewtonSteps)."""
+        return self.run.newton_iter
+
+    def with_history(self, log_likelihood):
+        """The same model with that log-likelihood history (a saved model's on an image)."""
+        return replace(self, run=replace(self.run, history=log_likelihood))
 
     @property
     def quantized_top(self):
@@ -2223,7 +2231,7 @@ class GaussianMixtureFit:
             raise ValueError("quantized_top is not 255 or 65535 for a gray model")
         pv = _partial_volume_of_record(record.get("partial_volume"), k, covariance_type, top)
         kind = pv or (DENSITY if top is None else Binned(top))
-        return cls(weights, means, covariances, covariance_type, [], 0, True, kind)
+        return cls(weights, means, covariances, covariance_type, kind)
 
     def reordered(self, order):
         """The same model with its labels (components, or a partial-volume model's tissues)
@@ -5046,7 +5054,7 @@ def _plain_bias_fit(
 
     def fit_one():
         if fixed is not None:
-            plain = replace(fixed, log_likelihood=[_mean_log_likelihood(fixed, data)])
+            plain = fixed.with_history([_mean_log_likelihood(fixed, data)])
         else:
             plain = _fresh_mixture(data, k, options, rng, with_partial_volume, cortex)
         state = BiasState(
@@ -5836,7 +5844,7 @@ def _segment_once(picture, points, n_components, options, shared, on_iteration, 
     else:
         model, search = shared.model, shared.k_search
         if not model.log_likelihood:  # a model read from a file: how well it fits this image
-            model = replace(model, log_likelihood=[_mean_log_likelihood(model, data)])
+            model = model.with_history([_mean_log_likelihood(model, data)])
     segmentation = Segmentation(
         picture=picture,
         points=points,

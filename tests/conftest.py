@@ -58,9 +58,6 @@ def bayes_labels(image, weights, means, covariances):
         np.asarray(means, float),
         np.asarray(covariances, float),
         "full",
-        [],
-        0,
-        True,
     )
     pixels = image.reshape(-1, 1 if image.ndim == 2 else 3) / 255.0
     return truth.predict(pixels).reshape(image.shape[:2])

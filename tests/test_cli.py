@@ -173,9 +173,6 @@ def test_model_json_agrees_with_the_label_map(tmp_path, rng, capsys):
         np.array(record["means"]),
         np.array(record["covariances"]),
         "full",
-        [],
-        0,
-        True,
     )
     labels = np.asarray(Image.open(tmp_path / "a_labels.png"))
     assert np.array_equal(model.predict(image.reshape(-1, 3) / 255.0).reshape(labels.shape), labels)
@@ -529,7 +526,8 @@ def test_figures_name_what_they_show(rng):
     assert len(_colourbar_labels(figure)) == 3
 
     saved = seg.SharedModel(segmentation.model, None, (), "gray", file="scan_model.json")
-    given = replace(segmentation, shared=saved, model=replace(segmentation.model, n_iter=0))
+    unfitted = replace(segmentation.model, run=replace(segmentation.model.run, n_iter=0))
+    given = replace(segmentation, shared=saved, model=unfitted)
     texts = [
         text.get_text() for ax in seg.plot_log_likelihood(given, tissues).axes for text in ax.texts
     ]

@@ -336,7 +336,7 @@ def overlapping_pair():
 
 def as_fit(data, state):
     return seg.GaussianMixtureFit(
-        state.weights, data.uncentred(state.means), state.covariances, "full", [], 0, True
+        state.weights, data.uncentred(state.means), state.covariances, "full"
     )
 
 
