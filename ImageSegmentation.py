@@ -2104,31 +2104,13 @@ class GaussianMixtureFit:
         weights, means, covariances = parameters
         return cls(weights, means, covariances, covariance_type, kind, replace(run, state=None))
 
-    @property
-    def log_likelihood(self):
-        return self.run.history
-
-    @property
-    def n_iter(self):
-        return self.run.n_iter
-
-    @property
-    def converged(self):
-        return self.run.converged
-
-    @property
-    def n_em_steps(self):
-        return self.run.n_em_steps
-
-    @property
-    def fell_at(self):
-        """EM itself lost more than tol at this iteration (see run_em)."""
-        return self.run.fell_at
-
-    @property
-    def newton_iter(self):
-        """The first iterations were Newton steps (NewtonSteps)."""
-        return self.run.newton_iter
+    # the run's record, by scikit-learn-like names (the class docstring says what each is)
+    log_likelihood = property(lambda self: self.run.history)
+    n_iter = property(lambda self: self.run.n_iter)
+    converged = property(lambda self: self.run.converged)
+    n_em_steps = property(lambda self: self.run.n_em_steps)
+    fell_at = property(lambda self: self.run.fell_at)
+    newton_iter = property(lambda self: self.run.newton_iter)
 
     def with_history(self, log_likelihood):
         """The same model with that log-likelihood history (a saved model's on an image)."""
