@@ -2605,9 +2605,9 @@ def staged(on_iteration, stage):
 
 
 def _density_em(data, start, options, on_iteration=None, kind=DENSITY, jacobian=None):
-    """EM of the density model from centred parameters start = (weights, means, covariances);
-    of a partial-volume mixture (tied) with that PartialVolume; with Newton steps first given
-    the EM map's Jacobian (NewtonSteps)."""
+    """EM of a mixture of that kind (DENSITY, or a PartialVolume: tied) from centred
+    parameters start = (weights, means, covariances); with Newton steps first given the EM
+    map's Jacobian (NewtonSteps)."""
     e_step, m_step = _density_map(data, options, kind)
     run = run_mixture_em(MixtureState(*start, e_step), m_step, options, on_iteration, jacobian)
     weights, means, covariances = run.state.parameters
