@@ -3448,6 +3448,8 @@ class Plane:
     neighbour helpers ask about neighbours (this class's methods and Stack's, a volume's):
     2-D and stacked 3-D are two small types, not a branch in every helper."""
 
+    crops_to_mask = False  # an image's fits run on the whole image (their bits are those)
+
     def neighbour_sum(self, padded, box):
         """(K, h, w): the neighbours' q summed at the sites padded[:, r0:r1:2, c0:c1:2], box =
         (r0, r1, c0, c1) in padded (q inside a border of zeros)."""
@@ -3556,6 +3558,7 @@ class Stack:
 
     shape: tuple  # (D, H, W)
     weights: tuple = (1.0, 1.0, 1.0)
+    crops_to_mask = True  # a brain fills half a scan's box and a fifth of its voxels (_mask_box)
 
     @classmethod
     def of(cls, shape, spacing):
@@ -4497,14 +4500,14 @@ def spatial_fit(
 
 
 def _mask_box(picture):
-    """A masked volume's bounding box of the mask (slices), when it is smaller than the volume:
-    the spatial and bias fits of a volume go through the box only (a brain fills half of a
-    scan's box, and a fifth of its voxels).  None for images and for a mask that fills it."""
-    if picture.volume is None or picture.mask is None:
+    """The bounding box of the mask (slices), where the picture's grid crops its spatial and
+    bias fits to it (a volume's: Stack.crops_to_mask) and it is smaller than the picture.  None
+    without a mask, for an image, and for a mask that fills its picture."""
+    if picture.mask is None or not grid_of(picture.codes.shape).crops_to_mask:
         return None
     box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
+    for axis in range(picture.mask.ndim):
+        other = tuple(a for a in range(picture.mask.ndim) if a != axis)
         inside = np.flatnonzero(picture.mask.any(axis=other))
         box.append(slice(int(inside[0]), int(inside[-1]) + 1))
     box = tuple(box)
