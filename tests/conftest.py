@@ -78,6 +78,12 @@ def rng():
     return np.random.default_rng(12345)
 
 
+# The outputs every image gets but the figures (by the program's own lists), and --outputs
+# asking for them: what run writes unless a test is about figures.
+NOT_FIGURES = [s.split(".")[0] for s in seg.OUTPUT_SUFFIXES if s.split(".")[0] not in seg.FIGURES]
+NO_FIGURES = ["--outputs", ",".join(NOT_FIGURES)]
+
+
 def run(argv, capsys, figures=False):
     """The command line in this process: (status, stdout, stderr).  One process unless argv asks for
     --jobs (or --dask), so a test's process pool never depends on the machine's core count.
@@ -92,7 +98,7 @@ def run(argv, capsys, figures=False):
         argv += ["--jobs", "1"]
     if not figures and not any(a == "--outputs" or a.startswith("--outputs=") for a in argv):
         field = any(a in ("--bias-field", "--brain") for a in argv)
-        argv += ["--outputs", "segmented,labels,json" + (",bias,corrected" if field else "")]
+        argv += [NO_FIGURES[0], NO_FIGURES[1] + (",bias,corrected" if field else "")]
     status = seg.main(argv)
     out, err = capsys.readouterr()
     return status, out, err
@@ -139,7 +145,7 @@ def outputs_of(out_dir, stem, figures=False):
     return {
         suffix: Path(out_dir) / f"{stem}_{suffix}"
         for suffix in seg.OUTPUT_SUFFIXES
-        if figures or suffix.split(".")[0] not in seg.FIGURES
+        if figures or suffix.split(".")[0] in NOT_FIGURES
     }
 
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run, seg
+from conftest import NO_FIGURES, ROOT, run, seg
 from PIL import Image
 
 pytest.importorskip("distributed")
@@ -33,13 +33,10 @@ def program(*arguments):
     """The command line in a process of its own, writing no figures (their drawing is the
     same code on a worker as in a process; a figure is half a small image's time)."""
     return subprocess.run(
-        [sys.executable, PROGRAM, *map(str, arguments), "--outputs", NO_FIGURES],
+        [sys.executable, PROGRAM, *map(str, arguments), *NO_FIGURES],
         capture_output=True,
         text=True,
     )
-
-
-NO_FIGURES = "segmented,labels,json"
 
 
 @pytest.mark.slow
@@ -81,8 +78,7 @@ def test_a_killed_worker_does_not_lose_an_image(tmp_path, rng):
     out = tmp_path / "out"
     slow = ["--spatial", "1", "--tol", "0", "--max-iter", "300"]  # about a second an image
     process = subprocess.Popen(
-        [sys.executable, PROGRAM, images, "--dask", "local:2", *slow, "--out", out]
-        + ["--outputs", NO_FIGURES],
+        [sys.executable, PROGRAM, images, "--dask", "local:2", *slow, "--out", out] + NO_FIGURES,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

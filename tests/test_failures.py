@@ -13,11 +13,19 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import ROOT, outputs_of, record_of, run, run_on_a_full_disk, seg, two_tone
+from conftest import (
+    NO_FIGURES,
+    ROOT,
+    outputs_of,
+    record_of,
+    run,
+    run_on_a_full_disk,
+    seg,
+    two_tone,
+)
 from PIL import Image
 
 PROGRAM = str(ROOT / "ImageSegmentation.py")
-NO_FIGURES = ["--outputs", "segmented,labels,json"]  # what complete_or_absent looks for
 
 
 def complete_or_absent(out_dir, stem):
