@@ -7892,12 +7892,17 @@ def field_notes(segmentation):
 
 
 BRAIN_PLAUSIBLE = {"CSF": (0.0, 0.5), "grey matter": (0.1, 0.8), "white matter": (0.1, 0.8)}
+# white matter over grey matter: every slice of the ICBM 2009a template with 5,000 brain pixels
+# or more, at 1, 2 and 3 mm, has at most 1.32 (docs/brain.md); past this, grey matter's bright
+# side is likely labelled white
+WHITE_OVER_GREY_MAX = 1.5
 
 
 def brain_fit_notes(segmentation):
     """--brain's fit checked against what a brain holds: each tissue's share of the brain within
-    BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least), and labels that
-    may not be the tissues in order (peaks_taken, crossed_mixels)."""
+    BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least), white matter at
+    most WHITE_OVER_GREY_MAX times grey matter, and labels that may not be the tissues in order
+    (peaks_taken, crossed_mixels)."""
     model, notes = segmentation.model, []
     if model.n_labels != len(BRAIN_TISSUES):
         return notes
@@ -7910,6 +7915,13 @@ def brain_fit_notes(segmentation):
                 f"{100 * high:.0f} % a brain holds: the labels may not be the tissues (a strong "
                 f"field, or not a T1 scan?)"
             )
+    grey, white = shares[1], shares[2]
+    if grey >= BRAIN_PLAUSIBLE["grey matter"][0] and white > WHITE_OVER_GREY_MAX * grey:
+        notes.append(
+            f"white matter is labelled on {white / grey:.1f} times grey matter's "
+            f"pixels, where no slice of the ICBM template has over 1.3: grey matter's bright side "
+            f"may be labelled white matter (broad grey matter, as in the cerebellum?)"
+        )
     for label, other in peaks_taken(model):
         notes.append(
             f"at {BRAIN_TISSUES[label]}'s own mean intensity the fit gives {BRAIN_TISSUES[other]}: "

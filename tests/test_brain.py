@@ -209,20 +209,31 @@ def test_auto_beta_is_halved_rather_than_empty_a_thin_class(tmp_path, capsys):
 
 
 def test_a_brain_fit_no_brain_could_be_is_noted(tmp_path, rng, capsys):
-    """Tissue shares no brain has (CSF 80 % here) and a fit the --max-iter cap stopped each
-    get a note, on stderr and in the JSON; a plausible fit gets neither."""
+    """Tissue shares no brain has (CSF 80 % here; white matter over twice grey matter, each
+    share within its own bounds) and a fit the --max-iter cap stopped each get a note, on
+    stderr and in the JSON; a plausible fit gets none."""
     image, labels, inside = phantom(rng)
+
+    def scan_of(tissues):
+        levels = np.array([0.3, 0.55, 0.8])[tissues] + rng.normal(0, 0.03, labels.shape)
+        return np.where(inside, np.clip(np.rint(levels * 255), 1, 255), 0).astype(np.uint8)
+
     csf_heavy = np.where(rng.random(labels.shape) < 0.7, 0, labels)  # most pixels CSF's level
-    levels = np.array([0.3, 0.55, 0.8])[csf_heavy] + rng.normal(0, 0.03, labels.shape)
-    scan = np.where(inside, np.clip(np.rint(levels * 255), 1, 255), 0).astype(np.uint8)
-    Image.fromarray(scan).save(tmp_path / "odd.png")
+    white_cells = np.kron(rng.random((14, 17)) < 0.3, np.ones((6, 6), bool))  # phantom's cells
+    white_heavy = np.where(white_cells[:80, :100], 2, labels)  # CSF and grey 0.23 each
+    Image.fromarray(scan_of(csf_heavy)).save(tmp_path / "odd.png")
+    Image.fromarray(scan_of(white_heavy)).save(tmp_path / "white.png")
     Image.fromarray(image).save(tmp_path / "fine.png")
+    names = ("odd.png", "white.png", "fine.png")
     status, out, err = run(
-        [tmp_path / "odd.png", tmp_path / "fine.png", "--brain", "--out", tmp_path / "o"], capsys
+        [*(tmp_path / name for name in names), "--brain", "--out", tmp_path / "o"], capsys
     )
     assert status == 0, err
     assert f"note: {tmp_path / 'odd.png'}: CSF is " in err and "outside the 0 to 50 %" in err
     assert any(note.startswith("CSF is ") for note in record_of(tmp_path / "o", "odd")["notes"])
+    white_notes = record_of(tmp_path / "o", "white")["notes"]
+    assert len(white_notes) == 1 and white_notes[0].startswith("white matter is labelled on 2.")
+    assert f"note: {tmp_path / 'white.png'}: white matter is labelled on 2." in err
     assert f"note: {tmp_path / 'fine.png'}" not in err
     status, out, err = run(
         [tmp_path / "fine.png", "--brain", "--max-iter", "2", "--out", tmp_path / "c"], capsys
