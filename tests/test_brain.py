@@ -435,11 +435,9 @@ def test_a_large_scans_restart_fits_the_field_on_a_coarser_grid():
     assert seg._coarsest(lone, seg.STRONG_FIELD_SITES) is lone  # a coarser grid has a site inside
 
 
-def test_a_volumes_strong_field_restarts_its_spatial_fit():
-    """A volume (12 slices of partial_volume_phantom) under a field of max / min 2.33 across
-    rows, slices and a bowl across columns: held, the fit finds a field of 1.75 and labels 58 %
-    right; restarted from the ECM on the stacked grid of every other slice, row and column, 89 %
-    (from no field, --bias-start none)."""
+def strong_field_volume():
+    """12 slices of partial_volume_phantom under a field of max / min 2.33 across rows, slices
+    and a bowl across columns: (scan, truth 0..2, inside)."""
     rng, shape = np.random.default_rng(0), (12, 80, 100)
     slices = [partial_volume_phantom(rng, shape=shape[1:]) for _ in range(shape[0])]
     image, truth = (np.stack(part) for part in zip(*slices))
@@ -448,12 +446,27 @@ def test_a_volumes_strong_field_restarts_its_spatial_fit():
     log_field = 0.6 * u + 0.3 * z + 0.4 * v * v
     log_field = (log_field - log_field[inside].min()) / np.ptp(log_field[inside]) * np.log(2.33)
     scan = np.clip(np.rint(image * np.exp(log_field - log_field[inside].mean())), 1, 255)
-    scan = np.where(inside, scan, 0).astype(np.uint8)
-    config = seg.parse_command_line(["scan.nii.gz", "--brain", "--bias-start", "none"])
+    return np.where(inside, scan, 0).astype(np.uint8), truth, inside
+
+
+def _volume_fit(scan, *extra):
+    config = seg.parse_command_line(["scan.nii.gz", "--brain", *extra])
     segmentation, _ = seg.segment_picture(seg.picture_from_volume(scan), seg.Batch(config, ()))
-    labels, field = seg.label_map(segmentation), segmentation.bias
+    return seg.label_map(segmentation), segmentation.bias
+
+
+def test_a_volumes_strong_field_restarts_its_spatial_fit():
+    """A volume (strong_field_volume): held, the fit finds a field of 1.75 and labels 58 %
+    right; restarted from the ECM on the stacked grid of every other slice, row and column, 89 %.
+    --brain starts a volume's field from none (--bias-start auto)."""
+    scan, truth, inside = strong_field_volume()
+    labels, field = _volume_fit(scan)
+    assert field.start_gain is None and not field.started
     assert field.restarted and field.spread > 1.7
     assert np.mean(labels[inside] == truth[inside] + 1) > 0.85
+    labels, field = _volume_fit(scan, "--bias-start", "histogram")  # asked for: in 3-D too
+    assert field.started and field.start_gain > seg.SHARPEN_GAIN and len(field.shape) == 3
+    assert field.spread > 1.8 and np.mean(labels[inside] == truth[inside] + 1) > 0.85
 
 
 @pytest.mark.parametrize("seed", range(3))
