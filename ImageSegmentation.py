@@ -5586,7 +5586,7 @@ SHARPEN_BINS = 96  # bins over the log intensities' 0.5th to 99.5th percentiles 
 SHARPEN_PAD = 0.15  # of that range, on either side
 SHARPEN_SMOOTH = 1.5  # bins: the sd of the Gaussian the histogram is smoothed with
 SHARPEN_DEPTH = 2  # steps inside the mask (4-neighbour, 6 in a volume): its edge mixes black
-SHARPEN_SITES = 1 << 16  # at most about this many pixels: every n-th of those inside
+SHARPEN_SITES = 1 << 14  # at most about this many pixels: every n-th of those inside
 
 
 def histogram_entropy(values, width):
