@@ -5670,15 +5670,18 @@ def bias_start(options, picture):
 
 
 def sharpened_picture(picture, field):
-    """The picture divided by the field inside its mask (every pixel without one), its 99.9th
-    percentile there kept, rounded to its codes (1 at least: 0 is outside); outside, as it was.
+    """The picture divided by the field inside its mask (every pixel without one), the 99.9th
+    percentile of its pixels there that are not 0 kept, rounded to its codes; 0 stays 0 and
+    nothing else becomes 0 (a black outside stays the only black); outside, as it was.
     Returns (the picture, the factor a: sharpened = a x picture / field, before rounding)."""
     inside = np.ones(picture.codes.shape, bool) if picture.mask is None else picture.mask
     codes = picture.codes[inside]
     values = codes / field.image()[inside].astype(np.float64)
-    factor = float(np.percentile(codes, 99.9) / np.percentile(values, 99.9))
+    lit = codes > 0
+    factor = float(np.percentile(codes[lit], 99.9) / np.percentile(values[lit], 99.9))
+    rounded = np.clip(np.rint(values * factor), 1, picture.n_codes - 1)
     sharpened = picture.codes.copy()
-    sharpened[inside] = np.clip(np.rint(values * factor), 1, picture.n_codes - 1)
+    sharpened[inside] = np.where(lit, rounded, 0)
     return replace(picture, codes=sharpened), factor
 
 

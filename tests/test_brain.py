@@ -567,6 +567,26 @@ def test_a_fit_on_the_sharpened_picture_is_given_in_the_pictures_terms():
     assert np.allclose(fitted.model.covariances / given.model.covariances, ratio[0] ** 2)
 
 
+def test_an_unmasked_image_is_sharpened_where_it_is_not_black(tmp_path, capsys):
+    """--bias-field --bias-start histogram without a mask: the first field is fitted to and
+    divides the pixels that are not 0; black pixels stay 0 (and no other becomes 0), the whole
+    field is recorded, and the labels are right where the field is strong."""
+    scan, truth = strong_field_scan(1, 2.33)
+    picture = seg.picture_from_array(scan)
+    first, gain = seg.sharpening_field(picture)
+    sharpened, _ = seg.sharpened_picture(picture, first)
+    assert gain > seg.SHARPEN_GAIN and np.array_equal(sharpened.codes == 0, scan == 0)
+    Image.fromarray(scan).save(tmp_path / "scan.png")
+    argv = [tmp_path / "scan.png", "-k", "4", "--mask", "none", "--bias-field"]  # black: 0
+    status, _, err = run(argv + ["--bias-start", "histogram", "--out", tmp_path], capsys)
+    assert status == 0, err
+    record = record_of(tmp_path, "scan")
+    assert record["bias_field"]["start"]["applied"] and record["bias_field"]["spread"] > 1.9
+    labels = np.asarray(Image.open(tmp_path / "scan_labels.png"))
+    scored = truth > 0
+    assert np.mean(labels[scored] == truth[scored]) > 0.85
+
+
 @pytest.mark.parametrize("seed", range(1, 5))
 def test_a_strong_field_is_sharpened_away_before_the_fit(seed):
     """--brain (--bias-start histogram) under fields of max / min 2.33 and 1.5: the first field
