@@ -5586,7 +5586,8 @@ SHARPEN_BINS = 96  # bins over the log intensities' 0.5th to 99.5th percentiles 
 SHARPEN_PAD = 0.15  # of that range, on either side
 SHARPEN_SMOOTH = 1.5  # bins: the sd of the Gaussian the histogram is smoothed with
 SHARPEN_DEPTH = 2  # steps inside the mask (4-neighbour, 6 in a volume): its edge mixes black
-SHARPEN_SITES = 1 << 14  # at most about this many pixels: every n-th of those inside
+SHARPEN_SITES = 1 << 14  # at most this many pixels: those inside on a grid of every n-th row
+SHARPEN_SCALE_SITES = 1 << 18  # and for the sharpened picture's scale (its 99.9th percentile)
 
 
 def histogram_entropy(values, width):
@@ -5630,9 +5631,7 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
     inner = binary_erosion(inside, iterations=SHARPEN_DEPTH)
     if 2 * np.count_nonzero(inner) < np.count_nonzero(inside):
         inner = inside
-    indices = np.nonzero(inner)
-    stride = max(1, len(indices[0]) // SHARPEN_SITES)
-    indices = tuple(i[::stride] for i in indices)
+    indices = _grid_sites(inner, SHARPEN_SITES)
     if len(indices[0]) < 2:
         return None
     logs = np.log(codes[indices].astype(np.float64))
@@ -5659,6 +5658,31 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
     return BiasField(degree, start, codes.shape, shift, SHARPEN_RIDGE), gain
 
 
+def _grid_sites(where, most):
+    """The indices (one array per axis) of the True pixels of where on its grid of every
+    step-th row and column (and slice), step the least that leaves at most `most` of them."""
+    count, step = np.count_nonzero(where), 1
+    while count > most * step**where.ndim:
+        step += 1
+    found = np.nonzero(where[(slice(None, None, step),) * where.ndim])
+    return tuple(i * step for i in found)
+
+
+def _field_bands(field, band_pixels=PIXEL_CHUNK):
+    """(index, log field) over the field's shape in bands: rows of an image, slices of a
+    volume; index selects the band of an array of that shape.  float64, O(band) memory."""
+    shape = field.shape
+    cols = np.arange(shape[-1])
+    if len(shape) == 3:
+        for z in range(shape[0]):
+            yield (z,), field.log_field(np.arange(shape[1]), cols, z)
+        return
+    rows = max(1, band_pixels // shape[-1])
+    for top in range(0, shape[0], rows):
+        bottom = min(top + rows, shape[0])
+        yield slice(top, bottom), field.log_field(np.arange(top, bottom), cols)
+
+
 def bias_start(options, picture):
     """Where the field's fit starts: "histogram" or "none".  auto: the histogram's first field
     on an image, none on a volume (on the grid's whole volumes the first field followed the
@@ -5674,14 +5698,18 @@ def sharpened_picture(picture, field):
     percentile of its pixels there that are not 0 kept, rounded to its codes; 0 stays 0 and
     nothing else becomes 0 (a black outside stays the only black); outside, as it was.
     Returns (the picture, the factor a: sharpened = a x picture / field, before rounding)."""
-    inside = np.ones(picture.codes.shape, bool) if picture.mask is None else picture.mask
-    codes = picture.codes[inside]
-    values = codes / field.image()[inside].astype(np.float64)
-    lit = codes > 0
-    factor = float(np.percentile(codes[lit], 99.9) / np.percentile(values[lit], 99.9))
-    rounded = np.clip(np.rint(values * factor), 1, picture.n_codes - 1)
-    sharpened = picture.codes.copy()
-    sharpened[inside] = np.where(lit, rounded, 0)
+    codes, top = picture.codes, picture.n_codes - 1
+    lit = codes > 0 if picture.mask is None else picture.mask & (codes > 0)
+    sites = _grid_sites(lit, SHARPEN_SCALE_SITES)
+    values = codes[sites] / np.exp(
+        monomial_features(sites, codes.shape, field.degree) @ field.coefficients - field.shift
+    )
+    factor = float(np.percentile(codes[sites], 99.9) / np.percentile(values, 99.9))
+    sharpened = codes.copy()
+    for band, log_field in _field_bands(field):
+        band_lit = lit[band]
+        divided = codes[band][band_lit] / np.exp(log_field[band_lit])
+        sharpened[band][band_lit] = np.clip(np.rint(divided * factor), 1, top)
     return replace(picture, codes=sharpened), factor
 
 
@@ -5696,9 +5724,11 @@ def _unsharpened(segmentation, picture, first, factor, gain):
     total += bias.coefficients
     whole = replace(bias, coefficients=total, shift=0.0, start_gain=gain, started=True)
     inside = np.ones(picture.codes.shape, bool) if picture.mask is None else picture.mask
-    log_field = np.log(whole.image()[inside], dtype=np.float64)
-    shift = float(np.mean(log_field))
-    low, high = np.percentile(log_field, [1, 99])
+    sums = [float(np.sum(log[inside[band]])) for band, log in _field_bands(whole)]
+    shift = math.fsum(sums) / max(np.count_nonzero(inside), 1)
+    sites = _grid_sites(inside, 1 << 16)  # its spread as field_spread reads one
+    log_field = monomial_features(sites, picture.codes.shape, whole.degree) @ total
+    low, high = np.percentile(log_field, [1, 99]) if len(log_field) else (0.0, 0.0)
     whole = replace(whole, shift=shift, spread=math.exp(high - low))
     scale = factor * math.exp(bias.shift + first.shift - shift)  # fitted = scale x corrected
     model = segmentation.model
