@@ -5641,7 +5641,8 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
         return None
     degree = min(SHARPEN_DEGREE, most_degree)
     features = monomial_features(indices, codes.shape, degree)
-    features -= features.mean(axis=0)
+    means = features.mean(axis=0)
+    features -= means
     start = np.zeros(0)
     for d in range(1, degree + 1):  # the monomials in order of degree: d's first columns
         used = features[:, : len(bias_monomials(d, codes.ndim))]
@@ -5653,8 +5654,7 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
         options = dict(xtol=1e-3, ftol=1e-6, maxfev=4000)
         start = minimize(objective, x0, method="Powell", options=options).x
     gain = histogram_entropy(logs, width) - histogram_entropy(logs - features @ start, width)
-    raw = monomial_features(indices, codes.shape, degree)
-    shift = float(np.mean(raw @ start))
+    shift = float(means @ start)  # the log field's mean over those pixels
     return BiasField(degree, start, codes.shape, shift, SHARPEN_RIDGE), gain
 
 
@@ -5982,22 +5982,29 @@ def _segment(picture, points, n_components, options, shared, on_iteration):
         inner = replace(picture, codes=picture.codes[box], mask=picture.mask[box])
         segmentation = _segment(inner, points, n_components, options, shared, on_iteration)
         return _uncropped(segmentation, picture, box)
+    fit = (points, n_components, options, shared, on_iteration)
     first = None
     if options.bias_field and bias_start(options, picture) == "histogram" and shared is None:
         first = sharpening_field(picture, options.bias_degree)
-    fitted, factor = picture, None
-    if first is not None and first[1] >= SHARPEN_GAIN:
-        fitted, factor = sharpened_picture(picture, first[0])
-    segmentation = _segment_once(fitted, points, n_components, options, shared, on_iteration)
+    if first is None:
+        return _segment_checked(picture, *fit)
+    field, gain = first
+    if gain < SHARPEN_GAIN:
+        segmentation = _segment_checked(picture, *fit)
+        return replace(segmentation, bias=replace(segmentation.bias, start_gain=gain))
+    sharpened, factor = sharpened_picture(picture, field)
+    return _unsharpened(_segment_checked(sharpened, *fit), picture, field, factor, gain)
+
+
+def _segment_checked(picture, points, n_components, options, shared, on_iteration):
+    """_segment_once, and again with grey matter held at the cortex where --cortex-check finds
+    white matter there (cortex_to_hold)."""
+    segmentation = _segment_once(picture, points, n_components, options, shared, on_iteration)
     cortex = cortex_to_hold(segmentation) if shared is None and options.cortex_check else None
     if cortex is not None:
         segmentation = _segment_once(
-            fitted, points, n_components, options, shared, on_iteration, cortex
+            picture, points, n_components, options, shared, on_iteration, cortex
         )
-    if factor is not None:
-        return _unsharpened(segmentation, picture, first[0], factor, first[1])
-    if first is not None:
-        return replace(segmentation, bias=replace(segmentation.bias, start_gain=first[1]))
     return segmentation
 
 
