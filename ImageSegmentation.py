@@ -3215,16 +3215,15 @@ def _nearest_other(codes, axis, step, depth):
     another than the pixel's own (-1: none)."""
     found = np.full(codes.shape, -1, dtype=np.int16)
     for distance in range(1, depth + 1):
-        shifted = np.full(codes.shape, -1, dtype=np.int16)
         source = [slice(None)] * codes.ndim
         target = [slice(None)] * codes.ndim
         if step > 0:
             source[axis], target[axis] = slice(distance, None), slice(None, -distance)
         else:
             source[axis], target[axis] = slice(None, -distance), slice(distance, None)
-        shifted[tuple(target)] = codes[tuple(source)]
-        new = (found < 0) & (shifted >= 0) & (shifted != codes)
-        found[new] = shifted[new]
+        there, here = codes[tuple(source)], found[tuple(target)]  # views: pixel, its neighbour
+        new = (here < 0) & (there >= 0) & (there != codes[tuple(target)])
+        np.copyto(here, there, where=new)
     return found
 
 
