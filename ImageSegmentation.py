@@ -5319,6 +5319,12 @@ def field_spread(state):
     log_field = _BandModel(state).corrected(*sites, dtype=np.float64)[1]
     if image.inside is not None:
         log_field = log_field[image.inside[sites]]
+    return spread_of(log_field)
+
+
+def spread_of(log_field):
+    """A field's max / min, robustly, from its log at some sites: e to the distance between
+    the 1st and 99th percentiles (1 at no site)."""
     if log_field.size == 0:
         return 1.0
     low, high = np.percentile(log_field, [1, 99])
@@ -5727,8 +5733,7 @@ def _unsharpened(segmentation, picture, first, factor, gain):
     shift = math.fsum(sums) / max(np.count_nonzero(inside), 1)
     sites = _grid_sites(inside, 1 << 16)  # its spread as field_spread reads one
     log_field = monomial_features(sites, picture.codes.shape, whole.degree) @ total
-    low, high = np.percentile(log_field, [1, 99]) if len(log_field) else (0.0, 0.0)
-    whole = replace(whole, shift=shift, spread=math.exp(high - low))
+    whole = replace(whole, shift=shift, spread=spread_of(log_field))
     scale = factor * math.exp(bias.shift + first.shift - shift)  # fitted = scale x corrected
     model = segmentation.model
     model = replace(model, means=model.means / scale, covariances=model.covariances / scale**2)
