@@ -3231,9 +3231,13 @@ def classification_entropy(model, data):
     """-sum over points of weight x sum_k tau_k log tau_k: ICL's charge for overlapping labels."""
     entropy = 0.0
     for start, block in log_label_blocks(model, data):
-        log_tau = block - _logsumexp(block, axis=0, keepdims=True)
+        block = block - block.max(axis=0)  # NumPy's log-sum-exp, as _mean_log_likelihood's
+        tau = np.exp(block)
+        total = tau.sum(axis=0)
+        log_tau = block - np.log(total)
+        tau /= total
         weights = data.weights[start : start + block.shape[1]]
-        entropy -= float(np.sum(weights * np.sum(np.exp(log_tau) * log_tau, axis=0)))
+        entropy -= float(weights @ np.sum(tau * log_tau, axis=0))
     return entropy
 
 
@@ -5934,13 +5938,13 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
 
 def region_shares_of(pictures, passes):
     """select_components' look at the images: the region_shares and boundary_shares of a
-    model's labels over every (picture, points) of pictures, an iterable made anew for each
-    model (a batch's images read again), their pixels counted together."""
+    model's labels over every (picture, points, data) of pictures, data the points' features
+    (_PointFeatures), an iterable made anew for each model (a batch's images read again),
+    their pixels counted together."""
 
     def shares_of(model):
         n_labels, sums = model.n_labels, 0
-        for picture, points in pictures():
-            data = _PointFeatures(points.values, points.weights, points.scale)
+        for picture, points, data in pictures():
             labels = label_pixels(picture, points, _most_likely(data, model), n_labels, passes)
             inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
             interior = _interior(labels, inside) & inside
@@ -6022,7 +6026,7 @@ def _segment_once(picture, points, n_components, options, shared, on_iteration, 
         return replace(segmentation, shared=shared)
     data = _PointFeatures(points.values, points.weights, points.scale)
     if shared is None:
-        shares_of = region_shares_of(lambda: [(picture, points)], options.fit.passes)
+        shares_of = region_shares_of(lambda: [(picture, points, data)], options.fit.passes)
         model, search = _fit_features(
             data, points, n_components, options, on_iteration, shares_of, cortex
         )
@@ -8661,13 +8665,15 @@ def fit_pooled(groups, config, paths=()):
 
 
 def _batch_pictures(paths, config, mode):
-    """(picture, points) of each image of a batch that still reads, its points in mode."""
+    """(picture, points, their features) of each image of a batch that still reads, its
+    points in mode."""
     for path in paths:
         try:
             picture = masked(read_image(path, config.max_pixels), config)[0]
         except ImageError:
             continue
-        yield picture, distinct_values(picture, mode, config.segment.fit.passes)
+        points = distinct_values(picture, mode, config.segment.fit.passes)
+        yield picture, points, _PointFeatures(points.values, points.weights, points.scale)
 
 
 def shared_of_fit(fitted, notes, failure, readable, report):

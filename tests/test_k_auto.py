@@ -193,3 +193,23 @@ def test_the_api_chooses_k_as_the_command_line_does(tmp_path, capsys):
     assert record["log_likelihood"][-1] == model.log_likelihood[-1]
     written = np.asarray(Image.open(tmp_path / "out" / "four_labels.png"))
     assert np.array_equal(written, labels)
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["gray", "colour"])
+def test_icl_is_bic_plus_twice_the_classification_entropy(colour):
+    """The chosen K's ICL (Biernacki, Celeux and Govaert 2000) is its BIC plus twice the
+    entropy of the posteriors summed over the pixels: here from scikit-learn's posteriors of
+    the same model, pixel by pixel (a gray image's distinct values weigh hundreds of pixels)."""
+    from sklearn.mixture import GaussianMixture
+
+    image = blurred_regions(np.random.default_rng(4), 3, colour=colour, shape=(60, 80))
+    found = auto(image)
+    model, row = found.model, found.k_search.rows[found.model.n_components - 1]
+    reference = GaussianMixture(model.n_components, covariance_type=model.covariance_type)
+    reference.weights_, reference.means_ = model.weights, model.means
+    reference.covariances_ = model.covariances
+    # a factor M of each precision with M M^T = the precision, as scikit-learn's
+    reference.precisions_cholesky_ = np.linalg.cholesky(np.linalg.inv(model.covariances))
+    tau = reference.predict_proba(image.reshape(-1, model.means.shape[1]) / 255.0)
+    entropy = -np.sum(tau * np.log(np.maximum(tau, 1e-300)))
+    assert row["icl"] == pytest.approx(row["bic"] + 2 * entropy, rel=1e-9)
