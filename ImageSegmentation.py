@@ -3123,10 +3123,10 @@ def gray_level_top(points):
 # BIC alone counts ways to fit an image, not its classes: at a million pixels any departure
 # from K Gaussians buys a component (a blurred boundary's mixels, a shading, a clipped spike at
 # 0 or 255).  The default criterion, "classes", is BIC among the fits whose every component is
-# a class: one that fills regions of the image (region_shares), does not lie between two other
-# labels (boundary_shares: a blurred edge's mixels do), does the first clearly more than the
-# second (a wide blur's band of mixels fills regions of its own) and has not collapsed onto one
-# value; where no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice
+# a class: one that fills regions of the image (region_shares), some of them beyond a blurred
+# edge's reach (the deep share: a wide blur's band of mixels fills regions of its own a few
+# pixels across, none deeper than BOUNDARY_DEPTH), and has not collapsed onto one value; where
+# no fit past K = 1 fills regions, collapse alone judges.  "icl" is BIC plus twice
 # the classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The
 # climb stops once K_TURNED values of K past the best have not improved on it (a K too small
 # for its classes, TOO_FEW_REGION_SHARE, not counted among them).  Each K starts from
@@ -3137,8 +3137,8 @@ def gray_level_top(points):
 
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
-BOUNDARY_SHARE_MAX = 0.3  # and at most this share of them between two other labels
-SHARE_MARGIN_MIN = 0.4  # and its region share at least this much above its boundary share
+DEEP_SHARE_MIN = 0.03  # and this share or more with no other label within BOUNDARY_DEPTH steps
+BOUNDARY_SHARE_MAX = 0.3  # a label at most this share between two others: none lies between
 # A K not counted for a label that fills regions too little, but by no less than this share,
 # while no label lies between others: classes share a component there (a class split in two
 # by noise fills next to none: 0.07 at most on the evaluation's seeds), so K is too small, and
@@ -3151,15 +3151,15 @@ K_PROBE_MAX_ITER = 8  # iterations of a K's first fits before it is judged (a be
 K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
 
 
-def region_shares(labels, n_labels, inside=None):
-    """(n_labels,) the share of each label's pixels whose every neighbour (4 in 2-D, 6 in a
-    volume; those inside) carries the same label: near 1 for a class that fills regions, low
-    for one that lines the boundaries between others; NaN for a label with no pixel."""
+def region_shares(labels, n_labels, inside=None, depth=1):
+    """(n_labels,) the share of each label's pixels with no other label within depth steps
+    (4-neighbour steps in 2-D, 6 in a volume; pixels outside count as the pixel's own): near 1
+    for a class that fills regions, low for one that lines the boundaries between others; NaN
+    for a label with no pixel.  At depth BOUNDARY_DEPTH (the deep share), a wide blur's band of
+    mixels, a few pixels across, has next to none, a class of any size most of its pixels."""
     inside = np.ones(labels.shape, dtype=bool) if inside is None else inside
-    return _ratio(
-        _counts(labels[_interior(labels, inside) & inside], n_labels),
-        _counts(labels[inside], n_labels),
-    )
+    interior = _deepened(_interior(labels, inside), inside, depth - 1)
+    return _ratio(_counts(labels[interior & inside], n_labels), _counts(labels[inside], n_labels))
 
 
 def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
@@ -3178,15 +3178,36 @@ def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
 def _interior(labels, inside):
     """Where every neighbour inside carries the pixel's own label."""
     interior = np.ones(labels.shape, dtype=bool)
-    for axis in range(labels.ndim):
-        ahead = [slice(None)] * labels.ndim
-        behind = [slice(None)] * labels.ndim
-        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
-        ahead, behind = tuple(ahead), tuple(behind)
+    for ahead, behind in _neighbour_pairs(labels.ndim):
         differs = (labels[ahead] != labels[behind]) & inside[ahead] & inside[behind]
         interior[ahead] &= ~differs
         interior[behind] &= ~differs
     return interior
+
+
+def _deepened(interior, inside, steps):
+    """The pixels of _interior's map with no other label within steps + 1 steps: steps times,
+    those whose every neighbour inside is such a pixel too (outside, as in _interior, never
+    cuts a pixel off)."""
+    for _ in range(steps):
+        deeper = interior | ~inside
+        for ahead, behind in _neighbour_pairs(interior.ndim):
+            deeper[ahead] &= interior[behind] | ~inside[behind]
+            deeper[behind] &= interior[ahead] | ~inside[ahead]
+        interior = deeper & inside
+    return interior
+
+
+def _neighbour_pairs(ndim):
+    """(ahead, behind) for each axis: the index tuples of every pixel and of its neighbour
+    before it along that axis."""
+    pairs = []
+    for axis in range(ndim):
+        ahead = [slice(None)] * ndim
+        behind = [slice(None)] * ndim
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        pairs.append((tuple(ahead), tuple(behind)))
+    return pairs
 
 
 def _between(labels, inside, depth):
@@ -3277,11 +3298,10 @@ def full_covariances(covariances, covariance_type, n_components, n_features):
 class KSearch:
     """-k auto's record: the criterion, every K tried (rows of k, bic, icl, log_likelihood,
     collapsed, region_share: the least of its components', boundary_share: the largest,
-    share_margin: the least of a component's region share less its boundary share,
-    counted: a candidate of the criterion, too_few: not counted for classes sharing a component
-    (TOO_FEW_REGION_SHARE: no turn), iterations, capped: judged after K_PROBE_MAX_ITER
-    iterations), the K chosen, the largest it might have tried, why the climb stopped, and
-    whether it looked at where the labels fall."""
+    deep_share: the least, counted: a candidate of the criterion, too_few: not counted for
+    classes sharing a component (TOO_FEW_REGION_SHARE: no turn), iterations, capped: judged
+    after K_PROBE_MAX_ITER iterations), the K chosen, the largest it might have tried, why the
+    climb stopped, and whether it looked at where the labels fall."""
 
     criterion: str
     rows: list
@@ -3306,9 +3326,9 @@ def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, r
 
     fit_k(k, start=None, max_iter=None) fits K components from start alone (the last K's
     split_start, or a capped fit to go on with) or from fresh starts, at most max_iter
-    iterations; shares_of(model) the region_shares and boundary_shares of its labels on the
-    image, or None where there is no image (a pooled batch): "classes" then judges by collapse
-    alone."""
+    iterations; shares_of(model) the region, boundary and deep shares of its labels on the
+    image (region_shares_of), or None where there is no image (a pooled batch): "classes" then
+    judges by collapse alone."""
     model, search = _climb(fit_k, data, k_max, criterion, shares_of, reg_covar)
     if search.chosen == 1 and shares_of is not None and len(search.rows) > 1:
         if not search.rows[1]["collapsed"]:  # K = 2 failed only for where its labels fall
@@ -3359,21 +3379,14 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
     icl = score_bic + 2 * classification_entropy(model, data)
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
-    least = most = margin = None
+    least = most = deepest = None
     if shares is not None:
-        region, boundary = np.nan_to_num(shares[0], nan=0.0), np.nan_to_num(shares[1], nan=1.0)
-        least, most = float(region.min()), float(boundary.max())
-        margin = float((region - boundary).min())
+        region, deep = np.nan_to_num(shares[0], nan=0.0), np.nan_to_num(shares[2], nan=0.0)
+        boundary = np.nan_to_num(shares[1], nan=1.0)  # a label with no pixel: all between
+        least, most, deepest = float(region.min()), float(boundary.max()), float(deep.min())
     counted = criterion != "classes" or (
         not collapsed
-        and (
-            least is None
-            or (
-                least >= REGION_SHARE_MIN
-                and most <= BOUNDARY_SHARE_MAX
-                and margin >= SHARE_MARGIN_MIN
-            )
-        )
+        and (least is None or (least >= REGION_SHARE_MIN and deepest >= DEEP_SHARE_MIN))
     )
     score = {"bic": score_bic, "icl": icl, "classes": score_bic}[criterion]
     row = {
@@ -3384,7 +3397,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "collapsed": collapsed,
         "region_share": least,
         "boundary_share": most,
-        "share_margin": margin,
+        "deep_share": deepest,
         "counted": counted,
         "too_few": bool(
             not counted
@@ -5937,8 +5950,9 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
 
 
 def region_shares_of(pictures, passes):
-    """select_components' look at the images: the region_shares and boundary_shares of a
-    model's labels over every (picture, points, data) of pictures, data the points' features
+    """select_components' look at the images: the region, boundary and deep shares (the region
+    share at depth BOUNDARY_DEPTH) of a model's labels over every (picture, points, data) of
+    pictures, data the points' features
     (_PointFeatures), an iterable made anew for each model (a batch's images read again),
     their pixels counted together."""
 
@@ -5948,10 +5962,11 @@ def region_shares_of(pictures, passes):
             labels = label_pixels(picture, points, _most_likely(data, model), n_labels, passes)
             inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
             interior = _interior(labels, inside) & inside
+            deep = _deepened(interior, inside, BOUNDARY_DEPTH - 1)
             between = _between(labels, inside, BOUNDARY_DEPTH) & inside
-            kept = (labels[interior], labels[between], labels[inside])
+            kept = (labels[interior], labels[between], labels[deep], labels[inside])
             sums = sums + np.stack([_counts(part, n_labels) for part in kept])
-        return _ratio(sums[0], sums[2]), _ratio(sums[1], sums[2])
+        return tuple(_ratio(part, sums[-1]) for part in sums[:-1])
 
     return shares_of
 

@@ -26,17 +26,33 @@ def test_a_blurred_three_class_image_has_three_classes(colour):
 @pytest.mark.parametrize("seed", (1, 2, 3))
 def test_a_wide_blurs_band_of_mixels_is_no_class(seed):
     """Two classes, their boundary blurred by 2 pixels: the band of mixels along it is wide
-    enough to fill regions of its own (region share over REGION_SHARE_MIN, boundary share under
-    BOUNDARY_SHARE_MAX), but it fills them by less than SHARE_MARGIN_MIN more than it lies
-    between the two classes, so K = 3 is not counted.  (On these small images it still is for
-    two seeds in six, and for colour; docs/benchmarks.md has the 1 MP evaluation.)"""
+    enough to fill regions of its own (region share over REGION_SHARE_MIN), but none of them
+    deeper than BOUNDARY_DEPTH (deep share under DEEP_SHARE_MIN), so K = 3 is not counted."""
     image = blurred_regions(np.random.default_rng(seed), 2, blur=2.0, shape=(300, 400))
     found = auto(image)
     assert found.model.n_components == 2, found.k_search.rows
     three = found.k_search.rows[2]
     assert three["region_share"] >= seg.REGION_SHARE_MIN
-    assert three["boundary_share"] <= seg.BOUNDARY_SHARE_MAX
-    assert three["share_margin"] < seg.SHARE_MARGIN_MIN and not three["counted"]
+    assert three["deep_share"] < seg.DEEP_SHARE_MIN and not three["counted"]
+
+
+def test_a_class_whose_colour_lies_between_two_others_is_counted():
+    """Stripes of a dark and a bright class, their boundaries blurred, and one square of the
+    grey between them: that class's label also takes the stripes' blurred edges, so most of
+    its pixels lie between two other labels (a boundary share over BOUNDARY_SHARE_MAX), but
+    its square fills a region far beyond the edges' reach: three classes."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    levels = np.where((np.arange(320) // 40) % 2, 0.8, 0.2) * np.ones((240, 1))
+    levels[90:150, 130:190] = 0.5
+    image = ndimage.gaussian_filter(levels, 1.5) + rng.normal(0, 0.025, levels.shape)
+    image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    found = auto(image)
+    assert found.model.n_components == 3, found.k_search.rows
+    three = found.k_search.rows[2]
+    assert three["boundary_share"] > seg.BOUNDARY_SHARE_MAX
+    assert three["deep_share"] >= seg.DEEP_SHARE_MIN and three["counted"]
 
 
 def test_a_spike_of_clipped_pixels_is_no_class():
@@ -92,6 +108,25 @@ def test_region_shares_tell_a_region_from_a_boundary():
     assert seg.region_shares(labels, 4, inside)[1] == 1  # no neighbour inside but its own
 
 
+def test_deep_shares_count_the_pixels_beyond_a_blurs_reach():
+    """At depth d a pixel is in a region when no other label lies within d steps: a band five
+    pixels wide between two blocks keeps none of its pixels at depth 3 (its middle column is 2
+    steps from either side) but all of its middle at depth 2; a block keeps all but its d
+    columns along the band.  The same in a volume, and outside a mask cuts nothing off."""
+    labels = np.zeros((20, 40), np.uint8)
+    labels[:, 20:] = 2
+    labels[:, 18:23] = 1
+    assert seg.region_shares(labels, 3, depth=3)[1] == 0
+    assert seg.region_shares(labels, 3, depth=2)[1] == pytest.approx(1 / 5)
+    assert seg.region_shares(labels, 3, depth=3)[0] == pytest.approx(15 / 18)
+    assert seg.region_shares(labels, 3, depth=3)[2] == pytest.approx(14 / 17)
+    volume = np.stack([labels] * 6)
+    assert np.allclose(seg.region_shares(volume, 3, depth=3), [15 / 18, 0, 14 / 17])
+    inside = np.ones_like(labels, bool)
+    inside[:, 17:23] = False  # the band and the block's column beside it outside
+    assert seg.region_shares(labels, 3, inside, depth=3)[0] == 1
+
+
 def test_boundary_shares_find_what_lies_between_two_classes():
     """A band of label 1, three pixels wide, between blocks of labels 0 and 2: every band pixel
     has 0 within 3 pixels on one side and 2 on the other; the blocks' pixels have their own
@@ -144,7 +179,8 @@ def test_the_command_line_records_and_notes_the_search(tmp_path, capsys):
     assert status == 0 and record["k"] == 4 and record["k_auto"]["criterion"] == "classes"
     assert record["k_auto"]["chosen"] == 4 and record["settings"]["criterion"] == "classes"
     assert [row["k"] for row in record["bic"]] == list(range(1, len(record["bic"]) + 1))
-    keys = {"bic", "icl", "region_share", "boundary_share", "counted", "collapsed", "capped"}
+    keys = {"bic", "icl", "region_share", "boundary_share", "deep_share", "counted"}
+    keys |= {"collapsed", "capped"}
     assert keys <= set(record["bic"][0])
     width, height = Image.open(tmp_path / "a" / "four_bic.png").size
     assert width > height > 0
