@@ -110,8 +110,8 @@ def test_region_shares_tell_a_region_from_a_boundary():
 
 def test_deep_shares_count_the_pixels_beyond_a_blurs_reach():
     """At depth d a pixel is in a region when no other label lies within d steps: a band five
-    pixels wide between two blocks keeps none of its pixels at depth 3 (its middle column is 2
-    steps from either side) but all of its middle at depth 2; a block keeps all but its d
+    pixels wide between two blocks keeps none of its pixels at depth 3 (its middle column has
+    either block 3 steps away) but its middle column at depth 2; a block keeps all but its d
     columns along the band.  The same in a volume, and outside a mask cuts nothing off."""
     labels = np.zeros((20, 40), np.uint8)
     labels[:, 20:] = 2
