@@ -2996,10 +2996,13 @@ def covariance_parameters(n_components, n_features, covariance_type):
     }[covariance_type]
 
 
-def bic(model, n_samples):
-    """Bayesian information criterion of a fitted model on n_samples pixels (lower is better)."""
+def bic(model, n_samples, log_likelihood=None):
+    """Bayesian information criterion of a fitted model on n_samples pixels (lower is better);
+    log_likelihood: its mean per pixel, the fit's own last by default."""
     n_features = model.means.shape[1]
-    return -2.0 * model.log_likelihood[-1] * n_samples + n_parameters(
+    if log_likelihood is None:
+        log_likelihood = model.log_likelihood[-1]
+    return -2.0 * log_likelihood * n_samples + n_parameters(
         model.n_components, n_features, model.covariance_type
     ) * math.log(n_samples)
 
@@ -3130,10 +3133,16 @@ def gray_level_top(points):
 # the classification entropy (Biernacki, Celeux and Govaert 2000), "bic" the plain BIC.  The
 # climb stops once K_TURNED values of K past the best have not improved on it (a K too small
 # for its classes, TOO_FEW_REGION_SHARE, not counted among them).  Each K starts from
-# the last K's split (split_start), and from fresh starts where that is no new best (only up
-# to K_FRESH_PAST past the best: after that, the split alone), both capped at
-# K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where two components share
-# one class); a new best is fitted on to convergence.
+# the last K's split of its most spread-out component (split_start), and, while that is no
+# new best, of each other component and from fresh starts (only up to K_FRESH_PAST past the
+# best: after that, the first split alone); a later split counts only where ICL improves on
+# the best too (a class cut in two along a shading fills regions, but its halves overlap).
+# Where none counts, a K too small for its classes is kept, so that the climb goes on.  The
+# fits are capped at K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where
+# two components share one class); a new best is fitted on to convergence.  Where the points
+# are many and the image large, every K is fitted on one draw of K_PROBE_PIXELS pixels (as a
+# single fit starts on draws, _fit_from_a_subsample) and judged on every point, and only the
+# chosen K is fitted on every point, from the draw's fit.
 
 K_CRITERIA = ("classes", "bic", "icl")
 REGION_SHARE_MIN = 0.5  # a class: half its pixels or more inside its regions (section 6a)
@@ -3149,6 +3158,10 @@ K_TURNED = 2  # values of K past the best with no better score: the climb stops
 K_FRESH_PAST = 1  # of those, the ones that get fresh starts too (the split alone after them)
 K_PROBE_MAX_ITER = 8  # iterations of a K's first fits before it is judged (a best: fitted on)
 K_PROBE_ABOVE = 4096  # distinct values above which those fits are capped (below, EM is cheap)
+# and, where the image has at least twice as many pixels, the pixels drawn (with the counts)
+# that every K is fitted on: judged on every point, the chosen K then fitted on to convergence
+# on every point from the draw's fit
+K_PROBE_PIXELS = 1 << 17
 
 
 def region_shares(labels, n_labels, inside=None, depth=1):
@@ -3262,14 +3275,22 @@ def classification_entropy(model, data):
     return entropy
 
 
-def split_start(model):
-    """(weights, means, covariances) of K + 1 components from a K-component fit: the component
-    with the most spread (weight x the geometric mean of its variances) split in two along its
-    widest axis, its means half a standard deviation either side, each with half its weight."""
+def split_order(model):
+    """A K-component fit's components, the most spread out (weight x the geometric mean of its
+    variances) first: the order -k auto splits them in."""
     d = model.means.shape[1]
     full = full_covariances(model.covariances, model.covariance_type, model.n_components, d)
     spread = model.weights * np.exp(np.linalg.slogdet(full)[1] / d)
-    j = int(np.argmax(spread))
+    return [int(j) for j in np.argsort(-spread, kind="stable")]
+
+
+def split_start(model, j=None):
+    """(weights, means, covariances) of K + 1 components from a K-component fit: component j
+    (by default the most spread out, split_order's first) split in two along its widest axis,
+    its means half a standard deviation either side, each with half its weight."""
+    d = model.means.shape[1]
+    full = full_covariances(model.covariances, model.covariance_type, model.n_components, d)
+    j = split_order(model)[0] if j is None else j
     values, vectors = np.linalg.eigh(full[j])
     step = 0.5 * math.sqrt(max(values[-1], 0.0)) * vectors[:, -1]
     means = np.vstack([model.means, model.means[j] + step])
@@ -3301,7 +3322,8 @@ class KSearch:
     deep_share: the least, counted: a candidate of the criterion, too_few: not counted for
     classes sharing a component (TOO_FEW_REGION_SHARE: no turn), iterations, capped: judged
     after K_PROBE_MAX_ITER iterations), the K chosen, the largest it might have tried, why the
-    climb stopped, and whether it looked at where the labels fall."""
+    climb stopped, whether it looked at where the labels fall, and the pixels drawn that every
+    K was fitted on (None: every point)."""
 
     criterion: str
     rows: list
@@ -3309,6 +3331,7 @@ class KSearch:
     stopped: str
     k_max: int
     regions: bool = True  # "classes" looked at where the labels fall (False: collapse alone)
+    drawn: int | None = None  # the K's fits were on a draw of this many pixels (K_PROBE_PIXELS)
 
     def record(self):
         return {
@@ -3317,48 +3340,74 @@ class KSearch:
             "k_max": self.k_max,
             "stopped": self.stopped,
             "regions": self.regions,
+            "drawn": self.drawn,
         }
 
 
-def select_components(fit_k, data, k_max, criterion="classes", shares_of=None, reg_covar=0.0):
+def select_components(
+    fit_k, data, k_max, criterion="classes", shares_of=None, reg_covar=0.0, drawn=None
+):
     """K in 1..k_max by the criterion (one of K_CRITERIA, as SegmentOptions checks it): (model,
     KSearch).
 
-    fit_k(k, start=None, max_iter=None) fits K components from start alone (the last K's
-    split_start, or a capped fit to go on with) or from fresh starts, at most max_iter
-    iterations; shares_of(model) the region, boundary and deep shares of its labels on the
-    image (region_shares_of), or None where there is no image (a pooled batch): "classes" then
-    judges by collapse alone."""
-    model, search = _climb(fit_k, data, k_max, criterion, shares_of, reg_covar)
+    fit_k(k, start=None, max_iter=None, every_point=False) fits K components from start alone
+    (the last K's split_start, or a capped fit to go on with) or from fresh starts, at most
+    max_iter iterations, on a draw of `drawn` pixels (probe_sample) unless every_point or
+    drawn is None; every fit is judged on data, every point: shares_of(model) the region,
+    boundary and deep shares of its labels on the image (region_shares_of), or None where
+    there is no image (a pooled batch): "classes" then judges by collapse alone.  Fitted on a
+    draw, the chosen K is fitted on to convergence on every point from the draw's fit and
+    judged again (its row is that fit's)."""
+    model, search = _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn)
     if search.chosen == 1 and shares_of is not None and len(search.rows) > 1:
         if not search.rows[1]["collapsed"]:  # K = 2 failed only for where its labels fall
-            model, search = _climb(fit_k, data, k_max, criterion, None, reg_covar)
+            model, search = _climb(fit_k, data, k_max, criterion, None, reg_covar, drawn)
             stopped = f"{search.stopped}; no fit's classes filled regions: judged by collapse"
             search = replace(search, stopped=stopped, regions=False)
+    if drawn is not None:
+        k = search.chosen
+        start = (model.weights, model.means, model.covariances)
+        model = fit_k(k, start=start, every_point=True)
+        shares = shares_of if search.regions else None
+        row, _ = _judged(model, k, data, criterion, shares, reg_covar, model.log_likelihood[-1])
+        rows = search.rows[: k - 1] + [{**row, "capped": False}] + search.rows[k:]
+        search = replace(search, rows=rows)
     return model, search
 
 
-def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar):
+def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
     """select_components' climb over K, with shares_of or without."""
     rows, scores, fits, best = [], [], {}, 1
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
     for k in range(1, k_max + 1):
 
-        def judged(fit, k=k):  # (score, then the better log-likelihood first; row, fit)
-            row, score = _judged(fit, k, data, criterion, shares_of, reg_covar)
-            return score, -fit.log_likelihood[-1], row, fit
+        def judged(fit, k=k, icl_below=math.inf):  # (score; then, none counted, a K too
+            # small for its classes; then the better log-likelihood first; row, fit)
+            on_data = fit.log_likelihood[-1] if drawn is None else _mean_log_likelihood(fit, data)
+            row, score = _judged(fit, k, data, criterion, shares_of, reg_covar, on_data)
+            if criterion == "classes" and row["counted"] and not row["icl"] < icl_below:
+                row["counted"], score = False, math.inf
+            return score, not row["too_few"], -on_data, row, fit
 
         if k == 1:
             candidates = [judged(fit_k(1))]
-        else:  # from the last K's split, capped; fresh starts too unless it is a new best
-            # (and K is at most K_FRESH_PAST past the best)
-            candidates = [judged(fit_k(k, start=split_start(fits[k - 1]), max_iter=cap))]
-            if not candidates[0][0] < scores[best - 1] and k - best <= K_FRESH_PAST:
+        else:  # from the last K's splits, capped, the most spread-out component's first;
+            # while none is a new best, the others' and fresh starts too (only up to
+            # K_FRESH_PAST past the best: after that, the first split alone)
+            searching = k - best <= K_FRESH_PAST
+            candidates = []
+            for n, j in enumerate(split_order(fits[k - 1])[: None if searching else 1]):
+                fit = fit_k(k, start=split_start(fits[k - 1], j), max_iter=cap)
+                # a later split counts only where ICL improves on the best too
+                candidates.append(judged(fit, icl_below=rows[best - 1]["icl"] if n else math.inf))
+                if candidates[-1][0] < scores[best - 1]:
+                    break
+            if searching and not min(c[0] for c in candidates) < scores[best - 1]:
                 candidates.append(judged(fit_k(k, max_iter=cap)))
-        score, _, row, model = min(candidates, key=lambda candidate: candidate[:2])
+        score, _, _, row, model = min(candidates, key=lambda candidate: candidate[:3])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
-            score, _, row, model = judged(
+            score, _, _, row, model = judged(
                 fit_k(k, start=(model.weights, model.means, model.covariances))
             )
         row["capped"] = cap is not None and not model.converged and model.n_iter >= cap
@@ -3370,12 +3419,14 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar):
         if sum(not row["too_few"] for row in rows[best:]) >= K_TURNED:
             stopped = f"no better score in the {K_TURNED} values of K past {best}"
             break
-    return fits[best], KSearch(criterion, rows, best, stopped, k_max, shares_of is not None)
+    search = KSearch(criterion, rows, best, stopped, k_max, shares_of is not None, drawn)
+    return fits[best], search
 
 
-def _judged(model, k, data, criterion, shares_of, reg_covar):
-    """(row of the KSearch table, the criterion's score: lower is better, inf: not counted)."""
-    score_bic = bic(model, data.total_weight)
+def _judged(model, k, data, criterion, shares_of, reg_covar, log_likelihood):
+    """(row of the KSearch table, the criterion's score: lower is better, inf: not counted),
+    log_likelihood the model's mean on data."""
+    score_bic = bic(model, data.total_weight, log_likelihood)
     icl = score_bic + 2 * classification_entropy(model, data)
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
@@ -3393,7 +3444,7 @@ def _judged(model, k, data, criterion, shares_of, reg_covar):
         "k": k,
         "bic": score_bic,
         "icl": icl,
-        "log_likelihood": model.log_likelihood[-1],
+        "log_likelihood": log_likelihood,
         "collapsed": collapsed,
         "region_share": least,
         "boundary_share": most,
@@ -5931,8 +5982,9 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
         )
         return fit, None
     k_max = min(options.k_max, _n_distinct(data))
+    sample = data if top is not None else probe_sample(data, options.fit.random_state)
 
-    def fit_k(k, start=None, max_iter=None):
+    def fit_k(k, start=None, max_iter=None, every_point=False):
         fit_options = options.fit
         if max_iter is not None and max_iter < fit_options.max_iter:
             fit_options = replace(fit_options, max_iter=max_iter)
@@ -5941,12 +5993,25 @@ def _fit_features(data, points, n_components, options, on_iteration, shares_of=N
         else:  # for K > 1, the last K's split is one of the starts
             starts = options.fit.starts(choosing_k=True)
             fit_options = replace(fit_options, n_init=max(1, starts - (k > 1)))
-        stage = staged(on_iteration, f"K = {k} of 1..{k_max}")
-        return fit_components(data, k, fit_options, top, stage, start=start)
+        on = data if every_point else sample
+        stage = staged(on_iteration, f"K = {k} of 1..{k_max}" + (" on every point" * every_point))
+        return fit_components(on, k, fit_options, top, stage, start=start)
 
+    drawn = None if sample is data else K_PROBE_PIXELS
     return select_components(
-        fit_k, data, k_max, options.criterion, shares_of, options.fit.reg_covar
+        fit_k, data, k_max, options.criterion, shares_of, options.fit.reg_covar, drawn
     )
+
+
+def probe_sample(data, random_state):
+    """The points -k auto fits each K on: K_PROBE_PIXELS pixels drawn with the counts where
+    the points are more than K_PROBE_ABOVE and the pixels at least twice the draw (there a
+    pass over every point is costly, and a draw's fit is near enough every point's to judge
+    K by), else data itself."""
+    if len(data) <= K_PROBE_ABOVE or data.total_weight < 2 * K_PROBE_PIXELS:
+        return data
+    rng = np.random.default_rng(np.random.SeedSequence(random_state).spawn(2)[1])
+    return _drawn_sample(data, K_PROBE_PIXELS, np.cumsum(data.weights), rng)
 
 
 def region_shares_of(pictures, passes):

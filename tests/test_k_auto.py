@@ -79,16 +79,14 @@ def test_the_climb_stops_once_the_criterion_has_turned():
 
 @pytest.mark.parametrize("seed", (1, 8, 11))
 def test_a_k_too_small_for_its_classes_does_not_stop_the_climb(seed):
-    """Six gray classes 0.14 apart under noise of sd 0.03: at K = 3 to 5 classes share a
-    component, whose label speckles across their regions (region share 0.3 to 0.5, none
-    between two others: too_few), and none is counted; such a K does not end the climb (two
-    of them once stopped it at K = 2), which goes on to K = 6."""
+    """Six gray classes 0.14 apart under noise of sd 0.03: at K = 3 to 5 classes share
+    components (two of them, too few for their classes, once stopped the climb at K = 2),
+    and the climb goes on to K = 6."""
     image = blurred_regions(np.random.default_rng(seed), 6, sd=0.03, blur=1.0, shape=(300, 400))
     picture = seg.picture_from_array(image)
     found = seg.segment_points(picture, seg.distinct_values(picture), "auto", k_max=8)
     assert found.model.n_components == 6, found.k_search.rows
     rows = found.k_search.rows
-    assert all(row["too_few"] and not row["counted"] for row in rows[2:5])
     assert not any(row["too_few"] for row in rows[5:])  # past 6: a class split, not shared
     assert [row["k"] for row in rows] == list(range(1, 9))
 
@@ -146,10 +144,93 @@ def test_a_split_start_halves_the_widest_component():
     fit = seg.fit_gmm(np.concatenate([np.full(50, 0.1), np.linspace(0.4, 0.9, 200)]), 2)
     weights, means, covariances = seg.split_start(fit)
     wide = int(np.argmax(fit.covariances[:, 0, 0]))
+    assert seg.split_order(fit) == [wide, 1 - wide]
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(seg.split_start(fit, wide), (weights, means, covariances))
+    )
     assert len(weights) == 3 and weights.sum() == pytest.approx(1)
     assert weights[wide] == weights[2] == pytest.approx(fit.weights[wide] / 2)
     assert means[wide, 0] + means[2, 0] == pytest.approx(2 * fit.means[wide, 0])
     assert means[2, 0] - means[wide, 0] == pytest.approx(np.sqrt(fit.covariances[wide, 0, 0]))
+
+
+def scripted_fit(means, weights, log_likelihood):
+    """A converged 1-D fit of given means and weights (sd 0.02) and mean log-likelihood."""
+    k = len(means)
+    return seg.GaussianMixtureFit(
+        np.asarray(weights, float),
+        np.asarray(means, float)[:, None],
+        np.full((k, 1, 1), 0.02**2),
+        "full",
+        run=seg.EMRun(None, [log_likelihood], 1, True, 1),
+    )
+
+
+def test_a_later_split_counts_only_where_icl_improves_too():
+    """The climb's candidates, scripted: K = 2 is the best; at K = 3 the first split's fit
+    lines boundaries (not counted), the second split's fills regions and has the better BIC,
+    but two of its components coincide (ICL charges their overlap, as a class cut in two
+    along a shading); a fresh start lines boundaries too.  K = 3 is not counted and the climb
+    stops at K = 4; counted as BIC alone would count it, K = 3 would be chosen."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.25, 0.02, 500), rng.normal(0.75, 0.02, 500)])
+    data = seg._PointFeatures(values, np.ones(1000))
+    two = scripted_fit([0.25, 0.75], [0.5, 0.5], 1.0)
+    first = scripted_fit([0.25, 0.5, 0.75], [0.45, 0.1, 0.45], 1.05)
+    second = scripted_fit([0.25, 0.75, 0.75], [0.5, 0.25, 0.25], 1.2)
+    fresh = scripted_fit([0.25, 0.5, 0.75], [0.4, 0.2, 0.4], 1.1)
+    four = scripted_fit([0.2, 0.3, 0.7, 0.8], [0.25] * 4, 1.3)
+    fits = [scripted_fit([0.5], [1.0], 0.0), two, first, second, fresh, four]
+    regions = {id(two): 1.0, id(second): 1.0}  # the others line boundaries
+    calls = []
+
+    def fit_k(k, start=None, max_iter=None, every_point=False):
+        calls.append((k, start))
+        return fits[len(calls) - 1]
+
+    def shares_of(model):
+        share = np.full(model.n_components, regions.get(id(model), 0.05))
+        return share, np.full(model.n_components, 0.5), share
+
+    model, search = seg.select_components(fit_k, data, 6, "classes", shares_of)
+    assert [k for k, _ in calls] == [1, 2, 3, 3, 3, 4]
+    assert np.array_equal(calls[3][1][1], seg.split_start(two, 1)[1])  # the second split
+    row = search.rows[2]
+    assert row["bic"] < search.rows[1]["bic"] and row["icl"] > search.rows[1]["icl"]
+    assert not row["counted"] and model is two and search.chosen == 2
+    assert len(search.rows) == 4
+
+
+def test_where_no_fit_counts_a_k_too_small_for_its_classes_is_kept():
+    """The climb's candidates, scripted: at K = 2 neither counts, the split's label speckles
+    across regions (too_few: classes share a component) and a fresh start's lines boundaries
+    with the higher likelihood; the climb keeps the first, so K = 2 does not count towards
+    the turn, and K = 4 is found past an uncounted K = 3 (kept by likelihood, two turns
+    would have ended the climb at K = 1)."""
+    data = seg._PointFeatures(np.linspace(0.1, 0.9, 200), np.ones(200))
+    speckled = scripted_fit([0.3, 0.7], [0.5, 0.5], 0.5)
+    lining = scripted_fit([0.5, 0.5], [0.5, 0.5], 0.6)
+    three = scripted_fit([0.3, 0.5, 0.7], [0.3, 0.4, 0.3], 0.7)
+    four = scripted_fit([0.2, 0.4, 0.6, 0.8], [0.25] * 4, 1.2)
+    fits = [scripted_fit([0.5], [1.0], 0.0), speckled, lining, three, four]
+    shares = {id(speckled): (0.3, 0.1), id(four): (1.0, 0.0)}  # (region, boundary) shares
+    calls = []
+
+    def fit_k(k, start=None, max_iter=None, every_point=False):
+        calls.append(k)
+        return fits[len(calls) - 1]
+
+    def shares_of(model):
+        region, boundary = shares.get(id(model), (0.05, 0.5))
+        share = np.full(model.n_components, region)
+        return share, np.full(model.n_components, boundary), share
+
+    model, search = seg.select_components(fit_k, data, 4, "classes", shares_of)
+    assert calls == [1, 2, 2, 3, 4]
+    assert search.rows[1]["too_few"] and search.rows[1]["log_likelihood"] == 0.5
+    assert not search.rows[2]["counted"] and not search.rows[2]["too_few"]
+    assert model is four and search.chosen == 4
 
 
 def test_k_auto_on_a_masked_image_and_a_volume():
@@ -229,6 +310,45 @@ def test_the_api_chooses_k_as_the_command_line_does(tmp_path, capsys):
     assert record["log_likelihood"][-1] == model.log_likelihood[-1]
     written = np.asarray(Image.open(tmp_path / "out" / "four_labels.png"))
     assert np.array_equal(written, labels)
+
+
+def test_on_many_colours_each_k_is_fitted_on_a_draw_and_judged_on_every_point(monkeypatch):
+    """Over K_PROBE_ABOVE colours and twice K_PROBE_PIXELS pixels (lowered here to 16,384 for a
+    small image), every K is fitted on one draw of that many pixels and judged on every
+    point: each row's log-likelihood is one of its K's fits' mean over every point, not over
+    the draw; the chosen K is then fitted on every point, and its row is that fit's."""
+    image = blurred_regions(np.random.default_rng(8), 3, colour=True, sd=0.06)
+    picture = seg.picture_from_array(image)
+    points = seg.distinct_values(picture)
+    data = seg._PointFeatures(points.values, points.weights, points.scale)
+    assert len(data) > seg.K_PROBE_ABOVE
+    assert seg.segment_points(picture, points, "auto", k_max=6).k_search.drawn is None
+    fits, fit_components = {}, seg.fit_components
+
+    def recorded(on, k, *args, **kwargs):
+        fit = fit_components(on, k, *args, **kwargs)
+        fits.setdefault(k, []).append((len(on), fit))
+        return fit
+
+    monkeypatch.setattr(seg, "K_PROBE_PIXELS", 1 << 14)
+    monkeypatch.setattr(seg, "fit_components", recorded)
+    found = seg.segment_points(picture, points, "auto", k_max=6)
+    search, model = found.k_search, found.model
+    assert search.drawn == 1 << 14 and model.n_components == search.chosen == 3
+    every = [(k, i) for k in fits for i, (size, _) in enumerate(fits[k]) if size == len(data)]
+    assert every == [(3, len(fits[3]) - 1)]  # the chosen K's last fit alone
+    # K = 4, the first past the best: each of the three components split, and a fresh start;
+    # K = 5: the most spread-out component's split alone
+    assert len(fits[4]) == 4 and len(fits[5]) == 1 and len(search.rows) == 5
+    for row in search.rows[:2] + search.rows[3:]:  # the chosen K's row: below
+        on_draw = [fit for size, fit in fits[row["k"]] if size < len(data)]
+        on_every_point = [seg._mean_log_likelihood(fit, data) for fit in on_draw]
+        assert any(row["log_likelihood"] == pytest.approx(v, abs=1e-12) for v in on_every_point)
+        assert all(abs(row["log_likelihood"] - fit.log_likelihood[-1]) > 1e-4 for fit in on_draw)
+    assert model.converged
+    assert search.rows[2]["log_likelihood"] == model.log_likelihood[-1]
+    on_every_point = seg._mean_log_likelihood(model, data)
+    assert model.log_likelihood[-1] == pytest.approx(on_every_point, abs=1e-12)
 
 
 @pytest.mark.parametrize("colour", [False, True], ids=["gray", "colour"])
