@@ -639,6 +639,30 @@ def test_without_a_field_the_spatial_fit_is_not_restarted():
         assert not any("strong intensity field" in note for note in notes)
 
 
+@pytest.mark.parametrize("volume", [False, True], ids=["slice", "volume"])
+def test_a_volumes_restart_bar_is_lower_than_a_slices(monkeypatch, volume):
+    """A held fit that finds a field of 1.17 starts again in a volume (past
+    STRONG_FIELD_VOLUME, 1.15: the template without a field finds at most 1.125 in 3-D), not
+    on a slice (STRONG_FIELD, 1.2: a slice without a field finds up to 1.3)."""
+    from types import SimpleNamespace
+
+    grid = seg.Stack((4, 10, 12)) if volume else seg.PLANE
+    fit = SimpleNamespace(image=SimpleNamespace(grid=grid))
+    monkeypatch.setattr(seg, "_held", lambda state: state)
+    monkeypatch.setattr(
+        seg,
+        "_spatial_run",
+        lambda fit, start, _: (SimpleNamespace(state=SimpleNamespace(parameters=start)), "record"),
+    )
+    monkeypatch.setattr(seg, "field_spread", {"held": 1.17, "ecm": 1.4}.get)
+    restart = lambda image, _: ("ecm run", "ecm")  # noqa: E731
+    run = SimpleNamespace(state="held")
+    _, spatial_run, _, spread, restarted = seg._spatial_bias_fit(fit, run, restart, None)
+    assert restarted == volume and spread == (1.4 if volume else 1.17)
+    assert spatial_run.state.parameters == ("ecm" if volume else "held")
+    assert seg.STRONG_FIELD_VOLUME < 1.17 < seg.STRONG_FIELD
+
+
 def test_the_field_spread_is_its_percentiles_ratio(rng):
     """field_spread: e^(99th - 1st percentile) of the log field over the fitted pixels, read on
     every stride-th site of a large grid."""
