@@ -3261,18 +3261,22 @@ def _nearest_other(codes, axis, step, depth):
     return found
 
 
-def classification_entropy(model, data):
-    """-sum over points of weight x sum_k tau_k log tau_k: ICL's charge for overlapping labels."""
-    entropy = 0.0
+def log_likelihood_and_entropy(model, data):
+    """(the model's mean log-likelihood per pixel of the points, -sum over points of weight x
+    sum_k tau_k log tau_k: the classification entropy, ICL's charge for overlapping labels), in
+    one pass: the labels' log-sum-exp is the points' log-likelihood."""
+    total = entropy = 0.0
     for start, block in log_label_blocks(model, data):
-        block = block - block.max(axis=0)  # NumPy's log-sum-exp, as _mean_log_likelihood's
+        top = block.max(axis=0)
+        block = block - top  # NumPy's log-sum-exp, as _mean_log_likelihood's
         tau = np.exp(block)
-        total = tau.sum(axis=0)
-        log_tau = block - np.log(total)
-        tau /= total
+        sums = tau.sum(axis=0)
+        log_sums = np.log(sums)
+        tau /= sums
         weights = data.weights[start : start + block.shape[1]]
-        entropy -= float(weights @ np.sum(tau * log_tau, axis=0))
-    return entropy
+        total += weights @ (log_sums + top)
+        entropy -= float(weights @ np.sum(tau * (block - log_sums), axis=0))
+    return float(total / data.total_weight), entropy
 
 
 def split_order(model):
@@ -3384,11 +3388,11 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
 
         def judged(fit, k=k, icl_below=math.inf):  # (score; then, none counted, a K too
             # small for its classes; then the better log-likelihood first; row, fit)
-            on_data = fit.log_likelihood[-1] if drawn is None else _mean_log_likelihood(fit, data)
-            row, score = _judged(fit, k, data, criterion, shares_of, reg_covar, on_data)
+            own = fit.log_likelihood[-1] if drawn is None else None  # a draw's: on data
+            row, score = _judged(fit, k, data, criterion, shares_of, reg_covar, own)
             if criterion == "classes" and row["counted"] and not row["icl"] < icl_below:
                 row["counted"], score = False, math.inf
-            return score, not row["too_few"], -on_data, row, fit
+            return score, not row["too_few"], -row["log_likelihood"], row, fit
 
         if k == 1:
             candidates = [judged(fit_k(1))]
@@ -3423,11 +3427,13 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
     return fits[best], search
 
 
-def _judged(model, k, data, criterion, shares_of, reg_covar, log_likelihood):
+def _judged(model, k, data, criterion, shares_of, reg_covar, log_likelihood=None):
     """(row of the KSearch table, the criterion's score: lower is better, inf: not counted),
-    log_likelihood the model's mean on data."""
+    log_likelihood the model's mean on data (None: a fit on a draw, computed on data)."""
+    on_data, entropy = log_likelihood_and_entropy(model, data)
+    log_likelihood = on_data if log_likelihood is None else log_likelihood
     score_bic = bic(model, data.total_weight, log_likelihood)
-    icl = score_bic + 2 * classification_entropy(model, data)
+    icl = score_bic + 2 * entropy
     collapsed = collapsed_components(model, reg_covar) if _n_distinct(data) > k else []
     shares = None if shares_of is None or k == 1 else shares_of(model)
     least = most = deepest = None
