@@ -3188,6 +3188,17 @@ def boundary_shares(labels, n_labels, inside=None, depth=BOUNDARY_DEPTH):
     )
 
 
+def share_counts(labels, n_labels, inside=None, passes=Passes(threads=1)):
+    """(4, n_labels): each label's pixels in its regions (region_shares), between two others
+    (boundary_shares), deep in its regions (region_shares at BOUNDARY_DEPTH), and inside, from
+    one count: the numerators and the denominator of the three shares -k auto judges by."""
+    every = np.ones(labels.shape, dtype=bool) if inside is None else inside
+    interior = _interior(labels, every) & every
+    deep = _deepened(interior, every, BOUNDARY_DEPTH - 1)
+    between = _between(labels, every, BOUNDARY_DEPTH, passes)
+    return _counts_where(labels, inside, (interior, between, deep), n_labels)
+
+
 def _interior(labels, inside):
     """Where every neighbour inside carries the pixel's own label."""
     interior = np.ones(labels.shape, dtype=bool)
@@ -3223,19 +3234,39 @@ def _neighbour_pairs(ndim):
     return pairs
 
 
-def _between(labels, inside, depth):
-    """Where a pixel lies between two other labels (boundary_shares)."""
-    codes = labels.astype(np.int16)
+def _between(labels, inside, depth, passes=Passes(threads=1)):
+    """Where a pixel lies between two other labels (boundary_shares), each axis a task of
+    passes."""
+    codes = labels.astype(np.int8 if labels.max(initial=0) < 127 else np.int32)
     codes[~inside] = -1
-    between = np.zeros(codes.shape, dtype=bool)
-    for axis in range(codes.ndim):
+
+    def along(axis):
         sides = [_nearest_other(codes, axis, step, depth) for step in (1, -1)]
-        between |= (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
+        return (sides[0] >= 0) & (sides[1] >= 0) & (sides[0] != sides[1])
+
+    between = np.zeros(codes.shape, dtype=bool)
+    for part in passes.map(along, list(range(codes.ndim))):
+        between |= part
     return between
 
 
 def _counts(labels, n_labels):
     return np.bincount(labels.ravel(), minlength=n_labels)[:n_labels]
+
+
+def _counts_where(labels, inside, maps, n_labels):
+    """(len(maps) + 1, n_labels): each label's pixels inside (None: every pixel) where each of
+    maps (bool, at most 7) holds, and its pixels inside, from one count of the labels and the
+    maps' bits."""
+    n_keys = n_labels << len(maps)
+    key = labels.astype(np.uint16 if n_keys <= 1 << 16 else np.intp) << len(maps)
+    for bit, where in enumerate(maps):
+        key += where.view(np.uint8) << bit
+    table = _counts(key if inside is None else key[inside], n_keys)
+    table = table.reshape(n_labels, 1 << len(maps))
+    bits = np.arange(1 << len(maps))
+    parts = [table[:, (bits >> b) & 1 == 1].sum(axis=1) for b in range(len(maps))]
+    return np.stack(parts + [table.sum(axis=1)])
 
 
 def _ratio(part, whole):
@@ -3247,7 +3278,7 @@ def _ratio(part, whole):
 def _nearest_other(codes, axis, step, depth):
     """The label of the nearest pixel within depth along axis (step +1 or -1) whose label is
     another than the pixel's own (-1: none)."""
-    found = np.full(codes.shape, -1, dtype=np.int16)
+    found = np.full(codes.shape, -1, dtype=codes.dtype)
     for distance in range(1, depth + 1):
         source = [slice(None)] * codes.ndim
         target = [slice(None)] * codes.ndim
@@ -6036,12 +6067,7 @@ def region_shares_of(pictures, passes):
         n_labels, sums = model.n_labels, 0
         for picture, points, data in pictures():
             labels = label_pixels(picture, points, _most_likely(data, model), n_labels, passes)
-            inside = picture.mask if picture.mask is not None else np.ones(labels.shape, bool)
-            interior = _interior(labels, inside) & inside
-            deep = _deepened(interior, inside, BOUNDARY_DEPTH - 1)
-            between = _between(labels, inside, BOUNDARY_DEPTH) & inside
-            kept = (labels[interior], labels[between], labels[deep], labels[inside])
-            sums = sums + np.stack([_counts(part, n_labels) for part in kept])
+            sums = sums + share_counts(labels, n_labels, picture.mask, passes)
         return tuple(_ratio(part, sums[-1]) for part in sums[:-1])
 
     return shares_of

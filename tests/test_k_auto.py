@@ -369,3 +369,28 @@ def test_icl_is_bic_plus_twice_the_classification_entropy(colour):
     tau = reference.predict_proba(image.reshape(-1, model.means.shape[1]) / 255.0)
     entropy = -np.sum(tau * np.log(np.maximum(tau, 1e-300)))
     assert row["icl"] == pytest.approx(row["bic"] + 2 * entropy, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (10, 20, 30)], ids=["image", "volume"])
+def test_the_climbs_one_count_gives_each_shares_own_count(shape):
+    """share_counts, what the climb judges every fit by, counts the region, boundary and deep
+    shares' pixels at once (and each axis on a thread of its own): the same counts as
+    region_shares and boundary_shares make one by one, with a mask or without."""
+    rng = np.random.default_rng(7)
+    blocks = rng.integers(0, 5, size=tuple(n // 5 for n in shape)).astype(np.uint8)
+    labels = np.kron(blocks, np.ones((5,) * len(shape), np.uint8))
+    noisy = rng.random(shape) < 0.05
+    labels[noisy] = rng.integers(0, 5, np.count_nonzero(noisy))
+    for inside in (None, rng.random(shape) < 0.9):
+        counts = seg.share_counts(labels, 6, inside, seg.Passes(threads=2))
+        assert counts[-1].sum() == (labels.size if inside is None else inside.sum())
+        with np.errstate(invalid="ignore"):  # label 5 has no pixel: NaN, as the shares'
+            shares = [part / counts[-1] for part in counts[:-1]]
+        deep = seg.region_shares(labels, 6, inside, depth=seg.BOUNDARY_DEPTH)
+        expected = (
+            seg.region_shares(labels, 6, inside),
+            seg.boundary_shares(labels, 6, inside),
+            deep,
+        )
+        for got, want in zip(shares, expected):
+            np.testing.assert_array_equal(got, want)
