@@ -4687,6 +4687,10 @@ BIAS_HALVINGS = 8  # the field's Newton step is halved at most this often before
 STRONG_FIELD = 1.2
 STRONG_FIELD_VOLUME = 1.15
 STRONG_FIELD_SITES = 1 << 16  # that ECM's grid: at most this many sites (seed 1's volumes)
+# Its second ECM's mixture: the tissues without mixels, a variance each; the restart keeps the
+# ECM whose field corrects to the sharper histogram (chosen on the grid's volumes of seeds 11,
+# 12 and 2, reported on seeds 13 to 16: docs/brain.md).
+STRONG_FIELD_ECM_COVARIANCE = "full"
 
 
 def bias_monomials(degree, dims=2):
@@ -5346,31 +5350,43 @@ def _spatial_bias_fit(fit, run, restart, on_iteration):
 
 
 def _strong_field_start(picture, field_model, options, cortex, image, on_iteration):
-    """(the run, the state) a strong field's spatial fit starts from: the field of the ECM of
-    the field and the partial-volume mixture on at most STRONG_FIELD_SITES sites of the image,
-    and the mixture fitted afresh to the intensities that field corrects (refitted_mixture;
-    where grey matter's mean is held at the cortex, cortex_refit, the ECM's own), held.
-    field_model: (K, degree, regularisation)."""
+    """(the run, the state) a strong field's spatial fit starts from, of two: the field of the
+    ECM of the field and the partial-volume mixture, or of the ECM of the field and the
+    tissues' mixture without mixels, a variance each (STRONG_FIELD_ECM_COVARIANCE), each on at
+    most STRONG_FIELD_SITES sites of the image, the one whose corrected intensities' histogram
+    is sharper (corrected_entropy); and the partial-volume mixture fitted afresh to the
+    intensities that field corrects (refitted_mixture), held.  Mixels explain voxels the field
+    shifts (white matter darkened onto the grey-white mixel), so that the first ECM can find
+    too little of a field; where most voxels mix tissues, the second can (docs/brain.md).
+    Where grey matter's mean is held at the cortex (cortex_refit), the first alone, and its
+    own mixture.  field_model: (K, degree, regularisation)."""
     coarse = _coarsest(image, STRONG_FIELD_SITES)
     ecm = field_model + (True,)
     run = _plain_bias_fit(
         picture, coarse, ecm, options, on_iteration, with_partial_volume=True, cortex=cortex
     )
-    state = replace(run.state, image=image)
-    if cortex is None:
-        fitted = mixture_pixels(picture)
-        fitted = image.inside if fitted is None else image.grid.stacked(fitted, False)
-        state = refitted_mixture(state, fitted, options)
-    return run, _held(state)
+    if cortex is not None:
+        return run, _held(replace(run.state, image=image))
+    tissues = replace(options, covariance_type=STRONG_FIELD_ECM_COVARIANCE)
+    other = _plain_bias_fit(picture, coarse, ecm, tissues, on_iteration)
+    degree = field_model[1]
+    if corrected_entropy(picture, other.state.coefficients, degree) < corrected_entropy(
+        picture, run.state.coefficients, degree
+    ):
+        run = other
+    fitted = mixture_pixels(picture)
+    fitted = image.inside if fitted is None else image.grid.stacked(fitted, False)
+    return run, _held(refitted_mixture(replace(run.state, image=image), fitted, options, True))
 
 
 REFIT_LEVELS = 1024  # steps a unit of intensity: refitted_mixture's histogram of the corrected
 
 
-def refitted_mixture(state, fitted, options):
+def refitted_mixture(state, fitted, options, with_partial_volume):
     """The bias state with its field and its mixture fitted afresh (_fresh_mixture, one start
-    from options' seed) to the corrected intensities of the fitted pixels (a bool image, None:
-    every pixel), on their histogram in steps of 1 / REFIT_LEVELS (far below any noise).
+    from options' seed; with_partial_volume, the tissues' and their mixels') to the corrected
+    intensities of the fitted pixels (a bool image, None: every pixel), on their histogram in
+    steps of 1 / REFIT_LEVELS (far below any noise).
 
     The ECM of a strong field and the mixture finds the field but can leave the mixture at
     a poorer maximum it drifted to with the field (tissues' means crossed, a tissue emptied);
@@ -5391,7 +5407,7 @@ def refitted_mixture(state, fitted, options):
     data = _PointFeatures(levels / REFIT_LEVELS, histogram[levels].astype(np.float64))
     rng = np.random.default_rng(options.random_state)
     k = state.kind.n_labels(len(state.weights))
-    mixture = _fresh_mixture(data, k, options, rng, state.partial_volume is not None)
+    mixture = _fresh_mixture(data, k, options, rng, with_partial_volume)
     weights, means, variances = _bias_mixture_parameters(mixture)
     return replace(
         state,
@@ -5738,22 +5754,13 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
     log intensities of the pixels SHARPEN_DEPTH steps inside the mask (the mask, where that
     leaves under half), on at most about SHARPEN_SITES of them.  Its log has mean 0 over them;
     None with fewer than 2 such pixels."""
-    from scipy.ndimage import binary_erosion
     from scipy.optimize import minimize
 
+    sites = log_sites(picture, SHARPEN_SITES)
+    if sites is None:
+        return None
+    indices, logs, width = sites
     codes = picture.codes
-    inside = (codes > 0) if picture.mask is None else picture.mask & (codes > 0)
-    inner = binary_erosion(inside, iterations=SHARPEN_DEPTH)
-    if 2 * np.count_nonzero(inner) < np.count_nonzero(inside):
-        inner = inside
-    indices = _grid_sites(inner, SHARPEN_SITES)
-    if len(indices[0]) < 2:
-        return None
-    logs = np.log(codes[indices].astype(np.float64))
-    low, high = np.percentile(logs, [0.5, 99.5])
-    width = (1 + 2 * SHARPEN_PAD) * (high - low) / (SHARPEN_BINS - 1)
-    if not width > 0:
-        return None
     degree = min(SHARPEN_DEGREE, most_degree)
     features = monomial_features(indices, codes.shape, degree)
     means = features.mean(axis=0)
@@ -5771,6 +5778,40 @@ def sharpening_field(picture, most_degree=SHARPEN_DEGREE):
     gain = histogram_entropy(logs, width) - histogram_entropy(logs - features @ start, width)
     shift = float(means @ start)  # the log field's mean over those pixels
     return BiasField(degree, start, codes.shape, shift, SHARPEN_RIDGE), gain
+
+
+def log_sites(picture, most):
+    """(indices, log intensities, bin width) of the pixels SHARPEN_DEPTH steps inside the mask
+    (the mask, where that leaves under half), on at most about `most` of them (_grid_sites), the
+    bin width histogram_entropy measures their sharpness in: SHARPEN_BINS bins over their 0.5th
+    to 99.5th percentiles, SHARPEN_PAD of that either side.  None with fewer than 2 such
+    pixels, or one intensity."""
+    from scipy.ndimage import binary_erosion
+
+    codes = picture.codes
+    inside = (codes > 0) if picture.mask is None else picture.mask & (codes > 0)
+    inner = binary_erosion(inside, iterations=SHARPEN_DEPTH)
+    if 2 * np.count_nonzero(inner) < np.count_nonzero(inside):
+        inner = inside
+    indices = _grid_sites(inner, most)
+    if len(indices[0]) < 2:
+        return None
+    logs = np.log(codes[indices].astype(np.float64))
+    low, high = np.percentile(logs, [0.5, 99.5])
+    width = (1 + 2 * SHARPEN_PAD) * (high - low) / (SHARPEN_BINS - 1)
+    return (indices, logs, width) if width > 0 else None
+
+
+def corrected_entropy(picture, coefficients, degree):
+    """histogram_entropy of the log intensities at log_sites (STRONG_FIELD_SITES of them) less
+    a log field of these coefficients: how sharp the histogram of the intensities that field
+    corrects is (the less, the sharper; inf where log_sites has none)."""
+    sites = log_sites(picture, STRONG_FIELD_SITES)
+    if sites is None:
+        return math.inf
+    indices, logs, width = sites
+    log_field = monomial_features(indices, picture.codes.shape, degree) @ coefficients
+    return histogram_entropy(logs - log_field, width)
 
 
 def _grid_sites(where, most):

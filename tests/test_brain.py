@@ -856,3 +856,65 @@ def test_a_saved_models_held_tissues_are_read_back_and_checked(tmp_path, capsys)
     bad["partial_volume"]["held"] = [3]
     with pytest.raises(ValueError, match="held tissues or least gap"):
         seg.GaussianMixtureFit.from_record(bad)
+
+
+def test_the_corrected_histogram_is_sharpest_under_the_true_field():
+    """corrected_entropy, the restart's referee between its two starts: on a scan under a
+    field of max / min 2.33 (strong_field_scan's, a quadratic), the true field corrects to a
+    sharper histogram than no field, than half of it, and than twice it."""
+    scan, _ = strong_field_scan(0, 2.33)
+    picture = seg.picture_from_array(scan)
+    inside = scan > 0
+    h, w = scan.shape
+    u, v = np.meshgrid(
+        2 * np.arange(h) / (h - 1) - 1, 2 * np.arange(w) / (w - 1) - 1, indexing="ij"
+    )
+    log_field = (0.6 * u + 0.4 * v * v)[inside]
+    log_field *= np.log(2.33) / np.ptp(log_field)
+    features = seg.monomial_features(np.nonzero(inside), scan.shape, 2)
+    true = np.linalg.lstsq(features, log_field - log_field.mean(), rcond=None)[0]
+    entropy = {f: seg.corrected_entropy(picture, f * true, 2) for f in (0, 0.5, 1, 2)}
+    assert entropy[1] < min(entropy[0], entropy[0.5], entropy[2]), entropy
+
+
+@pytest.mark.parametrize("sharper", ["partial volume", "tissues"])
+def test_a_restart_starts_from_the_ecm_whose_field_sharpens_more(monkeypatch, sharper):
+    """_strong_field_start runs two ECMs of the field, one with the partial-volume mixture and
+    one with the tissues alone, a variance each, and starts from the field that corrects the
+    scan to the sharper histogram (corrected_entropy), the mixture refitted to it; where grey
+    matter is held at the cortex, the first alone."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    @dataclass(frozen=True)
+    class State:
+        coefficients: np.ndarray
+        name: str
+        image: object = None
+
+    scan, _ = strong_field_scan(0, 2.33)
+    picture = seg.picture_from_array(scan)
+    image = seg.bias_image(picture, seg.Passes(threads=1))
+    fields = {"partial volume": np.full(9, 0.1), "tissues": np.full(9, 0.2)}
+    ran = []
+
+    def ecm(picture, coarse, field_model, options, on_iteration, **kind):
+        name = "partial volume" if kind.get("with_partial_volume") else "tissues"
+        ran.append((name, options.covariance_type))
+        return SimpleNamespace(state=State(fields[name], name))
+
+    def entropy(picture, coefficients, degree):
+        return 1.0 if coefficients is fields[sharper] else 2.0
+
+    monkeypatch.setattr(seg, "_plain_bias_fit", ecm)
+    monkeypatch.setattr(seg, "corrected_entropy", entropy)
+    monkeypatch.setattr(seg, "refitted_mixture", lambda state, fitted, options, pv: (state, pv))
+    monkeypatch.setattr(seg, "_held", lambda state: state)
+    options = seg.FitOptions(covariance_type="tied")
+    run, (state, pv) = seg._strong_field_start(picture, (3, 3, 1.0), options, None, image, None)
+    assert ran == [("partial volume", "tied"), ("tissues", seg.STRONG_FIELD_ECM_COVARIANCE)]
+    assert run.state.name == state.name == sharper and state.image is image
+    assert pv  # the partial-volume mixture refitted
+    ran.clear()
+    run, state = seg._strong_field_start(picture, (3, 3, 1.0), options, 0.6, image, None)
+    assert ran == [("partial volume", "tied")] and state.name == "partial volume"
