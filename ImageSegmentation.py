@@ -5369,11 +5369,14 @@ def _strong_field_start(picture, field_model, options, cortex, image, on_iterati
         return run, _held(replace(run.state, image=image))
     tissues = replace(options, covariance_type=STRONG_FIELD_ECM_COVARIANCE)
     other = _plain_bias_fit(picture, coarse, ecm, tissues, on_iteration)
-    degree = field_model[1]
-    if corrected_entropy(picture, other.state.coefficients, degree) < corrected_entropy(
-        picture, run.state.coefficients, degree
-    ):
-        run = other
+    sites = log_sites(picture, STRONG_FIELD_SITES)
+    if sites is not None:
+        shape, degree = picture.codes.shape, field_model[1]
+        entropies = [
+            corrected_entropy(sites, shape, f.state.coefficients, degree) for f in (run, other)
+        ]
+        if entropies[1] < entropies[0]:
+            run = other
     fitted = mixture_pixels(picture)
     fitted = image.inside if fitted is None else image.grid.stacked(fitted, False)
     return run, _held(refitted_mixture(replace(run.state, image=image), fitted, options, True))
@@ -5802,15 +5805,12 @@ def log_sites(picture, most):
     return (indices, logs, width) if width > 0 else None
 
 
-def corrected_entropy(picture, coefficients, degree):
-    """histogram_entropy of the log intensities at log_sites (STRONG_FIELD_SITES of them) less
-    a log field of these coefficients: how sharp the histogram of the intensities that field
-    corrects is (the less, the sharper; inf where log_sites has none)."""
-    sites = log_sites(picture, STRONG_FIELD_SITES)
-    if sites is None:
-        return math.inf
+def corrected_entropy(sites, shape, coefficients, degree):
+    """histogram_entropy of the log intensities at sites (log_sites of a picture of that shape)
+    less a log field of these coefficients: how sharp the histogram of the intensities that
+    field corrects is (the less, the sharper)."""
     indices, logs, width = sites
-    log_field = monomial_features(indices, picture.codes.shape, degree) @ coefficients
+    log_field = monomial_features(indices, shape, degree) @ coefficients
     return histogram_entropy(logs - log_field, width)
 
 

@@ -873,7 +873,8 @@ def test_the_corrected_histogram_is_sharpest_under_the_true_field():
     log_field *= np.log(2.33) / np.ptp(log_field)
     features = seg.monomial_features(np.nonzero(inside), scan.shape, 2)
     true = np.linalg.lstsq(features, log_field - log_field.mean(), rcond=None)[0]
-    entropy = {f: seg.corrected_entropy(picture, f * true, 2) for f in (0, 0.5, 1, 2)}
+    sites = seg.log_sites(picture, seg.STRONG_FIELD_SITES)
+    entropy = {f: seg.corrected_entropy(sites, scan.shape, f * true, 2) for f in (0, 0.5, 1, 2)}
     assert entropy[1] < min(entropy[0], entropy[0.5], entropy[2]), entropy
 
 
@@ -903,7 +904,7 @@ def test_a_restart_starts_from_the_ecm_whose_field_sharpens_more(monkeypatch, sh
         ran.append((name, options.covariance_type))
         return SimpleNamespace(state=State(fields[name], name))
 
-    def entropy(picture, coefficients, degree):
+    def entropy(sites, shape, coefficients, degree):
         return 1.0 if coefficients is fields[sharper] else 2.0
 
     monkeypatch.setattr(seg, "_plain_bias_fit", ecm)
