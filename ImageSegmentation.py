@@ -5357,9 +5357,9 @@ def _strong_field_start(picture, field_model, options, cortex, image, on_iterati
     is sharper (corrected_entropy); and the partial-volume mixture fitted afresh to the
     intensities that field corrects (refitted_mixture), held.  Mixels explain voxels the field
     shifts (white matter darkened onto the grey-white mixel), so that the first ECM can find
-    too little of a field; where most voxels mix tissues, the second can (docs/brain.md).
-    Where grey matter's mean is held at the cortex (cortex_refit), the first alone, and its
-    own mixture.  field_model: (K, degree, regularisation)."""
+    too little of a field; where most voxels mix tissues, it is the second that finds too
+    little (docs/brain.md).  Where grey matter's mean is held at the cortex (cortex_refit),
+    the first alone, and its own mixture.  field_model: (K, degree, regularisation)."""
     coarse = _coarsest(image, STRONG_FIELD_SITES)
     ecm = field_model + (True,)
     run = _plain_bias_fit(
