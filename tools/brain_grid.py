@@ -1,5 +1,7 @@
 """The brain evaluation grid: python tools/brain_grid.py [--seed 2] [--cases 150] [--methods brain]
-or, on the whole template volume at every noise and field level, ... --volume [--noise 0,5,9]
+or, on the whole template volume at every noise and field level, ... --volume [--noise 0,5,9];
+with --records FILE every case's scores one JSON line each, and --compare BEFORE AFTER, two
+such files of the same draws (a change against the commit before it), case by case.
 
 Not collected by pytest; needs nibabel and nilearn (`pip install nibabel nilearn`), and scores
 ANTs Atropos, with and without N4 first, when antspyx is installed (`pip install antspyx`).
@@ -31,6 +33,7 @@ program said so (a `note:`) where that share is under a half.
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -304,6 +307,7 @@ def evaluate_volumes(arguments, methods, data):
         "| noise, field (shape) | " + " | ".join(methods) + " |",
         "|---" * (len(methods) + 1) + "|",
     ]
+    rows = []
     for noise, inu in itertools.product(noises, fields):
         volume, truth, shape_kind = make_volume(noise, inu, rng, data)
         cells = []
@@ -312,6 +316,8 @@ def evaluate_volumes(arguments, methods, data):
             labels, notes = METHODS[method](volume)
             seconds = time.perf_counter() - started
             as_read, matched, kept = scores(labels, truth)
+            case = {"grid_seed": arguments.seed, "noise": noise, "inu": inu, "shape": shape_kind}
+            rows.append(dict(case, method=method, **result(as_read, matched, kept, notes, seconds)))
             cells.append(f"{100 * as_read:.1f} ({seconds:.0f} s)")
             print(
                 f"{noise} % {inu} % {method}: {as_read:.4f} matched {matched:.4f} "
@@ -321,6 +327,78 @@ def evaluate_volumes(arguments, methods, data):
             )
         lines.append(f"| {noise} %, {inu} % ({shape_kind}) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    return rows
+
+
+# --- one run against another ---------------------------------------------------------------------
+
+RESULTS = ("as_read", "matched", "kept", "notes", "seconds")  # a row's fields that are not its case
+
+
+def result(as_read, matched, kept, notes, seconds):
+    return dict(zip(RESULTS, (as_read, matched, kept, list(notes), seconds)))
+
+
+def write_records(path, rows):
+    """The rows, one JSON object a line (--records): what --compare reads."""
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+
+
+def read_records(path):
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def case_key(row):
+    """A row's case and method: everything but its results."""
+    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in RESULTS))
+
+
+def comparison(before, after, threshold=0.001):
+    """Lines comparing two runs of the same draws (rows as --records writes them), one per
+    method: the mean and worst accuracy as read, the cases that change by more than threshold
+    (how many gain and lose, the largest of each), and the cases where a tissue keeps under
+    half its pixels, with and without a note.  A case of one run missing from the other: a
+    ValueError (the runs are not of the same draws)."""
+    earlier = {case_key(row): row for row in before}
+    if len(earlier) != len(before) or {case_key(row) for row in after} != set(earlier):
+        raise ValueError("the two runs are not of the same draws (seed, cases, methods)")
+    lines = []
+    for method in dict.fromkeys(row["method"] for row in after):
+        news = [row for row in after if row["method"] == method]
+        olds = [earlier[case_key(row)] for row in news]
+        old = np.array([row["as_read"] for row in olds])
+        new = np.array([row["as_read"] for row in news])
+        change = new - old
+        gains, losses = int(np.sum(change > threshold)), int(np.sum(change < -threshold))
+        lines.append(
+            f"{method}: {len(news)} cases, {100 * old.mean():.2f} -> {100 * new.mean():.2f} % "
+            f"(worst {100 * old.min():.1f} -> {100 * new.min():.1f}); {gains} gain and "
+            f"{losses} lose over {100 * threshold:g} points; a tissue under half its pixels in "
+            f"{lost(olds)[0]} -> {lost(news)[0]}, without a note {lost(olds)[1]} -> {lost(news)[1]}"
+        )
+        for name, count, i in (
+            ("gain", gains, np.argmax(change)),
+            ("loss", losses, np.argmin(change)),
+        ):
+            if count:
+                lines.append(
+                    f"   largest {name}: {100 * change[i]:+.1f} points, {described(news[i])}"
+                )
+    return lines
+
+
+def lost(rows):
+    """(how many rows have a tissue under half its pixels, how many of those have no note)."""
+    under = [row for row in rows if row["kept"] < 0.5]
+    return len(under), sum(not row["notes"] for row in under)
+
+
+def described(row):
+    """A row's case in words: "orientation axial, voxel 1, ..."."""
+    return ", ".join(f"{k} {v}" for k, v in row.items() if k not in RESULTS and k != "method")
 
 
 def main():
@@ -331,12 +409,21 @@ def main():
     parser.add_argument("--volume", action="store_true", help="the whole volume instead")
     parser.add_argument("--noise", default=",".join(map(str, NOISE)), help="--volume's levels")
     parser.add_argument("--inu", default=",".join(map(str, INU)), help="--volume's field levels")
+    parser.add_argument("--records", metavar="FILE", help="every case's scores, a JSON line each")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two --records of the same draws"
+    )
     arguments = parser.parse_args()
+    if arguments.compare:
+        print("\n".join(comparison(*(read_records(path) for path in arguments.compare))))
+        return
     methods = [m for m in METHODS if not arguments.methods or arguments.methods in m]
     methods = available(methods)
     data = Template()
     if arguments.volume:
-        evaluate_volumes(arguments, methods, data)
+        rows = evaluate_volumes(arguments, methods, data)
+        if arguments.records:
+            write_records(arguments.records, rows)
         return
     rng = np.random.default_rng(arguments.seed)
     cases = [draw_case(rng, data) for _ in range(arguments.cases)]
@@ -344,17 +431,19 @@ def main():
     for number, case in enumerate(cases):
         image, truth = make_case(case, data)
         for method in methods:
+            begun = time.perf_counter()
             labels, notes = METHODS[method](image)
+            seconds = time.perf_counter() - begun
             as_read, matched, kept = scores(labels, truth)
-            rows.append(
-                dict(case, method=method, as_read=as_read, matched=matched, kept=kept, notes=notes)
-            )
+            rows.append(dict(case, method=method, **result(as_read, matched, kept, notes, seconds)))
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
             + " ".join(f"{r['method']} {100 * r['as_read']:.1f}" for r in rows[-len(methods) :]),
             file=sys.stderr,
             flush=True,
         )
+    if arguments.records:
+        write_records(arguments.records, rows)
     print(f"\n{len(cases)} cases of seed {arguments.seed}; mean (worst) % as read\n")
     print(headline(rows, methods) + "\n")
     one_mm = [r for r in rows if r["voxel"] == 1]
