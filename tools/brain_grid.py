@@ -415,7 +415,10 @@ def main():
     )
     arguments = parser.parse_args()
     if arguments.compare:
-        print("\n".join(comparison(*(read_records(path) for path in arguments.compare))))
+        try:
+            print("\n".join(comparison(*(read_records(path) for path in arguments.compare))))
+        except (OSError, ValueError, KeyError) as error:  # a missing, other or broken file
+            parser.error(f"--compare: {error}")
         return
     methods = [m for m in METHODS if not arguments.methods or arguments.methods in m]
     methods = available(methods)
