@@ -351,9 +351,14 @@ def read_records(path):
         return [json.loads(line) for line in lines if line.strip()]
 
 
+def case_of(row):
+    """A row's case: everything but its method and results."""
+    return {k: v for k, v in row.items() if k not in RESULTS and k != "method"}
+
+
 def case_key(row):
-    """A row's case and method: everything but its results."""
-    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in RESULTS))
+    """A row's method and case, hashable: what pairs it with its twin in another run."""
+    return row["method"], tuple(sorted((k, str(v)) for k, v in case_of(row).items()))
 
 
 def comparison(before, after, threshold=0.001):
@@ -373,11 +378,12 @@ def comparison(before, after, threshold=0.001):
         new = np.array([row["as_read"] for row in news])
         change = new - old
         gains, losses = int(np.sum(change > threshold)), int(np.sum(change < -threshold))
+        (lost_before, silent_before), (lost_after, silent_after) = lost(olds), lost(news)
         lines.append(
             f"{method}: {len(news)} cases, {100 * old.mean():.2f} -> {100 * new.mean():.2f} % "
             f"(worst {100 * old.min():.1f} -> {100 * new.min():.1f}); {gains} gain and "
             f"{losses} lose over {100 * threshold:g} points; a tissue under half its pixels in "
-            f"{lost(olds)[0]} -> {lost(news)[0]}, without a note {lost(olds)[1]} -> {lost(news)[1]}"
+            f"{lost_before} -> {lost_after}, without a note {silent_before} -> {silent_after}"
         )
         for name, count, i in (
             ("gain", gains, np.argmax(change)),
@@ -398,7 +404,7 @@ def lost(rows):
 
 def described(row):
     """A row's case in words: "orientation axial, voxel 1, ..."."""
-    return ", ".join(f"{k} {v}" for k, v in row.items() if k not in RESULTS and k != "method")
+    return ", ".join(f"{k} {v}" for k, v in case_of(row).items())
 
 
 def main():
