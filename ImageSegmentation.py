@@ -1736,6 +1736,11 @@ class Density:
         # a scatter below 0 (rounding, on a component of one value) counts as 0
         return weights, means[:, 0], np.maximum(variances, reg_covar)
 
+    def log_prior(self, covariances):
+        """The log-density per pixel of a prior on the covariances that EM maximises with the
+        log-likelihood (a MAP fit): none, 0."""
+        return 0.0
+
     def m_step_of_points(self, model, data, resp, reg_covar):
         """(weights, means, covariances) from responsibilities summed per point of data (K, M),
         counted in pixels (the spatial fit's)."""
@@ -1797,9 +1802,14 @@ class Binned(Density):
 
 @dataclass(frozen=True, eq=False)
 class PartialVolume(Density):
-    """The kind of a partial-volume mixture: which tissues each of G Gaussians (one tied
-    covariance) mixes, fractions (G, T), each row summing to 1, the T pure tissues first, in
-    order; the labels are the tissues.  tissue_of: the tissue with most of each Gaussian.
+    """The kind of a partial-volume mixture: which tissues each of G Gaussians mixes,
+    fractions (G, T), each row summing to 1, the T pure tissues first, in order; the labels
+    are the tissues.  tissue_of: the tissue with most of each Gaussian.
+
+    variance_prior: None, one covariance for every Gaussian (tied); a number nu >= 0, a
+    variance s_t for each tissue (spherical), a mixel's the sum of its tissues' shares,
+    sum_t F_gt s_t, under a prior that draws them towards a shared variance with the
+    strength of nu times the pixels (tissue_variances_m_step).
 
     held: tissues whose means the M-step keeps where they are; min_gap: the least distance
     between the means of tissues adjacent in intensity order (one feature), kept by the
@@ -1808,6 +1818,7 @@ class PartialVolume(Density):
     fractions: np.ndarray
     held: tuple = ()
     min_gap: float = 0.0
+    variance_prior: float | None = None
 
     @property
     def n_tissues(self):
@@ -1830,12 +1841,29 @@ class PartialVolume(Density):
         """Each tissue's expected share of a pixel (expected_fractions)."""
         return self.expected_fractions(posteriors)
 
+    @property
+    def covariance_type(self):
+        """The covariance type of its models: one covariance (tied) or a variance each."""
+        return "tied" if self.variance_prior is None else "spherical"
+
     def m_step(self, stats, previous, covariance_type, reg_covar):
-        return _partial_volume_m_step(stats, self, reg_covar, previous[0])
+        return _partial_volume_m_step(stats, self, reg_covar, *previous)
+
+    def log_prior(self, covariances):
+        """The tissues' variances' log-prior per pixel (tissue_variances_log_prior); 0 for
+        one covariance."""
+        if self.variance_prior is None:
+            return 0.0
+        return tissue_variances_log_prior(
+            np.reshape(covariances, -1)[: self.n_tissues], self.variance_prior
+        )
 
     def record(self):
-        """Its fractions, and the constraints of a --cortex-check refit where there was one."""
+        """Its fractions, its variances' prior where each tissue has a variance, and the
+        constraints of a --cortex-check refit where there was one."""
         record = {"fractions": self.fractions.tolist()}
+        if self.variance_prior is not None:
+            record |= {"variance_prior": self.variance_prior}
         if self.held or self.min_gap:
             record |= {"held": list(self.held), "min_gap": self.min_gap}
         return {"partial_volume": record}
@@ -1943,29 +1971,114 @@ def _constrained_tissue_means(normal, right, previous, held, min_gap):
 MIXEL_FRACTIONS = (0.25, 0.75)  # the brighter tissue's share of a mixel (docs/brain.md)
 
 
-def tissues_and_mixels(n_tissues, fractions=MIXEL_FRACTIONS):
+def tissues_and_mixels(n_tissues, fractions=MIXEL_FRACTIONS, variance_prior=None):
     """The PartialVolume of n_tissues ordered by intensity: pure tissues, then the mixels of
-    each pair of neighbours in that order (CSF-grey and grey-white, not CSF-white)."""
+    each pair of neighbours in that order (CSF-grey and grey-white, not CSF-white); one
+    covariance, or a variance each under that prior (PartialVolume.variance_prior)."""
     rows = list(np.eye(n_tissues))
     for t in range(n_tissues - 1):
         for f in fractions:
             row = np.zeros(n_tissues)
             row[t], row[t + 1] = 1.0 - f, f
             rows.append(row)
-    return PartialVolume(np.array(rows))
+    return PartialVolume(np.array(rows), variance_prior=variance_prior)
 
 
-def _partial_volume_m_step(stats, pv, reg_covar, previous_means):
+def _partial_volume_m_step(stats, pv, reg_covar, previous_means, previous_covariances):
     """The M-step of a partial-volume mixture: weights as any mixture's, the means constrained
-    (PartialVolume.means), one covariance: the scatter about each Gaussian's own mean."""
+    (PartialVolume.means); one covariance, the scatter about each Gaussian's own mean, or the
+    tissues' variances (tissue_variances_m_step)."""
     n_features = previous_means.shape[1]
     mass, first, second = _unpack_moments(stats, n_features)
+    resp_mass = _nonzero_mass(mass)
+    weights = resp_mass / resp_mass.sum()
+    if pv.variance_prior is not None:
+        return (weights,) + tissue_variances_m_step(
+            mass, first[:, 0], second[:, 0, 0], pv, reg_covar, previous_means, previous_covariances
+        )
     means = pv.means(mass, first, previous_means)
     cross = np.einsum("gi,gj->ij", first, means)
     scatter = second.sum(axis=0) - cross - cross.T + np.einsum("g,gi,gj->ij", mass, means, means)
     covariance = scatter / mass.sum() + reg_covar * np.eye(n_features)
-    resp_mass = _nonzero_mass(mass)
-    return resp_mass / resp_mass.sum(), means, covariance
+    return weights, means, covariance
+
+
+# A variance for each tissue.  One covariance for every tissue cannot fit a scan whose tissues
+# are not equally noisy; a variance each, unconstrained, lets one tissue go broad beside narrow
+# ones and take the others' tails (docs/brain.md).  Between the two: the tissues' variances
+# s_t under one prior that draws them to a shared variance sigma^2, fitted with them: per
+# pixel, -(nu / 2) sum_t d(sigma^2, s_t), d(a, b) = a / b - log(a / b) - 1 >= 0 (the
+# Itakura-Saito divergence; an inverse-gamma prior of nu times the pixels' strength, up to a
+# constant).  A mixel's intensity is the sum of its tissues' parts, so its variance is
+# v_g = sum_t F_gt s_t.  The M-step is a conditional maximisation (ECM): the tissues' means by
+# least squares weighted by each Gaussian's precision at the previous variances, then the
+# variances by TISSUE_VARIANCE_STEPS steps of the EM of variance components (each mixel's
+# deviation split into its tissues' parts, the missing data), each raising the objective.
+# sigma^2 is the harmonic mean of the s_t, where the prior is largest, found with them in each
+# step (_tissue_variances): a strong prior moves the shared scale at once.
+
+
+def tissue_variances_log_prior(variances, nu):
+    """The log-prior per pixel of the tissues' variances (T,), at the shared variance that
+    maximises it (their harmonic mean): -(nu / 2) sum_t d(sigma^2, s_t), 0 where all are equal."""
+    ratio = (len(variances) / np.sum(1.0 / variances)) / variances
+    return -0.5 * nu * float(np.sum(ratio - np.log(ratio) - 1.0))
+
+
+TISSUE_VARIANCE_STEPS = 1
+
+
+def _tissue_variances(sums, masses, strength, previous):
+    """The variances s_t (T,) that maximise sum_t -(masses_t / 2) log s_t - sums_t / (2 s_t),
+    the prior of that strength (in pixels) and its shared variance together:
+    s_t = (sums_t + strength sigma^2) / (masses_t + strength), sigma^2 their harmonic mean,
+    the root of h(sigma^2) = sigma^2 sum_t (masses_t + strength) / (sums_t + strength sigma^2)
+    - T.  h is increasing and concave, and below 0 at the least sums_t / masses_t: Newton's
+    steps from the previous variances' harmonic mean, kept above that, reach the root from
+    below after at most one step.  No prior: sums / masses (previous where a tissue is empty)."""
+    filled = masses >= EMPTY_COMPONENT
+    if not strength:
+        return np.where(filled, sums / np.where(filled, masses, 1.0), previous)
+    if not np.any(sums > 0):  # no scatter at all: reg_covar alone is left
+        return np.zeros_like(sums)
+    low = float(np.min(sums[filled] / masses[filled])) if filled.any() else 0.0
+    shared = max(len(previous) / float(np.sum(1.0 / previous)), low)
+    weights = masses + strength
+    for _ in range(50):
+        denominators = sums + strength * shared
+        gap = shared * np.sum(weights / denominators) - len(sums)
+        step = gap / np.sum(weights * sums / denominators**2)
+        shared = max(shared - step, low)
+        if abs(step) <= 1e-13 * shared:
+            break
+    return (sums + strength * shared) / weights
+
+
+def tissue_variances_m_step(mass, first, second, pv, reg_covar, previous_means, previous):
+    """(means (G, 1), variances (G,)) of a partial-volume mixture of one feature with a variance
+    for each tissue, from the Gaussians' masses, sums and sums of squares (G,), the previous
+    means (G, 1) and variances (G,)."""
+    f = pv.fractions
+    variances = np.reshape(previous, -1)
+    relative = np.mean(variances) / variances  # the precisions, scaled near 1
+    means = pv.means(mass * relative, (first * relative)[:, None], previous_means)
+    mu = means[:, 0]
+    scatter = np.maximum(second - 2 * first * mu + mass * mu**2, 0.0)  # about the new means
+    # the step is on the variances without reg_covar, added after it (as to one covariance)
+    tissues = variances[: pv.n_tissues]
+    tissues = np.maximum(tissues - reg_covar, 1e-3 * tissues)
+    member = f > 0
+    tissue_mass = member.T @ mass
+    strength = pv.variance_prior * mass.sum()
+    for _ in range(TISSUE_VARIANCE_STEPS):
+        parts = f * tissues  # (G, T): each tissue's part of each Gaussian's variance
+        total = parts.sum(axis=1, keepdims=True)
+        # E[part^2] summed over each Gaussian's pixels, per unit of the tissue's share
+        expected = mass[:, None] * (parts - parts**2 / total)
+        expected += (parts / total) ** 2 * scatter[:, None]
+        sums = np.sum(np.where(member, expected / np.where(member, f, 1.0), 0.0), axis=0)
+        tissues = _tissue_variances(sums, tissue_mass, strength, tissues)
+    return means, f @ (tissues + reg_covar)
 
 
 def _hard_statistics(data, centers):
@@ -2217,7 +2330,9 @@ class GaussianMixtureFit:
         precision_matrices(covariances, covariance_type, k, d)  # FitFailed if not positive
         if top is not None and (not _is_integer(top) or top not in (255, 65535) or d != 1):
             raise ValueError("quantized_top is not 255 or 65535 for a gray model")
-        pv = _partial_volume_of_record(record.get("partial_volume"), k, covariance_type, top)
+        pv = _partial_volume_of_record(
+            record.get("partial_volume"), k, covariance_type, top, covariances
+        )
         kind = pv or (DENSITY if top is None else Binned(top))
         return cls(weights, means, covariances, covariance_type, kind)
 
@@ -2235,8 +2350,9 @@ class GaussianMixtureFit:
         )
 
 
-def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
-    """The PartialVolume a model record's "partial_volume" holds (None: none), checked."""
+def _partial_volume_of_record(value, n_gaussians, covariance_type, top, variances):
+    """The PartialVolume a model record's "partial_volume" holds (None: none), checked
+    (variances: the model's covariances, which a variance each must be shares of)."""
     if value is None:
         return None
     try:
@@ -2253,8 +2369,12 @@ def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
         or not np.array_equal(fractions[:t], np.eye(t))
     ):
         raise ValueError("the partial volume's fractions are not shares of its tissues")
-    if covariance_type != "tied" or top is not None:
-        raise ValueError("a partial-volume model has one (tied) covariance and no bins")
+    prior = value.get("variance_prior")
+    if covariance_type != ("tied" if prior is None else "spherical") or top is not None:
+        raise ValueError(
+            "a partial-volume model has one (tied) covariance, or a variance_prior and a "
+            "variance each (spherical), and no bins"
+        )
     held, min_gap = value.get("held", []), value.get("min_gap", 0.0)
     if (
         not isinstance(held, list)
@@ -2264,7 +2384,12 @@ def _partial_volume_of_record(value, n_gaussians, covariance_type, top):
         or not 0 <= min_gap < math.inf
     ):
         raise ValueError("the partial volume's held tissues or least gap are not valid")
-    return PartialVolume(fractions, tuple(sorted(set(map(int, held)))), float(min_gap))
+    if prior is not None and (not _is_real(prior) or not 0 <= prior < math.inf):
+        raise ValueError("the partial volume's variance_prior is not a number >= 0")
+    if prior is not None and not np.allclose(variances, fractions @ variances[:t], rtol=1e-9):
+        raise ValueError("the mixels' variances are not their tissues' shares")
+    held = tuple(sorted(set(map(int, held))))
+    return PartialVolume(fractions, held, float(min_gap), None if prior is None else float(prior))
 
 
 def log_density_blocks(model, data):
@@ -2296,6 +2421,8 @@ class FitOptions:
     max_iter: int = setting(1000, Domain(int, 1))
     tol: float = setting(1e-8, Domain(float))
     reg_covar: float = setting(1e-6, Domain(float))
+    # a partial-volume fit's tissues' variances (spherical): their prior's strength, per pixel
+    variance_prior: float = setting(0.1, Domain(float))
     # starts kept the best of; None: starts(), 1 or AUTO_N_INIT
     n_init: int | None = setting(None, Domain(int, 1, none=True))
     init: str = setting("kmeans++", Domain(choices=INIT_METHODS))
@@ -2626,10 +2753,12 @@ def _density_map(data, options, kind=DENSITY):
     covariance_type = options.covariance_type
 
     def e_step(state):
-        """One pass over the points: the moment sums of the responsibilities, the log-likelihood."""
-        return _e_step_statistics(
+        """One pass over the points: the moment sums of the responsibilities, and the
+        objective: the log-likelihood, and the kind's prior (a MAP fit's; 0 for most)."""
+        statistics, log_likelihood = _e_step_statistics(
             data, log_density_coefficients(*state.parameters, covariance_type), options.passes
         )
+        return statistics, log_likelihood + kind.log_prior(state.covariances)
 
     def m_step(state):
         previous = (state.means, state.covariances)
@@ -2654,13 +2783,34 @@ def _partial_volume_fit(data, tissues, options, on_iteration=None, cortex=None):
     with grey matter's mean held at cortex where one is given (cortex_refit)."""
     if cortex is not None:
         return cortex_refit(data, tissues, cortex, options, on_iteration)
-    pv = tissues_and_mixels(tissues.n_components)
+    pv = partial_volume_kind(tissues.n_components, options, data.n_features)
     return _pv_em(data, pv, tissues.means, tissues.covariances, options, on_iteration)
 
 
+def partial_volume_kind(n_tissues, options, n_features):
+    """The PartialVolume of n_tissues that options ask for: with --covariance tied one
+    covariance, with spherical a variance each under options.variance_prior (one feature)."""
+    if options.covariance_type == "tied":
+        return tissues_and_mixels(n_tissues)
+    if n_features != 1:
+        raise ValueError("a variance for each tissue needs one feature (a gray image)")
+    return tissues_and_mixels(n_tissues, variance_prior=options.variance_prior)
+
+
+def tissues_start(options):
+    """The options of the tissues' fit that a partial-volume fit starts from: one covariance
+    (tied), also where each tissue is to have a variance.  Started with a variance each, a
+    small or noisy slice can end with one tissue broad over two (docs/brain.md)."""
+    return replace(options, covariance_type="tied")
+
+
 def _pv_em(data, pv, tissue_means, covariance, options, on_iteration):
+    """EM of the partial-volume mixture pv from its tissues' means (T, D) and one covariance,
+    every Gaussian weighted alike (with a variance each tissue, each that one's)."""
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissue_means)
+    if pv.variance_prior is not None:
+        covariance = np.full(n_gaussians, float(np.reshape(covariance, -1)[0]))
     start = (np.full(n_gaussians, 1.0 / n_gaussians), means, covariance)
     return _density_em(data, start, options, on_iteration, kind=pv)
 
@@ -2736,7 +2886,7 @@ def cortex_refit(data, tissues, cortex, options, on_iteration=None):
     gap = CORTEX_GAP * cortex
     csf, _, white = tissues.means[:, 0]
     means = np.array([min(csf, cortex - gap), cortex, max(white, cortex + gap)])
-    pv = replace(tissues_and_mixels(3), held=(CORTEX_TISSUE,), min_gap=gap)
+    pv = replace(partial_volume_kind(3, options, 1), held=(CORTEX_TISSUE,), min_gap=gap)
     return _pv_em(data, pv, means[:, None], tissues.covariances, options, on_iteration)
 
 
@@ -3105,7 +3255,7 @@ def fit_components(
         levels = data.values[:, 0].astype(np.float64)
         fit = _fit_quantized(levels, data.weights, k, quantized_top, options, on_iteration)
     elif with_partial_volume:
-        tissues = _fit_data(data, k, options)
+        tissues = _fit_data(data, k, tissues_start(options))
         tissues = tissues.reordered(_luminance_order(tissues.means))
         fit = _partial_volume_fit(data, tissues, options, on_iteration, cortex)
     elif start is not None:
@@ -4891,8 +5041,9 @@ class BiasState:
 
     @cached_property
     def objective(self):
-        """The log-likelihood per pixel, less the field's penalty: a MAP fit's objective."""
-        return self.evaluation[1] - self.penalty()
+        """The log-likelihood per pixel, less the field's penalty, and the mixture's prior
+        (a partial-volume model's tissues' variances): a MAP fit's objective."""
+        return self.evaluation[1] - self.penalty() + self.kind.log_prior(self.variances)
 
     def penalty(self):
         """(lambda / 2) c^T R c, R the field's roughness (field_roughness): per pixel, so that a
@@ -5190,9 +5341,10 @@ def _fresh_mixture(data, k, options, rng, with_partial_volume, cortex=None):
     """The plain mixture of K Gaussians fitted to the 1-D data from a new start; with
     with_partial_volume, the partial-volume model of those tissues (cortex: grey matter's
     mean held there)."""
-    plain = _density_em(data, _fresh_start(data, k, options, rng), options)
     if not with_partial_volume:
-        return plain
+        return _density_em(data, _fresh_start(data, k, options, rng), options)
+    start = tissues_start(options)
+    plain = _density_em(data, _fresh_start(data, k, start, rng), start)
     tissues = plain.reordered(_luminance_order(plain.means))
     return _partial_volume_fit(data, tissues, options, cortex=cortex)
 
@@ -5314,11 +5466,14 @@ def _corrected_model(state, image, run, covariance_type):
     shift = float(grid.ravel() @ _inside_moments(image, degree))
     scale = math.exp(shift)
     variances = state.variances[:, None, None] * scale**2
-    tied = covariance_type == "tied"
+    if covariance_type == "tied":  # one variance: scikit-learn's tied shape, (D, D)
+        variances, covariance_type = variances[0], "tied"
+    elif state.partial_volume is not None:  # a variance each tissue: spherical, (K,)
+        variances, covariance_type = variances[:, 0, 0], "spherical"
+    else:
+        covariance_type = "full"
     corrected = (state.weights, state.means[:, None] * scale, variances)
-    if tied:  # one variance: scikit-learn's tied shape, (D, D)
-        corrected = corrected[:2] + (variances[0],)
-    model = GaussianMixtureFit.of_run(corrected, "tied" if tied else "full", run)
+    model = GaussianMixtureFit.of_run(corrected, covariance_type, run)
     return replace(model, kind=state.kind), shift
 
 
@@ -5949,8 +6104,8 @@ OPTION_CLASHES = (
     (
         "partial_volume",
         "covariance_type",
-        lambda options: options.fit.covariance_type != "tied",
-        "its tissues and mixels share one covariance (tied)",
+        lambda options: options.fit.covariance_type not in ("tied", "spherical"),
+        "its tissues and mixels share one covariance (tied) or have a variance each (spherical)",
     ),
     (
         "partial_volume",
@@ -7461,6 +7616,16 @@ OPTIONS = (
         dict(metavar="R"),
     ),
     Option(
+        "variance_prior",
+        ("--variance-prior",),
+        "brain",
+        ("fit.variance_prior",),
+        "with --partial-volume and --covariance spherical (a variance for each tissue): how "
+        "strongly they are drawn to a shared one, in pixels per pixel fitted (default "
+        "%(default)s; 0: not at all)",
+        dict(metavar="NU"),
+    ),
+    Option(
         "out",
         ("--out",),
         "outputs",
@@ -7501,7 +7666,8 @@ OPTIONS = (
         "brain",
         ("segment.partial_volume",),
         "pixels that are part one tissue, part another (as FSL FAST): K tissues and the "
-        "mixes of neighbouring ones; needs --covariance tied",
+        "mixes of neighbouring ones; needs --covariance tied (one variance) or spherical (a "
+        "variance each)",
         dict(action=argparse.BooleanOptionalAction),
     ),
     Option(

@@ -364,7 +364,7 @@ def test_the_command_line_and_the_api_refuse_the_same_values(capsys):
             assert f"argument {option.flags[-1]}" in err, (option.name, err)
             with pytest.raises(ValueError, match=f"{name} must be "):
                 owners[owner](**{name: value})
-    assert checked == 14
+    assert checked == 15
     for owner in owners.values():
         for item in fields(owner):
             if item.type in ("int", "float", "str", "int | None"):
