@@ -148,7 +148,7 @@ MAX_PIXELS = 200_000_000  # refuse larger images (decompression bombs)
 BRAIN_PRESET = (
     ("mask", "nonzero"),
     ("components", 3),
-    ("covariance", "tied"),
+    ("covariance", "spherical"),
     ("partial_volume", True),
     ("cortex_check", True),
     ("spatial", 0.5),
@@ -2025,29 +2025,36 @@ def tissue_variances_log_prior(variances, nu):
     return -0.5 * nu * float(np.sum(ratio - np.log(ratio) - 1.0))
 
 
-TISSUE_VARIANCE_STEPS = 1
+TISSUE_VARIANCE_STEPS = 10
 
 
 def _tissue_variances(sums, masses, strength, previous):
     """The variances s_t (T,) that maximise sum_t -(masses_t / 2) log s_t - sums_t / (2 s_t),
     the prior of that strength (in pixels) and its shared variance together:
-    s_t = (sums_t + strength sigma^2) / (masses_t + strength), sigma^2 their harmonic mean,
-    the root of h(sigma^2) = sigma^2 sum_t (masses_t + strength) / (sums_t + strength sigma^2)
-    - T.  h is increasing and concave, and below 0 at the least sums_t / masses_t: Newton's
-    steps from the previous variances' harmonic mean, kept above that, reach the root from
-    below after at most one step.  No prior: sums / masses (previous where a tissue is empty)."""
+    s_t = (sums_t + strength sigma^2) / (masses_t + strength), sigma^2 their harmonic mean, the
+    root of h(x) = x sum_t (masses_t + strength) / (sums_t + strength x) - T.  h is increasing
+    and concave, and below 0 at the least sums_t / masses_t: Newton's steps from the previous
+    variances' harmonic mean, kept above that, reach the root from below after at most one
+    step (on Python floats: T is 3 or so, and NumPy's calls would cost more than the
+    arithmetic).  No prior: sums / masses (previous where a tissue is empty)."""
     filled = masses >= EMPTY_COMPONENT
     if not strength:
         return np.where(filled, sums / np.where(filled, masses, 1.0), previous)
-    if not np.any(sums > 0):  # no scatter at all: reg_covar alone is left
-        return np.zeros_like(sums)
-    low = float(np.min(sums[filled] / masses[filled])) if filled.any() else 0.0
-    shared = max(len(previous) / float(np.sum(1.0 / previous)), low)
     weights = masses + strength
+    pairs = list(zip(sums.tolist(), weights.tolist()))
+    low = min(
+        (a / m for a, m in zip(sums.tolist(), masses.tolist()) if m >= EMPTY_COMPONENT), default=0.0
+    )
+    shared = max(len(pairs) / sum(1.0 / p for p in previous.tolist()), low)
     for _ in range(50):
-        denominators = sums + strength * shared
-        gap = shared * np.sum(weights / denominators) - len(sums)
-        step = gap / np.sum(weights * sums / denominators**2)
+        gap, slope = -float(len(pairs)), 0.0
+        for a, w in pairs:
+            d = a + strength * shared
+            gap += shared * w / d
+            slope += w * a / (d * d)
+        if not slope > 0:  # no scatter at all: reg_covar alone is left
+            return np.zeros_like(sums)
+        step = gap / slope
         shared = max(shared - step, low)
         if abs(step) <= 1e-13 * shared:
             break
@@ -2067,16 +2074,13 @@ def tissue_variances_m_step(mass, first, second, pv, reg_covar, previous_means, 
     # the step is on the variances without reg_covar, added after it (as to one covariance)
     tissues = variances[: pv.n_tissues]
     tissues = np.maximum(tissues - reg_covar, 1e-3 * tissues)
-    member = f > 0
-    tissue_mass = member.T @ mass
+    tissue_mass = (f > 0).T @ mass
     strength = pv.variance_prior * mass.sum()
     for _ in range(TISSUE_VARIANCE_STEPS):
-        parts = f * tissues  # (G, T): each tissue's part of each Gaussian's variance
-        total = parts.sum(axis=1, keepdims=True)
-        # E[part^2] summed over each Gaussian's pixels, per unit of the tissue's share
-        expected = mass[:, None] * (parts - parts**2 / total)
-        expected += (parts / total) ** 2 * scatter[:, None]
-        sums = np.sum(np.where(member, expected / np.where(member, f, 1.0), 0.0), axis=0)
+        # E[part_t^2] / F_gt summed over the Gaussians holding t, part_t of a pixel of g
+        # having variance F_gt s_t of g's v_g: s_t (M_t + s_t sum_g F_gt (S_g - m_g v_g) / v_g^2)
+        total = f @ tissues
+        sums = tissues * (tissue_mass + tissues * (((scatter - mass * total) / total**2) @ f))
         tissues = _tissue_variances(sums, tissue_mass, strength, tissues)
     return means, f @ (tissues + reg_covar)
 

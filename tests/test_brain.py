@@ -176,8 +176,8 @@ def test_tied_variance_at_partial_volume_boundaries(seed):
 
 
 def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
-    """--brain: the mask of nonzero pixels, K = 3, a tied variance, partial volume, BETA 0.5, the
-    field with its prior; labels 1, 2, 3 from the darkest (CSF, grey, white matter in T1), 0
+    """--brain: the mask of nonzero pixels, K = 3, a variance each tissue under its prior,
+    partial volume, BETA 0.5, the field with its prior; labels 1, 2, 3 from the darkest (CSF, grey, white matter in T1), 0
     outside.  --no-partial-volume and --no-bias-field take those off."""
     _, biased, _, inside, _ = biased_phantom(np.random.default_rng(2))
     Image.fromarray(biased).save(tmp_path / "scan.png")
@@ -186,9 +186,11 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     record = record_of(tmp_path / "a", "scan")
     settings = record["settings"]
     assert settings["brain"] and settings["mask"] == "nonzero" and settings["components"] == 3
-    assert settings["covariance"] == "tied" and settings["spatial"] == 0.5
+    assert settings["covariance"] == "spherical" and settings["spatial"] == 0.5
+    assert settings["variance_prior"] == 0.1 == record["partial_volume"]["variance_prior"]
     assert settings["bias_field"] and settings["bias_reg"] == 1.0 and settings["partial_volume"]
-    assert record["covariance_type"] == "tied" and record["bias_field"]["regularisation"] == 1.0
+    assert record["covariance_type"] == "spherical"
+    assert record["bias_field"]["regularisation"] == 1.0
     assert record["k"] == 3 and len(record["partial_volume"]["fractions"]) == 7
     labels = np.asarray(Image.open(tmp_path / "a" / "scan_labels.png"))
     assert np.all(labels[~inside] == 0) and set(np.unique(labels[inside])) == {1, 2, 3}
@@ -199,7 +201,7 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     )
     later = record_of(tmp_path / "b", "scan")
     assert later["settings"]["spatial"] == 0.2 and later["k"] == 2
-    assert later["settings"]["covariance"] == "tied"
+    assert later["settings"]["covariance"] == "spherical"
     status, out, err = run(
         [tmp_path / "scan.png", "--brain", "--no-partial-volume", "--no-bias-field"]
         + ["--out", tmp_path / "c"],
