@@ -1841,11 +1841,6 @@ class PartialVolume(Density):
         """Each tissue's expected share of a pixel (expected_fractions)."""
         return self.expected_fractions(posteriors)
 
-    @property
-    def covariance_type(self):
-        """The covariance type of its models: one covariance (tied) or a variance each."""
-        return "tied" if self.variance_prior is None else "spherical"
-
     def m_step(self, stats, previous, covariance_type, reg_covar):
         return _partial_volume_m_step(stats, self, reg_covar, *previous)
 
@@ -1994,7 +1989,7 @@ def _partial_volume_m_step(stats, pv, reg_covar, previous_means, previous_covari
     weights = resp_mass / resp_mass.sum()
     if pv.variance_prior is not None:
         return (weights,) + tissue_variances_m_step(
-            mass, first[:, 0], second[:, 0, 0], pv, reg_covar, previous_means, previous_covariances
+            mass, first, second, pv, reg_covar, previous_means, previous_covariances
         )
     means = pv.means(mass, first, previous_means)
     cross = np.einsum("gi,gj->ij", first, means)
@@ -2062,20 +2057,24 @@ def _tissue_variances(sums, masses, strength, previous):
 
 
 def tissue_variances_m_step(mass, first, second, pv, reg_covar, previous_means, previous):
-    """(means (G, 1), variances (G,)) of a partial-volume mixture of one feature with a variance
-    for each tissue, from the Gaussians' masses, sums and sums of squares (G,), the previous
-    means (G, 1) and variances (G,)."""
+    """(means (G, D), variances (G,)) of a partial-volume mixture with a variance for each tissue
+    (the same in each of D features), from the Gaussians' moment sums (G,), (G, D), (G, D, D),
+    the previous means (G, D) and variances (G,).  Each feature of a pixel counts as one draw
+    of the variance, the prior's strength is in pixels."""
     f = pv.fractions
+    n_features = first.shape[1]
     variances = np.reshape(previous, -1)
     relative = np.mean(variances) / variances  # the precisions, scaled near 1
-    means = pv.means(mass * relative, (first * relative)[:, None], previous_means)
-    mu = means[:, 0]
-    scatter = np.maximum(second - 2 * first * mu + mass * mu**2, 0.0)  # about the new means
+    means = pv.means(mass * relative, first * relative[:, None], previous_means)
+    # each Gaussian's squares about its new mean, summed over the features
+    scatter = np.trace(second, axis1=1, axis2=2) - 2 * np.einsum("gd,gd->g", first, means)
+    scatter = np.maximum(scatter + mass * np.einsum("gd,gd->g", means, means), 0.0)
     # the step is on the variances without reg_covar, added after it (as to one covariance)
     tissues = variances[: pv.n_tissues]
     tissues = np.maximum(tissues - reg_covar, 1e-3 * tissues)
-    tissue_mass = (f > 0).T @ mass
     strength = pv.variance_prior * mass.sum()
+    mass = n_features * mass  # draws of the variance
+    tissue_mass = (f > 0).T @ mass
     for _ in range(TISSUE_VARIANCE_STEPS):
         # E[part_t^2] / F_gt summed over the Gaussians holding t, part_t of a pixel of g
         # having variance F_gt s_t of g's v_g: s_t (M_t + s_t sum_g F_gt (S_g - m_g v_g) / v_g^2)
@@ -2787,17 +2786,15 @@ def _partial_volume_fit(data, tissues, options, on_iteration=None, cortex=None):
     with grey matter's mean held at cortex where one is given (cortex_refit)."""
     if cortex is not None:
         return cortex_refit(data, tissues, cortex, options, on_iteration)
-    pv = partial_volume_kind(tissues.n_components, options, data.n_features)
+    pv = partial_volume_kind(tissues.n_components, options)
     return _pv_em(data, pv, tissues.means, tissues.covariances, options, on_iteration)
 
 
-def partial_volume_kind(n_tissues, options, n_features):
+def partial_volume_kind(n_tissues, options):
     """The PartialVolume of n_tissues that options ask for: with --covariance tied one
-    covariance, with spherical a variance each under options.variance_prior (one feature)."""
+    covariance, with spherical a variance each under options.variance_prior."""
     if options.covariance_type == "tied":
         return tissues_and_mixels(n_tissues)
-    if n_features != 1:
-        raise ValueError("a variance for each tissue needs one feature (a gray image)")
     return tissues_and_mixels(n_tissues, variance_prior=options.variance_prior)
 
 
@@ -2890,7 +2887,7 @@ def cortex_refit(data, tissues, cortex, options, on_iteration=None):
     gap = CORTEX_GAP * cortex
     csf, _, white = tissues.means[:, 0]
     means = np.array([min(csf, cortex - gap), cortex, max(white, cortex + gap)])
-    pv = replace(partial_volume_kind(3, options, 1), held=(CORTEX_TISSUE,), min_gap=gap)
+    pv = replace(partial_volume_kind(3, options), held=(CORTEX_TISSUE,), min_gap=gap)
     return _pv_em(data, pv, means[:, None], tissues.covariances, options, on_iteration)
 
 

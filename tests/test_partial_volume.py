@@ -410,19 +410,29 @@ def test_a_saved_variance_each_model_labels_its_image_again(tmp_path, capsys):
             seg.GaussianMixtureFit.from_record(bad)
 
 
-def test_a_variance_each_tissue_needs_a_gray_image(tmp_path, capsys):
-    """Colour with --partial-volume --covariance spherical: a one-line error for the image
-    (exit 1); the same with tied is fitted."""
-    image, _, _ = blurred_cells(np.random.default_rng(0), shape=(30, 30))
-    colour = np.stack([image, image // 2, 255 - image], axis=-1)
+def test_a_variance_each_tissue_in_colour(tmp_path, capsys):
+    """In colour a tissue's variance is the same in each channel: the fit's objective (the
+    log-likelihood plus the prior, reg_covar 0) never falls, and the saved model labels its
+    image again alike."""
+    rng = np.random.default_rng(0)
+    image, _, _ = blurred_cells(rng, shape=(40, 50))
+    channels = np.stack([image, image / 2 + 60, 255.0 - image], axis=-1)
+    colour = np.clip(np.rint(channels + rng.normal(0, 6, channels.shape)), 0, 255).astype(np.uint8)
+    data = seg._PointFeatures(colour.reshape(-1, 3) / 255.0, np.ones(image.size))
+    options = seg.FitOptions(covariance_type="spherical", reg_covar=0.0)
+    model = seg.fit_components(data, 3, options, with_partial_volume=True)
+    assert model.covariance_type == "spherical" and model.covariances.shape == (7,)
+    assert np.allclose(model.covariances, model.partial_volume.fractions @ model.covariances[:3])
+    assert np.all(np.diff(model.log_likelihood) >= -1e-12) and model.converged
+    prior = seg.tissue_variances_log_prior(model.covariances[:3], 0.1)
+    score = model.score(colour.reshape(-1, 3) / 255.0)
+    assert model.log_likelihood[-1] == pytest.approx(score + prior, abs=1e-9)
     Image.fromarray(colour).save(tmp_path / "c.png")
-    status, _, err = run(
-        [tmp_path / "c.png", "--partial-volume", "--covariance", "spherical", "--out", tmp_path],
-        capsys,
-    )
-    assert status == 1 and len(err.strip().splitlines()) == 2
-    assert "a variance for each tissue needs one feature (a gray image)" in err
-    status, _, err = run(
-        [tmp_path / "c.png", "--partial-volume", "--covariance", "tied", "--out", tmp_path], capsys
-    )
+    flags = ["--partial-volume", "--covariance", "spherical"]
+    status, _, err = run([tmp_path / "c.png", *flags, "--out", tmp_path / "a"], capsys)
     assert status == 0, err
+    saved = tmp_path / "a" / "c_model.json"
+    status, _, err = run([tmp_path / "c.png", "--model", saved, "--out", tmp_path / "b"], capsys)
+    assert status == 0, err
+    first, again = (np.asarray(Image.open(tmp_path / d / "c_labels.png")) for d in ("a", "b"))
+    assert np.array_equal(first, again)
