@@ -148,7 +148,8 @@ MAX_PIXELS = 200_000_000  # refuse larger images (decompression bombs)
 BRAIN_PRESET = (
     ("mask", "nonzero"),
     ("components", 3),
-    ("covariance", "spherical"),
+    ("covariance", "tied"),
+    ("variance_prior", 0.1),
     ("partial_volume", True),
     ("cortex_check", True),
     ("spatial", 0.5),
@@ -1841,8 +1842,18 @@ class PartialVolume(Density):
         """Each tissue's expected share of a pixel (expected_fractions)."""
         return self.expected_fractions(posteriors)
 
+    @property
+    def covariance_type(self):
+        """Its models' covariance type: one covariance (tied), or a variance each
+        (spherical)."""
+        return "tied" if self.variance_prior is None else "spherical"
+
     def m_step(self, stats, previous, covariance_type, reg_covar):
         return _partial_volume_m_step(stats, self, reg_covar, *previous)
+
+    def field_m_step(self, moments, previous, covariance_type, reg_covar):
+        """Density's, in this kind's covariance type (the options' is tied)."""
+        return super().field_m_step(moments, previous, self.covariance_type, reg_covar)
 
     def log_prior(self, covariances):
         """The tissues' variances' log-prior per pixel (tissue_variances_log_prior); 0 for
@@ -2424,8 +2435,9 @@ class FitOptions:
     max_iter: int = setting(1000, Domain(int, 1))
     tol: float = setting(1e-8, Domain(float))
     reg_covar: float = setting(1e-6, Domain(float))
-    # a partial-volume fit's tissues' variances (spherical): their prior's strength, per pixel
-    variance_prior: float = setting(0.1, Domain(float))
+    # a partial-volume fit's tissues' variances: None one (tied), else each its own, tied by
+    # a prior of this strength (per pixel)
+    variance_prior: float | None = setting(None, Domain(float, none=True))
     # starts kept the best of; None: starts(), 1 or AUTO_N_INIT
     n_init: int | None = setting(None, Domain(int, 1, none=True))
     init: str = setting("kmeans++", Domain(choices=INIT_METHODS))
@@ -2791,27 +2803,20 @@ def _partial_volume_fit(data, tissues, options, on_iteration=None, cortex=None):
 
 
 def partial_volume_kind(n_tissues, options):
-    """The PartialVolume of n_tissues that options ask for: with --covariance tied one
-    covariance, with spherical a variance each under options.variance_prior."""
-    if options.covariance_type == "tied":
-        return tissues_and_mixels(n_tissues)
+    """The PartialVolume of n_tissues that options ask for: one covariance, or with
+    options.variance_prior a variance each tied by that prior."""
     return tissues_and_mixels(n_tissues, variance_prior=options.variance_prior)
 
 
-def tissues_start(options):
-    """The options of the tissues' fit that a partial-volume fit starts from: one covariance
-    (tied), also where each tissue is to have a variance.  Started with a variance each, a
-    small or noisy slice can end with one tissue broad over two (docs/brain.md)."""
-    return replace(options, covariance_type="tied")
-
-
 def _pv_em(data, pv, tissue_means, covariance, options, on_iteration):
-    """EM of the partial-volume mixture pv from its tissues' means (T, D) and one covariance,
-    every Gaussian weighted alike (with a variance each tissue, each that one's)."""
+    """EM of the partial-volume mixture pv from its tissues' means (T, D) and one covariance
+    (their tied fit's), every Gaussian weighted alike; with a variance each, all that one."""
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissue_means)
     if pv.variance_prior is not None:
-        covariance = np.full(n_gaussians, float(np.reshape(covariance, -1)[0]))
+        # a variance each: start them at the one, D at most 3: the mean of its diagonal
+        covariance = np.full(n_gaussians, float(np.mean(np.diagonal(covariance))))
+    options = replace(options, covariance_type=pv.covariance_type)
     start = (np.full(n_gaussians, 1.0 / n_gaussians), means, covariance)
     return _density_em(data, start, options, on_iteration, kind=pv)
 
@@ -3256,7 +3261,7 @@ def fit_components(
         levels = data.values[:, 0].astype(np.float64)
         fit = _fit_quantized(levels, data.weights, k, quantized_top, options, on_iteration)
     elif with_partial_volume:
-        tissues = _fit_data(data, k, tissues_start(options))
+        tissues = _fit_data(data, k, options)
         tissues = tissues.reordered(_luminance_order(tissues.means))
         fit = _partial_volume_fit(data, tissues, options, on_iteration, cortex)
     elif start is not None:
@@ -5342,10 +5347,9 @@ def _fresh_mixture(data, k, options, rng, with_partial_volume, cortex=None):
     """The plain mixture of K Gaussians fitted to the 1-D data from a new start; with
     with_partial_volume, the partial-volume model of those tissues (cortex: grey matter's
     mean held there)."""
+    plain = _density_em(data, _fresh_start(data, k, options, rng), options)
     if not with_partial_volume:
-        return _density_em(data, _fresh_start(data, k, options, rng), options)
-    start = tissues_start(options)
-    plain = _density_em(data, _fresh_start(data, k, start, rng), start)
+        return plain
     tissues = plain.reordered(_luminance_order(plain.means))
     return _partial_volume_fit(data, tissues, options, cortex=cortex)
 
@@ -5467,10 +5471,12 @@ def _corrected_model(state, image, run, covariance_type):
     shift = float(grid.ravel() @ _inside_moments(image, degree))
     scale = math.exp(shift)
     variances = state.variances[:, None, None] * scale**2
+    if state.partial_volume is not None:
+        covariance_type = state.partial_volume.covariance_type
     if covariance_type == "tied":  # one variance: scikit-learn's tied shape, (D, D)
-        variances, covariance_type = variances[0], "tied"
-    elif state.partial_volume is not None:  # a variance each tissue: spherical, (K,)
-        variances, covariance_type = variances[:, 0, 0], "spherical"
+        variances = variances[0]
+    elif covariance_type == "spherical":  # a partial-volume model's variance each, (K,)
+        variances = variances[:, 0, 0]
     else:
         covariance_type = "full"
     corrected = (state.weights, state.means[:, None] * scale, variances)
@@ -6105,8 +6111,9 @@ OPTION_CLASHES = (
     (
         "partial_volume",
         "covariance_type",
-        lambda options: options.fit.covariance_type not in ("tied", "spherical"),
-        "its tissues and mixels share one covariance (tied) or have a variance each (spherical)",
+        lambda options: options.fit.covariance_type != "tied",
+        "its tissues and mixels share one covariance (tied), or have theirs tied by a prior "
+        "(--variance-prior)",
     ),
     (
         "partial_volume",
@@ -7346,6 +7353,20 @@ def _auto_or(parse, what):
     return parse_or_auto
 
 
+def _none_or(parse, what):
+    """An argparse type: "none" (None), or what parse accepts; refused naming both."""
+
+    def parse_or_none(text):
+        if text == "none":
+            return None
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or none") from None
+
+    return parse_or_none
+
+
 _components = _auto_or(_integer_at_least(1), "a whole number >= 1")
 
 
@@ -7621,10 +7642,10 @@ OPTIONS = (
         ("--variance-prior",),
         "brain",
         ("fit.variance_prior",),
-        "with --partial-volume and --covariance spherical (a variance for each tissue): how "
-        "strongly they are drawn to a shared one, in pixels per pixel fitted (default "
-        "%(default)s; 0: not at all)",
-        dict(metavar="NU"),
+        "with --partial-volume: a variance for each tissue, tied by a prior this strong (in "
+        "pixels per pixel fitted; 0: not at all) instead of one for all (default none; 0.1 "
+        "with --brain)",
+        dict(type=_none_or(_number_at_least(float, 0), "a number >= 0"), metavar="NU"),
     ),
     Option(
         "out",
@@ -7667,8 +7688,7 @@ OPTIONS = (
         "brain",
         ("segment.partial_volume",),
         "pixels that are part one tissue, part another (as FSL FAST): K tissues and the "
-        "mixes of neighbouring ones; needs --covariance tied (one variance) or spherical (a "
-        "variance each)",
+        "mixes of neighbouring ones; needs --covariance tied",
         dict(action=argparse.BooleanOptionalAction),
     ),
     Option(

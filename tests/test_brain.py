@@ -101,7 +101,7 @@ def noisy_tissues_phantom(rng, shape=(120, 150), sds=(0.02, 0.06, 0.03), cell=6)
 
 
 def test_a_variance_each_tissue_is_fitted_with_the_field():
-    """With a field and partial volume, a variance for each tissue (--covariance spherical):
+    """With a field and partial volume, a variance for each tissue (--variance-prior):
     the field's ECM maximises the log-likelihood less the field's penalty plus the variances'
     prior, which never falls (reg_covar 0: exact); the model's mixels' variances are shares
     of its tissues', the tissues' order those of the noise drawn (grey matter's the largest),
@@ -116,10 +116,11 @@ def test_a_variance_each_tissue_is_fitted_with_the_field():
             3,
             bias_field=True,
             partial_volume=True,
-            covariance_type=covariance,
+            covariance_type="tied",
+            variance_prior=prior,
             reg_covar=0.0,
         )
-        for covariance in ("tied", "spherical")
+        for covariance, prior in (("tied", None), ("spherical", 0.1))
     }
     model = fits["spherical"].model
     pv = model.partial_volume
@@ -187,7 +188,7 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     record = record_of(tmp_path / "a", "scan")
     settings = record["settings"]
     assert settings["brain"] and settings["mask"] == "nonzero" and settings["components"] == 3
-    assert settings["covariance"] == "spherical" and settings["spatial"] == 0.5
+    assert settings["covariance"] == "tied" and settings["spatial"] == 0.5
     assert settings["variance_prior"] == 0.1 == record["partial_volume"]["variance_prior"]
     assert settings["bias_field"] and settings["bias_reg"] == 1.0 and settings["partial_volume"]
     assert record["covariance_type"] == "spherical"
@@ -202,7 +203,7 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     )
     later = record_of(tmp_path / "b", "scan")
     assert later["settings"]["spatial"] == 0.2 and later["k"] == 2
-    assert later["settings"]["covariance"] == "spherical"
+    assert later["settings"]["covariance"] == "tied"
     status, out, err = run(
         [tmp_path / "scan.png", "--brain", "--no-partial-volume", "--no-bias-field"]
         + ["--out", tmp_path / "c"],
@@ -779,7 +780,7 @@ def test_labels_slid_one_tissue_up_are_refitted_from_the_cortex(seed, tmp_path, 
     labels = {}
     for flag in ("--no-cortex-check", "--cortex-check"):
         out = tmp_path / flag
-        argv = [tmp_path / "slice.png", "--brain", "--covariance", "tied", flag, "--out", out]
+        argv = [tmp_path / "slice.png", "--brain", "--variance-prior", "none", flag, "--out", out]
         status, _, err = run(argv, capsys)
         assert status == 0, err
         labels[flag] = np.asarray(Image.open(out / "slice_labels.png"))
@@ -809,7 +810,9 @@ def test_a_slab_whose_labels_slid_is_refitted_in_3d():
     picture = seg.picture_from_volume(volume)
     accuracy = {}
     for flag in ("--no-cortex-check", "--cortex-check"):
-        config = seg.parse_command_line(["slab.nii.gz", "--brain", "--covariance", "tied", flag])
+        config = seg.parse_command_line(
+            ["slab.nii.gz", "--brain", "--variance-prior", "none", flag]
+        )
         segmentation, _ = seg.segment_picture(picture, seg.Batch(config, ()))
         accuracy[flag] = _accuracy(seg.label_map(segmentation), truth)
     assert accuracy["--no-cortex-check"] < 0.3 and accuracy["--cortex-check"] > 0.9
@@ -886,15 +889,15 @@ def test_a_held_tissue_and_a_least_gap_are_the_constrained_least_squares():
     assert slack.means(mass, first, previous) == pytest.approx(pv.means(mass, first, previous))
 
 
-@pytest.mark.parametrize("covariance", ["tied", "spherical"])
-def test_a_cortex_refit_never_lowers_the_log_likelihood(covariance):
+@pytest.mark.parametrize("prior", [None, 0.1])
+def test_a_cortex_refit_never_lowers_the_log_likelihood(prior):
     """The refit is EM with a constrained M-step (the exact maximiser over the means allowed;
     with a variance each tissue, the means then the variances): its objective, the
     log-likelihood (plus the variances' prior), never decreases."""
     scan, _ = grey_slice(5)
     picture = stripped(scan)
     points = seg.distinct_values(picture)
-    fit = seg.FitOptions(covariance_type=covariance)
+    fit = seg.FitOptions(covariance_type="tied", variance_prior=prior)
     options = seg.SegmentOptions(partial_volume=True, cortex_check=True, fit=fit)
     segmentation = seg.segment_points(picture, points, 3, options)
     history = np.array(segmentation.model.log_likelihood)

@@ -411,9 +411,7 @@ def test_a_typed_option_wins_over_brain_from_either_side(tmp_path, rng, capsys, 
     status, out, err = run([tmp_path / "scan.png", *argv, "--out", tmp_path / "o"], capsys)
     settings = record_of(tmp_path / "o", "scan")["settings"]
     assert status == 0 and settings["components"] == 4 and settings["spatial"] == 0.0, err
-    assert (
-        settings["brain"] and settings["covariance"] == "spherical" and settings["partial_volume"]
-    )
+    assert settings["brain"] and settings["covariance"] == "tied" and settings["partial_volume"]
 
 
 def test_brain_with_a_saved_model_takes_the_models_classes(tmp_path, rng, capsys):

@@ -192,7 +192,7 @@ def test_a_saved_partial_volume_model_labels_its_image_again(tmp_path, capsys):
     "options, why",
     [
         (["--covariance", "full"], "--covariance full: its tissues and mixels share one"),
-        (["--covariance", "diag"], "--covariance diag: its tissues and mixels share one"),
+        (["--covariance", "spherical"], "--covariance spherical: its tissues and mixels share"),
         (["--covariance", "tied", "--quantized"], "--quantized"),
         (["--covariance", "tied", "-k", "auto"], "-k auto"),
     ],
@@ -254,7 +254,7 @@ def test_options_that_cannot_work_together_are_refused_by_the_api_too(overrides,
         seg.segment_options(**overrides)
 
 
-# --- a variance for each tissue (--covariance spherical) ----------------------------------
+# --- a variance for each tissue, tied by a prior (--variance-prior) -----------------------
 
 
 TRUE_MEANS = (0.2, 0.55, 0.85)
@@ -287,7 +287,7 @@ def test_each_tissues_variance_is_recovered_and_the_map_objective_never_falls():
     for nu in (0.0, 0.1):
         # reg_covar 0: the M-step is exact (reg_covar, added after it, can lower the objective
         # by ~1e-8 near the end, as for any mixture; fell_at records it)
-        model = fit_points(x, covariance_type="spherical", variance_prior=nu, reg_covar=0.0)
+        model = fit_points(x, covariance_type="tied", variance_prior=nu, reg_covar=0.0)
         pv = model.partial_volume
         assert model.covariance_type == "spherical" and pv.variance_prior == nu
         assert np.allclose(model.covariances, pv.fractions @ model.covariances[:3], rtol=1e-12)
@@ -317,7 +317,7 @@ def test_a_strong_prior_is_one_covariance_and_the_prior_peaks_where_all_are_equa
     x = drawn_from_the_model(np.random.default_rng(6), np.array([0.02, 0.06, 0.04]) ** 2)
     tied, strong = (
         fit_points(x, covariance_type="tied"),
-        fit_points(x, covariance_type="spherical", variance_prior=1e6),
+        fit_points(x, covariance_type="tied", variance_prior=1e6),
     )
     assert strong.covariances == pytest.approx(np.full(7, tied.covariances[0, 0]), rel=1e-4)
     assert strong.means == pytest.approx(tied.means, abs=1e-4)  # both to tol
@@ -374,7 +374,7 @@ def test_a_saved_variance_each_model_labels_its_image_again(tmp_path, capsys):
     shares, or without the strength, or with a negative one, is a one-line error."""
     image, _, _ = blurred_cells(np.random.default_rng(5))
     Image.fromarray(image).save(tmp_path / "cells.png")
-    options = ["-k", "3", "--covariance", "spherical", "--partial-volume"]
+    options = ["-k", "3", "--covariance", "tied", "--partial-volume"]
     status, _, err = run(
         [tmp_path / "cells.png", *options, "--variance-prior", "0.3", "--out", tmp_path / "a"],
         capsys,
@@ -419,7 +419,7 @@ def test_a_variance_each_tissue_in_colour(tmp_path, capsys):
     channels = np.stack([image, image / 2 + 60, 255.0 - image], axis=-1)
     colour = np.clip(np.rint(channels + rng.normal(0, 6, channels.shape)), 0, 255).astype(np.uint8)
     data = seg._PointFeatures(colour.reshape(-1, 3) / 255.0, np.ones(image.size))
-    options = seg.FitOptions(covariance_type="spherical", reg_covar=0.0)
+    options = seg.FitOptions(covariance_type="tied", variance_prior=0.1, reg_covar=0.0)
     model = seg.fit_components(data, 3, options, with_partial_volume=True)
     assert model.covariance_type == "spherical" and model.covariances.shape == (7,)
     assert np.allclose(model.covariances, model.partial_volume.fractions @ model.covariances[:3])
@@ -428,7 +428,7 @@ def test_a_variance_each_tissue_in_colour(tmp_path, capsys):
     score = model.score(colour.reshape(-1, 3) / 255.0)
     assert model.log_likelihood[-1] == pytest.approx(score + prior, abs=1e-9)
     Image.fromarray(colour).save(tmp_path / "c.png")
-    flags = ["--partial-volume", "--covariance", "spherical"]
+    flags = ["--partial-volume", "--covariance", "tied", "--variance-prior", "0.1"]
     status, _, err = run([tmp_path / "c.png", *flags, "--out", tmp_path / "a"], capsys)
     assert status == 0, err
     saved = tmp_path / "a" / "c_model.json"
