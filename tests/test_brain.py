@@ -189,7 +189,9 @@ def test_brain_sets_its_configuration_and_later_options_win(tmp_path, capsys):
     settings = record["settings"]
     assert settings["brain"] and settings["mask"] == "nonzero" and settings["components"] == 3
     assert settings["covariance"] == "tied" and settings["spatial"] == 0.5
-    assert settings["variance_prior"] == 0.1 == record["partial_volume"]["variance_prior"]
+    assert (
+        settings["variance_prior"] == "auto" and record["partial_volume"]["variance_prior"] == 0.1
+    )
     assert settings["bias_field"] and settings["bias_reg"] == 1.0 and settings["partial_volume"]
     assert record["covariance_type"] == "spherical"
     assert record["bias_field"]["regularisation"] == 1.0
@@ -983,3 +985,20 @@ def test_a_restart_starts_from_the_ecm_whose_field_sharpens_more(monkeypatch, sh
     ran.clear()
     run, state = seg._strong_field_start(picture, (3, 3, 1.0), options, 0.6, image, None)
     assert ran == [("partial volume", "tied")] and state.name == "partial volume"
+
+
+def test_a_variance_each_tissue_on_an_image_one_on_a_volume():
+    """--variance-prior auto (--brain's): the tissues' variances tied by the prior on an image
+    (a spherical model, each its own), one variance on a volume (measured: no gain there)."""
+    scan, _ = grey_slice(3)
+    volume = np.zeros((6, 44, 56), np.uint8)
+    volume[1:5] = scan
+    options = dict(partial_volume=True, covariance_type="tied", variance_prior="auto")
+    for picture, kind in [
+        (seg.picture_from_array(scan), "spherical"),
+        (seg.picture_from_volume(volume), "tied"),
+    ]:
+        fit = seg.segment_points(picture, seg.distinct_values(picture), 3, **options)
+        assert fit.model.covariance_type == kind
+        prior = fit.model.partial_volume.variance_prior
+        assert prior == (seg.TISSUE_VARIANCE_PRIOR if kind == "spherical" else None)
