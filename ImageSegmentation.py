@@ -2828,7 +2828,7 @@ def _pv_em(data, pv, tissue_means, covariance, options, on_iteration):
     n_gaussians = len(pv.fractions)
     means = data.centred(pv.fractions @ tissue_means)
     if pv.variance_prior is not None:
-        # a variance each: start them at the one, D at most 3: the mean of its diagonal
+        # a variance each, all started at the tied fit's (in colour, its channels' mean)
         covariance = np.full(n_gaussians, float(np.mean(np.diagonal(covariance))))
     options = replace(options, covariance_type=pv.covariance_type)
     start = (np.full(n_gaussians, 1.0 / n_gaussians), means, covariance)
