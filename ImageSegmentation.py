@@ -2084,14 +2084,14 @@ def tissue_variances_m_step(mass, first, second, pv, reg_covar, previous_means, 
     tissues = variances[: pv.n_tissues]
     tissues = np.maximum(tissues - reg_covar, 1e-3 * tissues)
     strength = pv.variance_prior * mass.sum()
-    mass = n_features * mass  # draws of the variance
-    tissue_mass = (f > 0).T @ mass
+    draws = n_features * mass  # of each Gaussian's variance
+    tissue_draws = (f > 0).T @ draws
     for _ in range(TISSUE_VARIANCE_STEPS):
         # E[part_t^2] / F_gt summed over the Gaussians holding t, part_t of a pixel of g
         # having variance F_gt s_t of g's v_g: s_t (M_t + s_t sum_g F_gt (S_g - m_g v_g) / v_g^2)
         total = f @ tissues
-        sums = tissues * (tissue_mass + tissues * (((scatter - mass * total) / total**2) @ f))
-        tissues = _tissue_variances(sums, tissue_mass, strength, tissues)
+        sums = tissues * (tissue_draws + tissues * (((scatter - draws * total) / total**2) @ f))
+        tissues = _tissue_variances(sums, tissue_draws, strength, tissues)
     return means, f @ (tissues + reg_covar)
 
 
@@ -7356,32 +7356,23 @@ def _integer_at_least(minimum):
     return _number_at_least(int, minimum)
 
 
+def _word_or(parse, what, word, value):
+    """An argparse type: word (read as value), or what parse accepts; refused naming both."""
+
+    def parse_or_word(text):
+        if text == word:
+            return value
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or {word}") from None
+
+    return parse_or_word
+
+
 def _auto_or(parse, what):
-    """An argparse type: "auto", or what parse accepts; refused naming both."""
-
-    def parse_or_auto(text):
-        if text == "auto":
-            return "auto"
-        try:
-            return parse(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or auto") from None
-
-    return parse_or_auto
-
-
-def _none_or(parse, what):
-    """An argparse type: "none" (None), or what parse accepts; refused naming both."""
-
-    def parse_or_none(text):
-        if text == "none":
-            return None
-        try:
-            return parse(text)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, or none") from None
-
-    return parse_or_none
+    """An argparse type: "auto", or what parse accepts."""
+    return _word_or(parse, what, "auto", "auto")
 
 
 _components = _auto_or(_integer_at_least(1), "a whole number >= 1")
@@ -7664,8 +7655,11 @@ OPTIONS = (
         f"{TISSUE_VARIANCE_PRIOR} on an image, one variance on a volume (default none; auto "
         f"with --brain)",
         dict(
-            type=_none_or(
-                _auto_or(_number_at_least(float, 0), "a number >= 0"), "a number >= 0, auto"
+            type=_word_or(
+                _auto_or(_number_at_least(float, 0), "a number >= 0"),
+                "a number >= 0, auto",
+                "none",
+                None,
             ),
             metavar="NU",
         ),
