@@ -27,6 +27,8 @@ Every method sees the same 8-bit image (the brain's 99.9th percentile at 250, th
 and the same mask (the nonzero pixels). Scored inside the brain where one tissue has
 probability >= 0.5 after averaging: `as read`, labels 1, 2, 3 taken as CSF, grey and white
 matter as documented; `matched`, the best of the six permutations (a swap shows as the gap).
+With --references, two rows of what intensities alone allow (slices): the best thresholds of
+each image's gray levels, chosen knowing the truth, and of the same image without its field.
 Also: the smallest share of a tissue's true pixel count its label gets, and whether the
 program said so (a `note:`) where that share is under a half.
 """
@@ -223,6 +225,25 @@ METHODS = {
 }
 
 
+def best_thresholds(image, truth):
+    """The labels of the best intensity-only labelling of this image, knowing the truth: each
+    gray level given the tissue most of its scored pixels have (ties to the darker tissue).
+    No labelling of pixels by their intensity alone scores higher; a method above it takes
+    the rest from the neighbours (the spatial prior) or from a field it removes."""
+    scored = truth > 0
+    counts = np.zeros((256, 4), dtype=np.int64)
+    np.add.at(counts, (image[scored], truth[scored]), 1)
+    return np.where(image > 0, np.argmax(counts, axis=1)[image], 0)
+
+
+REFERENCES = {  # --references: rows of what intensities alone allow, from the truth
+    "best thresholds": lambda case, image, truth, data: best_thresholds(image, truth),
+    "best thresholds, no field": lambda case, image, truth, data: best_thresholds(
+        *make_case(dict(case, inu=0), data)
+    ),
+}
+
+
 def scores(labels, truth):
     """(as read, matched, smallest kept share) of a label map against the truth."""
     scored = truth > 0
@@ -415,6 +436,11 @@ def main():
     parser.add_argument("--volume", action="store_true", help="the whole volume instead")
     parser.add_argument("--noise", default=",".join(map(str, NOISE)), help="--volume's levels")
     parser.add_argument("--inu", default=",".join(map(str, INU)), help="--volume's field levels")
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="rows of the best thresholds on each image and on it without its field (slices)",
+    )
     parser.add_argument("--records", metavar="FILE", help="every case's scores, a JSON line each")
     parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two --records of the same draws"
@@ -434,6 +460,7 @@ def main():
         if arguments.records:
             write_records(arguments.records, rows)
         return
+    references = list(REFERENCES) if arguments.references else []
     rng = np.random.default_rng(arguments.seed)
     cases = [draw_case(rng, data) for _ in range(arguments.cases)]
     rows, started = [], time.perf_counter()
@@ -445,22 +472,30 @@ def main():
             seconds = time.perf_counter() - begun
             as_read, matched, kept = scores(labels, truth)
             rows.append(dict(case, method=method, **result(as_read, matched, kept, notes, seconds)))
+        for name in references:
+            labels = REFERENCES[name](case, image, truth, data)
+            as_read, matched, kept = scores(labels, truth)
+            rows.append(dict(case, method=name, **result(as_read, matched, kept, [], 0.0)))
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
-            + " ".join(f"{r['method']} {100 * r['as_read']:.1f}" for r in rows[-len(methods) :]),
+            + " ".join(
+                f"{r['method']} {100 * r['as_read']:.1f}"
+                for r in rows[-len(methods) - len(references) :]
+            ),
             file=sys.stderr,
             flush=True,
         )
     if arguments.records:
         write_records(arguments.records, rows)
     print(f"\n{len(cases)} cases of seed {arguments.seed}; mean (worst) % as read\n")
-    print(headline(rows, methods) + "\n")
+    columns = methods + references
+    print(headline(rows, columns) + "\n")
     one_mm = [r for r in rows if r["voxel"] == 1]
-    print("1 mm slices, by noise:\n" + summary(one_mm, methods, "noise", NOISE) + "\n")
-    print("1 mm slices, by field (INU %):\n" + summary(one_mm, methods, "inu", INU) + "\n")
-    print("by voxel size:\n" + summary(rows, methods, "voxel", VOXELS) + "\n")
-    print("by orientation:\n" + summary(rows, methods, "orientation", list(ORIENTATIONS)) + "\n")
-    print("by field shape:\n" + summary(rows, methods, "shape", SHAPES) + "\n")
+    print("1 mm slices, by noise:\n" + summary(one_mm, columns, "noise", NOISE) + "\n")
+    print("1 mm slices, by field (INU %):\n" + summary(one_mm, columns, "inu", INU) + "\n")
+    print("by voxel size:\n" + summary(rows, columns, "voxel", VOXELS) + "\n")
+    print("by orientation:\n" + summary(rows, columns, "orientation", list(ORIENTATIONS)) + "\n")
+    print("by field shape:\n" + summary(rows, columns, "shape", SHAPES) + "\n")
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         swapped = sum(r["matched"] - r["as_read"] > 0.01 for r in mine)
