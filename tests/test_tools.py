@@ -73,3 +73,22 @@ def test_the_best_thresholds_score_no_less_than_any_labelling_by_intensity():
         for table in itertools.product((1, 2, 3), repeat=4)
     ]
     assert best == max(every)
+
+
+def test_the_field_cost_pairs_each_case_with_its_run_without_the_field():
+    """field_costs: each case's points lost against its own twin without the field (not
+    against the mean of other cases), mean (largest), at 1 mm and at every voxel size."""
+    rows = []
+    cases = (
+        (1, 1, 40, 0.80, 0.90),
+        (2, 1, 40, 0.85, 0.87),
+        (3, 2, 40, 0.70, 0.60),
+        (4, 1, 0, 0.9, 0.9),
+    )
+    for seed, voxel, inu, biased, clean in cases:
+        for method, score in (("--brain", biased), ("--brain" + brain_grid.NO_FIELD, clean)):
+            rows.append(dict(row(seed, method, score), voxel=voxel, inu=inu))
+    table = brain_grid.field_costs(rows, ["--brain"]).splitlines()
+    assert "| 40 %, 1 mm (n=2) | 6.0 (10.0) |" in table
+    assert "| 40 %, every voxel size (n=3) | 0.7 (10.0) |" in table
+    assert "| 20 %, 1 mm (n=0) | - |" in table

@@ -27,8 +27,10 @@ Every method sees the same 8-bit image (the brain's 99.9th percentile at 250, th
 and the same mask (the nonzero pixels). Scored inside the brain where one tissue has
 probability >= 0.5 after averaging: `as read`, labels 1, 2, 3 taken as CSF, grey and white
 matter as documented; `matched`, the best of the six permutations (a swap shows as the gap).
-With --references, two rows of what intensities alone allow (slices): the best thresholds of
-each image's gray levels, chosen knowing the truth, and of the same image without its field.
+With --field-cost, each method also on each case's image without its field (the same noise
+draws), and a table of the points the field costs it, case by case.  With --references, two
+rows of what intensities alone allow (slices): the best thresholds of each image's gray levels,
+chosen knowing the truth, and of the same image without its field.
 Also: the smallest share of a tissue's true pixel count its label gets, and whether the
 program said so (a `note:`) where that share is under a half.
 """
@@ -244,6 +246,14 @@ REFERENCES = {  # --references: rows of what intensities alone allow, from the t
 }
 
 
+def run_method(method, image, truth):
+    """A method's results on one image (result's fields)."""
+    begun = time.perf_counter()
+    labels, notes = METHODS[method](image)
+    seconds = time.perf_counter() - begun
+    return result(*scores(labels, truth), notes, seconds)
+
+
 def scores(labels, truth):
     """(as read, matched, smallest kept share) of a label map against the truth."""
     scored = truth > 0
@@ -295,6 +305,29 @@ def headline(rows, methods):
             )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+NO_FIELD = ", no field"  # the name of a method's run on a case's image without its field
+
+
+def field_costs(rows, methods):
+    """A Markdown table: for each field level, each method's points lost to the field against
+    its own run on the same image without the field (--field-cost), mean (largest), at 1 mm
+    and at every voxel size."""
+    clean = {case_key(row): row["as_read"] for row in rows if row["method"].endswith(NO_FIELD)}
+    lines = ["| field | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for inu, (name, keep) in itertools.product(INU[1:], FIELD_COST_GROUPS.items()):
+        cells = []
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["inu"] == inu and keep(r)]
+            lost = [clean[case_key(dict(r, method=method + NO_FIELD))] - r["as_read"] for r in mine]
+            cells.append(f"{100 * np.mean(lost):.1f} ({100 * max(lost):.1f})" if lost else "-")
+        count = sum(1 for r in rows if r["method"] == methods[0] and r["inu"] == inu and keep(r))
+        lines.append(f"| {inu} %, {name} (n={count}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+FIELD_COST_GROUPS = {"1 mm": lambda r: r["voxel"] == 1, "every voxel size": lambda r: True}
 
 
 def available(methods):
@@ -441,6 +474,11 @@ def main():
         action="store_true",
         help="rows of the best thresholds on each image and on it without its field (slices)",
     )
+    parser.add_argument(
+        "--field-cost",
+        action="store_true",
+        help="each method also on each image without its field (the same noise): the field's cost",
+    )
     parser.add_argument("--records", metavar="FILE", help="every case's scores, a JSON line each")
     parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two --records of the same draws"
@@ -463,15 +501,21 @@ def main():
     references = list(REFERENCES) if arguments.references else []
     rng = np.random.default_rng(arguments.seed)
     cases = [draw_case(rng, data) for _ in range(arguments.cases)]
+    twins = [f"{method}{NO_FIELD}" for method in methods] if arguments.field_cost else []
     rows, started = [], time.perf_counter()
     for number, case in enumerate(cases):
         image, truth = make_case(case, data)
         for method in methods:
-            begun = time.perf_counter()
-            labels, notes = METHODS[method](image)
-            seconds = time.perf_counter() - begun
-            as_read, matched, kept = scores(labels, truth)
-            rows.append(dict(case, method=method, **result(as_read, matched, kept, notes, seconds)))
+            rows.append(dict(case, method=method, **run_method(method, image, truth)))
+        if twins and case["inu"]:
+            without = make_case(dict(case, inu=0), data)
+            rows += [
+                dict(case, method=f"{m}{NO_FIELD}", **run_method(m, *without)) for m in methods
+            ]
+        elif twins:  # no field: the same image, the same run
+            rows += [
+                dict(row, method=f"{row['method']}{NO_FIELD}") for row in rows[-len(methods) :]
+            ]
         for name in references:
             labels = REFERENCES[name](case, image, truth, data)
             as_read, matched, kept = scores(labels, truth)
@@ -480,7 +524,7 @@ def main():
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
             + " ".join(
                 f"{r['method']} {100 * r['as_read']:.1f}"
-                for r in rows[-len(methods) - len(references) :]
+                for r in rows[-len(methods) - len(twins) - len(references) :]
             ),
             file=sys.stderr,
             flush=True,
@@ -488,7 +532,7 @@ def main():
     if arguments.records:
         write_records(arguments.records, rows)
     print(f"\n{len(cases)} cases of seed {arguments.seed}; mean (worst) % as read\n")
-    columns = methods + references
+    columns = methods + twins + references
     print(headline(rows, columns) + "\n")
     one_mm = [r for r in rows if r["voxel"] == 1]
     print("1 mm slices, by noise:\n" + summary(one_mm, columns, "noise", NOISE) + "\n")
@@ -496,6 +540,9 @@ def main():
     print("by voxel size:\n" + summary(rows, columns, "voxel", VOXELS) + "\n")
     print("by orientation:\n" + summary(rows, columns, "orientation", list(ORIENTATIONS)) + "\n")
     print("by field shape:\n" + summary(rows, columns, "shape", SHAPES) + "\n")
+    if twins:
+        print("points lost to the field, against the same image without it:\n")
+        print(field_costs(rows, methods) + "\n")
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         swapped = sum(r["matched"] - r["as_read"] > 0.01 for r in mine)
