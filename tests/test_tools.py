@@ -92,3 +92,5 @@ def test_the_field_cost_pairs_each_case_with_its_run_without_the_field():
     assert "| 40 %, 1 mm (n=2) | 6.0 (10.0) |" in table
     assert "| 40 %, every voxel size (n=3) | 0.7 (10.0) |" in table
     assert "| 20 %, 1 mm (n=0) | - |" in table
+    volumes = brain_grid.field_costs(rows, ["--brain"], {"volume": lambda r: True}).splitlines()
+    assert "| 40 %, volume (n=3) | 0.7 (10.0) |" in volumes and len(volumes) == 5

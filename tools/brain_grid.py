@@ -310,13 +310,14 @@ def headline(rows, methods):
 NO_FIELD = ", no field"  # the name of a method's run on a case's image without its field
 
 
-def field_costs(rows, methods):
+def field_costs(rows, methods, groups=None):
     """A Markdown table: for each field level, each method's points lost to the field against
-    its own run on the same image without the field (--field-cost), mean (largest), at 1 mm
-    and at every voxel size."""
+    its own run on the same image without the field (--field-cost), mean (largest), in each of
+    groups (name: which rows; FIELD_COST_GROUPS, 1 mm and every voxel size, by default)."""
     clean = {case_key(row): row["as_read"] for row in rows if row["method"].endswith(NO_FIELD)}
     lines = ["| field | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for inu, (name, keep) in itertools.product(INU[1:], FIELD_COST_GROUPS.items()):
+    groups = FIELD_COST_GROUPS if groups is None else groups
+    for inu, (name, keep) in itertools.product(INU[1:], groups.items()):
         cells = []
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["inu"] == inu and keep(r)]
@@ -353,34 +354,44 @@ def make_volume(noise, inu, rng, data):
 
 
 def evaluate_volumes(arguments, methods, data):
-    """The whole volume at every noise and field level asked for: one Markdown table."""
+    """The whole volume at every noise and field level asked for: one Markdown table (with
+    --field-cost each method on the volume without its field too, the same noise draws, and a
+    table of what the field costs)."""
     rng = np.random.default_rng(arguments.seed)
     noises = [int(n) for n in arguments.noise.split(",")]
     fields = [int(f) for f in arguments.inu.split(",")]
+    twins = [f"{method}{NO_FIELD}" for method in methods] if arguments.field_cost else []
     lines = [
-        "| noise, field (shape) | " + " | ".join(methods) + " |",
-        "|---" * (len(methods) + 1) + "|",
+        "| noise, field (shape) | " + " | ".join(methods + twins) + " |",
+        "|---" * (len(methods + twins) + 1) + "|",
     ]
     rows = []
     for noise, inu in itertools.product(noises, fields):
+        state = rng.bit_generator.state  # the twin's draws: the same field shape and noise
         volume, truth, shape_kind = make_volume(noise, inu, rng, data)
+        case = {"grid_seed": arguments.seed, "noise": noise, "inu": inu, "shape": shape_kind}
+        runs = [(method, method, volume, truth) for method in methods]
+        if twins:
+            twin_rng = np.random.default_rng()
+            twin_rng.bit_generator.state = state
+            without = make_volume(noise, 0, twin_rng, data)[:2] if inu else (volume, truth)
+            runs += [(m, twin, *without) for m, twin in zip(methods, twins)]
         cells = []
-        for method in methods:
-            started = time.perf_counter()
-            labels, notes = METHODS[method](volume)
-            seconds = time.perf_counter() - started
-            as_read, matched, kept = scores(labels, truth)
-            case = {"grid_seed": arguments.seed, "noise": noise, "inu": inu, "shape": shape_kind}
-            rows.append(dict(case, method=method, **result(as_read, matched, kept, notes, seconds)))
-            cells.append(f"{100 * as_read:.1f} ({seconds:.0f} s)")
+        for method, name, image, scored in runs:
+            row = dict(case, method=name, **run_method(method, image, scored))
+            rows.append(row)
+            cells.append(f"{100 * row['as_read']:.1f} ({row['seconds']:.0f} s)")
             print(
-                f"{noise} % {inu} % {method}: {as_read:.4f} matched {matched:.4f} "
-                f"kept {kept:.2f} notes {notes}",
+                f"{noise} % {inu} % {name}: {row['as_read']:.4f} matched {row['matched']:.4f} "
+                f"kept {row['kept']:.2f} notes {row['notes']}",
                 file=sys.stderr,
                 flush=True,
             )
         lines.append(f"| {noise} %, {inu} % ({shape_kind}) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    if twins:
+        print("\npoints lost to the field, against the same volume without it:\n")
+        print(field_costs(rows, methods, {"volume": lambda r: True}))
     return rows
 
 
