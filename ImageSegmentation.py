@@ -3585,6 +3585,7 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
     rows, scores, fits, best = [], [], {}, 1
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
+    charged = data.n_features > 1  # colour: every new best must improve ICL too
     for k in range(1, k_max + 1):
 
         def judged(fit, k=k, icl_below=math.inf):  # (score; then, none counted, a K too
@@ -3602,18 +3603,22 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
             # K_FRESH_PAST past the best: after that, the first split alone)
             searching = k - best <= K_FRESH_PAST
             candidates = []
+            bar = rows[best - 1]["icl"]
             for n, j in enumerate(split_order(fits[k - 1])[: None if searching else 1]):
                 fit = fit_k(k, start=split_start(fits[k - 1], j), max_iter=cap)
-                # a later split counts only where ICL improves on the best too
-                candidates.append(judged(fit, icl_below=rows[best - 1]["icl"] if n else math.inf))
+                # a later split (in colour, any) counts only where ICL improves on the best too
+                candidates.append(judged(fit, icl_below=bar if n or charged else math.inf))
                 if candidates[-1][0] < scores[best - 1]:
                     break
             if searching and not min(c[0] for c in candidates) < scores[best - 1]:
-                candidates.append(judged(fit_k(k, max_iter=cap)))
+                candidates.append(
+                    judged(fit_k(k, max_iter=cap), icl_below=bar if charged else math.inf)
+                )
         score, _, _, row, model = min(candidates, key=lambda candidate: candidate[:3])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
             score, _, _, row, model = judged(
-                fit_k(k, start=(model.weights, model.means, model.covariances))
+                fit_k(k, start=(model.weights, model.means, model.covariances)),
+                icl_below=bar if charged else math.inf,
             )
         row["capped"] = cap is not None and not model.converged and model.n_iter >= cap
         fits[k] = model

@@ -202,6 +202,50 @@ def test_a_later_split_counts_only_where_icl_improves_too():
     assert len(search.rows) == 4
 
 
+@pytest.mark.parametrize("colour", [False, True], ids=["gray", "colour"])
+def test_in_colour_a_new_best_must_improve_icl_too(colour):
+    """The climb's fits, scripted, of two classes: at K = 3 every start fills regions and has
+    the better BIC, but two of its components coincide (a class cut in two along a shading:
+    ICL charges their overlap).  In gray, where true classes overlap too and ICL would charge
+    them, BIC among the fits that fill regions chooses 3; in colour, where classes of distinct
+    colours do not overlap, K = 3 is not counted and the climb keeps 2."""
+    n_features = 3 if colour else 1
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.25, 0.02, 500), rng.normal(0.75, 0.02, 500)])
+    data = seg._PointFeatures(np.repeat(values[:, None], n_features, axis=1), np.ones(1000))
+
+    def fit(means, weights, log_likelihood):
+        k = len(means)
+        return seg.GaussianMixtureFit(
+            np.asarray(weights, float),
+            np.repeat(np.asarray(means, float)[:, None], n_features, axis=1),
+            np.repeat(np.eye(n_features)[None] * 0.02**2, k, axis=0),
+            "full",
+            run=seg.EMRun(None, [log_likelihood], 1, True, 1),
+        )
+
+    fits = {
+        1: fit([0.5], [1.0], 0.0),
+        2: fit([0.25, 0.75], [0.5, 0.5], 1.0),
+        3: fit([0.25, 0.75, 0.75], [0.5, 0.25, 0.25], 1.2),
+        4: fit([0.2, 0.3, 0.7, 0.8], [0.25] * 4, 1.3),
+        5: fit([0.1, 0.2, 0.3, 0.7, 0.8], [0.2] * 5, 1.35),
+    }
+
+    def shares_of(model):
+        share = np.full(model.n_components, 1.0 if model.n_components <= 3 else 0.05)
+        return share, np.full(model.n_components, 0.5), share
+
+    model, search = seg.select_components(
+        lambda k, start=None, max_iter=None, every_point=False: fits[k], data, 6, "classes",
+        shares_of,
+    )  # fmt: skip
+    three = search.rows[2]
+    assert three["bic"] < search.rows[1]["bic"] and three["icl"] > search.rows[1]["icl"]
+    assert three["counted"] is not colour
+    assert search.chosen == (2 if colour else 3) and model is fits[search.chosen]
+
+
 def test_where_no_fit_counts_a_k_too_small_for_its_classes_is_kept():
     """The climb's candidates, scripted: at K = 2 neither counts, the split's label speckles
     across regions (too_few: classes share a component) and a fresh start's lines boundaries
