@@ -3603,23 +3603,20 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
             # K_FRESH_PAST past the best: after that, the first split alone)
             searching = k - best <= K_FRESH_PAST
             candidates = []
+            # a later split (in colour, any fit) counts only where ICL improves on the best too
             bar = rows[best - 1]["icl"]
+            every = bar if charged else math.inf
             for n, j in enumerate(split_order(fits[k - 1])[: None if searching else 1]):
                 fit = fit_k(k, start=split_start(fits[k - 1], j), max_iter=cap)
-                # a later split (in colour, any) counts only where ICL improves on the best too
-                candidates.append(judged(fit, icl_below=bar if n or charged else math.inf))
+                candidates.append(judged(fit, icl_below=bar if n else every))
                 if candidates[-1][0] < scores[best - 1]:
                     break
             if searching and not min(c[0] for c in candidates) < scores[best - 1]:
-                candidates.append(
-                    judged(fit_k(k, max_iter=cap), icl_below=bar if charged else math.inf)
-                )
+                candidates.append(judged(fit_k(k, max_iter=cap), icl_below=every))
         score, _, _, row, model = min(candidates, key=lambda candidate: candidate[:3])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
-            score, _, _, row, model = judged(
-                fit_k(k, start=(model.weights, model.means, model.covariances)),
-                icl_below=bar if charged else math.inf,
-            )
+            start = (model.weights, model.means, model.covariances)
+            score, _, _, row, model = judged(fit_k(k, start=start), icl_below=every)
         row["capped"] = cap is not None and not model.converged and model.n_iter >= cap
         fits[k] = model
         rows.append(row)

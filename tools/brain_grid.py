@@ -532,8 +532,7 @@ def main():
             ]
         for name in references:
             labels = REFERENCES[name](case, image, truth, data)
-            as_read, matched, kept = scores(labels, truth)
-            rows.append(dict(case, method=name, **result(as_read, matched, kept, [], 0.0)))
+            rows.append(dict(case, method=name, **result(*scores(labels, truth), [], 0.0)))
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
             + " ".join(
