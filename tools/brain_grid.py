@@ -254,6 +254,17 @@ def run_method(method, image, truth):
     return result(*scores(labels, truth), notes, seconds)
 
 
+def twin_rows(case, methods, rows, without):
+    """--field-cost: each method's row on the case's image without its field, run on without
+    (image, truth), or where the case has no field (without None) its rows on the image itself
+    renamed: the same image, the same run."""
+    if without is None:
+        return [dict(row, method=row["method"] + NO_FIELD) for row in rows]
+    return [
+        dict(case, method=method + NO_FIELD, **run_method(method, *without)) for method in methods
+    ]
+
+
 def scores(labels, truth):
     """(as read, matched, smallest kept share) of a label map against the truth."""
     scored = truth > 0
@@ -370,26 +381,21 @@ def evaluate_volumes(arguments, methods, data):
         state = rng.bit_generator.state  # the twin's draws: the same field shape and noise
         volume, truth, shape_kind = make_volume(noise, inu, rng, data)
         case = {"grid_seed": arguments.seed, "noise": noise, "inu": inu, "shape": shape_kind}
-        runs = [(method, method, volume, truth) for method in methods]
+        mine = [dict(case, method=m, **run_method(m, volume, truth)) for m in methods]
         if twins:
             twin_rng = np.random.default_rng()
             twin_rng.bit_generator.state = state
-            without = make_volume(noise, 0, twin_rng, data)[:2] if inu else (volume, truth)
-            runs += [(m, twin, *without) for m, twin in zip(methods, twins)]
-        cells, done = [], {}
-        for method, name, image, scored in runs:
-            if image is volume and method in done:  # no field: the same volume, the same run
-                row = dict(done[method], method=name)
-            else:
-                row = done[method] = dict(case, method=name, **run_method(method, image, scored))
-            rows.append(row)
-            cells.append(f"{100 * row['as_read']:.1f} ({row['seconds']:.0f} s)")
+            without = make_volume(noise, 0, twin_rng, data)[:2] if inu else None
+            mine += twin_rows(case, methods, mine, without)
+        for row in mine:
             print(
-                f"{noise} % {inu} % {name}: {row['as_read']:.4f} matched {row['matched']:.4f} "
-                f"kept {row['kept']:.2f} notes {row['notes']}",
+                f"{noise} % {inu} % {row['method']}: {row['as_read']:.4f} matched "
+                f"{row['matched']:.4f} kept {row['kept']:.2f} notes {row['notes']}",
                 file=sys.stderr,
                 flush=True,
             )
+        rows += mine
+        cells = [f"{100 * row['as_read']:.1f} ({row['seconds']:.0f} s)" for row in mine]
         lines.append(f"| {noise} %, {inu} % ({shape_kind}) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if twins:
@@ -521,15 +527,9 @@ def main():
         image, truth = make_case(case, data)
         for method in methods:
             rows.append(dict(case, method=method, **run_method(method, image, truth)))
-        if twins and case["inu"]:
-            without = make_case(dict(case, inu=0), data)
-            rows += [
-                dict(case, method=f"{m}{NO_FIELD}", **run_method(m, *without)) for m in methods
-            ]
-        elif twins:  # no field: the same image, the same run
-            rows += [
-                dict(row, method=f"{row['method']}{NO_FIELD}") for row in rows[-len(methods) :]
-            ]
+        if twins:
+            without = make_case(dict(case, inu=0), data) if case["inu"] else None
+            rows += twin_rows(case, methods, rows[-len(methods) :], without)
         for name in references:
             labels = REFERENCES[name](case, image, truth, data)
             rows.append(dict(case, method=name, **result(*scores(labels, truth), [], 0.0)))
