@@ -86,18 +86,28 @@ def make_case(seed, shape=(1000, 1000)):
     return (image if colour else image[..., 0]), n, name
 
 
+def timed(run, repeat):
+    """(run()'s result, the least of repeat runs' seconds): one run's time moves by a fifth or
+    more on a shared machine."""
+    seconds = math.inf
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = run()
+        seconds = min(seconds, time.perf_counter() - started)
+    return result, seconds
+
+
 def chosen_k(image, criterion, k_max=8, shares=None, repeat=1):
     """(K chosen, seconds: the least of repeat runs, the image's points); shares: a list to add
     each K's least region share to, as (K, share, counted)."""
     picture = seg.picture_from_array(image)
     points = seg.distinct_values(picture)
-    seconds = math.inf
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = seg.segment_points(
+    result, seconds = timed(
+        lambda: seg.segment_points(
             picture, points, "auto", k_max=k_max, n_init=2, criterion=criterion
-        )
-        seconds = min(seconds, time.perf_counter() - started)
+        ),
+        repeat,
+    )
     if shares is not None:
         shares += [(row["k"], row["region_share"]) for row in result.k_search.rows]
     return result.model.n_components, seconds, points
@@ -106,12 +116,7 @@ def chosen_k(image, criterion, k_max=8, shares=None, repeat=1):
 def single_fit_seconds(image, points, k, repeat=1):
     """The least of repeat runs' seconds of one fit at K, as the command line fits it."""
     picture = seg.picture_from_array(image)
-    seconds = math.inf
-    for _ in range(repeat):
-        started = time.perf_counter()
-        seg.segment_points(picture, points, k)
-        seconds = min(seconds, time.perf_counter() - started)
-    return seconds
+    return timed(lambda: seg.segment_points(picture, points, k), repeat)[1]
 
 
 def seed_range(text):
