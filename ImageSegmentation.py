@@ -3304,9 +3304,12 @@ def gray_level_top(points):
 # climb stops once K_TURNED values of K past the best have not improved on it (a K too small
 # for its classes, TOO_FEW_REGION_SHARE, not counted among them).  Each K starts from
 # the last K's split of its most spread-out component (split_start), and, while that is no
-# new best, of each other component and from fresh starts (only up to K_FRESH_PAST past the
-# best: after that, the first split alone); a later split counts only where ICL improves on
-# the best too (a class cut in two along a shading fills regions, but its halves overlap).
+# new best, of each other component, in gray from a component where the histogram most
+# exceeds the last K's fit (excess_start: a small class the fit left out, which every split
+# and fresh start can miss to a clipped spike) and from fresh starts (only up to K_FRESH_PAST
+# past the best: after that, the first split alone); a later split counts only where ICL
+# improves on the best too (a class cut in two along a shading fills regions, but its halves
+# overlap).
 # Where none counts, a K too small for its classes is kept, so that the climb goes on.  The
 # fits are capped at K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where
 # two components share one class); a new best is fitted on to convergence.  Where the points
@@ -3508,6 +3511,57 @@ def split_start(model, j=None):
     return weights, means, covariances
 
 
+def excess_start(model, data, n_bins=256):
+    """(weights, means, covariances) of K + 1 components from a K-component fit to gray
+    points: a new component where the histogram most exceeds the fit (greedy EM: Verbeek,
+    Vlassis and Krose, Neural Computation 15, 2003), or None where it nowhere does.  The
+    points are counted in n_bins bins between their least and largest values, each bin
+    against the fit's expected count there; each run of bins that exceed the fit is scored
+    by its Poisson deviance, 2 sum (o log(o / e) - (o - e)), the likelihood a component there
+    could gain, so that a small class far from the fit's components outranks the excess at
+    a large class's peak.  The two end bins are left out (clipping piles a tail up there,
+    which no Gaussian class explains).  The new component has the best run's excess: its
+    share of the points, and its excess's mean and variance."""
+    x = data.values[:, 0] / data.scale
+    low, high = float(x.min()), float(x.max())
+    n_bins = min(n_bins, _n_distinct(data))
+    if n_bins < 3 or high <= low:
+        return None
+    width = (high - low) / (n_bins - 1)
+    centres = low + width * np.arange(n_bins)
+    index = np.clip(np.rint((x - low) / width).astype(np.intp), 0, n_bins - 1)
+    observed = np.bincount(index, weights=data.weights, minlength=n_bins)
+    from scipy.special import ndtr
+
+    edges = low - width / 2 + width * np.arange(n_bins + 1)
+    sds = _standard_deviations(model)[:, None]
+    mass = np.diff(ndtr((edges - model.means[:, :1]) / sds), axis=1)  # (K, bins)
+    expected = data.total_weight * (model.weights @ mass)
+    expected = np.maximum(expected, 1.0)  # less than a point counts as one: no lone outlier
+    exceeds = observed > expected
+    exceeds[[0, -1]] = False
+    best, best_deviance = None, 0.0
+    for run in np.split(np.arange(n_bins), np.flatnonzero(np.diff(exceeds)) + 1):
+        if not exceeds[run[0]]:
+            continue
+        o, e = observed[run], expected[run]
+        deviance = 2 * float(np.sum(o * (np.log(o) - np.log(e)) - (o - e)))
+        if deviance > best_deviance:
+            best, best_deviance = run, deviance
+    if best is None:
+        return None
+    excess = observed[best] - expected[best]
+    share = min(float(excess.sum()) / data.total_weight, 0.5)
+    mean = float(excess @ centres[best] / excess.sum())
+    variance = max(float(excess @ (centres[best] - mean) ** 2 / excess.sum()), width**2)
+    weights = np.append(model.weights * (1 - share), share)
+    means = np.vstack([model.means, [[mean]]])
+    covariances = np.asarray(model.covariances)
+    if model.covariance_type != "tied":
+        covariances = np.concatenate([covariances, np.full((1,) + covariances.shape[1:], variance)])
+    return weights, means, covariances
+
+
 def full_covariances(covariances, covariance_type, n_components, n_features):
     """(K, D, D) covariance matrices of any covariance type."""
     covariances = np.asarray(covariances, dtype=np.float64)
@@ -3586,6 +3640,11 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
     charged = data.n_features > 1  # colour: every new best must improve ICL too
+    gray = data.n_features == 1  # gray: a component where the histogram exceeds the fit too
+
+    def new_best(candidates):
+        return min(candidate[0] for candidate in candidates) < scores[best - 1]
+
     for k in range(1, k_max + 1):
 
         def judged(fit, k=k, icl_below=math.inf):  # (score; then, none counted, a K too
@@ -3599,8 +3658,8 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
         if k == 1:
             candidates = [judged(fit_k(1))]
         else:  # from the last K's splits, capped, the most spread-out component's first;
-            # while none is a new best, the others' and fresh starts too (only up to
-            # K_FRESH_PAST past the best: after that, the first split alone)
+            # while none is a new best, the others', in gray excess_start and fresh starts
+            # too (only up to K_FRESH_PAST past the best: after that, the first split alone)
             searching = k - best <= K_FRESH_PAST
             candidates = []
             # a later split (in colour, any fit) counts only where ICL improves on the best too
@@ -3609,9 +3668,13 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
             for n, j in enumerate(split_order(fits[k - 1])[: None if searching else 1]):
                 fit = fit_k(k, start=split_start(fits[k - 1], j), max_iter=cap)
                 candidates.append(judged(fit, icl_below=bar if n else every))
-                if candidates[-1][0] < scores[best - 1]:
+                if new_best(candidates):
                     break
-            if searching and not min(c[0] for c in candidates) < scores[best - 1]:
+            if searching and gray and not new_best(candidates):  # gray: greedy EM's start
+                greedy = excess_start(fits[k - 1], data)
+                if greedy is not None:
+                    candidates.append(judged(fit_k(k, start=greedy, max_iter=cap), icl_below=bar))
+            if searching and not new_best(candidates):
                 candidates.append(judged(fit_k(k, max_iter=cap), icl_below=every))
         score, _, _, row, model = min(candidates, key=lambda candidate: candidate[:3])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on

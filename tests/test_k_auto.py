@@ -2,14 +2,17 @@
 boundaries and clipping; the climb stops where the criterion has turned; the same in the API,
 with masks, volumes and on the command line."""
 
+import sys
+
 import numpy as np
 import pytest
-from conftest import blurred_regions, record_of, run, seg
+from conftest import ROOT, blurred_regions, record_of, run, seg
 
 
 def auto(image, **options):
     picture = seg.picture_from_array(image)
-    return seg.segment_points(picture, seg.distinct_values(picture), "auto", k_max=6, **options)
+    options = {"k_max": 6, **options}
+    return seg.segment_points(picture, seg.distinct_values(picture), "auto", **options)
 
 
 @pytest.mark.parametrize("colour", [False, True], ids=["gray", "colour"])
@@ -155,6 +158,49 @@ def test_a_split_start_halves_the_widest_component():
     assert means[2, 0] - means[wide, 0] == pytest.approx(np.sqrt(fit.covariances[wide, 0, 0]))
 
 
+def test_a_greedy_start_adds_the_class_the_fit_left_out():
+    """Gray levels of two large classes, a small one between them (300 pixels in 9,100) and a
+    spike clipped at 255; a fit of the large classes, too narrow (sd 0.02 for 0.03).  Where the
+    histogram most exceeds the fit by pixels are the spike and the large classes' shoulders;
+    by the likelihood a component could gain there (the Poisson deviance of the run of bins),
+    the small class, and excess_start puts the new component there, with its share and
+    spread.  A single gray level gives no start."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [rng.normal(0.2, 0.03, 4000), rng.normal(0.5, 0.03, 300), rng.normal(0.8, 0.03, 4000)]
+    )
+    values = np.concatenate([values, np.full(800, 1.0)])
+    levels, counts = np.unique(np.clip(np.rint(values * 255), 0, 255), return_counts=True)
+    data = seg._PointFeatures(levels.astype(np.int64), counts.astype(float), 255.0)
+    two = seg.GaussianMixtureFit(
+        np.array([0.5, 0.5]),
+        np.array([[0.2], [0.8]]),
+        np.full((2, 1, 1), 0.02**2),
+        "full",
+        run=seg.EMRun(None, [1.0], 1, True, 1),
+    )
+    weights, means, covariances = seg.excess_start(two, data)
+    assert weights.sum() == pytest.approx(1) and np.all(weights > 0)
+    assert means[:2, 0] == pytest.approx([0.2, 0.8]) and means[2, 0] == pytest.approx(0.5, abs=0.01)
+    assert weights[2] == pytest.approx(300 / 9100, rel=0.25)
+    assert np.sqrt(covariances[2, 0, 0]) == pytest.approx(0.03, rel=0.25)
+    one = seg._PointFeatures(np.array([7]), np.array([50.0]), 255.0)
+    assert seg.excess_start(seg.fit_gmm(np.full(50, 7 / 255), 1), one) is None
+
+
+def test_a_class_the_clipped_spike_would_take_is_found():
+    """A held-out miss of tools/k_auto_evaluation.py (seed 1252, 5 gray classes, the top one
+    clipped at 255, at 400 x 500 pixels): the 4-class fit merges two classes, and every split
+    and fresh start at K = 5 spends its component on the clipped spike; the start where the
+    histogram most exceeds the 4-class fit finds the fifth class."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from k_auto_evaluation import make_case
+
+    image, truth, _ = make_case(1252, shape=(400, 500))
+    found = auto(image, k_max=8, n_init=2)
+    assert truth == 5 and found.model.n_components == 5, found.k_search.rows
+
+
 def scripted_fit(means, weights, log_likelihood):
     """A converged 1-D fit of given means and weights (sd 0.02) and mean log-likelihood."""
     k = len(means)
@@ -171,17 +217,19 @@ def test_a_later_split_counts_only_where_icl_improves_too():
     """The climb's candidates, scripted: K = 2 is the best; at K = 3 the first split's fit
     lines boundaries (not counted), the second split's fills regions and has the better BIC,
     but two of its components coincide (ICL charges their overlap, as a class cut in two
-    along a shading); a fresh start lines boundaries too.  K = 3 is not counted and the climb
-    stops at K = 4; counted as BIC alone would count it, K = 3 would be chosen."""
+    along a shading); the start where the histogram most exceeds the fit (excess_start) and a
+    fresh start line boundaries too.  K = 3 is not counted and the climb stops at K = 4;
+    counted as BIC alone would count it, K = 3 would be chosen."""
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.25, 0.02, 500), rng.normal(0.75, 0.02, 500)])
     data = seg._PointFeatures(values, np.ones(1000))
     two = scripted_fit([0.25, 0.75], [0.5, 0.5], 1.0)
     first = scripted_fit([0.25, 0.5, 0.75], [0.45, 0.1, 0.45], 1.05)
     second = scripted_fit([0.25, 0.75, 0.75], [0.5, 0.25, 0.25], 1.2)
+    greedy = scripted_fit([0.25, 0.5, 0.75], [0.45, 0.1, 0.45], 1.08)
     fresh = scripted_fit([0.25, 0.5, 0.75], [0.4, 0.2, 0.4], 1.1)
     four = scripted_fit([0.2, 0.3, 0.7, 0.8], [0.25] * 4, 1.3)
-    fits = [scripted_fit([0.5], [1.0], 0.0), two, first, second, fresh, four]
+    fits = [scripted_fit([0.5], [1.0], 0.0), two, first, second, greedy, fresh, four]
     regions = {id(two): 1.0, id(second): 1.0}  # the others line boundaries
     calls = []
 
@@ -194,8 +242,10 @@ def test_a_later_split_counts_only_where_icl_improves_too():
         return share, np.full(model.n_components, 0.5), share
 
     model, search = seg.select_components(fit_k, data, 6, "classes", shares_of)
-    assert [k for k, _ in calls] == [1, 2, 3, 3, 3, 4]
+    assert [k for k, _ in calls] == [1, 2, 3, 3, 3, 3, 4]
     assert np.array_equal(calls[3][1][1], seg.split_start(two, 1)[1])  # the second split
+    assert np.array_equal(calls[4][1][1], seg.excess_start(two, data)[1])
+    assert calls[5][1] is None  # the fresh start
     row = search.rows[2]
     assert row["bic"] < search.rows[1]["bic"] and row["icl"] > search.rows[1]["icl"]
     assert not row["counted"] and model is two and search.chosen == 2
