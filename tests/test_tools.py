@@ -94,3 +94,24 @@ def test_the_field_cost_pairs_each_case_with_its_run_without_the_field():
     assert "| 20 %, 1 mm (n=0) | - |" in table
     volumes = brain_grid.field_costs(rows, ["--brain"], {"volume": lambda r: True}).splitlines()
     assert "| 40 %, volume (n=3) | 0.7 (10.0) |" in volumes and len(volumes) == 5
+
+
+def test_the_field_basis_reach_is_exact_on_its_own_polynomials_and_not_beyond():
+    """polynomial_reach: a random cubic log field over a ball is followed exactly by a cubic
+    (the program's field model), with the field's own max / min, and not by a plane; a
+    product of cosines of a 150 mm period leaves a residual at degree 3 that degree 5
+    shrinks.  field_basis_table reports every shape and both degrees."""
+    rng = np.random.default_rng(0)
+    grid = np.mgrid[-40:41:4, -40:41:4, -40:41:4].reshape(3, -1).astype(float)
+    points = list(grid[:, np.sum(grid**2, axis=0) <= 40**2])
+    cubic = brain_grid.log_field("polynomial", points, rng)
+    residual, ratio = brain_grid.polynomial_reach(cubic, points, 3)
+    assert residual < 1e-10 and ratio == pytest.approx(np.exp(np.ptp(cubic)))
+    assert brain_grid.polynomial_reach(cubic, points, 1)[0] > 0.01 * np.std(cubic)
+    waves = np.cos(2 * np.pi * points[0] / 150) * np.cos(2 * np.pi * points[1] / 150 + 1)
+    three, five = (brain_grid.polynomial_reach(waves, points, d)[0] for d in (3, 5))
+    assert 0 < five < three
+    table = brain_grid.field_basis_table(np.ones((30, 30, 30), dtype=bool), 40, 2, seed=1)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "shape" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(brain_grid.SHAPES)
+    assert "degree 5 max / min" in table
