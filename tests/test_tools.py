@@ -115,3 +115,21 @@ def test_the_field_basis_reach_is_exact_on_its_own_polynomials_and_not_beyond():
     rows = [line for line in table.splitlines() if line.startswith("| ") and "shape" not in line]
     assert [row.split(" | ")[0][2:] for row in rows] == list(brain_grid.SHAPES)
     assert "degree 5 max / min" in table
+
+
+def test_an_image_divided_by_its_field_is_the_image_without_it():
+    """divided_by_field: a scan made with a field, divided by that field, is the scan made
+    without it (to the rounding of 8 bits), scaled as scanned() scales one; the outside stays 0
+    and nothing inside becomes 0."""
+    rng = np.random.default_rng(0)
+    clean = np.zeros((60, 80))
+    clean[10:50, 10:70] = rng.choice([60.0, 140.0, 200.0], size=(40, 60))
+    inside = clean > 0
+    field = np.exp(np.linspace(-0.4, 0.4, 80))[None, :] * np.ones((60, 1))
+    scan = lambda signal: np.where(  # noqa: E731
+        inside, np.clip(np.rint(signal * 250 / np.percentile(signal[inside], 99.9)), 1, 255), 0
+    ).astype(np.uint8)
+    divided = brain_grid.divided_by_field(scan(clean * field), field)
+    assert np.array_equal(divided == 0, ~inside)
+    assert np.abs(divided.astype(int) - scan(clean)).max() <= 2
+    assert np.percentile(divided[inside], 99.9) == pytest.approx(250, abs=1)

@@ -30,7 +30,10 @@ matter as documented; `matched`, the best of the six permutations (a swap shows 
 With --field-cost, each method also on each case's image without its field (the same noise
 draws), and a table of the points the field costs it, case by case.  With --references, two
 rows of what intensities alone allow (slices): the best thresholds of each image's gray levels,
-chosen knowing the truth, and of the same image without its field.
+chosen knowing the truth, and of the same image without its field.  With --true-field, a row
+of --brain on each image divided by its true field (its own field fit starts there): against
+the image without a field, the part of the field's cost that is the model's; the rest is the
+search's.
 Also: the smallest share of a tissue's true pixel count its label gets, and whether the
 program said so (a `note:`) where that share is under a half.  With --field-basis N, no
 segmentation: N random fields of each shape at 40 and 80 %, and how closely a polynomial of
@@ -216,8 +219,10 @@ def draw_case(rng, data):
     }
 
 
-def make_case(case, data):
-    """(8-bit image, truth) of a case: truth 0 outside the scored pixels, 1 CSF, 2 GM, 3 WM."""
+def make_case(case, data, with_field=False):
+    """(8-bit image, truth) of a case: truth 0 outside the scored pixels, 1 CSF, 2 GM, 3 WM;
+    with_field: and the field at the voxel size (the field's average over each voxel's
+    signal), as the image is laid out."""
     rng = np.random.default_rng(case["seed"])
     axis, voxel = ORIENTATIONS[case["orientation"]], case["voxel"]
     t1, tissues, brain = data.slab(axis, case["position"], voxel)
@@ -239,7 +244,39 @@ def make_case(case, data):
         rng,
     )
     image, truth = np.rot90(image), np.rot90(truth)  # the head's top up, as viewers show it
-    return np.ascontiguousarray(image), np.ascontiguousarray(truth)
+    image, truth = np.ascontiguousarray(image), np.ascontiguousarray(truth)
+    if not with_field:
+        return image, truth
+    signal = block_mean(t1, voxel)
+    at_voxels = block_mean(t1 * field, voxel) / np.where(signal > 0, signal, 1.0)
+    return image, truth, np.ascontiguousarray(np.rot90(np.where(signal > 0, at_voxels, 1.0)))
+
+
+def divided_by_field(image, field):
+    """An 8-bit image divided by a field inside (the nonzero pixels), scaled as scanned()
+    scales a scan (the 99.9th percentile inside at 250), 1 to 255 inside, 0 outside."""
+    inside = image > 0
+    divided = np.where(inside, image / field, 0.0)
+    divided *= 250.0 / np.percentile(divided[inside], 99.9)
+    out = np.clip(np.rint(divided), 1, 255).astype(np.uint8)
+    out[~inside] = 0
+    return out
+
+
+TRUE_FIELD = "--brain, true field divided out"
+
+
+def true_field_row(case, data, rows):
+    """--true-field's row of a case: --brain on its image divided by the true field, from
+    which its own field fit starts (what it adds is what the fit prefers to the truth): how
+    much of the field's cost is the search's.  Without a field, the --brain row of rows."""
+    if not case["inu"]:
+        mine = next(row for row in rows if row["method"] == "--brain")
+        return dict(mine, method=TRUE_FIELD)
+    image, truth, field = make_case(case, data, with_field=True)
+    return dict(
+        case, method=TRUE_FIELD, **run_method("--brain", divided_by_field(image, field), truth)
+    )
 
 
 def scanned(signal, clean, probabilities, inside, noise, rng):
@@ -560,6 +597,11 @@ def main():
         metavar="N",
         help="N random fields of each shape: how well the program's polynomial field follows them",
     )
+    parser.add_argument(
+        "--true-field",
+        action="store_true",
+        help="a row of --brain on each image divided by its true field (slices): the search's part",
+    )
     parser.add_argument("--records", metavar="FILE", help="every case's scores, a JSON line each")
     parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="two --records of the same draws"
@@ -588,6 +630,7 @@ def main():
     rng = np.random.default_rng(arguments.seed)
     cases = [draw_case(rng, data) for _ in range(arguments.cases)]
     twins = [f"{method}{NO_FIELD}" for method in methods] if arguments.field_cost else []
+    oracle = [TRUE_FIELD] if arguments.true_field and "--brain" in methods else []
     rows, started = [], time.perf_counter()
     for number, case in enumerate(cases):
         image, truth = make_case(case, data)
@@ -599,11 +642,15 @@ def main():
         for name in references:
             labels = REFERENCES[name](case, image, truth, data)
             rows.append(dict(case, method=name, **result(*scores(labels, truth), [], 0.0)))
+        if oracle:
+            rows.append(
+                true_field_row(case, data, rows[-len(methods) - len(twins) - len(references) :])
+            )
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
             + " ".join(
                 f"{r['method']} {100 * r['as_read']:.1f}"
-                for r in rows[-len(methods) - len(twins) - len(references) :]
+                for r in rows[-len(methods) - len(twins) - len(references) - len(oracle) :]
             ),
             file=sys.stderr,
             flush=True,
@@ -611,7 +658,7 @@ def main():
     if arguments.records:
         write_records(arguments.records, rows)
     print(f"\n{len(cases)} cases of seed {arguments.seed}; mean (worst) % as read\n")
-    columns = methods + twins + references
+    columns = methods + twins + references + oracle
     print(headline(rows, columns) + "\n")
     one_mm = [r for r in rows if r["voxel"] == 1]
     print("1 mm slices, by noise:\n" + summary(one_mm, columns, "noise", NOISE) + "\n")
