@@ -3307,9 +3307,9 @@ def gray_level_top(points):
 # new best, of each other component, in gray from a component where the histogram most
 # exceeds the last K's fit (excess_start: a small class the fit left out, which every split
 # and fresh start can miss to a clipped spike) and from fresh starts (only up to K_FRESH_PAST
-# past the best: after that, the first split alone); a later split counts only where ICL
-# improves on the best too (a class cut in two along a shading fills regions, but its halves
-# overlap).
+# past the best: after that, the first split alone; k_starts, in that order); a later split
+# counts only where ICL improves on the best too (a class cut in two along a shading fills
+# regions, but its halves overlap).
 # Where none counts, a K too small for its classes is kept, so that the climb goes on.  The
 # fits are capped at K_PROBE_MAX_ITER iterations on many distinct values (EM crawls where
 # two components share one class); a new best is fitted on to convergence.  Where the points
@@ -3639,8 +3639,6 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
     rows, scores, fits, best = [], [], {}, 1
     stopped = f"every K up to {k_max} was tried"
     cap = K_PROBE_MAX_ITER if len(data) > K_PROBE_ABOVE else None  # where EM is costly
-    charged = data.n_features > 1  # colour: every new best must improve ICL too
-    gray = data.n_features == 1  # gray: a component where the histogram exceeds the fit too
 
     def new_best(candidates):
         return min(candidate[0] for candidate in candidates) < scores[best - 1]
@@ -3657,25 +3655,15 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
 
         if k == 1:
             candidates = [judged(fit_k(1))]
-        else:  # from the last K's splits, capped, the most spread-out component's first;
-            # while none is a new best, the others', in gray excess_start and fresh starts
-            # too (only up to K_FRESH_PAST past the best: after that, the first split alone)
+        else:  # the starts from the last K in turn (k_starts), capped, until a new best
+            bar = rows[best - 1]["icl"]  # what a later start's ICL must be under to count
+            every = bar if data.n_features > 1 else math.inf  # in colour, every start's
             searching = k - best <= K_FRESH_PAST
             candidates = []
-            # a later split (in colour, any fit) counts only where ICL improves on the best too
-            bar = rows[best - 1]["icl"]
-            every = bar if charged else math.inf
-            for n, j in enumerate(split_order(fits[k - 1])[: None if searching else 1]):
-                fit = fit_k(k, start=split_start(fits[k - 1], j), max_iter=cap)
-                candidates.append(judged(fit, icl_below=bar if n else every))
+            for start, icl_below in k_starts(fits[k - 1], data, searching, bar, every):
+                candidates.append(judged(fit_k(k, start=start, max_iter=cap), icl_below=icl_below))
                 if new_best(candidates):
                     break
-            if searching and gray and not new_best(candidates):  # gray: greedy EM's start
-                greedy = excess_start(fits[k - 1], data)
-                if greedy is not None:
-                    candidates.append(judged(fit_k(k, start=greedy, max_iter=cap), icl_below=bar))
-            if searching and not new_best(candidates):
-                candidates.append(judged(fit_k(k, max_iter=cap), icl_below=every))
         score, _, _, row, model = min(candidates, key=lambda candidate: candidate[:3])
         if k > 1 and score < scores[best - 1] and not model.converged:  # a best: fitted on
             start = (model.weights, model.means, model.covariances)
@@ -3691,6 +3679,26 @@ def _climb(fit_k, data, k_max, criterion, shares_of, reg_covar, drawn):
             break
     search = KSearch(criterion, rows, best, stopped, k_max, shares_of is not None, drawn)
     return fits[best], search
+
+
+def k_starts(previous, data, searching, bar, every):
+    """-k auto's starts of K components from the last K's fit, in the order they are tried,
+    each with the ICL its fit must be under to count (math.inf: BIC alone): the split of the
+    most spread-out component (split_start); while searching (K at most K_FRESH_PAST past the
+    best), the other components' splits, in gray a component where the histogram most exceeds
+    the fit (excess_start), and a fresh start (None).  The first split must be under every,
+    the later starts but the fresh one under bar, the best's ICL (a class cut in two along a
+    shading fills regions, but its halves overlap); every is bar in colour, where classes of
+    distinct colours barely overlap, so that a new class ICL charges is a class cut in two."""
+    for n, j in enumerate(split_order(previous)[: None if searching else 1]):
+        yield split_start(previous, j), bar if n else every
+    if not searching:
+        return
+    if data.n_features == 1:
+        greedy = excess_start(previous, data)
+        if greedy is not None:
+            yield greedy, bar
+    yield None, every
 
 
 def _judged(model, k, data, criterion, shares_of, reg_covar, log_likelihood=None):
