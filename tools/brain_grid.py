@@ -266,14 +266,14 @@ def divided_by_field(image, field):
 TRUE_FIELD = "--brain, true field divided out"
 
 
-def true_field_row(case, data, rows):
-    """--true-field's row of a case: --brain on its image divided by the true field, from
-    which its own field fit starts (what it adds is what the fit prefers to the truth): how
-    much of the field's cost is the search's.  Without a field, the --brain row of rows."""
+def true_field_row(case, image, truth, field, rows):
+    """--true-field's row of a case: --brain on its image divided by the true field (make_case's
+    with_field), from which its own field fit starts (what it adds is what the fit prefers to
+    the truth): against the image without a field, the model's part of the field's cost.
+    Without a field, the case's --brain row among rows."""
     if not case["inu"]:
         mine = next(row for row in rows if row["method"] == "--brain")
         return dict(mine, method=TRUE_FIELD)
-    image, truth, field = make_case(case, data, with_field=True)
     return dict(
         case, method=TRUE_FIELD, **run_method("--brain", divided_by_field(image, field), truth)
     )
@@ -633,7 +633,8 @@ def main():
     oracle = [TRUE_FIELD] if arguments.true_field and "--brain" in methods else []
     rows, started = [], time.perf_counter()
     for number, case in enumerate(cases):
-        image, truth = make_case(case, data)
+        image, truth, *field = make_case(case, data, with_field=bool(oracle))
+        first = len(rows)  # the case's rows from here
         for method in methods:
             rows.append(dict(case, method=method, **run_method(method, image, truth)))
         if twins:
@@ -643,15 +644,10 @@ def main():
             labels = REFERENCES[name](case, image, truth, data)
             rows.append(dict(case, method=name, **result(*scores(labels, truth), [], 0.0)))
         if oracle:
-            rows.append(
-                true_field_row(case, data, rows[-len(methods) - len(twins) - len(references) :])
-            )
+            rows.append(true_field_row(case, image, truth, field[0], rows[first:]))
         print(
             f"case {number + 1}/{len(cases)} {time.perf_counter() - started:.0f} s: "
-            + " ".join(
-                f"{r['method']} {100 * r['as_read']:.1f}"
-                for r in rows[-len(methods) - len(twins) - len(references) - len(oracle) :]
-            ),
+            + " ".join(f"{r['method']} {100 * r['as_read']:.1f}" for r in rows[first:]),
             file=sys.stderr,
             flush=True,
         )
