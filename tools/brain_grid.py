@@ -600,7 +600,7 @@ def main():
     parser.add_argument(
         "--true-field",
         action="store_true",
-        help="a row of --brain on each image divided by its true field (slices): the search's part",
+        help="a row of --brain on each image divided by its true field (slices): the model's part",
     )
     parser.add_argument("--records", metavar="FILE", help="every case's scores, a JSON line each")
     parser.add_argument(
