@@ -5738,19 +5738,26 @@ def _expected_log_likelihood(moments, state):
     return float(np.sum(mass * const - spread) - jacobian)
 
 
-def _bias_data_term(q, state):
+def _bias_data_term(q, state, kept=None):
     """sum_i sum_k q_ik log(w_k N(z_i | k)) - t_i sum_k q_ik, band by band (q: (K, h, w)).
 
     In float64: the field's line search compares it with the same sum from the moments.
+    kept: a HeldMeanField's store of its held parameters' log-probabilities (_kept_calls).
     """
     bands, width = _BandModel(state), state.image.values.shape[1]
 
-    def band_term(band):
-        rows = slice(*band)
-        z, t = bands.corrected(rows, slice(0, width), np.float64)
+    def band_logp(rows, cols):
+        z, t = bands.corrected(rows, cols, np.float64)
         logp = _label_log_densities(state, z)
         logp -= t
-        return float(np.sum(logp * q[:, rows], dtype=np.float64))
+        return logp
+
+    if kept is not None:
+        band_logp = _kept_calls(kept, "data", band_logp, copy=False)
+
+    def band_term(band):
+        rows = slice(*band)
+        return float(np.sum(band_logp(rows, slice(0, width)) * q[:, rows], dtype=np.float64))
 
     return sum(state.image.passes.map(band_term, state.image.bands(len(q))))
 
@@ -5853,10 +5860,14 @@ class BiasMeanField:
         grid held (fitted on every other pixel along each axis, a quarter of an image's and an
         eighth of a volume's, as SPM fits its model on voxels sampled every few millimetres),
         the labels swept with them (HeldMeanField).  A volume's sites' log-probabilities are
-        tabulated once; an image's are computed in each sweep's bands, as this fit's are (no
-        table: 12 bytes a pixel, 288 MB at 24 megapixels)."""
+        tabulated once.  An image's are computed band by band, as this fit's are, and kept
+        from the first sweep on (_kept_calls) where they fit in HELD_KEPT_BYTES (4 bytes a
+        label and pixel for the sweeps, 8 for the objective's data term: 36 MB at a megapixel
+        of three tissues, 864 MB at 24, where they are computed again in every sweep)."""
         if not self.grid.held_table:
-            return HeldMeanField(None, self.image, self.beta, self.options, self.settings)
+            size = len(parameters.label_weights) * self.image.values.size * (4 + 8)
+            kept = {} if size <= HELD_KEPT_BYTES else None
+            return HeldMeanField(None, self.image, self.beta, self.options, self.settings, kept)
         state = replace(parameters, image=self.image)
         bands, width = _BandModel(state), self.image.values.shape[1]
         table = np.empty((len(state.label_weights),) + self.image.values.shape, np.float32)
@@ -5896,6 +5907,26 @@ class BiasMeanField:
         return _after_iteration(state, new, terms + data, clear_gain, self.settings, True)
 
 
+HELD_KEPT_BYTES = 1 << 26  # an image's held log-probabilities kept up to this (BiasMeanField.held)
+
+
+def _kept_calls(store, name, compute, copy=True):
+    """compute(rows, cols) -> array (slices of an image), each result kept in store the first
+    time those slices are asked for and given again every time after (a copy where the caller
+    overwrites it: copy): the same bits as computing it again, where what it is computed from
+    does not change (a HeldMeanField's held parameters; the sweeps ask for the same
+    sub-lattices of the same bands every time)."""
+
+    def call(rows, cols):
+        key = (name, rows.start, rows.stop, rows.step, cols.start, cols.stop, cols.step)
+        found = store.get(key)
+        if found is None:
+            found = store[key] = compute(rows, cols)
+        return found.copy() if copy else found
+
+    return call
+
+
 @dataclass(frozen=True)
 class HeldMeanField:
     """The spatial fit of labels whose sites' log-probabilities are fixed (BiasMeanField.held):
@@ -5909,6 +5940,7 @@ class HeldMeanField:
     beta: float
     options: FitOptions
     settings: SpatialSettings
+    kept: dict | None = field(default=None, compare=False)  # an image's (_kept_calls), or None
     full_step = None
 
     shape = property(lambda self: self.image.values.shape)
@@ -5922,12 +5954,13 @@ class HeldMeanField:
 
     def site_logp(self, parameters):
         if self.table is None:
-            return _BandModel(replace(parameters, image=self.image)).site_logp
+            computed = _BandModel(replace(parameters, image=self.image)).site_logp
+            return computed if self.kept is None else _kept_calls(self.kept, "site", computed)
         return lambda rows, cols: self.table[:, rows, cols].copy()
 
     def data_term(self, q, parameters):
         if self.table is None:
-            return _bias_data_term(q, replace(parameters, image=self.image))
+            return _bias_data_term(q, replace(parameters, image=self.image), self.kept)
 
         def band_term(band):
             rows = slice(*band)

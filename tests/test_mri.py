@@ -253,6 +253,35 @@ def test_a_large_images_field_is_fitted_on_its_coarser_grid_and_held(rng):
     assert ends[0].history[-1] == pytest.approx(ends[1].history[-1], rel=1e-6)
 
 
+def test_a_held_images_log_probabilities_are_kept_to_the_same_bits(rng, monkeypatch):
+    """On every pixel, where the coarser grid's field and mixture are held, an image's sites'
+    log-probabilities are computed in the first sweep and kept for the others (within
+    HELD_KEPT_BYTES): every sweep's q and objective are the same bits as computing them again
+    in each sweep."""
+    _, biased, _, inside, _ = biased_phantom(rng)
+    picture = seg.with_mask(seg.picture_from_array(biased), inside)
+    image = seg.bias_image(picture, seg.Passes(threads=2))
+    start = seg.BiasState(
+        np.full(3, 1 / 3),
+        np.array([0.3, 0.55, 0.8]),
+        np.full(3, 0.01),
+        np.zeros(len(seg.bias_monomials(3))),
+        image,
+        3,
+        1.0,
+    )
+    settings = seg.SpatialSettings(coarsest_grid_pixels=6000)
+    fit = seg.BiasMeanField(image, 0.5, seg.FitOptions(), settings)
+    kept, _ = seg._coarse_to_fine(fit, start)
+    assert fit.held(start).kept == {}
+    monkeypatch.setattr(seg, "HELD_KEPT_BYTES", 0)
+    assert fit.held(start).kept is None
+    computed, _ = seg._coarse_to_fine(fit, start)
+    assert kept.n_iter == computed.n_iter > 2
+    assert kept.history == computed.history
+    assert np.array_equal(kept.state.q, computed.state.q)
+
+
 def test_bias_field_on_the_command_line(tmp_path, rng, capsys):
     _, biased, _, inside, _ = biased_phantom(rng)
     Image.fromarray(biased).save(tmp_path / "scan.png")
