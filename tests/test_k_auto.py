@@ -143,6 +143,23 @@ def test_boundary_shares_find_what_lies_between_two_classes():
     assert seg.boundary_shares(edge, 2)[1] == 0
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_between_looks_at_the_nearest_other_label_on_each_side(axis):
+    """A pixel of label 0 with label 1 before it and 2 then 1 after it lies between 1 and 2:
+    the nearest other label on each side counts, not a farther one; a pixel outside is passed
+    over, not taken for a label; within depth only."""
+    row = np.array([[1, 0, 2, 1, 1, 3, 3, 3]], np.uint8)
+    labels = row if axis == 1 else row.T
+    inside = np.ones_like(labels, bool)
+    assert seg._between(labels, inside, 3).reshape(-1).tolist()[:4] == [False, True, True, True]
+    outside = np.array([[1, 0, 0, 2, 2, 2, 3, 3]], np.uint8)
+    labels = outside if axis == 1 else outside.T
+    inside = np.ones_like(labels, bool)
+    inside.reshape(-1)[2] = False  # the 0 beside the 2s: outside
+    between = seg._between(labels, inside, 3).reshape(-1)
+    assert between[1] and not seg._between(labels, inside, 1).reshape(-1)[1]
+
+
 def test_a_split_start_halves_the_widest_component():
     fit = seg.fit_gmm(np.concatenate([np.full(50, 0.1), np.linspace(0.4, 0.9, 200)]), 2)
     weights, means, covariances = seg.split_start(fit)
