@@ -5940,7 +5940,8 @@ def _kept_calls(store, name, compute, copy=True):
 class HeldMeanField:
     """The spatial fit of labels whose sites' log-probabilities are fixed (BiasMeanField.held):
     table (L, h, w) float32, each voxel's log(w p(y | label)) with its Jacobian, or None: an
-    image's, computed from the parameters band by band.  Each iteration is a checkerboard
+    image's, computed from the parameters band by band, and where kept is a dict (a store
+    filled as the fit runs: _kept_calls) computed once.  Each iteration is a checkerboard
     sweep of every site; the objective's data term is q . those log-probabilities summed in
     float64.  The parameters are kept as they came."""
 
