@@ -8588,13 +8588,18 @@ BRAIN_PLAUSIBLE = {"CSF": (0.0, 0.5), "grey matter": (0.1, 0.8), "white matter":
 # or more, at 1, 2 and 3 mm, has at most 1.32 (docs/brain.md); past this, grey matter's bright
 # side is likely labelled white
 WHITE_OVER_GREY_MAX = 1.5
+# a volume's tissue labelled on under this share of what its fitted mixture gives it (its pure
+# Gaussian's weight and its shares of the mixels'): on the grid's whole volumes, the ones that
+# keep under half a tissue's voxels (CSF at 9 % noise), chosen on seeds 40-41 (docs/brain.md)
+LABELLED_OF_MIXTURE_MIN = 0.6
 
 
 def brain_fit_notes(segmentation):
     """--brain's fit checked against what a brain holds: each tissue's share of the brain within
     BRAIN_PLAUSIBLE (CSF at most half, grey and white matter a tenth at least), white matter at
-    most WHITE_OVER_GREY_MAX times grey matter, and labels that may not be the tissues in order
-    (peaks_taken, crossed_mixels)."""
+    most WHITE_OVER_GREY_MAX times grey matter, on a volume each tissue labelled on at least
+    LABELLED_OF_MIXTURE_MIN of its share in the mixture (under_labelled), and labels that may
+    not be the tissues in order (peaks_taken, crossed_mixels)."""
     model, notes = segmentation.model, []
     if model.n_labels != len(BRAIN_TISSUES):
         return notes
@@ -8614,6 +8619,14 @@ def brain_fit_notes(segmentation):
             f"pixels, where no slice of the ICBM template has over 1.3: grey matter's bright side "
             f"may be labelled white matter (broad grey matter, as in the cerebellum?)"
         )
+    if segmentation.picture.volume is not None:
+        for tissue, labelled, fitted in under_labelled(model, shares):
+            notes.append(
+                f"{BRAIN_TISSUES[tissue]} is labelled on {100 * labelled:.1f} % of the brain, "
+                f"where the fitted mixture gives it {100 * fitted:.1f} %: the spatial prior gave "
+                f"much of it to its neighbours (thin {BRAIN_TISSUES[tissue]} in noise?), so its "
+                f"volume is under-counted (a smaller --spatial BETA keeps more)"
+            )
     for label, other in peaks_taken(model):
         notes.append(
             f"at {BRAIN_TISSUES[label]}'s own mean intensity the fit gives {BRAIN_TISSUES[other]}: "
@@ -8627,6 +8640,21 @@ def brain_fit_notes(segmentation):
             f"labels may not be {', '.join(BRAIN_TISSUES)} in order"
         )
     return notes
+
+
+def under_labelled(model, shares):
+    """[(tissue, its labelled share, its share in the mixture)] of a partial-volume model's
+    tissues labelled on under LABELLED_OF_MIXTURE_MIN of the share of the pixels the fitted
+    mixture gives them (each Gaussian's weight split over its tissues by its fractions); shares:
+    the labels' shares of the pixels inside.  [] for any other model."""
+    if model.partial_volume is None:
+        return []
+    fitted = model.weights @ model.partial_volume.fractions
+    return [
+        (tissue, float(shares[tissue]), float(fitted[tissue]))
+        for tissue in range(len(fitted))
+        if shares[tissue] < LABELLED_OF_MIXTURE_MIN * fitted[tissue]
+    ]
 
 
 def peaks_taken(model):
