@@ -8645,11 +8645,12 @@ def brain_fit_notes(segmentation):
 def under_labelled(model, shares):
     """[(tissue, its labelled share, its share in the mixture)] of a partial-volume model's
     tissues labelled on under LABELLED_OF_MIXTURE_MIN of the share of the pixels the fitted
-    mixture gives them (each Gaussian's weight split over its tissues by its fractions); shares:
-    the labels' shares of the pixels inside.  [] for any other model."""
+    mixture gives them (each Gaussian's weight split over its tissues by its fractions, as a
+    pixel's posteriors are in expected_fractions); shares: the labels' shares of the pixels
+    inside.  [] for any other model."""
     if model.partial_volume is None:
         return []
-    fitted = model.weights @ model.partial_volume.fractions
+    fitted = model.partial_volume.expected_fractions(model.weights)
     return [
         (tissue, float(shares[tissue]), float(fitted[tissue]))
         for tissue in range(len(fitted))
